@@ -1,0 +1,330 @@
+"""Composition root: opens the store and runs the listener, workers, outbox sender and HTTP
+endpoint in one asyncio loop; drains on stop. Settings and rules are built once and passed down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import IO
+
+from smtpgate import front
+from smtpgate.config import ConfigError, Rules, Settings, load_rules
+from smtpgate.http import Metrics, StatusServer
+from smtpgate.mail import parse_message
+from smtpgate.model import Outcome
+from smtpgate.pipeline import Context, decide
+from smtpgate.relay import DeliveryError, RelayClient, relay_tls_context
+from smtpgate.store import Delivery, Job, Store
+from smtpgate.worker import WorkerPool, backoff, scheduled_delay
+
+log = logging.getLogger("smtpgate")
+
+LEASE_SECONDS = 300.0
+SWEEP_SECONDS = 30.0
+RETENTION_SWEEP_SECONDS = 3600.0
+
+
+def dedupe_key(message_id: str | None, job: Job) -> str:
+    """spec 2.4: the Message-ID, or without one a hash of the content as the sender sent it."""
+    if message_id:
+        return message_id
+    raw = job.raw
+    # Skip our own Received: header (it holds the queue id, which differs per copy).
+    end = 0
+    while True:
+        nl = raw.find(b"\r\n", end)
+        if nl < 0 or raw[nl + 2 : nl + 3] not in (b" ", b"\t"):
+            break
+        end = nl + 2
+    body = raw[nl + 2 :] if nl >= 0 else raw
+    digest = hashlib.sha256()
+    digest.update(job.envelope.mail_from.encode("utf-8", "replace") + b"\0")
+    digest.update(",".join(job.envelope.rcpt_tos).encode("utf-8", "replace") + b"\0")
+    digest.update(body)
+    return "sha256:" + digest.hexdigest()
+
+
+class Gateway:
+    """The running gateway. `await start()`, then `await stop()`; ports are known after start."""
+
+    def __init__(self, settings: Settings, rules: Rules) -> None:
+        self.settings = settings
+        self.rules = rules
+        self.metrics = Metrics()
+        self.store: Store | None = None
+        self.smtp_port = 0
+        self.http_port = 0
+        self._servers: list[asyncio.Server] = []
+        self._pools: list[WorkerPool[Job]] = []
+        self._senders: list[asyncio.Task[None]] = []
+        self._background: list[asyncio.Task[None]] = []
+        self._outbox_wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._sessions: list[int] = [0]
+        self._lock_file: IO[str] | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = _single_server_lock(s)
+        self.store = store = await Store.open(s.db_path)
+        requeued = await store.recover()
+        if any(requeued):
+            log.info("requeued %d message(s) and %d delivery(ies) after a restart", *requeued)
+        handler = front.Handler(s, store, self.metrics.received.inc)
+        factory, self._sessions = front.listener_factory(
+            s, handler, front.listener_tls_context(s), self._count_reply
+        )
+        loop = asyncio.get_running_loop()
+        smtp = await loop.create_server(factory, host=s.smtp_host, port=s.smtp_port)
+        self._servers.append(smtp)
+        self.smtp_port = smtp.sockets[0].getsockname()[1]
+        status = StatusServer(store, self.metrics, lambda: self._sessions[0])
+        http = await asyncio.start_server(status.handle, host=s.http_host, port=s.http_port)
+        self._servers.append(http)
+        self.http_port = http.sockets[0].getsockname()[1]
+
+        pool: WorkerPool[Job] = WorkerPool(
+            "worker",
+            claim=lambda n: store.claim(n, LEASE_SECONDS),
+            run=self.process,
+            on_error=self._process_failed,
+            concurrency=s.workers,
+            wake=store.new_work,
+        )
+        pool.start()
+        self._pools.append(pool)
+        tls = relay_tls_context(s)
+        self._senders = [
+            asyncio.create_task(self._send_loop(RelayClient(s, tls)), name=f"relay-{i}")
+            for i in range(s.relay_connections)
+        ]
+        self._background = [
+            asyncio.create_task(self._sweep(), name="lease-sweeper"),
+            asyncio.create_task(self._retention(), name="retention"),
+        ]
+        log.info(
+            "smtpgate listening on %s:%d (SMTP) and %s:%d (HTTP); connectors: %s",
+            s.smtp_host,
+            self.smtp_port,
+            s.http_host,
+            self.http_port,
+            ", ".join(s.connector_addresses),
+        )
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, finish or release in-flight work, close the store."""
+        self._stopping.set()
+        for server in self._servers:
+            server.close()
+        for pool in self._pools:
+            await pool.stop(grace)
+        self._outbox_wake.set()
+        for task in self._background:
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await asyncio.gather(*self._senders, return_exceptions=True)
+        for task in self._senders:
+            task.cancel()
+        await asyncio.gather(*self._senders, *self._background, return_exceptions=True)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await server.wait_closed()
+        if self.store is not None:
+            await self.store.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
+        log.info("smtpgate stopped")
+
+    def reload_rules(self) -> bool:
+        """SIGHUP: swap in a valid rules file atomically; keep the old rules if it is invalid."""
+        try:
+            rules = load_rules(self.settings.rules_file)
+        except ConfigError as exc:
+            log.error("rules reload rejected, old rules stay in force: %s", exc)
+            return False
+        self.rules = rules
+        log.info(
+            "rules reloaded: %d detection, %d skip, %d account rule(s)",
+            len(rules.detection),
+            len(rules.skip),
+            len(rules.account),
+        )
+        return True
+
+    # --- processing ------------------------------------------------------------------------------
+
+    async def process(self, job: Job) -> None:
+        assert self.store is not None
+        msg = parse_message(job.raw)
+        ctx = Context(self.settings, self.rules)
+        decision = await decide(job.raw, job.envelope.mail_from, msg, ctx, self.store)
+        outcome = await self.store.complete(
+            job,
+            decision,
+            dedupe_key=dedupe_key(msg.message_id, job),
+            auto_mail_hourly_limit=self.settings.auto_mail_hourly_limit,
+        )
+        if outcome is None:
+            log.warning("lost the lease of %s; another worker has it", job.id)
+            return
+        self._record(job, outcome)
+        if outcome.sent:
+            self._outbox_wake.set()
+
+    def _record(self, job: Job, outcome: Outcome) -> None:
+        self.metrics.processed.labels(outcome.path, outcome.action).inc()
+        for rule in outcome.rules_hit:
+            self.metrics.rule_hits.labels(rule).inc()
+        self.metrics.latency.observe(max(0.0, time.time() - job.received_at))
+        log.info(
+            "processed %s path=%s action=%s reason=%s account=%s ticket=%s rules=%s sent=%s",
+            job.id,
+            outcome.path,
+            outcome.action,
+            outcome.reason,
+            outcome.account,
+            outcome.ticket,
+            ",".join(outcome.rules_hit) or "-",
+            ";".join(f"{m['kind']}:{','.join(m['to'])}" for m in outcome.sent) or "-",
+            extra={"queue_id": job.id, "outcome": outcome.to_json()},
+        )
+
+    async def _process_failed(self, job: Job, exc: BaseException) -> None:
+        assert self.store is not None
+        self.metrics.processing_failures.inc()
+        error = f"{type(exc).__name__}: {exc}"
+        dead = await self.store.fail(
+            job,
+            error,
+            max_attempts=self.settings.process_max_attempts,
+            backoff=backoff(job.attempts),
+        )
+        log.error(
+            "processing %s failed (attempt %d)%s: %s",
+            job.id,
+            job.attempts,
+            ", now dead" if dead else ", will retry",
+            error,
+            extra={"queue_id": job.id},
+        )
+
+    # --- outbox ----------------------------------------------------------------------------------
+
+    async def _send_loop(self, client: RelayClient) -> None:
+        assert self.store is not None
+        store = self.store
+        try:
+            while not self._stopping.is_set():
+                try:
+                    batch = await store.claim_deliveries(16, LEASE_SECONDS)
+                except Exception as exc:
+                    log.warning("outbox claim failed: %s", exc)
+                    batch = []
+                if not batch:
+                    self._outbox_wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await self._outbox_wake.wait()
+                    continue
+                await self._deliver(client, batch)
+        finally:
+            await client.close()
+
+    async def _deliver(self, client: RelayClient, batch: Sequence[Delivery]) -> None:
+        assert self.store is not None
+        done: list[int] = []
+        for item in batch:
+            try:
+                reply = await client.send(item.mail_from, item.recipients, item.data)
+            except DeliveryError as exc:
+                await self._delivery_failed(item, exc)
+                continue
+            done.append(item.id)
+            self.metrics.deliveries.labels(item.kind).inc()
+            log.info(
+                "delivered outbox %d (%s) to %s: %s",
+                item.id,
+                item.kind,
+                ",".join(item.recipients),
+                reply,
+                extra={"outbox_id": item.id},
+            )
+        if done:
+            await self.store.delivery_done(done)
+
+    async def _delivery_failed(self, item: Delivery, exc: DeliveryError) -> None:
+        assert self.store is not None
+        s = self.settings
+        age = time.time() - item.created_at
+        retry_at = None
+        if not exc.permanent and age < s.retry_max_age:
+            retry_at = time.time() + scheduled_delay(s.retry_schedule, item.attempts)
+        self.metrics.delivery_failures.labels("permanent" if exc.permanent else "transient").inc()
+        await self.store.delivery_failed(item.id, str(exc), retry_at)
+        log.warning(
+            "delivery of outbox %d to %s failed (attempt %d): %s; %s",
+            item.id,
+            ",".join(item.recipients),
+            item.attempts,
+            exc,
+            "dead" if retry_at is None else f"retry in {retry_at - time.time():.0f}s",
+            extra={"outbox_id": item.id},
+        )
+
+    # --- housekeeping ----------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                if await self.store.release_expired():
+                    self.store.new_work.set()
+                    self._outbox_wake.set()
+            except Exception as exc:
+                log.warning("lease sweep failed: %s", exc)
+
+    async def _retention(self) -> None:
+        assert self.store is not None
+        while True:
+            try:
+                purged = await self.store.purge(self.settings.retention_days)
+                if purged:
+                    log.info("retention: removed raw bytes of %d done message(s)", purged)
+            except Exception as exc:
+                log.warning("retention sweep failed: %s", exc)
+            await asyncio.sleep(RETENTION_SWEEP_SECONDS)
+
+    def _count_reply(self, code: str) -> None:
+        self.metrics.smtp_replies.labels(code).inc()
+        if code == "220":
+            self.metrics.connections.inc()
+
+
+def _single_server_lock(settings: Settings) -> IO[str]:
+    """One `serve` per data directory: leases are reset at start-up, which is only safe alone."""
+    path = settings.data_dir / "smtpgate.lock"
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(
+            f"SMTPGATE_DATA_DIR: another smtpgate serve is already running on {settings.data_dir}"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle

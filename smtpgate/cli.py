@@ -1,0 +1,461 @@
+"""The `smtpgate` command: serve, status, explain, queue, outbox, tickets, accounts, contacts,
+employees, rules, backup. Every --json output is a stable interface with snake_case keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from smtpgate.config import ConfigError, Rules, Settings, load_rules, load_settings
+from smtpgate.store import Store
+from smtpgate.store.crm import ACCOUNT_COLUMNS
+
+log = logging.getLogger("smtpgate")
+
+IMPORT_COLUMNS: dict[str, frozenset[str]] = {
+    "accounts": frozenset(ACCOUNT_COLUMNS) - {"created_by", "updated_by"},
+    "contacts": frozenset({"rec_id", "account_rec_id", "account_file_as", "name", "email"}),
+    "employees": frozenset({"rec_id", "name", "email1", "email2", "active"}),
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """SMTPGATE_LOG_FORMAT=json: one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("queue_id", "outbox_id", "outcome"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.Formatter.converter = __import__("time").gmtime
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+    # aiosmtpd logs every session at INFO; that is noise next to our per-message lines.
+    logging.getLogger("mail.log").setLevel(max(logging.WARNING, root.level))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+async def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
+    store = await Store.open(settings.db_path)
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+# --- verbs ---------------------------------------------------------------------------------------
+
+
+async def cmd_serve(settings: Settings, rules: Rules, _: argparse.Namespace) -> int:
+    from smtpgate.app import Gateway
+
+    gateway = Gateway(settings, rules)
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_rules)
+    print(
+        f"smtpgate: SMTP on {settings.smtp_host}:{gateway.smtp_port}, "
+        f"HTTP on http://{settings.http_host}:{gateway.http_port}/ (Ctrl-C stops)",
+        file=sys.stderr,
+        flush=True,
+    )
+    await stop.wait()
+    log.info("signal received: draining")
+    await gateway.stop()
+    return 0
+
+
+async def cmd_status(settings: Settings, _: Rules, args: argparse.Namespace) -> int:
+    async def run(store: Store) -> int:
+        status = await store.status()
+        if args.json:
+            _print_json(status)
+            return 0
+        i, o = status["inbound"], status["outbox"]
+        print(
+            f"inbound: {i['queued']} queued, {i['active']} active, {i['done']} done, "
+            f"{i['dead']} dead; oldest queued {i['oldest_queued_age_s']} s"
+        )
+        print(
+            f"outbox:  {o['queued']} queued, {o['active']} active, {o['done']} done, "
+            f"{o['dead']} dead"
+        )
+        print(f"accounts: {status['accounts']}  tickets: {status['tickets']}")
+        return 0
+
+    return await _with_store(settings, run)
+
+
+async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace) -> int:
+    from smtpgate.mail import parse_message
+    from smtpgate.pipeline import Context, decide
+
+    raw = await asyncio.to_thread(Path(args.file).read_bytes)
+    mail_from = args.mail_from if args.mail_from is not None else ""
+    msg = parse_message(raw)
+    if args.mail_from is None:
+        mail_from = msg.from_address
+
+    async def run(store: Store) -> int:
+        decision = await decide(raw, mail_from, msg, Context(settings, rules), store)
+        outcome = await store.simulate(decision, msg.message_id)
+        result = outcome.to_json()
+        result["rules_missed"] = decision.rules_missed
+        if args.json:
+            _print_json(result)
+            return 0
+        print(f"path:    {result['path']}")
+        print(
+            f"action:  {result['action']}" + (f" ({result['reason']})" if result["reason"] else "")
+        )
+        print(f"rules hit:    {', '.join(result['rules_hit']) or '-'}")
+        print(f"rules missed: {', '.join(result['rules_missed']) or '-'}")
+        print(f"account: {result['account'] or '-'}   ticket: {result['ticket'] or '-'}")
+        if result["error_code"]:
+            print(f"error code: {result['error_code']}")
+        for mail in result["sent"]:
+            print(f"would send {mail['kind']} to {', '.join(mail['to'])}")
+        for note in result["notes"]:
+            print(f"note: {note}")
+        return 0
+
+    return await _with_store(settings, run)
+
+
+def _outcome_line(o: dict[str, Any] | None) -> str:
+    if not o:
+        return ""
+    text = f"{o['path']}/{o['action']}"
+    if o.get("reason"):
+        text += f" ({o['reason']})"
+    if o.get("ticket") is not None:
+        text += f" ticket {o['ticket']}"
+    return text
+
+
+async def cmd_queue(settings: Settings, _: Rules, args: argparse.Namespace) -> int:
+    async def run(store: Store) -> int:
+        if args.action == "list":
+            rows = await store.list_inbound(args.state, args.limit)
+            if args.json:
+                _print_json(rows)
+            for r in [] if args.json else rows:
+                print(
+                    f"{r['id']}  {r['received_at']}  {r['state']:<6}  <{r['mail_from']}>  "
+                    f"{_outcome_line(r['outcome']) or (r['last_error'] or '')}"
+                )
+            return 0
+        if args.action == "show":
+            row = await store.get_inbound(args.id)
+            if row is None:
+                print(f"no message {args.id}", file=sys.stderr)
+                return 1
+            if args.raw:
+                sys.stdout.buffer.write(await store.raw_message(args.id) or b"")
+                return 0
+            _print_json(row)
+            return 0
+        if args.id is None and not args.dead:
+            print("queue retry: give an ID or --dead", file=sys.stderr)
+            return 2
+        n = await store.retry_inbound(None if args.dead else args.id, dead=args.dead)
+        print(f"requeued {n} message(s)")
+        return 0 if n else 1
+
+    return await _with_store(settings, run)
+
+
+async def cmd_outbox(settings: Settings, _: Rules, args: argparse.Namespace) -> int:
+    async def run(store: Store) -> int:
+        if args.action == "list":
+            rows = await store.list_outbox(args.state, args.limit)
+            if args.json:
+                _print_json(rows)
+            for r in [] if args.json else rows:
+                print(
+                    f"{r['id']:>6}  {r['kind']:<8} {r['state']:<6} attempts={r['attempts']}  "
+                    f"to={','.join(r['recipients'])}  {r['last_error'] or ''}"
+                )
+            return 0
+        if args.id is None and not args.dead:
+            print("outbox retry: give an ID or --dead", file=sys.stderr)
+            return 2
+        n = await store.retry_outbox(None if args.dead else int(args.id))
+        print(f"requeued {n} delivery(ies)")
+        return 0 if n else 1
+
+    return await _with_store(settings, run)
+
+
+async def cmd_tickets(settings: Settings, _: Rules, args: argparse.Namespace) -> int:
+    async def run(store: Store) -> int:
+        if args.action == "list":
+            rows = await store.list_tickets(args.limit)
+            if args.json:
+                _print_json(rows)
+            for t in [] if args.json else rows:
+                print(f"#{t['number']:<6} {t['created_at']}  {t['account']}  {t['description']}")
+            return 0
+        ticket = await store.get_ticket(args.number)
+        if ticket is None:
+            print(f"no ticket {args.number}", file=sys.stderr)
+            return 1
+        if args.json:
+            _print_json(ticket)
+            return 0
+        print(f"Ticket #{ticket['number']} ({ticket['rec_id']}) status {ticket['status']}")
+        print(f"account: {ticket['account']}  source: {ticket['source']}")
+        print(f"description: {ticket['description']}\n\n{ticket['details']}\n")
+        for note in ticket["history"]:
+            print(f"--- note {note['rec_id']} at {note['note_at']}\n{note['description']}\n")
+        return 0
+
+    return await _with_store(settings, run)
+
+
+def read_rows(path: Path, kind: str) -> list[tuple[int, dict[str, Any]]]:
+    """CSV with a header row, or a JSON list of objects; ValueError names the line or item."""
+    allowed = IMPORT_COLUMNS[kind]
+    text = path.read_text(encoding="utf-8-sig")
+    rows: list[tuple[int, dict[str, Any]]] = []
+    if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {exc.lineno}: not valid JSON: {exc.msg}") from None
+        if not isinstance(data, list):
+            raise ValueError("line 1: a JSON list of objects is required")
+        for i, item in enumerate(data, 1):
+            if not isinstance(item, dict):
+                raise ValueError(f"item {i}: not an object")
+            unknown = sorted(set(item) - allowed)
+            if unknown:
+                raise ValueError(f"item {i}: unknown field(s) {', '.join(unknown)}")
+            rows.append((i, {k: (None if v is None else str(v)) for k, v in item.items()}))
+        return rows
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip().lower() for h in reader.fieldnames or []]
+    if not header:
+        raise ValueError("line 1: a header row is required")
+    unknown = sorted(set(header) - allowed)
+    if unknown:
+        raise ValueError(f"line 1: unknown column(s) {', '.join(unknown)}")
+    reader.fieldnames = header
+    for row in reader:
+        if None in row:
+            raise ValueError(f"line {reader.line_num}: more values than columns")
+        rows.append((reader.line_num, {k: v for k, v in row.items() if k}))
+    return rows
+
+
+async def cmd_import(settings: Settings, _: Rules, args: argparse.Namespace) -> int:
+    kind = args.kind
+    try:
+        rows = read_rows(Path(args.file), kind)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        print(f"smtpgate: {args.file}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"smtpgate: {args.file}: {exc}; nothing imported", file=sys.stderr)
+        return 1
+
+    async def run(store: Store) -> int:
+        importer = {
+            "accounts": store.import_accounts,
+            "contacts": store.import_contacts,
+            "employees": store.import_employees,
+        }[kind]
+        try:
+            n = await importer(rows)
+        except ValueError as exc:
+            print(f"smtpgate: {args.file}: {exc}; nothing imported", file=sys.stderr)
+            return 1
+        print(f"imported {n} {kind}")
+        return 0
+
+    return await _with_store(settings, run)
+
+
+async def cmd_accounts_list(settings: Settings, _: Rules, args: argparse.Namespace) -> int:
+    async def run(store: Store) -> int:
+        rows = await store.list_accounts(args.limit)
+        if args.json:
+            _print_json(rows)
+            return 0
+        for a in rows:
+            print(f"{a['rec_id']}  {a['file_as']}  {a['email1'] or ''} {a['email2'] or ''}")
+        return 0
+
+    return await _with_store(settings, run)
+
+
+async def cmd_rules(settings: Settings, rules: Rules, args: argparse.Namespace) -> int:
+    from smtpgate.pipeline import STAGES
+
+    stages = [
+        {"stage": s.name, "description": s.description, "enabled": s.enabled(settings)}
+        for s in STAGES
+    ]
+    data = {"stages": stages, **rules.model_dump(mode="json")}
+    if args.json:
+        _print_json(data)
+        return 0
+    print("Precedence (first stage that decides wins):")
+    for i, s in enumerate(stages, 1):
+        print(f"  {i}. {s['stage']:<15} {'on ' if s['enabled'] else 'off'}  {s['description']}")
+    print(f"account_by_sender = {str(rules.account_by_sender).lower()}")
+    for kind in ("detection", "skip", "account"):
+        for rule in getattr(rules, kind):
+            fields = {k: v for k, v in rule.model_dump().items() if v and k != "name"}
+            print(f"  {rule.name}: {fields}")
+    return 0
+
+
+async def cmd_backup(settings: Settings, _: Rules, args: argparse.Namespace) -> int:
+    async def run(store: Store) -> int:
+        await store.backup(Path(args.path))
+        print(f"backup written to {args.path}")
+        return 0
+
+    return await _with_store(settings, run)
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smtpgate", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    sub.add_parser("serve", help="run the gateway").set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("status", help="queue depth, outbox, counts")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("explain", help="what would happen to a message (changes nothing)")
+    s.add_argument("file")
+    s.add_argument("--mail-from", default=None, help="envelope sender (default: From:)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_explain)
+
+    q = sub.add_parser("queue", help="inbound queue").add_subparsers(dest="action", required=True)
+    s = q.add_parser("list")
+    s.add_argument("--state", choices=["queued", "active", "done", "dead"])
+    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--json", action="store_true")
+    s = q.add_parser("show")
+    s.add_argument("id")
+    s.add_argument("--json", action="store_true", help="(always JSON)")
+    s.add_argument("--raw", action="store_true", help="print the stored message bytes")
+    s = q.add_parser("retry", help="dead → queued")
+    s.add_argument("id", nargs="?")
+    s.add_argument("--dead", action="store_true", help="every dead message")
+    for a in q.choices.values():
+        a.set_defaults(fn=cmd_queue)
+
+    o = sub.add_parser("outbox", help="outgoing mail").add_subparsers(dest="action", required=True)
+    s = o.add_parser("list")
+    s.add_argument("--state", choices=["queued", "active", "done", "dead"])
+    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--json", action="store_true")
+    s = o.add_parser("retry", help="dead → queued")
+    s.add_argument("id", nargs="?")
+    s.add_argument("--dead", action="store_true")
+    for a in o.choices.values():
+        a.set_defaults(fn=cmd_outbox)
+
+    t = sub.add_parser("tickets").add_subparsers(dest="action", required=True)
+    s = t.add_parser("list")
+    s.add_argument("--limit", type=int, default=100)
+    s.add_argument("--json", action="store_true")
+    s = t.add_parser("show")
+    s.add_argument("number", type=int)
+    s.add_argument("--json", action="store_true")
+    for a in t.choices.values():
+        a.set_defaults(fn=cmd_tickets)
+
+    for kind in ("accounts", "contacts", "employees"):
+        k = sub.add_parser(kind).add_subparsers(dest="action", required=True)
+        s = k.add_parser("import", help="CSV with a header row, or a JSON list")
+        s.add_argument("file")
+        s.set_defaults(fn=cmd_import, kind=kind)
+        if kind == "accounts":
+            s = k.add_parser("list")
+            s.add_argument("--limit", type=int, default=1000)
+            s.add_argument("--json", action="store_true")
+            s.set_defaults(fn=cmd_accounts_list)
+
+    s = sub.add_parser("rules", help="the precedence and rules in evaluation order")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_rules)
+
+    s = sub.add_parser("backup", help="consistent online copy of the store")
+    s.add_argument("path")
+    s.set_defaults(fn=cmd_backup)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        rules = load_rules(settings.rules_file)
+    except ConfigError as exc:
+        print(f"smtpgate: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings)
+    runner = _event_loop_runner()
+    try:
+        result: int = runner(args.fn(settings, rules, args))
+    except ConfigError as exc:
+        print(f"smtpgate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _event_loop_runner() -> Callable[[Any], Any]:
+    """uvloop when installed (`pip install smtpgate[fast]`), else the standard loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run  # type: ignore[no-any-return]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

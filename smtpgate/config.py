@@ -1,0 +1,391 @@
+"""Settings (SMTPGATE_* environment variables) and the rules file, validated once at start-up.
+
+Everything here is pure: building a `Settings` or `Rules` reads the environment or a file and
+either returns a frozen snapshot or raises `ConfigError` naming the variable, rule or line at fault.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from smtpgate.mail import DEFAULT_QUOTE_PATTERNS
+
+ENV_PREFIX = "SMTPGATE_"
+
+_ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
+
+
+class ConfigError(Exception):
+    """A setting or rule is invalid; the message names the variable or rule and line."""
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+def _check_address(value: str) -> str:
+    value = value.strip().lower()
+    if not _ADDRESS.match(value):
+        raise ValueError(f"{value!r} is not an e-mail address")
+    return value
+
+
+CsvTuple = Annotated[tuple[str, ...], NoDecode]
+CsvInts = Annotated[tuple[int, ...], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every SMTPGATE_* variable; the README's settings table is generated from the same names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(Path("./var"), description="holds smtpgate.db")
+    smtp_host: str = Field("127.0.0.1", description="SMTP listener address")
+    smtp_port: int = Field(2525, ge=0, le=65535, description="SMTP listener port")
+    http_host: str = Field("127.0.0.1", description="status/health/metrics listener address")
+    http_port: int = Field(8025, ge=0, le=65535, description="status/health/metrics port")
+    hostname: str = Field(
+        default_factory=socket.gethostname,
+        description="name used in the SMTP greeting and Received: headers",
+    )
+    connector_addresses: CsvTuple = Field(
+        ("connector@localhost",),
+        description="comma-separated; the only accepted recipients",
+    )
+    internal_support_address: str = Field(
+        "support@localhost", description="manual-processing target"
+    )
+    skip_forward_address: str | None = Field(
+        None, description="target of skip rules (default: internal support)"
+    )
+    from_address: str | None = Field(
+        None, description="sender of responses and forwards (default: first connector address)"
+    )
+    relay_host: str = Field("127.0.0.1", description="upstream relay host")
+    relay_port: int = Field(25, ge=1, le=65535, description="upstream relay port")
+    relay_username: str | None = Field(None, description="relay AUTH user (optional)")
+    relay_password: SecretStr | None = Field(None, description="relay AUTH password (optional)")
+    relay_tls: Literal["none", "starttls", "tls"] = Field(
+        "none", description="relay TLS mode: none, starttls, tls"
+    )
+    relay_tls_verify: bool = Field(True, description="verify the relay's TLS certificate")
+    relay_timeout: float = Field(30.0, gt=0, description="seconds per relay command")
+    relay_connections: int = Field(4, ge=1, le=64, description="parallel relay connections")
+    max_message_bytes: int = Field(26214400, ge=1024, description="larger messages get 552")
+    max_recipients: int = Field(100, ge=1, description="recipients per message (more: 452)")
+    max_connections: int = Field(200, ge=1, description="concurrent SMTP sessions (more: 421)")
+    smtp_timeout: float = Field(
+        300.0, gt=0, description="idle seconds before an SMTP session is dropped"
+    )
+    store_timeout: float = Field(
+        8.0, gt=0, le=60, description="seconds to wait for a commit before answering 451"
+    )
+    tls_cert_file: Path | None = Field(None, description="enables STARTTLS on the listener")
+    tls_key_file: Path | None = Field(None, description="key for SMTPGATE_TLS_CERT_FILE")
+    workers: int = Field(4, ge=1, le=256, description="concurrent message processors")
+    process_max_attempts: int = Field(
+        5, ge=1, description="processing attempts before a message goes dead"
+    )
+    retry_schedule: CsvInts = Field(
+        (60, 300, 900, 1800, 3600),
+        description="seconds between relay attempts; the last value repeats",
+    )
+    retry_max_age: int = Field(
+        259200, ge=1, description="undelivered after this many seconds: dead"
+    )
+    retention_days: int = Field(30, ge=0, description="raw bytes of done messages kept this long")
+    automated_enabled: bool = Field(True, description="branch 2.1 (automated email)")
+    acknowledge: bool = Field(False, description="acknowledge new tickets from customers")
+    auto_mail_hourly_limit: int = Field(
+        20, ge=0, description="automatic mails (acks, responses) per recipient per hour"
+    )
+    api_enabled: bool = Field(False, description="branch 2.2 (XML API by email)")
+    api_password: SecretStr | None = Field(None, description="required XML <Password>")
+    api_send_response: bool = Field(True, description="mail XML responses")
+    api_response_bcc: str | None = Field(None, description="BCC of every XML response")
+    api_max_xml_bytes: int = Field(1048576, ge=1024, description="larger XML: 150012")
+    rules_file: Path | None = Field(None, description="TOML rules file")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description="text or json logs")
+
+    @field_validator("connector_addresses", mode="before")
+    @classmethod
+    def _connectors(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("retry_schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("connector_addresses")
+    @classmethod
+    def _connectors_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one connector address is required")
+        return tuple(_check_address(v) for v in value)
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _schedule_valid(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(v < 1 for v in value):
+            raise ValueError("a comma-separated list of positive seconds is required")
+        return value
+
+    @field_validator(
+        "internal_support_address", "skip_forward_address", "from_address", "api_response_bcc"
+    )
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return None if value is None or not value.strip() else _check_address(value)
+
+    @model_validator(mode="after")
+    def _no_loops(self) -> Settings:
+        # spec 2.4: configuration that would send mail to a connector address is rejected.
+        connectors = set(self.connector_addresses)
+        for name in ("internal_support_address", "skip_forward_address", "api_response_bcc"):
+            if getattr(self, name) in connectors:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} is a connector address (mail loop)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                f"{ENV_PREFIX}TLS_CERT_FILE and {ENV_PREFIX}TLS_KEY_FILE must be set together"
+            )
+        return self
+
+    # Derived values: properties, so nothing is stored twice.
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "smtpgate.db"
+
+    @property
+    def sender_address(self) -> str:
+        return self.from_address or self.connector_addresses[0]
+
+    @property
+    def skip_target(self) -> str:
+        return self.skip_forward_address or self.internal_support_address
+
+    @property
+    def own_addresses(self) -> frozenset[str]:
+        return frozenset((*self.connector_addresses, self.sender_address))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from the environment and overrides; ConfigError names the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_settings_error(exc)) from None
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if isinstance(p, str)]
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if loc:
+            parts.append(f"{ENV_PREFIX}{loc[0].upper()}: {msg}")
+        else:
+            parts.append(msg)
+    return "invalid setting " + "; ".join(parts)
+
+
+# --- rules file -----------------------------------------------------------------------------
+
+SearchField = Literal[
+    "file_as", "account_number", "account_id", "field1", "field2", "field3", "field4", "rec_id"
+]
+
+
+class _Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    name: str | None = None
+
+
+class DetectionRule(_Rule):
+    """Automated-email detection: sender list and/or subject phrase (both given: AND)."""
+
+    sender: tuple[str, ...] = ()
+    subject: str | None = None
+
+    @field_validator("sender", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("sender")
+    @classmethod
+    def _senders(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for v in value:
+            v = v.strip().lower()
+            # "@example.com" or "*@example.com" match a whole domain; else an exact address.
+            if v.startswith("*@"):
+                v = v[1:]
+            if not v or (not v.startswith("@") and not _ADDRESS.match(v)):
+                raise ValueError(f"{v!r} is not an address or @domain")
+            out.append(v)
+        return tuple(out)
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> DetectionRule:
+        if not self.sender and not self.subject:
+            raise ValueError("a detection rule needs 'sender', 'subject' or both")
+        return self
+
+
+class SkipRule(_Rule):
+    """A detected automated message whose subject holds this phrase is forwarded untouched."""
+
+    subject: str = Field(min_length=1)
+
+
+class AccountRule(_Rule):
+    """Find an account by a field value located after/before/between phrases of the subject."""
+
+    search: SearchField
+    after: str | None = None
+    before: str | None = None
+
+    @model_validator(mode="after")
+    def _located(self) -> AccountRule:
+        if not self.after and not self.before:
+            raise ValueError("an account rule needs 'after', 'before' or both")
+        return self
+
+
+class Rules(BaseModel):
+    """The rules file: evaluated in listed order; names default to kind[index], 1-based."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    account_by_sender: bool = False
+    ticket_tag: str = Field("Ticket", min_length=1, pattern=r"^[\w ]+$")
+    quote_patterns: tuple[str, ...] = DEFAULT_QUOTE_PATTERNS
+    detection: tuple[DetectionRule, ...] = ()
+    skip: tuple[SkipRule, ...] = ()
+    account: tuple[AccountRule, ...] = ()
+
+    @field_validator("quote_patterns")
+    @classmethod
+    def _regexes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, pattern in enumerate(value):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"quote_patterns[{i}] is not a valid regex: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _names(self) -> Rules:
+        for kind in ("detection", "skip", "account"):
+            rules: tuple[_Rule, ...] = getattr(self, kind)
+            named = tuple(
+                r if r.name else r.model_copy(update={"name": f"{kind}[{i}]"})
+                for i, r in enumerate(rules, 1)
+            )
+            object.__setattr__(self, kind, named)
+        return self
+
+    def compiled_quote_patterns(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(re.compile(p, re.IGNORECASE) for p in self.quote_patterns)
+
+
+def parse_rules(text: str, source: str = "<rules>") -> Rules:
+    """Parse and validate a rules file's text; ConfigError names the rule, key and line."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return Rules.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = err["loc"]
+            line = _line_of(text, loc)
+            where = _describe_loc(loc)
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            problems.append(
+                f"{source}:{line}: {where}: {msg}" if line else f"{source}: {where}: {msg}"
+            )
+        raise ConfigError("invalid rules: " + "; ".join(problems)) from None
+
+
+def load_rules(path: Path | None) -> Rules:
+    if path is None:
+        return Rules()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{ENV_PREFIX}RULES_FILE: cannot read {path}: {exc}") from None
+    return parse_rules(text, str(path))
+
+
+def _describe_loc(loc: Sequence[int | str]) -> str:
+    if len(loc) >= 2 and isinstance(loc[1], int):
+        rest = ".".join(str(p) for p in loc[2:])
+        head = f"{loc[0]}[{loc[1] + 1}]"
+        return f"{head} key '{rest}'" if rest else head
+    return ".".join(str(p) for p in loc) or "file"
+
+
+def _line_of(text: str, loc: Sequence[int | str]) -> int | None:
+    """Best-effort line number of a validation error location in the TOML source."""
+    lines = text.splitlines()
+    start, end = 0, len(lines)
+    if len(loc) >= 2 and isinstance(loc[0], str) and isinstance(loc[1], int):
+        header = re.compile(rf"^\s*\[\[\s*{re.escape(loc[0])}\s*\]\]")
+        seen = -1
+        for i, line in enumerate(lines):
+            if header.match(line):
+                seen += 1
+                if seen == loc[1]:
+                    start = i
+                    end = next(
+                        (j for j in range(i + 1, len(lines)) if lines[j].lstrip().startswith("[")),
+                        len(lines),
+                    )
+                    break
+        else:
+            return None
+        key = loc[2] if len(loc) > 2 and isinstance(loc[2], str) else None
+    else:
+        key = loc[0] if loc and isinstance(loc[0], str) else None
+        end = next((j for j, ln in enumerate(lines) if ln.lstrip().startswith("[")), len(lines))
+    if key:
+        pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+        for i in range(start, end):
+            if pattern.match(lines[i]):
+                return i + 1
+    return start + 1 if len(loc) >= 2 else None

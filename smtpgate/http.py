@@ -1,0 +1,239 @@
+"""The operator endpoint: GET /healthz, /status, /metrics (Prometheus) and / (a status page).
+
+A deliberately small HTTP/1.1 server on asyncio streams: four read-only GET routes do not
+justify a web framework dependency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from smtpgate.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, in a registry of its own (one per application)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.received = Counter(
+            "smtpgate_messages_received", "Messages accepted and queued (250)", registry=r
+        )
+        self.processed = Counter(
+            "smtpgate_messages_processed",
+            "Messages processed, by path and action",
+            ["path", "action"],
+            registry=r,
+        )
+        self.rule_hits = Counter(
+            "smtpgate_rule_hits", "Rules that matched, by rule name", ["rule"], registry=r
+        )
+        self.processing_failures = Counter(
+            "smtpgate_processing_failures", "Processing attempts that raised", registry=r
+        )
+        self.latency = Histogram(
+            "smtpgate_processing_seconds",
+            "Time from receipt to processed",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "smtpgate_relay_deliveries", "Mails delivered to the relay", ["kind"], registry=r
+        )
+        self.delivery_failures = Counter(
+            "smtpgate_relay_failures",
+            "Failed relay attempts, transient or permanent",
+            ["failure"],
+            registry=r,
+        )
+        self.smtp_replies = Counter(
+            "smtpgate_smtp_replies", "SMTP replies sent, by code", ["code"], registry=r
+        )
+        self.connections = Counter("smtpgate_smtp_connections", "SMTP sessions opened", registry=r)
+        self.active_sessions = Gauge(
+            "smtpgate_smtp_active_sessions", "SMTP sessions open now", registry=r
+        )
+        self.queue_depth = Gauge(
+            "smtpgate_queue_depth", "Rows per queue and state", ["queue", "state"], registry=r
+        )
+        self.oldest_queued = Gauge(
+            "smtpgate_oldest_queued_age_seconds", "Age of the oldest queued message", registry=r
+        )
+
+    def observe_status(self, status: dict[str, Any]) -> None:
+        for queue in ("inbound", "outbox"):
+            for state, n in status[queue].items():
+                if state != "oldest_queued_age_s":
+                    self.queue_depth.labels(queue, state).set(n)
+        self.oldest_queued.set(status["inbound"]["oldest_queued_age_s"])
+
+
+Route = Callable[[], Awaitable[tuple[int, str, bytes]]]
+
+
+class StatusServer:
+    """Serves the routes; every response closes the connection (no keep-alive to manage)."""
+
+    def __init__(self, store: Store, metrics: Metrics, sessions: Callable[[], int]) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._sessions = sessions
+        self.routes: dict[str, Route] = {
+            "/healthz": self.healthz,
+            "/status": self.status,
+            "/metrics": self.prometheus,
+            "/": self.page,
+        }
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                request = await reader.readuntil(b"\r\n\r\n")
+            line = request.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = line.split()
+            method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
+            path = target.split("?", 1)[0]
+            route = self.routes.get(path)
+            if method not in ("GET", "HEAD"):
+                code, ctype, body = 405, "text/plain", b"method not allowed\n"
+            elif route is None:
+                code, ctype, body = 404, "text/plain", b"not found\n"
+            else:
+                code, ctype, body = await route()
+            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Unavailable"}
+            head = (
+                f"HTTP/1.1 {code} {reason.get(code, 'OK')}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode()
+            writer.write(head if method == "HEAD" else head + body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        except ConnectionError:
+            pass
+        except Exception:
+            log.exception("HTTP request failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def healthz(self) -> tuple[int, str, bytes]:
+        ok = await self.store.can_write()
+        return (200, "text/plain", b"ok\n") if ok else (503, "text/plain", b"store not writable\n")
+
+    async def status(self) -> tuple[int, str, bytes]:
+        body = json.dumps(await self.store.status(), indent=2).encode() + b"\n"
+        return 200, "application/json", body
+
+    async def prometheus(self) -> tuple[int, str, bytes]:
+        self.metrics.observe_status(await self.store.status())
+        self.metrics.active_sessions.set(self._sessions())
+        return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
+
+    async def page(self) -> tuple[int, str, bytes]:
+        status = await self.store.status()
+        recent = await self.store.list_inbound(limit=25)
+        dead = await self.store.list_inbound(state="dead", limit=25)
+        outbox = await self.store.list_outbox(limit=15)
+        tickets = await self.store.list_tickets(limit=15)
+        return 200, "text/html; charset=utf-8", render_page(status, recent, dead, outbox, tickets)
+
+
+def _table(headers: list[str], rows: list[list[Any]], empty: str) -> str:
+    if not rows:
+        return f'<p class="empty">{html.escape(empty)}</p>'
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{html.escape(str(c if c is not None else ''))}</td>" for c in r)
+        + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_page(
+    status: dict[str, Any],
+    recent: list[dict[str, Any]],
+    dead: list[dict[str, Any]],
+    outbox: list[dict[str, Any]],
+    tickets: list[dict[str, Any]],
+) -> bytes:
+    """The status page for people: self-contained HTML that refreshes itself every 10 s."""
+    inbound, out = status["inbound"], status["outbox"]
+    cards = "".join(
+        f'<div class="card {k}"><div class="n" id="inbound-{k}">{inbound[k]}</div>'
+        f"<div>{k}</div></div>"
+        for k in ("queued", "active", "done", "dead")
+    )
+
+    def outcome(o: dict[str, Any] | None) -> str:
+        if not o:
+            return ""
+        bits = [o.get("action") or ""]
+        if o.get("reason"):
+            bits.append(f"({o['reason']})")
+        if o.get("ticket") is not None:
+            bits.append(f"ticket {o['ticket']}")
+        return " ".join(bits)
+
+    recent_rows = [
+        [m["id"], m["received_at"], m["mail_from"], m["state"], outcome(m["outcome"])]
+        for m in recent
+    ]
+    dead_rows = [[m["id"], m["received_at"], m["mail_from"], m["last_error"]] for m in dead]
+    outbox_rows = [
+        [d["id"], d["kind"], ", ".join(d["recipients"]), d["state"], d["attempts"], d["last_error"]]
+        for d in outbox
+    ]
+    ticket_rows = [
+        [t["number"], t["description"], t["account"], t["source"], t["created_at"]] for t in tickets
+    ]
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="10">
+<title>smtpgate — queue status</title>
+<style>
+body{{font:14px system-ui,sans-serif;margin:1.5em;color:#222}}
+h1{{font-size:1.4em}} h2{{font-size:1.1em;margin-top:1.6em}}
+.cards{{display:flex;gap:1em}} .card{{border:1px solid #ccc;border-radius:6px;padding:.6em 1.2em}}
+.card .n{{font-size:1.8em;font-weight:600}} .dead .n{{color:#b00}}
+table{{border-collapse:collapse;width:100%}} td,th{{border-bottom:1px solid #eee;padding:.3em .5em;
+text-align:left;vertical-align:top}} .empty{{color:#777}}
+</style></head><body>
+<h1>smtpgate — queue status</h1>
+<div class="cards">{cards}</div>
+<p id="oldest">Oldest queued message: {inbound["oldest_queued_age_s"]} s ·
+Outbox: {out["queued"]} queued, {out["active"]} sending, {out["done"]} sent, {out["dead"]} dead ·
+Accounts: {status["accounts"]} · Tickets: {status["tickets"]}</p>
+<h2>Latest messages</h2>
+{_table(["id", "received", "from", "state", "outcome"], recent_rows, "No messages yet.")}
+<h2>Dead messages</h2>
+{_table(["id", "received", "from", "error"], dead_rows, "No dead messages.")}
+<h2>Outbox</h2>
+{_table(["id", "kind", "to", "state", "attempts", "error"], outbox_rows, "Outbox is empty.")}
+<h2>Latest tickets</h2>
+{_table(["#", "description", "account", "source", "created"], ticket_rows, "No tickets yet.")}
+</body></html>
+"""
+    return page.encode("utf-8")

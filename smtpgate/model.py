@@ -1,0 +1,158 @@
+"""The domain's vocabulary: queue states, outcomes, and the decisions the pipeline hands on."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+# spec 2.1 step 3: text located in a subject is trimmed of white space and these characters.
+TRIM_CHARS = " \t:-#,;[]()\"'"
+_WS = re.compile(r"\s+")
+
+
+def normalize_key(value: str) -> str:
+    """The form account values are compared in: trimmed, whitespace collapsed, case-folded."""
+    return _WS.sub(" ", value).strip(TRIM_CHARS).casefold()
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    ACTIVE = "active"
+    DONE = "done"
+    DEAD = "dead"
+
+
+class Path(StrEnum):
+    AUTOMATED = "automated"
+    XML = "xml"
+    REGULAR = "regular"
+
+
+class Action(StrEnum):
+    AUTOMATED_TICKET = "automated_ticket"
+    AUTOMATED_SKIPPED = "automated_skipped"
+    AUTOMATED_NO_ACCOUNT = "automated_no_account"
+    XML_APPLIED = "xml_applied"
+    XML_REJECTED = "xml_rejected"
+    TICKET_REPLY = "ticket_reply"
+    TICKET_CREATED = "ticket_created"
+    FORWARDED = "forwarded"
+    DUPLICATE = "duplicate"
+    IGNORED = "ignored"  # spec 2.4: our own loop header came back; recorded, not processed
+
+
+class MailKind(StrEnum):
+    RESPONSE = "response"
+    BCC = "bcc"
+    FORWARD = "forward"
+    ACK = "ack"
+
+
+# Kinds that answer somebody outside: loop protection and the hourly cap apply to them.
+AUTOMATIC_KINDS = frozenset({MailKind.RESPONSE, MailKind.BCC, MailKind.ACK})
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    peer: str
+    helo: str
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMail:
+    """A mail to queue in the outbox: envelope plus the finished bytes."""
+
+    kind: MailKind
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes
+    message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """How an account was found, for the outcome."""
+
+    account: str
+    contact: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewTicket:
+    account: str
+    contact: str | None
+    description: str
+    details: str
+    source: str
+    note: str
+    attachments: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FileReply:
+    ticket_rec_id: str
+    ticket_number: int
+    note: str
+    attachments: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What the store did while applying a decision; fed to the decision's mail builder."""
+
+    ticket_number: int | None = None
+    ticket_rec_id: str | None = None
+    record_kind: str | None = None
+    record_id: str | None = None
+    error_code: int | None = None
+    errors: tuple[tuple[int, str | None, str], ...] = ()
+
+
+MailBuilder = Callable[[Applied], list[OutboundMail]]
+
+
+def no_mail(_: Applied) -> list[OutboundMail]:
+    return []
+
+
+@dataclass(slots=True)
+class Decision:
+    """The pure pipeline's verdict: the outcome so far and the effects the store must apply."""
+
+    path: Path
+    action: Action
+    reason: str | None = None
+    account: str | None = None
+    rules_hit: list[str] = field(default_factory=list)
+    rules_missed: list[str] = field(default_factory=list)
+    error_code: int | None = None
+    new_ticket: NewTicket | None = None
+    reply: FileReply | None = None
+    transaction: Any = None  # xmlapi.Transaction when path is xml
+    mails: MailBuilder = no_mail
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """Recorded on the queue row and printed by explain/queue show (spec 5: stable keys)."""
+
+    path: str
+    action: str
+    reason: str | None
+    account: str | None
+    ticket: int | None
+    rules_hit: list[str]
+    rules_missed: list[str]
+    error_code: int | None
+    sent: list[dict[str, Any]]
+    record: dict[str, str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

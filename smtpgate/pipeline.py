@@ -1,0 +1,446 @@
+"""The processing precedence (spec 2) as one ordered table of stages; the first that decides wins.
+
+Each stage looks up what it needs through a read-only `Directory` (the store) and leaves the
+deciding to the pure functions in `smtpgate.rules`. Nothing here writes: the returned `Decision`
+is applied by the store in one transaction, which is why `explain` can run the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from smtpgate import outbound, xmlapi
+from smtpgate.config import Rules, Settings
+from smtpgate.mail import ParsedMessage, strip_quotes
+from smtpgate.model import (
+    Action,
+    Applied,
+    Decision,
+    FileReply,
+    MailBuilder,
+    MailKind,
+    NewTicket,
+    OutboundMail,
+    Path,
+    no_mail,
+)
+from smtpgate.rules import automated, regular
+
+log = logging.getLogger(__name__)
+
+SOURCE_AUTOMATED = "Email Connector (automated)"
+SOURCE_EMAIL = "Email"
+
+
+class Directory(Protocol):
+    """The read-only facts a stage may look up (implemented by the store)."""
+
+    async def find_accounts(
+        self, field: str, values: Sequence[str]
+    ) -> dict[str, list[tuple[str, str | None]]]: ...
+
+    async def employee_is_active(self, address: str) -> bool: ...
+
+    async def ticket_by_number(self, number: int) -> tuple[str, int, str] | None: ...
+
+    async def ticket_by_message_ids(
+        self, message_ids: Sequence[str]
+    ) -> tuple[str, int, str] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """A snapshot of configuration for one message (rules may be swapped by SIGHUP between)."""
+
+    settings: Settings
+    rules: Rules
+
+
+@dataclass(slots=True)
+class Inbound:
+    raw: bytes
+    mail_from: str
+    msg: ParsedMessage
+    hit: list[str] = field(default_factory=list)
+    missed: list[str] = field(default_factory=list)
+
+    @property
+    def sender(self) -> str:
+        """spec 2.1: the sender is the From: address (the envelope sender when From is unusable)."""
+        return self.msg.from_address or self.mail_from.lower()
+
+
+StageFn = Callable[[Inbound, Context, Directory], Awaitable[Decision | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    name: str
+    description: str
+    enabled: Callable[[Settings], bool]
+    run: StageFn
+
+
+def _always(_: Settings) -> bool:
+    return True
+
+
+# --- effects shared by the stages (pure builders) ----------------------------------------------
+
+
+def _forward(
+    inb: Inbound, ctx: Context, target: str, action: Action, rule: str | None
+) -> MailBuilder:
+    def build(_: Applied) -> list[OutboundMail]:
+        return [
+            outbound.forward_untouched(
+                inb.raw,
+                target=target,
+                sender=ctx.settings.sender_address,
+                connector=ctx.settings.connector_addresses[0],
+                action=str(action),
+                rule=rule,
+                hostname=ctx.settings.hostname,
+                has_auto_submitted=inb.msg.auto_submitted is not None,
+            )
+        ]
+
+    return build
+
+
+def note_text(inb: Inbound, ctx: Context, *, strip: bool) -> str:
+    """The text filed on a ticket: a short header block and the (quote-stripped) body."""
+    msg = inb.msg
+    text = msg.text
+    if strip:
+        text = strip_quotes(text, ctx.rules.compiled_quote_patterns())
+    who = f"{msg.from_name} <{inb.sender}>" if msg.from_name else inb.sender
+    head = [f"From: {who or '(unknown)'}", f"Subject: {msg.subject or '(no subject)'}"]
+    if msg.attachments:
+        head.append(
+            "Attachments: "
+            + "; ".join(
+                f"{a.filename or '(unnamed)'} ({a.content_type}, {a.size} bytes)"
+                for a in msg.attachments
+            )
+        )
+    return "\n".join(head) + "\n\n" + text.strip()
+
+
+def _attachments(msg: ParsedMessage) -> tuple[dict[str, object], ...]:
+    return tuple(
+        {"filename": a.filename, "content_type": a.content_type, "size": a.size}
+        for a in msg.attachments
+    )
+
+
+def _may_answer(inb: Inbound, ctx: Context, recipient: str | None) -> str | None:
+    """Why an automatic mail to `recipient` must not be sent (spec 2.4), or None if it may."""
+    if not recipient:
+        return "no recipient"
+    if recipient.lower() in ctx.settings.own_addresses:
+        return "recipient is a connector address"
+    if regular.is_robot_address(recipient):
+        return "recipient is a robot address"
+    return regular.no_auto_answer_reason(inb.msg, inb.mail_from)
+
+
+async def _account_by_sender(
+    inb: Inbound, directory: Directory
+) -> tuple[automated.Match, str | None]:
+    """Address (account email or contact), then domain; ambiguity → not found (spec 2.1.3)."""
+    address, domain = automated.sender_keys(inb.sender)
+    notes = None
+    if address:
+        found = await directory.find_accounts("email", [address])
+        match = automated.resolve([address], found)
+        if match.account:
+            return match, None
+        if match.ambiguous:
+            notes = f"sender address names {match.ambiguous} accounts (ambiguous)"
+    if domain:
+        found = await directory.find_accounts("domain", [domain])
+        match = automated.resolve([domain], found)
+        if match.account:
+            return match, notes
+        if match.ambiguous:
+            notes = f"sender domain {domain} names {match.ambiguous} accounts (ambiguous)"
+    return automated.Match(None), notes
+
+
+# --- the stages -------------------------------------------------------------------------------
+
+
+async def stage_loop(inb: Inbound, ctx: Context, _: Directory) -> Decision | None:
+    connectors = ctx.settings.connector_addresses
+    marker = inb.msg.loop_header
+    if marker and marker in connectors:
+        return Decision(Path.REGULAR, Action.IGNORED, reason="loop")
+    if inb.msg.is_delivery_report and any(
+        f"{outbound.LOOP_HEADER}: {c}".lower().encode() in inb.raw.lower() for c in connectors
+    ):
+        # A bounce of one of our own mails: answering it could loop forever.
+        return Decision(Path.REGULAR, Action.IGNORED, reason="loop")
+    return None
+
+
+async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
+    rules, msg, settings = ctx.rules, inb.msg, ctx.settings
+    detected, missed = automated.first_detection(rules.detection, msg)
+    inb.missed += missed
+    if detected is None:
+        return None
+    inb.hit.append(str(detected.name))
+    skip, missed = automated.first_skip(rules.skip, msg.subject)
+    inb.missed += missed
+    if skip is not None:
+        inb.hit.append(str(skip.name))
+        return Decision(
+            Path.AUTOMATED,
+            Action.AUTOMATED_SKIPPED,
+            mails=_forward(inb, ctx, settings.skip_target, Action.AUTOMATED_SKIPPED, skip.name),
+        )
+    notes: list[str] = []
+    match = automated.Match(None)
+    for rule in rules.account:
+        values = automated.candidates(rule, msg.subject)
+        found = await directory.find_accounts(rule.search, values) if values else {}
+        match = automated.resolve(values, found)
+        if match.account:
+            inb.hit.append(str(rule.name))
+            break
+        inb.missed.append(str(rule.name))
+        if match.ambiguous:
+            notes.append(
+                f"{rule.name}: {match.value!r} names {match.ambiguous} accounts (ambiguous)"
+            )
+    if not match.account and rules.account_by_sender:
+        match, note = await _account_by_sender(inb, directory)
+        if note:
+            notes.append(note)
+        if match.account:
+            inb.hit.append("account_by_sender")
+        else:
+            inb.missed.append("account_by_sender")
+    if match.account is None:
+        reason = "ambiguous" if any("ambiguous" in n for n in notes) else "no_account"
+        return Decision(
+            Path.AUTOMATED,
+            Action.AUTOMATED_NO_ACCOUNT,
+            reason=reason,
+            notes=notes,
+            mails=_forward(
+                inb, ctx, settings.internal_support_address, Action.AUTOMATED_NO_ACCOUNT, None
+            ),
+        )
+    return Decision(
+        Path.AUTOMATED,
+        Action.AUTOMATED_TICKET,
+        account=match.account,
+        notes=notes,
+        new_ticket=NewTicket(
+            account=match.account,
+            contact=match.contact,
+            description=msg.subject or "(no subject)",
+            details=msg.text.strip(),
+            source=SOURCE_AUTOMATED,
+            note=note_text(inb, ctx, strip=False),
+            attachments=_attachments(msg),
+        ),
+    )
+
+
+async def stage_xml(inb: Inbound, ctx: Context, _: Directory) -> Decision | None:
+    settings = ctx.settings
+    tx = xmlapi.find_transaction(inb.msg.xml_candidates, max_bytes=settings.api_max_xml_bytes)
+    if tx is None:
+        return None
+    password = settings.api_password.get_secret_value() if settings.api_password else None
+    if not xmlapi.password_ok(tx, password):
+        # xml-api 2: logged, never answered — a wrong password must not make us a reflector.
+        log.warning("XML transaction with a wrong or missing password from %s", inb.sender)
+        return Decision(Path.XML, Action.XML_REJECTED, reason="password", error_code=150011)
+    if tx.response_to is None and not tx.ok:
+        return Decision(
+            Path.XML,
+            Action.XML_REJECTED,
+            reason="unreadable",
+            error_code=tx.errors[0].code,
+            notes=[e.message for e in tx.errors[:5]],
+        )
+    why_not = _may_answer(inb, ctx, tx.response_to)
+    notes: list[str] = []
+    if not settings.api_send_response:
+        why_not = "responses disabled"
+    elif tx.response_to and why_not:
+        notes.append(f"no response: {why_not}")
+    bcc = (settings.api_response_bcc,) if settings.api_response_bcc else ()
+
+    def respond(applied: Applied) -> list[OutboundMail]:
+        if why_not or not tx.response_to:
+            return []
+        status = applied.error_code or 1
+        body = xmlapi.response_xml(
+            tx,
+            status=status,
+            rec_id=applied.record_id if status == 1 else None,
+            errors=[xmlapi.XmlError(code, fld, text) for code, fld, text in applied.errors],
+        )
+        return outbound.compose(
+            kind=MailKind.RESPONSE,
+            sender=settings.sender_address,
+            to=tx.response_to,
+            subject=f"CommitCRM XML response: {tx.return_id or ''}".strip(),
+            body=body.decode("utf-8"),
+            connector=settings.connector_addresses[0],
+            hostname=settings.hostname,
+            in_reply_to=inb.msg.message_id,
+            subtype="xml",
+            bcc=bcc,
+        )
+
+    return Decision(Path.XML, Action.XML_APPLIED, transaction=tx, mails=respond, notes=notes)
+
+
+async def stage_ticket_reply(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
+    msg, settings = inb.msg, ctx.settings
+    numbers = regular.tagged_numbers(ctx.rules.ticket_tag, msg.subject)
+    ticket = None
+    for number in numbers:
+        ticket = await directory.ticket_by_number(number)
+        if ticket:
+            break
+    if ticket is None and (msg.in_reply_to or msg.references):
+        ticket = await directory.ticket_by_message_ids((*msg.in_reply_to, *msg.references[::-1]))
+    if ticket is None:
+        if numbers:
+            inb.missed.append("ticket_tag")
+        return None
+    inb.hit.append("ticket_tag" if numbers else "in_reply_to")
+    rec_id, number, account = ticket
+    employee = await directory.employee_is_active(inb.sender)
+    return Decision(
+        Path.REGULAR,
+        Action.TICKET_REPLY,
+        account=account,
+        reason="employee" if employee else None,
+        reply=FileReply(rec_id, number, note_text(inb, ctx, strip=True), _attachments(msg)),
+        mails=_forward(inb, ctx, settings.internal_support_address, Action.TICKET_REPLY, None)
+        if not employee
+        else no_mail,
+    )
+
+
+async def stage_auto_reply(inb: Inbound, ctx: Context, _: Directory) -> Decision | None:
+    if not regular.is_auto_reply(inb.msg, inb.mail_from):
+        return None
+    return Decision(
+        Path.REGULAR,
+        Action.FORWARDED,
+        reason="auto_reply",
+        mails=_forward(inb, ctx, ctx.settings.internal_support_address, Action.FORWARDED, None),
+    )
+
+
+async def stage_known_sender(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
+    msg, settings = inb.msg, ctx.settings
+    match, note = await _account_by_sender(inb, directory)
+    if match.account is None:
+        return None
+    inb.hit.append("known_sender")
+    why_not = None if settings.acknowledge else "acknowledgements off"
+    why_not = why_not or _may_answer(inb, ctx, inb.sender)
+    word = ctx.rules.ticket_tag
+
+    def acknowledge(applied: Applied) -> list[OutboundMail]:
+        if why_not or applied.ticket_number is None:
+            return []
+        tag = regular.ticket_tag(word, applied.ticket_number)
+        return outbound.compose(
+            kind=MailKind.ACK,
+            sender=settings.sender_address,
+            to=inb.sender,
+            subject=f"{tag} {msg.subject}".strip(),
+            body=(
+                f"Thank you for your message. We have opened ticket {applied.ticket_number}"
+                f" and will be in touch.\n\nPlease keep {tag} in the subject when you reply.\n"
+            ),
+            connector=settings.connector_addresses[0],
+            hostname=settings.hostname,
+            in_reply_to=msg.message_id,
+            references=msg.references,
+        )
+
+    notes = [note] if note else []
+    if settings.acknowledge and why_not:
+        notes.append(f"no acknowledgement: {why_not}")
+    return Decision(
+        Path.REGULAR,
+        Action.TICKET_CREATED,
+        account=match.account,
+        notes=notes,
+        new_ticket=NewTicket(
+            account=match.account,
+            contact=match.contact,
+            description=msg.subject or "(no subject)",
+            details=strip_quotes(msg.text, ctx.rules.compiled_quote_patterns()).strip(),
+            source=SOURCE_EMAIL,
+            note=note_text(inb, ctx, strip=True),
+            attachments=_attachments(msg),
+        ),
+        mails=acknowledge,
+    )
+
+
+async def stage_unknown_sender(inb: Inbound, ctx: Context, _: Directory) -> Decision | None:
+    return Decision(
+        Path.REGULAR,
+        Action.FORWARDED,
+        reason="unknown_sender",
+        mails=_forward(inb, ctx, ctx.settings.internal_support_address, Action.FORWARDED, None),
+    )
+
+
+# The precedence (spec 2), in order. One row per stage; the first that returns a decision wins.
+STAGES: tuple[Stage, ...] = (
+    # spec 2.4: our loop header came back — record it, send nothing, create nothing.
+    Stage("loop", "own loop header: recorded, not processed", _always, stage_loop),
+    # spec 2.1: detection → skip → account detection → ticket or forward.
+    Stage(
+        "automated",
+        "automated email: detection, skip and account rules",
+        lambda s: s.automated_enabled,
+        stage_automated,
+    ),
+    # spec 2.2: an XML transaction in the body, an XML part or an .xml attachment.
+    Stage("xml", "API by Email: XML transaction", lambda s: s.api_enabled, stage_xml),
+    # spec 2.3.1: ticket tag in the subject, or In-Reply-To/References of a ticket's message.
+    Stage("ticket_reply", "reply filed on its ticket", _always, stage_ticket_reply),
+    # spec 2.3.2: out-of-office, auto-replies and bounces never open a ticket.
+    Stage("auto_reply", "auto-reply forwarded to support", _always, stage_auto_reply),
+    # spec 2.3.3: a sender known by address, contact or domain gets a new ticket.
+    Stage("known_sender", "new ticket for a known sender", _always, stage_known_sender),
+    # spec 2.3.4: everything else goes to a human.
+    Stage("unknown_sender", "forwarded to internal support", _always, stage_unknown_sender),
+)
+
+
+async def decide(
+    raw: bytes, mail_from: str, msg: ParsedMessage, ctx: Context, directory: Directory
+) -> Decision:
+    """Run the precedence over one message; the last stage always decides."""
+    inb = Inbound(raw, mail_from, msg)
+    for stage in STAGES:
+        if not stage.enabled(ctx.settings):
+            continue
+        decision = await stage.run(inb, ctx, directory)
+        if decision is not None:
+            decision.rules_hit = inb.hit + decision.rules_hit
+            decision.rules_missed = inb.missed + decision.rules_missed
+            if msg.defects:
+                decision.notes.extend(f"parse: {d}" for d in msg.defects[:5])
+            return decision
+    raise AssertionError("the last stage always decides")  # pragma: no cover

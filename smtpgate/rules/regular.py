@@ -1,0 +1,55 @@
+"""Regular-email rules (spec 2.3, 2.4) as pure functions: ticket tags, auto-replies, loop checks."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from smtpgate.mail import ParsedMessage
+
+# spec 2.4: senders and headers that never get an automatic answer.
+_ROBOT_LOCALPARTS = ("mailer-daemon", "postmaster")
+_BULK_PRECEDENCE = frozenset({"bulk", "junk", "list"})
+
+
+@lru_cache(maxsize=8)
+def tag_pattern(word: str) -> re.Pattern[str]:
+    """`[Ticket #123]`, tolerant of case, spaces and a missing '#' (spec 2.3.1)."""
+    words = r"\s+".join(re.escape(w) for w in word.split())
+    return re.compile(rf"\[\s*{words}\s*#?\s*(\d{{1,9}})\s*\]", re.IGNORECASE)
+
+
+def ticket_tag(word: str, number: int) -> str:
+    return f"[{word} #{number}]"
+
+
+def tagged_numbers(word: str, subject: str) -> list[int]:
+    """Ticket numbers tagged in a subject, in order of appearance (reply prefixes don't matter)."""
+    return [int(m.group(1)) for m in tag_pattern(word).finditer(subject)]
+
+
+def is_robot_address(address: str) -> bool:
+    local = address.lower().partition("@")[0]
+    return local in _ROBOT_LOCALPARTS
+
+
+def no_auto_answer_reason(msg: ParsedMessage, mail_from: str) -> str | None:
+    """Why no automatic response/ack may be sent for this message (spec 2.4), or None."""
+    if not mail_from:
+        return "null sender"
+    if msg.auto_submitted and msg.auto_submitted != "no":
+        return f"Auto-Submitted: {msg.auto_submitted}"
+    if msg.precedence in _BULK_PRECEDENCE:
+        return f"Precedence: {msg.precedence}"
+    if msg.list_id:
+        return "List-Id"
+    if msg.auto_response_suppress:
+        return "X-Auto-Response-Suppress"
+    if is_robot_address(mail_from) or is_robot_address(msg.from_address):
+        return "robot sender"
+    return None
+
+
+def is_auto_reply(msg: ParsedMessage, mail_from: str) -> bool:
+    """spec 2.3.2: auto-replies, out-of-office and delivery reports (null-sender bounces too)."""
+    return msg.is_auto_reply or msg.is_delivery_report or not mail_from

@@ -1,0 +1,914 @@
+"""All SQL lives here: the durable inbound queue (with group commit), the outbox, the CRM records.
+
+One write connection serialises every write (SQLite has one writer anyway); a second connection
+serves reads. Intake requests are batched into shared commits so durability costs little.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from smtpgate.model import (
+    AUTOMATIC_KINDS,
+    Action,
+    Applied,
+    Decision,
+    Envelope,
+    JobState,
+    OutboundMail,
+    Outcome,
+)
+from smtpgate.store import crm
+from smtpgate.store.schema import migrate
+
+log = logging.getLogger(__name__)
+
+StoreError = sqlite3.Error
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A claimed inbound message."""
+
+    id: str
+    token: str
+    raw: bytes
+    envelope: Envelope
+    received_at: float
+    attempts: int
+    message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A claimed outbox row."""
+
+    id: int
+    kind: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes
+    attempts: int
+    created_at: float
+
+
+@dataclass(slots=True)
+class _Intake:
+    id: str
+    envelope: Envelope
+    raw: bytes
+    message_id: str | None
+    future: asyncio.Future[None]
+
+
+def new_queue_id() -> str:
+    """Sortable queue id: milliseconds since the epoch in base 36 plus 6 random characters."""
+    ms = int(time.time() * 1000)
+    digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    out = ""
+    while ms:
+        ms, r = divmod(ms, 36)
+        out = digits[r] + out
+    return out + "".join(secrets.choice(digits) for _ in range(6))
+
+
+def mails_sent(mails: Iterable[OutboundMail]) -> list[dict[str, Any]]:
+    """The outcome's `sent` entries: kind and recipients of each mail queued."""
+    return [{"kind": str(m.kind), "to": list(m.recipients)} for m in mails]
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+
+
+class Store:
+    """The SQLite store. Build with `await Store.open(path)`; close with `await store.close()`."""
+
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self._db = writer
+        self._reader = reader
+        self._write_lock = asyncio.Lock()
+        self._pending: list[_Intake] = []
+        self._pending_event = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
+        self.new_work = asyncio.Event()  # set after an intake commit: wakes the workers
+
+    @classmethod
+    async def open(cls, path: Path, *, busy_timeout: float = 5.0) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await _connect(path, busy_timeout)
+        try:
+            await writer.execute("PRAGMA journal_mode = WAL")
+            await migrate(writer)
+            reader = await _connect(path, busy_timeout)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(path, writer, reader)
+
+    async def close(self) -> None:
+        if self._committer is not None:
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+            self._committer = None
+        for item in self._pending:
+            if not item.future.done():
+                item.future.set_exception(StoreError("store closed"))
+        self._pending.clear()
+        await self._reader.close()
+        await self._db.close()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE … COMMIT on the write connection, rolled back on any error."""
+        async with self._write_lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
+                raise
+            try:
+                await self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
+                raise
+
+    # --- intake: group commit ----------------------------------------------------------------
+
+    async def enqueue(
+        self, envelope: Envelope, raw: bytes, message_id: str | None, queue_id: str
+    ) -> None:
+        """Return once the message is committed; raise StoreError if it could not be."""
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_loop(), name="group-commit")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Intake(queue_id, envelope, raw, message_id, future))
+        self._pending_event.set()
+        await future
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._pending_event.wait()
+            self._pending_event.clear()
+            # Requests whose SMTP session gave up (timeout → 451) are not written.
+            batch = [item for item in self._pending if not item.future.done()]
+            self._pending = []
+            if not batch:
+                continue
+            now = time.time()
+            rows = [
+                (
+                    item.id,
+                    now,
+                    item.envelope.peer,
+                    item.envelope.helo,
+                    item.envelope.mail_from,
+                    json.dumps(item.envelope.rcpt_tos),
+                    len(item.raw),
+                    item.message_id,
+                    item.raw,
+                    now,
+                )
+                for item in batch
+            ]
+            try:
+                async with self._transaction() as db:
+                    await db.executemany(
+                        "INSERT INTO inbound (id, received_at, peer, helo, mail_from, rcpt_tos,"
+                        " size, message_id, raw, next_attempt_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        rows,
+                    )
+            except sqlite3.Error as exc:
+                log.error("intake commit of %d message(s) failed: %s", len(batch), exc)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(StoreError(str(exc)))
+                continue
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_result(None)
+            self.new_work.set()
+
+    # --- inbound queue -----------------------------------------------------------------------
+
+    async def recover(self) -> tuple[int, int]:
+        """At start-up of the only server: every lease belongs to a dead process; requeue it."""
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "UPDATE inbound SET state = 'queued', lease_until = NULL, lease_token = NULL"
+                " WHERE state = 'active'"
+            )
+            inbound = cur.rowcount
+            cur = await db.execute(
+                "UPDATE outbox SET state = 'queued', lease_until = NULL WHERE state = 'active'"
+            )
+            return inbound, cur.rowcount
+
+    async def release_expired(self) -> int:
+        now = time.time()
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "UPDATE inbound SET state = 'queued', lease_until = NULL, lease_token = NULL"
+                " WHERE state = 'active' AND lease_until < ?",
+                (now,),
+            )
+            n = cur.rowcount
+            cur = await db.execute(
+                "UPDATE outbox SET state = 'queued', lease_until = NULL"
+                " WHERE state = 'active' AND lease_until < ?",
+                (now,),
+            )
+            return n + cur.rowcount
+
+    async def claim(self, limit: int, lease_seconds: float) -> list[Job]:
+        now = time.time()
+        token = secrets.token_hex(8)
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "UPDATE inbound SET state = 'active', attempts = attempts + 1,"
+                " lease_until = ?, lease_token = ?"
+                " WHERE id IN (SELECT id FROM inbound WHERE state = 'queued'"
+                "   AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?)"
+                " RETURNING id, raw, peer, helo, mail_from, rcpt_tos, received_at, attempts,"
+                " message_id",
+                (now + lease_seconds, token, now, limit),
+            )
+            rows = await cur.fetchall()
+        jobs = [
+            Job(
+                id=row["id"],
+                token=token,
+                raw=bytes(row["raw"] or b""),
+                envelope=Envelope(
+                    row["peer"], row["helo"], row["mail_from"], tuple(json.loads(row["rcpt_tos"]))
+                ),
+                received_at=row["received_at"],
+                attempts=row["attempts"],
+                message_id=row["message_id"],
+            )
+            for row in rows
+        ]
+        jobs.sort(key=lambda j: j.received_at)
+        return jobs
+
+    async def fail(self, job: Job, error: str, *, max_attempts: int, backoff: float) -> bool:
+        """Record a processing failure: retry later, or dead after max_attempts. True if dead."""
+        dead = job.attempts >= max_attempts
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE inbound SET state = ?, last_error = ?, next_attempt_at = ?,"
+                " lease_until = NULL, lease_token = NULL WHERE id = ? AND lease_token = ?",
+                (
+                    JobState.DEAD if dead else JobState.QUEUED,
+                    error[:2000],
+                    time.time() + backoff,
+                    job.id,
+                    job.token,
+                ),
+            )
+        return dead
+
+    async def complete(
+        self,
+        job: Job,
+        decision: Decision,
+        *,
+        dedupe_key: str | None,
+        auto_mail_hourly_limit: int,
+    ) -> Outcome | None:
+        """Apply a decision exactly once: records, outbox rows and the outcome in one transaction.
+
+        Returns None when the lease was lost (another worker owns the message now).
+        """
+        async with self._transaction() as db:
+            async with db.execute(
+                "SELECT 1 FROM inbound WHERE id = ? AND lease_token = ? AND state = 'active'",
+                (job.id, job.token),
+            ) as cur:
+                if await cur.fetchone() is None:
+                    return None
+            if dedupe_key is not None and decision.action != Action.IGNORED:
+                cur = await db.execute(
+                    "INSERT OR IGNORE INTO seen_messages (key, inbound_id, seen_at)"
+                    " VALUES (?, ?, ?)",
+                    (dedupe_key, job.id, time.time()),
+                )
+                if cur.rowcount == 0:
+                    # spec 2.4: already processed → no ticket, no transaction, no mail.
+                    async with db.execute(
+                        "SELECT inbound_id FROM seen_messages WHERE key = ?", (dedupe_key,)
+                    ) as c2:
+                        first = await c2.fetchone()
+                    outcome = Outcome(
+                        path=decision.path,
+                        action=Action.DUPLICATE,
+                        reason="message_id" if dedupe_key.startswith("<") else "content_hash",
+                        account=None,
+                        ticket=None,
+                        rules_hit=[],
+                        rules_missed=[],
+                        error_code=None,
+                        sent=[],
+                        notes=[f"first processed as {first[0]}" if first else "seen before"],
+                    )
+                    await self._finish(db, job, outcome)
+                    return outcome
+            applied = await self._apply(db, job, decision)
+            mails = decision.mails(applied)
+            sent, suppressed = await self._queue_mails(
+                db, job.id, mails, applied, auto_mail_hourly_limit
+            )
+            outcome = self._outcome(decision, applied, sent, list(decision.notes) + suppressed)
+            await self._finish(db, job, outcome)
+            return outcome
+
+    async def simulate(self, decision: Decision, message_id: str | None) -> Outcome:
+        """What `complete` would do, inside a transaction that is rolled back (explain)."""
+        job = Job("explain", "", b"", Envelope("", "", "", ()), time.time(), 0, message_id)
+        async with self._write_lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                applied = await self._apply(self._db, job, decision)
+                mails = decision.mails(applied)
+            finally:
+                await self._db.execute("ROLLBACK")
+        return self._outcome(decision, applied, mails_sent(mails), list(decision.notes))
+
+    def _outcome(
+        self, decision: Decision, applied: Applied, sent: list[dict[str, Any]], notes: list[str]
+    ) -> Outcome:
+        record = None
+        if applied.record_kind and applied.record_id:
+            record = {"kind": applied.record_kind, "rec_id": applied.record_id}
+        failed_xml = decision.transaction is not None and applied.error_code not in (None, 1)
+        return Outcome(
+            path=decision.path,
+            action=Action.XML_REJECTED if failed_xml else decision.action,
+            reason=decision.reason,
+            account=decision.account,
+            ticket=applied.ticket_number,
+            rules_hit=decision.rules_hit,
+            rules_missed=decision.rules_missed,
+            error_code=decision.error_code
+            if decision.error_code is not None
+            else (applied.error_code if failed_xml else None),
+            sent=sent,
+            record=record,
+            notes=notes,
+        )
+
+    async def _apply(self, db: aiosqlite.Connection, job: Job, decision: Decision) -> Applied:
+        if decision.new_ticket is not None:
+            t = decision.new_ticket
+            rec_id, number = await crm.create_ticket(
+                db,
+                account=t.account,
+                contact=t.contact,
+                description=t.description,
+                details=t.details,
+                source=t.source,
+                inbound_id=job.id,
+            )
+            await crm.add_history(
+                db,
+                ticket=rec_id,
+                account=t.account,
+                description=t.note,
+                inbound_id=job.id,
+                attachments=t.attachments,
+            )
+            await self._link(db, job.message_id, rec_id)
+            return Applied(ticket_number=number, ticket_rec_id=rec_id)
+        if decision.reply is not None:
+            r = decision.reply
+            await crm.add_history(
+                db,
+                ticket=r.ticket_rec_id,
+                description=r.note,
+                inbound_id=job.id,
+                attachments=r.attachments,
+            )
+            await self._link(db, job.message_id, r.ticket_rec_id)
+            return Applied(ticket_number=r.ticket_number, ticket_rec_id=r.ticket_rec_id)
+        if decision.transaction is not None:
+            from smtpgate.store.records import apply_transaction
+
+            return await apply_transaction(db, decision.transaction, inbound_id=job.id)
+        return Applied()
+
+    async def _link(self, db: aiosqlite.Connection, message_id: str | None, ticket: str) -> None:
+        """Remember a Message-ID filed or sent for a ticket (threading by In-Reply-To)."""
+        if message_id:
+            await db.execute(
+                "INSERT OR IGNORE INTO message_links (message_id, ticket) VALUES (?, ?)",
+                (message_id, ticket),
+            )
+
+    async def _queue_mails(
+        self,
+        db: aiosqlite.Connection,
+        inbound_id: str,
+        mails: Sequence[OutboundMail],
+        applied: Applied,
+        hourly_limit: int,
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        now = time.time()
+        sent: list[dict[str, Any]] = []
+        suppressed: list[str] = []
+        for mail in mails:
+            if mail.kind in AUTOMATIC_KINDS:
+                # Per-recipient cap on automatic mail: a runaway peer cannot make us a flood.
+                over = []
+                for rcpt in mail.recipients:
+                    async with db.execute(
+                        "SELECT count(*) FROM auto_mail_log WHERE recipient = ? AND sent_at > ?",
+                        (rcpt, now - 3600),
+                    ) as cur:
+                        row = await cur.fetchone()
+                    if row and row[0] >= hourly_limit:
+                        over.append(rcpt)
+                if over:
+                    suppressed.append(f"{mail.kind} to {', '.join(over)} suppressed: hourly cap")
+                    continue
+                await db.executemany(
+                    "INSERT INTO auto_mail_log (recipient, sent_at) VALUES (?, ?)",
+                    [(r, now) for r in mail.recipients],
+                )
+            await db.execute(
+                "INSERT INTO outbox (inbound_id, kind, mail_from, recipients, message_id, data,"
+                " created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    inbound_id,
+                    mail.kind,
+                    mail.mail_from,
+                    json.dumps(mail.recipients),
+                    mail.message_id,
+                    mail.data,
+                    now,
+                    now,
+                ),
+            )
+            if applied.ticket_rec_id:
+                await self._link(db, mail.message_id, applied.ticket_rec_id)
+            sent.extend(mails_sent([mail]))
+        return sent, suppressed
+
+    async def _finish(self, db: aiosqlite.Connection, job: Job, outcome: Outcome) -> None:
+        await db.execute(
+            "UPDATE inbound SET state = 'done', outcome = ?, processed_at = ?, last_error = NULL,"
+            " lease_until = NULL, lease_token = NULL WHERE id = ?",
+            (json.dumps(outcome.to_json()), time.time(), job.id),
+        )
+
+    async def retry_inbound(self, queue_id: str | None = None, *, dead: bool = False) -> int:
+        """Operator retry: dead (or, by id, done/dead) messages go back to queued."""
+        async with self._transaction() as db:
+            if queue_id is not None:
+                cur = await db.execute(
+                    "UPDATE inbound SET state = 'queued', next_attempt_at = ?, attempts = 0,"
+                    " last_error = NULL WHERE id = ? AND state = 'dead' AND raw IS NOT NULL",
+                    (time.time(), queue_id),
+                )
+            else:
+                cur = await db.execute(
+                    "UPDATE inbound SET state = 'queued', next_attempt_at = ?, attempts = 0,"
+                    " last_error = NULL WHERE state = 'dead' AND raw IS NOT NULL",
+                    (time.time(),),
+                )
+            return cur.rowcount
+
+    # --- outbox ------------------------------------------------------------------------------
+
+    async def claim_deliveries(self, limit: int, lease_seconds: float) -> list[Delivery]:
+        now = time.time()
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "UPDATE outbox SET state = 'active', attempts = attempts + 1, lease_until = ?"
+                " WHERE id IN (SELECT id FROM outbox WHERE state = 'queued'"
+                "   AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
+                " RETURNING id, kind, mail_from, recipients, data, attempts, created_at",
+                (now + lease_seconds, now, limit),
+            )
+            rows = await cur.fetchall()
+        out = [
+            Delivery(
+                id=row["id"],
+                kind=row["kind"],
+                mail_from=row["mail_from"],
+                recipients=tuple(json.loads(row["recipients"])),
+                data=bytes(row["data"]),
+                attempts=row["attempts"],
+                created_at=row["created_at"],
+            )
+            for row in rows
+        ]
+        out.sort(key=lambda d: d.id)
+        return out
+
+    async def delivery_done(self, ids: Iterable[int]) -> None:
+        now = time.time()
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE outbox SET state = 'done', sent_at = ?, last_error = NULL,"
+                " lease_until = NULL WHERE id = ?",
+                [(now, i) for i in ids],
+            )
+
+    async def delivery_failed(self, delivery_id: int, error: str, retry_at: float | None) -> None:
+        """A failed attempt: retry at `retry_at`, or dead when it is None."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE outbox SET state = ?, last_error = ?, next_attempt_at = ?,"
+                " lease_until = NULL WHERE id = ?",
+                (
+                    JobState.QUEUED if retry_at is not None else JobState.DEAD,
+                    error[:2000],
+                    retry_at if retry_at is not None else time.time(),
+                    delivery_id,
+                ),
+            )
+
+    async def retry_outbox(self, delivery_id: int | None = None) -> int:
+        async with self._transaction() as db:
+            sql = (
+                "UPDATE outbox SET state = 'queued', next_attempt_at = ?, attempts = 0,"
+                " created_at = ?, last_error = NULL WHERE state = 'dead'"
+            )
+            now = time.time()
+            if delivery_id is not None:
+                cur = await db.execute(sql + " AND id = ?", (now, now, delivery_id))
+            else:
+                cur = await db.execute(sql, (now, now))
+            return cur.rowcount
+
+    async def next_due(self) -> float | None:
+        """Earliest next_attempt_at among queued inbound and outbox rows (for sleeping)."""
+        async with self._reader.execute(
+            "SELECT min(t) FROM (SELECT min(next_attempt_at) AS t FROM inbound"
+            " WHERE state = 'queued' UNION ALL SELECT min(next_attempt_at) FROM outbox"
+            " WHERE state = 'queued')"
+        ) as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    # --- facts for decisions (reads) -----------------------------------------------------------
+
+    async def find_accounts(
+        self, field: str, values: Sequence[str]
+    ) -> dict[str, list[tuple[str, str | None]]]:
+        """Normalized value → [(account, contact)] for each value that has keys."""
+        if not values:
+            return {}
+        found: dict[str, list[tuple[str, str | None]]] = {}
+        for chunk_start in range(0, len(values), 200):
+            chunk = list(values[chunk_start : chunk_start + 200])
+            marks = ", ".join("?" for _ in chunk)
+            async with self._reader.execute(
+                f"SELECT value, account, contact FROM account_keys"
+                f" WHERE field = ? AND value IN ({marks})",
+                (field, *chunk),
+            ) as cur:
+                for value, account, contact in await cur.fetchall():
+                    found.setdefault(value, []).append((account, contact))
+        return found
+
+    async def employee_is_active(self, address: str) -> bool:
+        address = address.lower()
+        async with self._reader.execute(
+            "SELECT 1 FROM employees WHERE active = 1 AND (email1 = ? OR email2 = ?) LIMIT 1",
+            (address, address),
+        ) as cur:
+            return await cur.fetchone() is not None
+
+    async def ticket_by_number(self, number: int) -> tuple[str, int, str] | None:
+        async with self._reader.execute(
+            "SELECT rec_id, number, account FROM tickets WHERE number = ?", (number,)
+        ) as cur:
+            row = await cur.fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    async def ticket_by_message_ids(
+        self, message_ids: Sequence[str]
+    ) -> tuple[str, int, str] | None:
+        for mid in message_ids:
+            async with self._reader.execute(
+                "SELECT t.rec_id, t.number, t.account FROM message_links m"
+                " JOIN tickets t ON t.rec_id = m.ticket WHERE m.message_id = ?",
+                (mid,),
+            ) as cur:
+                row = await cur.fetchone()
+            if row:
+                return (row[0], row[1], row[2])
+        return None
+
+    async def account_of_contact(self, contact: str) -> str | None:
+        async with self._reader.execute(
+            "SELECT account FROM contacts WHERE rec_id = ?", (contact,)
+        ) as cur:
+            row = await cur.fetchone()
+        return row[0] if row else None
+
+    # --- operator views ----------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        counts: dict[str, dict[str, Any]] = {
+            "inbound": {s.value: 0 for s in JobState},
+            "outbox": {s.value: 0 for s in JobState},
+        }
+        async with self._reader.execute("SELECT tbl, state, n FROM queue_counts") as cur:
+            for tbl, state, n in await cur.fetchall():
+                counts[tbl][state] = n
+        async with self._reader.execute(
+            "SELECT min(received_at) FROM inbound WHERE state = 'queued'"
+        ) as cur:
+            row = await cur.fetchone()
+        oldest = row[0] if row else None
+        counts["inbound"]["oldest_queued_age_s"] = (
+            round(max(0.0, time.time() - oldest), 3) if oldest is not None else 0
+        )
+        result: dict[str, Any] = dict(counts)
+        for table in ("accounts", "tickets"):
+            async with self._reader.execute(f"SELECT count(*) FROM {table}") as cur:
+                row = await cur.fetchone()
+            result[table] = row[0] if row else 0
+        return result
+
+    async def list_inbound(self, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT id, message_id, mail_from, rcpt_tos, state, attempts, received_at,"
+            " last_error, outcome FROM inbound"
+        )
+        params: tuple[Any, ...] = ()
+        if state:
+            sql += " WHERE state = ?"
+            params = (state,)
+        sql += " ORDER BY received_at DESC LIMIT ?"
+        async with self._reader.execute(sql, (*params, limit)) as cur:
+            rows = await cur.fetchall()
+        return [_inbound_view(row) for row in rows]
+
+    async def get_inbound(self, queue_id: str) -> dict[str, Any] | None:
+        async with self._reader.execute(
+            "SELECT id, message_id, mail_from, rcpt_tos, state, attempts, received_at,"
+            " last_error, outcome, peer, helo, size, processed_at, raw FROM inbound WHERE id = ?",
+            (queue_id,),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        view = _inbound_view(row)
+        view.update(
+            peer=row["peer"],
+            helo=row["helo"],
+            size=row["size"],
+            processed_at=iso(row["processed_at"]),
+            raw_kept=row["raw"] is not None,
+        )
+        return view
+
+    async def raw_message(self, queue_id: str) -> bytes | None:
+        async with self._reader.execute("SELECT raw FROM inbound WHERE id = ?", (queue_id,)) as cur:
+            row = await cur.fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
+
+    async def list_outbox(self, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT id, inbound_id, kind, mail_from, recipients, state, attempts, created_at,"
+            " next_attempt_at, last_error, sent_at FROM outbox"
+        )
+        params: tuple[Any, ...] = ()
+        if state:
+            sql += " WHERE state = ?"
+            params = (state,)
+        sql += " ORDER BY id DESC LIMIT ?"
+        async with self._reader.execute(sql, (*params, limit)) as cur:
+            rows = await cur.fetchall()
+        return [
+            {
+                "id": r["id"],
+                "inbound_id": r["inbound_id"],
+                "kind": r["kind"],
+                "mail_from": r["mail_from"],
+                "recipients": json.loads(r["recipients"]),
+                "state": r["state"],
+                "attempts": r["attempts"],
+                "created_at": iso(r["created_at"]),
+                "next_attempt_at": iso(r["next_attempt_at"]),
+                "last_error": r["last_error"],
+                "sent_at": iso(r["sent_at"]),
+            }
+            for r in rows
+        ]
+
+    async def list_tickets(self, limit: int = 100) -> list[dict[str, Any]]:
+        async with self._reader.execute(
+            "SELECT number, rec_id, account, description, details, status, source, created_at"
+            " FROM tickets ORDER BY number DESC LIMIT ?",
+            (limit,),
+        ) as cur:
+            return [dict(r) for r in await cur.fetchall()]
+
+    async def get_ticket(self, number: int) -> dict[str, Any] | None:
+        async with self._reader.execute("SELECT * FROM tickets WHERE number = ?", (number,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        ticket = dict(row)
+        async with self._reader.execute(
+            "SELECT rec_id, note_at, description, kind, inbound_id, attachments FROM history"
+            " WHERE ticket = ? ORDER BY note_at, rowid",
+            (ticket["rec_id"],),
+        ) as cur:
+            notes = [dict(r) for r in await cur.fetchall()]
+        for note in notes:
+            note["attachments"] = json.loads(note["attachments"]) if note["attachments"] else []
+        ticket["history"] = notes
+        return ticket
+
+    async def list_accounts(self, limit: int = 1000) -> list[dict[str, Any]]:
+        async with self._reader.execute(
+            "SELECT rec_id, file_as, company, account_number, account_id, email1, email2, status"
+            " FROM accounts ORDER BY file_as COLLATE NOCASE LIMIT ?",
+            (limit,),
+        ) as cur:
+            return [dict(r) for r in await cur.fetchall()]
+
+    async def can_write(self) -> bool:
+        """Health probe: a write transaction can be begun and committed."""
+        try:
+            async with asyncio.timeout(2.0), self._transaction() as db:
+                await db.execute("UPDATE queue_counts SET n = n WHERE tbl = 'health'")
+        except (sqlite3.Error, TimeoutError):
+            return False
+        return True
+
+    # --- imports (operators) -----------------------------------------------------------------
+
+    async def import_accounts(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> int:
+        """Upsert accounts in one transaction; rows are (line, values); ValueError names it."""
+        async with self._transaction() as db:
+            for line, values in rows:
+                if not str(values.get("file_as") or "").strip() and not values.get("rec_id"):
+                    raise ValueError(f"line {line}: file_as is required")
+                await crm.upsert_account(db, _clean(values), actor="import")
+        return len(rows)
+
+    async def import_contacts(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> int:
+        async with self._transaction() as db:
+            for line, values in rows:
+                v = _clean(values)
+                account = v.get("account_rec_id") or v.get("account")
+                if not account and v.get("account_file_as"):
+                    async with db.execute(
+                        "SELECT rec_id FROM accounts WHERE file_as = ? COLLATE NOCASE",
+                        (v["account_file_as"],),
+                    ) as cur:
+                        found = await cur.fetchone()
+                    account = found[0] if found else None
+                if not account or not await crm.account_exists(db, str(account)):
+                    raise ValueError(f"line {line}: the contact's account does not exist")
+                email = str(v.get("email") or "").strip().lower() or None
+                if email and "@" not in email:
+                    raise ValueError(f"line {line}: email {email!r} is not an address")
+                rec_id = v.get("rec_id")
+                if not rec_id and email:
+                    async with db.execute(
+                        "SELECT rec_id FROM contacts WHERE account = ? AND email = ?",
+                        (account, email),
+                    ) as cur:
+                        found = await cur.fetchone()
+                    rec_id = found[0] if found else None
+                rec_id = rec_id or crm.new_rec_id("CON")
+                now = crm.now_iso()
+                await db.execute(
+                    "INSERT INTO contacts (rec_id, account, name, email, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rec_id) DO UPDATE SET"
+                    " account = excluded.account, name = excluded.name, email = excluded.email,"
+                    " updated_at = excluded.updated_at",
+                    (rec_id, account, v.get("name"), email, now, now),
+                )
+                await crm.refresh_account_keys(db, str(account))
+        return len(rows)
+
+    async def import_employees(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> int:
+        async with self._transaction() as db:
+            for line, values in rows:
+                v = _clean(values)
+                name = str(v.get("name") or "").strip()
+                if not name:
+                    raise ValueError(f"line {line}: name is required")
+                emails = [str(v.get(k) or "").strip().lower() or None for k in ("email1", "email2")]
+                for e in emails:
+                    if e and "@" not in e:
+                        raise ValueError(f"line {line}: email {e!r} is not an address")
+                active = _flag(v.get("active", "Y"))
+                if active is None:
+                    raise ValueError(f"line {line}: active must be Y/N, true/false or 1/0")
+                rec_id = v.get("rec_id")
+                if not rec_id:
+                    async with db.execute(
+                        "SELECT rec_id FROM employees WHERE name = ? COLLATE NOCASE", (name,)
+                    ) as cur:
+                        found = await cur.fetchone()
+                    rec_id = found[0] if found else crm.new_rec_id("EMP")
+                now = crm.now_iso()
+                await db.execute(
+                    "INSERT INTO employees (rec_id, name, email1, email2, active, created_at,"
+                    " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rec_id) DO UPDATE SET"
+                    " name = excluded.name, email1 = excluded.email1, email2 = excluded.email2,"
+                    " active = excluded.active, updated_at = excluded.updated_at",
+                    (rec_id, name, emails[0], emails[1], int(active), now, now),
+                )
+        return len(rows)
+
+    # --- retention ---------------------------------------------------------------------------
+
+    async def purge(self, retention_days: int) -> int:
+        """Drop raw bytes of done messages older than the retention; outcomes stay."""
+        cutoff = time.time() - retention_days * 86400
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "UPDATE inbound SET raw = NULL WHERE state = 'done' AND raw IS NOT NULL"
+                " AND received_at < ?",
+                (cutoff,),
+            )
+            n = cur.rowcount
+            await db.execute(
+                "DELETE FROM outbox WHERE state = 'done' AND created_at < ?", (cutoff,)
+            )
+            await db.execute("DELETE FROM auto_mail_log WHERE sent_at < ?", (time.time() - 7200,))
+        return n
+
+    async def backup(self, target: Path) -> None:
+        """A consistent online copy of the store (SQLite backup API)."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        async with aiosqlite.connect(target) as dest:
+            await self._reader.backup(dest)
+
+
+async def _connect(path: Path, busy_timeout: float) -> aiosqlite.Connection:
+    db = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout)
+    db.row_factory = aiosqlite.Row
+    await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    # 250 means durable: fsync the WAL on every commit.
+    await db.execute("PRAGMA synchronous = FULL")
+    await db.execute("PRAGMA foreign_keys = ON")
+    return db
+
+
+def _clean(values: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        key = str(key).strip().lower()
+        if isinstance(value, str):
+            value = value.strip()
+            if value == "":
+                value = None
+        out[key] = value
+    return out
+
+
+def _flag(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    text = str(value if value is not None else "Y").strip().lower()
+    if text in ("y", "yes", "true", "1", ""):
+        return True
+    if text in ("n", "no", "false", "0"):
+        return False
+    return None
+
+
+def _inbound_view(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "message_id": row["message_id"],
+        "mail_from": row["mail_from"],
+        "rcpt_tos": json.loads(row["rcpt_tos"]),
+        "state": row["state"],
+        "attempts": row["attempts"],
+        "received_at": iso(row["received_at"]),
+        "last_error": row["last_error"],
+        "outcome": json.loads(row["outcome"]) if row["outcome"] else None,
+    }

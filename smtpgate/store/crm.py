@@ -1,0 +1,204 @@
+"""CRM records (accounts, contacts, employees, tickets, history notes): SQL inside a transaction.
+
+Every function takes an open connection on which the caller has begun a transaction; none commits.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import aiosqlite
+
+from smtpgate.model import normalize_key
+
+_ALPHABET = string.ascii_uppercase + string.digits
+
+# spec 2.1 step 3: searched fields of an account, as stored in account_keys.
+SEARCH_FIELDS = (
+    "file_as", "account_number", "account_id", "field1", "field2", "field3", "field4", "rec_id",
+)  # fmt: skip
+
+ACCOUNT_COLUMNS = (
+    "rec_id", "file_as", "company", "contact", "last_name", "dear", "account_number",
+    "account_id", "field1", "field2", "field3", "field4", "email1", "email2", "address1",
+    "address2", "address3", "city", "state", "country", "zip", "phone", "phone2", "phone3",
+    "phone4", "fax", "url1", "url2", "kind", "notes", "status", "title", "department", "manager",
+    "created_by", "updated_by",
+)  # fmt: skip
+
+
+def new_rec_id(prefix: str) -> str:
+    """RangerMSP's shape: a 3-letter kind prefix and 17 random upper-case alphanumerics."""
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(17))
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _account_keys(row: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
+    for field in SEARCH_FIELDS:
+        value = row.get(field)
+        if value:
+            yield field, normalize_key(str(value))
+    for field in ("email1", "email2"):
+        value = str(row.get(field) or "").strip().lower()
+        if "@" in value:
+            yield "email", value
+        elif value and "." in value:
+            # spec 2.1: a bare domain stored as an account email value matches by domain.
+            yield "domain", value.lstrip("@")
+
+
+async def refresh_account_keys(db: aiosqlite.Connection, rec_id: str) -> None:
+    """Rebuild the lookup keys of one account and of its contacts."""
+    await db.execute("DELETE FROM account_keys WHERE account = ?", (rec_id,))
+    async with db.execute("SELECT * FROM accounts WHERE rec_id = ?", (rec_id,)) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        return
+    keys = [(f, v, rec_id, None) for f, v in _account_keys(dict(row))]
+    async with db.execute(
+        "SELECT rec_id, email FROM contacts WHERE account = ? AND email IS NOT NULL", (rec_id,)
+    ) as cur:
+        for contact_id, email in await cur.fetchall():
+            email = str(email).strip().lower()
+            if "@" in email:
+                keys.append(("email", email, rec_id, contact_id))
+    await db.executemany(
+        "INSERT INTO account_keys (field, value, account, contact) VALUES (?, ?, ?, ?)", keys
+    )
+
+
+async def upsert_account(db: aiosqlite.Connection, values: Mapping[str, Any], actor: str) -> str:
+    """Insert or update an account matched on rec_id, else file_as (case-insensitive)."""
+    values = {k: v for k, v in values.items() if k in ACCOUNT_COLUMNS}
+    rec_id: str | None = values.get("rec_id") or None
+    if rec_id is None and values.get("file_as"):
+        async with db.execute(
+            "SELECT rec_id FROM accounts WHERE file_as = ? COLLATE NOCASE", (values["file_as"],)
+        ) as cur:
+            found = await cur.fetchone()
+        rec_id = str(found[0]) if found else None
+    now = now_iso()
+    exists = False
+    if rec_id:
+        async with db.execute("SELECT 1 FROM accounts WHERE rec_id = ?", (rec_id,)) as cur:
+            exists = await cur.fetchone() is not None
+    if exists and rec_id:
+        cols = [c for c in values if c != "rec_id"]
+        if cols:
+            assignments = ", ".join(f"{c} = ?" for c in cols)
+            await db.execute(
+                f"UPDATE accounts SET {assignments}, updated_by = ?, updated_at = ? "
+                "WHERE rec_id = ?",
+                (*(values[c] for c in cols), actor, now, rec_id),
+            )
+        await refresh_account_keys(db, rec_id)
+        return rec_id
+    rec_id = rec_id or new_rec_id("CRD")
+    row = {**values, "rec_id": rec_id, "created_by": actor, "updated_by": actor}
+    cols = list(row)
+    await db.execute(
+        f"INSERT INTO accounts ({', '.join(cols)}, created_at, updated_at) "
+        f"VALUES ({', '.join('?' for _ in cols)}, ?, ?)",
+        (*row.values(), now, now),
+    )
+    await refresh_account_keys(db, rec_id)
+    return rec_id
+
+
+async def account_exists(db: aiosqlite.Connection, rec_id: str) -> bool:
+    async with db.execute("SELECT 1 FROM accounts WHERE rec_id = ?", (rec_id,)) as cur:
+        return await cur.fetchone() is not None
+
+
+async def ticket_exists(db: aiosqlite.Connection, rec_id: str) -> bool:
+    async with db.execute("SELECT 1 FROM tickets WHERE rec_id = ?", (rec_id,)) as cur:
+        return await cur.fetchone() is not None
+
+
+async def next_ticket_number(db: aiosqlite.Connection) -> int:
+    # Safe without a sequence table: all writes go through one connection inside BEGIN IMMEDIATE.
+    async with db.execute("SELECT coalesce(max(number), 0) + 1 FROM tickets") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 1
+
+
+async def create_ticket(
+    db: aiosqlite.Connection,
+    *,
+    account: str,
+    description: str,
+    details: str,
+    source: str,
+    contact: str | None = None,
+    inbound_id: str | None = None,
+    actor: str = "smtpgate",
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[str, int]:
+    """Create a ticket (status 100 New unless extra says otherwise); return (rec_id, number)."""
+    rec_id = new_rec_id("TKT")
+    number = await next_ticket_number(db)
+    now = now_iso()
+    row: dict[str, Any] = {
+        "rec_id": rec_id,
+        "number": number,
+        "account": account,
+        "contact": contact,
+        "description": description,
+        "details": details,
+        "status": 100,
+        "source": source,
+        "inbound_id": inbound_id,
+        "created_by": actor,
+        "updated_by": actor,
+        "created_at": now,
+        "updated_at": now,
+    }
+    row.update(extra or {})
+    await db.execute(
+        f"INSERT INTO tickets ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+        tuple(row.values()),
+    )
+    return rec_id, number
+
+
+async def add_history(
+    db: aiosqlite.Connection,
+    *,
+    description: str,
+    ticket: str | None = None,
+    account: str | None = None,
+    inbound_id: str | None = None,
+    attachments: Iterable[Mapping[str, Any]] = (),
+    kind: str = "Email",
+    actor: str = "smtpgate",
+) -> str:
+    rec_id = new_rec_id("HIS")
+    now = now_iso()
+    await db.execute(
+        "INSERT INTO history (rec_id, ticket, account, link_rec_id, note_at, description, kind,"
+        " inbound_id, attachments, created_by, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            rec_id,
+            ticket,
+            account,
+            ticket or account,
+            now,
+            description,
+            kind,
+            inbound_id,
+            json.dumps(list(attachments)) if attachments else None,
+            actor,
+            now,
+            now,
+        ),
+    )
+    return rec_id

@@ -1,0 +1,360 @@
+"""The store's schema as an ordered list of migrations, each applied once in a transaction."""
+
+from __future__ import annotations
+
+import aiosqlite
+
+# Append only: a migration that has shipped is never edited. Each entry is (version, name, sql).
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "queue, outbox and CRM core",
+        """
+        CREATE TABLE inbound (
+            id              TEXT PRIMARY KEY,
+            received_at     REAL NOT NULL,
+            peer            TEXT NOT NULL DEFAULT '',
+            helo            TEXT NOT NULL DEFAULT '',
+            mail_from       TEXT NOT NULL,
+            rcpt_tos        TEXT NOT NULL,          -- JSON list
+            size            INTEGER NOT NULL,
+            message_id      TEXT,
+            raw             BLOB,                   -- NULL once retention removed it
+            state           TEXT NOT NULL DEFAULT 'queued',
+            attempts        INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL,
+            lease_until     REAL,
+            lease_token     TEXT,
+            last_error      TEXT,
+            outcome         TEXT,                   -- JSON, spec 5 keys
+            processed_at    REAL
+        );
+        CREATE INDEX inbound_ready ON inbound (state, next_attempt_at);
+        CREATE INDEX inbound_received ON inbound (received_at);
+
+        -- Queue depth per state kept by triggers, so status is O(1) with millions of rows.
+        CREATE TABLE queue_counts (
+            tbl   TEXT NOT NULL,
+            state TEXT NOT NULL,
+            n     INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (tbl, state)
+        ) WITHOUT ROWID;
+        INSERT INTO queue_counts (tbl, state)
+            VALUES ('inbound','queued'),('inbound','active'),('inbound','done'),('inbound','dead'),
+                   ('outbox','queued'),('outbox','active'),('outbox','done'),('outbox','dead');
+        CREATE TRIGGER inbound_count_ins AFTER INSERT ON inbound BEGIN
+            UPDATE queue_counts SET n = n + 1 WHERE tbl = 'inbound' AND state = NEW.state;
+        END;
+        CREATE TRIGGER inbound_count_upd AFTER UPDATE OF state ON inbound
+            WHEN OLD.state <> NEW.state BEGIN
+            UPDATE queue_counts SET n = n - 1 WHERE tbl = 'inbound' AND state = OLD.state;
+            UPDATE queue_counts SET n = n + 1 WHERE tbl = 'inbound' AND state = NEW.state;
+        END;
+        CREATE TRIGGER inbound_count_del AFTER DELETE ON inbound BEGIN
+            UPDATE queue_counts SET n = n - 1 WHERE tbl = 'inbound' AND state = OLD.state;
+        END;
+
+        CREATE TABLE outbox (
+            id              INTEGER PRIMARY KEY,
+            inbound_id      TEXT,
+            kind            TEXT NOT NULL,
+            mail_from       TEXT NOT NULL,
+            recipients      TEXT NOT NULL,          -- JSON list
+            message_id      TEXT,
+            data            BLOB NOT NULL,
+            state           TEXT NOT NULL DEFAULT 'queued',
+            attempts        INTEGER NOT NULL DEFAULT 0,
+            created_at      REAL NOT NULL,
+            next_attempt_at REAL NOT NULL,
+            lease_until     REAL,
+            last_error      TEXT,
+            sent_at         REAL
+        );
+        CREATE INDEX outbox_ready ON outbox (state, next_attempt_at);
+        CREATE INDEX outbox_inbound ON outbox (inbound_id);
+        CREATE TRIGGER outbox_count_ins AFTER INSERT ON outbox BEGIN
+            UPDATE queue_counts SET n = n + 1 WHERE tbl = 'outbox' AND state = NEW.state;
+        END;
+        CREATE TRIGGER outbox_count_upd AFTER UPDATE OF state ON outbox
+            WHEN OLD.state <> NEW.state BEGIN
+            UPDATE queue_counts SET n = n - 1 WHERE tbl = 'outbox' AND state = OLD.state;
+            UPDATE queue_counts SET n = n + 1 WHERE tbl = 'outbox' AND state = NEW.state;
+        END;
+        CREATE TRIGGER outbox_count_del AFTER DELETE ON outbox BEGIN
+            UPDATE queue_counts SET n = n - 1 WHERE tbl = 'outbox' AND state = OLD.state;
+        END;
+
+        -- spec 2.4: a Message-ID (or content hash) is processed once.
+        CREATE TABLE seen_messages (
+            key        TEXT PRIMARY KEY,
+            inbound_id TEXT NOT NULL,
+            seen_at    REAL NOT NULL
+        ) WITHOUT ROWID;
+
+        -- Message-IDs the gateway sent or filed for a ticket (threading by In-Reply-To).
+        CREATE TABLE message_links (
+            message_id TEXT PRIMARY KEY,
+            ticket     TEXT NOT NULL
+        ) WITHOUT ROWID;
+
+        -- Automatic mails per recipient, for the hourly cap.
+        CREATE TABLE auto_mail_log (
+            recipient TEXT NOT NULL,
+            sent_at   REAL NOT NULL
+        );
+        CREATE INDEX auto_mail_recipient ON auto_mail_log (recipient, sent_at);
+
+        CREATE TABLE accounts (
+            rec_id         TEXT PRIMARY KEY,
+            file_as        TEXT NOT NULL,
+            company        TEXT, contact TEXT, last_name TEXT, dear TEXT,
+            account_number TEXT, account_id TEXT,
+            field1 TEXT, field2 TEXT, field3 TEXT, field4 TEXT,
+            email1 TEXT, email2 TEXT,
+            address1 TEXT, address2 TEXT, address3 TEXT, city TEXT, state TEXT, country TEXT,
+            zip TEXT, phone TEXT, phone2 TEXT, phone3 TEXT, phone4 TEXT, fax TEXT,
+            url1 TEXT, url2 TEXT, kind TEXT, notes TEXT, status TEXT, title TEXT,
+            department TEXT, manager TEXT,
+            created_by TEXT, updated_by TEXT,
+            created_at TEXT NOT NULL, updated_at TEXT NOT NULL
+        );
+        CREATE INDEX accounts_file_as ON accounts (file_as COLLATE NOCASE);
+
+        -- Normalized lookup keys (spec 2.1 step 3): one indexed probe per candidate value,
+        -- never a scan of all accounts. field: file_as, account_number, account_id,
+        -- field1..field4, rec_id, email (account or contact address), domain.
+        CREATE TABLE account_keys (
+            field   TEXT NOT NULL,
+            value   TEXT NOT NULL,
+            account TEXT NOT NULL,
+            contact TEXT
+        );
+        CREATE INDEX account_keys_lookup ON account_keys (field, value);
+        CREATE INDEX account_keys_account ON account_keys (account);
+
+        CREATE TABLE contacts (
+            rec_id     TEXT PRIMARY KEY,
+            account    TEXT NOT NULL REFERENCES accounts (rec_id),
+            name       TEXT,
+            email      TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE INDEX contacts_account ON contacts (account);
+
+        CREATE TABLE employees (
+            rec_id     TEXT PRIMARY KEY,
+            name       TEXT NOT NULL,
+            email1     TEXT,
+            email2     TEXT,
+            active     INTEGER NOT NULL DEFAULT 1,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE INDEX employees_email1 ON employees (email1);
+        CREATE INDEX employees_email2 ON employees (email2);
+
+        CREATE TABLE tickets (
+            rec_id      TEXT PRIMARY KEY,
+            number      INTEGER NOT NULL UNIQUE,
+            account     TEXT NOT NULL REFERENCES accounts (rec_id),
+            contact     TEXT,
+            asset       TEXT,
+            worker      TEXT,
+            description TEXT NOT NULL,
+            details     TEXT NOT NULL DEFAULT '',
+            status      INTEGER NOT NULL DEFAULT 100,
+            priority    INTEGER,
+            kind        TEXT,
+            source      TEXT,
+            due_at      TEXT,
+            solution    TEXT,
+            estimated_duration TEXT,
+            field1      TEXT,
+            inbound_id  TEXT,
+            created_by  TEXT,
+            updated_by  TEXT,
+            created_at  TEXT NOT NULL,
+            updated_at  TEXT NOT NULL
+        );
+        CREATE INDEX tickets_account ON tickets (account);
+
+        CREATE TABLE history (
+            rec_id      TEXT PRIMARY KEY,
+            ticket      TEXT,
+            account     TEXT,
+            link_rec_id TEXT,
+            note_at     TEXT NOT NULL,
+            description TEXT NOT NULL,
+            kind        TEXT,
+            worker      TEXT,
+            contact     TEXT,
+            field1      TEXT,
+            inbound_id  TEXT,                      -- link to the raw message
+            attachments TEXT,                      -- JSON list of {filename, content_type, size}
+            created_by  TEXT,
+            created_at  TEXT NOT NULL,
+            updated_at  TEXT NOT NULL
+        );
+        CREATE INDEX history_ticket ON history (ticket);
+        CREATE INDEX history_link ON history (link_rec_id);
+        """,
+    ),
+    (
+        2,
+        "XML record kinds",
+        """
+        -- xml-api.md 3: the kinds the XML API adds and updates besides accounts/tickets/history.
+        -- Numbers are NUMERIC, dates ISO text, flags 'Y'/'N'; inbound_id links the raw message.
+        CREATE TABLE charges (
+            rec_id         TEXT PRIMARY KEY,
+            account        TEXT NOT NULL REFERENCES accounts (rec_id),
+            worker         TEXT,
+            item           TEXT,
+            ticket         TEXT,
+            slip_date      TEXT,
+            description    TEXT,
+            quantity       NUMERIC NOT NULL,
+            hours_amount   NUMERIC,
+            adjust_amount  NUMERIC,
+            adjust_percent NUMERIC,
+            start_time     TEXT,
+            end_time       TEXT,
+            price          NUMERIC,
+            bill_kind      TEXT,
+            stage          TEXT,
+            field1         TEXT,
+            inbound_id     TEXT,
+            created_by     TEXT,
+            updated_by     TEXT,
+            created_at     TEXT NOT NULL,
+            updated_at     TEXT NOT NULL
+        );
+        CREATE INDEX charges_account ON charges (account);
+        CREATE INDEX charges_ticket ON charges (ticket);
+
+        CREATE TABLE events (
+            rec_id      TEXT PRIMARY KEY,
+            event_type  TEXT,
+            worker      TEXT,
+            account     TEXT,
+            contact     TEXT,
+            done        TEXT,
+            event_date  TEXT NOT NULL,
+            description TEXT NOT NULL,
+            from_time   TEXT,
+            to_time     TEXT,
+            link_rec_id TEXT,
+            inbound_id  TEXT,
+            created_by  TEXT,
+            updated_by  TEXT,
+            created_at  TEXT NOT NULL,
+            updated_at  TEXT NOT NULL
+        );
+        CREATE INDEX events_account ON events (account);
+        CREATE INDEX events_link ON events (link_rec_id);
+
+        CREATE TABLE assets (
+            rec_id           TEXT PRIMARY KEY,
+            asset_code       TEXT,
+            asset_type       TEXT NOT NULL,
+            name             TEXT,
+            status           TEXT NOT NULL,
+            serial_no        TEXT,
+            account          TEXT NOT NULL REFERENCES accounts (rec_id),
+            contact          TEXT,
+            description      TEXT,
+            location         TEXT,
+            manufacturer     TEXT,
+            model            TEXT,
+            notes            TEXT,
+            quantity         NUMERIC,
+            version          TEXT,
+            warranty_expires TEXT,
+            license_code     TEXT,
+            license_keys     TEXT,
+            field1 TEXT, field2 TEXT, field3 TEXT, field4 TEXT, field5 TEXT,
+            inbound_id       TEXT,
+            created_by       TEXT,
+            updated_by       TEXT,
+            created_at       TEXT NOT NULL,
+            updated_at       TEXT NOT NULL
+        );
+        CREATE INDEX assets_account ON assets (account);
+
+        CREATE TABLE items (
+            rec_id          TEXT PRIMARY KEY,
+            item_type_group TEXT,
+            item_no         TEXT NOT NULL,
+            name            TEXT NOT NULL,
+            unit_is_hour    TEXT,
+            unit_price      NUMERIC,
+            standard_cost   NUMERIC,
+            description     TEXT,
+            suspended       TEXT,
+            notes           TEXT,
+            field1          TEXT,
+            inbound_id      TEXT,
+            created_by      TEXT,
+            updated_by      TEXT,
+            created_at      TEXT NOT NULL,
+            updated_at      TEXT NOT NULL
+        );
+        CREATE INDEX items_item_no ON items (item_no);
+        """,
+    ),
+]
+
+
+async def migrate(db: aiosqlite.Connection) -> int:
+    """Apply pending migrations in order, each in its own transaction; return the version."""
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations "
+        "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+    )
+    async with db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations") as cur:
+        row = await cur.fetchone()
+    current = int(row[0]) if row else 0
+    for version, name, sql in MIGRATIONS:
+        if version <= current:
+            continue
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            # executescript would COMMIT implicitly; run statement by statement instead.
+            for statement in _split_sql(sql):
+                await db.execute(statement)
+            await db.execute(
+                "INSERT INTO schema_migrations VALUES (?, ?, datetime('now'))", (version, name)
+            )
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        current = version
+    return current
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies (BEGIN ... END;) whole."""
+    statements: list[str] = []
+    buf: list[str] = []
+    in_trigger = False
+    for line in script.splitlines():
+        stripped = line.split("--", 1)[0].strip()
+        if not stripped:
+            continue
+        buf.append(line)
+        upper = stripped.upper()
+        if upper.startswith("CREATE TRIGGER"):
+            in_trigger = True
+        if in_trigger:
+            if upper == "END;":
+                in_trigger = False
+                statements.append("\n".join(buf))
+                buf = []
+        elif stripped.endswith(";"):
+            statements.append("\n".join(buf))
+            buf = []
+    if buf:
+        statements.append("\n".join(buf))
+    return statements

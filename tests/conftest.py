@@ -1,0 +1,199 @@
+"""Real parts for tests: the gateway on a loopback port in the test's loop, a recording upstream
+relay (aiosmtpd) that can be told to fail, and a real SQLite file in a temporary folder."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from smtpgate.app import Gateway
+from smtpgate.config import Rules, Settings, parse_rules
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+    @property
+    def message(self) -> EmailMessage:
+        msg = email.message_from_bytes(self.data, policy=email.policy.default)
+        assert isinstance(msg, EmailMessage)
+        return msg
+
+
+@dataclass
+class RecordingRelay:
+    """An upstream relay that records what it accepts; `fail_with` makes it refuse DATA."""
+
+    messages: list[Received] = field(default_factory=list)
+    fail_with: str | None = None  # e.g. "451 4.3.0 try later" or "554 5.0.0 no"
+    delay: float = 0.0
+    attempts: int = 0
+    port: int = 0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.attempts += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_with:
+            return self.fail_with
+        self.messages.append(
+            Received(envelope.mail_from or "", list(envelope.rcpt_tos), envelope.original_content or b"")
+        )
+        self.arrived.set()
+        return "250 2.0.0 OK"
+
+    def to(self, address: str) -> list[Received]:
+        return [m for m in self.messages if address in m.rcpt_tos]
+
+    async def wait_for(self, count: int, timeout: float = 15.0) -> list[Received]:
+        """Poll with a deadline until `count` messages arrived (no sleeps for synchronisation)."""
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"relay got {len(self.messages)} of {count} messages")
+            self.arrived.clear()
+            try:
+                async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
+                    await self.arrived.wait()
+            except TimeoutError:
+                continue
+        return self.messages
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[RecordingRelay]:
+    recorder = RecordingRelay()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(recorder, hostname="relay.test", enable_SMTPUTF8=True),
+        host="127.0.0.1",
+        port=0,
+    )
+    recorder.port = server.sockets[0].getsockname()[1]
+    yield recorder
+    server.close()
+    await server.wait_closed()
+
+
+def make_settings(tmp_path: Path, relay_port: int, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "smtp_port": 0,
+        "http_port": 0,
+        "hostname": "gateway.test",
+        "relay_port": relay_port,
+        "connector_addresses": "connector@localhost",
+        "internal_support_address": "support@msp.example",
+        "retry_schedule": "1",
+        "_env_file": None,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def gateway_factory(
+    tmp_path: Path, relay: RecordingRelay
+) -> AsyncIterator[GatewayFactory]:
+    started: list[Gateway] = []
+
+    async def start(rules: Rules | str | None = None, **overrides: Any) -> Gateway:
+        if isinstance(rules, str):
+            rules = parse_rules(rules)
+        settings = make_settings(tmp_path, relay.port, **overrides)
+        gw = Gateway(settings, rules or Rules())
+        await gw.start()
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        await gw.stop(grace=2)
+
+
+@pytest.fixture
+async def gateway(gateway_factory: GatewayFactory) -> Gateway:
+    return await gateway_factory()
+
+
+async def send(
+    port: int,
+    data: bytes,
+    *,
+    mail_from: str = "sender@example.org",
+    rcpt: tuple[str, ...] = ("connector@localhost",),
+) -> tuple[int, str]:
+    """Send one message; return the final reply (code, text) instead of raising on refusal."""
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=15)
+    await client.connect()
+    try:
+        await client.ehlo()
+        await client.mail(mail_from)
+        for r in rcpt:
+            await client.rcpt(r)
+        reply = await client.data(data)
+        return reply.code, reply.message
+    except aiosmtplib.SMTPResponseException as exc:
+        return exc.code, exc.message
+    finally:
+        client.close()
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = 15.0, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def wait_processed(gw: Gateway, count: int, timeout: float = 15.0) -> None:
+    assert gw.store is not None
+    store = gw.store
+
+    async def done() -> bool:
+        s = await store.status()
+        return bool(s["inbound"]["done"] + s["inbound"]["dead"] >= count)
+
+    await wait_until(done, timeout, f"{count} processed messages")
+
+
+def simple_message(
+    subject: str = "Hello",
+    sender: str = "Someone <someone@elsewhere.example>",
+    body: str = "Hello there.",
+    message_id: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> bytes:
+    msg = EmailMessage(policy=email.policy.SMTP)
+    msg["From"] = sender
+    msg["To"] = "connector@localhost"
+    msg["Subject"] = subject
+    if message_id:
+        msg["Message-ID"] = message_id
+    for key, value in (extra or {}).items():
+        msg[key] = value
+    msg.set_content(body)
+    return msg.as_bytes()
