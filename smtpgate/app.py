@@ -226,13 +226,13 @@ class Gateway:
         store = self.store
         try:
             while not self._stopping.is_set():
+                self._outbox_wake.clear()  # before claiming, so no wake-up is lost
                 try:
                     batch = await store.claim_deliveries(16, LEASE_SECONDS)
                 except Exception as exc:
                     log.warning("outbox claim failed: %s", exc)
                     batch = []
                 if not batch:
-                    self._outbox_wake.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(1.0):
                             await self._outbox_wake.wait()

@@ -61,6 +61,8 @@ class WorkerPool(Generic[T]):
 
     async def _claimer(self) -> None:
         while not self._stopping:
+            # Clear before claiming: a wake-up that arrives during the claim is not lost.
+            self._wake.clear()
             free = self._concurrency - self._queue.qsize()
             items: list[T] = []
             if free > 0:
@@ -74,7 +76,6 @@ class WorkerPool(Generic[T]):
                 await self._queue.put(item)
             if items and len(items) >= free:
                 continue  # more may be waiting
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll):
                     await self._wake.wait()
@@ -94,6 +95,7 @@ class WorkerPool(Generic[T]):
                     log.exception("%s: could not record the failure (lease will expire)", self.name)
             finally:
                 self._queue.task_done()
+                self._wake.set()  # a slot is free: let the claimer look for more
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop claiming, let claimed items finish for `grace` seconds, then cancel the rest."""
