@@ -53,9 +53,8 @@ class RecordingRelay:
             await asyncio.sleep(self.delay)
         if self.fail_with:
             return self.fail_with
-        self.messages.append(
-            Received(envelope.mail_from or "", list(envelope.rcpt_tos), envelope.original_content or b"")
-        )
+        data = envelope.original_content or b""
+        self.messages.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos), data))
         self.arrived.set()
         return "250 2.0.0 OK"
 

@@ -1,0 +1,849 @@
+"""XML "API by Email" (spec 2.2, xml-api.md): find, parse and validate a CommitCRMTransaction.
+
+Pure: bytes in, a `Transaction` (or None for ordinary mail) out; the SQL side is store/records.py.
+The data kinds and their fields are data (`KINDS`), the only source of column names for the store.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hmac
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal, InvalidOperation
+from email.utils import getaddresses
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from lxml import etree
+
+# xml-api.md section 2: result codes.
+OK = 1
+DB_ERROR = 1100
+ERR_MALFORMED = 150001
+ERR_UNKNOWN_FIELD = 150002
+ERR_NO_RECORD = 150003
+ERR_KIND = 150009
+ERR_INVALID = 150010
+ERR_PASSWORD = 150011
+ERR_UNSAFE = 150012
+
+DEFAULT_ACTOR = "API by Email"
+MAX_BYTES = 1_048_576
+MAX_DEPTH = 100  # a transaction is three levels deep; anything deeper is an attack or a mistake
+MAX_ELEMENTS = 2_000  # the largest kind has ~40 fields
+_HEAD = 4096
+_CHUNK = 16_384
+
+
+class ValueType(StrEnum):
+    TEXT = "text"
+    DATE = "date"  # YYYY-MM-DD, YYYY-MM-DD HH:MM[:SS], DD/MM/YYYY [HH:MM]
+    TIME = "time"  # HH:MM[:SS], or any DATE form
+    NUMBER = "number"  # a decimal: 10, 1.5, -2
+    INTEGER = "integer"
+    FLAG = "flag"  # Y / N
+    CHOICE = "choice"  # one of FieldSpec.choices (single letters, case-insensitive)
+    ACCOUNT_REF = "account-ref"
+    TICKET_REF = "ticket-ref"
+    TICKET_OR_ACCOUNT_REF = "ticket-or-account-ref"
+    READONLY = "readonly"  # known field that a transaction may not set
+
+
+REF_TYPES = frozenset(
+    {ValueType.ACCOUNT_REF, ValueType.TICKET_REF, ValueType.TICKET_OR_ACCOUNT_REF}
+)
+
+
+class FieldSpec(NamedTuple):
+    column: str
+    type: ValueType = ValueType.TEXT
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class KindSpec:
+    """One DataKind of xml-api.md section 3, described as data."""
+
+    name: str
+    code: int
+    table: str
+    rec_id_field: str
+    rec_id_prefix: str
+    # Each group must have one non-empty member to add a record (HISTORY-NOTE: link or account).
+    required: tuple[tuple[str, ...], ...]
+    fields: Mapping[str, FieldSpec]
+    has_updated_by: bool = True
+    # Stored NOT NULL with a default on add (ticket status 100, note time now): never emptied.
+    not_empty: frozenset[str] = frozenset()
+
+    def may_empty(self, name: str) -> bool:
+        return name not in self.not_empty and (name,) not in self.required
+
+    def known(self, name: str) -> bool:
+        return name == self.rec_id_field or name in self.fields
+
+
+_D, _TM, _N, _INT, _F = (
+    ValueType.DATE,
+    ValueType.TIME,
+    ValueType.NUMBER,
+    ValueType.INTEGER,
+    ValueType.FLAG,
+)
+_ACC, _TKT = ValueType.ACCOUNT_REF, ValueType.TICKET_REF
+
+
+def _fields(**spec: FieldSpec | str) -> Mapping[str, FieldSpec]:
+    return MappingProxyType(
+        {k: v if isinstance(v, FieldSpec) else FieldSpec(v) for k, v in spec.items()}
+    )
+
+
+ACCOUNT = KindSpec(
+    name="ACCOUNT",
+    code=10,
+    table="accounts",
+    rec_id_field="FLDCRDRECID",
+    rec_id_prefix="CRD",
+    required=(("FLDCRDFULLNAME",),),
+    fields=_fields(
+        FLDCRDFULLNAME="file_as",
+        FLDCRDCOMPANY="company",
+        FLDCRDCONTACT="contact",
+        FLDCRDLASTNAME="last_name",
+        FLDCRDDEAR="dear",
+        FLDCRDCARDID2="account_number",
+        FLDCRDCARDID3="account_id",
+        FLDCRDUSER2="field1",
+        FLDCRDUSER3="field2",
+        FLDCRDUSER4="field3",
+        FLDCRDUSER5="field4",
+        FLDCRDEMAIL1="email1",
+        FLDCRDEMAIL2="email2",
+        FLDCRDADDRESS1="address1",
+        FLDCRDADDRESS2="address2",
+        FLDCRDADDRESS3="address3",
+        FLDCRDCITY="city",
+        FLDCRDSTATE="state",
+        FLDCRDCOUNTRY="country",
+        FLDCRDZIP="zip",
+        FLDCRDPHONE1="phone",
+        FLDCRDPHONE2="phone2",
+        FLDCRDPHONE3="phone3",
+        FLDCRDPHONE4="phone4",
+        FLDCRDFAX1="fax",
+        FLDCRDURL1="url1",
+        FLDCRDURL2="url2",
+        FLDCRDKIND="kind",
+        FLDCRDNOTES="notes",
+        FLDCRDACCOUNTSTATUS="status",
+        FLDCRDTITLE="title",
+        FLDCRDDEPARTMENT="department",
+        FLDCRDASSIGNCARDID="manager",
+    ),
+)
+
+TICKET = KindSpec(
+    name="TICKET",
+    code=70,
+    table="tickets",
+    rec_id_field="FLDTKTRECID",
+    rec_id_prefix="TKT",
+    required=(("FLDTKTCARDID",), ("FLDTKTPROBLEM",)),
+    fields=_fields(
+        FLDTKTTICKETNO=FieldSpec("number", ValueType.READONLY),
+        FLDTKTCARDID=FieldSpec("account", _ACC),
+        FLDTKTCONTACTID="contact",
+        FLDTKTASSETRECID="asset",
+        FLDTKTWORKERID="worker",
+        FLDTKTPRIORITY=FieldSpec("priority", _INT),
+        FLDTKTPROBLEM="description",
+        FLDTKTKIND="kind",
+        FLDTKTSOURCE="source",
+        FLDTKTSTATUS=FieldSpec("status", _INT),
+        FLDTKTDUEDATETIME=FieldSpec("due_at", _D),
+        FLDTKTSOLUTION="solution",
+        FLDTKTSCHEDLENESTIM="estimated_duration",
+        FLDTKTUSER1="field1",
+    ),
+    not_empty=frozenset({"FLDTKTSTATUS"}),
+)
+
+HISTORY_NOTE = KindSpec(
+    name="HISTORY-NOTE",
+    code=60,
+    table="history",
+    rec_id_field="FLDHISRECID",
+    rec_id_prefix="HIS",
+    required=(("FLDHISDESCRIPTION",), ("FLDHISLINKRECID", "FLDHISCARDID")),
+    fields=_fields(
+        FLDHISNOTEDATETIME=FieldSpec("note_at", _D),
+        FLDHISDESCRIPTION="description",
+        FLDHISLINKRECID=FieldSpec("link_rec_id", ValueType.TICKET_OR_ACCOUNT_REF),
+        FLDHISKIND="kind",
+        FLDHISWORKERID="worker",
+        FLDHISCARDID=FieldSpec("account", _ACC),
+        FLDHISCONTACTID="contact",
+        FLDHISUSER1="field1",
+    ),
+    has_updated_by=False,  # the history table (migration 1) records only its creator
+    not_empty=frozenset({"FLDHISNOTEDATETIME"}),
+)
+
+CHARGE = KindSpec(
+    name="CHARGE",
+    code=40,
+    table="charges",
+    rec_id_field="FLDSLPRECID",
+    rec_id_prefix="SLP",
+    required=(("FLDSLPCARDID",), ("FLDSLPQUANTITY",)),
+    fields=_fields(
+        FLDSLPCARDID=FieldSpec("account", _ACC),
+        FLDSLPWORKERID="worker",
+        FLDSLPITEMID="item",
+        FLDSLPTICKETID=FieldSpec("ticket", _TKT),
+        FLDSLPSLIPDATE=FieldSpec("slip_date", _D),
+        FLDSLPDESC="description",
+        FLDSLPQUANTITY=FieldSpec("quantity", _N),
+        FLDSLPHOURSAMOUNT=FieldSpec("hours_amount", _N),
+        FLDSLPADJUSTAMOUNT=FieldSpec("adjust_amount", _N),
+        FLDSLPADJUSTPERCENT=FieldSpec("adjust_percent", _N),
+        FLDSLPSTARTTIME=FieldSpec("start_time", _TM),
+        FLDSLPENDTIME=FieldSpec("end_time", _TM),
+        FLDSLPPRICE=FieldSpec("price", _N),
+        FLDSLPBILLKIND=FieldSpec("bill_kind", ValueType.CHOICE, ("B", "N")),
+        FLDSLPSTAGE=FieldSpec("stage", ValueType.CHOICE, ("D", "B")),
+        FLDSLPUSER1="field1",
+    ),
+)
+
+APPOINTMENT_OR_TASK = KindSpec(
+    name="APPOINTMENT-OR-TASK",
+    code=50,
+    table="events",
+    rec_id_field="FLDEVTRECID",
+    rec_id_prefix="EVT",
+    required=(("FLDEVTEVENTDATE",), ("FLDEVTFREETEXT",)),
+    fields=_fields(
+        FLDEVTWRITETOID="event_type",
+        FLDEVTWORKERID="worker",
+        FLDEVTCARDID=FieldSpec("account", _ACC),
+        FLDEVTCONTACTID="contact",
+        FLDEVTDONE=FieldSpec("done", _F),
+        FLDEVTEVENTDATE=FieldSpec("event_date", _D),
+        FLDEVTFREETEXT="description",
+        FLDEVTFROMTIME=FieldSpec("from_time", _TM),
+        FLDEVTTOTIME=FieldSpec("to_time", _TM),
+        FLDEVTLINKRECID=FieldSpec("link_rec_id", _TKT),
+    ),
+)
+
+ASSET = KindSpec(
+    name="ASSET",
+    code=90,
+    table="assets",
+    rec_id_field="FLDASTRECID",
+    rec_id_prefix="AST",
+    required=(("FLDASTASSETTYPE",), ("FLDASTSTATUS",), ("FLDASTACCRECID",)),
+    fields=_fields(
+        FLDASTASSETCODE="asset_code",
+        FLDASTASSETTYPE="asset_type",
+        FLDASTNAME="name",
+        FLDASTSTATUS="status",
+        FLDASTSERIALNO="serial_no",
+        FLDASTACCRECID=FieldSpec("account", _ACC),
+        FLDASTCONTACTRECID="contact",
+        FLDASTDESC="description",
+        FLDASTLOCATION="location",
+        FLDASTMANUFACTURER="manufacturer",
+        FLDASTMODEL="model",
+        FLDASTNOTES="notes",
+        FLDASTQUANTITY=FieldSpec("quantity", _N),
+        FLDASTVERSION="version",
+        FLDASTWARREXPDATE=FieldSpec("warranty_expires", _D),
+        FLDASTLICENSECODE="license_code",
+        FLDASTLICENSEKEYS="license_keys",
+        FLDASTUSER1="field1",
+        FLDASTUSER2="field2",
+        FLDASTUSER3="field3",
+        FLDASTUSER4="field4",
+        FLDASTUSER5="field5",
+    ),
+)
+
+ITEM = KindSpec(
+    name="ITEM",
+    code=80,
+    table="items",
+    rec_id_field="FLDITMRECID",
+    rec_id_prefix="ITM",
+    required=(("FLDITMITEMNO",), ("FLDITMNAME",)),
+    fields=_fields(
+        FLDITMITEMTYPEGROUP="item_type_group",
+        FLDITMITEMNO="item_no",
+        FLDITMNAME="name",
+        FLDITMUNITISHOUR=FieldSpec("unit_is_hour", _F),
+        FLDITMUNITPRICE=FieldSpec("unit_price", _N),
+        FLDITMSTANDARDCOST=FieldSpec("standard_cost", _N),
+        FLDITMDESC="description",
+        FLDITMSUSPENDED=FieldSpec("suspended", _F),
+        FLDITMNOTES="notes",
+        FLDITMUSER1="field1",
+    ),
+)
+
+KINDS: Mapping[str, KindSpec] = MappingProxyType(
+    {k.name: k for k in (ACCOUNT, CHARGE, APPOINTMENT_OR_TASK, HISTORY_NOTE, TICKET, ITEM, ASSET)}
+)
+UNSUPPORTED_KINDS: Mapping[str, int] = MappingProxyType(
+    {"OPPORTUNITY": 20, "DOCUMENT": 30, "KBARTICLE": 100}
+)
+KIND_BY_CODE: Mapping[int, str] = MappingProxyType(
+    {
+        **{k.code: k.name for k in KINDS.values()},
+        **{code: name for name, code in UNSUPPORTED_KINDS.items()},
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class XmlError:
+    code: int
+    field: str | None
+    message: str
+
+    def as_tuple(self) -> tuple[int, str | None, str]:
+        return (self.code, self.field, self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """A transaction attempt: the envelope, the fields as given, and every problem found."""
+
+    app_name: str | None = None
+    response_to: str | None = None
+    password: str | None = None
+    return_id: str | None = None
+    data_kind: str | None = None
+    fields: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    errors: tuple[XmlError, ...] = ()
+
+    @property
+    def kind(self) -> KindSpec | None:
+        return KINDS.get(self.data_kind) if self.data_kind else None
+
+    @property
+    def rec_id(self) -> str | None:
+        """The REC ID given for an update; None means add."""
+        kind = self.kind
+        if kind is None:
+            return None
+        return self.fields.get(kind.rec_id_field) or None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def actor(self) -> str:
+        """xml-api.md 1: ExternalApplicationName is recorded as the creator/updater."""
+        return self.app_name or DEFAULT_ACTOR
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+_ISO_DATE = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})")
+_ISO_DATETIME = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})[ T](\d{1,2}):(\d{2})(?::(\d{2}))?")
+_DMY = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})(?:[ T](\d{1,2}):(\d{2})(?::(\d{2}))?)?")
+_TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
+_NUMBER = re.compile(r"[+-]?(?:\d{1,18}(?:\.\d{0,12})?|\.\d{1,12})")
+_INTEGER = re.compile(r"[+-]?\d{1,18}")
+
+Value = str | int | float | None
+
+
+def parse_date(text: str) -> str | None:
+    """Normalize an accepted date (xml-api.md 3) to ISO; None when invalid."""
+    try:
+        if m := _ISO_DATE.fullmatch(text):
+            return date(int(m[1]), int(m[2]), int(m[3])).isoformat()
+        if m := _ISO_DATETIME.fullmatch(text):
+            y, mo, d, h, mi, s = (int(g or 0) for g in m.groups())
+            return datetime(y, mo, d, h, mi, s).isoformat()
+        if m := _DMY.fullmatch(text):
+            d, mo, y = int(m[1]), int(m[2]), int(m[3])
+            if m[4] is None:
+                return date(y, mo, d).isoformat()
+            h, mi, s = int(m[4]), int(m[5]), int(m[6] or 0)
+            return datetime(y, mo, d, h, mi, s).isoformat()
+    except ValueError:
+        return None
+    return None
+
+
+def parse_time(text: str) -> str | None:
+    if m := _TIME.fullmatch(text):
+        h, mi, s = int(m[1]), int(m[2]), int(m[3] or 0)
+        if h < 24 and mi < 60 and s < 60:
+            return f"{h:02d}:{mi:02d}:{s:02d}"
+        return None
+    return parse_date(text)
+
+
+def parse_number(text: str) -> int | float | None:
+    if not _NUMBER.fullmatch(text):
+        return None
+    try:
+        value = Decimal(text)
+    except InvalidOperation:  # pragma: no cover - the pattern admits only valid decimals
+        return None
+    return int(value) if "." not in text else float(value)
+
+
+def convert(spec: FieldSpec, text: str) -> tuple[Value, str | None]:
+    """The value to store for `text`, or an error message. Empty text stores NULL."""
+    if spec.type is ValueType.READONLY:
+        return None, "read-only field: assigned by smtpgate"
+    if text == "":
+        return None, None
+    match spec.type:
+        case ValueType.DATE:
+            iso = parse_date(text)
+            if iso is None:
+                return None, (
+                    f"invalid date {text[:40]!r}: use YYYY-MM-DD, YYYY-MM-DD HH:MM[:SS]"
+                    " or DD/MM/YYYY [HH:MM]"
+                )
+            return iso, None
+        case ValueType.TIME:
+            iso = parse_time(text)
+            if iso is None:
+                return None, f"invalid time {text[:40]!r}: use HH:MM[:SS] or a date and time"
+            return iso, None
+        case ValueType.NUMBER:
+            number = parse_number(text)
+            if number is None:
+                return None, f"invalid number {text[:40]!r}: use a decimal such as 10 or 1.5"
+            return number, None
+        case ValueType.INTEGER:
+            if not _INTEGER.fullmatch(text):
+                return None, f"invalid whole number {text[:40]!r}"
+            return int(text), None
+        case ValueType.FLAG:
+            flag = text.upper()
+            if flag not in ("Y", "N"):
+                return None, f"invalid flag {text[:40]!r}: use Y or N"
+            return flag, None
+        case ValueType.CHOICE:
+            choice = text.upper()
+            if choice not in spec.choices:
+                return None, f"invalid value {text[:40]!r}: use one of {', '.join(spec.choices)}"
+            return choice, None
+        case _:
+            return text, None
+
+
+def column_values(tx: Transaction) -> dict[str, Value]:
+    """Column -> value to write for the given fields (REC ID and read-only fields excluded).
+
+    Only meaningful for a transaction of a supported kind; invalid values are skipped (the
+    transaction carries their errors and is never applied).
+    """
+    kind = tx.kind
+    if kind is None:
+        return {}
+    out: dict[str, Value] = {}
+    for name, text in tx.fields.items():
+        spec = kind.fields.get(name)
+        if spec is None or spec.type is ValueType.READONLY:
+            continue
+        value, problem = convert(spec, text)
+        if problem is None:
+            out[spec.column] = value
+    return out
+
+
+def references(tx: Transaction) -> list[tuple[str, ValueType, str]]:
+    """(field, reference type, id) for every non-empty reference field, for the store to check."""
+    kind = tx.kind
+    if kind is None:
+        return []
+    refs = []
+    for name, text in tx.fields.items():
+        spec = kind.fields.get(name)
+        if spec is not None and spec.type in REF_TYPES and text:
+            refs.append((name, spec.type, text))
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and parsing
+
+_ROOT = "commitcrmtransaction"
+_ROOT_MARKER_TEXT = re.compile(r"<(?:[\w.-]+:)?commitcrmtransaction[\s/>]", re.IGNORECASE)
+_ROOT_END = re.compile(r"</(?:[\w.-]+:)?commitcrmtransaction\s*>", re.IGNORECASE)
+# Anything starting "<!" other than a comment or CDATA means a DTD: DOCTYPE, ENTITY, ELEMENT...
+_UNSAFE = re.compile(r"<!(?!--|\[CDATA\[)", re.IGNORECASE)
+_DECL_ENCODING = re.compile(
+    rb"""^<\?xml[^>]{0,200}?encoding\s*=\s*["']([A-Za-z0-9._:-]{1,40})["']"""
+)
+_XML_WS = b" \t\r\n"
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]{1,64}@[^@\s<>()\[\],;:\"\\]{1,253}")
+_XML_INVALID = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+class _Refused(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _parser() -> etree.XMLPullParser:
+    # xml-api.md 4: no DTD, no entity resolution, no network, no huge-tree mode. The document is
+    # handed over re-encoded as UTF-8, so the parser is told so (any declaration is ignored).
+    return etree.XMLPullParser(
+        events=("start", "end"),
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_pis=True,
+        remove_comments=True,
+        encoding="utf-8",
+    )
+
+
+def _split_bom(raw: bytes) -> tuple[str | None, bytes]:
+    for bom, encoding in _BOMS:
+        if raw.startswith(bom):
+            return encoding, raw[len(bom) :]
+    # UTF-16 without a BOM still shows "<" next to a NUL.
+    if raw[:2] == b"<\x00":
+        return "utf-16-le", raw
+    if raw[:2] == b"\x00<":
+        return "utf-16-be", raw
+    return None, raw
+
+
+def _decode(raw: bytes) -> str:
+    """The document as text; raises _Refused(150001) when its encoding is unknown or wrong."""
+    encoding, body = _split_bom(raw)
+    if encoding is not None:
+        try:
+            return body.decode(encoding)
+        except UnicodeDecodeError as exc:
+            raise _Refused(ERR_MALFORMED, f"not valid {encoding}") from exc
+    body = body.lstrip(_XML_WS)
+    m = _DECL_ENCODING.match(body)
+    if m is not None:
+        declared = m[1].decode("ascii").lower()
+        try:
+            info = codecs.lookup(declared)
+        except LookupError as exc:
+            raise _Refused(ERR_MALFORMED, f"unknown encoding {declared!r}") from exc
+        # A declaration read as ASCII cannot be honest about UTF-16/32: decode as UTF-8.
+        name = "utf-8" if info.name.startswith(("utf-16", "utf-32")) else info.name
+        try:
+            return body.decode(name)
+        except (UnicodeDecodeError, LookupError) as exc:
+            raise _Refused(ERR_MALFORMED, f"not valid {declared}") from exc
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        # No declaration and not UTF-8: a mail body in a legacy charset. Be lenient.
+        try:
+            return body.decode("cp1252")
+        except UnicodeDecodeError:
+            return body.decode("latin-1")
+
+
+def _markers(head: str) -> tuple[bool, bool]:
+    """(looks like XML: declaration or DOCTYPE first, names our root near the start)."""
+    start = head[:16].lower()
+    return start.startswith(("<?xml", "<!doctype")), bool(_ROOT_MARKER_TEXT.search(head))
+
+
+def _head_text(raw: bytes) -> str:
+    encoding, body = _split_bom(raw[: _HEAD * 4])
+    try:
+        text = body.decode(encoding or "utf-8", errors="replace")
+    except LookupError:  # pragma: no cover - encodings come from the table above
+        text = ""
+    return text.lstrip()[:_HEAD]
+
+
+def _parse(text: str) -> etree._Element:
+    """Parse with depth and size limits; raises _Refused."""
+    data = text.encode("utf-8")
+    parser = _parser()
+    depth = 0
+    elements = 0
+    try:
+        for offset in range(0, len(data), _CHUNK):
+            parser.feed(data[offset : offset + _CHUNK])
+            for event, _el in parser.read_events():
+                if event == "start":
+                    depth += 1
+                    elements += 1
+                    if depth > MAX_DEPTH:
+                        raise _Refused(ERR_UNSAFE, f"nested deeper than {MAX_DEPTH} levels")
+                    if elements > MAX_ELEMENTS:
+                        raise _Refused(ERR_UNSAFE, f"more than {MAX_ELEMENTS} elements")
+                else:
+                    depth -= 1
+        root = parser.close()
+    except etree.XMLSyntaxError as exc:
+        message = str(exc)
+        if "depth" in message.lower():
+            raise _Refused(ERR_UNSAFE, f"nested deeper than {MAX_DEPTH} levels") from exc
+        raise _Refused(ERR_MALFORMED, f"not well-formed XML: {message[:200]}") from exc
+    docinfo: Any = root.getroottree().docinfo  # the stubs lack doctype and say DTDs are never None
+    if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
+        raise _Refused(ERR_UNSAFE, "DOCTYPE refused")
+    return root
+
+
+def _local(el: etree._Element) -> str | None:
+    tag: object = el.tag  # comments/PIs/entities carry a non-str tag (the stubs say str)
+    if not isinstance(tag, str):
+        return None
+    return etree.QName(tag).localname
+
+
+def _text(el: etree._Element) -> str:
+    return "".join(str(t) for t in el.itertext()).strip()
+
+
+def _clean(value: str | None) -> str | None:
+    return _XML_INVALID.sub("", value) if value else None
+
+
+def _address(value: str | None) -> str | None:
+    # Exactly one address, no control characters: the response must go nowhere else.
+    if not value or any(c < " " or c == "\x7f" for c in value):
+        return None
+    parsed = getaddresses([value])
+    if len(parsed) != 1:
+        return None
+    addr = parsed[0][1].strip().lower()
+    return addr if len(addr) <= 254 and _ADDRESS.fullmatch(addr) else None
+
+
+def _kind_name(given: str | None) -> str | None:
+    if given is None:
+        return None
+    name = given.strip().upper().replace("_", "-")
+    if name.isdigit() and int(name) in KIND_BY_CODE:
+        return KIND_BY_CODE[int(name)]
+    return name
+
+
+def _validate(kind: KindSpec, fields: Mapping[str, str], adding: bool) -> list[XmlError]:
+    errors: list[XmlError] = []
+    for name, text in fields.items():
+        if name == kind.rec_id_field:
+            if not text:
+                errors.append(
+                    XmlError(ERR_INVALID, name, "empty REC ID: leave the field out to add")
+                )
+            continue
+        spec = kind.fields[name]
+        _, problem = convert(spec, text)
+        if problem is not None:
+            errors.append(XmlError(ERR_INVALID, name, problem))
+        elif not text and not adding and not kind.may_empty(name):
+            errors.append(XmlError(ERR_INVALID, name, "this field cannot be emptied"))
+    if adding:
+        for group in kind.required:
+            if not any(fields.get(name) for name in group):
+                errors.append(
+                    XmlError(
+                        ERR_INVALID,
+                        group[0],
+                        "required field missing"
+                        if len(group) == 1
+                        else f"required: one of {', '.join(group)}",
+                    )
+                )
+    return errors
+
+
+def _transaction(root: etree._Element) -> Transaction:
+    envelope: dict[str, str] = {}
+    record_data: list[etree._Element] = []
+    for child in root:
+        name = _local(child)
+        if name is None:
+            continue
+        key = name.lower()
+        if key == "recorddata":
+            record_data.append(child)
+        elif key not in envelope:
+            envelope[key] = _text(child)  # unknown envelope elements are ignored
+    app_name = _clean(envelope.get("externalapplicationname"))
+    kind_name = _kind_name(envelope.get("datakind") or None)
+    base = {
+        "app_name": app_name,
+        "response_to": _address(envelope.get("sendresponsetoemail")),
+        "password": envelope.get("password") or None,
+        "return_id": _clean(envelope.get("returntransactionid")),
+        "data_kind": _clean(kind_name),
+    }
+
+    errors: list[XmlError] = []
+    fields: dict[str, str] = {}
+    duplicates: list[str] = []
+    for rd in record_data[:1]:
+        for el in rd:
+            name = _local(el)
+            if name is None:
+                continue
+            name = name.upper()
+            if name in fields:
+                duplicates.append(name)
+                continue
+            fields[name] = _text(el)
+    frozen = MappingProxyType(fields)
+
+    if kind_name is None:
+        errors.append(XmlError(ERR_KIND, None, "DataKind missing"))
+    elif kind_name in UNSUPPORTED_KINDS:
+        errors.append(XmlError(ERR_KIND, None, f"data kind {kind_name} is not supported"))
+    elif kind_name not in KINDS:
+        errors.append(XmlError(ERR_KIND, None, f"unknown data kind {kind_name[:40]!r}"))
+    if len(record_data) > 1:
+        errors.append(XmlError(ERR_MALFORMED, None, "more than one RecordData element"))
+    elif not record_data:
+        errors.append(XmlError(ERR_MALFORMED, None, "RecordData missing"))
+    kind = KINDS.get(kind_name) if kind_name else None
+    if kind is not None:
+        unknown = [n for n in fields if not kind.known(n)]
+        errors.extend(
+            XmlError(ERR_UNKNOWN_FIELD, n[:100], f"unknown field for {kind.name}") for n in unknown
+        )
+        errors.extend(
+            XmlError(ERR_INVALID, n, "field given more than once")
+            for n in dict.fromkeys(duplicates)
+        )
+        known = {n: v for n, v in fields.items() if kind.known(n)}
+        errors.extend(_validate(kind, known, adding=kind.rec_id_field not in fields))
+    return Transaction(**base, fields=frozen, errors=tuple(errors))
+
+
+def _refused(code: int, message: str) -> Transaction:
+    return Transaction(errors=(XmlError(code, None, message),))
+
+
+def _examine(raw: bytes, max_bytes: int) -> tuple[Transaction, bool] | None:
+    """(transaction, parsed) when `raw` is a transaction attempt, else None."""
+    if len(raw) > max_bytes:
+        looks_xml, names_root = _markers(_head_text(raw))
+        if looks_xml or names_root:
+            return _refused(ERR_UNSAFE, f"larger than the {max_bytes}-byte limit"), False
+        return None
+    try:
+        text = _decode(raw)
+    except _Refused as exc:
+        looks_xml, names_root = _markers(_head_text(raw))
+        return (_refused(exc.code, exc.message), False) if looks_xml or names_root else None
+    text = text.lstrip("\ufeff \t\r\n")
+    looks_xml, names_root = _markers(text[:_HEAD])
+    attempt = looks_xml or names_root
+    if not text.startswith("<"):
+        return (_refused(ERR_MALFORMED, "text before the XML"), False) if names_root else None
+    if names_root:
+        # Mail systems append footers ("Sent from my phone", disclaimers) after the document.
+        ends = list(_ROOT_END.finditer(text))
+        if ends:
+            text = text[: ends[-1].end()]
+    if _UNSAFE.search(text):
+        return (
+            (_refused(ERR_UNSAFE, "DOCTYPE/entity declarations refused"), False)
+            if attempt
+            else None
+        )
+    try:
+        root = _parse(text)
+    except _Refused as exc:
+        return (_refused(exc.code, exc.message), False) if attempt else None
+    name = _local(root)
+    if (name or "").lower() != _ROOT:
+        if names_root:
+            return _refused(ERR_MALFORMED, "root element is not CommitCRMTransaction"), False
+        return None
+    return _transaction(root), True
+
+
+def find_transaction(
+    candidates: Sequence[bytes], *, max_bytes: int = MAX_BYTES
+) -> Transaction | None:
+    """The transaction in the first candidate holding one, or None for ordinary mail.
+
+    Candidates are the text/plain body, XML parts and .xml attachments, in that order. A
+    well-formed CommitCRMTransaction wins over an earlier attempt that was refused, so a body
+    mangled by a mail client does not hide the same transaction attached as a file.
+    """
+    refused: Transaction | None = None
+    for raw in candidates:
+        try:
+            found = _examine(bytes(raw), max_bytes)
+        except (ValueError, LookupError, etree.LxmlError) as exc:  # belt and braces: never raise
+            found = _refused(ERR_MALFORMED, f"unreadable XML: {type(exc).__name__}"), False
+        if found is None:
+            continue
+        tx, parsed = found
+        if parsed:
+            return tx
+        if refused is None:
+            refused = tx
+    return refused
+
+
+# ---------------------------------------------------------------------------------------------
+# Password and response
+
+
+def password_ok(tx: Transaction, configured: str | None) -> bool:
+    """xml-api.md 1: required and compared in constant time when a password is configured."""
+    if not configured:
+        return True
+    if tx.password is None:
+        return False
+    return hmac.compare_digest(tx.password.encode("utf-8"), configured.encode("utf-8"))
+
+
+def response_xml(
+    tx: Transaction, *, status: int, rec_id: str | None, errors: Sequence[XmlError]
+) -> bytes:
+    """The CommitCRMTransactionResponse of xml-api.md section 2, UTF-8 with a declaration."""
+    root = etree.Element("CommitCRMTransactionResponse")
+    for tag, value in (
+        ("ExternalApplicationName", tx.app_name),
+        ("ReturnTransactionID", tx.return_id),
+        ("DataKind", tx.data_kind),
+        ("Status", str(status)),
+        ("RecID", rec_id if status == OK else None),
+    ):
+        etree.SubElement(root, tag).text = _clean(value)
+    errors_el = etree.SubElement(root, "Errors")
+    for error in errors:
+        el = etree.SubElement(errors_el, "Error", code=str(error.code))
+        if error.field:
+            el.set("field", _clean(error.field) or "")
+        el.text = _clean(error.message)
+    body = etree.tostring(root, encoding="utf-8", xml_declaration=False, pretty_print=True)
+    return b'<?xml version="1.0" encoding="utf-8"?>\n' + body
