@@ -1,0 +1,1094 @@
+"""Raw message bytes -> ParsedMessage: headers, addresses, body text, attachments, auto-reply signs.
+
+Pure and total: no I/O, bounded work on hostile input, and `parse_message` never raises.
+"""
+
+from __future__ import annotations
+
+import binascii
+import codecs
+import html
+import re
+import urllib.parse
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from email.feedparser import BytesFeedParser
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import compat32
+from typing import Any
+
+__all__ = [
+    "DEFAULT_QUOTE_PATTERNS",
+    "Attachment",
+    "ParsedMessage",
+    "address_domain",
+    "parse_message",
+    "strip_quotes",
+]
+
+# --- limits: hostile mail must cost bounded work --------------------------------------------------
+
+_MAX_RAW_BYTES = 64 * 1024 * 1024  # the front caps messages far lower; parse at most this much
+_MAX_BUILT_PARTS = 5000  # parts the stdlib parser may build before we give up on the structure
+_MAX_PARTS = 1000  # parts we look at
+_MAX_DEPTH = 50  # multipart / message nesting we follow
+_MAX_TEXT_CHARS = 1_000_000
+_MAX_HTML_CHARS = 2_000_000  # HTML source reduced to text (a Python loop per tag: keep it short)
+_MAX_XML_BYTES = 4 * 1024 * 1024  # larger XML candidates are skipped, never truncated
+_MAX_SUBJECT_CHARS = 16_384
+_MAX_ADDRESS_HEADER_CHARS = 8_192
+_MAX_PARAM_HEADER_CHARS = 65_536
+_MAX_MESSAGE_IDS = 1000
+_MAX_DEFECTS = 50
+_MAX_QUOTE_LINE_CHARS = 1000  # longer lines are never quote headers; skip the regexes on them
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    filename: str | None
+    content_type: str  # lower-case, e.g. "application/pdf"
+    size: int  # decoded payload size in bytes (for an enclosed message/*: its approximate size)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedMessage:
+    subject: str
+    from_address: str
+    from_name: str
+    message_id: str | None
+    in_reply_to: tuple[str, ...]
+    references: tuple[str, ...]
+    auto_submitted: str | None
+    precedence: str | None
+    list_id: bool
+    auto_response_suppress: bool
+    loop_header: str | None
+    is_auto_reply: bool
+    is_delivery_report: bool
+    text: str
+    html_only: bool
+    attachments: tuple[Attachment, ...]
+    xml_candidates: tuple[bytes, ...]
+    defects: tuple[str, ...]
+
+
+# Regex sources for the lines that start a quoted reply (spec 2.3). Config compiles them with
+# re.IGNORECASE and matches each against one line with .search; lines starting with '>' are
+# dropped by strip_quotes itself. Repetitions are bounded so that a hostile line stays cheap.
+DEFAULT_QUOTE_PATTERNS: tuple[str, ...] = (
+    # Outlook plain text: "-----Original Message-----" and its translations
+    r"^\s*-{2,}\s*(?:Original Message|Ursprüngliche Nachricht|Message d'origine|"
+    r"Messaggio originale|Mensaje original|Mensagem original|Oorspronkelijk bericht|"
+    r"Originalmeddelande|Original meddelelse|Opprinnelig melding|Alkuperäinen viesti|"
+    r"Wiadomość oryginalna|Původní zpráva)\s*-{2,}\s*$",
+    # Outlook HTML converted to text: the rule above the header block
+    r"^\s*_{10,}\s*$",
+    # Outlook header block: "From: Name <a@b>" / "From: Name [mailto:a@b]" (and translations)
+    r"^\s*(?:From|Von|De|Da|Van|Från|Fra|Od|Lähettäjä|От)\s?:\s.{0,300}"
+    r"(?:<[^<>\s]+@[^<>\s]+>|\[mailto:[^\]\s]+\])",
+    # Gmail, Apple Mail, Thunderbird: "On Thu, 26 Nov 2026 at 13:05, Support <a@b> wrote:"
+    r"^\s*On\s.{1,300}\swrote\s?:\s*$",
+    r"^\s*Le\s.{1,300}\sa\sécrit\s?:\s*$",
+    r"^\s*Am\s.{1,300}\sschrieb\s.{0,300}:\s*$",
+    r"^\s*El\s.{1,300}\sescribió\s?:\s*$",
+    r"^\s*Il\s.{1,300}\sha\sscritto\s?:\s*$",
+    r"^\s*Em\s.{1,300}\sescreveu\s?:\s*$",
+    r"^\s*Op\s.{1,300}\sschreef\s.{0,300}:\s*$",
+    r"^\s*(?:Den|På)\s.{1,300}\sskrev\s.{0,300}:\s*$",
+)
+
+
+def parse_message(raw: bytes) -> ParsedMessage:
+    """Parse raw message bytes. Never raises: what cannot be read is listed in `defects`."""
+    try:
+        return _Parser(raw).run()
+    except Exception as exc:  # last line of defence: parsing must be total
+        return _empty_message((f"unparseable message ({type(exc).__name__})",))
+
+
+def strip_quotes(text: str, patterns: Sequence[re.Pattern[str]]) -> str:
+    """Cut a reply at its quote header and drop '>' lines (spec 2.3: file only the new text).
+
+    The first line matching any pattern (searched line by line) and everything after it go;
+    lines starting with '>' go; trailing whitespace goes. If nothing would be left, the original
+    text is returned unchanged.
+    """
+    kept: list[str] = []
+    for line in text.splitlines():
+        if len(line) <= _MAX_QUOTE_LINE_CHARS and any(p.search(line) for p in patterns):
+            break
+        if line.lstrip().startswith(">"):
+            continue
+        kept.append(line.rstrip())
+    result = "\n".join(kept).rstrip()
+    return result if result.strip() else text
+
+
+def address_domain(address: str) -> str:
+    """'a@B.example' -> 'b.example'; '' if the address has no domain."""
+    _, at, domain = address.strip().rpartition("@")
+    return domain.strip().strip("<>[]").rstrip(".").lower() if at else ""
+
+
+# --- text helpers ---------------------------------------------------------------------------------
+
+# C0/C1 control characters that are not whitespace: dropped from header values. (Whitespace
+# controls such as TAB or U+001C are collapsed to spaces by str.split instead.)
+_DROP_CONTROLS = {c: None for c in (*range(0x20), *range(0x7F, 0xA0)) if not chr(c).isspace()}
+# Body text keeps TAB and LF (CR is normalised away before); other C0 controls and DEL go.
+_TEXT_CONTROLS = {c: None for c in (*range(0x20), 0x7F) if c not in (0x09, 0x0A)}
+
+# Declared charsets that are better read as their common superset (WHATWG encoding standard).
+_CHARSET_SUPERSETS = {
+    "iso-8859-1": "cp1252",
+    "iso8859-1": "cp1252",
+    "latin1": "cp1252",
+    "latin-1": "cp1252",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "ks_c_5601-1987": "cp949",
+    "euc-kr": "cp949",
+    "shift_jis": "cp932",
+    "x-sjis": "cp932",
+    "windows-874": "cp874",
+    "tis-620": "cp874",
+}
+# Codecs that are text encodings to Python but must never interpret mail bytes.
+_UNSAFE_CODECS = frozenset(
+    {"unicode-escape", "raw-unicode-escape", "idna", "punycode", "undefined"}
+)
+
+
+def _codec_for(charset: str | None) -> str | None:
+    """A usable Python codec name for a declared MIME charset, or None."""
+    if not charset:
+        return None
+    name = charset.strip().strip("\"'").lower()
+    name = name.partition("*")[0]  # RFC 2231 language suffix: utf-8*en
+    if not name or len(name) > 40:
+        return None
+    name = _CHARSET_SUPERSETS.get(name, name)
+    try:
+        codec = codecs.lookup(name)
+    except (LookupError, ValueError):
+        return None
+    if codec.name in _UNSAFE_CODECS:
+        return None
+    return codec.name
+
+
+def _decode_bytes(data: bytes, charset: str | None) -> tuple[str, bool]:
+    """Decode with the declared charset, then UTF-8, cp1252, Latin-1. Returns (text, charset_ok).
+
+    charset_ok is False when a declared charset was unknown or did not fit the bytes.
+    """
+    codec = _codec_for(charset)
+    if codec is not None:
+        try:
+            return data.decode(codec), True
+        except Exception:  # UnicodeError, or any oddity of an exotic codec
+            if codec == "cp1252":  # declared Latin-1 (mapped to cp1252) that uses 0x81 & co.
+                return data.decode("latin-1"), True
+    declared_ok = not charset
+    for fallback in ("utf-8", "cp1252"):
+        try:
+            return data.decode(fallback), declared_ok
+        except UnicodeDecodeError:
+            pass
+    return data.decode("latin-1"), declared_ok
+
+
+def _to_bytes(value: str) -> bytes:
+    """The original bytes of a str produced by the bytes parser (8-bit bytes as surrogates)."""
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace")
+
+
+def _raw_header_text(value: str) -> str:
+    """A raw header value as text: raw 8-bit decoded (UTF-8, else cp1252/Latin-1) and unfolded."""
+    if not value.isascii():
+        value, _ = _decode_bytes(_to_bytes(value), None)
+    if "\n" in value or "\r" in value:
+        value = value.replace("\r", "").replace("\n", "")  # RFC 5322 2.2.3 unfolding
+    return value
+
+
+def _collapse(text: str) -> str:
+    """Drop control characters, collapse whitespace runs to one space, strip."""
+    return " ".join(text.translate(_DROP_CONTROLS).split())
+
+
+# RFC 2047 encoded word; '?' and whitespace cannot occur inside, which keeps matching linear.
+_ENCODED_WORD = re.compile(r"=\?([^?\s]{1,75})\?([bBqQ])\?([^?\s]*)\?=")
+_NOT_BASE64 = bytes(c for c in range(256) if not (chr(c).isalnum() and c < 128) and c not in b"+/")
+
+
+def _b64decode_lenient(data: bytes) -> tuple[bytes, bool]:
+    """Base64 without trust: junk and padding ignored, a dangling char dropped. (bytes, clean)."""
+    core = data.translate(None, b" \t\r\n").rstrip(b"=")
+    clean = core.translate(None, _NOT_BASE64)
+    ok = len(clean) == len(core)
+    if len(clean) % 4 == 1:
+        clean, ok = clean[:-1], False
+    clean += b"=" * (-len(clean) % 4)
+    try:
+        return binascii.a2b_base64(clean), ok
+    except (binascii.Error, ValueError):
+        return b"", False
+
+
+def _decode_words(text: str) -> tuple[str, bool]:
+    """Decode RFC 2047 encoded words anywhere in `text`, in linear time. Returns (text, clean).
+
+    Adjacent encoded words are joined (the whitespace between them is dropped, RFC 2047 6.2) and
+    their bytes decoded together when they share a charset, so a multi-byte character split
+    across two words survives.
+    """
+    if "=?" not in text:
+        return text, True
+    out: list[str] = []
+    pending = bytearray()
+    pending_charset: str | None = None
+    clean = True
+    pos = 0
+    after_word = False
+
+    def flush() -> None:
+        nonlocal clean, pending_charset
+        if pending_charset is not None:
+            decoded, ok = _decode_bytes(bytes(pending), pending_charset)
+            out.append(decoded)
+            clean = clean and ok
+            pending.clear()
+            pending_charset = None
+
+    for m in _ENCODED_WORD.finditer(text):
+        gap = text[pos : m.start()]
+        if gap and not (after_word and gap.isspace()):
+            flush()
+            out.append(gap)
+        charset, encoding, payload = m.group(1), m.group(2), m.group(3)
+        raw = payload.encode("utf-8", "surrogateescape")
+        if encoding in "bB":
+            data, ok = _b64decode_lenient(raw)
+            clean = clean and ok
+        else:
+            data = binascii.a2b_qp(raw, header=True)
+        if pending_charset is not None and charset.lower() != pending_charset.lower():
+            flush()
+        pending_charset = charset
+        pending += data
+        pos = m.end()
+        after_word = True
+    flush()
+    out.append(text[pos:])
+    return "".join(out), clean
+
+
+def _header_words(value: str) -> tuple[str, bool]:
+    """Raw header value -> decoded, whitespace-collapsed text. Returns (text, clean)."""
+    decoded, clean = _decode_words(_raw_header_text(value))
+    return _collapse(decoded), clean
+
+
+# --- MIME parameters (RFC 2045 5.1, RFC 2231), linear where the stdlib's parser is quadratic -----
+
+_PARAM = re.compile(
+    r';\s*(?P<name>[^\s;="]+)\s*(?:=\s*(?:"(?P<q>[^"\\]*(?:\\.[^"\\]*)*)"?|(?P<t>[^;]*)))?',
+    re.DOTALL,
+)
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _parse_params(value: str) -> tuple[str, dict[str, str]]:
+    """'Text/Plain; charset="utf-8"' -> ('text/plain', {'charset': 'utf-8'})."""
+    value = value[:_MAX_PARAM_HEADER_CHARS]
+    head, sep, rest = value.partition(";")
+    params: dict[str, str] = {}
+    if not sep:
+        return head.strip().lower(), params
+    sections: dict[str, dict[int, tuple[bool, str]]] = {}
+    for m in _PARAM.finditer(";" + rest):
+        name = m.group("name").lower()
+        quoted = m.group("q")
+        if quoted is not None:
+            val = _QUOTED_PAIR.sub(r"\1", quoted) if "\\" in quoted else quoted
+        else:
+            val = (m.group("t") or "").strip()
+        if "*" in name:
+            # RFC 2231: name*=charset'lang'%xx, name*0=..., name*1*=...
+            base, _, index = name.partition("*")
+            extended = name.endswith("*")
+            index = index.rstrip("*")
+            if index == "":
+                number = 0
+            elif len(index) <= 3 and index.isascii() and index.isdigit():
+                number = int(index)
+            else:
+                continue
+            sections.setdefault(base, {}).setdefault(number, (extended, val))
+        else:
+            params.setdefault(name, val)
+    for base, parts in sections.items():
+        params[base] = _join_rfc2231(parts)
+    return head.strip().lower(), params
+
+
+def _join_rfc2231(parts: dict[int, tuple[bool, str]]) -> str:
+    charset: str | None = None
+    chunks: list[bytes] = []
+    numbers = sorted(parts)
+    for number in numbers:
+        extended, val = parts[number]
+        if extended:
+            if number == numbers[0] and val.count("'") >= 2:
+                charset, _, rest = val.partition("'")
+                val = rest.partition("'")[2]
+            chunks.append(urllib.parse.unquote_to_bytes(_to_bytes(val)))
+        else:
+            chunks.append(_to_bytes(val))
+    text, _ = _decode_bytes(b"".join(chunks), charset or "utf-8")
+    return text
+
+
+def _boundary_of(content_type: str) -> str | None:
+    _, params = _parse_params(content_type)
+    boundary = params.get("boundary")
+    return None if boundary is None else boundary.rstrip()  # RFC 2046: no trailing space
+
+
+class _GuardedMessage(Message):
+    """A compat32 message whose boundary lookup is linear.
+
+    The stdlib parser asks each multipart for its boundary through email.message._parseparam,
+    which is quadratic in the length of a Content-Type holding many ';' and an open quote.
+    """
+
+    def get_boundary(self, failobj: Any = None) -> Any:
+        for name, value in self.raw_items():
+            if name.lower() == "content-type":
+                try:
+                    boundary = _boundary_of(str(value))
+                except Exception:  # an error here would abort the whole parse
+                    boundary = None
+                return failobj if boundary is None else boundary
+        return failobj
+
+
+class _TooManyParts(Exception):
+    pass
+
+
+def _build_tree(raw: bytes) -> Message:
+    """The stdlib MIME tree (compat32: raw header values, no lazy header parsing that raises)."""
+    built = 0
+
+    def factory(policy: Any = compat32) -> Message:
+        nonlocal built
+        built += 1
+        if built > _MAX_BUILT_PARTS:
+            raise _TooManyParts
+        return _GuardedMessage(policy)
+
+    parser: BytesFeedParser[Message] = BytesFeedParser(factory, policy=compat32)
+    parser.feed(raw)
+    return parser.close()
+
+
+def _headers_only(raw: bytes) -> Message:
+    """Fallback when the structure is too hostile to build: the header block alone."""
+    return BytesParser(_GuardedMessage, policy=compat32).parsebytes(raw, headersonly=True)
+
+
+def _first_headers(part: Message) -> dict[str, str]:
+    """Lower-cased header name -> raw value of its first occurrence."""
+    headers: dict[str, str] = {}
+    for name, value in part.raw_items():
+        headers.setdefault(name.strip().lower(), value if isinstance(value, str) else str(value))
+    return headers
+
+
+# --- message ids, addresses -----------------------------------------------------------------------
+
+_MESSAGE_ID = re.compile(r"<([^<>]*)>")
+
+
+def _message_ids(value: str) -> tuple[str, ...]:
+    ids: list[str] = []
+    seen: set[str] = set()
+    for m in _MESSAGE_ID.finditer(value):
+        inner = "".join(m.group(1).split())
+        if inner and inner not in seen:
+            seen.add(inner)
+            ids.append(f"<{inner}>")
+    return tuple(ids[-_MAX_MESSAGE_IDS:])  # the newest are last (RFC 5322 3.6.4)
+
+
+def _message_id(value: str) -> str | None:
+    ids = _message_ids(value)
+    if ids:
+        return ids[0] if len(ids[0]) <= 1000 else None
+    bare = "".join(value.split())
+    if bare and len(bare) <= 998 and not any(c in bare for c in "<>"):
+        return f"<{bare}>"  # Message-ID without its angle brackets
+    return None
+
+
+_WHITESPACE = re.compile(r"\s+")
+_ATOM_RUN = re.compile(r'[^\s"(),:;<>\[]+')
+_ADDR_SPEC = re.compile(
+    r'[^\s\x00-\x1f\x7f<>()@,;:\\"\[\]]+@(?:[^\s\x00-\x1f\x7f<>()@,;:\\"\[\]]+|\[[^\[\]\s]+\])'
+)
+
+
+def _mailboxes(value: str) -> list[tuple[str, str]]:
+    """(display name, addr-spec) pairs of an address-list header, best effort, linear.
+
+    A small RFC 5322 3.4 tokenizer: quoted strings, nested comments, angle addresses, groups.
+    The addr-spec is '' when it is not recognisably local@domain.
+    """
+    value = value[:_MAX_ADDRESS_HEADER_CHARS]
+    boxes: list[tuple[str, str]] = []
+    words: list[str] = []
+    comments: list[str] = []
+    angle: str | None = None
+    i, n = 0, len(value)
+
+    def add_word(word: str) -> None:
+        # adjacent words belong together: "jane.doe"@example.com, user@[192.0.2.1]
+        if words and words[-1] != " ":
+            words[-1] += word
+        else:
+            words.append(word)
+
+    def close_mailbox() -> None:
+        nonlocal words, comments, angle
+        if words or comments or angle is not None:
+            boxes.append(_mailbox(words, comments, angle))
+        words, comments, angle = [], [], None
+
+    while i < n and len(boxes) < 100:
+        c = value[i]
+        if c == '"':
+            j, buf = i + 1, []
+            while j < n and value[j] != '"':
+                if value[j] == "\\" and j + 1 < n:
+                    j += 1
+                buf.append(value[j])
+                j += 1
+            add_word("".join(buf))
+            i = j + 1
+        elif c == "(":
+            depth, j = 1, i + 1
+            while j < n and depth:
+                ch = value[j]
+                if ch == "\\":
+                    j += 2
+                    continue
+                depth += 1 if ch == "(" else -1 if ch == ")" else 0
+                j += 1
+            comments.append(value[i + 1 : j - 1 if depth == 0 else n])
+            i = j
+        elif c == "<":
+            j = value.find(">", i + 1)
+            j = n if j < 0 else j
+            if angle is None:
+                angle = value[i + 1 : j]
+            i = j + 1
+        elif c in ",;":
+            close_mailbox()
+            i += 1
+        elif c == ":":
+            # "undisclosed-recipients:" group display name (RFC 5322 3.4) is no mailbox's name
+            if angle is None and not any("@" in w for w in words):
+                words, comments = [], []
+            i += 1
+        elif c == "[":  # domain literal, e.g. user@[192.0.2.1]
+            j = value.find("]", i + 1)
+            j = n if j < 0 else j + 1
+            add_word(value[i:j])
+            i = j
+        elif c.isspace():
+            if words and words[-1] != " ":
+                words.append(" ")
+            m = _WHITESPACE.match(value, i)
+            i = m.end() if m else i + 1
+        else:
+            m = _ATOM_RUN.match(value, i)
+            if m and m.end() > i:
+                add_word(m.group(0))
+                i = m.end()
+            else:
+                i += 1  # a stray ')', '>' or ']'
+    close_mailbox()
+    return boxes
+
+
+def _mailbox(words: list[str], comments: list[str], angle: str | None) -> tuple[str, str]:
+    comment = comments[0] if comments else ""
+    if angle is not None:
+        addr = angle.strip()
+        if addr.startswith("@"):  # obsolete source route "@a,@b:user@host" (RFC 5322 4.4)
+            addr = addr.partition(":")[2]
+        name = "".join(words).strip() or comment
+    else:
+        tokens = [w for w in words if w != " "]
+        at_index = max((k for k, w in enumerate(tokens) if "@" in w), default=-1)
+        addr = tokens[at_index] if at_index >= 0 else ""
+        # "jane@example.com (Jane)", or the broken "Jane Roe jane@example.com"
+        rest = tokens[:at_index] + tokens[at_index + 1 :] if at_index >= 0 else tokens
+        name = " ".join(rest) or comment
+    addr = "".join(addr.split())
+    if not _ADDR_SPEC.fullmatch(addr):
+        addr = ""
+        if angle is None:
+            name = " ".join(w for w in words if w != " ") or comment  # keep what it says
+    decoded_name, _ = _decode_words(name)
+    return _collapse(decoded_name), addr.lower()
+
+
+def _first_sender(value: str) -> tuple[str, str]:
+    """(address, display name) of the first mailbox with a usable address in a From header."""
+    boxes = _mailboxes(value)
+    for name, addr in boxes:
+        if addr:
+            return addr, name
+    return "", boxes[0][0] if boxes else ""
+
+
+# --- HTML -> readable text ------------------------------------------------------------------------
+
+_TAG_NAME = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9:_-]*)")
+_BLOCK_TAGS = frozenset(
+    {
+        *("address", "article", "aside", "blockquote", "center", "dd", "div", "dl", "dt"),
+        *("fieldset", "figure", "footer", "form", "header", "hr", "li", "main", "nav", "ol"),
+        *("pre", "section", "table", "tbody", "thead", "tfoot", "tr", "ul"),
+    }
+)
+_PARAGRAPH_TAGS = frozenset({"p", "h1", "h2", "h3", "h4", "h5", "h6"})
+_CELL_TAGS = frozenset({"td", "th"})
+_DROPPED_CONTENT_TAGS = frozenset({"script", "style", "title", "template"})
+_CLOSING_TAG = {
+    name: re.compile(rf"</\s*{name}\b", re.IGNORECASE) for name in _DROPPED_CONTENT_TAGS
+}
+_HTML_SPACE = re.compile(r"[ \t\r\n\f]+")
+_BLANK_LINE_RUNS = re.compile(r"\n{3,}")
+
+
+def _html_to_text(source: str) -> str:
+    """Readable text from HTML: tags gone, scripts/styles dropped, blocks as line breaks.
+
+    A single forward scan with str.find, so unclosed comments or tags cost linear time (the
+    stdlib HTMLParser of this Python is quadratic on some of them). Line breaks are owed rather
+    than written: adjacent block boundaries ("</div><div>") give one break, paragraphs a blank
+    line, each <br> one more line.
+    """
+    source = source[:_MAX_HTML_CHARS]
+    out: list[str] = []
+    owed = 0  # line breaks owed before the next text
+    pos, n = 0, len(source)
+    in_pre = 0
+
+    def emit(text: str) -> None:
+        nonlocal owed
+        if owed:
+            if not in_pre and text.isspace():
+                return  # source indentation between blocks
+            out.append("\n" * owed)
+            owed = 0
+        out.append(text)
+
+    while pos < n:
+        lt = source.find("<", pos)
+        chunk = source[pos:] if lt < 0 else source[pos:lt]
+        if chunk:
+            emit(html.unescape(chunk if in_pre else _HTML_SPACE.sub(" ", chunk)))
+        if lt < 0:
+            break
+        if source.startswith("<!--", lt):
+            end = source.find("-->", lt + 4)
+            if end < 0:
+                break  # an unclosed comment runs to the end
+            pos = end + 3
+            continue
+        if source[lt + 1 : lt + 2] in ("!", "?"):  # doctype, CDATA, processing instruction
+            end = source.find(">", lt + 2)
+            if end < 0:
+                break
+            pos = end + 1
+            continue
+        m = _TAG_NAME.match(source, lt)
+        if m is None:
+            emit("<")  # a literal '<'
+            pos = lt + 1
+            continue
+        end = source.find(">", m.end())
+        if end < 0:
+            break  # a tag cut off by the end of the document
+        pos = end + 1
+        closing, name = m.group(1) == "/", m.group(2).lower()
+        if name in _DROPPED_CONTENT_TAGS and not closing:
+            if source[end - 1] == "/":
+                continue  # <script/>
+            close = _CLOSING_TAG[name].search(source, pos)
+            if close is None:
+                break  # unclosed script/style: the rest is not text
+            end = source.find(">", close.end())
+            if end < 0:
+                break
+            pos = end + 1
+        elif name == "br":
+            owed += 1
+        elif name == "pre":
+            in_pre = max(0, in_pre - 1) if closing else in_pre + 1
+            owed = max(owed, 1)
+        elif name in _PARAGRAPH_TAGS:
+            owed = max(owed, 2)
+        elif name in _BLOCK_TAGS:
+            owed = max(owed, 1)
+        elif name in _CELL_TAGS and not closing:
+            emit(" ")
+    lines = (" ".join(line.split()) for line in "".join(out).split("\n"))
+    return _BLANK_LINE_RUNS.sub("\n\n", "\n".join(lines)).strip("\n")
+
+
+# --- auto-reply and delivery-report recognition (spec 2.3.2) ------------------------------------
+
+# Subject prefixes of out-of-office / auto-replies in the languages MSP customers write in.
+_AUTO_REPLY_SUBJECT = re.compile(
+    r"^\s*(?:automatic reply|auto(?:matic)?[ -]?(?:reply|response|responder)\b|autoreply|"
+    r"auto\s?:|out of (?:the )?office|abwesenheitsnotiz|automatische antwort|"
+    r"r[ée]ponse automatique|autosvar|automatisk svar|automatisch antwoord|"
+    r"respuesta autom[áa]tica|risposta automatica|resposta autom[áa]tica|"
+    r"automaattinen vastaus|automatick[áa] odpov[ěe]ď|odpowied[źz] automatyczna|"
+    r"automatikus v[áa]lasz|otomatik yan[ıi]t|r[ăa]spuns automat|"
+    r"автоматический ответ|αυτόματη απάντηση|自動回覆|自动回复|自動応答|自動返信|자동 회신)",
+    re.IGNORECASE,
+)
+_BOUNCE_SUBJECT = re.compile(
+    r"undeliver|delivery status notification|mail delivery fail|returned mail|"
+    r"delivery failure|delivery has failed|failure notice|non-?delivery|nondeliverable|"
+    r"message not delivered|delivery notification|unzustellbar|non remis|onbestelbaar|"
+    r"nicht zugestellt",
+    re.IGNORECASE,
+)
+_ROBOT_LOCALPARTS = frozenset({"mailer-daemon", "postmaster", "mailerdaemon", "mail-daemon"})
+_DELIVERY_STATUS_TYPES = frozenset({"message/delivery-status", "message/global-delivery-status"})
+_DISPOSITION_TYPES = frozenset(
+    {"message/disposition-notification", "message/global-disposition-notification"}
+)
+
+
+def _auto_reply_header(headers: dict[str, str]) -> bool:
+    """Vendor headers of autoresponders (RFC 3834 predecessors); X-Auto-Response-Suppress alone
+    is not one: Exchange puts it on many mails that are no replies."""
+    if "x-autoreply" in headers or "x-autorespond" in headers:
+        return True
+
+    def value(name: str) -> str:
+        return _collapse(_raw_header_text(headers.get(name, ""))).lower()
+
+    return (
+        "reply" in value("x-autogenerated")
+        or value("precedence") == "auto_reply"
+        or value("x-precedence") == "auto_reply"
+        or "autoresponder" in value("x-post-messageclass")
+        or value("delivered-to") == "autoresponder"
+    )
+
+
+# --- the parser -----------------------------------------------------------------------------------
+
+_DEFECT_NAMES = {
+    "NoBoundaryInMultipartDefect": "multipart without boundary",
+    "StartBoundaryNotFoundDefect": "multipart start boundary not found",
+    "CloseBoundaryNotFoundDefect": "multipart close boundary missing",
+    "FirstHeaderLineIsContinuationDefect": "first header line is a continuation",
+    "MisplacedEnvelopeHeaderDefect": "misplaced envelope header",
+    "MissingHeaderBodySeparatorDefect": "malformed header line",
+    "MultipartInvariantViolationDefect": "multipart without parts",
+    "InvalidMultipartContentTransferEncodingDefect": "transfer encoding on multipart",
+}
+
+
+@dataclass(slots=True, eq=False)
+class _Leaf:
+    part: Message
+    content_type: str
+    charset: str | None
+    transfer_encoding: str
+    is_attachment: bool
+    filename: str | None
+    nested: bool  # inside an enclosed message/rfc822
+    embedded: bool = False  # a message/* part (its payload is the enclosed message)
+    decoded: bytes | None = field(default=None, repr=False)
+
+
+class _Parser:
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.defects: list[str] = []
+
+    def defect(self, note: str) -> None:
+        if note not in self.defects and len(self.defects) < _MAX_DEFECTS:
+            self.defects.append(note)
+
+    def run(self) -> ParsedMessage:
+        raw = self.raw if isinstance(self.raw, bytes) else bytes(self.raw)
+        if len(raw) > _MAX_RAW_BYTES:
+            self.defect("message too large: parsed in part")
+            raw = raw[:_MAX_RAW_BYTES]
+        structure_ok = True
+        try:
+            root = _build_tree(raw)
+        except _TooManyParts:
+            self.defect("too many MIME parts: body not parsed")
+            root, structure_ok = _headers_only(raw), False
+        except RecursionError:
+            self.defect("MIME nesting too deep: body not parsed")
+            root, structure_ok = _headers_only(raw), False
+        except Exception as exc:  # whatever else the stdlib parser trips on: keep the headers
+            self.defect(f"MIME structure not parsed ({type(exc).__name__})")
+            root, structure_ok = _headers_only(raw), False
+        headers = _first_headers(root)
+
+        subject = ""
+        if "subject" in headers:
+            subject, clean = _header_words(headers["subject"])
+            if not clean:
+                self.defect("undecodable subject")
+            if len(subject) > _MAX_SUBJECT_CHARS:
+                subject = subject[:_MAX_SUBJECT_CHARS].rstrip()
+                self.defect("subject truncated")
+        from_address = from_name = ""
+        if "from" in headers:
+            from_address, from_name = _first_sender(_raw_header_text(headers["from"]))
+            if not from_address:
+                self.defect("unparseable From")
+
+        walked = self.walk(root) if structure_ok else _Walk([], False, False)
+        body = self.body_fields(walked.leaves)
+
+        # spec 2.3.2: delivery reports (RFC 3464), or a bounce-worded mail from a mailer daemon
+        is_report = walked.delivery_report or (
+            self.daemon_sender(from_address, headers.get("from", ""))
+            and _BOUNCE_SUBJECT.search(subject) is not None
+        )
+        auto_submitted = self.keyword(headers, "auto-submitted")
+        is_auto = (
+            is_report
+            or walked.read_receipt  # RFC 8098 disposition notifications are machine answers too
+            or auto_submitted == "auto-replied"  # RFC 3834
+            or _auto_reply_header(headers)
+            or _AUTO_REPLY_SUBJECT.match(subject) is not None
+        )
+        message_id = headers.get("message-id")
+        return ParsedMessage(
+            subject=subject,
+            from_address=from_address,
+            from_name=from_name,
+            message_id=None if message_id is None else _message_id(_raw_header_text(message_id)),
+            in_reply_to=_message_ids(_raw_header_text(headers.get("in-reply-to", ""))),
+            references=_message_ids(_raw_header_text(headers.get("references", ""))),
+            auto_submitted=auto_submitted,
+            precedence=self.keyword(headers, "precedence", whole=True),
+            list_id="list-id" in headers,
+            auto_response_suppress="x-auto-response-suppress" in headers,
+            loop_header=self.keyword(headers, "x-smtpgate-loop", whole=True),
+            is_auto_reply=is_auto,
+            is_delivery_report=is_report,
+            text=body.text,
+            html_only=body.html_only,
+            attachments=body.attachments,
+            xml_candidates=body.xml_candidates,
+            defects=tuple(self.defects),
+        )
+
+    # headers
+
+    @staticmethod
+    def keyword(headers: dict[str, str], name: str, *, whole: bool = False) -> str | None:
+        """Lower-cased header value (or its leading keyword, before any ';'), None if absent."""
+        if name not in headers:
+            return None
+        value = _collapse(_raw_header_text(headers[name])).lower()
+        return value if whole else value.partition(";")[0].strip()
+
+    @staticmethod
+    def daemon_sender(address: str, raw_from: str) -> bool:
+        if address:
+            return address.partition("@")[0] in _ROBOT_LOCALPARTS
+        return "mailer-daemon" in raw_from.lower()
+
+    # structure
+
+    def walk(self, root: Message) -> _Walk:
+        """Depth-first in document order, bounded in depth and part count. Report parts count
+        only outside enclosed messages (a forwarded bounce is not a bounce)."""
+        walked = _Walk([], False, False)
+        stack: list[tuple[Message, int, bool]] = [(root, 0, False)]
+        seen = 0
+        while stack:
+            part, depth, nested = stack.pop()
+            seen += 1
+            if seen > _MAX_PARTS:
+                self.defect("too many MIME parts: rest ignored")
+                break
+            for note in _iter_defects(part):
+                self.defect(note)
+            headers = _first_headers(part)
+            content_type, params = self.content_type(part, headers)
+            payload = getattr(part, "_payload", None)  # raw; get_payload() re-decodes lossily
+            if content_type in _DELIVERY_STATUS_TYPES:
+                walked.delivery_report = walked.delivery_report or not nested
+                continue
+            if content_type in _DISPOSITION_TYPES:
+                walked.read_receipt = walked.read_receipt or not nested
+                continue
+            if not isinstance(payload, list):
+                walked.leaves.append(self.leaf(part, headers, content_type, params, nested, False))
+                continue
+            if content_type == "multipart/report" and not nested:
+                report_type = params.get("report-type", "").lower()
+                walked.delivery_report |= report_type == "delivery-status"
+                walked.read_receipt |= report_type == "disposition-notification"
+            is_message = content_type.startswith("message/")
+            if is_message:  # message/rfc822: the enclosed message itself may be an attachment
+                walked.leaves.append(self.leaf(part, headers, content_type, params, nested, True))
+            if depth + 1 > _MAX_DEPTH:
+                self.defect("MIME nesting too deep: inner parts ignored")
+                continue
+            children = [p for p in payload if isinstance(p, Message)]
+            stack.extend((p, depth + 1, nested or is_message) for p in reversed(children))
+        return walked
+
+    def content_type(self, part: Message, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+        value = headers.get("content-type")
+        if value is None:
+            return part.get_default_type(), {}
+        content_type, params = _parse_params(_raw_header_text(value))
+        content_type = "".join(content_type.split())
+        if content_type.count("/") != 1 or not all(content_type.partition("/")[::2]):
+            self.defect("malformed Content-Type")
+            return part.get_default_type(), params
+        return content_type, params
+
+    def leaf(
+        self,
+        part: Message,
+        headers: dict[str, str],
+        content_type: str,
+        params: dict[str, str],
+        nested: bool,
+        embedded: bool,
+    ) -> _Leaf:
+        disposition, dparams = _parse_params(
+            _raw_header_text(headers.get("content-disposition", ""))
+        )
+        filename = _clean_filename(dparams.get("filename") or params.get("name"))
+        cte = _collapse(_raw_header_text(headers.get("content-transfer-encoding", ""))).lower()
+        return _Leaf(
+            part=part,
+            content_type=content_type,
+            charset=params.get("charset"),
+            transfer_encoding=cte.partition(";")[0].strip(),
+            is_attachment=disposition == "attachment" or filename is not None,
+            filename=filename,
+            nested=nested,
+            embedded=embedded,
+        )
+
+    def data(self, leaf: _Leaf) -> bytes:
+        """A leaf's payload with the transfer encoding removed (cached)."""
+        if leaf.decoded is None:
+            payload = getattr(leaf.part, "_payload", None)
+            leaf.decoded = self.decode_transfer(payload if isinstance(payload, str) else "", leaf)
+        return leaf.decoded
+
+    def decode_transfer(self, payload: str, leaf: _Leaf) -> bytes:
+        data = _to_bytes(payload)
+        cte = leaf.transfer_encoding
+        if cte == "base64":
+            decoded, ok = _b64decode_lenient(data)
+            if not ok:
+                self.defect("broken base64")
+            return decoded
+        if cte == "quoted-printable":
+            try:
+                return binascii.a2b_qp(data)
+            except (binascii.Error, ValueError):
+                self.defect("broken quoted-printable")
+                return data
+        if cte in ("x-uuencode", "uuencode", "x-uue", "uue"):
+            return self.decode_uu(data)
+        if cte not in ("", "7bit", "8bit", "binary"):
+            self.defect(f"unknown transfer encoding {cte[:40]!r}")
+        return data
+
+    def decode_uu(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        started = False
+        for line in data.splitlines():
+            if not started:
+                started = line.startswith(b"begin ")
+                continue
+            if line.strip() in (b"end", b"`"):
+                break
+            try:
+                out.append(binascii.a2b_uu(line))
+            except (binascii.Error, ValueError):
+                self.defect("broken uuencode")
+        return b"".join(out)
+
+    # body
+
+    def body_fields(self, leaves: list[_Leaf]) -> _Body:
+        body: _Leaf | None = None
+        html_only = False
+        # The outer message's own text first; an enclosed message's text only if it has none.
+        for nested in (False, True):
+            inline = [
+                leaf
+                for leaf in leaves
+                if leaf.nested == nested and not leaf.embedded and not leaf.is_attachment
+            ]
+            body = next((leaf for leaf in inline if leaf.content_type == "text/plain"), None)
+            if body is None:
+                body = next((leaf for leaf in inline if leaf.content_type == "text/html"), None)
+                html_only = body is not None
+            if body is not None:
+                break
+
+        text = ""
+        if body is not None:
+            text, ok = _decode_bytes(self.data(body), body.charset)
+            if not ok:
+                self.defect("body charset did not fit")
+            if html_only:
+                if len(text) > _MAX_HTML_CHARS:
+                    self.defect("HTML body truncated")
+                text = _html_to_text(text)
+            text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_TEXT_CONTROLS)
+            text = text.removeprefix("\ufeff")
+            if len(text) > _MAX_TEXT_CHARS:
+                text = text[:_MAX_TEXT_CHARS]
+                self.defect("body text truncated")
+
+        outer = [leaf for leaf in leaves if not leaf.nested]
+        attachments = tuple(
+            Attachment(
+                filename=leaf.filename,
+                content_type=leaf.content_type,
+                size=_embedded_size(leaf.part) if leaf.embedded else len(self.data(leaf)),
+            )
+            for leaf in outer
+            if leaf.is_attachment and leaf is not body
+        )
+
+        xml_leaves: list[_Leaf] = []
+        if body is not None and not html_only and not body.nested:
+            xml_leaves.append(body)
+        xml_leaves += [
+            leaf
+            for leaf in outer
+            if leaf.content_type in ("text/xml", "application/xml")
+            and all(leaf is not chosen for chosen in xml_leaves)
+        ]
+        xml_leaves += [
+            leaf
+            for leaf in outer
+            if leaf.is_attachment
+            and not leaf.embedded
+            and (leaf.filename or "").lower().endswith(".xml")
+            and all(leaf is not chosen for chosen in xml_leaves)
+        ]
+        xml_candidates: list[bytes] = []
+        for leaf in xml_leaves:
+            data = self.data(leaf)
+            if len(data) > _MAX_XML_BYTES:
+                self.defect("XML candidate too large: skipped")
+            elif data.strip():
+                xml_candidates.append(data)
+        return _Body(text, html_only, attachments, tuple(xml_candidates))
+
+
+@dataclass(slots=True)
+class _Walk:
+    leaves: list[_Leaf]
+    delivery_report: bool
+    read_receipt: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Body:
+    text: str
+    html_only: bool
+    attachments: tuple[Attachment, ...]
+    xml_candidates: tuple[bytes, ...]
+
+
+def _iter_defects(part: Message) -> Iterable[str]:
+    for defect in getattr(part, "defects", ())[:10]:
+        name = type(defect).__name__
+        yield _DEFECT_NAMES.get(name, name)
+
+
+def _clean_filename(value: str | None) -> str | None:
+    """Decoded, single-line base name of an attachment, or None."""
+    if value is None:
+        return None
+    decoded, _ = _decode_words(value)
+    name = _collapse(decoded)
+    name = name.replace("\\", "/").rpartition("/")[2].strip()  # never a path
+    return name[:255] or None
+
+
+def _embedded_size(part: Message) -> int:
+    """Approximate size of an enclosed message, from its headers, payloads and boundary lines
+    (bounded walk; serialising it again could be slow or fail on hostile content)."""
+    total, budget = 0, _MAX_PARTS
+    stack = [part]
+    while stack and budget:
+        budget -= 1
+        current = stack.pop()
+        payload = getattr(current, "_payload", None)
+        if current is not part:
+            # "Name: value" CRLF per header, a blank line after them
+            total += sum(len(k) + len(str(v)) + 4 for k, v in current.raw_items()) + 2
+        if isinstance(payload, list):
+            children = [p for p in payload if isinstance(p, Message)]
+            stack.extend(children)
+            boundary = current.get_boundary()
+            if boundary is not None:  # CRLF "--boundary" CRLF per part, and the close line
+                total += (len(boundary) + 6) * len(children) + len(boundary) + 8
+                total += len(current.preamble or "") + len(current.epilogue or "")
+        elif isinstance(payload, str):
+            total += len(payload)
+    return total
+
+
+def _empty_message(defects: tuple[str, ...]) -> ParsedMessage:
+    return ParsedMessage(
+        subject="",
+        from_address="",
+        from_name="",
+        message_id=None,
+        in_reply_to=(),
+        references=(),
+        auto_submitted=None,
+        precedence=None,
+        list_id=False,
+        auto_response_suppress=False,
+        loop_header=None,
+        is_auto_reply=False,
+        is_delivery_report=False,
+        text="",
+        html_only=False,
+        attachments=(),
+        xml_candidates=(),
+        defects=defects,
+    )

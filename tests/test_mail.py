@@ -1,0 +1,1259 @@
+"""Tests for smtpgate.mail: header decoding, addresses, bodies, attachments, hostile input."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from smtpgate.mail import (
+    DEFAULT_QUOTE_PATTERNS,
+    Attachment,
+    ParsedMessage,
+    address_domain,
+    parse_message,
+    strip_quotes,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+QUOTE_PATTERNS = tuple(re.compile(p, re.IGNORECASE | re.MULTILINE) for p in DEFAULT_QUOTE_PATTERNS)
+PROPERTY = settings(max_examples=150, deadline=None, database=None)
+
+
+def eml(*headers: str | bytes, body: bytes | str = b"hello\n") -> bytes:
+    """A message from header lines ("Name: value") and a body; str parts are UTF-8 encoded."""
+    lines = [h.encode() if isinstance(h, str) else h for h in headers]
+    data = body.encode() if isinstance(body, str) else body
+    return b"\r\n".join(lines) + b"\r\n\r\n" + data
+
+
+def multipart(
+    subtype: str, *parts: bytes, boundary: str = "BOUNDARY", headers: tuple[str, ...] = ()
+) -> bytes:
+    """A multipart message (or part) whose parts are given as raw header+body bytes."""
+    b = boundary.encode()
+    body = b"".join(b"--" + b + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + b + b"--\r\n"
+    content_type = f'Content-Type: multipart/{subtype}; boundary="{boundary}"'
+    return eml(*headers, content_type, body=b"preamble\r\n" + body)
+
+
+def part(*headers: str, body: bytes | str = b"") -> bytes:
+    """One MIME part: its headers and body."""
+    return eml(*headers, body=body)
+
+
+# --- subject ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        pytest.param(b"Subject: Plain subject", "Plain subject", id="plain"),
+        pytest.param(b"Subject: folded\r\n  across\r\n\tlines", "folded across lines", id="folded"),
+        pytest.param(b"Subject: =?utf-8?q?Caf=C3=A9_au_lait?=", "Café au lait", id="q-word"),
+        pytest.param(b"Subject: =?UTF-8?B?w6l0w6k=?=", "été", id="b-word"),
+        pytest.param(b"Subject: =?utf-8?q?a?= =?utf-8?q?b?=", "ab", id="adjacent-words-joined"),
+        pytest.param(b"Subject: =?utf-8?q?a?=\r\n =?utf-8?q?b?=", "ab", id="folded-words-joined"),
+        pytest.param(
+            b"Subject: Re: =?iso-8859-1?q?R=E9sum=E9?= ok", "Re: Résumé ok", id="words-amid-text"
+        ),
+        pytest.param(b"Subject: =?utf-8?b?4oI=?= =?utf-8?b?rA==?=", "€", id="char-split-in-words"),
+        pytest.param(b"Subject: =?utf-8*en?q?lang?=", "lang", id="rfc2231-language"),
+        pytest.param(b"Subject: =?x-unknown?q?caf=C3=A9?=", "café", id="unknown-charset-utf8"),
+        pytest.param(b"Subject: =?us-ascii?q?caf=C3=A9?=", "café", id="lying-charset"),
+        pytest.param(
+            b"Subject: =?windows-1252?q?=93quoted=94?=", "\u201cquoted\u201d", id="cp1252"
+        ),
+        pytest.param(b"Subject: =?iso-8859-1?q?=93x=94?=", "\u201cx\u201d", id="latin1-as-cp1252"),
+        pytest.param("Subject: Grüße aus Köln".encode(), "Grüße aus Köln", id="raw-8bit-utf8"),
+        pytest.param("Subject: Grüße".encode("latin-1"), "Grüße", id="raw-8bit-latin1"),
+        pytest.param(b"Subject:   \t spaced \t  out  ", "spaced out", id="whitespace-collapsed"),
+        pytest.param(b"Subject: nul\x00byte\x07bell", "nulbytebell", id="controls-dropped"),
+        pytest.param(b"Subject: =?utf-8?q?line=0Abreak?=", "line break", id="encoded-newline"),
+        pytest.param(b"Subject: =?utf-8?q?unclosed", "=?utf-8?q?unclosed", id="not-a-word"),
+        pytest.param(b"Subject:", "", id="empty"),
+        pytest.param(b"X-Other: no subject here", "", id="absent"),
+    ],
+)
+def test_subject(header: bytes, expected: str) -> None:
+    assert parse_message(eml(header)).subject == expected
+
+
+def test_subject_first_occurrence_wins() -> None:
+    assert parse_message(eml("Subject: first", "Subject: second")).subject == "first"
+
+
+def test_subject_broken_base64_word_is_best_effort_with_defect() -> None:
+    msg = parse_message(eml(b"Subject: =?utf-8?b?w6l0w6k*?= tail"))
+    assert msg.subject == "été tail"
+    assert "undecodable subject" in msg.defects
+
+
+# --- from -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "address", "name"),
+    [
+        pytest.param("From: jane@acme.example", "jane@acme.example", "", id="bare"),
+        pytest.param("From: <Jane@ACME.example>", "jane@acme.example", "", id="angle-lowered"),
+        pytest.param(
+            "From: Jane Roe <jane@acme.example>", "jane@acme.example", "Jane Roe", id="name"
+        ),
+        pytest.param(
+            'From: "Roe, Jane (IT)" <jane@acme.example>',
+            "jane@acme.example",
+            "Roe, Jane (IT)",
+            id="quoted-name",
+        ),
+        pytest.param(
+            "From: =?utf-8?q?J=C3=BCrgen_M=C3=BCller?= <jm@acme.example>",
+            "jm@acme.example",
+            "Jürgen Müller",
+            id="encoded-name",
+        ),
+        pytest.param(
+            'From: "=?utf-8?b?w4lsaXNl?=" <e@acme.example>',
+            "e@acme.example",
+            "Élise",
+            id="encoded-word-in-quotes",
+        ),
+        pytest.param(
+            "From: jane@acme.example (Jane Roe)", "jane@acme.example", "Jane Roe", id="comment"
+        ),
+        pytest.param(
+            "From: a@one.example, Bee <b@two.example>", "a@one.example", "", id="several-first"
+        ),
+        pytest.param(
+            "From: Team: Ann <ann@acme.example>, bob@acme.example;",
+            "ann@acme.example",
+            "Ann",
+            id="group",
+        ),
+        pytest.param(
+            "From: Broken <not-an-address>, Bob <bob@acme.example>",
+            "bob@acme.example",
+            "Bob",
+            id="first-usable",
+        ),
+        pytest.param(
+            'From: "jane.doe"@acme.example', "jane.doe@acme.example", "", id="quoted-local"
+        ),
+        pytest.param(
+            "From: <@relay.example:jane@acme.example>", "jane@acme.example", "", id="route"
+        ),
+        pytest.param("From: root@[192.0.2.1]", "root@[192.0.2.1]", "", id="domain-literal"),
+        pytest.param("From: Jane jane@acme.example", "jane@acme.example", "Jane", id="no-brackets"),
+        pytest.param(
+            "From: Jürgen <jürgen@bücher.example>", "jürgen@bücher.example", "Jürgen", id="utf8"
+        ),
+        pytest.param("From: !!! garbage !!!", "", "!!! garbage !!!", id="garbage"),
+        pytest.param("From: <>", "", "", id="null-address"),
+        pytest.param("From: Only A Name", "", "Only A Name", id="name-only"),
+        pytest.param("From: (((((", "", "((((", id="open-comments"),
+        pytest.param(
+            'From: "unterminated <a@b.example>', "", "unterminated <a@b.example>", id="open-quote"
+        ),
+        pytest.param(b"From: J\x00ane <j\x00@acme.example>", "", "Jane", id="nul"),
+        pytest.param(
+            b"From: Ren\xe9 <rene@acme.example>", "rene@acme.example", "René", id="latin1-name"
+        ),
+    ],
+)
+def test_from(header: str | bytes, address: str, name: str) -> None:
+    msg = parse_message(eml(header))
+    assert (msg.from_address, msg.from_name) == (address, name)
+
+
+def test_from_absent_and_garbage_note_defect() -> None:
+    assert parse_message(eml("Subject: x")).from_address == ""
+    assert "unparseable From" in parse_message(eml("From: nonsense")).defects
+
+
+def test_from_first_header_wins() -> None:
+    msg = parse_message(eml("From: a@one.example", "From: b@two.example"))
+    assert msg.from_address == "a@one.example"
+
+
+# --- message ids ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "message_id", "in_reply_to", "references"),
+    [
+        pytest.param(("Message-ID: <abc@x.example>",), "<abc@x.example>", (), (), id="message-id"),
+        pytest.param(("Message-ID:  < abc@x.example > ",), "<abc@x.example>", (), (), id="spaces"),
+        pytest.param(("Message-ID: abc@x.example",), "<abc@x.example>", (), (), id="no-brackets"),
+        pytest.param(("Message-ID:",), None, (), (), id="empty"),
+        pytest.param((), None, (), (), id="absent"),
+        pytest.param(
+            ("In-Reply-To: <p@x.example> (comment)", "References: <a@x> <b@x>\r\n <c@x>"),
+            None,
+            ("<p@x.example>",),
+            ("<a@x>", "<b@x>", "<c@x>"),
+            id="threading",
+        ),
+        pytest.param(
+            ("References: <a@x><a@x> junk <b\r\n @x>",), None, (), ("<a@x>", "<b@x>"), id="dedup"
+        ),
+        pytest.param(("In-Reply-To: Your message of Monday",), None, (), (), id="no-ids"),
+    ],
+)
+def test_message_ids(
+    headers: tuple[str, ...],
+    message_id: str | None,
+    in_reply_to: tuple[str, ...],
+    references: tuple[str, ...],
+) -> None:
+    msg = parse_message(eml("Subject: ids", *headers))
+    assert (msg.message_id, msg.in_reply_to, msg.references) == (
+        message_id,
+        in_reply_to,
+        references,
+    )
+
+
+# --- loop / auto-answer headers (spec 2.4) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "field", "expected"),
+    [
+        pytest.param(("Auto-Submitted: Auto-Replied",), "auto_submitted", "auto-replied", id="as"),
+        pytest.param(
+            ("Auto-Submitted: auto-replied; owner-email=x@y",),
+            "auto_submitted",
+            "auto-replied",
+            id="as-params",
+        ),
+        pytest.param(("Auto-Submitted: no",), "auto_submitted", "no", id="as-no"),
+        pytest.param((), "auto_submitted", None, id="as-absent"),
+        pytest.param(("Precedence: Bulk",), "precedence", "bulk", id="precedence"),
+        pytest.param((), "precedence", None, id="precedence-absent"),
+        pytest.param(("List-Id: <list.example>",), "list_id", True, id="list-id"),
+        pytest.param((), "list_id", False, id="list-id-absent"),
+        pytest.param(("X-Auto-Response-Suppress: All",), "auto_response_suppress", True, id="xars"),
+        pytest.param((), "auto_response_suppress", False, id="xars-absent"),
+        pytest.param(
+            ("X-Smtpgate-Loop:  Connector@Localhost ",),
+            "loop_header",
+            "connector@localhost",
+            id="loop",
+        ),
+        pytest.param(("X-Smtpgate-Loop:",), "loop_header", "", id="loop-empty"),
+        pytest.param((), "loop_header", None, id="loop-absent"),
+    ],
+)
+def test_header_flags(headers: tuple[str, ...], field: str, expected: object) -> None:
+    assert getattr(parse_message(eml("Subject: s", *headers)), field) == expected
+
+
+# --- auto-replies and delivery reports (spec 2.3.2) ---------------------------------------------
+
+DSN = multipart(
+    "report; report-type=delivery-status",
+    part("Content-Type: text/plain", body="Your message could not be delivered."),
+    part("Content-Type: message/delivery-status", body="Reporting-MTA: dns; mx.example\r\n"),
+    part("Content-Type: message/rfc822", body=eml("Subject: original", body="orig")),
+    headers=("From: MAILER-DAEMON@mx.example", "Subject: Undelivered Mail Returned to Sender"),
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "auto_reply", "report"),
+    [
+        pytest.param(
+            eml("Subject: Question", "Auto-Submitted: auto-replied"), True, False, id="rfc3834"
+        ),
+        pytest.param(
+            eml("Subject: Alert", "Auto-Submitted: auto-generated"), False, False, id="generated"
+        ),
+        pytest.param(eml("Subject: Hi", "X-Autoreply: yes"), True, False, id="x-autoreply"),
+        pytest.param(eml("Subject: Hi", "X-Autorespond: Hi"), True, False, id="x-autorespond"),
+        pytest.param(eml("Subject: Hi", "Precedence: auto_reply"), True, False, id="precedence"),
+        pytest.param(
+            eml("Subject: Hi", "X-Auto-Response-Suppress: All"), False, False, id="xars-alone"
+        ),
+        pytest.param(eml("Subject: Automatic reply: Printer"), True, False, id="automatic-reply"),
+        pytest.param(eml("Subject: Auto: Printer"), True, False, id="auto-colon"),
+        pytest.param(eml("Subject: Out of Office: Printer"), True, False, id="out-of-office"),
+        pytest.param(eml("Subject: Abwesenheitsnotiz: Drucker"), True, False, id="de"),
+        pytest.param(eml("Subject: Automatische Antwort: Drucker"), True, False, id="de-2"),
+        pytest.param(eml("Subject: Réponse automatique : Imprimante"), True, False, id="fr"),
+        pytest.param(eml("Subject: Autosvar: Skrivare"), True, False, id="sv"),
+        pytest.param(
+            eml("Subject: =?utf-8?q?R=C3=A9ponse_automatique_:_x?="), True, False, id="fr-encoded"
+        ),
+        pytest.param(
+            eml("Subject: My manager is out of office"), False, False, id="human-ooo-text"
+        ),
+        pytest.param(
+            eml("Subject: Autopilot license renewal"), False, False, id="auto-prefix-word"
+        ),
+        pytest.param(DSN, True, True, id="multipart-report"),
+        pytest.param(
+            multipart(
+                "mixed",
+                part("Content-Type: text/plain", body="see below"),
+                part("Content-Type: message/delivery-status", body="Action: failed\r\n"),
+                headers=("Subject: note",),
+            ),
+            True,
+            True,
+            id="delivery-status-part",
+        ),
+        pytest.param(
+            eml("From: postmaster@acme.example", "Subject: Undeliverable: Printer"),
+            True,
+            True,
+            id="postmaster-undeliverable",
+        ),
+        pytest.param(
+            eml(
+                "From: Mail Delivery System <MAILER-DAEMON@mx.example>",
+                "Subject: Mail delivery failed: returning message to sender",
+            ),
+            True,
+            True,
+            id="exim",
+        ),
+        pytest.param(
+            eml(
+                "From: mailer-daemon@mx.example", "Subject: Delivery Status Notification (Failure)"
+            ),
+            True,
+            True,
+            id="gmail-dsn",
+        ),
+        pytest.param(
+            eml("From: MAILER-DAEMON", "Subject: Returned mail: see transcript"),
+            True,
+            True,
+            id="daemon-without-domain",
+        ),
+        pytest.param(
+            eml("From: mailer-daemon@mx.example", "Subject: Your weekly digest"),
+            False,
+            False,
+            id="daemon-not-bounce",
+        ),
+        pytest.param(
+            eml("From: jane@acme.example", "Subject: Undeliverable parcel"),
+            False,
+            False,
+            id="bounce-words-from-human",
+        ),
+        pytest.param(
+            multipart(
+                "mixed",
+                part("Content-Type: text/plain", body="FYI, this bounced"),
+                part("Content-Type: message/rfc822", body=DSN),
+                boundary="OUTER",
+                headers=("From: jane@acme.example", "Subject: Fwd: bounce"),
+            ),
+            False,
+            False,
+            id="forwarded-bounce",
+        ),
+        pytest.param(
+            multipart(
+                "report; report-type=disposition-notification",
+                part("Content-Type: text/plain", body="Your message was read."),
+                part("Content-Type: message/disposition-notification", body="Disposition: x\r\n"),
+                headers=("Subject: Read: Printer",),
+            ),
+            True,
+            False,
+            id="read-receipt",
+        ),
+    ],
+)
+def test_auto_reply_and_delivery_report(raw: bytes, auto_reply: bool, report: bool) -> None:
+    msg = parse_message(raw)
+    assert (msg.is_auto_reply, msg.is_delivery_report) == (auto_reply, report)
+
+
+def test_delivery_report_body_is_the_human_part() -> None:
+    msg = parse_message(DSN)
+    assert msg.text == "Your message could not be delivered."
+    assert msg.attachments == ()  # neither the status nor the returned message has a filename
+
+
+# --- body text --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "text", "html_only"),
+    [
+        pytest.param(
+            eml("Subject: s", body="line 1\r\nline 2\r\n"), "line 1\nline 2\n", False, id="crlf"
+        ),
+        pytest.param(eml("Subject: s", body=b"old\rmac\r"), "old\nmac\n", False, id="cr-only"),
+        pytest.param(eml("Subject: s", body=b""), "", False, id="empty"),
+        pytest.param(eml("Subject: s", body=b"\xef\xbb\xbfbom"), "bom", False, id="bom-dropped"),
+        pytest.param(
+            eml("Content-Type: text/plain; charset=utf-8", body="Grüße".encode()),
+            "Grüße",
+            False,
+            id="utf8",
+        ),
+        pytest.param(
+            eml("Content-Type: text/plain; charset=utf-8", body="Grüße".encode("latin-1")),
+            "Grüße",
+            False,
+            id="lying-utf8",
+        ),
+        pytest.param(
+            eml("Content-Type: text/plain; charset=x-martian", body="Grüße".encode()),
+            "Grüße",
+            False,
+            id="unknown-charset",
+        ),
+        pytest.param(
+            eml("Subject: s", body="naïve".encode()), "naïve", False, id="no-charset-8bit"
+        ),
+        pytest.param(
+            eml("Content-Type: text/plain; charset=us-ascii", body="naïve".encode()),
+            "naïve",
+            False,
+            id="lying-ascii",
+        ),
+        pytest.param(
+            eml('Content-Type: text/plain; charset="unicode_escape"', body=b"\\u0041"),
+            "\\u0041",
+            False,
+            id="codec-not-for-mail",
+        ),
+        pytest.param(
+            eml(
+                "Content-Type: text/plain; charset=iso-8859-1",
+                "Content-Transfer-Encoding: quoted-printable",
+                body=b"R=E9sum=E9 with a soft=\r\n break",
+            ),
+            "Résumé with a soft break",
+            False,
+            id="quoted-printable",
+        ),
+        pytest.param(
+            eml(
+                "Content-Type: text/plain; charset=utf-8",
+                "Content-Transfer-Encoding: BASE64 ",
+                body=base64.encodebytes("Grüße\n".encode()),
+            ),
+            "Grüße\n",
+            False,
+            id="base64",
+        ),
+        pytest.param(
+            eml("Subject: s", body=b"a\x00b\x1bc\td"), "abc\td", False, id="controls-dropped"
+        ),
+        pytest.param(
+            multipart(
+                "alternative",
+                part("Content-Type: text/plain", body="plain version"),
+                part("Content-Type: text/html", body="<p>html version</p>"),
+            ),
+            "plain version",
+            False,
+            id="alternative-prefers-plain",
+        ),
+        pytest.param(
+            multipart(
+                "alternative",
+                part("Content-Type: text/html", body="<p>html <b>only</b></p>"),
+            ),
+            "html only",
+            True,
+            id="html-only",
+        ),
+        pytest.param(
+            multipart(
+                "mixed",
+                part(
+                    "Content-Type: text/plain; name=notes.txt",
+                    "Content-Disposition: attachment",
+                    body="attached notes",
+                ),
+                part("Content-Type: text/plain", body="the body"),
+            ),
+            "the body",
+            False,
+            id="attached-text-is-not-body",
+        ),
+        pytest.param(
+            multipart(
+                "mixed",
+                part("Content-Type: text/plain", "Content-Disposition: attachment", body="x"),
+            ),
+            "",
+            False,
+            id="only-attachment",
+        ),
+        pytest.param(
+            multipart(
+                "mixed",
+                part("Content-Type: message/rfc822", body=eml("Subject: inner", body="inner text")),
+            ),
+            "inner text",
+            False,
+            id="enclosed-message-only",
+        ),
+        pytest.param(
+            multipart(
+                "mixed",
+                part("Content-Type: text/html", body="<p>outer</p>"),
+                part("Content-Type: message/rfc822", body=eml("Subject: inner", body="inner text")),
+            ),
+            "outer",
+            True,
+            id="outer-html-beats-enclosed-plain",
+        ),
+        pytest.param(
+            eml("Content-Type: application/pdf", body=b"%PDF"), "", False, id="no-text-at-all"
+        ),
+    ],
+)
+def test_body_text(raw: bytes, text: str, html_only: bool) -> None:
+    msg = parse_message(raw)
+    assert (msg.text, msg.html_only) == (text, html_only)
+
+
+def test_body_lying_charset_is_noted() -> None:
+    msg = parse_message(eml("Content-Type: text/plain; charset=utf-8", body=b"caf\xe9"))
+    assert msg.text == "café"
+    assert "body charset did not fit" in msg.defects
+
+
+@pytest.mark.parametrize(
+    ("html", "text"),
+    [
+        pytest.param("<p>Hello&nbsp;<b>World</b> &amp; co</p>", "Hello World & co", id="entities"),
+        pytest.param("a<br>b<br/>c", "a\nb\nc", id="br"),
+        pytest.param("<p>one</p><p>two</p>", "one\n\ntwo", id="paragraphs"),
+        pytest.param("<div>one</div><div>two</div>", "one\ntwo", id="divs"),
+        pytest.param("<ul><li>a</li><li>b</li></ul>", "a\nb", id="list"),
+        pytest.param(
+            "<table><tr><td>a</td><td>b</td></tr><tr><td>c</td></tr></table>", "a b\nc", id="table"
+        ),
+        pytest.param(
+            "<html><head><title>T</title><style>p{color:red}</style></head>"
+            "<body><script>alert(1)</script>Visible</body></html>",
+            "Visible",
+            id="head-script-style-dropped",
+        ),
+        pytest.param("before<!-- hidden -->after", "beforeafter", id="comment"),
+        pytest.param("a<p></p><p></p><p></p><br><br><br>b", "a\n\nb", id="blank-runs-collapsed"),
+        pytest.param("<pre>x  =\n  1</pre>", "x =\n1", id="pre-keeps-lines"),
+        pytest.param("1 < 2 and 3 > 2", "1 < 2 and 3 > 2", id="literal-lt"),
+        pytest.param("<P CLASS=x>Upper</P><SCRIPT>bad()</SCRIPT>", "Upper", id="uppercase"),
+        pytest.param("text<!-- never closed", "text", id="unclosed-comment"),
+        pytest.param("text<script>never closed", "text", id="unclosed-script"),
+        pytest.param("text<a href='x'", "text", id="unclosed-tag"),
+        pytest.param("<!DOCTYPE html><?xml x?><![CDATA[c]]>t", "t", id="declarations"),
+        pytest.param("&#128512; &bogus; &#xD800;", "😀 &bogus; \ufffd", id="odd-entities"),
+    ],
+)
+def test_html_to_text(html: str, text: str) -> None:
+    msg = parse_message(eml("Content-Type: text/html; charset=utf-8", body=html))
+    assert msg.html_only
+    assert msg.text == text
+
+
+# --- attachments ------------------------------------------------------------------------------
+
+PDF = b"%PDF-1.4 fake pdf bytes\n" * 10
+
+
+@pytest.mark.parametrize(
+    ("raw", "attachments"),
+    [
+        pytest.param(
+            multipart(
+                "mixed",
+                part("Content-Type: text/plain", body="see attached"),
+                part(
+                    'Content-Type: application/PDF; name="ignored.pdf"',
+                    'Content-Disposition: attachment; filename="report.pdf"',
+                    "Content-Transfer-Encoding: base64",
+                    body=base64.encodebytes(PDF),
+                ),
+            ),
+            (Attachment("report.pdf", "application/pdf", len(PDF)),),
+            id="pdf",
+        ),
+        pytest.param(
+            multipart(
+                "related",
+                part("Content-Type: text/html", body="<img src='cid:logo'>"),
+                part(
+                    "Content-Type: image/png; name=logo.png",
+                    "Content-Disposition: inline",
+                    "Content-ID: <logo>",
+                    body=b"PNGDATA",
+                ),
+            ),
+            (Attachment("logo.png", "image/png", 7),),
+            id="inline-image-with-name",
+        ),
+        pytest.param(
+            multipart(
+                "mixed",
+                part("Content-Type: text/plain", body="body"),
+                part(
+                    "Content-Type: application/octet-stream",
+                    "Content-Disposition: attachment",
+                    body=b"xyz",
+                ),
+            ),
+            (Attachment(None, "application/octet-stream", 3),),
+            id="unnamed",
+        ),
+        pytest.param(
+            multipart(
+                "mixed",
+                part("Content-Type: text/plain", body="body"),
+                part(
+                    "Content-Type: application/pdf",
+                    "Content-Disposition: attachment; filename*=UTF-8''Gr%C3%BC%C3%9Fe.pdf",
+                    body=b"x",
+                ),
+                part(
+                    "Content-Type: application/pdf",
+                    "Content-Disposition: attachment; filename*0*=utf-8''Re%CC%81;",
+                    "  filename*1=sume.pdf",
+                    body=b"y",
+                ),
+                part(
+                    'Content-Type: application/pdf; name="=?utf-8?q?K=C3=B6ln.pdf?="',
+                    body=b"z",
+                ),
+            ),
+            (
+                Attachment("Grüße.pdf", "application/pdf", 1),
+                Attachment("Re\u0301sume.pdf", "application/pdf", 1),
+                Attachment("Köln.pdf", "application/pdf", 1),
+            ),
+            id="rfc2231-and-encoded-names",
+        ),
+        pytest.param(
+            multipart(
+                "mixed",
+                part("Content-Type: text/plain", body="body"),
+                part(
+                    "Content-Type: application/octet-stream",
+                    'Content-Disposition: attachment; filename="..\\\\..\\\\evil\\\\x.exe"',
+                    body=b"x",
+                ),
+            ),
+            (Attachment("x.exe", "application/octet-stream", 1),),
+            id="path-stripped",
+        ),
+        pytest.param(
+            multipart(
+                "mixed",
+                part("Content-Type: text/plain", body="body"),
+                part(
+                    "Content-Type: application/ms-tnef; name=winmail.dat",
+                    "Content-Transfer-Encoding: base64",
+                    body=base64.encodebytes(b"\x78\x9f\x3e\x22" + b"\x00" * 60),
+                ),
+            ),
+            (Attachment("winmail.dat", "application/ms-tnef", 64),),
+            id="tnef",
+        ),
+        pytest.param(
+            multipart(
+                "mixed",
+                part("Content-Type: text/plain", body="forwarding this"),
+                part(
+                    "Content-Type: message/rfc822",
+                    'Content-Disposition: attachment; filename="orig.eml"',
+                    body=eml("Subject: inner", body="inner body"),
+                ),
+            ),
+            (
+                Attachment(
+                    "orig.eml", "message/rfc822", len(eml("Subject: inner", body="inner body"))
+                ),
+            ),
+            id="enclosed-message",
+        ),
+        pytest.param(eml("Subject: plain", body="just text"), (), id="none"),
+    ],
+)
+def test_attachments(raw: bytes, attachments: tuple[Attachment, ...]) -> None:
+    assert parse_message(raw).attachments == attachments
+
+
+def test_enclosed_message_is_one_attachment_of_about_its_size() -> None:
+    inner = multipart(
+        "mixed",
+        part("Content-Type: text/plain", body="inner"),
+        part("Content-Type: image/gif; name=inner.gif", body=b"GIF89a"),
+        boundary="INNER",
+    )
+    raw = multipart(
+        "mixed",
+        part("Content-Type: text/plain", body="body"),
+        part("Content-Type: message/rfc822", "Content-Disposition: attachment", body=inner),
+    )
+    (attachment,) = parse_message(raw).attachments
+    assert (attachment.filename, attachment.content_type) == (None, "message/rfc822")
+    assert abs(attachment.size - len(inner)) <= len(inner) // 5  # approximate by design
+
+
+def test_text_part_with_filename_is_an_attachment_not_the_body() -> None:
+    msg = parse_message(eml("Content-Type: text/plain; name=log.txt", body="log lines"))
+    assert msg.text == ""
+    assert msg.attachments == (Attachment("log.txt", "text/plain", 9),)
+
+
+def test_broken_base64_attachment_is_best_effort_with_defect() -> None:
+    raw = multipart(
+        "mixed",
+        part("Content-Type: text/plain", body="body"),
+        part(
+            "Content-Type: application/pdf; name=a.pdf",
+            "Content-Transfer-Encoding: base64",
+            body=b"JVBE!!Ri0x*Lj\x00Q=\r\nA",  # junk, a NUL, padding in the middle
+        ),
+    )
+    msg = parse_message(raw)
+    assert msg.attachments == (Attachment("a.pdf", "application/pdf", 9),)
+    assert "broken base64" in msg.defects
+
+
+# --- XML candidates (spec 2.2) ------------------------------------------------------------------
+
+XML = b'<?xml version="1.0"?><CommitCRMTransaction/>'
+
+
+@pytest.mark.parametrize(
+    ("raw", "candidates"),
+    [
+        pytest.param(eml("Subject: x", body=XML), (XML,), id="plain-body"),
+        pytest.param(
+            multipart(
+                "mixed",
+                part("Content-Type: text/plain", body="see xml"),
+                part("Content-Type: application/xml", body=b"<a/>"),
+                part(
+                    "Content-Type: application/octet-stream",
+                    "Content-Disposition: attachment; filename=TX.XML",
+                    "Content-Transfer-Encoding: base64",
+                    body=base64.encodebytes(b"<b/>"),
+                ),
+                part("Content-Type: text/xml; name=c.xml", body=b"<c/>"),
+                part("Content-Type: text/plain; name=d.txt", body=b"<d/>"),
+            ),
+            (b"see xml", b"<a/>", b"<c/>", b"<b/>"),
+            id="order-and-no-duplicates",
+        ),
+        pytest.param(
+            eml(
+                "Content-Type: text/plain; charset=utf-16",
+                body="<x/>".encode("utf-16"),
+            ),
+            ("<x/>".encode("utf-16"),),
+            id="charset-not-decoded",
+        ),
+        pytest.param(
+            multipart(
+                "mixed",
+                part("Content-Type: text/plain", body=" \r\n "),
+                part("Content-Type: application/xml", body=b""),
+            ),
+            (),
+            id="empty-omitted",
+        ),
+        pytest.param(
+            multipart("alternative", part("Content-Type: text/html", body="<p>x</p>")),
+            (),
+            id="html-body-is-no-candidate",
+        ),
+        pytest.param(
+            multipart(
+                "mixed",
+                part("Content-Type: text/plain", body="outer"),
+                part("Content-Type: message/rfc822", body=eml("Content-Type: text/xml", body=XML)),
+            ),
+            (b"outer",),
+            id="enclosed-message-xml-ignored",
+        ),
+    ],
+)
+def test_xml_candidates(raw: bytes, candidates: tuple[bytes, ...]) -> None:
+    assert parse_message(raw).xml_candidates == candidates
+
+
+def test_oversized_xml_candidate_is_skipped() -> None:
+    big = b"<a>" + b"x" * (4 * 1024 * 1024) + b"</a>"
+    raw = multipart(
+        "mixed",
+        part("Content-Type: text/plain", body="body"),
+        part("Content-Type: application/xml", body=big),
+    )
+    msg = parse_message(raw)
+    assert msg.xml_candidates == (b"body",)
+    assert "XML candidate too large: skipped" in msg.defects
+
+
+# --- hostile input ----------------------------------------------------------------------------
+
+
+def _nested_multipart(depth: int) -> bytes:
+    head = b"".join(
+        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i)
+        for i in range(depth)
+    )
+    tail = b"".join(b"\r\n--b%d--" % i for i in reversed(range(depth)))
+    return b"Subject: deep\r\n" + head + b"Content-Type: text/plain\r\n\r\ndeep text" + tail
+
+
+def _nested_rfc822(depth: int) -> bytes:
+    raw = eml("Subject: innermost", body="core")
+    for i in range(depth):
+        raw = eml(f"Subject: level {i}", "Content-Type: message/rfc822", body=raw)
+    return raw
+
+
+def _check_deep_text_reached(msg: ParsedMessage) -> bool:
+    return msg.subject == "deep" and msg.text == "deep text"
+
+
+def _check_depth_limited(msg: ParsedMessage) -> bool:
+    return (
+        msg.subject == "deep"
+        and msg.text == ""
+        and any("nesting too deep" in d for d in msg.defects)
+    )
+
+
+HOSTILE: list[tuple[str, Callable[[], bytes], Callable[[ParsedMessage], bool]]] = [
+    ("empty", lambda: b"", lambda m: m == parse_message(b"")),
+    ("no-headers", lambda: b"\r\njust a body", lambda m: m.text == "just a body"),
+    ("headers-only", lambda: b"Subject: hi", lambda m: m.subject == "hi" and m.text == ""),
+    (
+        "nul-everywhere",
+        lambda: b"Subject: a\x00b\r\nFrom: x\x00y <a@b.example>\r\n\r\nbo\x00dy",
+        lambda m: (m.subject, m.from_address, m.text) == ("ab", "a@b.example", "body"),
+    ),
+    (
+        "nul-in-header-name",
+        lambda: b"Sub\x00ject: x\r\nFrom: a@b.example\r\n\r\nbody",
+        lambda m: m.subject == "" and "malformed header line" in m.defects,
+    ),
+    (
+        "20000-headers",
+        lambda: (
+            b"".join(b"X-Spam-%d: v\r\n" % i for i in range(20_000)) + b"Subject: last\r\n\r\nb"
+        ),
+        lambda m: m.subject == "last" and m.text == "b",
+    ),
+    (
+        "1mb-subject-line",
+        lambda: b"Subject: " + b"a" * 1_000_000 + b"\r\n\r\nbody",
+        lambda m: len(m.subject) == 16_384 and "subject truncated" in m.defects,
+    ),
+    (
+        "1mb-body-line",
+        lambda: b"Subject: s\r\n\r\n" + b"b" * 1_500_000,
+        lambda m: len(m.text) == 1_000_000 and "body text truncated" in m.defects,
+    ),
+    (
+        "5000-encoded-words",
+        lambda: (
+            b"Subject: " + b"\r\n ".join(b"=?utf-8?q?w=C3=A9?=" for _ in range(5000)) + b"\r\n\r\nx"
+        ),
+        lambda m: m.subject == "wé" * 5000,
+    ),
+    (
+        "5000-encoded-words-mixed-charsets",
+        lambda: (
+            b"Subject: "
+            + b" ".join(b"=?utf-8?q?a?= =?iso-8859-1?q?=E9?=" for _ in range(2500))
+            + b"\r\n\r\nx"
+        ),
+        lambda m: m.subject == "aé" * 2500,
+    ),
+    ("nested-multipart-40", lambda: _nested_multipart(40), _check_deep_text_reached),
+    ("nested-multipart-300", lambda: _nested_multipart(300), _check_depth_limited),
+    ("nested-multipart-2000", lambda: _nested_multipart(2000), _check_depth_limited),
+    (
+        "nested-rfc822-100",
+        lambda: _nested_rfc822(100),
+        lambda m: (
+            m.subject == "level 99" and "MIME nesting too deep: inner parts ignored" in m.defects
+        ),
+    ),
+    (
+        "nested-rfc822-10",
+        lambda: _nested_rfc822(10),
+        lambda m: m.subject == "level 9" and m.text == "core",
+    ),
+    (
+        "100000-parts",
+        lambda: (
+            b"Subject: many\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+            + b"--b\r\n\r\nx\r\n" * 100_000
+            + b"--b--\r\n"
+        ),
+        lambda m: m.subject == "many" and "too many MIME parts: body not parsed" in m.defects,
+    ),
+    (
+        "2000-attachments",
+        lambda: multipart(
+            "mixed",
+            *[part(f"Content-Type: image/png; name=i{i}.png", body=b"x") for i in range(2000)],
+        ),
+        lambda m: len(m.attachments) == 999 and "too many MIME parts: rest ignored" in m.defects,
+    ),
+    (
+        "quadratic-content-type",
+        lambda: b'Subject: q\r\nContent-Type: multipart/mixed; a="' + b";" * 300_000 + b"\r\n\r\nx",
+        lambda m: m.subject == "q" and "multipart without boundary" in m.defects,
+    ),
+    (
+        "quadratic-disposition",
+        lambda: (
+            b"Subject: q\r\nContent-Disposition: attachment; " + b'a="x\\";' * 50_000 + b"\r\n\r\nx"
+        ),
+        lambda m: m.subject == "q" and len(m.attachments) == 1,
+    ),
+    (
+        "missing-close-boundary",
+        lambda: b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nunfinished",
+        lambda m: m.text == "unfinished",
+    ),
+    (
+        "boundary-never-found",
+        lambda: b"Content-Type: multipart/mixed; boundary=b\r\n\r\nno parts at all",
+        lambda m: m.text == "" and any("boundary" in d for d in m.defects),
+    ),
+    (
+        "base64-length-4n+1",
+        lambda: b"Content-Transfer-Encoding: base64\r\n\r\naGVsbG8=a",
+        lambda m: m.text == "hello" and "broken base64" in m.defects,
+    ),
+    (
+        "broken-quoted-printable",
+        lambda: b"Content-Transfer-Encoding: quoted-printable\r\n\r\nbad=ZZ=\r\nsoft=4",
+        lambda m: m.text.startswith("bad=ZZsoft"),
+    ),
+    (
+        "unknown-transfer-encoding",
+        lambda: b"Content-Transfer-Encoding: x-rot13\r\n\r\nuryyb",
+        lambda m: m.text == "uryyb" and any("x-rot13" in d for d in m.defects),
+    ),
+    (
+        "uuencode",
+        lambda: (
+            b"Content-Transfer-Encoding: x-uuencode\r\n\r\n"
+            b"begin 644 f\r\n%:&5L;&\\`\r\n`\r\nend\r\n"
+        ),
+        lambda m: m.text == "hello",
+    ),
+    (
+        "garbage-content-type",
+        lambda: b'Content-Type: \x00\xff;;;==="\r\n\r\nstill text',
+        lambda m: m.text == "still text" and "malformed Content-Type" in m.defects,
+    ),
+    (
+        "huge-charset-name",
+        lambda: b"Content-Type: text/plain; charset=" + b"x" * 100_000 + b"\r\n\r\ntext",
+        lambda m: m.text == "text",
+    ),
+    (
+        "html-bomb",
+        lambda: b"Content-Type: text/html\r\n\r\n" + b"<a <!-- <script <b " * 50_000,
+        lambda m: m.html_only and "<" not in m.text,
+    ),
+    (
+        "mbox-from-line",
+        lambda: b"From jane@acme.example Thu Nov 26 10:00:00 2026\r\nSubject: mbox\r\n\r\nbody",
+        lambda m: m.subject == "mbox" and m.text == "body",
+    ),
+    (
+        "first-line-continuation",
+        lambda: b" continued\r\nSubject: s\r\n\r\nbody",
+        lambda m: m.subject == "s" and "first header line is a continuation" in m.defects,
+    ),
+    (
+        "binary-noise",
+        lambda: bytes(range(256)) * 64,
+        lambda m: isinstance(m.text, str) and "\x00" not in m.text,
+    ),
+    (
+        "not-bytes",
+        lambda: cast(bytes, bytearray(b"Subject: ba\r\n\r\nbody")),
+        lambda m: m.subject == "ba",
+    ),
+]
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("build", "check"), [pytest.param(b, c, id=name) for name, b, c in HOSTILE]
+)
+def test_hostile_input(
+    build: Callable[[], bytes], check: Callable[[ParsedMessage], object]
+) -> None:
+    msg = parse_message(build())
+    assert isinstance(msg, ParsedMessage)
+    assert check(msg)
+
+
+def test_unparseable_input_is_reported_not_raised() -> None:
+    msg = parse_message(object())  # type: ignore[arg-type]
+    assert msg.subject == ""
+    assert msg.defects[0].startswith("unparseable message")
+
+
+# --- strip_quotes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "Thanks!\n\nOn Thu, 26 Nov 2026 at 13:05, Support <support@x.example> wrote:\n> old\n",
+            "Thanks!",
+            id="gmail",
+        ),
+        pytest.param(
+            "Ok\n\nOn 26 Nov 2026, at 13:05, Support <s@x.example> wrote:\n\n> old",
+            "Ok",
+            id="apple-mail",
+        ),
+        pytest.param(
+            "Done.\n\n-----Original Message-----\nFrom: Support\nSent: Monday\n\nold text",
+            "Done.",
+            id="outlook-original-message",
+        ),
+        pytest.param(
+            "Done.\n________________________________\nFrom: Support <s@x.example>\nold",
+            "Done.",
+            id="outlook-separator",
+        ),
+        pytest.param(
+            "Done.\n\nFrom: Support <s@x.example>\nSent: Monday\nold",
+            "Done.",
+            id="outlook-header-block",
+        ),
+        pytest.param(
+            "Erledigt.\n\nAm 26.11.2026 um 13:05 schrieb Support:\n> alt",
+            "Erledigt.",
+            id="thunderbird-de",
+        ),
+        pytest.param(
+            "Merci\n\nLe jeu. 26 nov. 2026 à 13:05, Support <s@x.example> a écrit :\n> ancien",
+            "Merci",
+            id="gmail-fr",
+        ),
+        pytest.param(
+            "Danke\n\n-----Ursprüngliche Nachricht-----\nVon: Support",
+            "Danke",
+            id="outlook-de",
+        ),
+        pytest.param(
+            "Merci\n\nDe : Support <s@x.example>\nEnvoyé : lundi",
+            "Merci",
+            id="outlook-fr",
+        ),
+        pytest.param(
+            "> question?\nanswer one\n> other?\nanswer two  \n\n",
+            "answer one\nanswer two",
+            id="interleaved",
+        ),
+        pytest.param(
+            "> only quoted\n> lines", "> only quoted\n> lines", id="nothing-left-keeps-original"
+        ),
+        pytest.param(
+            "On Monday someone wrote:\n> all quote",
+            "On Monday someone wrote:\n> all quote",
+            id="quote-at-top",
+        ),
+        pytest.param("No quote here\n", "No quote here", id="no-quote"),
+        pytest.param(
+            "Prices went from: 3 to 4\nFrom: the team",
+            "Prices went from: 3 to 4\nFrom: the team",
+            id="no-false-outlook",
+        ),
+        pytest.param("", "", id="empty"),
+    ],
+)
+def test_strip_quotes(text: str, expected: str) -> None:
+    assert strip_quotes(text, QUOTE_PATTERNS) == expected
+
+
+def test_strip_quotes_with_patterns_compiled_like_config() -> None:
+    patterns = tuple(re.compile(p, re.IGNORECASE) for p in DEFAULT_QUOTE_PATTERNS)
+    assert strip_quotes("yes\nON MON, JANE <J@X.EXAMPLE> WROTE:\n> q", patterns) == "yes"
+
+
+def test_strip_quotes_without_patterns_drops_only_quoted_lines() -> None:
+    assert strip_quotes("a\n> b\nc", ()) == "a\nc"
+
+
+@pytest.mark.timeout(10)
+def test_strip_quotes_stays_cheap_on_hostile_lines() -> None:
+    text = "Am " + "schrieb " * 50_000 + "\nreal line\n" + "On " + "x" * 200_000
+    assert strip_quotes(text, QUOTE_PATTERNS).endswith("real line\nOn " + "x" * 200_000)
+
+
+# --- address_domain ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "domain"),
+    [
+        pytest.param("a@B.example", "b.example", id="lowered"),
+        pytest.param(" a@b.example. ", "b.example", id="trailing-dot"),
+        pytest.param('"x@y"@z.example', "z.example", id="last-at"),
+        pytest.param("root@[192.0.2.1]", "192.0.2.1", id="literal"),
+        pytest.param("no-domain", "", id="none"),
+        pytest.param("", "", id="empty"),
+    ],
+)
+def test_address_domain(address: str, domain: str) -> None:
+    assert address_domain(address) == domain
+
+
+# --- quote patterns are valid config ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", DEFAULT_QUOTE_PATTERNS)
+def test_default_quote_patterns_compile_and_match_no_plain_text(source: str) -> None:
+    pattern = re.compile(source, re.IGNORECASE | re.MULTILINE)
+    assert not pattern.search("Hello, the printer on floor 2 is broken again.")
+
+
+# --- golden fixtures (spec samples) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "subject", "from_address", "auto_reply", "text_start"),
+    [
+        ("01-alert-ticket.eml", "Alert for Site Acme Corp, Disk C: low on free space",
+         "alerts@externalsystem.com", False, "Disk C: on ACME-SRV01"),
+        ("02-alert-self-healed.eml",
+         "Alert Self Healed for Site Acme Corp, Disk C: low on free space",
+         "alerts@externalsystem.com", False, "The condition cleared."),
+        ("03-alert-unknown-site.eml", "Alert for Site Initech, CPU above 95%",
+         "alerts@externalsystem.com", False, "CPU on INITECH-WS7"),
+        ("04-xml-new-ticket.eml", "new ticket", "forms@globex.example", False, "<?xml"),
+        ("05-customer-new.eml", "Outlook keeps asking for my password", "jane@acme.example",
+         False, "Since this morning"),
+        ("06-customer-reply.eml", "RE: [Ticket #3] Outlook keeps asking for my password",
+         "jane@acme.example", False, "It happened again just now."),
+        ("07-stranger.eml", "Partnership proposal", "someone@elsewhere.example", False,
+         "Hello, we would like to talk."),
+        ("08-out-of-office.eml", "Automatic reply: Outlook keeps asking for my password",
+         "jane@acme.example", True, "I am out of the office"),
+    ],
+)  # fmt: skip
+def test_fixture(
+    name: str, subject: str, from_address: str, auto_reply: bool, text_start: str
+) -> None:
+    msg = parse_message((FIXTURES / name).read_bytes())
+    assert (msg.subject, msg.from_address, msg.is_auto_reply) == (subject, from_address, auto_reply)
+    assert msg.text.startswith(text_start)
+    assert (msg.message_id or "").startswith("<")
+    assert not msg.is_delivery_report
+    assert msg.defects == ()
+
+
+def test_fixture_xml_transaction_is_a_candidate() -> None:
+    msg = parse_message((FIXTURES / "04-xml-new-ticket.eml").read_bytes())
+    assert len(msg.xml_candidates) == 1
+    assert b"<CommitCRMTransaction>" in msg.xml_candidates[0]
+
+
+def test_fixture_reply_quote_is_stripped() -> None:
+    msg = parse_message((FIXTURES / "06-customer-reply.eml").read_bytes())
+    assert "wrote:" in msg.text
+    assert strip_quotes(msg.text, QUOTE_PATTERNS) == "It happened again just now."
+
+
+def test_fixture_out_of_office_is_auto_replied() -> None:
+    msg = parse_message((FIXTURES / "08-out-of-office.eml").read_bytes())
+    assert (msg.auto_submitted, msg.from_name) == ("auto-replied", "Jane Roe")
+
+
+# --- properties -------------------------------------------------------------------------------
+
+HEADER_NAMES = st.sampled_from(
+    [
+        "Subject", "From", "Content-Type", "Content-Disposition", "Content-Transfer-Encoding",
+        "Message-ID", "In-Reply-To", "References", "Auto-Submitted", "Precedence",
+        "X-Smtpgate-Loop",
+    ]
+)  # fmt: skip
+HEADER_VALUES = st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=200).map(lambda s: s.encode("utf-8", "surrogatepass")),
+    st.lists(
+        st.sampled_from(
+            ["=?utf-8?q?", "=?", "?=", "?b?", "?Q?", "=C3", "=A9", "w6k", "<", ">", '"', "(", ")",
+             ",", ";", ":", "@", "\\", " ", "\r\n ", "\t", "\x00", "a", "é", "boundary=", "*0*="]
+        ),
+        max_size=60,
+    ).map(lambda parts: "".join(parts).encode("utf-8")),
+)  # fmt: skip
+
+
+def _assert_well_formed(msg: ParsedMessage) -> None:
+    assert not any(d.startswith("unparseable message") for d in msg.defects)  # no internal error
+    assert msg.subject == " ".join(msg.subject.split())
+    assert msg.from_address == "".join(msg.from_address.lower().split())
+    assert all(i.startswith("<") and i.endswith(">") for i in (*msg.in_reply_to, *msg.references))
+    assert not {"\x00", "\r"} & set(msg.text)
+    assert all(a.size >= 0 and a.content_type == a.content_type.lower() for a in msg.attachments)
+    assert all(c for c in msg.xml_candidates)
+
+
+@PROPERTY
+@given(st.binary(max_size=3000))
+def test_arbitrary_bytes_never_raise(raw: bytes) -> None:
+    _assert_well_formed(parse_message(raw))
+
+
+@PROPERTY
+@given(st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=8), st.binary(max_size=500))
+def test_arbitrary_header_values_never_raise(headers: list[tuple[str, bytes]], body: bytes) -> None:
+    raw = b"\r\n".join(name.encode() + b": " + value for name, value in headers)
+    _assert_well_formed(parse_message(raw + b"\r\n\r\n" + body))
+
+
+@PROPERTY
+@given(HEADER_VALUES)
+def test_subject_is_whitespace_collapsed(value: bytes) -> None:
+    subject = parse_message(b"Subject: " + value + b"\r\n\r\nbody").subject
+    assert subject == " ".join(subject.split())
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in subject)
+
+
+@PROPERTY
+@given(st.lists(st.sampled_from(["=?utf-8?q?x?=", "=?utf-8?b?w6k=?=", " ", "\r\n ", "word"])))
+def test_encoded_word_subjects_match_their_plain_decoding(tokens: list[str]) -> None:
+    subject = parse_message(("Subject: " + "".join(tokens) + "\r\n\r\n").encode()).subject
+    assert "=?" not in subject
+    assert subject.replace(" ", "") == "".join(tokens).replace("=?utf-8?q?x?=", "x").replace(
+        "=?utf-8?b?w6k=?=", "é"
+    ).replace(" ", "").replace("\r\n", "")
+
+
+@settings(max_examples=100, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(st.text(max_size=400))
+def test_strip_quotes_total(text: str) -> None:
+    result = strip_quotes(text, QUOTE_PATTERNS)
+    assert result == text or (result.strip() and result == result.rstrip())
+    if result != text:
+        assert not any(line.lstrip().startswith(">") for line in result.splitlines())
