@@ -58,6 +58,8 @@ def setup_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level)
     # aiosmtpd logs every session at INFO; that is noise next to our per-message lines.
     logging.getLogger("mail.log").setLevel(max(logging.WARNING, root.level))
+    # aiosqlite's DEBUG lines repeat every statement's parameters: raw messages and passwords.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))
 
 
 def _print_json(value: Any) -> None:
@@ -85,12 +87,14 @@ async def cmd_serve(settings: Settings, rules: Rules, _: argparse.Namespace) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gateway.reload_rules)
-    print(
+    ready = (
         f"smtpgate: SMTP on {settings.smtp_host}:{gateway.smtp_port}, "
-        f"HTTP on http://{settings.http_host}:{gateway.http_port}/ (Ctrl-C stops)",
-        file=sys.stderr,
-        flush=True,
+        f"HTTP on http://{settings.http_host}:{gateway.http_port}/"
     )
+    if settings.log_format == "json":
+        log.info("%s", ready)  # SMTPGATE_LOG_FORMAT=json: every stderr line is JSON
+    else:
+        print(f"{ready} (Ctrl-C stops)", file=sys.stderr, flush=True)
     await stop.wait()
     log.info("signal received: draining")
     await gateway.stop()
@@ -441,7 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = runner(args.fn(settings, rules, args))
     except ConfigError as exc:
-        print(f"smtpgate: {exc}", file=sys.stderr)
+        if settings.log_format == "json":
+            log.error("%s", exc)
+        else:
+            print(f"smtpgate: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -454,7 +461,8 @@ def _event_loop_runner() -> Callable[[Any], Any]:
         import uvloop
     except ImportError:
         return asyncio.run
-    return uvloop.run  # type: ignore[no-any-return]
+    runner: Callable[[Any], Any] = uvloop.run
+    return runner
 
 
 if __name__ == "__main__":

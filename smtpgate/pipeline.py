@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 SOURCE_AUTOMATED = "Email Connector (automated)"
 SOURCE_EMAIL = "Email"
+# xml-api 2: the document could not be read (150001) or was refused for safety (150012).
+UNREADABLE_CODES = frozenset({150001, 150012})
 
 
 class Directory(Protocol):
@@ -258,19 +260,22 @@ async def stage_xml(inb: Inbound, ctx: Context, _: Directory) -> Decision | None
     tx = xmlapi.find_transaction(inb.msg.xml_candidates, max_bytes=settings.api_max_xml_bytes)
     if tx is None:
         return None
+    unreadable = [e for e in tx.errors if e.code in UNREADABLE_CODES]
+    if unreadable:
+        # Malformed or refused for safety: nothing was read, not even the password or the
+        # response address, so there is nobody to answer.
+        return Decision(
+            Path.XML,
+            Action.XML_REJECTED,
+            reason="unreadable",
+            error_code=unreadable[0].code,
+            notes=[e.message for e in unreadable[:5]],
+        )
     password = settings.api_password.get_secret_value() if settings.api_password else None
     if not xmlapi.password_ok(tx, password):
         # xml-api 2: logged, never answered — a wrong password must not make us a reflector.
         log.warning("XML transaction with a wrong or missing password from %s", inb.sender)
         return Decision(Path.XML, Action.XML_REJECTED, reason="password", error_code=150011)
-    if tx.response_to is None and not tx.ok:
-        return Decision(
-            Path.XML,
-            Action.XML_REJECTED,
-            reason="unreadable",
-            error_code=tx.errors[0].code,
-            notes=[e.message for e in tx.errors[:5]],
-        )
     why_not = _may_answer(inb, ctx, tx.response_to)
     notes: list[str] = []
     if not settings.api_send_response:
