@@ -11,6 +11,7 @@ import contextlib
 import html
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -92,10 +93,14 @@ Route = Callable[[], Awaitable[tuple[int, str, bytes]]]
 class StatusServer:
     """Serves the routes; every response closes the connection (no keep-alive to manage)."""
 
+    # /healthz answers within this many seconds even while the store is locked.
+    HEALTH_TIMEOUT = 3.0
+
     def __init__(self, store: Store, metrics: Metrics, sessions: Callable[[], int]) -> None:
         self.store = store
         self.metrics = metrics
         self._sessions = sessions
+        self._probe: asyncio.Task[bool] | None = None
         self.routes: dict[str, Route] = {
             "/healthz": self.healthz,
             "/status": self.status,
@@ -118,7 +123,12 @@ class StatusServer:
                 code, ctype, body = 404, "text/plain", b"not found\n"
             else:
                 code, ctype, body = await route()
-            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Unavailable"}
+            reason = {
+                200: "OK",
+                404: "Not Found",
+                405: "Method Not Allowed",
+                503: "Service Unavailable",
+            }
             head = (
                 f"HTTP/1.1 {code} {reason.get(code, 'OK')}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
@@ -138,7 +148,15 @@ class StatusServer:
                 await writer.wait_closed()
 
     async def healthz(self) -> tuple[int, str, bytes]:
-        ok = await self.store.can_write()
+        # One probe at a time, shielded: a probe must never be cancelled mid-statement (see
+        # Store.can_write); a slow one answers 503 here and finishes in the background.
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self.store.can_write(), name="health-probe")
+        try:
+            async with asyncio.timeout(self.HEALTH_TIMEOUT):
+                ok = await asyncio.shield(self._probe)
+        except TimeoutError:
+            ok = False
         return (200, "text/plain", b"ok\n") if ok else (503, "text/plain", b"store not writable\n")
 
     async def status(self) -> tuple[int, str, bytes]:
@@ -157,6 +175,18 @@ class StatusServer:
         outbox = await self.store.list_outbox(limit=15)
         tickets = await self.store.list_tickets(limit=15)
         return 200, "text/html; charset=utf-8", render_page(status, recent, dead, outbox, tickets)
+
+
+def human_age(seconds: float) -> str:
+    """12 s, 4 min, 3 h 20 min, 2 d 5 h: what a person reads at a glance."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
 def _table(headers: list[str], rows: list[list[Any]], empty: str) -> str:
@@ -179,10 +209,12 @@ def render_page(
     outbox: list[dict[str, Any]],
     tickets: list[dict[str, Any]],
 ) -> bytes:
-    """The status page for people: self-contained HTML that refreshes itself every 10 s."""
+    """The status page for people: self-contained HTML (no external assets) that refreshes
+    itself every 10 s. Everything shown that came from a message is HTML-escaped."""
     inbound, out = status["inbound"], status["outbox"]
     cards = "".join(
-        f'<div class="card {k}"><div class="n" id="inbound-{k}">{inbound[k]}</div>'
+        f'<div class="card {k}{" alarm" if k == "dead" and inbound[k] else ""}">'
+        f'<div class="n" id="inbound-{k}">{inbound[k]}</div>'
         f"<div>{k}</div></div>"
         for k in ("queued", "active", "done", "dead")
     )
@@ -209,6 +241,9 @@ def render_page(
     ticket_rows = [
         [t["number"], t["description"], t["account"], t["source"], t["created_at"]] for t in tickets
     ]
+    age = inbound["oldest_queued_age_s"]
+    oldest = human_age(age) if inbound["queued"] else "none waiting"
+    generated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="10">
@@ -217,15 +252,17 @@ def render_page(
 body{{font:14px system-ui,sans-serif;margin:1.5em;color:#222}}
 h1{{font-size:1.4em}} h2{{font-size:1.1em;margin-top:1.6em}}
 .cards{{display:flex;gap:1em}} .card{{border:1px solid #ccc;border-radius:6px;padding:.6em 1.2em}}
-.card .n{{font-size:1.8em;font-weight:600}} .dead .n{{color:#b00}}
+.card .n{{font-size:1.8em;font-weight:600}} .alarm .n{{color:#b00}}
 table{{border-collapse:collapse;width:100%}} td,th{{border-bottom:1px solid #eee;padding:.3em .5em;
-text-align:left;vertical-align:top}} .empty{{color:#777}}
+text-align:left;vertical-align:top}} .empty,.note{{color:#777}} .bad{{color:#b00;font-weight:600}}
 </style></head><body>
 <h1>smtpgate — queue status</h1>
 <div class="cards">{cards}</div>
-<p id="oldest">Oldest queued message: {inbound["oldest_queued_age_s"]} s ·
-Outbox: {out["queued"]} queued, {out["active"]} sending, {out["done"]} sent, {out["dead"]} dead ·
+<p id="oldest">Oldest queued message: {oldest}</p>
+<p id="outbox-state">Outbox: {out["queued"]} queued, {out["active"]} sending, {out["done"]} sent,
+<span class="{"bad" if out["dead"] else ""}">{out["dead"]} dead</span> ·
 Accounts: {status["accounts"]} · Tickets: {status["tickets"]}</p>
+<p class="note">Updated {generated} UTC; this page refreshes itself every 10 seconds.</p>
 <h2>Latest messages</h2>
 {_table(["id", "received", "from", "state", "outcome"], recent_rows, "No messages yet.")}
 <h2>Dead messages</h2>

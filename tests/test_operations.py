@@ -1,0 +1,922 @@
+"""Operations: HTTP endpoints, metrics, STARTTLS, relay TLS/AUTH, JSON logs, SIGHUP, retention,
+backup and the deploy/ files. Real parts only: the gateway on loopback (in-process or the real
+`smtpgate serve` as a subprocess), recording relays, a real SQLite file, a self-signed certificate
+made by openssl."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from prometheus_client.parser import text_string_to_metric_families
+
+from smtpgate.app import Gateway
+from smtpgate.config import ENV_PREFIX, Rules, Settings, parse_rules
+from smtpgate.mail import parse_message
+from smtpgate.rules.automated import candidates, first_detection, first_skip
+from tests.conftest import (
+    GatewayFactory,
+    RecordingRelay,
+    make_settings,
+    send,
+    simple_message,
+    wait_processed,
+    wait_until,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+RELAY_USER = "gateway-user"
+RELAY_PASSWORD = "Relay-Pw-9d2f-never-logged"  # a test value that must not leak
+API_PASSWORD = "Api-Pw-41c7-never-logged"
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus exposition text → {(sample name, sorted labels): value}."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Cert:
+    cert: Path
+    key: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context that trusts exactly this self-signed certificate."""
+        return ssl.create_default_context(cafile=str(self.cert))
+
+
+@pytest.fixture(scope="session")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+            "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    return Cert(cert, key)
+
+
+@dataclass
+class SecureRelay:
+    """A recording relay that insists on STARTTLS and AUTH, and records the logins it saw."""
+
+    recorder: RecordingRelay
+    logins: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.recorder.port
+
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        user, password = auth_data.login.decode(), auth_data.password.decode()
+        self.logins.append((user, password))
+        ok = (user, password) == (RELAY_USER, RELAY_PASSWORD)
+        return AuthResult(success=ok, handled=False)
+
+
+@pytest.fixture
+async def secure_relay(cert: Cert) -> AsyncIterator[SecureRelay]:
+    relay = SecureRelay(RecordingRelay())
+    server = await asyncio.get_running_loop().create_server(
+        lambda: SMTP(
+            relay.recorder,
+            hostname="relay.test",
+            tls_context=cert.server_context(),
+            require_starttls=True,
+            authenticator=relay.authenticate,
+            auth_required=True,
+            auth_require_tls=True,
+        ),
+        host="127.0.0.1",
+        port=0,
+    )
+    relay.recorder.port = server.sockets[0].getsockname()[1]
+    yield relay
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+async def gateway_to(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    """Like gateway_factory, but the first argument is the relay port to deliver to."""
+    started: list[Gateway] = []
+
+    async def start(relay_port: int, **overrides: Any) -> Gateway:
+        gw = Gateway(make_settings(tmp_path, relay_port, **overrides), Rules())
+        await gw.start()
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        await gw.stop(grace=2)
+
+
+async def send_starttls(port: int, data: bytes, context: ssl.SSLContext) -> tuple[str, str]:
+    """One STARTTLS session; returns (the EHLO reply before TLS, the final DATA reply)."""
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=port, start_tls=False, tls_context=context, timeout=15
+    )
+    await client.connect()
+    try:
+        ehlo = await client.ehlo()
+        await client.starttls()
+        assert client.get_transport_info("sslcontext") is not None
+        await client.ehlo()
+        await client.mail("alerts@rmm.example")
+        await client.rcpt("connector@localhost")
+        reply = await client.data(data)
+        await client.quit()
+    finally:
+        client.close()
+    return ehlo.message, f"{reply.code} {reply.message}"
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    """The test process's environment without any SMTPGATE_* variable, plus `values`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update(values)
+    return env
+
+
+async def run_cli(cwd: Path, env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """Run `smtpgate ARGS` without blocking the event loop (the gateway under test shares it)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "smtpgate",
+        *args,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+# --- /healthz /status /metrics -------------------------------------------------------------------
+
+
+async def test_healthz_is_503_while_the_store_cannot_be_written_and_recovers(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    gw = await gateway_factory()
+    assert gw.store is not None
+    code, _, body = await http_get(gw.http_port, "/healthz")
+    assert (code, body) == (200, b"ok\n")
+
+    other = sqlite3.connect(gw.store.path, timeout=0.1, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        code, _, body = await http_get(gw.http_port, "/healthz")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert code == 503
+    assert b"not writable" in body
+
+    async def healthy() -> bool:
+        return (await http_get(gw.http_port, "/healthz"))[0] == 200
+
+    await wait_until(healthy, what="/healthz back to 200")
+    # The failed probe must leave the store usable: a message still goes all the way through.
+    code, text = await send(gw.smtp_port, simple_message(message_id="<after-lock@example.org>"))
+    assert code == 250, text
+    await wait_processed(gw, 1)
+    await relay.wait_for(1)
+    code, _, _ = await http_get(gw.http_port, "/healthz")
+    assert code == 200
+
+
+async def test_status_is_the_same_json_as_the_status_command(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, tmp_path: Path
+) -> None:
+    gw = await gateway_factory()
+    for i in range(2):
+        code, _ = await send(gw.smtp_port, simple_message(message_id=f"<st{i}@example.org>"))
+        assert code == 250
+    await wait_processed(gw, 2)
+    await relay.wait_for(2)
+    assert gw.store is not None
+
+    async def outbox_settled() -> bool:
+        assert gw.store is not None
+        status = await gw.store.status()
+        return bool(status["outbox"]["done"] == 2)
+
+    await wait_until(outbox_settled, what="outbox done")
+    code, headers, body = await http_get(gw.http_port, "/status")
+    assert code == 200
+    assert headers["content-type"] == "application/json"
+    served = json.loads(body)
+    env = clean_env(SMTPGATE_DATA_DIR=str(gw.settings.data_dir))
+    rc, out, err = await run_cli(tmp_path, env, "status", "--json")
+    assert rc == 0, err
+    assert json.loads(out) == served
+    assert served["inbound"]["done"] == 2
+    assert served["outbox"]["done"] == 2
+
+
+async def test_metrics_cover_what_an_operator_alerts_on(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    rules = """
+[[detection]]
+name = "rmm"
+sender = ["alerts@rmm.example"]
+subject = "Alert"
+"""
+    gw = await gateway_factory(rules)
+    code, _ = await send(
+        gw.smtp_port,
+        simple_message("Alert: disk C: low", "RMM <alerts@rmm.example>", message_id="<m1@rmm>"),
+        mail_from="alerts@rmm.example",
+    )
+    assert code == 250
+    code, _ = await send(gw.smtp_port, simple_message(message_id="<m2@example.org>"))
+    assert code == 250
+    await wait_processed(gw, 2)
+    await relay.wait_for(2)
+
+    async def delivered() -> bool:
+        _, _, body = await http_get(gw.http_port, "/metrics")
+        samples = metric_samples(body.decode())
+        return samples.get(("smtpgate_relay_deliveries_total", (("kind", "forward"),))) == 2
+
+    await wait_until(delivered, what="two deliveries counted")
+    code, headers, body = await http_get(gw.http_port, "/metrics")
+    assert code == 200
+    assert headers["content-type"].startswith("text/plain")
+    m = metric_samples(body.decode())
+    assert m[("smtpgate_messages_received_total", ())] == 2
+    automated = (("action", "automated_no_account"), ("path", "automated"))
+    assert m[("smtpgate_messages_processed_total", automated)] == 1
+    regular = (("action", "forwarded"), ("path", "regular"))
+    assert m[("smtpgate_messages_processed_total", regular)] == 1
+    assert m[("smtpgate_rule_hits_total", (("rule", "rmm"),))] == 1
+    assert m[("smtpgate_queue_depth", (("queue", "inbound"), ("state", "done")))] == 2
+    assert m[("smtpgate_queue_depth", (("queue", "inbound"), ("state", "queued")))] == 0
+    assert m[("smtpgate_queue_depth", (("queue", "outbox"), ("state", "done")))] == 2
+    assert m[("smtpgate_oldest_queued_age_seconds", ())] == 0
+    assert m[("smtpgate_processing_seconds_count", ())] == 2
+    assert ("smtpgate_processing_seconds_bucket", (("le", "+Inf"),)) in m
+    assert m[("smtpgate_smtp_connections_total", ())] == 2
+    # Per session: 220 greeting; 250 for EHLO (multi-line, counted once), MAIL, RCPT, end of DATA.
+    assert m[("smtpgate_smtp_replies_total", (("code", "220"),))] == 2
+    assert m[("smtpgate_smtp_replies_total", (("code", "354"),))] == 2
+    assert m[("smtpgate_smtp_replies_total", (("code", "250"),))] == 8
+
+
+async def test_relay_failures_are_counted_by_kind(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    relay.fail_with = "554 5.7.1 rejected by policy"
+    gw = await gateway_factory()
+    code, _ = await send(gw.smtp_port, simple_message(message_id="<f1@example.org>"))
+    assert code == 250
+
+    async def failed() -> bool:
+        _, _, body = await http_get(gw.http_port, "/metrics")
+        samples = metric_samples(body.decode())
+        return samples.get(("smtpgate_relay_failures_total", (("failure", "permanent"),))) == 1
+
+    await wait_until(failed, what="a permanent relay failure counted")
+    _, _, body = await http_get(gw.http_port, "/metrics")
+    m = metric_samples(body.decode())
+    assert m[("smtpgate_queue_depth", (("queue", "outbox"), ("state", "dead")))] == 1
+    assert ("smtpgate_relay_deliveries_total", (("kind", "forward"),)) not in m
+
+
+# --- TLS: the listener and the relay -------------------------------------------------------------
+
+
+async def test_starttls_on_the_listener_delivers(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, cert: Cert
+) -> None:
+    gw = await gateway_factory(tls_cert_file=cert.cert, tls_key_file=cert.key)
+    ehlo, reply = await send_starttls(
+        gw.smtp_port, simple_message("over TLS", message_id="<tls@example.org>"),
+        cert.client_context(),
+    )  # fmt: skip
+    assert "STARTTLS" in ehlo.upper()
+    assert reply.startswith("250 2.0.0 queued as "), reply
+    await wait_processed(gw, 1)
+    (forwarded,) = await relay.wait_for(1)
+    assert forwarded.message["Subject"] == "over TLS"
+    assert "with ESMTPS id" in forwarded.data.decode("ascii", "replace")
+
+
+async def test_no_starttls_without_a_certificate(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory()
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
+    await client.connect()
+    try:
+        reply = await client.ehlo()
+    finally:
+        client.close()
+    assert "STARTTLS" not in reply.message.upper()
+
+
+async def test_relay_with_starttls_and_auth(
+    gateway_to: GatewayFactory, secure_relay: SecureRelay
+) -> None:
+    gw = await gateway_to(
+        secure_relay.port,
+        relay_tls="starttls",
+        relay_tls_verify=False,  # the relay's certificate is self-signed
+        relay_username=RELAY_USER,
+        relay_password=RELAY_PASSWORD,
+    )
+    code, _ = await send(gw.smtp_port, simple_message("via auth", message_id="<au@example.org>"))
+    assert code == 250
+    (forwarded,) = await secure_relay.recorder.wait_for(1)
+    assert forwarded.rcpt_tos == ["support@msp.example"]
+    assert forwarded.message["Subject"] == "via auth"
+    assert secure_relay.logins == [(RELAY_USER, RELAY_PASSWORD)]
+
+
+async def test_relay_certificate_is_verified_by_default(
+    gateway_to: GatewayFactory, secure_relay: SecureRelay
+) -> None:
+    gw = await gateway_to(
+        secure_relay.port,
+        relay_tls="starttls",
+        relay_username=RELAY_USER,
+        relay_password=RELAY_PASSWORD,
+    )
+    code, _ = await send(gw.smtp_port, simple_message(message_id="<verify@example.org>"))
+    assert code == 250
+    assert gw.store is not None
+    store = gw.store
+
+    async def failed_once() -> bool:
+        rows = await store.list_outbox()
+        return bool(rows and rows[0]["last_error"])
+
+    await wait_until(failed_once, what="a failed relay attempt")
+    (row,) = await store.list_outbox()
+    assert "certificate" in row["last_error"].lower()
+    assert row["state"] in ("queued", "active")  # transient: retried, not dead
+    assert secure_relay.recorder.messages == []
+    assert secure_relay.logins == []  # no password sent over an unverified connection
+
+
+async def test_relay_wrong_password_is_not_delivered(
+    gateway_to: GatewayFactory, secure_relay: SecureRelay
+) -> None:
+    gw = await gateway_to(
+        secure_relay.port,
+        relay_tls="starttls",
+        relay_tls_verify=False,
+        relay_username=RELAY_USER,
+        relay_password="wrong",
+    )
+    code, _ = await send(gw.smtp_port, simple_message(message_id="<wrong@example.org>"))
+    assert code == 250
+    assert gw.store is not None
+    store = gw.store
+
+    async def failed_once() -> bool:
+        rows = await store.list_outbox()
+        return bool(rows and rows[0]["last_error"])
+
+    await wait_until(failed_once, what="a refused login")
+    assert secure_relay.logins[0] == (RELAY_USER, "wrong")
+    assert secure_relay.recorder.messages == []
+
+
+async def test_relay_with_implicit_tls(gateway_to: GatewayFactory, cert: Cert) -> None:
+    recorder = RecordingRelay()
+    server = await asyncio.get_running_loop().create_server(
+        lambda: SMTP(recorder, hostname="relay.test"),
+        host="127.0.0.1",
+        port=0,
+        ssl=cert.server_context(),
+    )
+    try:
+        gw = await gateway_to(
+            server.sockets[0].getsockname()[1],
+            relay_tls="tls",
+            relay_tls_verify=False,
+        )
+        code, _ = await send(gw.smtp_port, simple_message("tls", message_id="<itls@example.org>"))
+        assert code == 250
+        (forwarded,) = await recorder.wait_for(1)
+        assert forwarded.message["Subject"] == "tls"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# --- retention and backup ------------------------------------------------------------------------
+
+
+async def test_retention_removes_raw_bytes_and_keeps_the_outcome(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    gw = await gateway_factory()
+    code, text = await send(gw.smtp_port, simple_message(message_id="<ret@example.org>"))
+    assert code == 250
+    queue_id = text.rsplit(" ", 1)[-1]
+    await wait_processed(gw, 1)
+    assert gw.store is not None
+    assert await gw.store.purge(30) == 0  # younger than 30 days: kept
+    assert await gw.store.raw_message(queue_id) is not None
+
+    assert await gw.store.purge(0) == 1
+    row = await gw.store.get_inbound(queue_id)
+    assert row is not None
+    assert row["raw_kept"] is False
+    assert await gw.store.raw_message(queue_id) is None
+    assert row["state"] == "done"
+    assert row["outcome"]["action"] == "forwarded"
+    assert row["outcome"]["path"] == "regular"
+    assert await gw.store.purge(0) == 0  # nothing left to remove
+
+
+async def test_backup_is_a_consistent_online_copy(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, tmp_path: Path
+) -> None:
+    gw = await gateway_factory()
+    assert gw.store is not None
+    await gw.store.import_accounts([(2, {"file_as": "Acme Corp", "email1": "it@acme.example"})])
+    for i in range(3):
+        code, _ = await send(
+            gw.smtp_port,
+            simple_message(f"printer {i}", "IT <it@acme.example>", message_id=f"<b{i}@acme>"),
+            mail_from="it@acme.example",
+        )
+        assert code == 250
+    await wait_processed(gw, 3)
+    target = tmp_path / "backups" / "smtpgate-copy.db"
+    env = clean_env(SMTPGATE_DATA_DIR=str(gw.settings.data_dir))
+    rc, out, err = await run_cli(tmp_path, env, "backup", str(target))  # while serving
+    assert rc == 0, err
+    assert "backup written" in out
+    live = sqlite3.connect(gw.store.path)
+    copy = sqlite3.connect(target)
+    try:
+        assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        for table in ("inbound", "tickets", "accounts", "history", "outbox"):
+            query = f"SELECT count(*) FROM {table}"
+            assert copy.execute(query).fetchone() == live.execute(query).fetchone(), table
+        assert copy.execute("SELECT count(*) FROM tickets").fetchone() == (3,)
+    finally:
+        live.close()
+        copy.close()
+
+
+# --- the real `smtpgate serve`: TLS, JSON logs, rules, SIGHUP ------------------------------------
+
+RULES_V1 = """
+account_by_sender = true
+
+[[detection]]
+name = "rmm-alpha"
+sender = ["alerts@rmm.example"]
+subject = "ALPHA"
+"""
+RULES_V2 = RULES_V1.replace("rmm-alpha", "rmm-beta").replace('"ALPHA"', '"BETA"')
+RULES_BROKEN = RULES_V2 + '\n[[skip]]\nsubject = "Self Healed"\nunknown_key = 1\n'
+
+
+class ServeProcess:
+    """`python -m smtpgate serve` with its stderr in a file that tests read line by line."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+        self.log_path = cwd / "serve.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "smtpgate", "serve"],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+
+    def lines(self) -> list[str]:
+        return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+    async def wait_log(self, predicate: Any, what: str, start: int = 0) -> int:
+        """Poll stderr until a JSON line satisfies `predicate`; returns the line count seen."""
+        found: list[int] = []
+
+        async def seen() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError("serve exited early:\n" + "\n".join(self.lines()))
+            lines = self.lines()
+            for line in lines[start:]:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if predicate(entry):
+                    found.append(len(lines))
+                    return True
+            return False
+
+        await wait_until(seen, timeout=20, what=what)
+        return found[0]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve_env(tmp_path: Path, cert: Cert, secure_relay: SecureRelay) -> dict[str, str]:
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES_V1)
+    return clean_env(
+        SMTPGATE_DATA_DIR=str(tmp_path / "data"),
+        SMTPGATE_SMTP_PORT=str(free_port()),
+        SMTPGATE_HTTP_PORT=str(free_port()),
+        SMTPGATE_HOSTNAME="gateway.test",
+        SMTPGATE_CONNECTOR_ADDRESSES="connector@localhost",
+        SMTPGATE_INTERNAL_SUPPORT_ADDRESS="support@msp.example",
+        SMTPGATE_TLS_CERT_FILE=str(cert.cert),
+        SMTPGATE_TLS_KEY_FILE=str(cert.key),
+        SMTPGATE_RELAY_PORT=str(secure_relay.port),
+        SMTPGATE_RELAY_TLS="starttls",
+        SMTPGATE_RELAY_TLS_VERIFY="false",
+        SMTPGATE_RELAY_USERNAME=RELAY_USER,
+        SMTPGATE_RELAY_PASSWORD=RELAY_PASSWORD,
+        SMTPGATE_API_ENABLED="true",
+        SMTPGATE_API_PASSWORD=API_PASSWORD,
+        SMTPGATE_RULES_FILE=str(rules),
+        SMTPGATE_LOG_FORMAT="json",
+        SMTPGATE_LOG_LEVEL="DEBUG",  # the strictest case for "no secrets in logs"
+        SMTPGATE_RETRY_SCHEDULE="1",
+    )
+
+
+@pytest.fixture
+def serve(tmp_path: Path, serve_env: dict[str, str]) -> Iterator[ServeProcess]:
+    process = ServeProcess(tmp_path, serve_env)
+    yield process
+    process.stop()
+
+
+def xml_message(password: str) -> bytes:
+    text = (FIXTURES / "04-xml-new-ticket.eml").read_bytes()
+    return text.replace(b"s3cret", password.encode()).replace(b"\n", b"\r\n")
+
+
+@pytest.mark.slow
+async def test_serve_with_tls_json_logs_rules_and_sighup(
+    serve: ServeProcess, serve_env: dict[str, str], secure_relay: SecureRelay, cert: Cert
+) -> None:
+    smtp_port = int(serve_env["SMTPGATE_SMTP_PORT"])
+    http_port = int(serve_env["SMTPGATE_HTTP_PORT"])
+    rules_file = Path(serve_env["SMTPGATE_RULES_FILE"])
+    ready = await serve.wait_log(lambda e: "SMTP on" in e["message"], "the ready line")
+
+    async def get(path: str) -> tuple[int, dict[str, str], bytes]:
+        return await http_get(http_port, path)
+
+    async def metrics() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        code, _, body = await get("/metrics")
+        assert code == 200
+        return metric_samples(body.decode())
+
+    async def processed(count: int) -> None:
+        async def done() -> bool:
+            status = json.loads((await get("/status"))[2])
+            return bool(status["inbound"]["done"] + status["inbound"]["dead"] >= count)
+
+        await wait_until(done, what=f"{count} processed")
+
+    def rule_hits(m: dict[Any, float], rule: str) -> float:
+        return m.get(("smtpgate_rule_hits_total", (("rule", rule),)), 0.0)
+
+    assert (await get("/healthz"))[0] == 200
+    before = (await metrics())[("smtpgate_messages_received_total", ())]
+    assert before == 0
+
+    # A STARTTLS session that delivers; the v1 rule detects ALPHA alerts.
+    ehlo, reply = await send_starttls(
+        smtp_port, simple_message("ALPHA disk low", "RMM <alerts@rmm.example>"),
+        cert.client_context(),
+    )  # fmt: skip
+    assert "STARTTLS" in ehlo.upper()
+    assert reply.startswith("250 2.0.0 queued as "), reply
+    await processed(1)
+    (forwarded,) = await secure_relay.recorder.wait_for(1)
+    assert forwarded.message["Subject"] == "ALPHA disk low"
+    assert secure_relay.logins == [(RELAY_USER, RELAY_PASSWORD)]
+    m = await metrics()
+    assert m[("smtpgate_messages_received_total", ())] == 1  # grows
+    assert rule_hits(m, "rmm-alpha") == 1
+    names = {name for name, _ in m if name.startswith("smtpgate_")}
+    assert len({re.sub(r"_(total|count|sum|bucket|created)$", "", n) for n in names}) >= 5
+
+    # SIGHUP with a changed rules file: ALPHA is no longer an alert, BETA is.
+    rules_file.write_text(RULES_V2)
+    serve.proc.send_signal(signal.SIGHUP)
+    seen = await serve.wait_log(
+        lambda e: e["message"].startswith("rules reloaded"), "the reload", ready
+    )
+    for subject in ("ALPHA again", "BETA disk low"):
+        _, reply = await send_starttls(
+            smtp_port, simple_message(subject, "RMM <alerts@rmm.example>"), cert.client_context()
+        )
+        assert reply.startswith("250"), reply
+    await processed(3)
+    m = await metrics()
+    assert rule_hits(m, "rmm-alpha") == 1
+    assert rule_hits(m, "rmm-beta") == 1
+    assert m[("smtpgate_messages_processed_total", (("action", "forwarded"), ("path", "regular")))]
+
+    # SIGHUP with a broken file: rejected with an error line, the v2 rules stay in force.
+    rules_file.write_text(RULES_BROKEN)
+    serve.proc.send_signal(signal.SIGHUP)
+    await serve.wait_log(
+        lambda e: e["level"] == "error" and "rules reload rejected" in e["message"],
+        "the rejected reload",
+        seen,
+    )
+    assert "unknown_key" in serve.lines()[-1] or any(
+        "unknown_key" in line for line in serve.lines()[seen:]
+    )
+    code, _ = await send(smtp_port, simple_message("BETA cpu high", "RMM <alerts@rmm.example>"))
+    assert code == 250
+    # An XML transaction carrying the API password (it must not reach the logs either).
+    code, _ = await send(smtp_port, xml_message(API_PASSWORD), mail_from="forms@globex.example")
+    assert code == 250
+    await processed(5)
+    m = await metrics()
+    assert rule_hits(m, "rmm-beta") == 2
+    assert m[("smtpgate_messages_received_total", ())] == 5
+    assert serve.proc.poll() is None  # still serving
+
+    # /status and the HTML page.
+    code, headers, body = await get("/status")
+    assert code == 200
+    assert json.loads(body)["inbound"]["done"] == 5
+    code, headers, body = await get("/")
+    assert code == 200
+    assert headers["content-type"].startswith("text/html")
+    page = body.decode()
+    assert "<html" in page
+    assert "queue" in page.lower()
+    assert "BETA cpu high" in page or "automated_no_account" in page
+
+    await secure_relay.recorder.wait_for(5)  # 4 forwards + the XML response
+    assert serve.stop() == 0
+
+    # Every line is a JSON object; decisions and deliveries carry the queue id; no secrets.
+    lines = serve.lines()
+    entries = [json.loads(line) for line in lines if line.strip()]
+    assert all(isinstance(e, dict) and {"ts", "level", "message"} <= set(e) for e in entries)
+    decisions = [e for e in entries if e["message"].startswith("processed ")]
+    deliveries = [e for e in entries if e["message"].startswith("delivered outbox ")]
+    assert len(decisions) == 5
+    assert all(e["queue_id"] and e["outcome"]["action"] for e in decisions)
+    assert len(deliveries) >= 5
+    assert all(e.get("queue_id") and e.get("outbox_id") for e in deliveries)
+    text = serve.log_path.read_text()
+    assert RELAY_PASSWORD not in text
+    assert API_PASSWORD not in text
+
+
+async def test_serve_refuses_to_start_on_a_busy_data_dir_with_a_json_error(
+    serve: ServeProcess, serve_env: dict[str, str], tmp_path: Path
+) -> None:
+    await serve.wait_log(lambda e: "SMTP on" in e["message"], "the ready line")
+    env = dict(serve_env, SMTPGATE_SMTP_PORT="0", SMTPGATE_HTTP_PORT="0")
+    rc, _, err = await run_cli(tmp_path, env, "serve")
+    assert rc == 2
+    lines = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert any("already running" in e["message"] for e in lines)
+
+
+# --- deploy/ and the docs ------------------------------------------------------------------------
+
+
+def setting_names() -> list[str]:
+    return [f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields]
+
+
+def test_env_example_lists_every_setting_with_its_default() -> None:
+    text = (DEPLOY / "smtpgate.env.example").read_text()
+    missing = [name for name in setting_names() if not re.search(rf"\b{name}=", text)]
+    assert missing == []
+    documented = set(re.findall(r"\b(SMTPGATE_[A-Z0-9_]+)=", text))
+    assert documented <= set(setting_names()), "unknown variables in the example"
+    # Each variable is preceded by a comment that explains it.
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"#?\s*SMTPGATE_", line):
+            assert lines[i - 1].startswith("# "), line
+            assert len(lines[i - 1]) > 10, line
+
+
+def test_env_example_loads_as_settings(tmp_path: Path) -> None:
+    """The uncommented values of the example are valid settings."""
+    values = {}
+    for line in (DEPLOY / "smtpgate.env.example").read_text().splitlines():
+        if line.startswith("SMTPGATE_"):
+            key, _, value = line.partition("=")
+            values[key.removeprefix(ENV_PREFIX).lower()] = value
+    assert {"connector_addresses", "internal_support_address", "relay_host"} <= set(values)
+    Settings(_env_file=None, **values)
+
+
+def test_readme_documents_every_setting() -> None:
+    text = (ROOT / "README.md").read_text()
+    missing = [name for name in setting_names() if f"`{name}`" not in text]
+    assert missing == [], "README settings table is missing these"
+
+
+EXAMPLE_RULES = sorted((DEPLOY / "rules").glob("*.toml"))
+
+
+def test_example_rules_cover_the_common_rmm_systems() -> None:
+    names = {p.stem for p in EXAMPLE_RULES}
+    for system in ("n-central", "datto", "connectwise", "prtg", "veeam", "ninjaone"):
+        assert any(system in name for name in names), system
+
+
+@pytest.mark.parametrize("path", EXAMPLE_RULES, ids=lambda p: p.name)
+def test_example_rules_file_loads(path: Path) -> None:
+    rules = parse_rules(path.read_text(), str(path))
+    assert rules.detection, "an example must detect something"
+    names = [r.name for kind in (rules.detection, rules.skip, rules.account) for r in kind]
+    assert all(name and "[" not in name for name in names), "every example rule is named"
+    assert len(set(names)) == len(names), "rule names are unique"
+
+
+# The subjects quoted in each example's comments: (file, sender, subject, skip rule, account).
+EXAMPLE_SUBJECTS = [
+    ("n-central", "alerts@ncentral.msp.example",
+     "N-central: Customer Acme Corp, ACME-DC01 - Disk Space is Failed", None, "acme corp"),
+    ("n-central", "alerts@ncentral.msp.example",
+     "N-central: Customer Acme Corp, ACME-DC01 - Disk Space is Normal", "n-central-normal", None),
+    ("datto-rmm", "noreply@centrastage.net",
+     "[Datto RMM] Alert - Site: Acme Corp - Device: ACME-PC17 - Disk C: below 10% free",
+     None, "acme corp"),
+    ("connectwise-automate", "automate@msp.example",
+     "Automate FAILED: Disk - C: Free Space [Client: Acme Corp] ACME-SRV02", None, "acme corp"),
+    ("connectwise-automate", "automate@msp.example",
+     "Automate SUCCESS: Disk - C: Free Space [Client: Acme Corp] ACME-SRV02",
+     "automate-success", None),
+    ("prtg", "prtg@msp.example", "[PRTG] Acme Corp: acme-fw01 Ping Down  (5 m)", None, "acme corp"),
+    ("prtg", "prtg@msp.example", "[PRTG] Acme Corp: acme-fw01 Ping Down ended (now: Up)",
+     "prtg-back-up", None),
+    ("veeam", "veeam@msp.example", "[Failed] Acme Corp Daily (3 machines) 1 failed",
+     None, "acme corp"),
+    ("veeam", "veeam@msp.example", "[Success] Acme Corp Daily (3 machines)",
+     "veeam-success-skip", None),
+    ("ninjaone", "no-reply@ninjarmm.com",
+     "NinjaOne Alert | Organization: Acme Corp | ACME-LT042 | Disk C: free space below 10%",
+     None, "acme corp"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stem", "sender", "subject", "skip", "account"),
+    EXAMPLE_SUBJECTS,
+    ids=[f"{row[0]}-{i}" for i, row in enumerate(EXAMPLE_SUBJECTS)],
+)
+def test_example_rules_handle_their_documented_subjects(
+    stem: str, sender: str, subject: str, skip: str | None, account: str | None
+) -> None:
+    rules = parse_rules((DEPLOY / "rules" / f"{stem}.toml").read_text())
+    msg = parse_message(simple_message(subject, f"Monitor <{sender}>"))
+    detected, _ = first_detection(rules.detection, msg)
+    assert detected is not None, "not detected as automated"
+    skipped, _ = first_skip(rules.skip, msg.subject)
+    assert (skipped.name if skipped else None) == skip
+    if account is not None:
+        found = [rule.name for rule in rules.account if account in candidates(rule, msg.subject)]
+        assert found, f"no account rule offers {account!r}"
+
+
+def test_dockerfile_runs_unprivileged_with_a_volume_and_a_healthcheck() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    user = re.search(r"^USER\s+(\S+)", text, re.MULTILINE)
+    assert user is not None
+    assert user.group(1).split(":")[0] not in ("root", "0")
+    assert re.search(r"^VOLUME\s+.*/var/lib/smtpgate", text, re.MULTILINE)
+    joined = text.replace("\\\n", " ")  # continuation lines
+    healthcheck = re.search(r"^HEALTHCHECK\b.*$", joined, re.MULTILINE)
+    assert healthcheck is not None
+    assert "/healthz" in healthcheck.group(0)
+    assert "SMTPGATE_HTTP_HOST=0.0.0.0" in text  # reachable from outside the container
+
+
+def test_compose_file_mounts_the_data_volume_and_env_file() -> None:
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    for needle in ("build:", "volumes:", "/var/lib/smtpgate", "env_file:", "25:2525"):
+        assert needle in text, needle
+
+
+def test_systemd_unit_is_hardened() -> None:
+    text = (DEPLOY / "smtpgate.service").read_text()
+    for directive in (
+        "User=smtpgate",
+        "DynamicUser=no",
+        "StateDirectory=smtpgate",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "EnvironmentFile=",
+        "ExecStart=",
+    ):
+        assert directive in text, directive
+
+
+def test_operations_doc_covers_the_topics() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text().lower()
+    for topic in (
+        "mx",
+        "rmm",
+        "starttls",
+        "relay",
+        "smtpgate queue",
+        "/metrics",
+        "backup",
+        "upgrade",
+        "sighup",
+        "retention",
+    ):
+        assert topic in text, topic
