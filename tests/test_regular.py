@@ -1,0 +1,1065 @@
+"""End-to-end: regular email to ticket (spec 2.3) and loop protection (spec 2.4).
+
+Every case runs through a real gateway on loopback, a recording relay and a real SQLite file:
+the outcome is read back from the queue row, the mails from what the relay received.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import tomllib
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+
+from smtpgate.app import Gateway
+from smtpgate.cli import read_rows
+from tests.conftest import (
+    FIXTURES,
+    GatewayFactory,
+    Received,
+    RecordingRelay,
+    send,
+    wait_until,
+)
+
+ACME = "CRDACME0000000000001"
+GLOBEX = "CRDGLOBEX00000000002"
+CONNECTOR = "connector@localhost"
+SUPPORT = "support@msp.example"
+RULES = (FIXTURES / "rules.toml").read_text(encoding="utf-8")
+FIRST_SUBJECT = "Outlook keeps asking for my password"
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def new_id(domain: str = "client.example") -> str:
+    return f"<{uuid.uuid4().hex}@{domain}>"
+
+
+def mail(
+    subject: str,
+    sender: str = "Jane Roe <jane@acme.example>",
+    body: str | None = "Hello.",
+    *,
+    html: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    attachments: tuple[tuple[str, str, bytes], ...] = (),
+    message_id: str | None = None,
+) -> bytes:
+    """A realistic client message: text and/or HTML body, attachments, extra headers."""
+    msg = EmailMessage(policy=email.policy.SMTP)
+    msg["From"] = sender
+    msg["To"] = CONNECTOR
+    msg["Subject"] = subject
+    msg["Date"] = "Thu, 26 Nov 2026 14:00:00 +0000"
+    msg["Message-ID"] = message_id or new_id()
+    msg["MIME-Version"] = "1.0"
+    for key, value in (headers or {}).items():
+        msg[key] = value
+    if body is not None:
+        msg.set_content(body)
+        if html is not None:
+            msg.add_alternative(html, subtype="html")
+    elif html is not None:
+        msg.set_content(html, subtype="html")
+    for name, ctype, data in attachments:
+        maintype, subtype = ctype.split("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return msg.as_bytes()
+
+
+def dsn(original_headers: str, *, subject: str = "Undelivered Mail Returned to Sender") -> bytes:
+    """An RFC 3464 delivery status notification (multipart/report) as Postfix sends it."""
+    boundary = "dsn-boundary-1"
+    return (
+        f"From: MAILER-DAEMON@mx.acme.example (Mail Delivery System)\r\n"
+        f"To: {CONNECTOR}\r\n"
+        f"Subject: {subject}\r\n"
+        f"Date: Thu, 26 Nov 2026 14:05:00 +0000\r\n"
+        f"Message-ID: {new_id('mx.acme.example')}\r\n"
+        f"Auto-Submitted: auto-replied\r\n"
+        f"MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
+        f"\r\n"
+        f"--{boundary}\r\n"
+        f"Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+        f"This is the mail system at host mx.acme.example.\r\n"
+        f"I'm sorry to have to inform you that your message could not be delivered.\r\n\r\n"
+        f"--{boundary}\r\n"
+        f"Content-Type: message/delivery-status\r\n\r\n"
+        f"Reporting-MTA: dns; mx.acme.example\r\n\r\n"
+        f"Final-Recipient: rfc822; gone@acme.example\r\n"
+        f"Action: failed\r\n"
+        f"Status: 5.1.1\r\n\r\n"
+        f"--{boundary}\r\n"
+        f"Content-Type: text/rfc822-headers\r\n\r\n"
+        f"{original_headers}\r\n"
+        f"--{boundary}--\r\n"
+    ).encode()
+
+
+async def deliver(gw: Gateway, data: bytes, mail_from: str) -> dict[str, Any]:
+    """Send one message and return its queue row once processed."""
+    assert gw.store is not None
+    store = gw.store
+    code, text = await send(gw.smtp_port, data, mail_from=mail_from)
+    assert code == 250, text
+    queue_id = text.rsplit(" ", 1)[1]
+
+    async def processed() -> bool:
+        row = await store.get_inbound(queue_id)
+        return row is not None and row["state"] in ("done", "dead")
+
+    await wait_until(processed, what=f"{queue_id} processed")
+    row = await store.get_inbound(queue_id)
+    assert row is not None
+    assert row["state"] == "done", row["last_error"]
+    return row
+
+
+async def settled(gw: Gateway, queue_id: str) -> list[dict[str, Any]]:
+    """The outbox rows of one inbound message, once all of them are delivered."""
+    assert gw.store is not None
+    store = gw.store
+
+    async def rows() -> list[dict[str, Any]]:
+        return [r for r in await store.list_outbox(limit=10_000) if r["inbound_id"] == queue_id]
+
+    async def all_done() -> bool:
+        return all(r["state"] == "done" for r in await rows())
+
+    await wait_until(all_done, what=f"outbox of {queue_id} delivered")
+    return await rows()
+
+
+def about(relay: RecordingRelay, message_id: str) -> list[Received]:
+    """Relay deliveries that carry (forward) or answer (ack/response) a given message."""
+    return [m for m in relay.messages if message_id.encode() in m.data]
+
+
+def sent_pairs(outcome: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return sorted((m["kind"], to) for m in outcome["sent"] for to in m["to"])
+
+
+def assert_forward(received: Received, original: bytes, action: str) -> None:
+    """spec 2.4 "forward untouched": original bytes, Resent-* and our headers prepended."""
+    assert received.rcpt_tos == [SUPPORT]
+    assert received.mail_from == CONNECTOR
+    msg = received.message
+    assert msg["Resent-From"] == CONNECTOR
+    assert msg["Resent-To"] == SUPPORT
+    assert msg["Resent-Date"]
+    assert msg["Resent-Message-ID"]
+    assert str(msg["X-Smtpgate-Action"]).startswith(action)
+    assert msg["X-Smtpgate-Loop"] == CONNECTOR
+    assert msg["Auto-Submitted"] is not None
+    assert msg["Auto-Submitted"] != "no"
+    # The original bytes follow our headers and the front's Received: header unchanged.
+    assert received.data.endswith(original)
+
+
+@dataclass
+class World:
+    """A gateway with the sample accounts/employees loaded and ticket #1 opened by Jane."""
+
+    gw: Gateway
+    relay: RecordingRelay
+    ack_id: str = ""
+    ack_data: bytes = b""
+    first_id: str = ""
+
+    @property
+    def store(self) -> Any:
+        assert self.gw.store is not None
+        return self.gw.store
+
+
+async def load_directory(gw: Gateway, extra_accounts: tuple[dict[str, str], ...] = ()) -> None:
+    assert gw.store is not None
+    accounts = read_rows(FIXTURES / "accounts.csv", "accounts")
+    accounts += [
+        (10, {"file_as": "Shared One", "email2": "shared.example"}),
+        (11, {"file_as": "Shared Two", "email2": "shared.example"}),
+    ]
+    accounts += [(20 + i, a) for i, a in enumerate(extra_accounts)]
+    await gw.store.import_accounts(accounts)
+    await gw.store.import_contacts(
+        [(2, {"account_rec_id": GLOBEX, "name": "Bob Partner", "email": "Bob@Partner.example"})]
+    )
+    employees = read_rows(FIXTURES / "employees.csv", "employees")
+    employees.append((3, {"name": "Old Tech", "email1": "old@msp.example", "active": "N"}))
+    await gw.store.import_employees(employees)
+
+
+async def start_world(
+    factory: GatewayFactory,
+    relay: RecordingRelay,
+    *,
+    rules: str = RULES,
+    open_ticket: bool = True,
+    extra_accounts: tuple[dict[str, str], ...] = (),
+    **overrides: Any,
+) -> World:
+    settings: dict[str, Any] = {
+        "acknowledge": True,
+        "api_enabled": True,
+        "api_password": "s3cret",
+    }
+    settings.update(overrides)
+    gw = await factory(rules, **settings)
+    await load_directory(gw, extra_accounts)
+    world = World(gw, relay)
+    if not open_ticket:
+        return world
+    world.first_id = new_id("acme.example")
+    data = mail(FIRST_SUBJECT, body="Outlook asks every few minutes.", message_id=world.first_id)
+    row = await deliver(gw, data, "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_created"
+    assert row["outcome"]["ticket"] == 1
+    await settled(gw, row["id"])
+    acks = [m for m in about(relay, world.first_id) if m.rcpt_tos == ["jane@acme.example"]]
+    assert len(acks) == (1 if gw.settings.acknowledge else 0)
+    for ack in acks:
+        world.ack_id = str(ack.message["Message-ID"])
+        world.ack_data = ack.data
+    return world
+
+
+# --- golden samples ---------------------------------------------------------------------------
+
+
+async def test_samples_01_to_08_match_expected_toml(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """fixtures/expected.toml, processed one by one in file-name order (05-08: this issue)."""
+    expected = tomllib.loads((FIXTURES / "expected.toml").read_text(encoding="utf-8"))["messages"]
+    gw = await gateway_factory(RULES, acknowledge=True, api_enabled=True, api_password="s3cret")
+    assert gw.store is not None
+    await gw.store.import_accounts(read_rows(FIXTURES / "accounts.csv", "accounts"))
+    await gw.store.import_employees(read_rows(FIXTURES / "employees.csv", "employees"))
+    for name, want in expected.items():
+        raw = (FIXTURES / name).read_bytes()
+        sender = email.message_from_bytes(raw, policy=email.policy.default)["From"].addresses[0]
+        row = await deliver(gw, raw, sender.addr_spec)
+        out = row["outcome"]
+        assert out["path"] == want["path"], name
+        assert out["action"] == want["action"], name
+        assert out["reason"] == want.get("reason", out["reason"]), name
+        if "account" in want:
+            assert out["account"] == want["account"], name
+        if "ticket" in want:
+            assert out["ticket"] == want["ticket"], name
+        pairs = sent_pairs(out)
+        for key, kind in (
+            ("forwarded_to", "forward"),
+            ("acknowledged_to", "ack"),
+            ("response_to", "response"),
+        ):
+            if key in want:
+                assert (kind, want[key]) in pairs, (name, pairs)
+        if want["action"] == "forwarded":
+            assert pairs == [("forward", want["forwarded_to"])], name
+        await settled(gw, row["id"])
+    ticket = await gw.store.get_ticket(3)
+    assert ticket is not None
+    assert ticket["source"] == "Email"
+    assert ticket["account"] == ACME
+    # 06 was filed on ticket 3 without the quoted text.
+    reply = ticket["history"][-1]["description"]
+    assert "It happened again just now." in reply
+    assert "We are looking into it." not in reply
+    assert (await gw.store.status())["tickets"] == 3  # 07 and 08 opened nothing
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+Build = Callable[[World], bytes]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    build: Build
+    action: str
+    reason: str | None = None
+    mail_from: str | None = None  # None: the From address; "": the null sender
+    ticket: int | None = None
+    account: str | None = None
+    sent: tuple[tuple[str, str], ...] = ()
+    notes: tuple[str, ...] = ()  # substrings expected among the outcome notes
+    filed_text: str | None = None  # for ticket_reply: text expected in the note on ticket 1
+    contact: bool = False  # the new ticket names a contact
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+FWD = ("forward", SUPPORT)
+
+
+def _from(data: bytes) -> str:
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    addresses = msg["From"].addresses if msg["From"] else ()
+    return addresses[0].addr_spec if addresses else ""
+
+
+def tagged(prefix: str, tag: str = "[Ticket #1]", **kw: Any) -> Build:
+    return lambda w: mail(f"{prefix}{tag} {FIRST_SUBJECT}", body="Still broken, thanks.", **kw)
+
+
+CASES: tuple[Case, ...] = (
+    # --- 2.3.1 ticket replies by tag: case, spaces, missing '#', prefixes in many languages ---
+    *(
+        Case(
+            f"tag-{name}",
+            tagged(prefix, tag),
+            "ticket_reply",
+            ticket=1,
+            account=ACME,
+            sent=(FWD,),
+            filed_text="Still broken, thanks.",
+        )
+        for name, prefix, tag in (
+            ("RE", "RE: ", "[Ticket #1]"),
+            ("Re-lower-no-hash", "Re: ", "[ticket 1]"),
+            ("AW-spaces", "AW: ", "[ Ticket # 1 ]"),
+            ("WG-AW-nested", "WG: AW: ", "[TICKET#1]"),
+            ("SV-swedish", "SV: ", "[Ticket #1]"),
+            ("VS-finnish", "VS: ", "[Ticket #1]"),
+            ("FW-Fwd", "Fwd: FW: ", "[Ticket #1]"),
+            ("RIF-italian", "R: RIF: ", "[Ticket #1]"),
+            ("Re-count", "Re[2]: ", "[Ticket #1]"),
+        )
+    ),
+    Case(
+        "tag-in-encoded-word-subject",
+        lambda w: mail(
+            "=?utf-8?q?AW=3A_=5BTicket_=231=5D_Kennwortabfrage_h=C3=B6rt_nicht_auf?=",
+            body="Immer noch.",
+        ),
+        "ticket_reply",
+        ticket=1,
+        account=ACME,
+        sent=(FWD,),
+        filed_text="Immer noch.",
+    ),
+    Case(
+        "tag-reply-from-active-employee-filed-only",
+        tagged("RE: ", sender="Dana Tech <Dana@MSP.example>"),
+        "ticket_reply",
+        reason="employee",
+        ticket=1,
+        account=ACME,
+        sent=(),
+        filed_text="Still broken, thanks.",
+    ),
+    Case(
+        "tag-reply-from-inactive-employee-also-forwarded",
+        tagged("RE: ", sender="Old Tech <old@msp.example>"),
+        "ticket_reply",
+        ticket=1,
+        account=ACME,
+        sent=(FWD,),
+    ),
+    Case(
+        "tag-reply-from-stranger-filed-and-forwarded",
+        tagged("Re: ", sender="Mallory <m@elsewhere.example>"),
+        "ticket_reply",
+        ticket=1,
+        account=ACME,
+        sent=(FWD,),
+    ),
+    # --- 2.3.1 threading: In-Reply-To / References naming the acknowledgement or filed mail ---
+    Case(
+        "in-reply-to-ack-only-gmail",
+        lambda w: mail(
+            f"Re: {FIRST_SUBJECT}",
+            body="Now it also happens on my phone.\n\n"
+            "On Thu, Nov 26, 2026 at 1:05 PM Support <connector@localhost> wrote:\n"
+            "> Thank you for your message.\n",
+            headers={"In-Reply-To": w.ack_id, "References": f"{w.first_id} {w.ack_id}"},
+        ),
+        "ticket_reply",
+        ticket=1,
+        account=ACME,
+        sent=(FWD,),
+        filed_text="Now it also happens on my phone.",
+    ),
+    Case(
+        "references-only-to-filed-message",
+        lambda w: mail(
+            "Re: something else entirely",
+            body="Adding a colleague.",
+            headers={"References": f"{w.first_id} <unknown-1@other.example>"},
+        ),
+        "ticket_reply",
+        ticket=1,
+        account=ACME,
+        sent=(FWD,),
+    ),
+    Case(
+        "in-reply-to-from-employee-filed-only",
+        lambda w: mail(
+            "Re: ticket",
+            sender="dana@msp.example",
+            body="Called the customer.",
+            headers={"In-Reply-To": w.ack_id},
+        ),
+        "ticket_reply",
+        reason="employee",
+        ticket=1,
+        account=ACME,
+        sent=(),
+        filed_text="Called the customer.",
+    ),
+    Case(
+        "missing-ticket-tag-falls-back-to-in-reply-to",
+        lambda w: mail(
+            "RE: [Ticket #999] Outlook",
+            body="x",
+            sender="stranger@elsewhere.example",
+            headers={"In-Reply-To": w.ack_id},
+        ),
+        "ticket_reply",
+        ticket=1,
+        account=ACME,
+        sent=(FWD,),
+    ),
+    # --- a tag of a ticket that does not exist is ignored ---
+    Case(
+        "missing-ticket-tag-from-stranger-is-forwarded",
+        tagged("RE: ", "[Ticket #999]", sender="someone@elsewhere.example"),
+        "forwarded",
+        reason="unknown_sender",
+        sent=(FWD,),
+    ),
+    Case(
+        "missing-ticket-tag-from-customer-opens-ticket",
+        tagged("RE: ", "[Ticket #999]"),
+        "ticket_created",
+        ticket=2,
+        account=ACME,
+        sent=(("ack", "jane@acme.example"),),
+    ),
+    # --- 2.3.3 known senders: email1/email2, contact, domain; acknowledgement ---
+    Case(
+        "known-by-email1",
+        lambda w: mail("VPN down", sender="Globex Helpdesk <HelpDesk@globex.example>"),
+        "ticket_created",
+        ticket=2,
+        account=GLOBEX,
+        sent=(("ack", "helpdesk@globex.example"),),
+    ),
+    Case(
+        "known-by-contact-address",
+        lambda w: mail("New laptop", sender="Bob Partner <bob@partner.example>"),
+        "ticket_created",
+        ticket=2,
+        account=GLOBEX,
+        sent=(("ack", "bob@partner.example"),),
+        contact=True,
+    ),
+    Case(
+        "known-by-domain",
+        lambda w: mail("Printer", sender="Joe <joe@ACME.example>"),
+        "ticket_created",
+        ticket=2,
+        account=ACME,
+        sent=(("ack", "joe@acme.example"),),
+    ),
+    Case(
+        "known-by-at-domain",
+        lambda w: mail("Server", sender="joe@initrode.example"),
+        "ticket_created",
+        ticket=2,
+        account="CRDINITRODE000000003",
+        sent=(("ack", "joe@initrode.example"),),
+    ),
+    Case(
+        "ambiguous-domain-is-unknown",
+        lambda w: mail("Who am I", sender="x@shared.example"),
+        "forwarded",
+        reason="unknown_sender",
+        sent=(FWD,),
+    ),
+    Case(
+        "acknowledge-off-no-ack",
+        lambda w: mail("Printer", sender="joe@acme.example"),
+        "ticket_created",
+        ticket=2,
+        account=ACME,
+        sent=(),
+        settings={"acknowledge": False},
+    ),
+    # --- 2.4 no automatic answer: ticket yes, acknowledgement no ---
+    Case(
+        "known-bulk-no-ack",
+        lambda w: mail("Newsletter", sender="news@acme.example", headers={"Precedence": "bulk"}),
+        "ticket_created",
+        ticket=2,
+        account=ACME,
+        notes=("no acknowledgement: Precedence: bulk",),
+    ),
+    Case(
+        "known-junk-no-ack",
+        lambda w: mail("Spam", sender="x@acme.example", headers={"Precedence": "junk"}),
+        "ticket_created",
+        ticket=2,
+        account=ACME,
+        notes=("no acknowledgement",),
+    ),
+    Case(
+        "known-list-id-no-ack",
+        lambda w: mail(
+            "[it-list] Outage",
+            sender="list@acme.example",
+            headers={"List-Id": "<it.acme.example>", "Precedence": "list"},
+        ),
+        "ticket_created",
+        ticket=2,
+        account=ACME,
+        notes=("no acknowledgement",),
+    ),
+    Case(
+        "known-x-auto-response-suppress-no-ack",
+        lambda w: mail(
+            "Meeting notes",
+            sender="boss@acme.example",
+            headers={"X-Auto-Response-Suppress": "All"},
+        ),
+        "ticket_created",
+        ticket=2,
+        account=ACME,
+        notes=("no acknowledgement: X-Auto-Response-Suppress",),
+    ),
+    Case(
+        "known-auto-generated-no-ack",
+        lambda w: mail(
+            "Backup report", sender="nas@acme.example", headers={"Auto-Submitted": "auto-generated"}
+        ),
+        "ticket_created",
+        ticket=2,
+        account=ACME,
+        notes=("no acknowledgement: Auto-Submitted",),
+    ),
+    Case(
+        "known-postmaster-no-ack",
+        lambda w: mail("Mailbox quota policy", sender="postmaster@acme.example"),
+        "ticket_created",
+        ticket=2,
+        account=ACME,
+        notes=("no acknowledgement",),
+    ),
+    Case(
+        "known-own-from-address-no-ack",
+        lambda w: mail("Test from the gateway address", sender="gateway@msp.example"),
+        "ticket_created",
+        ticket=2,
+        notes=("no acknowledgement",),
+        settings={"from_address": "gateway@msp.example"},
+    ),
+    # --- 2.3.2 auto-replies that are not ticket replies: forwarded, never a ticket/ack ---
+    Case(
+        "ooo-auto-submitted",
+        lambda w: mail(
+            f"Automatic reply: {FIRST_SUBJECT}",
+            body="I am out of the office until Monday.",
+            headers={"Auto-Submitted": "auto-replied"},
+        ),
+        "forwarded",
+        reason="auto_reply",
+        sent=(FWD,),
+    ),
+    Case(
+        "ooo-x-autoreply-header-only",
+        lambda w: mail("Away", body="Back on Monday.", headers={"X-Autoreply": "yes"}),
+        "forwarded",
+        reason="auto_reply",
+        sent=(FWD,),
+    ),
+    Case(
+        "ooo-german-subject-only",
+        lambda w: mail("Abwesenheitsnotiz: Drucker", body="Ich bin bis Montag nicht im Büro."),
+        "forwarded",
+        reason="auto_reply",
+        sent=(FWD,),
+    ),
+    Case(
+        "ooo-from-stranger",
+        lambda w: mail(
+            "Out of Office: hello",
+            sender="someone@elsewhere.example",
+            headers={"Auto-Submitted": "auto-replied"},
+        ),
+        "forwarded",
+        reason="auto_reply",
+        sent=(FWD,),
+    ),
+    Case(
+        "dsn-null-sender-bounce",
+        lambda w: dsn(
+            "From: jane@acme.example\r\nTo: gone@acme.example\r\nSubject: hi\r\n"
+            "Message-ID: <orig-1@acme.example>\r\n"
+        ),
+        "forwarded",
+        reason="auto_reply",
+        mail_from="",
+        sent=(FWD,),
+    ),
+    Case(
+        "null-sender-plain-message",
+        lambda w: mail("Notification", body="Your password expires soon."),
+        "forwarded",
+        reason="auto_reply",
+        mail_from="",
+        sent=(FWD,),
+    ),
+    Case(
+        "read-receipt-mdn",
+        lambda w: (
+            b"From: jane@acme.example\r\nTo: connector@localhost\r\n"
+            b"Subject: Read: Outlook\r\nMessage-ID: " + new_id().encode() + b"\r\n"
+            b"MIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/report; report-type=disposition-notification; boundary="b"'
+            b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nYour message was read.\r\n"
+            b"--b\r\nContent-Type: message/disposition-notification\r\n\r\n"
+            b"Final-Recipient: rfc822; jane@acme.example\r\n"
+            b"Disposition: manual-action/MDN-sent-manually; displayed\r\n--b--\r\n"
+        ),
+        "forwarded",
+        reason="auto_reply",
+        sent=(FWD,),
+    ),
+    # An auto-reply that is a ticket reply is filed (and forwarded), never acknowledged.
+    Case(
+        "ooo-with-tag-is-ticket-reply",
+        lambda w: mail(
+            f"Automatic reply: [Ticket #1] {FIRST_SUBJECT}",
+            body="I am out of the office.",
+            headers={"Auto-Submitted": "auto-replied"},
+        ),
+        "ticket_reply",
+        ticket=1,
+        account=ACME,
+        sent=(FWD,),
+    ),
+    # --- 2.4 our loop header came back: recorded, not processed ---
+    Case(
+        "own-ack-returned",
+        lambda w: w.ack_data,
+        "ignored",
+        reason="loop",
+        mail_from="jane@acme.example",
+    ),
+    Case(
+        "own-loop-header-below-another-gateways",
+        lambda w: (
+            b"Resent-From: helpdesk@other-gateway.example\r\n"
+            b"X-Smtpgate-Loop: helpdesk@other-gateway.example\r\n" + w.ack_data
+        ),
+        "ignored",
+        reason="loop",
+        mail_from="helpdesk@other-gateway.example",
+    ),
+    Case(
+        "foreign-loop-header-only-is-processed",
+        lambda w: mail(
+            "Hello", sender="x@elsewhere.example", headers={"X-Smtpgate-Loop": "gw@other.example"}
+        ),
+        "forwarded",
+        reason="unknown_sender",
+        sent=(FWD,),
+    ),
+    Case(
+        "bounce-of-own-ack",
+        lambda w: dsn(
+            w.ack_data.split(b"\r\n\r\n", 1)[0].decode(),
+            subject="Undeliverable: [Ticket #1] " + FIRST_SUBJECT,
+        ),
+        "ignored",
+        reason="loop",
+        mail_from="",
+    ),
+    # --- 2.3.4 unknown senders ---
+    Case(
+        "unknown-sender",
+        lambda w: mail("Partnership proposal", sender="Someone <someone@elsewhere.example>"),
+        "forwarded",
+        reason="unknown_sender",
+        sent=(FWD,),
+    ),
+    Case(
+        "unknown-sender-auto-submitted-no",
+        lambda w: mail("Question", sender="q@elsewhere.example", headers={"Auto-Submitted": "no"}),
+        "forwarded",
+        reason="unknown_sender",
+        sent=(FWD,),
+    ),
+    Case(
+        "own-gateway-address-without-loop-header",
+        lambda w: mail("Spoofed", sender=CONNECTOR),
+        "forwarded",
+        reason="unknown_sender",
+        sent=(FWD,),
+    ),
+)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+async def test_regular_email(
+    case: Case, gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    extra = (
+        {"file_as": "MSP Internal", "email1": "gateway@msp.example"},
+        {"rec_id": "CRDINITRODE000000003", "file_as": "Initrode", "email2": "@initrode.example"},
+    )
+    world = await start_world(gateway_factory, relay, extra_accounts=extra, **case.settings)
+    store = world.store
+    before = await store.get_ticket(1)
+    data = case.build(world)
+    mail_from = _from(data) if case.mail_from is None else case.mail_from
+    seen = len(relay.messages)
+    row = await deliver(world.gw, data, mail_from)
+    out = row["outcome"]
+
+    assert out["path"] == "regular"
+    assert out["action"] == case.action
+    assert out["reason"] == case.reason
+    assert out["ticket"] == case.ticket
+    if case.account is not None:
+        assert out["account"] == case.account
+    assert sent_pairs(out) == sorted(case.sent)
+    for note in case.notes:
+        assert any(note in n for n in out["notes"]), out["notes"]
+
+    rows = await settled(world.gw, row["id"])
+    assert sorted((r["kind"], to) for r in rows for to in r["recipients"]) == sorted(case.sent)
+    message_id = row["message_id"]
+    if message_id:
+        delivered = [m for m in relay.messages[seen:] if message_id.encode() in m.data]
+        assert len(delivered) == len(case.sent)
+        for received in delivered:
+            if received.rcpt_tos == [SUPPORT]:
+                assert_forward(received, data, case.action)
+
+    # The raw message is always kept.
+    assert await store.raw_message(row["id"]) is not None
+    tickets = (await store.status())["tickets"]
+    after = await store.get_ticket(1)
+    if case.action == "ticket_reply":
+        assert len(after["history"]) == len(before["history"]) + 1
+        note = after["history"][-1]
+        assert note["inbound_id"] == row["id"]
+        if case.filed_text:
+            assert case.filed_text in note["description"]
+            assert "> " not in note["description"]  # quoted text stripped
+        assert tickets == 1
+    else:
+        assert after["history"] == before["history"]
+    if case.action == "ticket_created":
+        assert tickets == 2
+        ticket = await store.get_ticket(2)
+        assert ticket["source"] == "Email"
+        assert ticket["account"] == out["account"]
+        assert (ticket["contact"] is not None) == case.contact
+        acks = [m for m in relay.messages if m.rcpt_tos == [mail_from.lower()]]
+        if ("ack", mail_from.lower()) in case.sent:
+            ack = acks[-1].message
+            assert "[Ticket #2]" in str(ack["Subject"])
+            assert ack["Auto-Submitted"] == "auto-replied"
+            assert ack["X-Smtpgate-Loop"] == CONNECTOR
+            assert ack["In-Reply-To"] == message_id
+    elif case.action != "ticket_reply":
+        assert tickets == 1  # never a ticket
+
+
+# --- acknowledgement threading, duplicates, loop-backs, the hourly cap ------------------------
+
+
+async def test_ack_carries_tag_and_its_message_id_threads_the_reply(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay)
+    ack = email.message_from_bytes(world.ack_data, policy=email.policy.default)
+    assert ack["Subject"] == f"[Ticket #1] {FIRST_SUBJECT}"
+    assert ack["To"] == "jane@acme.example"
+    assert ack["From"] == CONNECTOR
+    assert ack["In-Reply-To"] == world.first_id
+    assert ack["Auto-Submitted"] == "auto-replied"
+    assert ack["X-Smtpgate-Loop"] == CONNECTOR
+    # Outlook replies without keeping the tag; only In-Reply-To names the acknowledgement.
+    reply = mail(
+        f"RE: {FIRST_SUBJECT}",
+        body="Thanks!\n\n-----Original Message-----\nFrom: Support <connector@localhost>\n"
+        "Sent: Thursday\nSubject: [Ticket #1]\n\nThank you for your message.",
+        headers={"In-Reply-To": world.ack_id, "Thread-Index": "AdlBcDEfGh=="},
+    )
+    row = await deliver(world.gw, reply, "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_reply"
+    assert row["outcome"]["rules_hit"][-1] == "in_reply_to"
+    note = (await world.store.get_ticket(1))["history"][-1]["description"]
+    assert "Thanks!" in note
+    assert "Thank you for your message." not in note
+
+
+async def test_duplicate_message_id_opens_one_ticket_and_sends_one_ack(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    data = mail("Same twice", sender="joe@acme.example", message_id="<dup-1@acme.example>")
+    first = await deliver(world.gw, data, "joe@acme.example")
+    second = await deliver(world.gw, data, "joe@acme.example")
+    assert first["outcome"]["action"] == "ticket_created"
+    assert second["outcome"]["action"] == "duplicate"
+    assert second["outcome"]["reason"] == "message_id"
+    assert second["outcome"]["sent"] == []
+    assert await settled(world.gw, second["id"]) == []
+    assert (await world.store.status())["tickets"] == 1
+    # Without a Message-ID, a hash of the content decides.
+    raw = b"From: joe@acme.example\r\nTo: connector@localhost\r\nSubject: no id\r\n\r\nHi\r\n"
+    a = await deliver(world.gw, raw, "joe@acme.example")
+    b = await deliver(world.gw, raw, "joe@acme.example")
+    assert (a["outcome"]["action"], b["outcome"]["action"]) == ("ticket_created", "duplicate")
+    assert b["outcome"]["reason"] == "content_hash"
+    assert (await world.store.status())["tickets"] == 2
+
+
+async def test_own_forward_sent_back_is_recorded_not_processed(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    original = mail("Partnership", sender="someone@elsewhere.example")
+    row = await deliver(world.gw, original, "someone@elsewhere.example")
+    await settled(world.gw, row["id"])
+    (forward,) = relay.to(SUPPORT)
+    # support@ has a rule that sends everything back to the connector:
+    again = await deliver(world.gw, forward.data, SUPPORT)
+    assert again["outcome"]["action"] == "ignored"
+    assert again["outcome"]["reason"] == "loop"
+    assert again["outcome"]["sent"] == []
+    assert await settled(world.gw, again["id"]) == []
+    assert await world.store.raw_message(again["id"]) is not None  # recorded
+    # A sentinel goes through after it: the loop produced nothing in between.
+    sentinel = await deliver(world.gw, mail("sentinel", sender="s@elsewhere.example"), "s@x.org")
+    await settled(world.gw, sentinel["id"])
+    assert len(relay.to(SUPPORT)) == 2
+    assert (await world.store.status())["tickets"] == 0
+
+
+async def test_hourly_cap_per_recipient_suppresses_further_acks(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay, auto_mail_hourly_limit=1)
+    # Jane already got one acknowledgement this hour (ticket #1).
+    row = await deliver(world.gw, mail("Another problem"), "jane@acme.example")
+    out = row["outcome"]
+    assert out["action"] == "ticket_created"
+    assert out["ticket"] == 2
+    assert out["sent"] == []
+    assert any("hourly cap" in n for n in out["notes"])
+    # Another recipient is not affected by Jane's cap.
+    row = await deliver(world.gw, mail("VPN", sender="joe@acme.example"), "joe@acme.example")
+    assert sent_pairs(row["outcome"]) == [("ack", "joe@acme.example")]
+    # Forwards to support are not automatic answers: never capped.
+    for i in range(3):
+        row = await deliver(world.gw, mail(f"x{i}", sender="a@elsewhere.example"), "a@x.org")
+        assert sent_pairs(row["outcome"]) == [FWD]
+
+
+# --- 2.3 quote stripping and HTML/attachments --------------------------------------------------
+
+QUOTES: tuple[tuple[str, str], ...] = (
+    (
+        "outlook-original-message",
+        "-----Original Message-----\nFrom: Support <connector@localhost>\n"
+        "Sent: Thursday, November 26, 2026 1:05 PM\nTo: Jane\nSubject: [Ticket #1]\n\nQUOTED",
+    ),
+    (
+        "outlook-underscore-rule",
+        "________________________________\nFrom: Support\nSent: Thursday\n\nQUOTED",
+    ),
+    (
+        "outlook-german-von",
+        "Von: Support <connector@localhost>\nGesendet: Donnerstag, 26. November 2026\n\nQUOTED",
+    ),
+    (
+        "gmail-on-wrote",
+        "On Thu, Nov 26, 2026 at 1:05 PM Support <connector@localhost> wrote:\n\n> QUOTED",
+    ),
+    (
+        "gmail-on-wrote-wrapped",
+        "On Thu, Nov 26, 2026 at 1:05 PM Support Team of the MSP <\nconnector@localhost>"
+        " wrote:\n\n> QUOTED",
+    ),
+    (
+        "gmail-attribution-wrapped-before-wrote",
+        "On Thu, 26 Nov 2026 at 13:05, Support Team of the MSP <connector@localhost>\n"
+        "wrote:\n\n> QUOTED",
+    ),
+    (
+        "apple-mail",
+        "> On 26 Nov 2026, at 13:05, Support <connector@localhost> wrote:\n>\n> QUOTED",
+    ),
+    ("thunderbird", "On 26/11/2026 13:05, Support wrote:\n> QUOTED"),
+    (
+        "german-schrieb",
+        "Am Do., 26. Nov. 2026 um 13:05 Uhr schrieb Support <connector@localhost>:\n\n> QUOTED",
+    ),
+    (
+        "french-a-ecrit",
+        "Le jeu. 26 nov. 2026 à 13:05, Support <connector@localhost> a écrit :\n\n> QUOTED",
+    ),
+    ("angle-quoting-only", "> QUOTED\n> more QUOTED"),
+)
+
+
+@pytest.mark.parametrize(("shape", "quote"), QUOTES, ids=[q[0] for q in QUOTES])
+async def test_quote_stripping_files_new_text_and_keeps_raw(
+    shape: str, quote: str, gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay)
+    body = f"NEWTEXT line one.\nSecond line.\n\n{quote}\n"
+    row = await deliver(world.gw, mail("RE: [Ticket #1] x", body=body), "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_reply", shape
+    note = (await world.store.get_ticket(1))["history"][-1]["description"]
+    assert "NEWTEXT line one.\nSecond line." in note
+    assert "QUOTED" not in note
+    assert "connector@localhost" not in note.split("\n\n", 1)[1]  # no attribution residue
+    assert "wrote:" not in note
+    raw = await world.store.raw_message(row["id"])
+    assert raw is not None
+    assert b"QUOTED" in raw  # the raw message is always kept
+
+
+async def test_quote_patterns_are_configurable(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    rules = 'quote_patterns = ["^=+ reply above this line =+$", "wrote:$"]\n' + RULES
+    world = await start_world(gateway_factory, relay, rules=rules)
+    for body in (
+        "Fixed, thanks.\n===== reply above this line =====\nOLD TEXT\n",
+        "Fixed, thanks.\nRegards, Jane\nSupport wrote:\nOLD TEXT\n",
+    ):
+        row = await deliver(world.gw, mail("RE: [Ticket #1] x", body=body), "jane@acme.example")
+        assert row["outcome"]["action"] == "ticket_reply"
+        note = (await world.store.get_ticket(1))["history"][-1]["description"]
+        assert "Fixed, thanks." in note
+        assert "OLD TEXT" not in note
+    # An unanchored pattern matching a line on its own never eats the line above it.
+    assert "Regards, Jane" in note
+    # The default patterns are replaced: an Outlook separator is filed as text now.
+    body = "Hi\n-----Original Message-----\nOLD TEXT\n"
+    await deliver(world.gw, mail("RE: [Ticket #1] x", body=body), "jane@acme.example")
+    assert "OLD TEXT" in (await world.store.get_ticket(1))["history"][-1]["description"]
+
+
+async def test_custom_ticket_tag_word(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay, rules='ticket_tag = "Case"\n' + RULES)
+    ack = email.message_from_bytes(world.ack_data, policy=email.policy.default)
+    assert str(ack["Subject"]).startswith("[Case #1]")
+    row = await deliver(world.gw, mail("AW: [case 1] x"), "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_reply"
+    row = await deliver(world.gw, mail("AW: [Ticket #1] x"), "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_created"  # the default word no longer tags
+
+
+HTML = (
+    "<html><head><style>p {color: red}</style><title>t</title></head><body>"
+    "<p>Hello&nbsp;team,</p><p>the <b>scanner</b> &amp; printer are offline.</p>"
+    "<table><tr><td>Room</td><td>2.14</td></tr></table>"
+    "<script>alert(1)</script></body></html>"
+)
+
+
+async def test_html_only_mail_filed_as_text_with_attachments_listed(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    pdf = b"%PDF-1.4 " + b"x" * 1000
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 300
+    data = mail(
+        "Scanner offline",
+        sender="joe@acme.example",
+        body=None,
+        html=HTML,
+        attachments=(
+            ("report.pdf", "application/pdf", pdf),
+            ("screen.png", "image/png", png),
+            ("Rechnung März.txt", "text/plain", b"Summe: 10 EUR\n"),
+        ),
+    )
+    row = await deliver(world.gw, data, "joe@acme.example")
+    assert row["outcome"]["action"] == "ticket_created"
+    ticket = await world.store.get_ticket(1)
+    for text in (ticket["details"], ticket["history"][0]["description"]):
+        assert "Hello team," in text.replace("\xa0", " ")
+        assert "the scanner & printer are offline." in text
+        assert "<" not in text.replace("<joe@acme.example>", "")
+        assert "alert(1)" not in text
+        assert "color: red" not in text
+    note = ticket["history"][0]
+    assert "report.pdf (application/pdf, 1009 bytes)" in note["description"]
+    assert "screen.png (image/png, 308 bytes)" in note["description"]
+    assert note["attachments"] == [
+        {"filename": "report.pdf", "content_type": "application/pdf", "size": 1009},
+        {"filename": "screen.png", "content_type": "image/png", "size": 308},
+        {"filename": "Rechnung März.txt", "content_type": "text/plain", "size": 14},
+    ]
+    assert "Summe" not in ticket["details"]  # a text attachment is not the body
+
+
+HTML_REPLIES: tuple[tuple[str, str], ...] = (
+    (
+        "gmail",
+        '<div dir="ltr">Works again, thank you!</div><br><div class="gmail_quote">'
+        '<div dir="ltr" class="gmail_attr">On Thu, Nov 26, 2026 at 1:05 PM Support &lt;'
+        '<a href="mailto:connector@localhost">connector@localhost</a>&gt; wrote:<br></div>'
+        '<blockquote class="gmail_quote">OLD QUOTED TEXT</blockquote></div>',
+    ),
+    (
+        "outlook-web",
+        "<html><body><div>Works again, thank you!</div><hr><div id=divRplyFwdMsg>"
+        "<b>From:</b> Support &lt;connector@localhost&gt;<br><b>Sent:</b> Thursday<br>"
+        "<b>Subject:</b> [Ticket #1] x</div><div>OLD QUOTED TEXT</div></body></html>",
+    ),
+    (
+        "outlook-desktop-german",
+        "<html><body><p class=MsoNormal>Works again, thank you!<o:p></o:p></p>"
+        '<div style="border:none;border-top:solid #E1E1E1 1.0pt"><p class=MsoNormal>'
+        "<b><span lang=DE>Von:</span></b><span lang=DE> Support &lt;connector@localhost&gt;"
+        "<br><b>Gesendet:</b> Donnerstag</span></p></div><p>OLD QUOTED TEXT</p></body></html>",
+    ),
+)
+
+
+@pytest.mark.parametrize(("client", "html"), HTML_REPLIES, ids=[h[0] for h in HTML_REPLIES])
+async def test_html_only_reply_is_filed_as_stripped_text(
+    client: str, html: str, gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay)
+    data = mail("Re: [Ticket #1] x", body=None, html=html)
+    row = await deliver(world.gw, data, "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_reply", client
+    note = (await world.store.get_ticket(1))["history"][-1]["description"]
+    assert "Works again, thank you!" in note
+    assert "OLD QUOTED TEXT" not in note
+    assert "<div" not in note
+    assert "<b>" not in note
+
+
+async def test_known_sender_needs_no_rules_file(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """spec 2.3.3 always matches senders; account_by_sender only governs the automated branch."""
+    world = await start_world(gateway_factory, relay, rules="", open_ticket=False)
+    assert world.gw.rules.account_by_sender is False
+    row = await deliver(world.gw, mail("Help", sender="joe@acme.example"), "joe@acme.example")
+    assert row["outcome"]["action"] == "ticket_created"
+    assert row["outcome"]["account"] == ACME

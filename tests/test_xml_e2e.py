@@ -1,0 +1,873 @@
+"""End-to-end: API by Email (spec 2.2, xml-api.md) through a real gateway and relay.
+
+The parser and the record writer have their own unit tests (test_xmlapi, test_records); these
+cases prove the branch as a whole: detection in every container, precedence, password, outcome,
+response routing (SendResponseToEmail only, BCC, never a connector) and `explain`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import email.policy
+import json
+import logging
+import os
+import quopri
+import sys
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lxml import etree
+
+from smtpgate.app import Gateway
+from smtpgate.cli import read_rows
+from smtpgate.config import ConfigError, load_settings
+from tests.conftest import FIXTURES, GatewayFactory, Received, RecordingRelay
+from tests.test_regular import RULES, deliver, settled
+
+ACME = "CRDACME0000000000001"
+GLOBEX = "CRDGLOBEX00000000002"
+CONNECTOR = "connector@localhost"
+RESULTS = "api-results@globex.example"
+BCC = "audit@msp.example"
+ENVELOPE = "script@forms.globex.example"  # the envelope sender: never answered
+BOM = b"\xef\xbb\xbf"
+
+
+def xml(
+    kind: str | None,
+    fields: Mapping[str, str],
+    *,
+    password: str | None = "s3cret",
+    respond: str | None = RESULTS,
+    return_id: str = "T-1",
+    names: Mapping[str, str] | None = None,
+) -> str:
+    """A CommitCRMTransaction; `names` renames envelope elements (case variants)."""
+    n = {
+        "root": "CommitCRMTransaction",
+        "app": "ExternalApplicationName",
+        "respond": "SendResponseToEmail",
+        "password": "Password",
+        "return": "ReturnTransactionID",
+        "kind": "DataKind",
+        "data": "RecordData",
+        **(names or {}),
+    }
+    parts = [f"<{n['app']}>Globex web form</{n['app']}>"]
+    if respond is not None:
+        parts.append(f"<{n['respond']}>{respond}</{n['respond']}>")
+    if password is not None:
+        parts.append(f"<{n['password']}>{password}</{n['password']}>")
+    parts.append(f"<{n['return']}>{return_id}</{n['return']}>")
+    if kind is not None:
+        parts.append(f"<{n['kind']}>{kind}</{n['kind']}>")
+    record = "".join(f"<{k}>{v}</{k}>" for k, v in fields.items())
+    parts.append(f"<{n['data']}>{record}</{n['data']}>")
+    body = "\n".join(parts)
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>\n<?commitcrmxml version="1.0"?>\n'
+        f"<{n['root']}>\n{body}\n</{n['root']}>\n"
+    )
+
+
+def envelope_headers(msg: EmailMessage, subject: str, sender: str) -> None:
+    msg["From"] = sender
+    msg["To"] = CONNECTOR
+    msg["Subject"] = subject
+    msg["Date"] = "Thu, 26 Nov 2026 12:00:00 +0000"
+    msg["Message-ID"] = f"<{uuid.uuid4().hex}@forms.globex.example>"
+
+
+def in_body(
+    text: str,
+    *,
+    subject: str = "xml",
+    sender: str = "Web Forms <forms@globex.example>",
+    headers: Mapping[str, str] | None = None,
+) -> bytes:
+    msg = EmailMessage(policy=email.policy.SMTP)
+    envelope_headers(msg, subject, sender)
+    for key, value in (headers or {}).items():
+        msg[key] = value
+    msg.set_content(text)
+    return msg.as_bytes()
+
+
+def raw_mime(head: str, body: bytes) -> bytes:
+    msg_id = f"<{uuid.uuid4().hex}@forms.globex.example>"
+    return (
+        f"From: forms@globex.example\r\nTo: {CONNECTOR}\r\nSubject: xml\r\n"
+        f"Message-ID: {msg_id}\r\nMIME-Version: 1.0\r\n{head}"
+    ).encode() + body
+
+
+def as_part(text: str, ctype: str, cte: str, *, bom: bool = False) -> bytes:
+    """A multipart/mixed message: a cover note and the XML as its own part."""
+    data = (BOM if bom else b"") + text.encode()
+    payload = base64.encodebytes(data) if cte == "base64" else quopri.encodestring(data)
+    payload = payload.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return raw_mime(
+        'Content-Type: multipart/mixed; boundary="xb"\r\n\r\n',
+        b"--xb\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nSee the transaction.\r\n"
+        + f"--xb\r\nContent-Type: {ctype}\r\nContent-Transfer-Encoding: {cte}\r\n\r\n".encode()
+        + payload
+        + b"\r\n--xb--\r\n",
+    )
+
+
+def as_attachment(text: str, *, filename: str = "transaction.xml") -> bytes:
+    msg = EmailMessage(policy=email.policy.SMTP)
+    envelope_headers(msg, "xml attached", "forms@globex.example")
+    msg.set_content("Please process the attached transaction.\n\n-- \nGlobex IT")
+    msg.add_attachment(
+        text.encode(), maintype="application", subtype="octet-stream", filename=filename
+    )
+    data = msg.as_bytes()
+    assert b"Content-Transfer-Encoding: base64" in data
+    return data
+
+
+@dataclass
+class World:
+    gw: Gateway
+    relay: RecordingRelay
+    ticket: str = ""  # rec_id of ticket #1, added by XML
+
+    @property
+    def store(self) -> Any:
+        assert self.gw.store is not None
+        return self.gw.store
+
+
+async def start_world(
+    factory: GatewayFactory, relay: RecordingRelay, *, rules: str = RULES, **overrides: Any
+) -> World:
+    settings: dict[str, Any] = {
+        "api_enabled": True,
+        "api_password": "s3cret",
+        "api_response_bcc": BCC,
+        "acknowledge": True,
+    }
+    settings.update(overrides)
+    gw = await factory(rules, **settings)
+    assert gw.store is not None
+    await gw.store.import_accounts(read_rows(FIXTURES / "accounts.csv", "accounts"))
+    await gw.store.import_employees(read_rows(FIXTURES / "employees.csv", "employees"))
+    world = World(gw, relay)
+    first = xml("TICKET", {"FLDTKTCARDID": ACME, "FLDTKTPROBLEM": "Mail is slow"}, respond=None)
+    row = await deliver(gw, in_body(first), ENVELOPE)
+    assert row["outcome"]["action"] == "xml_applied", row["outcome"]
+    assert row["outcome"]["ticket"] == 1
+    world.ticket = row["outcome"]["record"]["rec_id"]
+    return world
+
+
+def parse_response(received: Received) -> etree._Element:
+    msg = received.message
+    assert msg.get_content_type() == "text/xml"
+    content = msg.get_content()
+    assert isinstance(content, str)
+    return etree.fromstring(content.encode("utf-8"))
+
+
+def text_of(root: etree._Element, tag: str) -> str | None:
+    el = root.find(tag)
+    assert el is not None, tag
+    return el.text
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+Build = Callable[[World], bytes]
+Check = Callable[[World, dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    build: Build
+    action: str
+    error_code: int | None = None
+    kind: str | None = None  # record kind in the outcome
+    status: int | None = None  # response Status; None: no response at all
+    error_fields: tuple[str, ...] = ()  # fields named by <Error> entries
+    ticket: int | None = None
+    notes: tuple[str, ...] = ()
+    path: str = "xml"
+    check: Check | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def body_tx(kind: str | None, fields: Mapping[str, str], **kw: Any) -> Build:
+    return lambda w: in_body(xml(kind, fields, **kw))
+
+
+def ticket_tx(**kw: Any) -> str:
+    return xml("TICKET", {"FLDTKTCARDID": GLOBEX, "FLDTKTPROBLEM": "Printer"}, **kw)
+
+
+async def check_account_added(w: World, out: dict[str, Any]) -> None:
+    accounts = {a["file_as"]: a for a in await w.store.list_accounts()}
+    assert accounts["Initech"]["rec_id"] == out["record"]["rec_id"]
+    assert accounts["Initech"]["email1"].lower() == "it@initech.example"
+    # The new account is a known sender for the regular branch at once.
+    row = await deliver(w.gw, in_body("Hello", sender="it@initech.example"), "it@initech.example")
+    assert row["outcome"]["action"] == "ticket_created"
+    assert row["outcome"]["account"] == out["record"]["rec_id"]
+
+
+async def check_account_updated(w: World, out: dict[str, Any]) -> None:
+    accounts = {a["rec_id"]: a for a in await w.store.list_accounts()}
+    assert accounts[ACME]["company"] == "Acme Corporation International"
+    assert accounts[ACME]["file_as"] == "Acme Corp"  # fields not given are unchanged
+
+
+async def check_ticket_updated(w: World, out: dict[str, Any]) -> None:
+    ticket = await w.store.get_ticket(1)
+    assert ticket["status"] == 1000
+    assert ticket["description"] == "Mail is slow"
+
+
+async def check_note_on_ticket(w: World, out: dict[str, Any]) -> None:
+    ticket = await w.store.get_ticket(1)
+    assert any(n["description"] == "Called back" for n in ticket["history"])
+
+
+async def check_nothing_added(w: World, out: dict[str, Any]) -> None:
+    assert (await w.store.status())["tickets"] == 1
+
+
+CASES: tuple[Case, ...] = (
+    # --- the sample and each supported kind, add and update ---
+    Case(
+        "sample-04",
+        lambda w: (FIXTURES / "04-xml-new-ticket.eml").read_bytes(),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+    ),
+    Case(
+        "add-account",
+        body_tx("ACCOUNT", {"FLDCRDFULLNAME": "Initech", "FLDCRDEMAIL1": "IT@initech.example"}),
+        "xml_applied",
+        kind="ACCOUNT",
+        status=1,
+        check=check_account_added,
+    ),
+    Case(
+        "update-account",
+        body_tx(
+            "ACCOUNT", {"FLDCRDRECID": ACME, "FLDCRDCOMPANY": "Acme Corporation International"}
+        ),
+        "xml_applied",
+        kind="ACCOUNT",
+        status=1,
+        check=check_account_updated,
+    ),
+    Case(
+        "update-ticket",
+        lambda w: in_body(xml("TICKET", {"FLDTKTRECID": w.ticket, "FLDTKTSTATUS": "1000"})),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=1,
+        check=check_ticket_updated,
+    ),
+    Case(
+        "add-history-note-on-ticket",
+        lambda w: in_body(
+            xml("HISTORY-NOTE", {"FLDHISLINKRECID": w.ticket, "FLDHISDESCRIPTION": "Called back"})
+        ),
+        "xml_applied",
+        kind="HISTORY-NOTE",
+        status=1,
+        check=check_note_on_ticket,
+    ),
+    Case(
+        "add-charge-on-ticket",
+        lambda w: in_body(
+            xml(
+                "CHARGE",
+                {
+                    "FLDSLPCARDID": ACME,
+                    "FLDSLPTICKETID": w.ticket,
+                    "FLDSLPQUANTITY": "1.5",
+                    "FLDSLPSLIPDATE": "26/11/2026",
+                    "FLDSLPBILLKIND": "B",
+                },
+            )
+        ),
+        "xml_applied",
+        kind="CHARGE",
+        status=1,
+    ),
+    Case(
+        "add-appointment",
+        body_tx(
+            "APPOINTMENT-OR-TASK",
+            {"FLDEVTEVENTDATE": "2026-11-30 10:00", "FLDEVTFREETEXT": "On-site visit"},
+        ),
+        "xml_applied",
+        kind="APPOINTMENT-OR-TASK",
+        status=1,
+    ),
+    Case(
+        "add-item",
+        body_tx("ITEM", {"FLDITMITEMNO": "LAB-1H", "FLDITMNAME": "Labour", "FLDITMSUSPENDED": "N"}),
+        "xml_applied",
+        kind="ITEM",
+        status=1,
+    ),
+    Case(
+        "add-asset",
+        body_tx(
+            "ASSET",
+            {"FLDASTASSETTYPE": "Laptop", "FLDASTSTATUS": "Active", "FLDASTACCRECID": ACME},
+        ),
+        "xml_applied",
+        kind="ASSET",
+        status=1,
+    ),
+    Case(
+        "datakind-by-code",
+        body_tx("70", {"FLDTKTCARDID": GLOBEX, "FLDTKTPROBLEM": "By code"}),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+    ),
+    # --- password: logged, never answered ---
+    Case(
+        "wrong-password",
+        lambda w: in_body(ticket_tx(password="guess")),
+        "xml_rejected",
+        error_code=150011,
+        check=check_nothing_added,
+    ),
+    Case(
+        "missing-password",
+        lambda w: in_body(ticket_tx(password=None)),
+        "xml_rejected",
+        error_code=150011,
+        check=check_nothing_added,
+    ),
+    Case(
+        "no-password-configured-accepts-any",
+        lambda w: in_body(ticket_tx(password="anything")),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+        settings={"api_password": None},
+    ),
+    Case(
+        "password-case-matters",
+        lambda w: in_body(ticket_tx(password="S3CRET")),
+        "xml_rejected",
+        error_code=150011,
+    ),
+    # --- rejected transactions are answered with every problem found ---
+    Case(
+        "unknown-field",
+        body_tx("TICKET", {"FLDTKTCARDID": GLOBEX, "FLDTKTPROBLEM": "x", "FLDTKTFOO": "1"}),
+        "xml_rejected",
+        error_code=150002,
+        kind="TICKET",
+        status=150002,
+        error_fields=("FLDTKTFOO",),
+        check=check_nothing_added,
+    ),
+    Case(
+        "several-problems-all-listed",
+        body_tx("TICKET", {"FLDTKTBAR": "1", "FLDTKTPRIORITY": "high"}),
+        "xml_rejected",
+        error_code=150002,
+        kind="TICKET",
+        status=150002,
+        error_fields=("FLDTKTBAR", "FLDTKTPRIORITY", "FLDTKTCARDID", "FLDTKTPROBLEM"),
+    ),
+    Case(
+        "missing-required-field",
+        body_tx("ITEM", {"FLDITMNAME": "No code"}),
+        "xml_rejected",
+        error_code=150010,
+        kind="ITEM",
+        status=150010,
+        error_fields=("FLDITMITEMNO",),
+    ),
+    Case(
+        "missing-referenced-account",
+        body_tx("TICKET", {"FLDTKTCARDID": "CRDNOSUCHACCOUNT0000", "FLDTKTPROBLEM": "x"}),
+        "xml_rejected",
+        error_code=150010,
+        kind="TICKET",
+        status=150010,
+        error_fields=("FLDTKTCARDID",),
+        check=check_nothing_added,
+    ),
+    Case(
+        "update-missing-record",
+        body_tx("TICKET", {"FLDTKTRECID": "TKTNOSUCHTICKET00000", "FLDTKTSTATUS": "1000"}),
+        "xml_rejected",
+        error_code=150003,
+        kind="TICKET",
+        status=150003,
+        error_fields=("FLDTKTRECID",),
+    ),
+    Case(
+        "unsupported-kind",
+        body_tx("OPPORTUNITY", {"FLDOPPNAME": "Deal"}),
+        "xml_rejected",
+        error_code=150009,
+        status=150009,
+    ),
+    Case(
+        "unknown-kind",
+        body_tx("WIDGET", {"FLDWIDNAME": "x"}),
+        "xml_rejected",
+        error_code=150009,
+        status=150009,
+    ),
+    Case(
+        "missing-kind",
+        body_tx(None, {"FLDTKTPROBLEM": "x"}),
+        "xml_rejected",
+        error_code=150009,
+        status=150009,
+    ),
+    # --- unsafe and unreadable XML: refused, nobody to answer ---
+    Case(
+        "xxe-external-entity",
+        lambda w: in_body(
+            '<?xml version="1.0"?>\n<!DOCTYPE x [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>\n'
+            + ticket_tx().split("?>\n", 2)[2].replace("Printer", "&xxe;")
+        ),
+        "xml_rejected",
+        error_code=150012,
+        check=check_nothing_added,
+    ),
+    Case(
+        "billion-laughs",
+        lambda w: in_body(
+            '<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lol">'
+            + "".join(
+                f'<!ENTITY lol{i} "{("&lol" + (str(i - 1) if i > 1 else "") + ";") * 10}">'
+                for i in range(1, 10)
+            )
+            + "]>\n<CommitCRMTransaction><DataKind>TICKET</DataKind><RecordData>"
+            "<FLDTKTPROBLEM>&lol9;</FLDTKTPROBLEM></RecordData></CommitCRMTransaction>"
+        ),
+        "xml_rejected",
+        error_code=150012,
+    ),
+    Case(
+        "malformed-xml",
+        lambda w: in_body(ticket_tx().replace("</RecordData>", "")),
+        "xml_rejected",
+        error_code=150001,
+    ),
+    Case(
+        "wrong-root-naming-ours",
+        lambda w: in_body('<?xml version="1.0"?>\n<Envelope><CommitCRMTransaction/></Envelope>'),
+        "xml_rejected",
+        error_code=150001,
+    ),
+    # --- containers and encodings ---
+    Case(
+        "text-xml-part-quoted-printable-bom",
+        lambda w: as_part(ticket_tx(), "text/xml; charset=utf-8", "quoted-printable", bom=True),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+    ),
+    Case(
+        "application-xml-part-base64-bom",
+        lambda w: as_part(ticket_tx(), "application/xml", "base64", bom=True),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+    ),
+    Case(
+        "xml-attachment-base64",
+        lambda w: as_attachment(ticket_tx()),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+    ),
+    Case(
+        "body-base64-with-bom",
+        lambda w: raw_mime(
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n",
+            base64.encodebytes(BOM + ticket_tx().encode()).replace(b"\n", b"\r\n"),
+        ),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+    ),
+    Case(
+        "body-with-leading-blank-lines-and-footer",
+        lambda w: in_body("\n\n  " + ticket_tx() + "\n-- \nSent from my iPhone\n"),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+    ),
+    Case(
+        "lower-case-element-names",
+        body_tx(
+            "ticket",
+            {"fldtktcardid": GLOBEX, "FldTktProblem": "Lower case"},
+            names={
+                "root": "commitcrmtransaction",
+                "kind": "datakind",
+                "data": "recorddata",
+                "password": "password",
+                "respond": "sendresponsetoemail",
+                "return": "returntransactionid",
+            },
+        ),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+    ),
+    Case(
+        "mixed-case-element-names",
+        body_tx(
+            "Ticket",
+            {"FLDTKTCARDID": GLOBEX, "FLDTKTPROBLEM": "Mixed"},
+            names={"kind": "Datakind", "data": "Recorddata", "respond": "SendResponseToEMail"},
+        ),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+    ),
+    # --- responses: only to SendResponseToEmail, never a connector ---
+    Case(
+        "response-to-connector-is-not-sent",
+        lambda w: in_body(ticket_tx(respond=CONNECTOR)),
+        "xml_applied",
+        kind="TICKET",
+        ticket=2,
+        notes=("no response: recipient is a connector address",),
+    ),
+    Case(
+        "response-to-connector-any-case",
+        lambda w: in_body(ticket_tx(respond="Connector@LOCALHOST")),
+        "xml_applied",
+        kind="TICKET",
+        ticket=2,
+        notes=("no response",),
+    ),
+    Case(
+        "response-to-connector-wrong-password-nothing",
+        lambda w: in_body(ticket_tx(respond=CONNECTOR, password="x")),
+        "xml_rejected",
+        error_code=150011,
+    ),
+    Case(
+        "response-to-mailer-daemon-is-not-sent",
+        lambda w: in_body(ticket_tx(respond="MAILER-DAEMON@globex.example")),
+        "xml_applied",
+        kind="TICKET",
+        ticket=2,
+        notes=("no response: recipient is a robot address",),
+    ),
+    Case(
+        "no-response-address-no-response",
+        lambda w: in_body(ticket_tx(respond=None)),
+        "xml_applied",
+        kind="TICKET",
+        ticket=2,
+    ),
+    Case(
+        "responses-disabled",
+        lambda w: in_body(ticket_tx()),
+        "xml_applied",
+        kind="TICKET",
+        ticket=2,
+        settings={"api_send_response": False},
+    ),
+    Case(
+        "auto-submitted-request-is-applied-not-answered",
+        lambda w: in_body(ticket_tx(), headers={"Auto-Submitted": "auto-generated"}),
+        "xml_applied",
+        kind="TICKET",
+        ticket=2,
+        notes=("no response: Auto-Submitted",),
+    ),
+    Case(
+        "no-bcc-configured",
+        lambda w: in_body(ticket_tx()),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+        settings={"api_response_bcc": None},
+    ),
+    # --- precedence: automated first, XML before regular ---
+    Case(
+        "automated-branch-wins",
+        lambda w: in_body(
+            ticket_tx(),
+            subject="Alert for Site Acme Corp, disk",
+            sender="alerts@externalsystem.com",
+        ),
+        "automated_ticket",
+        path="automated",
+        ticket=2,
+    ),
+    Case(
+        "xml-beats-known-sender",
+        lambda w: in_body(ticket_tx(), sender="helpdesk@globex.example"),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+    ),
+    Case(
+        "xml-lookalike-text-is-regular-mail",
+        lambda w: in_body("<?xml version='1.0'?>\n<Order><Id>1</Id></Order>\n"),
+        "forwarded",
+        path="regular",
+    ),
+)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+async def test_xml_transaction(
+    case: Case, gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay, **case.settings)
+    bcc = world.gw.settings.api_response_bcc
+    seen = len(relay.messages)
+    data = case.build(world)
+    row = await deliver(world.gw, data, ENVELOPE)
+    out = row["outcome"]
+
+    assert out["path"] == case.path
+    assert out["action"] == case.action
+    assert out["error_code"] == case.error_code
+    assert out["ticket"] == case.ticket
+    if case.action == "xml_applied":
+        assert out["record"]["kind"] == case.kind
+        assert len(out["record"]["rec_id"]) == 20
+    else:
+        assert out["record"] is None  # a rejected transaction changes nothing
+    for note in case.notes:
+        assert any(note in n for n in out["notes"]), out["notes"]
+
+    expected: list[tuple[str, str]] = []
+    if case.status is not None:
+        expected = [("response", RESULTS)] + ([("bcc", bcc)] if bcc else [])
+    if case.path == "xml":
+        assert sorted((m["kind"], m["to"][0]) for m in out["sent"]) == sorted(expected)
+    rows = await settled(world.gw, row["id"])
+    assert len(rows) == len(out["sent"])
+    new = relay.messages[seen:]
+    # Never the envelope sender, never a connector address.
+    assert all(ENVELOPE not in m.rcpt_tos and CONNECTOR not in m.rcpt_tos for m in new)
+    if case.path != "xml":
+        if case.check is not None:
+            await case.check(world, out)
+        return
+    if case.status is None:
+        assert new == []
+    else:
+        (response,) = [m for m in new if m.rcpt_tos == [RESULTS]]
+        copies = [m for m in new if m.rcpt_tos == [bcc]]
+        assert len(copies) == (1 if bcc else 0)
+        assert response.mail_from == CONNECTOR
+        msg = response.message
+        assert msg["From"] == CONNECTOR
+        assert msg["To"] == RESULTS
+        assert msg["Auto-Submitted"] == "auto-replied"
+        assert msg["X-Smtpgate-Loop"] == CONNECTOR
+        assert msg["In-Reply-To"] == row["message_id"]
+        assert msg["Bcc"] is None  # the copy travels in its own envelope
+        root = parse_response(response)
+        assert root.tag == "CommitCRMTransactionResponse"
+        return_id = "WEB-000123" if case.id == "sample-04" else "T-1"
+        assert msg["Subject"] == f"CommitCRM XML response: {return_id}"
+        assert text_of(root, "ReturnTransactionID") == return_id
+        assert text_of(root, "Status") == str(case.status)
+        errors = root.find("Errors")
+        assert errors is not None
+        if case.status == 1:
+            assert text_of(root, "RecID") == out["record"]["rec_id"]
+            assert len(errors) == 0
+        else:
+            assert not text_of(root, "RecID")
+            codes = [int(e.get("code", "0")) for e in errors]
+            assert case.status in codes
+            assert [e.get("field") for e in errors if e.get("field")] == list(case.error_fields)
+        for copy in copies:
+            assert copy.message.get_content() == msg.get_content()
+    if case.check is not None:
+        await case.check(world, out)
+    assert await world.store.raw_message(row["id"]) is not None
+
+
+async def test_xxe_payload_reads_no_file(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-CONTENT")
+    world = await start_world(gateway_factory, relay)
+    payload = (
+        f'<?xml version="1.0"?>\n<!DOCTYPE x [<!ENTITY xxe SYSTEM "file://{secret}">]>\n'
+        + ticket_tx().split("?>\n", 2)[2].replace("Printer", "&xxe;")
+    )
+    row = await deliver(world.gw, as_attachment(payload), ENVELOPE)
+    assert row["outcome"]["error_code"] == 150012
+    assert await settled(world.gw, row["id"]) == []
+    dump = json.dumps(row["outcome"]) + json.dumps(await world.store.list_tickets())
+    assert "TOP-SECRET" not in dump
+
+
+async def test_api_disabled_xml_is_ordinary_mail(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    gw = await gateway_factory(RULES, api_enabled=False, api_password="s3cret")
+    assert gw.store is not None
+    await gw.store.import_accounts(read_rows(FIXTURES / "accounts.csv", "accounts"))
+    row = await deliver(gw, in_body(ticket_tx()), ENVELOPE)
+    assert row["outcome"]["path"] == "regular"
+    assert row["outcome"]["action"] == "forwarded"
+    assert row["outcome"]["reason"] == "unknown_sender"
+    assert row["outcome"]["record"] is None
+    # From a known sender it becomes a ticket like any mail, not a transaction.
+    row = await deliver(gw, in_body(ticket_tx(), sender="helpdesk@globex.example"), ENVELOPE)
+    assert row["outcome"]["action"] == "ticket_created"
+    assert row["outcome"]["record"] is None
+    await settled(gw, row["id"])
+    assert relay.to(RESULTS) == []
+
+
+async def test_duplicate_transaction_is_applied_once(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay)
+    data = in_body(ticket_tx())
+    first = await deliver(world.gw, data, ENVELOPE)
+    second = await deliver(world.gw, data, ENVELOPE)
+    assert first["outcome"]["action"] == "xml_applied"
+    assert second["outcome"]["action"] == "duplicate"
+    assert second["outcome"]["sent"] == []
+    await settled(world.gw, second["id"])
+    assert (await world.store.status())["tickets"] == 2
+    assert len(relay.to(RESULTS)) == 1
+
+
+async def test_hourly_cap_applies_to_responses(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay, auto_mail_hourly_limit=2)
+    outcomes = [(await deliver(world.gw, in_body(ticket_tx()), ENVELOPE))["outcome"] for _ in "abc"]
+    assert [len(o["sent"]) for o in outcomes] == [2, 2, 0]
+    assert outcomes[2]["action"] == "xml_applied"  # applied all the same
+    assert any("hourly cap" in n for n in outcomes[2]["notes"])
+
+
+@pytest.mark.parametrize(
+    "variable", ["api_response_bcc", "internal_support_address", "skip_forward_address"]
+)
+def test_configuration_sending_to_a_connector_is_rejected(variable: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(
+            _env_file=None,
+            connector_addresses="connector@localhost,api@localhost",
+            **{variable: "API@localhost"},
+        )
+    assert f"SMTPGATE_{variable.upper()}" in str(info.value)
+    assert "connector" in str(info.value)
+
+
+async def _explain(data_dir: Path, eml: Path, cwd: Path) -> dict[str, Any]:
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "SMTPGATE_DATA_DIR": str(data_dir),
+        "SMTPGATE_CONNECTOR_ADDRESSES": CONNECTOR,
+        "SMTPGATE_INTERNAL_SUPPORT_ADDRESS": "support@msp.example",
+        "SMTPGATE_API_ENABLED": "true",
+        "SMTPGATE_API_PASSWORD": "s3cret",
+        "SMTPGATE_API_RESPONSE_BCC": BCC,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "smtpgate",
+        "explain",
+        str(eml),
+        "--json",
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+async def test_explain_shows_what_a_transaction_would_do(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, tmp_path: Path
+) -> None:
+    world = await start_world(gateway_factory, relay)
+    data_dir = world.gw.settings.data_dir
+    ok = await _explain(data_dir, FIXTURES / "04-xml-new-ticket.eml", tmp_path)
+    assert ok["path"] == "xml"
+    assert ok["action"] == "xml_applied"
+    assert ok["error_code"] is None
+    assert ok["record"]["kind"] == "TICKET"
+    assert ok["ticket"] == 2
+    assert sorted((m["kind"], m["to"][0]) for m in ok["sent"]) == [
+        ("bcc", BCC),
+        ("response", "api-results@globex.example"),
+    ]
+    bad = tmp_path / "bad.eml"
+    bad.write_bytes(in_body(ticket_tx(password="nope")))
+    rejected = await _explain(data_dir, bad, tmp_path)
+    assert (rejected["action"], rejected["error_code"], rejected["sent"]) == (
+        "xml_rejected",
+        150011,
+        [],
+    )
+    unknown = tmp_path / "unknown.eml"
+    unknown.write_bytes(in_body(xml("TICKET", {"FLDTKTFOO": "1"})))
+    result = await _explain(data_dir, unknown, tmp_path)
+    assert (result["action"], result["error_code"]) == ("xml_rejected", 150002)
+    # explain changed nothing.
+    assert (await world.store.status())["tickets"] == 1
+    assert relay.to("api-results@globex.example") == []
+
+
+async def test_wrong_password_is_logged_and_never_answered(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = await start_world(gateway_factory, relay)
+    with caplog.at_level(logging.WARNING, logger="smtpgate"):
+        row = await deliver(world.gw, in_body(ticket_tx(password="guess")), ENVELOPE)
+    assert row["outcome"]["error_code"] == 150011
+    assert any("password" in r.getMessage() for r in caplog.records)
+    assert all("guess" not in r.getMessage() for r in caplog.records)  # never log the secret
+    # A sentinel from the same script is answered: the rejection sent nothing before it.
+    sentinel = await deliver(world.gw, in_body(ticket_tx()), ENVELOPE)
+    await settled(world.gw, sentinel["id"])
+    assert await settled(world.gw, row["id"]) == []
+    assert len(relay.to(RESULTS)) == 1
