@@ -243,25 +243,28 @@ class Gateway:
 
     async def _deliver(self, client: RelayClient, batch: Sequence[Delivery]) -> None:
         assert self.store is not None
-        done: list[int] = []
+        done: list[Delivery] = []
         for item in batch:
             try:
                 reply = await client.send(item.mail_from, item.recipients, item.data)
             except DeliveryError as exc:
                 await self._delivery_failed(item, exc)
                 continue
-            done.append(item.id)
-            self.metrics.deliveries.labels(item.kind).inc()
+            done.append(item)
             log.info(
-                "delivered outbox %d (%s) to %s: %s",
+                "delivered outbox %d (%s) of %s to %s: %s",
                 item.id,
                 item.kind,
+                item.inbound_id or "-",
                 ",".join(item.recipients),
                 reply,
-                extra={"outbox_id": item.id},
+                extra={"outbox_id": item.id, "queue_id": item.inbound_id},
             )
         if done:
-            await self.store.delivery_done(done)
+            await self.store.delivery_done([item.id for item in done])
+            # Counted once committed, so the metric never runs ahead of the outbox state.
+            for item in done:
+                self.metrics.deliveries.labels(item.kind).inc()
 
     async def _delivery_failed(self, item: Delivery, exc: DeliveryError) -> None:
         assert self.store is not None
@@ -273,13 +276,14 @@ class Gateway:
         self.metrics.delivery_failures.labels("permanent" if exc.permanent else "transient").inc()
         await self.store.delivery_failed(item.id, str(exc), retry_at)
         log.warning(
-            "delivery of outbox %d to %s failed (attempt %d): %s; %s",
+            "delivery of outbox %d of %s to %s failed (attempt %d): %s; %s",
             item.id,
+            item.inbound_id or "-",
             ",".join(item.recipients),
             item.attempts,
             exc,
             "dead" if retry_at is None else f"retry in {retry_at - time.time():.0f}s",
-            extra={"outbox_id": item.id},
+            extra={"outbox_id": item.id, "queue_id": item.inbound_id},
         )
 
     # --- housekeeping ----------------------------------------------------------------------------

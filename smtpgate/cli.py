@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            # "Z": UTC whatever the host's time zone.
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -261,13 +264,17 @@ def read_rows(path: Path, kind: str) -> list[tuple[int, dict[str, Any]]]:
             raise ValueError(f"line {exc.lineno}: not valid JSON: {exc.msg}") from None
         if not isinstance(data, list):
             raise ValueError("line 1: a JSON list of objects is required")
-        for i, item in enumerate(data, 1):
+        lines = _json_item_lines(text)
+        for i, item in enumerate(data):
+            line = lines[i] if i < len(lines) else i + 1
             if not isinstance(item, dict):
-                raise ValueError(f"item {i}: not an object")
+                raise ValueError(f"line {line} (item {i + 1}): not an object")
             unknown = sorted(set(item) - allowed)
             if unknown:
-                raise ValueError(f"item {i}: unknown field(s) {', '.join(unknown)}")
-            rows.append((i, {k: (None if v is None else str(v)) for k, v in item.items()}))
+                raise ValueError(
+                    f"line {line} (item {i + 1}): unknown field(s) {', '.join(unknown)}"
+                )
+            rows.append((line, {k: (None if v is None else str(v)) for k, v in item.items()}))
         return rows
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip().lower() for h in reader.fieldnames or []]
@@ -282,6 +289,20 @@ def read_rows(path: Path, kind: str) -> list[tuple[int, dict[str, Any]]]:
             raise ValueError(f"line {reader.line_num}: more values than columns")
         rows.append((reader.line_num, {k: v for k, v in row.items() if k}))
     return rows
+
+
+def _json_item_lines(text: str) -> list[int]:
+    """The line on which each item of a (valid) top-level JSON list starts."""
+    decoder = json.JSONDecoder()
+    lines: list[int] = []
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return lines
+        lines.append(text.count("\n", 0, pos) + 1)
+        _, pos = decoder.raw_decode(text, pos)
 
 
 async def cmd_import(settings: Settings, _: Rules, args: argparse.Namespace) -> int:

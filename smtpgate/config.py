@@ -273,9 +273,17 @@ class SkipRule(_Rule):
 class AccountRule(_Rule):
     """Find an account by a field value located after/before/between phrases of the subject."""
 
+    # Phrases keep their outer spaces: `before = " - "` must not stop at the hyphen of "Acme-Bau".
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
     search: SearchField
     after: str | None = None
     before: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _strip_name(cls, value: str | None) -> str | None:
+        return value.strip() if value else value
 
     @model_validator(mode="after")
     def _located(self) -> AccountRule:
@@ -334,7 +342,7 @@ def parse_rules(text: str, source: str = "<rules>") -> Rules:
         for err in exc.errors():
             loc = err["loc"]
             line = _line_of(text, loc)
-            where = _describe_loc(loc)
+            where = _describe_loc(loc, data)
             msg = str(err["msg"]).removeprefix("Value error, ")
             problems.append(
                 f"{source}:{line}: {where}: {msg}" if line else f"{source}: {where}: {msg}"
@@ -352,10 +360,16 @@ def load_rules(path: Path | None) -> Rules:
     return parse_rules(text, str(path))
 
 
-def _describe_loc(loc: Sequence[int | str]) -> str:
+def _describe_loc(loc: Sequence[int | str], data: Any = None) -> str:
     if len(loc) >= 2 and isinstance(loc[1], int):
         rest = ".".join(str(p) for p in loc[2:])
         head = f"{loc[0]}[{loc[1] + 1}]"
+        try:  # name the rule as the operator did, when it has a name
+            name = data[loc[0]][loc[1]].get("name")
+        except (AttributeError, IndexError, KeyError, TypeError):
+            name = None
+        if isinstance(name, str) and name.strip():
+            head += f" ({name.strip()!r})"
         return f"{head} key '{rest}'" if rest else head
     return ".".join(str(p) for p in loc) or "file"
 
@@ -382,6 +396,11 @@ def _line_of(text: str, loc: Sequence[int | str]) -> int | None:
         key = loc[2] if len(loc) > 2 and isinstance(loc[2], str) else None
     else:
         key = loc[0] if loc and isinstance(loc[0], str) else None
+        if key:  # an unknown table such as [[acount]] or [detection]: its header line
+            header = re.compile(rf"^\s*\[\[?\s*{re.escape(key)}\s*\]")
+            for i, line in enumerate(lines):
+                if header.match(line):
+                    return i + 1
         end = next((j for j, ln in enumerate(lines) if ln.lstrip().startswith("[")), len(lines))
     if key:
         pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")

@@ -121,7 +121,14 @@ class Handler:
             log.error("could not store a message from %s: %s", peer, exc or "timeout")
             return STORE_FAILED
         self._on_queued()
-        log.info("queued %s from=<%s> size=%d peer=%s", queue_id, env.mail_from, len(raw), peer)
+        log.info(
+            "queued %s from=<%s> size=%d peer=%s",
+            queue_id,
+            env.mail_from,
+            len(raw),
+            peer,
+            extra={"queue_id": queue_id},
+        )
         return QUEUED.format(queue_id)
 
 
@@ -160,7 +167,8 @@ class Listener(SMTP):
     async def push(self, status: str) -> None:  # type: ignore[override]
         if status.startswith("552 Error"):
             status = TOO_BIG  # spec 6: oversize is 552 5.3.4
-        self._on_reply(status[:3])
+        if status[3:4] != "-":  # count a multi-line reply (EHLO) once, by its last line
+            self._on_reply(status[:3])
         await super().push(status)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

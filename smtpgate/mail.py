@@ -115,14 +115,36 @@ def strip_quotes(text: str, patterns: Sequence[re.Pattern[str]]) -> str:
     text is returned unchanged.
     """
     kept: list[str] = []
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
         if len(line) <= _MAX_QUOTE_LINE_CHARS and any(p.search(line) for p in patterns):
+            break
+        if _wrapped_quote_header(lines, i, patterns):
             break
         if line.lstrip().startswith(">"):
             continue
         kept.append(line.rstrip())
     result = "\n".join(kept).rstrip()
     return result if result.strip() else text
+
+
+def _wrapped_quote_header(lines: list[str], i: int, patterns: Sequence[re.Pattern[str]]) -> bool:
+    """Gmail and others hard-wrap a long attribution ("On …, Name <a@b>" / "wrote:"): line i
+    starts a quote header when it matches only joined with the next one or two lines."""
+    if lines[i].lstrip().startswith(">") or not lines[i].strip():
+        return False
+    joined = lines[i].rstrip()
+    for following in lines[i + 1 : i + 3]:
+        if not following.strip() or following.lstrip().startswith(">"):
+            return False
+        if any(p.search(following) for p in patterns):
+            return False  # that line is the header on its own: keep line i
+        joined = f"{joined} {following.strip()}"
+        if len(joined) > _MAX_QUOTE_LINE_CHARS:
+            return False
+        if any(p.search(joined) for p in patterns):
+            return True
+    return False
 
 
 def address_domain(address: str) -> str:

@@ -72,7 +72,9 @@ class Inbound:
     @property
     def sender(self) -> str:
         """spec 2.1: the sender is the From: address (the envelope sender when From is unusable)."""
-        return self.msg.from_address or self.mail_from.lower()
+        if self.msg.from_address or regular.is_null_sender(self.mail_from):
+            return self.msg.from_address
+        return self.mail_from.lower()
 
 
 StageFn = Callable[[Inbound, Context, Directory], Awaitable[Decision | None]]
@@ -106,7 +108,8 @@ def _forward(
                 action=str(action),
                 rule=rule,
                 hostname=ctx.settings.hostname,
-                has_auto_submitted=inb.msg.auto_submitted is not None,
+                # spec 2.4: "Auto-Submitted: no" does not mark our forward as automatic.
+                has_auto_submitted=inb.msg.auto_submitted not in (None, "no"),
             )
         ]
 
@@ -179,7 +182,7 @@ async def _account_by_sender(
 async def stage_loop(inb: Inbound, ctx: Context, _: Directory) -> Decision | None:
     connectors = ctx.settings.connector_addresses
     marker = inb.msg.loop_header
-    if marker and marker in connectors:
+    if (marker and marker in connectors) or regular.loop_markers(inb.raw) & set(connectors):
         return Decision(Path.REGULAR, Action.IGNORED, reason="loop")
     if inb.msg.is_delivery_report and any(
         f"{outbound.LOOP_HEADER}: {c}".lower().encode() in inb.raw.lower() for c in connectors
@@ -228,7 +231,9 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
         else:
             inb.missed.append("account_by_sender")
     if match.account is None:
-        reason = "ambiguous" if any("ambiguous" in n for n in notes) else "no_account"
+        # The action already says "no account"; a reason is given only when it was ambiguity
+        # (spec 2.1.3: "say so in the outcome"), as the spec samples' expected.toml has it.
+        reason = "ambiguous" if any("ambiguous" in n for n in notes) else None
         return Decision(
             Path.AUTOMATED,
             Action.AUTOMATED_NO_ACCOUNT,

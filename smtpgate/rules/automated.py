@@ -12,18 +12,26 @@ from dataclasses import dataclass
 
 from smtpgate.config import AccountRule, DetectionRule, SkipRule
 from smtpgate.mail import ParsedMessage, address_domain
-from smtpgate.model import TRIM_CHARS, normalize_key
+from smtpgate.model import normalize_key
 
 # A located value rarely has more words than this; the cap bounds the probe for hostile subjects.
 MAX_CANDIDATES = 64
-# Word boundaries for the longest-prefix/suffix search: white space or the trimmed punctuation.
-_BOUNDARY = re.compile(r"[\s:\-#,;\[\]()\"']+")
+# Cut points for the longest word-boundary prefix/suffix: every position that is not inside a
+# word, so "Acme Corp, Disk", "Acme Corp\SRV01" and "Acme Corp/HQ" all offer "Acme Corp".
+_CUT = re.compile(r"(?<!\w)|(?!\w)")
 
 Found = Mapping[str, Sequence[tuple[str, str | None]]]
 
 
 def phrase_in(phrase: str, text: str) -> bool:
-    return phrase.casefold() in text.casefold()
+    # Subjects are whitespace-collapsed by the parser; a phrase is compared the same way.
+    return " ".join(phrase.split()).casefold() in text.casefold()
+
+
+def _phrase_pattern(phrase: str) -> re.Pattern[str]:
+    """A located phrase, case-insensitive, any white-space run matching any other."""
+    parts = re.split(r"\s+", phrase)
+    return re.compile(r"\s+".join(re.escape(part) for part in parts), re.IGNORECASE)
 
 
 def sender_matches(rule: DetectionRule, address: str) -> bool:
@@ -63,12 +71,12 @@ def locate(rule: AccountRule, subject: str) -> tuple[str, str] | None:
     """The text the rule points at and its mode: ('exact'|'prefix'|'suffix', text), or None."""
     start, end = 0, len(subject)
     if rule.after:
-        m = re.search(re.escape(rule.after), subject, re.IGNORECASE)
+        m = _phrase_pattern(rule.after).search(subject)
         if m is None:
             return None
         start = m.end()
     if rule.before:
-        m = re.compile(re.escape(rule.before), re.IGNORECASE).search(subject, start)
+        m = _phrase_pattern(rule.before).search(subject, start)
         if m is None:
             return None
         end = m.start()
@@ -84,25 +92,24 @@ def candidates(rule: AccountRule, subject: str) -> list[str]:
     if located is None:
         return []
     mode, text = located
-    text = text.strip(TRIM_CHARS)
-    if not text:
+    whole = normalize_key(text)
+    if not whole:
         return []
     if mode == "exact":
-        return [normalize_key(text)]
-    if mode == "prefix":
-        cuts = [m.start() for m in _BOUNDARY.finditer(text)] + [len(text)]
-        pieces = [text[:cut] for cut in sorted(set(cuts), reverse=True)]
-    else:
-        cuts = [0] + [m.end() for m in _BOUNDARY.finditer(text)]
-        pieces = [text[cut:] for cut in sorted(set(cuts))]
-    out: list[str] = []
+        return [whole]
+    # spec 2.1.3: the whole text (exact match) first, then the longest word-boundary prefix
+    # (after only) or suffix (before only). Values are short, so the pieces are collected from
+    # the anchored end outwards: a long subject cannot push the short values out of the probe.
+    cuts = [m.start() for m in _CUT.finditer(text)]
+    pieces = (text[:k] for k in cuts) if mode == "prefix" else (text[k:] for k in reversed(cuts))
+    shorter: list[str] = []
     for piece in pieces:
         key = normalize_key(piece)
-        if key and key not in out:
-            out.append(key)
-        if len(out) >= MAX_CANDIDATES:
-            break
-    return out
+        if key and key != whole and key not in shorter:
+            shorter.append(key)
+            if len(shorter) >= MAX_CANDIDATES:
+                break
+    return [whole, *reversed(shorter)]
 
 
 @dataclass(frozen=True, slots=True)

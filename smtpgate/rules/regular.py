@@ -28,14 +28,40 @@ def tagged_numbers(word: str, subject: str) -> list[int]:
     return [int(m.group(1)) for m in tag_pattern(word).finditer(subject)]
 
 
+# outbound.LOOP_HEADER, matched in the raw header section: every occurrence counts.
+_LOOP_FIELD = re.compile(
+    rb"^x-smtpgate-loop[ \t]*:[ \t]*<?([^\s<>]+)>?[ \t]*\r?$", re.IGNORECASE | re.MULTILINE
+)
+
+
+def loop_markers(raw: bytes) -> frozenset[str]:
+    """spec 2.4: the addresses named by every X-Smtpgate-Loop field of the header section.
+
+    Not only the first: when gateways are chained, another one's header may sit above ours.
+    """
+    end = len(raw)
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        found = raw.find(separator, 0, end)
+        if found >= 0:
+            end = found
+    return frozenset(
+        m.group(1).decode("ascii", "replace").lower() for m in _LOOP_FIELD.finditer(raw, 0, end)
+    )
+
+
 def is_robot_address(address: str) -> bool:
     local = address.lower().partition("@")[0]
     return local in _ROBOT_LOCALPARTS
 
 
+def is_null_sender(mail_from: str) -> bool:
+    """RFC 5321 4.5.5: the null reverse-path; aiosmtpd reports `MAIL FROM:<>` as "<>"."""
+    return mail_from.strip() in ("", "<>")
+
+
 def no_auto_answer_reason(msg: ParsedMessage, mail_from: str) -> str | None:
     """Why no automatic response/ack may be sent for this message (spec 2.4), or None."""
-    if not mail_from:
+    if is_null_sender(mail_from):
         return "null sender"
     if msg.auto_submitted and msg.auto_submitted != "no":
         return f"Auto-Submitted: {msg.auto_submitted}"
@@ -52,4 +78,4 @@ def no_auto_answer_reason(msg: ParsedMessage, mail_from: str) -> str | None:
 
 def is_auto_reply(msg: ParsedMessage, mail_from: str) -> bool:
     """spec 2.3.2: auto-replies, out-of-office and delivery reports (null-sender bounces too)."""
-    return msg.is_auto_reply or msg.is_delivery_report or not mail_from
+    return msg.is_auto_reply or msg.is_delivery_report or is_null_sender(mail_from)

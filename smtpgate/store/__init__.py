@@ -63,6 +63,7 @@ class Delivery:
     data: bytes
     attempts: int
     created_at: float
+    inbound_id: str | None = None  # the queue id of the message that caused it (for logs)
 
 
 @dataclass(slots=True)
@@ -139,19 +140,20 @@ class Store:
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """BEGIN IMMEDIATE … COMMIT on the write connection, rolled back on any error."""
         async with self._write_lock:
-            await self._db.execute("BEGIN IMMEDIATE")
             try:
+                # Inside the try: a BEGIN cancelled while aiosqlite's thread still runs it
+                # would otherwise leave a transaction open that nobody closes.
+                await self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    await self._db.execute("ROLLBACK")
-                raise
-            try:
                 await self._db.execute("COMMIT")
             except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    await self._db.execute("ROLLBACK")
+                await asyncio.shield(self._rollback())
                 raise
+
+    async def _rollback(self) -> None:
+        # aiosqlite runs statements in order, so this ROLLBACK follows any BEGIN still running.
+        with contextlib.suppress(sqlite3.Error):
+            await self._db.execute("ROLLBACK")
 
     # --- intake: group commit ----------------------------------------------------------------
 
@@ -353,7 +355,15 @@ class Store:
                 mails = decision.mails(applied)
             finally:
                 await self._db.execute("ROLLBACK")
-        return self._outcome(decision, applied, mails_sent(mails), list(decision.notes))
+        notes = list(decision.notes)
+        if message_id:  # spec 2.4: say so when this message would now be a duplicate
+            async with self._reader.execute(
+                "SELECT inbound_id FROM seen_messages WHERE key = ?", (message_id,)
+            ) as cur:
+                seen = await cur.fetchone()
+            if seen:
+                notes.append(f"already processed as {seen[0]}: a new copy would be a duplicate")
+        return self._outcome(decision, applied, mails_sent(mails), notes)
 
     def _outcome(
         self, decision: Decision, applied: Applied, sent: list[dict[str, Any]], notes: list[str]
@@ -507,7 +517,8 @@ class Store:
                 "UPDATE outbox SET state = 'active', attempts = attempts + 1, lease_until = ?"
                 " WHERE id IN (SELECT id FROM outbox WHERE state = 'queued'"
                 "   AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
-                " RETURNING id, kind, mail_from, recipients, data, attempts, created_at",
+                " RETURNING id, kind, mail_from, recipients, data, attempts, created_at,"
+                " inbound_id",
                 (now + lease_seconds, now, limit),
             )
             rows = await cur.fetchall()
@@ -520,6 +531,7 @@ class Store:
                 data=bytes(row["data"]),
                 attempts=row["attempts"],
                 created_at=row["created_at"],
+                inbound_id=row["inbound_id"],
             )
             for row in rows
         ]
@@ -755,11 +767,17 @@ class Store:
             return [dict(r) for r in await cur.fetchall()]
 
     async def can_write(self) -> bool:
-        """Health probe: a write transaction can be begun and committed."""
+        """Health probe: a write transaction can be begun and committed.
+
+        Bounded by the connection's busy_timeout, not by cancelling: a BEGIN cancelled while
+        aiosqlite's thread still runs it can open a transaction nobody closes, after which every
+        later BEGIN on the write connection fails ("cannot start a transaction within a
+        transaction"). Callers that need a shorter bound shield this coroutine.
+        """
         try:
-            async with asyncio.timeout(2.0), self._transaction() as db:
+            async with self._transaction() as db:
                 await db.execute("UPDATE queue_counts SET n = n WHERE tbl = 'health'")
-        except (sqlite3.Error, TimeoutError):
+        except sqlite3.Error:
             return False
         return True
 
@@ -769,9 +787,16 @@ class Store:
         """Upsert accounts in one transaction; rows are (line, values); ValueError names it."""
         async with self._transaction() as db:
             for line, values in rows:
-                if not str(values.get("file_as") or "").strip() and not values.get("rec_id"):
-                    raise ValueError(f"line {line}: file_as is required")
-                await crm.upsert_account(db, _clean(values), actor="import")
+                v = _clean(values)
+                if not v.get("file_as"):
+                    # An update by rec_id may leave file_as out; a new account needs it.
+                    v.pop("file_as", None)
+                    if not v.get("rec_id") or not await crm.account_exists(db, str(v["rec_id"])):
+                        raise ValueError(f"line {line}: file_as is required")
+                try:
+                    await crm.upsert_account(db, v, actor="import")
+                except sqlite3.IntegrityError as exc:
+                    raise ValueError(f"line {line}: {exc}") from None
         return len(rows)
 
     async def import_contacts(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> int:

@@ -48,7 +48,7 @@ def _account_keys(row: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
             yield field, normalize_key(str(value))
     for field in ("email1", "email2"):
         value = str(row.get(field) or "").strip().lower()
-        if "@" in value:
+        if "@" in value.lstrip("@"):  # "@example.com" is a domain, not an address
             yield "email", value
         elif value and "." in value:
             # spec 2.1: a bare domain stored as an account email value matches by domain.
