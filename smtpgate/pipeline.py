@@ -194,7 +194,7 @@ async def stage_loop(inb: Inbound, ctx: Context, _: Directory) -> Decision | Non
 
 async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
     rules, msg, settings = ctx.rules, inb.msg, ctx.settings
-    detected, missed = automated.first_detection(rules.detection, msg)
+    detected, missed = automated.first_detection(rules.detection, msg, inb.sender)
     inb.missed += missed
     if detected is None:
         return None

@@ -39,20 +39,24 @@ def sender_matches(rule: DetectionRule, address: str) -> bool:
     return any(address.endswith(s) if s.startswith("@") else address == s for s in rule.sender)
 
 
-def detection_matches(rule: DetectionRule, msg: ParsedMessage) -> bool:
-    """spec 2.1.1: sender condition and/or subject phrase; both given → both must hold."""
-    if rule.sender and not sender_matches(rule, msg.from_address):
+def detection_matches(rule: DetectionRule, msg: ParsedMessage, sender: str | None = None) -> bool:
+    """spec 2.1.1: sender condition and/or subject phrase; both given → both must hold.
+
+    The sender is the From: address unless the caller names one (the pipeline passes the
+    envelope sender when From: is unusable)."""
+    address = msg.from_address if sender is None else sender
+    if rule.sender and not sender_matches(rule, address):
         return False
     return not (rule.subject and not phrase_in(rule.subject, msg.subject))
 
 
 def first_detection(
-    rules: Sequence[DetectionRule], msg: ParsedMessage
+    rules: Sequence[DetectionRule], msg: ParsedMessage, sender: str | None = None
 ) -> tuple[DetectionRule | None, list[str]]:
     """The first matching detection rule and the names of those tried before it."""
     missed: list[str] = []
     for rule in rules:
-        if detection_matches(rule, msg):
+        if detection_matches(rule, msg, sender):
             return rule, missed
         missed.append(str(rule.name))
     return None, missed

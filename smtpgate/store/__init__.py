@@ -108,6 +108,7 @@ class Store:
         self._pending: list[_Intake] = []
         self._pending_event = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
+        self._sync = "FULL"  # the writer's PRAGMA synchronous (set in _connect)
         self.new_work = asyncio.Event()  # set after an intake commit: wakes the workers
 
     @classmethod
@@ -137,9 +138,20 @@ class Store:
         await self._db.close()
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """BEGIN IMMEDIATE … COMMIT on the write connection, rolled back on any error."""
+    async def _transaction(self, *, durable: bool = True) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE … COMMIT on the write connection, rolled back on any error.
+
+        durable=False commits with synchronous=NORMAL (no fsync of its own; WAL mode keeps it
+        safe from a process crash and the next durable commit fsyncs it too). Only for queue
+        bookkeeping whose loss to an OS crash means re-doing work; intake is always durable.
+        See docs/performance.md.
+        """
         async with self._write_lock:
+            want = "FULL" if durable else "NORMAL"
+            if self._sync != want:  # switched only when the kind changes: rarely a round trip
+                self._sync = ""  # unknown until the PRAGMA has run
+                await self._db.execute(f"PRAGMA synchronous = {want}")
+                self._sync = want
             try:
                 # Inside the try: a BEGIN cancelled while aiosqlite's thread still runs it
                 # would otherwise leave a transaction open that nobody closes.
@@ -195,6 +207,11 @@ class Store:
             ]
             try:
                 async with self._transaction() as db:
+                    # Waiting for the write lock can outlast the session (it answered 451): a
+                    # message answered 451 must not be stored, or a regenerated retry doubles it.
+                    rows = [
+                        row for row, item in zip(rows, batch, strict=True) if not item.future.done()
+                    ]
                     await db.executemany(
                         "INSERT INTO inbound (id, received_at, peer, helo, mail_from, rcpt_tos,"
                         " size, message_id, raw, next_attempt_at)"
@@ -229,7 +246,7 @@ class Store:
 
     async def release_expired(self) -> int:
         now = time.time()
-        async with self._transaction() as db:
+        async with self._transaction(durable=False) as db:
             cur = await db.execute(
                 "UPDATE inbound SET state = 'queued', lease_until = NULL, lease_token = NULL"
                 " WHERE state = 'active' AND lease_until < ?",
@@ -246,7 +263,7 @@ class Store:
     async def claim(self, limit: int, lease_seconds: float) -> list[Job]:
         now = time.time()
         token = secrets.token_hex(8)
-        async with self._transaction() as db:
+        async with self._transaction(durable=False) as db:
             cur = await db.execute(
                 "UPDATE inbound SET state = 'active', attempts = attempts + 1,"
                 " lease_until = ?, lease_token = ?"
@@ -277,7 +294,7 @@ class Store:
     async def fail(self, job: Job, error: str, *, max_attempts: int, backoff: float) -> bool:
         """Record a processing failure: retry later, or dead after max_attempts. True if dead."""
         dead = job.attempts >= max_attempts
-        async with self._transaction() as db:
+        async with self._transaction(durable=False) as db:
             await db.execute(
                 "UPDATE inbound SET state = ?, last_error = ?, next_attempt_at = ?,"
                 " lease_until = NULL, lease_token = NULL WHERE id = ? AND lease_token = ?",
@@ -303,13 +320,13 @@ class Store:
 
         Returns None when the lease was lost (another worker owns the message now).
         """
-        async with self._transaction() as db:
-            async with db.execute(
+        async with self._transaction(durable=False) as db:
+            # execute_fetchall: one round trip to aiosqlite's thread instead of three.
+            if not await db.execute_fetchall(
                 "SELECT 1 FROM inbound WHERE id = ? AND lease_token = ? AND state = 'active'",
                 (job.id, job.token),
-            ) as cur:
-                if await cur.fetchone() is None:
-                    return None
+            ):
+                return None
             if dedupe_key is not None and decision.action != Action.IGNORED:
                 cur = await db.execute(
                     "INSERT OR IGNORE INTO seen_messages (key, inbound_id, seen_at)"
@@ -512,7 +529,7 @@ class Store:
 
     async def claim_deliveries(self, limit: int, lease_seconds: float) -> list[Delivery]:
         now = time.time()
-        async with self._transaction() as db:
+        async with self._transaction(durable=False) as db:
             cur = await db.execute(
                 "UPDATE outbox SET state = 'active', attempts = attempts + 1, lease_until = ?"
                 " WHERE id IN (SELECT id FROM outbox WHERE state = 'queued'"
@@ -540,7 +557,7 @@ class Store:
 
     async def delivery_done(self, ids: Iterable[int]) -> None:
         now = time.time()
-        async with self._transaction() as db:
+        async with self._transaction(durable=False) as db:
             await db.executemany(
                 "UPDATE outbox SET state = 'done', sent_at = ?, last_error = NULL,"
                 " lease_until = NULL WHERE id = ?",
@@ -549,7 +566,7 @@ class Store:
 
     async def delivery_failed(self, delivery_id: int, error: str, retry_at: float | None) -> None:
         """A failed attempt: retry at `retry_at`, or dead when it is None."""
-        async with self._transaction() as db:
+        async with self._transaction(durable=False) as db:
             await db.execute(
                 "UPDATE outbox SET state = ?, last_error = ?, next_attempt_at = ?,"
                 " lease_until = NULL WHERE id = ?",
@@ -596,41 +613,40 @@ class Store:
         for chunk_start in range(0, len(values), 200):
             chunk = list(values[chunk_start : chunk_start + 200])
             marks = ", ".join("?" for _ in chunk)
-            async with self._reader.execute(
+            rows = await self._reader.execute_fetchall(
                 f"SELECT value, account, contact FROM account_keys"
                 f" WHERE field = ? AND value IN ({marks})",
                 (field, *chunk),
-            ) as cur:
-                for value, account, contact in await cur.fetchall():
-                    found.setdefault(value, []).append((account, contact))
+            )
+            for value, account, contact in rows:
+                found.setdefault(value, []).append((account, contact))
         return found
 
     async def employee_is_active(self, address: str) -> bool:
         address = address.lower()
-        async with self._reader.execute(
-            "SELECT 1 FROM employees WHERE active = 1 AND (email1 = ? OR email2 = ?) LIMIT 1",
-            (address, address),
-        ) as cur:
-            return await cur.fetchone() is not None
+        return bool(
+            await self._reader.execute_fetchall(
+                "SELECT 1 FROM employees WHERE active = 1 AND (email1 = ? OR email2 = ?) LIMIT 1",
+                (address, address),
+            )
+        )
 
     async def ticket_by_number(self, number: int) -> tuple[str, int, str] | None:
-        async with self._reader.execute(
+        for row in await self._reader.execute_fetchall(
             "SELECT rec_id, number, account FROM tickets WHERE number = ?", (number,)
-        ) as cur:
-            row = await cur.fetchone()
-        return (row[0], row[1], row[2]) if row else None
+        ):
+            return (row[0], row[1], row[2])
+        return None
 
     async def ticket_by_message_ids(
         self, message_ids: Sequence[str]
     ) -> tuple[str, int, str] | None:
         for mid in message_ids:
-            async with self._reader.execute(
+            for row in await self._reader.execute_fetchall(
                 "SELECT t.rec_id, t.number, t.account FROM message_links m"
                 " JOIN tickets t ON t.rec_id = m.ticket WHERE m.message_id = ?",
                 (mid,),
-            ) as cur:
-                row = await cur.fetchone()
-            if row:
+            ):
                 return (row[0], row[1], row[2])
         return None
 

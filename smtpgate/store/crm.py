@@ -125,9 +125,8 @@ async def ticket_exists(db: aiosqlite.Connection, rec_id: str) -> bool:
 
 async def next_ticket_number(db: aiosqlite.Connection) -> int:
     # Safe without a sequence table: all writes go through one connection inside BEGIN IMMEDIATE.
-    async with db.execute("SELECT coalesce(max(number), 0) + 1 FROM tickets") as cur:
-        row = await cur.fetchone()
-    return int(row[0]) if row else 1
+    rows = list(await db.execute_fetchall("SELECT coalesce(max(number), 0) + 1 FROM tickets"))
+    return int(rows[0][0]) if rows else 1
 
 
 async def create_ticket(

@@ -1,0 +1,467 @@
+"""The `smtpgate` command as operators run it: a real subprocess on a real data directory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tomllib
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtpgate.cli import main
+from smtpgate.store.schema import MIGRATIONS
+from tests.conftest import FIXTURES, GatewayFactory, RecordingRelay, send, wait_processed
+
+ROOT = Path(__file__).resolve().parent.parent
+RMM = FIXTURES / "rmm"
+SAMPLE_ENV = {
+    "SMTPGATE_RULES_FILE": str(FIXTURES / "rules.toml"),
+    "SMTPGATE_CONNECTOR_ADDRESSES": "connector@localhost",
+    "SMTPGATE_INTERNAL_SUPPORT_ADDRESS": "support@msp.example",
+    "SMTPGATE_API_ENABLED": "true",
+    "SMTPGATE_API_PASSWORD": "s3cret",
+    "SMTPGATE_ACKNOWLEDGE": "true",
+}
+OUTCOME_KEYS = {
+    "path", "action", "reason", "account", "ticket", "rules_hit", "rules_missed", "error_code",
+    "sent",
+}  # fmt: skip
+TICKET_KEYS = [
+    "number", "rec_id", "account", "description", "details", "status", "source", "created_at",
+]  # fmt: skip
+
+
+def run(
+    data_dir: Path, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m smtpgate ARGS` in a clean environment (no inherited SMTPGATE_*, no .env)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
+    environ.update(PYTHONPATH=str(ROOT), SMTPGATE_DATA_DIR=str(data_dir), **(env or {}))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-m", "smtpgate", *args],
+        cwd=data_dir,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def run_here(
+    monkeypatch: pytest.MonkeyPatch,
+    data_dir: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+) -> tuple[int, str, str]:
+    """`smtpgate.cli.main(ARGS)` in this process (fast, for the long tables); same clean env."""
+    for key in [k for k in os.environ if k.startswith("SMTPGATE_")]:
+        monkeypatch.delenv(key)
+    for key, value in {"SMTPGATE_DATA_DIR": str(data_dir), **(env or {})}.items():
+        monkeypatch.setenv(key, value)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(data_dir)  # no stray .env
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:  # main() configures logging for a process; give the test runner its own back
+        root.handlers[:], root.level = handlers, level
+    return code, out.getvalue(), err.getvalue()
+
+
+def ok_json(data_dir: Path, *args: str, env: Mapping[str, str] | None = None) -> Any:
+    result = run(data_dir, *args, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def dump(data_dir: Path) -> list[str]:
+    """Every row of every table, for 'nothing changed' checks."""
+    with sqlite3.connect(data_dir / "smtpgate.db") as db:
+        return list(db.iterdump())
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- imports -------------------------------------------------------------------------------------
+
+
+def test_import_before_first_serve_records_migrations_and_lists_accounts(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    assert not (data / "smtpgate.db").exists()
+    result = run(data, "accounts", "import", str(FIXTURES / "accounts.csv"))
+    assert result.returncode == 0, result.stderr
+    assert "imported 2 accounts" in result.stdout
+    with sqlite3.connect(data / "smtpgate.db") as db:
+        versions = [v for (v,) in db.execute("SELECT version FROM schema_migrations ORDER BY 1")]
+    assert versions == [m[0] for m in MIGRATIONS]
+    accounts = ok_json(data, "accounts", "list")
+    assert [(a["rec_id"], a["file_as"]) for a in accounts] == [
+        ("CRDACME0000000000001", "Acme Corp"),
+        ("CRDGLOBEX00000000002", "Globex"),
+    ]
+    assert accounts[0]["account_number"] == "ACME-001"
+    assert all(k == k.lower() for a in accounts for k in a)
+
+
+def test_reimport_updates_instead_of_duplicating(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    first = write(
+        tmp_path / "a.csv",
+        "file_as,account_number,email1\nAcme Corp,ACME-001,it@acme.example\nGlobex,GLX,\n",
+    )
+    assert run(data, "accounts", "import", str(first)).returncode == 0
+    before = {a["file_as"]: a["rec_id"] for a in ok_json(data, "accounts", "list")}
+    assert all(len(r) == 20 and r.startswith("CRD") and r[3:].isalnum() for r in before.values())
+    assert all(r[3:] == r[3:].upper() for r in before.values())
+    # Same file again, then a changed one matched on file_as (case-insensitive) and on rec_id.
+    assert run(data, "accounts", "import", str(first)).returncode == 0
+    changed = write(
+        tmp_path / "b.csv",
+        "rec_id,file_as,email1\n,ACME CORP,helpdesk@acme.example\n"
+        f"{before['Globex']},Globex Inc,\n",
+    )
+    assert run(data, "accounts", "import", str(changed)).returncode == 0
+    after = {a["rec_id"]: a for a in ok_json(data, "accounts", "list")}
+    assert set(after) == set(before.values())
+    assert after[before["Acme Corp"]]["email1"] == "helpdesk@acme.example"
+    assert after[before["Globex"]]["file_as"] == "Globex Inc"
+    # An update by rec_id with a blank name keeps the name.
+    by_id = write(tmp_path / "c.csv", f"rec_id,file_as,account_id\n{before['Globex']},,G-9\n")
+    assert run(data, "accounts", "import", str(by_id)).returncode == 0
+    after = {a["rec_id"]: a for a in ok_json(data, "accounts", "list")}
+    assert (after[before["Globex"]]["file_as"], after[before["Globex"]]["account_id"]) == (
+        "Globex Inc",
+        "G-9",
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "line"),
+    [
+        ("accounts", "file_as,email1\nNew One,a@new.example\n,b@new.example\n", 3),
+        ("accounts", "rec_id,email1\nCRDNEWNEWNEWNEWNEW01,a@x.example\n", 2),
+        ("accounts", "file_as,email1\nNew One,a@x.example\nTwo,b@x.example,extra\n", 3),
+        ("accounts", "file_as,colour\nNew One,red\n", 1),
+        ("contacts", "account_file_as,name,email\nAcme Corp,J,j@acme.example\nNone,X,x@y.z\n", 3),
+        ("contacts", "account_file_as,name,email\nAcme Corp,Jo,not-an-address\n", 2),
+        ("employees", "name,email1,active\nDana,dana@msp.example,Y\nEve,eve@msp.example,no?\n", 3),
+        ("employees", "name,email1\nDana,dana@msp.example\n,x@msp.example\n", 3),
+        ("accounts", '[\n  {"file_as": "New One"},\n  {"email1": "x@y.example"}\n]\n', 3),
+        ("accounts", '[\n  {"file_as": "New One"},\n\n  {"file_as": "B", "colour": "red"}\n]', 4),
+        ("contacts", '[{"account_file_as": "Acme Corp", "email": "a@acme.example"},\n 5]', 2),
+    ],
+    ids=[
+        "account-no-file_as", "account-new-rec_id-no-name", "csv-extra-value", "unknown-column",
+        "contact-unknown-account", "contact-bad-email", "employee-bad-active",
+        "employee-no-name", "json-no-file_as", "json-unknown-field", "json-not-object",
+    ],
+)  # fmt: skip
+def test_bad_row_names_its_line_and_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, loaded: Path, tmp_path: Path, kind: str, text: str, line: int
+) -> None:
+    data = tmp_path / "var"
+    shutil.copytree(loaded, data)
+    before = dump(data)
+    suffix = ".json" if text.startswith("[") else ".csv"
+    code, out, err = run_here(
+        monkeypatch, data, kind, "import", str(write(tmp_path / f"b{suffix}", text))
+    )
+    assert code == 1
+    assert f"line {line}" in err
+    assert "nothing imported" in err
+    assert "imported" not in out
+    assert dump(data) == before
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory with the sample accounts and employees imported (copied per test)."""
+    data = tmp_path_factory.mktemp("loaded") / "var"
+    assert run(data, "accounts", "import", str(FIXTURES / "accounts.csv")).returncode == 0
+    assert run(data, "employees", "import", str(FIXTURES / "employees.csv")).returncode == 0
+    return data
+
+
+def test_json_imports_and_contacts_by_account_name(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    accounts = [
+        {"rec_id": "CRDHOOLI000000000011", "file_as": "Hooli", "field1": "HQ", "field4": "x"},
+        {"file_as": "Initech", "email2": "@initech.example"},
+    ]
+    path = write(tmp_path / "accounts.json", json.dumps(accounts, indent=2))
+    assert run(data, "accounts", "import", str(path)).returncode == 0
+    contacts = [
+        {"account_file_as": "hooli", "name": "Nagios", "email": "Nagios@Hooli.example"},
+        {"account_rec_id": "CRDHOOLI000000000011", "name": "Gavin", "email": "gavin@hooli.example"},
+    ]
+    path = write(tmp_path / "contacts.json", json.dumps(contacts))
+    for _ in range(2):  # a second import updates the same contacts
+        result = run(data, "contacts", "import", str(path))
+        assert result.returncode == 0, result.stderr
+    employees = write(tmp_path / "e.json", json.dumps([{"name": "Dana", "active": "N"}]))
+    assert run(data, "employees", "import", str(employees)).returncode == 0
+    with sqlite3.connect(data / "smtpgate.db") as db:
+        rows = sorted(db.execute("SELECT account, email FROM contacts"))
+        employee = db.execute("SELECT name, active FROM employees").fetchall()
+    assert rows == [
+        ("CRDHOOLI000000000011", "gavin@hooli.example"),
+        ("CRDHOOLI000000000011", "nagios@hooli.example"),
+    ]
+    assert employee == [("Dana", 0)]
+    listed = {a["file_as"]: a for a in ok_json(data, "accounts", "list")}
+    assert set(listed) == {"Hooli", "Initech"}
+
+
+# --- tickets, explain ----------------------------------------------------------------------------
+
+
+async def cli_async(data_dir: Path, *args: str, env: Mapping[str, str] | None = None) -> Any:
+    """The CLI from inside a running test loop (the gateway keeps serving meanwhile)."""
+    result = await asyncio.to_thread(run, data_dir, *args, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+async def test_tickets_list_and_show_json(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"  # the gateway fixture's data directory
+    gw = await gateway_factory(
+        rules=(FIXTURES / "rules.toml").read_text(), internal_support_address="support@msp.example"
+    )
+    imported = await asyncio.to_thread(
+        run, data, "accounts", "import", str(FIXTURES / "accounts.csv")
+    )
+    assert imported.returncode == 0, imported.stderr
+    for count, name in enumerate(("01-alert-ticket.eml", "05-customer-new.eml"), 1):
+        raw = (FIXTURES / name).read_bytes()
+        assert (await send(gw.smtp_port, raw))[0] == 250
+        await wait_processed(gw, count)
+    tickets = await cli_async(data, "tickets", "list")
+    assert [list(t) for t in tickets] == [TICKET_KEYS, TICKET_KEYS]
+    by_number = {t["number"]: t for t in tickets}
+    assert set(by_number) == {1, 2}
+    alert = by_number[1]
+    assert alert["account"] == "CRDACME0000000000001"
+    assert alert["description"] == "Alert for Site Acme Corp, Disk C: low on free space"
+    assert alert["details"] == "Disk C: on ACME-SRV01 has 2% free space left."
+    assert (alert["status"], alert["source"]) == (100, "Email Connector (automated)")
+    assert alert["rec_id"].startswith("TKT")
+    assert len(alert["rec_id"]) == 20
+    assert by_number[2]["source"] == "Email"
+    shown = await cli_async(data, "tickets", "show", "1")
+    assert {k: shown[k] for k in TICKET_KEYS} == alert
+    (note,) = shown["history"]
+    assert note["rec_id"].startswith("HIS")
+    assert "Disk C: on ACME-SRV01 has 2% free space left." in note["description"]
+    assert note["inbound_id"]
+    missing = await asyncio.to_thread(run, data, "tickets", "show", "99")
+    assert missing.returncode == 1
+    # explain of a message already processed keeps its decision and says a resend is a duplicate
+    env = {"SMTPGATE_RULES_FILE": str(FIXTURES / "rules.toml")}
+    again = await cli_async(data, "explain", str(FIXTURES / "01-alert-ticket.eml"), env=env)
+    assert (again["action"], again["ticket"]) == ("automated_ticket", 3)
+    assert any(n.startswith(f"already processed as {note['inbound_id']}") for n in again["notes"])
+    assert len(await cli_async(data, "tickets", "list")) == 2
+
+
+def test_explain_json_writes_nothing_and_matches_the_spec_table(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    for kind in ("accounts", "employees"):
+        assert run(data, kind, "import", str(FIXTURES / f"{kind}.csv")).returncode == 0
+    before = dump(data)
+    status = ok_json(data, "status", env=SAMPLE_ENV)
+    expected = tomllib.loads((FIXTURES / "expected.toml").read_text())["messages"]
+    names = ["01-alert-ticket.eml", "02-alert-self-healed.eml", "03-alert-unknown-site.eml",
+             "04-xml-new-ticket.eml", "05-customer-new.eml", "07-stranger.eml",
+             "08-out-of-office.eml"]  # fmt: skip
+    with ThreadPoolExecutor(4) as pool:
+        results = list(
+            pool.map(
+                lambda n: run(data, "explain", str(FIXTURES / n), "--json", env=SAMPLE_ENV), names
+            )
+        )
+    for name, result in zip(names, results, strict=True):
+        assert result.returncode == 0, result.stderr
+        outcome = json.loads(result.stdout)
+        assert set(outcome) >= OUTCOME_KEYS, name
+        row = expected[name]
+        assert (outcome["path"], outcome["action"]) == (row["path"], row["action"]), name
+        assert outcome["reason"] == row.get("reason"), name
+        if "account" in row:
+            assert outcome["account"] == row["account"], name
+        targets = [row[k] for k in ("forwarded_to", "response_to", "acknowledged_to") if k in row]
+        assert [to for m in outcome["sent"] for to in m["to"]] == targets, name
+    first = json.loads(results[0].stdout)
+    assert first["ticket"] == 1  # the number it would get
+    assert first["rules_hit"] == ["detection[1]", "account[1]"]
+    assert first["rules_missed"] == ["skip[1]"]
+    # Nothing was written: every table is as it was, and so are the queue and outbox counts.
+    assert dump(data) == before
+    assert ok_json(data, "status", env=SAMPLE_ENV) == status
+    text = run(data, "explain", str(FIXTURES / "03-alert-unknown-site.eml"), env=SAMPLE_ENV)
+    assert "automated_no_account" in text.stdout
+    assert "would send forward to support@msp.example" in text.stdout
+
+
+def test_explain_agrees_with_the_rmm_golden_table(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    data = tmp_path / "var"
+    for kind in ("accounts", "contacts"):
+        assert run_here(monkeypatch, data, kind, "import", str(RMM / f"{kind}.csv"))[0] == 0
+    env = {
+        "SMTPGATE_RULES_FILE": str(RMM / "rules.toml"),
+        "SMTPGATE_INTERNAL_SUPPORT_ADDRESS": "support@msp.example",
+        "SMTPGATE_SKIP_FORWARD_ADDRESS": "noc-archive@msp.example",
+    }
+    expected = tomllib.loads((RMM / "expected.toml").read_text())["messages"]
+    # Duplicates depend on what was processed before; explain looks at one message alone.
+    names = sorted(n for n, row in expected.items() if row["action"] != "duplicate")
+    before = dump(data)
+    for name in names:
+        code, out, err = run_here(monkeypatch, data, "explain", str(RMM / name), "--json", env=env)
+        assert code == 0, (name, err)
+        outcome, row = json.loads(out), expected[name]
+        got = (outcome["path"], outcome["action"], outcome["reason"], outcome["account"])
+        assert got == (row["path"], row["action"], row.get("reason"), row.get("account")), name
+        if "rule" in row:
+            assert row["rule"] in outcome["rules_hit"], name
+    assert dump(data) == before
+
+
+# --- rules ---------------------------------------------------------------------------------------
+
+
+def test_rules_json_in_evaluation_order(tmp_path: Path) -> None:
+    rules = ok_json(tmp_path / "var", "rules", env={"SMTPGATE_RULES_FILE": str(RMM / "rules.toml")})
+    assert [s["stage"] for s in rules["stages"]] == [
+        "loop", "automated", "xml", "ticket_reply", "auto_reply", "known_sender", "unknown_sender",
+    ]  # fmt: skip
+    assert [s["enabled"] for s in rules["stages"]][1:3] == [True, False]
+    assert rules["account_by_sender"] is True
+    assert [r["name"] for r in rules["detection"]] == [
+        "n-central", "datto-rmm", "cw-automate", "prtg", "veeam", "ninjaone", "auvik", "zabbix",
+        "nagios", "solarwinds",
+    ]  # fmt: skip
+    assert [r["name"] for r in rules["skip"]][:2] == ["n-central-normal", "veeam-success"]
+    account = rules["account"]
+    assert [r["name"] for r in account][:3] == ["auvik-rec-id", "n-central-customer",
+                                                "datto-site-uid"]  # fmt: skip
+    assert account[5] == {
+        "name": "automate-client-name", "search": "file_as", "after": None, "before": "\\",
+    }  # fmt: skip
+    assert account[-1]["before"] == " - "  # a phrase keeps its spaces
+    assert rules["detection"][4]["sender"] == [
+        "@cyberdyne.example", "@contoso.example", "veeam@wayne.example",
+    ]  # fmt: skip
+    # Unnamed rules get kind[index] names, 1-based, in file order.
+    spec = ok_json(
+        tmp_path / "v2", "rules", env={"SMTPGATE_RULES_FILE": str(FIXTURES / "rules.toml")}
+    )
+    assert [r["name"] for r in spec["detection"] + spec["skip"] + spec["account"]] == [
+        "detection[1]", "skip[1]", "account[1]",
+    ]  # fmt: skip
+    text = run(tmp_path / "var", "rules", env={"SMTPGATE_RULES_FILE": str(RMM / "rules.toml")})
+    lines = text.stdout.splitlines()
+    stages = [ln.split()[1] for ln in lines if ln[:5].strip().rstrip(".").isdigit()]
+    assert stages[:3] == ["loop", "automated", "xml"]
+    assert [ln.split(":")[0].strip() for ln in lines if ln.startswith("  n-central")] == [
+        "n-central", "n-central-normal", "n-central-customer",
+    ]  # fmt: skip
+
+
+RULE_ERRORS = [
+    ("unknown-key", '[[detection]]\nsubject = "Alert"\nsendr = ["a@b.example"]\n', 3,
+     ("detection[1]", "sendr")),
+    ("unknown-key-named", '[[detection]]\nname = "datto"\nsubject = "A"\ncolour = 1\n', 4,
+     ("datto", "colour")),
+    ("wrong-type", '[[skip]]\nsubject = "x"\n[[skip]]\nsubject = 5\n', 4, ("skip[2]", "subject")),
+    ("unknown-search", '[[account]]\nafter = "Site"\nsearch = "email"\n', 3,
+     ("account[1]", "search", "file_as")),
+    ("neither-condition", 'account_by_sender = true\n\n[[detection]]\nname = "empty"\n', 3,
+     ("empty", "sender", "subject")),
+    ("account-no-location", '[[account]]\nsearch = "rec_id"\n', 1,
+     ("account[1]", "after", "before")),
+    ("bad-sender", '[[detection]]\nsender = ["not an address"]\n', 2, ("detection[1]", "sender")),
+    ("bad-regex", 'quote_patterns = ["(unclosed"]\n', 1, ("quote_patterns",)),
+    ("unknown-top-level", 'account_by_sender = true\nacount_by_sender = true\n', 2,
+     ("acount_by_sender",)),
+    ("unknown-table", '[[detection]]\nsubject = "A"\n\n[[acount]]\nsearch = "file_as"\n', 4,
+     ("acount",)),
+    ("bad-toml", '[[detection]\nsubject = "A"\n', 1, ("not valid TOML",)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"), [c[1:] for c in RULE_ERRORS], ids=[c[0] for c in RULE_ERRORS]
+)
+def test_rules_file_errors_name_rule_key_and_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, text: str, line: int, words: tuple[str, ...]
+) -> None:
+    path = write(tmp_path / "rules.toml", text)
+    env = {"SMTPGATE_RULES_FILE": str(path)}
+    code, out, message = run_here(monkeypatch, tmp_path / "var", "rules", env=env)
+    assert code == 2
+    assert out == ""
+    assert f"rules.toml:{line}" in message or f"line {line}" in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SMTPGATE_SMTP_PORT", "not-a-port"),
+        ("SMTPGATE_SMTP_PORT", "70000"),
+        ("SMTPGATE_CONNECTOR_ADDRESSES", "connector"),
+        ("SMTPGATE_INTERNAL_SUPPORT_ADDRESS", "connector@localhost"),
+        ("SMTPGATE_SKIP_FORWARD_ADDRESS", "Connector@Localhost"),
+        ("SMTPGATE_RELAY_TLS", "sometimes"),
+        ("SMTPGATE_AUTOMATED_ENABLED", "perhaps"),
+        ("SMTPGATE_RETRY_SCHEDULE", "60,-1"),
+    ],
+)
+def test_invalid_setting_names_the_variable_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, value: str
+) -> None:
+    code, out, err = run_here(monkeypatch, tmp_path / "var", "status", env={variable: value})
+    assert code == 2
+    assert out == ""
+    assert variable in err
+
+
+def test_invalid_setting_from_a_real_process_exits_2(tmp_path: Path) -> None:
+    result = run(tmp_path / "var", "status", env={"SMTPGATE_WORKERS": "0"})
+    assert result.returncode == 2
+    assert "SMTPGATE_WORKERS" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_rules_file_is_a_start_up_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env = {"SMTPGATE_RULES_FILE": str(tmp_path / "no")}
+    code, _, err = run_here(monkeypatch, tmp_path / "var", "rules", env=env)
+    assert code == 2
+    assert "SMTPGATE_RULES_FILE" in err

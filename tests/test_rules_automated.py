@@ -1,0 +1,497 @@
+"""Automated-email rules (spec 2.1): detection, skip and account detection as pure functions,
+table-driven with ids, plus hypothesis properties; account-by-sender against a real store."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from smtpgate.config import AccountRule, DetectionRule, Rules, SkipRule, load_settings, parse_rules
+from smtpgate.mail import parse_message
+from smtpgate.model import Action, normalize_key
+from smtpgate.pipeline import Context, decide
+from smtpgate.rules import automated
+from smtpgate.rules.automated import (
+    MAX_CANDIDATES,
+    Match,
+    candidates,
+    detection_matches,
+    first_detection,
+    first_skip,
+    resolve,
+)
+from smtpgate.store import Store
+
+
+def message(subject: str, sender: str = "Monitoring <alerts@rmm.example>") -> bytes:
+    return (
+        f"From: {sender}\r\nTo: connector@localhost\r\nSubject: {subject}\r\n"
+        "Message-ID: <t@rmm.example>\r\n\r\nbody\r\n"
+    ).encode()
+
+
+# --- detection ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Det:
+    id: str
+    sender: tuple[str, ...]
+    subject: str | None
+    from_header: str
+    subject_header: str
+    matches: bool
+
+
+DETECTION = (
+    Det("sender-only", ("alerts@rmm.example",), None, "alerts@rmm.example", "x", True),
+    Det("sender-other", ("alerts@rmm.example",), None, "bob@rmm.example", "Alert", False),
+    Det(
+        "sender-case-and-display-name",
+        ("Alerts@RMM.example",),
+        None,
+        '"RMM, Alerts" <ALERTS@rmm.EXAMPLE>',
+        "x",
+        True,
+    ),
+    Det("sender-list-second", ("a@x.example", "b@x.example"), None, "B@X.example", "x", True),
+    Det("sender-domain", ("@rmm.example",), None, "Datto <noreply@rmm.example>", "x", True),
+    Det("sender-domain-star", ("*@rmm.example",), None, "noreply@rmm.example", "x", True),
+    Det("sender-domain-not-sub", ("@rmm.example",), None, "a@eu.rmm.example", "x", False),
+    Det("subject-only", (), "Alert", "anyone@else.example", "Disk Alert for Site X", True),
+    Det("subject-case", (), "ALERT for", "anyone@else.example", "an alert FOR site", True),
+    Det("subject-missing", (), "Alert", "anyone@else.example", "Disk warning", False),
+    Det("and-both", ("alerts@rmm.example",), "Alert", "alerts@rmm.example", "Alert: x", True),
+    Det("and-subject-fails", ("alerts@rmm.example",), "Alert", "alerts@rmm.example", "x", False),
+    Det("and-sender-fails", ("alerts@rmm.example",), "Alert", "bob@rmm.example", "Alert", False),
+    Det("sender-from-not-reply-to", ("alerts@rmm.example",), None, "bob@x.example", "x", False),
+    Det(
+        "subject-encoded-word",
+        (),
+        "Störung",
+        "a@b.example",
+        "=?iso-8859-1?q?St=F6rung_auf_SRV01?=",
+        True,
+    ),
+    Det("subject-folded", (), "Alert for Site", "a@b.example", "Alert for\r\n Site X", True),
+    Det("rule-phrase-extra-spaces", (), "Alert  for   Site", "a@b.example", "Alert for Site", True),
+)
+
+
+@pytest.mark.parametrize("case", DETECTION, ids=lambda c: c.id)
+def test_detection(case: Det) -> None:
+    rule = DetectionRule(sender=case.sender, subject=case.subject)
+    raw = message(case.subject_header, case.from_header)
+    if case.id == "sender-from-not-reply-to":
+        raw = raw.replace(b"\r\n\r\n", b"\r\nReply-To: alerts@rmm.example\r\n\r\n", 1)
+    assert detection_matches(rule, parse_message(raw)) is case.matches
+
+
+def test_first_detection_is_ordered_and_names_the_rules_missed() -> None:
+    rules = parse_rules(
+        "[[detection]]\nsubject = 'nope'\n"
+        "[[detection]]\nname = 'datto'\nsender = ['noreply@rmm.example']\n"
+        "[[detection]]\nname = 'later'\nsubject = 'Alert'\n"
+    )
+    msg = parse_message(message("Alert", "noreply@rmm.example"))
+    rule, missed = first_detection(rules.detection, msg)
+    assert rule is not None
+    assert rule.name == "datto"
+    assert missed == ["detection[1]"]
+    none, missed = first_detection(rules.detection, parse_message(message("hello", "x@y.example")))
+    assert none is None
+    assert missed == ["detection[1]", "datto", "later"]
+
+
+@pytest.mark.parametrize(
+    ("phrase", "subject", "skipped"),
+    [
+        ("Alert Self Healed", "Alert Self Healed for Site Acme Corp, Disk C: low", True),
+        ("self healed", "ALERT SELF HEALED for Site Acme", True),
+        ("Resolved", "Problem: CPU on srv1 [Resolved]", True),  # anywhere in the subject
+        ("Self  Healed", "Alert Self Healed", True),
+        ("Alert Self Healed", "Alert for Site Acme Corp, Self Healed", False),
+    ],
+    ids=["exact", "case", "anywhere", "phrase-spaces", "words-apart"],
+)
+def test_skip(phrase: str, subject: str, skipped: bool) -> None:
+    rules = (SkipRule(name="other", subject="zzz"), SkipRule(name="s", subject=phrase))
+    rule, missed = first_skip(rules, subject)
+    assert (rule is not None) is skipped
+    assert missed == (["other"] if skipped else ["other", "s"])
+
+
+# --- account detection in the subject ---------------------------------------------------------
+
+ACME, ACMECORP, BAU, GLOBEX, EAST, WEST = "CRDA", "CRDB", "CRDC", "CRDD", "CRDE", "CRDF"
+# normalized searched value → accounts holding it (what the store's account_keys index answers)
+DIRECTORY: dict[str, tuple[str, ...]] = {
+    "acme": (ACME,),
+    "acme corp": (ACMECORP,),
+    "acme-bau gmbh": (BAU,),
+    "globex": (GLOBEX,),
+    "gl-7781": (GLOBEX,),
+    "contoso": (EAST, WEST),
+    "bäckerei müller gmbh": (BAU,),
+    "crdacme0000000000001": (ACMECORP,),
+}
+
+
+def lookup(values: Sequence[str], directory: Mapping[str, tuple[str, ...]] = DIRECTORY) -> Match:
+    found = {v: [(a, None) for a in directory[v]] for v in values if v in directory}
+    return resolve(values, found)
+
+
+@dataclass(frozen=True)
+class Loc:
+    id: str
+    after: str | None
+    before: str | None
+    subject: str
+    account: str | None
+    ambiguous: int = 0
+
+
+LOCATE = (
+    # between: exact match only, trimmed of whitespace and : - # , ; [ ] ( ) " '
+    Loc("between-spec-example", "Alert for Site", ",", "Alert for Site Acme Corp, Disk C: low",
+        ACMECORP),
+    Loc("between-trim-punctuation", "Site", ":", "Site [ 'Acme Corp' ]: down", ACMECORP),
+    Loc("between-collapses-spaces", "Site", ",", "Site  Acme \t Corp , x", ACMECORP),
+    Loc("between-case", "alert FOR site", ",", "ALERT for SITE acme CORP, x", ACMECORP),
+    Loc("between-exact-only", "Site", ",", "Site Acme Corp West, x", None),
+    Loc("between-before-after-the-after", "Site", "-", "Ping - Site Acme Corp", None),
+    Loc("between-spaced-dash", "Alert:", " - ", "Alert: Acme-Bau GmbH - Node down", BAU),
+    Loc("between-rule-spaces", "Alert  for   Site", ",", "Alert for Site Acme Corp, x",
+        ACMECORP),
+    Loc("between-ambiguous", "Group:", ";", "Group: CONTOSO; disk", None, ambiguous=2),
+    # after only: exact, else the longest word-boundary prefix
+    Loc("after-exact", "Customer:", None, "Customer: Globex", GLOBEX),
+    Loc("after-longest-prefix", "Site", None, "Site Acme Corp server down", ACMECORP),
+    Loc("after-shorter-prefix", "Site", None, "Site Acme Ltd server down", ACME),
+    Loc("after-word-boundary", "Site", None, "Site Acmeware down", None),
+    Loc("after-not-mid-word", "Site", None, "Site Acme Corporation down", ACME),
+    Loc("after-slash", "[PRTG]", None, "[PRTG] Acme Corp/fw01 Ping Down", ACMECORP),
+    Loc("after-backslash", "FAILED -", None, "FAILED - Acme Corp\\SRV01 - Disk", ACMECORP),
+    Loc("after-pipe-id", "NinjaOne |", None, "NinjaOne | GL-7781 | PC03 | Patch", GLOBEX),
+    Loc("after-unicode", "Site:", None, "Site: Bäckerei Müller GmbH/Router down", BAU),
+    Loc("after-missing-phrase", "Customer:", None, "Site Acme Corp down", None),
+    Loc("after-ambiguous-no-fallback", "Group", None, "Group contoso acme", None, ambiguous=2),
+    Loc("after-rec-id", "[", None, "[crdacme0000000000001] disk", ACMECORP),
+    # before only: exact, else the longest word-boundary suffix
+    Loc("before-suffix", None, "\\", "Agent Offline - Globex\\GLX-PC22", GLOBEX),
+    Loc("before-longest-suffix", None, "(", "Disk low on Acme Corp (SRV01)", ACMECORP),
+    Loc("before-word-boundary", None, "(", "Disk low on MegaAcme Corp2 (x)", None),
+    Loc("before-exact", None, "::", "Acme Corp :: disk", ACMECORP),
+    Loc("before-id-case", None, "(NinjaOne)", "Patch failures for gl-7781 (NinjaOne)", GLOBEX),
+    Loc("before-first-occurrence", None, "|", "Globex | Acme Corp | x", GLOBEX),
+    Loc("before-missing-phrase", None, "(", "Disk low on Acme Corp", None),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", LOCATE, ids=lambda c: c.id)
+def test_account_location(case: Loc) -> None:
+    rule = AccountRule(search="file_as", after=case.after, before=case.before)
+    values = candidates(rule, case.subject)
+    match = lookup(values)
+    assert match.account == case.account
+    assert match.ambiguous == case.ambiguous
+
+
+def test_long_subject_still_offers_the_short_prefix() -> None:
+    # A long alert text after the phrase must not push the account name out of the probe.
+    tail = " ".join(f"word{i}" for i in range(200))
+    rule = AccountRule(search="file_as", after="Customer:")
+    values = candidates(rule, f"Customer: Acme Corp - {tail}")
+    assert len(values) <= MAX_CANDIDATES + 1
+    assert lookup(values).account == ACMECORP
+    rule = AccountRule(search="file_as", before="(end)")
+    values = candidates(rule, f"{tail} on Acme Corp (end)")
+    assert lookup(values).account == ACMECORP
+
+
+def test_candidates_longest_first_and_exact_first() -> None:
+    rule = AccountRule(search="file_as", after="Site")
+    assert candidates(rule, "Site Acme Corp, Disk C: low") == [
+        "acme corp, disk c: low",
+        "acme corp, disk c",
+        "acme corp, disk",
+        "acme corp",
+        "acme",
+    ]
+
+
+def test_resolve_names_the_single_contact_behind_a_value() -> None:
+    found = {"a@x.example": [("CRD1", "CON1")]}
+    assert resolve(["a@x.example"], found) == Match("CRD1", "CON1", value="a@x.example")
+    two = {"x.example": [("CRD1", None), ("CRD2", None)]}
+    assert resolve(["x.example"], two) == Match(None, ambiguous=2, value="x.example")
+    assert automated.sender_keys("Bob@Sub.Example.COM") == (
+        "bob@sub.example.com",
+        "sub.example.com",
+    )
+
+
+# --- decoding before matching (spec 2.1 with 5) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "decoded"),
+    [
+        ("=?UTF-8?B?QWxlcnQgZm9yIFNpdGUgQsOkY2tlcmVpIE3DvGxsZXIgR21iSCwgQ1BV?=",
+         "Alert for Site Bäckerei Müller GmbH, CPU"),
+        ("=?iso-8859-1?Q?Alert_for_Site_B=E4ckerei_M=FCller_GmbH=2C_CPU?=",
+         "Alert for Site Bäckerei Müller GmbH, CPU"),
+        ("=?windows-1252?Q?Alert_for_Site_Acme_Corp=2C_=93disk=94?=",
+         "Alert for Site Acme Corp, “disk”"),
+        ("=?koi8-r?B?9MXT1A==?= Alert for Site Acme Corp, x", "Тест Alert for Site Acme Corp, x"),
+        ("Alert for Site =?utf-8?q?Acme?=\r\n =?utf-8?q?_Corp?=, x", "Alert for Site Acme Corp, x"),
+        ("Alert   for\r\n\tSite  Acme Corp, x", "Alert for Site Acme Corp, x"),
+        ("=?utf-8?q?Alert_for_Site_Acme_Corp,_x?=", "Alert for Site Acme Corp, x"),
+    ],
+    ids=["b-utf8", "q-latin1", "q-cp1252", "koi8r-mixed", "split-words", "folded", "q-comma"],
+)  # fmt: skip
+def test_subject_decoded_before_matching(header: str, decoded: str) -> None:
+    msg = parse_message(message(header))
+    assert msg.subject == decoded
+    rule = AccountRule(search="file_as", after="Alert for Site", before=",")
+    site = normalize_key(decoded.split("Site ", 1)[1].split(",")[0])
+    assert site in candidates(rule, msg.subject)
+
+
+@pytest.mark.parametrize(
+    ("subject_bytes", "decoded"),
+    [
+        ("Alert for Site Bäckerei Müller GmbH, x".encode(),
+         "Alert for Site Bäckerei Müller GmbH, x"),
+        ("Alert for Site Bäckerei Müller GmbH, x".encode("latin-1"),
+         "Alert for Site Bäckerei Müller GmbH, x"),
+    ],
+    ids=["raw-utf8", "raw-latin1"],
+)  # fmt: skip
+def test_raw_8bit_subjects(subject_bytes: bytes, decoded: str) -> None:
+    raw = message("PLACEHOLDER").replace(b"PLACEHOLDER", subject_bytes)
+    msg = parse_message(raw)
+    assert msg.subject == decoded
+    rule = AccountRule(search="file_as", after="Site", before=",")
+    assert lookup(candidates(rule, msg.subject)).account == BAU
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+WORD = st.text(string.ascii_letters + string.digits, min_size=1, max_size=8)
+VALUE = st.lists(WORD, min_size=1, max_size=4).map(" ".join)
+SEPARATOR = st.sampled_from([" ", ", ", "/", "\\", " - ", ": ", " | ", " (", "; "])
+TAIL = st.lists(WORD, min_size=0, max_size=80).map(" ".join)
+
+
+def recase(text: str, flips: list[bool]) -> str:
+    return "".join(c.swapcase() if flips[i % len(flips)] else c for i, c in enumerate(text))
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(value=VALUE, sep=SEPARATOR, tail=TAIL, flips=st.lists(st.booleans(), min_size=1))
+def test_prefix_rule_finds_any_value_followed_by_a_boundary(
+    value: str, sep: str, tail: str, flips: list[bool]
+) -> None:
+    subject = recase(f"Customer: {value}{sep}{tail}".rstrip(), flips)
+    rule = AccountRule(search="file_as", after="CUSTOMER:")
+    values = candidates(rule, subject)
+    assert len(values) <= MAX_CANDIDATES + 1
+    assert values == sorted(values, key=len, reverse=True) or values[0] == normalize_key(
+        subject.split(":", 1)[1]
+    )
+    assert lookup(values, {normalize_key(value): ("CRDX",)}).account == "CRDX"
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(value=VALUE, sep=SEPARATOR, head=TAIL, flips=st.lists(st.booleans(), min_size=1))
+def test_suffix_rule_finds_any_value_preceded_by_a_boundary(
+    value: str, sep: str, head: str, flips: list[bool]
+) -> None:
+    subject = recase(f"{head}{sep}{value} (agent)".lstrip(), flips)
+    rule = AccountRule(search="file_as", before="(AGENT)")
+    assert lookup(candidates(rule, subject), {normalize_key(value): ("CRDX",)}).account == "CRDX"
+
+
+@settings(max_examples=200)
+@given(subject=st.text(max_size=300), after=st.text(max_size=10), before=st.text(max_size=10))
+def test_candidates_are_total_and_bounded(subject: str, after: str, before: str) -> None:
+    if not after.strip() and not before.strip():
+        after = "x"
+    rule = AccountRule(search="field1", after=after or None, before=before or None)
+    values = candidates(rule, subject)
+    assert len(values) <= MAX_CANDIDATES + 1
+    assert all(v == normalize_key(v) and v for v in values)
+
+
+RULE = (
+    st.tuples(
+        st.lists(st.sampled_from(["a@x.example", "b@x.example", "@y.example"]), max_size=2),
+        st.one_of(st.none(), st.sampled_from(["alert", "DISK", "Self Healed", "cpu"])),
+    )
+    .filter(lambda t: bool(t[0] or t[1]))
+    .map(lambda t: DetectionRule(sender=tuple(t[0]), subject=t[1]))
+)
+
+
+@settings(max_examples=200)
+@given(
+    rules=st.lists(RULE, min_size=1, max_size=6),
+    sender=st.sampled_from(["a@x.example", "B@X.example", "c@y.example", "d@z.example"]),
+    subject=st.sampled_from(["Alert: disk", "self healed CPU", "nothing", "ALERT cpu"]),
+    flips=st.lists(st.booleans(), min_size=1),
+)
+def test_detection_is_case_insensitive_and_first_match_wins(
+    rules: list[DetectionRule], sender: str, subject: str, flips: list[bool]
+) -> None:
+    named = Rules(detection=tuple(rules)).detection
+    msg = parse_message(message(subject, sender))
+    recased = parse_message(message(recase(subject, flips), recase(sender, flips)))
+    hits = [i for i, r in enumerate(named) if detection_matches(r, msg)]
+    assert hits == [i for i, r in enumerate(named) if detection_matches(r, recased)]
+    rule, missed = first_detection(named, msg)
+    if hits:
+        assert rule is named[hits[0]]
+        assert missed == [str(r.name) for r in named[: hits[0]]]
+    else:
+        assert rule is None
+        assert len(missed) == len(named)
+
+
+# --- account by sender and the whole automated stage, against a real store ----------------------
+
+SENDER_RULES = """
+account_by_sender = true
+[[detection]]
+subject = "Alert"
+[[skip]]
+subject = "Self Healed"
+[[account]]
+name = "site"
+search = "file_as"
+after = "Site"
+before = ","
+[[account]]
+name = "group"
+search = "field1"
+after = "Group:"
+"""
+
+ACCOUNTS = [
+    {"rec_id": "CRDACME0000000000001", "file_as": "Acme Corp", "email1": "it@acme.example",
+     "email2": "acme.example", "field1": "shared"},
+    {"rec_id": "CRDGLOBEX00000000002", "file_as": "Globex", "email1": "helpdesk@globex.example",
+     "field1": "shared"},
+    {"rec_id": "CRDINITECH0000000003", "file_as": "Initech", "email2": "@initech.example"},
+    {"rec_id": "CRDCONTOSOA000000004", "file_as": "Contoso A", "email1": "noc@shared.example",
+     "email2": "contoso.example"},
+    {"rec_id": "CRDCONTOSOB000000005", "file_as": "Contoso B", "email1": "contoso.example",
+     "email2": "NOC@shared.example"},
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Flow:
+    id: str
+    subject: str
+    sender: str
+    action: Action
+    account: str | None = None
+    reason: str | None = None
+    hit: tuple[str, ...] = ()
+    contact: bool = False
+
+
+FLOWS = (
+    Flow("rule-wins", "Alert for Site Globex, x", "it@acme.example", Action.AUTOMATED_TICKET,
+         "CRDGLOBEX00000000002", hit=("detection[1]", "site")),
+    Flow("skip-before-accounts", "Alert Self Healed Site Globex, x", "it@acme.example",
+         Action.AUTOMATED_SKIPPED, hit=("detection[1]", "skip[1]")),
+    Flow("email1", "Alert: disk", "IT@Acme.Example", Action.AUTOMATED_TICKET,
+         "CRDACME0000000000001", hit=("detection[1]", "account_by_sender")),
+    Flow("contact-address", "Alert: disk", "noc@x.example", Action.AUTOMATED_TICKET,
+         "CRDGLOBEX00000000002", hit=("detection[1]", "account_by_sender"), contact=True),
+    Flow("domain-value", "Alert: disk", "rmm@acme.example", Action.AUTOMATED_TICKET,
+         "CRDACME0000000000001"),
+    Flow("at-domain-value", "Alert: disk", "rmm@initech.example", Action.AUTOMATED_TICKET,
+         "CRDINITECH0000000003"),
+    Flow("domain-ambiguous", "Alert: disk", "rmm@contoso.example", Action.AUTOMATED_NO_ACCOUNT,
+         reason="ambiguous"),
+    Flow("address-ambiguous", "Alert: disk", "noc@shared.example", Action.AUTOMATED_NO_ACCOUNT,
+         reason="ambiguous"),
+    Flow("rule-ambiguous-then-sender", "Alert Group: shared", "helpdesk@globex.example",
+         Action.AUTOMATED_TICKET, "CRDGLOBEX00000000002",
+         hit=("detection[1]", "account_by_sender")),
+    Flow("rule-ambiguous-nothing", "Alert Group: shared", "x@nowhere.example",
+         Action.AUTOMATED_NO_ACCOUNT, reason="ambiguous"),
+    Flow("no-account", "Alert for Site Nobody, x", "x@nowhere.example",
+         Action.AUTOMATED_NO_ACCOUNT),
+    Flow("subdomain-is-not-domain", "Alert: disk", "x@eu.acme.example",
+         Action.AUTOMATED_NO_ACCOUNT),
+)  # fmt: skip
+
+
+@pytest.fixture
+async def directory(tmp_path: Path) -> Store:
+    store = await Store.open(tmp_path / "smtpgate.db")
+    await store.import_accounts([(i, a) for i, a in enumerate(ACCOUNTS, 2)])
+    contact = {"account_rec_id": "CRDGLOBEX00000000002", "name": "NOC", "email": "NOC@x.example"}
+    await store.import_contacts([(2, contact)])
+    return store
+
+
+@pytest.mark.parametrize("case", FLOWS, ids=lambda c: c.id)
+async def test_automated_stage(case: Flow, directory: Store, tmp_path: Path) -> None:
+    ctx = Context(
+        load_settings(_env_file=None, data_dir=tmp_path, internal_support_address="s@msp.example"),
+        parse_rules(SENDER_RULES),
+    )
+    raw = message(case.subject, case.sender)
+    try:
+        decision = await decide(raw, case.sender, parse_message(raw), ctx, directory)
+        outcome = await directory.simulate(decision, "<t@rmm.example>")
+    finally:
+        await directory.close()
+    assert (outcome.path, outcome.action) == ("automated", case.action)
+    assert outcome.account == case.account
+    assert outcome.reason == case.reason
+    for rule in case.hit:
+        assert rule in outcome.rules_hit
+    if case.action == Action.AUTOMATED_TICKET:
+        assert decision.new_ticket is not None
+        assert decision.new_ticket.source == "Email Connector (automated)"
+        assert decision.new_ticket.description == case.subject
+        assert (decision.new_ticket.contact is not None) is case.contact
+        assert outcome.sent == []
+    else:
+        target = "s@msp.example"
+        assert outcome.sent == [{"kind": "forward", "to": [target]}]
+
+
+async def test_detection_uses_from_and_the_envelope_only_without_a_usable_from(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path / "smtpgate.db")
+    ctx = Context(
+        load_settings(_env_file=None, data_dir=tmp_path),
+        parse_rules('[[detection]]\nsender = ["noreply@rmm.example"]\n'),
+    )
+    no_from = b"To: connector@localhost\r\nSubject: disk low\r\n\r\nx\r\n"
+    with_from = b"From: Someone <someone@else.example>\r\n" + no_from
+    try:
+        decision = await decide(no_from, "NoReply@RMM.example", parse_message(no_from), ctx, store)
+        assert (decision.path, decision.action) == ("automated", Action.AUTOMATED_NO_ACCOUNT)
+        decision = await decide(
+            with_from, "noreply@rmm.example", parse_message(with_from), ctx, store
+        )
+        assert decision.path == "regular"
+        assert decision.rules_missed[0] == "detection[1]"
+    finally:
+        await store.close()
