@@ -218,7 +218,7 @@ class Store:
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         rows,
                     )
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, ValueError) as exc:  # ValueError: text SQLite cannot encode
                 log.error("intake commit of %d message(s) failed: %s", len(batch), exc)
                 for item in batch:
                     if not item.future.done():

@@ -1,0 +1,342 @@
+"""Store and relay faults on a live gateway: a full or locked store answers 451 and recovers
+without a restart; a refusing, slow, flapping or absent relay gets every mail delivered once it
+recovers; `dead` messages and deliveries are brought back by the CLI.
+
+Fault injection into the store uses the gateway's private writer connection (`store._db`): SQLite's
+`PRAGMA max_page_count` is per connection, and a full disk is otherwise hard to make in a test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+from aiosmtpd.smtp import SMTP
+
+from smtpgate.app import Gateway
+from smtpgate.config import Rules
+from smtpgate.model import Envelope
+from smtpgate.store import Store, StoreError, new_queue_id
+from tests.conftest import (
+    GatewayFactory,
+    RecordingRelay,
+    make_settings,
+    send,
+    simple_message,
+    wait_processed,
+    wait_until,
+)
+
+UNLIMITED_PAGES = 1073741823
+
+
+async def pragma(gw: Gateway, sql: str) -> int:
+    assert gw.store is not None
+    async with gw.store._db.execute(sql) as cur:  # fault injection: see the module docstring
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def cli(gw: Gateway, *args: str) -> tuple[int, str]:
+    """Run the real `smtpgate` CLI against the running gateway's data directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
+    env["SMTPGATE_DATA_DIR"] = str(gw.settings.data_dir)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "smtpgate",
+        *args,
+        env=env,
+        cwd=gw.settings.data_dir,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    return int(proc.returncode or 0), out.decode()
+
+
+async def row_state(gw: Gateway, queue_id: str) -> str | None:
+    assert gw.store is not None
+    row = await gw.store.get_inbound(queue_id)
+    return str(row["state"]) if row else None
+
+
+async def healthz(gw: Gateway) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    return int(data.split()[1])
+
+
+async def test_store_full_answers_451_and_recovers_without_restart(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    gw = await gateway_factory(store_timeout=5.0)
+    pages = await pragma(gw, "PRAGMA page_count")
+    assert await pragma(gw, f"PRAGMA max_page_count = {pages}") == pages
+    big = simple_message(subject="full", body="z" * 300_000, message_id="<full@example.org>")
+    code, text = await send(gw.smtp_port, big)
+    assert code == 451, text
+    assert "4.3.0" in text
+    assert gw.store is not None
+    assert (await gw.store.status())["inbound"]["queued"] == 0
+    # Space again (the operator freed the disk): the same message is taken, no restart.
+    await pragma(gw, f"PRAGMA max_page_count = {UNLIMITED_PAGES}")
+    code, text = await send(gw.smtp_port, big)
+    assert code == 250, text
+    await wait_processed(gw, 1)
+    assert await row_state(gw, text.rsplit(" ", 1)[1]) == "done"
+    await relay.wait_for(1)
+
+
+async def test_store_full_after_intake_stalls_processing_which_resumes_with_space(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = await gateway_factory(process_max_attempts=1)
+    # Room for the intake of a 200 KB message, not for what processing writes.
+    pages = await pragma(gw, "PRAGMA page_count")
+    await pragma(gw, f"PRAGMA max_page_count = {pages + 60}")
+    data = simple_message(subject="stalls", body="q" * 200_000, message_id="<stall@example.org>")
+    code, text = await send(gw.smtp_port, data)
+    assert code == 250, text
+    queue_id = text.rsplit(" ", 1)[1]
+
+    async def stalled() -> bool:
+        return any("full" in r.getMessage() for r in caplog.records)
+
+    await wait_until(stalled, what="processing failing on the full store")
+    assert await row_state(gw, queue_id) in ("queued", "active")
+    await pragma(gw, f"PRAGMA max_page_count = {UNLIMITED_PAGES}")
+
+    async def done() -> bool:
+        return await row_state(gw, queue_id) == "done"
+
+    await wait_until(done, what="the message done once there is space")
+    (fwd,) = await relay.wait_for(1)
+    assert fwd.message["Subject"] == "stalls"
+
+
+async def test_processing_failure_goes_dead_and_cli_retry_finishes_it(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    gw = await gateway_factory(process_max_attempts=1)
+    assert gw.store is not None
+    store = gw.store
+    # A write fault inside the decision's transaction (a failing disk, say): a TEMP trigger lives
+    # only on the gateway's writer connection. Fault injection: see the module docstring.
+    await store._db.execute(
+        "CREATE TEMP TRIGGER fail_outbox BEFORE INSERT ON main.outbox"
+        " BEGIN SELECT RAISE(ABORT, 'injected write fault'); END"
+    )
+    data = simple_message(subject="dies", message_id="<dies@example.org>")
+    code, text = await send(gw.smtp_port, data)
+    assert code == 250, text
+    queue_id = text.rsplit(" ", 1)[1]
+
+    async def dead() -> bool:
+        return await row_state(gw, queue_id) == "dead"
+
+    await wait_until(dead, what="the message dead after a failed attempt")
+    row = await store.get_inbound(queue_id)
+    assert row is not None
+    assert "injected write fault" in str(row["last_error"])
+    assert row["outcome"] is None
+    assert relay.messages == []
+
+    await store._db.execute("DROP TRIGGER temp.fail_outbox")
+    code, out = await cli(gw, "queue", "retry", "--dead")
+    assert code == 0, out
+    assert "requeued 1 message" in out
+
+    async def done() -> bool:
+        return await row_state(gw, queue_id) == "done"
+
+    await wait_until(done, what="the retried message done")
+    row = await store.get_inbound(queue_id)
+    assert row is not None
+    assert row["outcome"]["action"] == "forwarded"  # not "duplicate": the failure left no trace
+    (fwd,) = await relay.wait_for(1)
+    assert fwd.message["Subject"] == "dies"
+
+
+async def test_store_locked_answers_451_stores_nothing_and_recovers_without_restart(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    gw = await gateway_factory(store_timeout=1.0)
+    assert gw.store is not None
+    store = gw.store
+    code, _ = await send(gw.smtp_port, simple_message(message_id="<before@example.org>"))
+    assert code == 250
+    await wait_processed(gw, 1)
+    other = sqlite3.connect(store.path, timeout=0.1, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        # An RMM alert without a Message-ID: its retry is generated afresh (a new Date), so
+        # only "451 means not stored" keeps it from being processed twice.
+        alert = simple_message(subject="disk full", extra={"Date": "Thu, 26 Nov 2026 10:00:00"})
+        code, text = await send(gw.smtp_port, alert)
+        assert code == 451, text
+        assert "4.3.0" in text
+        assert await healthz(gw) == 503
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert await healthz(gw) == 200
+    retry = simple_message(subject="disk full", extra={"Date": "Thu, 26 Nov 2026 10:05:00"})
+    code, text = await send(gw.smtp_port, retry)
+    assert code == 250, text
+    # Intake commits are sequential: once the retry is committed, a late commit of the 451'd
+    # copy (its INSERT was waiting for the lock) would be in the store too.
+    await wait_processed(gw, 2)
+    rows = await store.list_inbound()
+    assert len(rows) == 2, [r["outcome"] for r in rows]
+    assert sorted(r["outcome"]["action"] for r in rows) == ["forwarded", "forwarded"]
+    await relay.wait_for(2)
+    assert sorted(m.message["Subject"] for m in relay.messages) == ["Hello", "disk full"]
+
+
+async def test_relay_refusing_permanently_goes_dead_and_cli_retry_delivers(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    gw = await gateway_factory()
+    assert gw.store is not None
+    store = gw.store
+    relay.fail_with = "554 5.7.1 policy says no"
+    for i in range(3):
+        code, _ = await send(gw.smtp_port, simple_message(subject=f"p{i}", message_id=f"<p{i}@x>"))
+        assert code == 250
+
+    async def all_dead() -> bool:
+        return bool((await store.status())["outbox"]["dead"] == 3)
+
+    await wait_until(all_dead, what="three dead deliveries")
+    assert relay.messages == []
+    relay.fail_with = None
+    code, out = await cli(gw, "outbox", "retry", "--dead")
+    assert code == 0, out
+    assert "requeued 3" in out
+    await relay.wait_for(3)
+    assert sorted(m.message["Subject"] for m in relay.messages) == ["p0", "p1", "p2"]
+
+    async def all_done() -> bool:
+        return bool((await store.status())["outbox"]["done"] == 3)
+
+    await wait_until(all_done, what="the deliveries done")
+
+
+async def test_relay_timing_out_then_recovering_delivers_everything(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    gw = await gateway_factory(relay_timeout=0.5)
+    assert gw.store is not None
+    store = gw.store
+    relay.delay = 3.0  # longer than the gateway waits: every attempt times out
+    for i in range(4):
+        assert (await send(gw.smtp_port, simple_message(subject=f"t{i}")))[0] == 250
+
+    async def timed_out() -> bool:
+        rows = await store.list_outbox()
+        return len(rows) == 4 and all(
+            r["attempts"] >= 1 and r["last_error"] and r["state"] == "queued" for r in rows
+        )
+
+    await wait_until(timed_out, what="timed-out attempts")
+    relay.delay = 0.0
+    await relay.wait_for(4)
+
+    async def all_done() -> bool:
+        return bool((await store.status())["outbox"]["done"] == 4)
+
+    await wait_until(all_done, what="the deliveries done")
+    subjects = [m.message["Subject"] for m in relay.messages]
+    assert sorted(set(subjects)) == ["t0", "t1", "t2", "t3"]
+    # An attempt the gateway gave up on is cut off at the relay too: no duplicates.
+    assert len(subjects) == 4
+
+
+async def test_relay_flapping_delivers_every_mail_once_it_settles(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    gw = await gateway_factory(relay_connections=2)
+    assert gw.store is not None
+    store = gw.store
+    relay.fail_with = "451 4.3.0 try later"
+    n = 20
+    for i in range(n):
+        assert (await send(gw.smtp_port, simple_message(subject=f"f{i}")))[0] == 250
+    for fault in ("421 4.3.2 shutting down", "452 4.3.1 out of space", None):
+
+        async def attempted(before: int = relay.attempts) -> bool:
+            return relay.attempts > before
+
+        await wait_until(attempted, what=f"an attempt before switching to {fault}")
+        relay.fail_with = fault
+
+    async def all_done() -> bool:
+        return bool((await store.status())["outbox"]["done"] == n)
+
+    await wait_until(all_done, timeout=30, what="every delivery done after the flapping")
+    subjects = [m.message["Subject"] for m in relay.messages]
+    assert sorted(subjects) == sorted(f"f{i}" for i in range(n))
+    assert (await store.status())["outbox"]["dead"] == 0
+
+
+async def test_relay_down_then_up_delivers_everything(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    gw = Gateway(make_settings(tmp_path, port), Rules())
+    await gw.start()
+    try:
+        await _relay_down_then_up(gw, port)
+    finally:
+        await gw.stop(grace=2)
+
+
+async def _relay_down_then_up(gw: Gateway, port: int) -> None:
+    assert gw.store is not None
+    store = gw.store
+    for i in range(3):
+        assert (await send(gw.smtp_port, simple_message(subject=f"d{i}")))[0] == 250
+
+    async def refused() -> bool:
+        rows = await store.list_outbox()
+        return len(rows) == 3 and all(r["attempts"] >= 1 for r in rows)
+
+    await wait_until(refused, what="failed connection attempts")
+    assert all(r["state"] == "queued" for r in await store.list_outbox())
+    late = RecordingRelay()
+    server = await asyncio.get_running_loop().create_server(
+        lambda: SMTP(late, hostname="late.test"), host="127.0.0.1", port=port
+    )
+    try:
+        await late.wait_for(3, timeout=20)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert sorted(m.message["Subject"] for m in late.messages) == ["d0", "d1", "d2"]
+
+
+async def test_an_unstorable_intake_fails_fast_and_the_commit_loop_survives(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    try:
+        # Text SQLite cannot encode (a lone surrogate, as aiosmtpd decodes non-UTF-8 bytes).
+        bad = Envelope("127.0.0.1", "h", "\udcff@example.org", ("connector@localhost",))
+        with pytest.raises(StoreError):
+            async with asyncio.timeout(5):
+                await store.enqueue(bad, b"Subject: x\r\n\r\nx\r\n", None, new_queue_id())
+        good = Envelope("127.0.0.1", "h", "a@example.org", ("connector@localhost",))
+        async with asyncio.timeout(5):
+            await store.enqueue(good, b"Subject: y\r\n\r\ny\r\n", None, new_queue_id())
+        assert (await store.status())["inbound"]["queued"] == 1
+    finally:
+        await store.close()

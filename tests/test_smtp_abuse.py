@@ -1,0 +1,368 @@
+"""SMTP abuse against a live gateway: smuggling, pipelined bursts, recipient and connection
+limits, idle and slow clients, long lines and floods. The service for others must continue:
+every test ends by checking that a normal message is still accepted and the store is writable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+
+from smtpgate.app import Gateway
+from tests.conftest import GatewayFactory, RecordingRelay, send, simple_message, wait_until
+from tests.hostile import RawSession, SessionClosed, dot_stuff
+
+SMUGGLER = "smuggler@evil.example"
+SMUGGLED = (
+    b"MAIL FROM:<" + SMUGGLER.encode() + b">\r\nRCPT TO:<connector@localhost>\r\nDATA\r\n"
+    b"From: ceo@victim.example\r\nSubject: smuggled\r\n\r\nwire the money\r\n"
+)
+
+
+async def still_serving(gw: Gateway, what: str = "after abuse") -> None:
+    """A normal message gets 250 and is processed; the store can be written."""
+    assert gw.store is not None
+    store = gw.store
+    rcpt = (gw.settings.connector_addresses[0],)
+    code, text = await send(gw.smtp_port, simple_message(subject=f"normal {what}"), rcpt=rcpt)
+    assert code == 250, text
+    queue_id = text.rsplit(" ", 1)[1]
+
+    async def done() -> bool:
+        row = await store.get_inbound(queue_id)
+        return bool(row and row["state"] == "done")
+
+    await wait_until(done, timeout=10, what=f"a normal message processed {what}")
+    assert await store.can_write()
+
+
+async def inbound_senders(gw: Gateway) -> list[str]:
+    assert gw.store is not None
+    return [r["mail_from"] for r in await gw.store.list_inbound(limit=10_000)]
+
+
+# Each variant hides an end-of-data inside the data; RFC 5321 2.3.8 allows only CRLF.CRLF.
+SMUGGLING = {
+    "lf-dot-lf": b"\n.\n",
+    "lf-dot-crlf": b"\n.\r\n",
+    "crlf-dot-lf": b"\r\n.\n",
+    "cr-dot-cr": b"\r.\r",
+    "cr-dot-crlf": b"\r.\r\n",
+    "crlf-dot-cr": b"\r\n.\r",
+    "lf-dot-cr-lf-split": b"\n.\r" + b"\n",
+    "cr-lf-reversed": b"\n\r.\n\r",
+    "bare-lf-in-header": b"\nX-Injected: yes\n",
+}
+
+
+@pytest.mark.parametrize("marker", SMUGGLING.values(), ids=SMUGGLING.keys())
+async def test_smuggling_variant_is_refused_and_nothing_is_queued(
+    gateway: Gateway, marker: bytes
+) -> None:
+    session = await RawSession.open(gateway.smtp_port)
+    for cmd in (b"MAIL FROM:<a@example.org>", b"RCPT TO:<connector@localhost>"):
+        assert (await session.command(cmd)).code == 250
+    assert (await session.command(b"DATA")).code == 354
+    # The fake end-of-data, a whole second transaction, and the real end — in one packet.
+    await session.send_raw(b"Subject: innocent\r\n\r\nhello" + marker + SMUGGLED + b"\r\n.\r\n")
+    reply = await session.reply()
+    assert reply.code == 550, reply
+    assert "5.5.2" in reply.text
+    # The session is still in order: nothing smuggled is pending as commands.
+    assert (await session.command(b"NOOP")).code == 250
+    await session.close()
+    assert await inbound_senders(gateway) == []
+    await still_serving(gateway)
+    assert SMUGGLER not in await inbound_senders(gateway)
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [b"\r\n .\r\n", b"\r\n\x00.\r\n", b"\r\n.\x00\r\n", b"\r\n..\r\n", b"\r\n.\t\r\n"],
+    ids=["space-dot", "nul-dot", "dot-nul", "dot-dot", "dot-tab"],
+)
+async def test_near_end_of_data_markers_stay_inside_one_message(
+    gateway: Gateway, marker: bytes
+) -> None:
+    """Lookalikes of CRLF.CRLF without bare CR/LF are ordinary data: one message, not two."""
+    session = await RawSession.open(gateway.smtp_port)
+    for cmd in (b"MAIL FROM:<a@example.org>", b"RCPT TO:<connector@localhost>"):
+        assert (await session.command(cmd)).code == 250
+    assert (await session.command(b"DATA")).code == 354
+    await session.send_raw(b"Subject: innocent\r\n\r\nhello" + marker + SMUGGLED + b"\r\n.\r\n")
+    reply = await session.reply()
+    assert reply.code == 250, reply
+    assert (await session.command(b"NOOP")).code == 250
+    await session.close()
+    assert await inbound_senders(gateway) == ["a@example.org"]
+    assert gateway.store is not None
+    raw = await gateway.store.raw_message(str(reply.queue_id))
+    assert raw is not None
+    assert b"wire the money" in raw  # the "second message" is body text of the first
+
+
+async def test_two_transactions_pipelined_in_one_packet_are_kept_apart(gateway: Gateway) -> None:
+    first = (
+        b"Subject: one\r\nMessage-ID: <one@p.example>\r\n\r\n.leading dot\r\nMAIL FROM:<x@y>\r\n"
+    )
+    second = b"Subject: two\r\nMessage-ID: <two@p.example>\r\n\r\nDATA\r\nQUIT\r\n"
+    burst = b""
+    for sender, data in (("one@p.example", first), ("two@p.example", second)):
+        burst += f"MAIL FROM:<{sender}>\r\nRCPT TO:<connector@localhost>\r\nDATA\r\n".encode()
+        burst += dot_stuff(data) + b".\r\n"
+    burst += b"QUIT\r\n"
+    session = await RawSession.open(gateway.smtp_port)
+    await session.send_raw(burst)  # everything before reading a single reply
+    codes = [(await session.reply()).code for _ in range(9)]
+    await session.close()
+    assert codes == [250, 250, 354, 250, 250, 250, 354, 250, 221]
+    assert gateway.store is not None
+    rows = sorted(await gateway.store.list_inbound(), key=lambda r: r["mail_from"])
+    assert [r["mail_from"] for r in rows] == ["one@p.example", "two@p.example"]
+    for row, data in zip(rows, (first, second), strict=True):
+        raw = await gateway.store.raw_message(row["id"])
+        assert raw is not None
+        assert raw.endswith(data)  # exactly what was sent, after our Received: header
+        assert raw.count(b"Received: ") == 1
+
+
+async def test_commands_sent_with_data_before_354_are_message_content(gateway: Gateway) -> None:
+    session = await RawSession.open(gateway.smtp_port)
+    await session.send_raw(
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<connector@localhost>\r\nDATA\r\n"
+        b"Subject: early\r\n\r\nRSET\r\nMAIL FROM:<" + SMUGGLER.encode() + b">\r\n.\r\n"
+    )
+    codes = [(await session.reply()).code for _ in range(4)]
+    await session.close()
+    assert codes == [250, 250, 354, 250]
+    assert await inbound_senders(gateway) == ["a@example.org"]
+
+
+async def test_more_recipients_than_allowed_get_452_and_the_message_keeps_the_rest(
+    gateway_factory: GatewayFactory,
+) -> None:
+    connectors = [f"c{i}@localhost" for i in range(6)]
+    gw = await gateway_factory(connector_addresses=",".join(connectors), max_recipients=3)
+    session = await RawSession.open(gw.smtp_port)
+    assert (await session.command(b"MAIL FROM:<a@example.org>")).code == 250
+    codes = [(await session.command(f"RCPT TO:<{c}>".encode())).code for c in connectors]
+    assert codes == [250, 250, 250, 452, 452, 452]
+    # A thousand open-relay probes in the same transaction: each refused, none accepted.
+    probes = b"".join(f"RCPT TO:<victim{i}@example.com>\r\n".encode() for i in range(1000))
+    await session.send_raw(probes)
+    replies = [await session.reply() for _ in range(1000)]
+    assert {r.code for r in replies} == {550}
+    assert (await session.command(b"DATA")).code == 354
+    await session.send_raw(dot_stuff(simple_message()) + b".\r\n")
+    reply = await session.reply()
+    await session.close()
+    assert reply.code == 250
+    assert gw.store is not None
+    row = await gw.store.get_inbound(str(reply.queue_id))
+    assert row is not None
+    assert row["rcpt_tos"] == connectors[:3]
+    await still_serving(gw)
+
+
+async def test_connection_flood_gets_421_and_slots_come_back(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory(max_connections=5)
+    sessions = await asyncio.gather(*(RawSession.open(gw.smtp_port, ehlo=False) for _ in range(40)))
+    greetings = sorted(s.greeting.code for s in sessions if s.greeting)
+    assert greetings == [220] * 5 + [421] * 35
+    for s in sessions:
+        if s.greeting and s.greeting.code == 421:
+            with pytest.raises(SessionClosed):
+                await s.reply(5)  # and the refused connection is closed
+    await asyncio.gather(*(s.close() for s in sessions))
+
+    async def slot_free() -> bool:
+        s = await RawSession.open(gw.smtp_port, ehlo=False)
+        await s.close()
+        return bool(s.greeting and s.greeting.code == 220)
+
+    await wait_until(slot_free, timeout=10, what="a free slot after the flood")
+    await still_serving(gw)
+
+
+async def test_idle_client_is_dropped_and_frees_its_slot(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(max_connections=1, smtp_timeout=1.0)
+    idle = await RawSession.open(gw.smtp_port)
+    assert idle.greeting is not None
+    assert idle.greeting.code == 220
+    blocked = await RawSession.open(gw.smtp_port, ehlo=False)
+    assert blocked.greeting is not None
+    assert blocked.greeting.code == 421  # the idle client holds the only slot...
+    await blocked.close()
+    async with asyncio.timeout(15):
+        assert await idle.reader.read() == b""  # ...until the server drops it
+    await idle.close()
+    await still_serving(gw, "after the idle client")
+
+
+async def test_slow_client_in_data_is_cut_off_and_nothing_is_queued(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory(max_connections=2, smtp_timeout=1.5)
+    slow = await RawSession.open(gw.smtp_port)
+    for cmd in (b"MAIL FROM:<slow@example.org>", b"RCPT TO:<connector@localhost>"):
+        assert (await slow.command(cmd)).code == 250
+    assert (await slow.command(b"DATA")).code == 354
+
+    async def dribble() -> tuple[int, bool]:
+        """The attack itself: a byte every few ms, never the end of data. True: cut off."""
+        sent = 0
+        deadline = time.monotonic() + 20
+        try:
+            while time.monotonic() < deadline:
+                if slow.reader.at_eof():
+                    return sent, True
+                slow.writer.write(b"x" if sent % 60 else b"\r\n")
+                await slow.writer.drain()
+                sent += 1
+                await asyncio.sleep(0.005)
+        except (ConnectionError, OSError):
+            return sent, True
+        return sent, False
+
+    dribbler = asyncio.create_task(dribble())
+    # While it dribbles, others are served (the second slot).
+    for i in range(5):
+        code, _ = await send(gw.smtp_port, simple_message(subject=f"meanwhile {i}"))
+        assert code == 250
+    sent, cut_off = await dribbler
+    assert cut_off, "the server let a client dribble DATA for 20 s"
+    rest = b""
+    with contextlib.suppress(ConnectionError):  # closed with a reset, or an orderly EOF
+        async with asyncio.timeout(5):
+            rest = await slow.reader.read()
+    assert rest == b"", rest
+    await slow.close()
+    assert sent > 0
+    assert "slow@example.org" not in await inbound_senders(gw)
+    await still_serving(gw, "after the slow client")
+
+
+async def test_long_command_lines_are_refused_and_the_session_survives(gateway: Gateway) -> None:
+    session = await RawSession.open(gateway.smtp_port)
+    reply = await session.command(b"MAIL FROM:<" + b"a" * 10_000 + b"@example.org>")
+    assert reply.code == 500
+    assert "too long" in reply.text.lower()
+    # 3 MB without a line end, then one: read in bounded pieces, answered once.
+    await session.send_raw(b"NOOP " + b"n" * 3_000_000)
+    reply = await session.command(b"")
+    assert reply.code == 500
+    assert (await session.command(b"NOOP")).code == 250
+    assert (await session.command(b"EHLO " + b"h" * 100_000)).code == 500
+    assert (await session.command(b"HELO ok.example")).code == 250
+    await session.close()
+    await still_serving(gateway)
+
+
+async def test_pipelining_flood_is_answered_in_order_while_others_are_served(
+    gateway: Gateway, relay: RecordingRelay
+) -> None:
+    n = 20_000
+    flooder = await RawSession.open(gateway.smtp_port)
+    await flooder.send_raw(b"NOOP\r\nRSET\r\n" * (n // 2))
+    others = asyncio.gather(
+        *(send(gateway.smtp_port, simple_message(subject=f"other {i}")) for i in range(5))
+    )
+    codes = [(await flooder.reply()).code for _ in range(n)]
+    assert codes == [250] * n
+    assert (await flooder.command(b"QUIT")).code == 221
+    await flooder.close()
+    assert [code for code, _ in await others] == [250] * 5
+    await still_serving(gateway)
+
+
+async def test_bogus_command_flood_is_cut_off(gateway: Gateway) -> None:
+    flooder = await RawSession.open(gateway.smtp_port)
+    await flooder.send_raw(b"XYZZY\r\n" * 10_000 + b"\x00\xff\xfe\r\n" * 100)
+    replies = []
+    with contextlib.suppress(SessionClosed, ConnectionError):
+        for _ in range(10_100):
+            replies.append(await flooder.reply(5))
+    await flooder.close()
+    assert len(replies) < 100  # dropped after a few, not answered ten thousand times
+    assert replies[-1].code == 502
+    await still_serving(gateway)
+
+
+async def test_data_without_recipients_and_out_of_order_commands_queue_nothing(
+    gateway: Gateway,
+) -> None:
+    session = await RawSession.open(gateway.smtp_port)
+    assert (await session.command(b"DATA")).code == 503
+    assert (await session.command(b"RCPT TO:<connector@localhost>")).code == 503
+    assert (await session.command(b"MAIL FROM:<a@example.org>")).code == 250
+    assert (await session.command(b"MAIL FROM:<b@example.org>")).code == 503
+    assert (await session.command(b"DATA")).code == 503
+    assert (await session.command(b"RCPT TO:<connector@evil.example>")).code == 550
+    assert (await session.command(b"RCPT TO:connector@evil.example")).code in (501, 550)
+    await session.close()
+    assert await inbound_senders(gateway) == []
+    await still_serving(gateway)
+
+
+async def test_abrupt_disconnects_mid_data_queue_nothing(gateway: Gateway) -> None:
+    for cut in (0, 1, 100, 5000):
+        session = await RawSession.open(gateway.smtp_port)
+        for cmd in (b"MAIL FROM:<cut@example.org>", b"RCPT TO:<connector@localhost>"):
+            assert (await session.command(cmd)).code == 250
+        assert (await session.command(b"DATA")).code == 354
+        data = dot_stuff(simple_message(body="y" * 10_000))
+        await session.send_raw(data[:cut] + (b"\r\n." if cut else b""))
+        session.writer.transport.abort()  # RST, no end of data
+    await still_serving(gateway)
+    assert "cut@example.org" not in await inbound_senders(gateway)
+
+
+@pytest.mark.parametrize(
+    ("helo", "sender"),
+    [
+        (b"EHLO ok.example", b"MAIL FROM:<\xff\xfe@example.org>"),
+        (b"EHLO \xff\xfe.example", b"MAIL FROM:<a@example.org>"),
+        (b"EHLO ok.example", b"MAIL FROM:<\xed\xa0\x80@example.org> SMTPUTF8"),
+        (b"HELO \xc3(", b"MAIL FROM:<\xc3(@example.org>"),
+    ],
+    ids=["sender-latin1", "helo-latin1", "sender-surrogate-utf8", "helo-and-sender-bad-utf8"],
+)
+async def test_non_utf8_envelope_gets_a_clear_answer_and_others_are_not_hurt(
+    gateway_factory: GatewayFactory, helo: bytes, sender: bytes
+) -> None:
+    gw = await gateway_factory(store_timeout=5.0)
+    hostile = await RawSession.open(gw.smtp_port, ehlo=False)
+    assert (await hostile.command(helo)).code == 250
+    reply = await hostile.command(sender)
+    if reply.code == 250:
+        assert (await hostile.command(b"RCPT TO:<connector@localhost>")).code == 250
+        assert (await hostile.command(b"DATA")).code == 354
+        # Sent together with normal mail from others, so they share a group commit.
+        others = asyncio.gather(
+            *(send(gw.smtp_port, simple_message(subject=f"other {i}")) for i in range(3))
+        )
+        await hostile.send_raw(dot_stuff(simple_message(subject="odd envelope")) + b".\r\n")
+        reply = await hostile.reply()
+        assert [code for code, _ in await others] == [250] * 3
+    await hostile.close()
+    # Accepted (bytes kept) or refused as a bad address; never a storage failure.
+    assert reply.code in (250, 501, 550, 553), reply
+    await still_serving(gw, "after a non-UTF-8 envelope")
+    if reply.code == 250:
+        assert gw.store is not None
+        row = await gw.store.get_inbound(str(reply.queue_id))
+        assert row is not None
+        await wait_until(
+            lambda: _done(gw, str(reply.queue_id)), what="the odd-envelope message processed"
+        )
+
+
+async def _done(gw: Gateway, queue_id: str) -> bool:
+    assert gw.store is not None
+    row = await gw.store.get_inbound(queue_id)
+    return bool(row and row["state"] == "done")
