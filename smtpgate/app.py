@@ -28,6 +28,10 @@ log = logging.getLogger("smtpgate")
 LEASE_SECONDS = 300.0
 SWEEP_SECONDS = 30.0
 RETENTION_SWEEP_SECONDS = 3600.0
+# Parsing costs ~30 ms per MB and holds the loop: a 25 MB message held it 0.7 s, long enough
+# for concurrent intake commits to miss SMTPGATE_STORE_TIMEOUT (451). Big ones go to a thread
+# (docs/performance.md); small ones stay inline, where a thread hop would cost more than it saves.
+PARSE_IN_THREAD_BYTES = 1 << 20
 
 
 def dedupe_key(message_id: str | None, job: Job) -> str:
@@ -166,7 +170,10 @@ class Gateway:
 
     async def process(self, job: Job) -> None:
         assert self.store is not None
-        msg = parse_message(job.raw)
+        if len(job.raw) > PARSE_IN_THREAD_BYTES:
+            msg = await asyncio.to_thread(parse_message, job.raw)
+        else:
+            msg = parse_message(job.raw)
         ctx = Context(self.settings, self.rules)
         decision = await decide(job.raw, job.envelope.mail_from, msg, ctx, self.store)
         outcome = await self.store.complete(

@@ -667,8 +667,10 @@ class Store:
         async with self._reader.execute("SELECT tbl, state, n FROM queue_counts") as cur:
             for tbl, state, n in await cur.fetchall():
                 counts[tbl][state] = n
+        # INDEXED BY: the planner would pick inbound_ready and scan every queued row.
         async with self._reader.execute(
-            "SELECT min(received_at) FROM inbound WHERE state = 'queued'"
+            "SELECT min(received_at) FROM inbound INDEXED BY inbound_queued_received"
+            " WHERE state = 'queued'"
         ) as cur:
             row = await cur.fetchone()
         oldest = row[0] if row else None

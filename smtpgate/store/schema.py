@@ -303,6 +303,16 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX items_item_no ON items (item_no);
         """,
     ),
+    (
+        3,
+        "index for the oldest queued message",
+        """
+        -- status's "oldest queued age" (min received_at of queued rows) without scanning every
+        -- queued row: 210 ms → 0.1 ms with 1,000,000 queued (docs/performance.md). Partial, so
+        -- it holds only the queued rows.
+        CREATE INDEX inbound_queued_received ON inbound (received_at) WHERE state = 'queued';
+        """,
+    ),
 ]
 
 
