@@ -104,7 +104,7 @@ async def cmd_serve(settings: Settings, rules: Rules, _: argparse.Namespace) -> 
     return 0
 
 
-async def cmd_status(settings: Settings, _: Rules, args: argparse.Namespace) -> int:
+async def cmd_status(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
         status = await store.status()
         if args.json:
@@ -172,7 +172,7 @@ def _outcome_line(o: dict[str, Any] | None) -> str:
     return text
 
 
-async def cmd_queue(settings: Settings, _: Rules, args: argparse.Namespace) -> int:
+async def cmd_queue(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
         if args.action == "list":
             rows = await store.list_inbound(args.state, args.limit)
@@ -204,7 +204,7 @@ async def cmd_queue(settings: Settings, _: Rules, args: argparse.Namespace) -> i
     return await _with_store(settings, run)
 
 
-async def cmd_outbox(settings: Settings, _: Rules, args: argparse.Namespace) -> int:
+async def cmd_outbox(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
         if args.action == "list":
             rows = await store.list_outbox(args.state, args.limit)
@@ -226,7 +226,7 @@ async def cmd_outbox(settings: Settings, _: Rules, args: argparse.Namespace) -> 
     return await _with_store(settings, run)
 
 
-async def cmd_tickets(settings: Settings, _: Rules, args: argparse.Namespace) -> int:
+async def cmd_tickets(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
         if args.action == "list":
             rows = await store.list_tickets(args.limit)
@@ -305,7 +305,7 @@ def _json_item_lines(text: str) -> list[int]:
         _, pos = decoder.raw_decode(text, pos)
 
 
-async def cmd_import(settings: Settings, _: Rules, args: argparse.Namespace) -> int:
+async def cmd_import(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
     kind = args.kind
     try:
         rows = read_rows(Path(args.file), kind)
@@ -333,7 +333,7 @@ async def cmd_import(settings: Settings, _: Rules, args: argparse.Namespace) -> 
     return await _with_store(settings, run)
 
 
-async def cmd_accounts_list(settings: Settings, _: Rules, args: argparse.Namespace) -> int:
+async def cmd_accounts_list(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
         rows = await store.list_accounts(args.limit)
         if args.json:
@@ -368,7 +368,7 @@ async def cmd_rules(settings: Settings, rules: Rules, args: argparse.Namespace) 
     return 0
 
 
-async def cmd_backup(settings: Settings, _: Rules, args: argparse.Namespace) -> int:
+async def cmd_backup(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
         await store.backup(Path(args.path))
         print(f"backup written to {args.path}")
@@ -382,9 +382,10 @@ async def cmd_backup(settings: Settings, _: Rules, args: argparse.Namespace) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smtpgate", description=__doc__)
+    p.set_defaults(needs_rules=False)
     sub = p.add_subparsers(dest="verb", required=True)
 
-    sub.add_parser("serve", help="run the gateway").set_defaults(fn=cmd_serve)
+    sub.add_parser("serve", help="run the gateway").set_defaults(fn=cmd_serve, needs_rules=True)
 
     s = sub.add_parser("status", help="queue depth, outbox, counts")
     s.add_argument("--json", action="store_true")
@@ -394,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--mail-from", default=None, help="envelope sender (default: From:)")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_explain)
+    s.set_defaults(fn=cmd_explain, needs_rules=True)
 
     q = sub.add_parser("queue", help="inbound queue").add_subparsers(dest="action", required=True)
     s = q.add_parser("list")
@@ -445,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("rules", help="the precedence and rules in evaluation order")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_rules)
+    s.set_defaults(fn=cmd_rules, needs_rules=True)
 
     s = sub.add_parser("backup", help="consistent online copy of the store")
     s.add_argument("path")
@@ -457,12 +458,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
-        rules = load_rules(settings.rules_file)
+        # Only the verbs that decide anything read (and validate) the rules file; the others
+        # start faster without it (`smtpgate status` is polled by monitoring).
+        rules = load_rules(settings.rules_file) if args.needs_rules else None
     except ConfigError as exc:
         print(f"smtpgate: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings)
-    runner = _event_loop_runner()
+    runner = _event_loop_runner() if args.verb == "serve" else asyncio.run
     try:
         result: int = runner(args.fn(settings, rules, args))
     except ConfigError as exc:

@@ -24,8 +24,6 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from smtpgate.mail import DEFAULT_QUOTE_PATTERNS
-
 ENV_PREFIX = "SMTPGATE_"
 
 _ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
@@ -299,7 +297,7 @@ class Rules(BaseModel):
 
     account_by_sender: bool = False
     ticket_tag: str = Field("Ticket", min_length=1, pattern=r"^[\w ]+$")
-    quote_patterns: tuple[str, ...] = DEFAULT_QUOTE_PATTERNS
+    quote_patterns: tuple[str, ...] = Field(default_factory=lambda: _default_quote_patterns())
     detection: tuple[DetectionRule, ...] = ()
     skip: tuple[SkipRule, ...] = ()
     account: tuple[AccountRule, ...] = ()
@@ -327,6 +325,12 @@ class Rules(BaseModel):
 
     def compiled_quote_patterns(self) -> tuple[re.Pattern[str], ...]:
         return tuple(re.compile(p, re.IGNORECASE) for p in self.quote_patterns)
+
+
+def _default_quote_patterns() -> tuple[str, ...]:
+    from smtpgate.mail import DEFAULT_QUOTE_PATTERNS  # lazily: CLI verbs without rules skip it
+
+    return DEFAULT_QUOTE_PATTERNS
 
 
 def parse_rules(text: str, source: str = "<rules>") -> Rules:
