@@ -787,10 +787,8 @@ class Store:
     async def can_write(self) -> bool:
         """Health probe: a write transaction can be begun and committed.
 
-        Bounded by the connection's busy_timeout, not by cancelling: a BEGIN cancelled while
-        aiosqlite's thread still runs it can open a transaction nobody closes, after which every
-        later BEGIN on the write connection fails ("cannot start a transaction within a
-        transaction"). Callers that need a shorter bound shield this coroutine.
+        Bounded by the connection's busy_timeout; the HTTP endpoint answers 503 sooner and lets
+        the probe finish in the background, so probes never pile up on the write lock.
         """
         try:
             async with self._transaction() as db:
