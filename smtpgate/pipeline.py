@@ -68,6 +68,7 @@ class Inbound:
     msg: ParsedMessage
     hit: list[str] = field(default_factory=list)
     missed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # from stages that passed, for the outcome
 
     @property
     def sender(self) -> str:
@@ -359,6 +360,8 @@ async def stage_known_sender(inb: Inbound, ctx: Context, directory: Directory) -
     msg, settings = inb.msg, ctx.settings
     match, note = await _account_by_sender(inb, directory)
     if match.account is None:
+        if note:  # spec 2.1.3: an ambiguous sender is unknown, and the outcome says why
+            inb.notes.append(note)
         return None
     inb.hit.append("known_sender")
     why_not = None if settings.acknowledge else "acknowledgements off"
@@ -450,6 +453,7 @@ async def decide(
         if decision is not None:
             decision.rules_hit = inb.hit + decision.rules_hit
             decision.rules_missed = inb.missed + decision.rules_missed
+            decision.notes[:0] = inb.notes
             if msg.defects:
                 decision.notes.extend(f"parse: {d}" for d in msg.defects[:5])
             return decision

@@ -486,6 +486,7 @@ CASES: tuple[Case, ...] = (
         "forwarded",
         reason="unknown_sender",
         sent=(FWD,),
+        notes=("sender domain shared.example names 2 accounts (ambiguous)",),
     ),
     Case(
         "acknowledge-off-no-ack",
