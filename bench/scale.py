@@ -121,14 +121,18 @@ def fill_queue(db: Path, n: int) -> None:
     now = time.time()
     with contextlib.closing(sqlite3.connect(db)) as c, c:
         c.executemany(
-            "INSERT INTO inbound (id, received_at, mail_from, rcpt_tos, size, raw, state,"
-            " next_attempt_at) VALUES (?, ?, 'someone@example.org', ?, ?, ?, 'queued', ?)",
+            "INSERT INTO inbound (id, received_at, mail_from, rcpt_tos, size, state,"
+            " next_attempt_at) VALUES (?, ?, 'someone@example.org', ?, ?, 'queued', ?)",
             (
-                (f"BENCH{i:010d}", now - n + i, json.dumps(["connector@localhost"]), len(raw), raw,
+                (f"BENCH{i:010d}", now - n + i, json.dumps(["connector@localhost"]), len(raw),
                  now - n + i)
                 for i in range(n)
             ),
         )  # fmt: skip
+        c.executemany(
+            "INSERT INTO inbound_raw (id, raw) VALUES (?, ?)",
+            ((f"BENCH{i:010d}", raw) for i in range(n)),
+        )
 
 
 def queue_scale(rows: int, work: Path, runs: int) -> dict[str, float]:

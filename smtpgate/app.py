@@ -20,7 +20,7 @@ from smtpgate.mail import parse_message
 from smtpgate.model import Outcome
 from smtpgate.pipeline import Context, decide
 from smtpgate.relay import DeliveryError, RelayClient, relay_tls_context
-from smtpgate.store import Delivery, Job, Store
+from smtpgate.store import Delivery, Job, Store, is_transient_error
 from smtpgate.worker import WorkerPool, backoff, scheduled_delay
 
 log = logging.getLogger("smtpgate")
@@ -211,11 +211,13 @@ class Gateway:
         assert self.store is not None
         self.metrics.processing_failures.inc()
         error = f"{type(exc).__name__}: {exc}"
+        transient = is_transient_error(exc)
         dead = await self.store.fail(
             job,
             error,
             max_attempts=self.settings.process_max_attempts,
-            backoff=backoff(job.attempts),
+            backoff=backoff(2 if transient else job.attempts),
+            transient=transient,
         )
         log.error(
             "processing %s failed (attempt %d)%s: %s",

@@ -340,3 +340,31 @@ async def test_an_unstorable_intake_fails_fast_and_the_commit_loop_survives(
         assert (await store.status())["inbound"]["queued"] == 1
     finally:
         await store.close()
+
+
+def test_only_store_conditions_count_as_transient(tmp_path: Path) -> None:
+    """Full, locked and I/O errors never use up a message's attempts; our own SQL bugs do."""
+    import sqlite3
+
+    from smtpgate.store import is_transient_error
+
+    db = sqlite3.connect(tmp_path / "t.db", isolation_level=None, timeout=0)
+    db.execute("CREATE TABLE t (x BLOB)")
+    errors: list[sqlite3.Error] = []
+    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+    try:
+        db.execute("INSERT INTO t VALUES (zeroblob(100000))")
+    except sqlite3.Error as exc:
+        errors.append(exc)
+    other = sqlite3.connect(tmp_path / "t.db", isolation_level=None, timeout=0)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        sqlite3.connect(tmp_path / "t.db", timeout=0).execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        errors.append(exc)
+    other.execute("ROLLBACK")
+    assert [is_transient_error(e) for e in errors] == [True, True]
+    with pytest.raises(sqlite3.OperationalError) as bug:
+        db.execute("SELECT no_such_column FROM t")
+    assert not is_transient_error(bug.value)
+    assert not is_transient_error(ValueError("not a store error"))

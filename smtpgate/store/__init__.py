@@ -37,6 +37,15 @@ from smtpgate.store.schema import migrate
 log = logging.getLogger(__name__)
 
 StoreError = sqlite3.Error
+# The store could not do its work right now: retry, never blame the message. (An SQL error in
+# our own code is an OperationalError too, but not one of these: it counts as a failed attempt.)
+_TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN")
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """A store failure that says nothing about the message: locked, full, or I/O."""
+    name = getattr(exc, "sqlite_errorname", "") if isinstance(exc, sqlite3.Error) else ""
+    return isinstance(name, str) and name.startswith(_TRANSIENT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +209,6 @@ class Store:
                     json.dumps(item.envelope.rcpt_tos),
                     len(item.raw),
                     item.message_id,
-                    item.raw,
                     now,
                 )
                 for item in batch
@@ -209,14 +217,20 @@ class Store:
                 async with self._transaction() as db:
                     # Waiting for the write lock can outlast the session (it answered 451): a
                     # message answered 451 must not be stored, or a regenerated retry doubles it.
-                    rows = [
-                        row for row, item in zip(rows, batch, strict=True) if not item.future.done()
+                    live = [
+                        (row, item)
+                        for row, item in zip(rows, batch, strict=True)
+                        if not item.future.done()
                     ]
                     await db.executemany(
                         "INSERT INTO inbound (id, received_at, peer, helo, mail_from, rcpt_tos,"
-                        " size, message_id, raw, next_attempt_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        rows,
+                        " size, message_id, next_attempt_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [row for row, _ in live],
+                    )
+                    await db.executemany(
+                        "INSERT INTO inbound_raw (id, raw) VALUES (?, ?)",
+                        [(item.id, item.raw) for _, item in live],
                     )
             except (sqlite3.Error, ValueError) as exc:  # ValueError: text SQLite cannot encode
                 log.error("intake commit of %d message(s) failed: %s", len(batch), exc)
@@ -269,16 +283,24 @@ class Store:
                 " lease_until = ?, lease_token = ?"
                 " WHERE id IN (SELECT id FROM inbound WHERE state = 'queued'"
                 "   AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?)"
-                " RETURNING id, raw, peer, helo, mail_from, rcpt_tos, received_at, attempts,"
+                " RETURNING id, peer, helo, mail_from, rcpt_tos, received_at, attempts,"
                 " message_id",
                 (now + lease_seconds, token, now, limit),
             )
             rows = await cur.fetchall()
+            raws: dict[str, bytes] = {}
+            if rows:
+                marks = ", ".join("?" for _ in rows)
+                for rid, raw in await db.execute_fetchall(
+                    f"SELECT id, raw FROM inbound_raw WHERE id IN ({marks})",
+                    [row["id"] for row in rows],
+                ):
+                    raws[rid] = bytes(raw)
         jobs = [
             Job(
                 id=row["id"],
                 token=token,
-                raw=bytes(row["raw"] or b""),
+                raw=raws.get(row["id"], b""),
                 envelope=Envelope(
                     row["peer"], row["helo"], row["mail_from"], tuple(json.loads(row["rcpt_tos"]))
                 ),
@@ -291,17 +313,25 @@ class Store:
         jobs.sort(key=lambda j: j.received_at)
         return jobs
 
-    async def fail(self, job: Job, error: str, *, max_attempts: int, backoff: float) -> bool:
-        """Record a processing failure: retry later, or dead after max_attempts. True if dead."""
-        dead = job.attempts >= max_attempts
+    async def fail(
+        self, job: Job, error: str, *, max_attempts: int, backoff: float, transient: bool = False
+    ) -> bool:
+        """Record a processing failure: retry later, or dead after max_attempts. True if dead.
+
+        A transient failure (the store itself: full, locked, I/O) is not the message's fault: it
+        does not use up an attempt, so it can never make the message dead.
+        """
+        dead = not transient and job.attempts >= max_attempts
         async with self._transaction(durable=False) as db:
             await db.execute(
                 "UPDATE inbound SET state = ?, last_error = ?, next_attempt_at = ?,"
-                " lease_until = NULL, lease_token = NULL WHERE id = ? AND lease_token = ?",
+                " attempts = attempts - ?, lease_until = NULL, lease_token = NULL"
+                " WHERE id = ? AND lease_token = ?",
                 (
                     JobState.DEAD if dead else JobState.QUEUED,
                     error[:2000],
                     time.time() + backoff,
+                    1 if transient else 0,
                     job.id,
                     job.token,
                 ),
@@ -514,13 +544,15 @@ class Store:
             if queue_id is not None:
                 cur = await db.execute(
                     "UPDATE inbound SET state = 'queued', next_attempt_at = ?, attempts = 0,"
-                    " last_error = NULL WHERE id = ? AND state = 'dead' AND raw IS NOT NULL",
+                    " last_error = NULL WHERE id = ? AND state = 'dead' AND id IN"
+                    " (SELECT id FROM inbound_raw)",
                     (time.time(), queue_id),
                 )
             else:
                 cur = await db.execute(
                     "UPDATE inbound SET state = 'queued', next_attempt_at = ?, attempts = 0,"
-                    " last_error = NULL WHERE state = 'dead' AND raw IS NOT NULL",
+                    " last_error = NULL WHERE state = 'dead' AND id IN"
+                    " (SELECT id FROM inbound_raw)",
                     (time.time(),),
                 )
             return cur.rowcount
@@ -701,7 +733,9 @@ class Store:
     async def get_inbound(self, queue_id: str) -> dict[str, Any] | None:
         async with self._reader.execute(
             "SELECT id, message_id, mail_from, rcpt_tos, state, attempts, received_at,"
-            " last_error, outcome, peer, helo, size, processed_at, raw FROM inbound WHERE id = ?",
+            " last_error, outcome, peer, helo, size, processed_at,"
+            " EXISTS (SELECT 1 FROM inbound_raw r WHERE r.id = inbound.id) AS raw_kept"
+            " FROM inbound WHERE id = ?",
             (queue_id,),
         ) as cur:
             row = await cur.fetchone()
@@ -713,12 +747,14 @@ class Store:
             helo=row["helo"],
             size=row["size"],
             processed_at=iso(row["processed_at"]),
-            raw_kept=row["raw"] is not None,
+            raw_kept=bool(row["raw_kept"]),
         )
         return view
 
     async def raw_message(self, queue_id: str) -> bytes | None:
-        async with self._reader.execute("SELECT raw FROM inbound WHERE id = ?", (queue_id,)) as cur:
+        async with self._reader.execute(
+            "SELECT raw FROM inbound_raw WHERE id = ?", (queue_id,)
+        ) as cur:
             row = await cur.fetchone()
         return bytes(row[0]) if row and row[0] is not None else None
 
@@ -890,8 +926,8 @@ class Store:
         cutoff = time.time() - retention_days * 86400
         async with self._transaction() as db:
             cur = await db.execute(
-                "UPDATE inbound SET raw = NULL WHERE state = 'done' AND raw IS NOT NULL"
-                " AND received_at < ?",
+                "DELETE FROM inbound_raw WHERE id IN (SELECT id FROM inbound"
+                " WHERE state = 'done' AND received_at < ?)",
                 (cutoff,),
             )
             n = cur.rowcount

@@ -313,6 +313,21 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX inbound_queued_received ON inbound (received_at) WHERE state = 'queued';
         """,
     ),
+    (
+        4,
+        "raw bytes in a table of their own",
+        """
+        -- SQLite rewrites a whole row, overflow pages included, on every UPDATE: with the raw
+        -- bytes in the queue row, each claim and completion of a 25 MB message rewrote 25 MB.
+        -- Kept apart, state changes touch a few hundred bytes; retention deletes the bytes row.
+        CREATE TABLE inbound_raw (
+            id  TEXT PRIMARY KEY,
+            raw BLOB NOT NULL
+        );
+        INSERT INTO inbound_raw (id, raw) SELECT id, raw FROM inbound WHERE raw IS NOT NULL;
+        ALTER TABLE inbound DROP COLUMN raw;
+        """,
+    ),
 ]
 
 
