@@ -111,9 +111,7 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
-async def gateway_factory(
-    tmp_path: Path, relay: RecordingRelay
-) -> AsyncIterator[GatewayFactory]:
+async def gateway_factory(tmp_path: Path, relay: RecordingRelay) -> AsyncIterator[GatewayFactory]:
     started: list[Gateway] = []
 
     async def start(rules: Rules | str | None = None, **overrides: Any) -> Gateway:
