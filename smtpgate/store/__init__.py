@@ -48,6 +48,10 @@ def is_transient_error(exc: BaseException) -> bool:
     return isinstance(name, str) and name.startswith(_TRANSIENT)
 
 
+class _LeaseLost(Exception):
+    """Another worker owns the message now (its lease expired and was taken)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """A claimed inbound message."""
@@ -350,13 +354,17 @@ class Store:
 
         Returns None when the lease was lost (another worker owns the message now).
         """
+        try:
+            return await self._complete(job, decision, dedupe_key, auto_mail_hourly_limit)
+        except _LeaseLost:
+            return None
+
+    async def _complete(
+        self, job: Job, decision: Decision, dedupe_key: str | None, auto_mail_hourly_limit: int
+    ) -> Outcome:
+        # The lease is checked by the final UPDATE (_finish): one round trip fewer per message;
+        # a lost lease raises _LeaseLost there and rolls everything back.
         async with self._transaction(durable=False) as db:
-            # execute_fetchall: one round trip to aiosqlite's thread instead of three.
-            if not await db.execute_fetchall(
-                "SELECT 1 FROM inbound WHERE id = ? AND lease_token = ? AND state = 'active'",
-                (job.id, job.token),
-            ):
-                return None
             if dedupe_key is not None and decision.action != Action.IGNORED:
                 cur = await db.execute(
                     "INSERT OR IGNORE INTO seen_messages (key, inbound_id, seen_at)"
@@ -532,11 +540,14 @@ class Store:
         return sent, suppressed
 
     async def _finish(self, db: aiosqlite.Connection, job: Job, outcome: Outcome) -> None:
-        await db.execute(
+        cur = await db.execute(
             "UPDATE inbound SET state = 'done', outcome = ?, processed_at = ?, last_error = NULL,"
-            " lease_until = NULL, lease_token = NULL WHERE id = ?",
-            (json.dumps(outcome.to_json()), time.time(), job.id),
+            " lease_until = NULL, lease_token = NULL"
+            " WHERE id = ? AND lease_token = ? AND state = 'active'",
+            (json.dumps(outcome.to_json()), time.time(), job.id, job.token),
         )
+        if cur.rowcount != 1:
+            raise _LeaseLost(job.id)
 
     async def retry_inbound(self, queue_id: str | None = None, *, dead: bool = False) -> int:
         """Operator retry: dead (or, by id, done/dead) messages go back to queued."""

@@ -123,12 +123,6 @@ async def ticket_exists(db: aiosqlite.Connection, rec_id: str) -> bool:
         return await cur.fetchone() is not None
 
 
-async def next_ticket_number(db: aiosqlite.Connection) -> int:
-    # Safe without a sequence table: all writes go through one connection inside BEGIN IMMEDIATE.
-    rows = list(await db.execute_fetchall("SELECT coalesce(max(number), 0) + 1 FROM tickets"))
-    return int(rows[0][0]) if rows else 1
-
-
 async def create_ticket(
     db: aiosqlite.Connection,
     *,
@@ -143,11 +137,9 @@ async def create_ticket(
 ) -> tuple[str, int]:
     """Create a ticket (status 100 New unless extra says otherwise); return (rec_id, number)."""
     rec_id = new_rec_id("TKT")
-    number = await next_ticket_number(db)
     now = now_iso()
     row: dict[str, Any] = {
         "rec_id": rec_id,
-        "number": number,
         "account": account,
         "contact": contact,
         "description": description,
@@ -161,11 +153,15 @@ async def create_ticket(
         "updated_at": now,
     }
     row.update(extra or {})
-    await db.execute(
-        f"INSERT INTO tickets ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+    # The next number from the UNIQUE index, in the same statement (one round trip). Safe without
+    # a sequence table: all writes go through one connection inside BEGIN IMMEDIATE.
+    next_number = "(SELECT coalesce(max(number), 0) + 1 FROM tickets)"
+    rows = await db.execute_fetchall(
+        f"INSERT INTO tickets ({', '.join(row)}, number)"
+        f" VALUES ({', '.join('?' for _ in row)}, {next_number}) RETURNING number",
         tuple(row.values()),
     )
-    return rec_id, number
+    return rec_id, int(next(iter(rows))[0])
 
 
 async def add_history(

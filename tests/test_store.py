@@ -1,0 +1,46 @@
+"""The store's queue semantics on a real SQLite file: leases, exactly-once completion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from smtpgate.model import Action, Decision, Envelope, NewTicket
+from smtpgate.model import Path as Branch
+from smtpgate.store import Store, new_queue_id
+
+
+async def test_a_completion_after_the_lease_was_taken_over_applies_nothing(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    try:
+        await store.import_accounts([(2, {"rec_id": "CRDACME0000000000001", "file_as": "Acme"})])
+        env = Envelope("127.0.0.1", "helo", "a@example.org", ("connector@localhost",))
+        await store.enqueue(env, b"Subject: x\r\n\r\nbody\r\n", "<x@example.org>", new_queue_id())
+        (first,) = await store.claim(1, lease_seconds=-1)  # already expired
+        assert await store.release_expired() == 1
+        (second,) = await store.claim(1, lease_seconds=300)
+        assert second.id == first.id
+        assert second.token != first.token
+
+        def decision() -> Decision:
+            return Decision(
+                Branch.AUTOMATED,
+                Action.AUTOMATED_TICKET,
+                account="CRDACME0000000000001",
+                new_ticket=NewTicket("CRDACME0000000000001", None, "x", "body", "test", "note"),
+            )
+
+        stale = await store.complete(
+            first, decision(), dedupe_key="<x@example.org>", auto_mail_hourly_limit=20
+        )
+        assert stale is None
+        assert (await store.status())["tickets"] == 0
+        fresh = await store.complete(
+            second, decision(), dedupe_key="<x@example.org>", auto_mail_hourly_limit=20
+        )
+        assert fresh is not None
+        assert fresh.ticket == 1
+        status = await store.status()
+        assert status["tickets"] == 1
+        assert status["inbound"]["done"] == 1
+    finally:
+        await store.close()
