@@ -136,6 +136,25 @@ def note_text(inb: Inbound, ctx: Context, *, strip: bool) -> str:
     return "\n".join(head) + "\n\n" + text.strip()
 
 
+def _new_ticket(
+    inb: Inbound, ctx: Context, account: str, contact: str | None, source: str
+) -> NewTicket:
+    """The subject as description, the body as details (a customer's quotes stripped; an
+    alert's body kept whole), the message filed as the first history note."""
+    msg = inb.msg
+    strip = source == SOURCE_EMAIL
+    text = strip_quotes(msg.text, ctx.rules.compiled_quote_patterns()) if strip else msg.text
+    return NewTicket(
+        account=account,
+        contact=contact,
+        description=msg.subject or "(no subject)",
+        details=text.strip(),
+        source=source,
+        note=note_text(inb, ctx, strip=strip),
+        attachments=_attachments(msg),
+    )
+
+
 def _attachments(msg: ParsedMessage) -> tuple[dict[str, object], ...]:
     return tuple(
         {"filename": a.filename, "content_type": a.content_type, "size": a.size}
@@ -249,15 +268,7 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
         Action.AUTOMATED_TICKET,
         account=match.account,
         notes=notes,
-        new_ticket=NewTicket(
-            account=match.account,
-            contact=match.contact,
-            description=msg.subject or "(no subject)",
-            details=msg.text.strip(),
-            source=SOURCE_AUTOMATED,
-            note=note_text(inb, ctx, strip=False),
-            attachments=_attachments(msg),
-        ),
+        new_ticket=_new_ticket(inb, ctx, match.account, match.contact, SOURCE_AUTOMATED),
     )
 
 
@@ -395,15 +406,7 @@ async def stage_known_sender(inb: Inbound, ctx: Context, directory: Directory) -
         Action.TICKET_CREATED,
         account=match.account,
         notes=notes,
-        new_ticket=NewTicket(
-            account=match.account,
-            contact=match.contact,
-            description=msg.subject or "(no subject)",
-            details=strip_quotes(msg.text, ctx.rules.compiled_quote_patterns()).strip(),
-            source=SOURCE_EMAIL,
-            note=note_text(inb, ctx, strip=True),
-            attachments=_attachments(msg),
-        ),
+        new_ticket=_new_ticket(inb, ctx, match.account, match.contact, SOURCE_EMAIL),
         mails=acknowledge,
     )
 
