@@ -197,7 +197,7 @@ async def cmd_queue(settings: Settings, _: Rules | None, args: argparse.Namespac
         if args.id is None and not args.dead:
             print("queue retry: give an ID or --dead", file=sys.stderr)
             return 2
-        n = await store.retry_inbound(None if args.dead else args.id, dead=args.dead)
+        n = await store.retry_inbound(None if args.dead else args.id)
         print(f"requeued {n} message(s)")
         return 0 if n else 1
 

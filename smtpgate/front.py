@@ -33,17 +33,16 @@ SMUGGLING = "550 5.5.2 Message refused: bare <CR> or <LF> in message data (RFC 5
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
 
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]{1,500}>)", re.IGNORECASE | re.MULTILINE)
+
+
 # RFC 5321 2.3.8: lines end in CRLF only. A bare CR or LF is how SMTP smuggling hides a second
 # end-of-data (`<LF>.<CR><LF>` and friends), so — like Postfix's smtpd_forbid_bare_newline —
 # any message holding one is refused. aiosmtpd already ends DATA on <CR><LF>.<CR><LF> only, and
 # its dot-unstuffing can hide a smuggled dot, which is why the whole message is checked.
-_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]{1,500}>)", re.IGNORECASE | re.MULTILINE)
-
-
 def smuggling_attempt(data: bytes) -> bool:
-    # Same answer as _BARE_NEWLINE.search(data), ~15x faster (bytes.count runs in C without
-    # backtracking; 3 ms → 0.2 ms for 100 KB): every CR and every LF must belong to a CRLF.
+    # Every CR and every LF must belong to a CRLF. Three bytes.count calls run in C: ~15x faster
+    # than the regex rb"\r(?!\n)|(?<!\r)\n" (3 ms → 0.2 ms for 100 KB), with the same answer.
     crlf = data.count(b"\r\n")
     return data.count(b"\r") != crlf or data.count(b"\n") != crlf
 

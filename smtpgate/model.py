@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -155,4 +155,6 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # A shallow dict: every value is already JSON (dataclasses.asdict deep-copies, and this
+        # runs twice per processed message).
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -549,23 +549,17 @@ class Store:
         if cur.rowcount != 1:
             raise _LeaseLost(job.id)
 
-    async def retry_inbound(self, queue_id: str | None = None, *, dead: bool = False) -> int:
-        """Operator retry: dead (or, by id, done/dead) messages go back to queued."""
+    async def retry_inbound(self, queue_id: str | None = None) -> int:
+        """Operator retry: dead messages (one, or all) whose bytes are kept go back to queued."""
         async with self._transaction() as db:
+            sql = (
+                "UPDATE inbound SET state = 'queued', next_attempt_at = ?, attempts = 0,"
+                " last_error = NULL WHERE state = 'dead' AND id IN (SELECT id FROM inbound_raw)"
+            )
             if queue_id is not None:
-                cur = await db.execute(
-                    "UPDATE inbound SET state = 'queued', next_attempt_at = ?, attempts = 0,"
-                    " last_error = NULL WHERE id = ? AND state = 'dead' AND id IN"
-                    " (SELECT id FROM inbound_raw)",
-                    (time.time(), queue_id),
-                )
+                cur = await db.execute(sql + " AND id = ?", (time.time(), queue_id))
             else:
-                cur = await db.execute(
-                    "UPDATE inbound SET state = 'queued', next_attempt_at = ?, attempts = 0,"
-                    " last_error = NULL WHERE state = 'dead' AND id IN"
-                    " (SELECT id FROM inbound_raw)",
-                    (time.time(),),
-                )
+                cur = await db.execute(sql, (time.time(),))
             return cur.rowcount
 
     # --- outbox ------------------------------------------------------------------------------
@@ -634,16 +628,6 @@ class Store:
                 cur = await db.execute(sql, (now, now))
             return cur.rowcount
 
-    async def next_due(self) -> float | None:
-        """Earliest next_attempt_at among queued inbound and outbox rows (for sleeping)."""
-        async with self._reader.execute(
-            "SELECT min(t) FROM (SELECT min(next_attempt_at) AS t FROM inbound"
-            " WHERE state = 'queued' UNION ALL SELECT min(next_attempt_at) FROM outbox"
-            " WHERE state = 'queued')"
-        ) as cur:
-            row = await cur.fetchone()
-        return float(row[0]) if row and row[0] is not None else None
-
     # --- facts for decisions (reads) -----------------------------------------------------------
 
     async def find_accounts(
@@ -692,13 +676,6 @@ class Store:
             ):
                 return (row[0], row[1], row[2])
         return None
-
-    async def account_of_contact(self, contact: str) -> str | None:
-        async with self._reader.execute(
-            "SELECT account FROM contacts WHERE rec_id = ?", (contact,)
-        ) as cur:
-            row = await cur.fetchone()
-        return row[0] if row else None
 
     # --- operator views ----------------------------------------------------------------------
 
