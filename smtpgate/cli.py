@@ -296,12 +296,15 @@ def _json_item_lines(text: str) -> list[int]:
     decoder = json.JSONDecoder()
     lines: list[int] = []
     pos = text.index("[") + 1
+    line, counted = 1, 0  # newlines are counted incrementally: linear for 100,000-item files
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         if pos >= len(text) or text[pos] == "]":
             return lines
-        lines.append(text.count("\n", 0, pos) + 1)
+        line += text.count("\n", counted, pos)
+        counted = pos
+        lines.append(line)
         _, pos = decoder.raw_decode(text, pos)
 
 
