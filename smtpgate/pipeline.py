@@ -201,14 +201,14 @@ async def _account_by_sender(
 
 async def stage_loop(inb: Inbound, ctx: Context, _: Directory) -> Decision | None:
     connectors = ctx.settings.connector_addresses
-    marker = inb.msg.loop_header
+    marker = inb.msg.loop_header  # the parser's view also catches a folded field
     if (marker and marker in connectors) or regular.loop_markers(inb.raw) & set(connectors):
         return Decision(Path.REGULAR, Action.IGNORED, reason="loop")
-    if inb.msg.is_delivery_report and any(
-        f"{outbound.LOOP_HEADER}: {c}".lower().encode() in inb.raw.lower() for c in connectors
-    ):
+    if inb.msg.is_delivery_report:
         # A bounce of one of our own mails: answering it could loop forever.
-        return Decision(Path.REGULAR, Action.IGNORED, reason="loop")
+        raw = inb.raw.lower()
+        if any(f"{outbound.LOOP_HEADER}: {c}".lower().encode() in raw for c in connectors):
+            return Decision(Path.REGULAR, Action.IGNORED, reason="loop")
     return None
 
 
