@@ -4,29 +4,39 @@ employees, rules, backup. Every --json output is a stable interface with snake_c
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import io
 import json
 import logging
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from smtpgate.config import ConfigError, Rules, Settings, load_rules, load_settings
-from smtpgate.store import Store
-from smtpgate.store.crm import ACCOUNT_COLUMNS
+from smtpgate.status import fast_status, render_status
+
+# pydantic(-settings), asyncio and aiosqlite are imported by the verbs that use them, not here:
+# `smtpgate status` is polled by monitoring and answers without them (see smtpgate/status.py).
+if TYPE_CHECKING:
+    from smtpgate.config import Rules, Settings
+    from smtpgate.store import Store
 
 log = logging.getLogger("smtpgate")
 
-IMPORT_COLUMNS: dict[str, frozenset[str]] = {
-    "accounts": frozenset(ACCOUNT_COLUMNS) - {"created_by", "updated_by"},
+_IMPORT_COLUMNS: dict[str, frozenset[str]] = {
     "contacts": frozenset({"rec_id", "account_rec_id", "account_file_as", "name", "email"}),
     "employees": frozenset({"rec_id", "name", "email1", "email2", "active"}),
 }
+
+
+def import_columns(kind: str) -> frozenset[str]:
+    """The columns an import file of `kind` (accounts, contacts, employees) may have."""
+    if kind == "accounts":
+        from smtpgate.store.crm import ACCOUNT_COLUMNS
+
+        return frozenset(ACCOUNT_COLUMNS) - {"created_by", "updated_by"}
+    return _IMPORT_COLUMNS[kind]
 
 
 class JsonFormatter(logging.Formatter):
@@ -70,6 +80,8 @@ def _print_json(value: Any) -> None:
 
 
 async def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
+    from smtpgate.store import Store
+
     store = await Store.open(settings.db_path)
     try:
         return await fn(store)
@@ -81,6 +93,9 @@ async def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[int]])
 
 
 async def cmd_serve(settings: Settings, rules: Rules, _: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
     from smtpgate.app import Gateway
 
     gateway = Gateway(settings, rules)
@@ -105,27 +120,17 @@ async def cmd_serve(settings: Settings, rules: Rules, _: argparse.Namespace) -> 
 
 
 async def cmd_status(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
+    # main() answers from smtpgate.status.fast_status when it can; this is the full path.
     async def run(store: Store) -> int:
-        status = await store.status()
-        if args.json:
-            _print_json(status)
-            return 0
-        i, o = status["inbound"], status["outbox"]
-        print(
-            f"inbound: {i['queued']} queued, {i['active']} active, {i['done']} done, "
-            f"{i['dead']} dead; oldest queued {i['oldest_queued_age_s']} s"
-        )
-        print(
-            f"outbox:  {o['queued']} queued, {o['active']} active, {o['done']} done, "
-            f"{o['dead']} dead"
-        )
-        print(f"accounts: {status['accounts']}  tickets: {status['tickets']}")
+        print(render_status(await store.status(), args.json))
         return 0
 
     return await _with_store(settings, run)
 
 
 async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace) -> int:
+    import asyncio
+
     from smtpgate.mail import parse_message
     from smtpgate.pipeline import Context, decide
 
@@ -254,7 +259,7 @@ async def cmd_tickets(settings: Settings, _: Rules | None, args: argparse.Namesp
 
 def read_rows(path: Path, kind: str) -> list[tuple[int, dict[str, Any]]]:
     """CSV with a header row, or a JSON list of objects; ValueError names the line or item."""
-    allowed = IMPORT_COLUMNS[kind]
+    allowed = import_columns(kind)
     text = path.read_text(encoding="utf-8-sig")
     rows: list[tuple[int, dict[str, Any]]] = []
     if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
@@ -459,6 +464,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verb == "status":
+        try:
+            code = fast_status(args.json)  # None: the full path below gives the answer
+        except KeyboardInterrupt:
+            return 130
+        if code is not None:
+            return code
+    import asyncio
+
+    from smtpgate.config import ConfigError, load_rules, load_settings
+
     try:
         settings = load_settings()
         # Only the verbs that decide anything read (and validate) the rules file; the others
@@ -484,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _event_loop_runner() -> Callable[[Any], Any]:
     """uvloop when installed (`pip install smtpgate[fast]`), else the standard loop."""
+    import asyncio
+
     try:
         import uvloop
     except ImportError:

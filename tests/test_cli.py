@@ -445,14 +445,17 @@ def test_rules_file_errors_name_rule_key_and_line(
 def test_invalid_setting_names_the_variable_and_exits_2(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, value: str
 ) -> None:
-    code, out, err = run_here(monkeypatch, tmp_path / "var", "status", env={variable: value})
+    # Every verb but `status` (which reads only SMTPGATE_DATA_DIR) validates every setting.
+    code, out, err = run_here(
+        monkeypatch, tmp_path / "var", "tickets", "list", env={variable: value}
+    )
     assert code == 2
     assert out == ""
     assert variable in err
 
 
 def test_invalid_setting_from_a_real_process_exits_2(tmp_path: Path) -> None:
-    result = run(tmp_path / "var", "status", env={"SMTPGATE_WORKERS": "0"})
+    result = run(tmp_path / "var", "queue", "list", env={"SMTPGATE_WORKERS": "0"})
     assert result.returncode == 2
     assert "SMTPGATE_WORKERS" in result.stderr
     assert "Traceback" not in result.stderr
