@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import Any
 
 from smtpgate import cli
 
@@ -23,12 +24,12 @@ def main() -> int:
     if args.all_durable:
         from smtpgate.store import Store
 
-        durable = Store._transaction
+        write = Store._write
 
-        def always_durable(self: Store, **_: object) -> object:
-            return durable(self, durable=True)
+        def always_durable(self: Store, fn: Any, *, durable: bool = True) -> Any:
+            return write(self, fn, durable=True)
 
-        Store._transaction = always_durable  # type: ignore[assignment,method-assign]
+        Store._write = always_durable  # type: ignore[method-assign]
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if args.loop == "asyncio":

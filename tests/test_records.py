@@ -12,8 +12,8 @@ import aiosqlite
 import pytest
 
 from smtpgate.model import Applied
-from smtpgate.store import crm
-from smtpgate.store.records import apply_transaction
+from smtpgate.store import _in_thread, crm
+from smtpgate.store.records import apply as apply_records
 from smtpgate.store.schema import migrate
 from smtpgate.xmlapi import Transaction, find_transaction
 
@@ -26,14 +26,20 @@ async def db(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
     conn.row_factory = aiosqlite.Row
     await migrate(conn)
     await conn.execute("BEGIN IMMEDIATE")
-    await crm.upsert_account(
-        conn, {"rec_id": "CRDACME0000000000001", "file_as": "Acme Corp"}, "test"
-    )
+    values = {"rec_id": "CRDACME0000000000001", "file_as": "Acme Corp"}
+    await _in_thread(conn, lambda c: crm.save_account(c, values, "test"))
     await conn.execute("COMMIT")
     try:
         yield conn
     finally:
         await conn.close()
+
+
+async def apply_transaction(
+    db: aiosqlite.Connection, tx: Transaction, *, inbound_id: str | None = None
+) -> Applied:
+    """records.apply in the connection's thread, as the store runs it."""
+    return await _in_thread(db, lambda c: apply_records(c, tx, inbound_id=inbound_id))
 
 
 ACC = "CRDACME0000000000001"

@@ -2,22 +2,28 @@
 
 One write connection serialises every write (SQLite has one writer anyway); a second connection
 serves reads. Intake requests are batched into shared commits so durability costs little.
+
+Each transaction is one plain function over the sqlite3 connection, run whole in the
+connection's thread (`_in_thread`): one hand-off to that thread per transaction, not one per
+statement. crm.py and records.py hold the record-level SQL those functions call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -31,6 +37,7 @@ from smtpgate.model import (
     OutboundMail,
     Outcome,
 )
+from smtpgate.status import query_status
 from smtpgate.store import crm
 from smtpgate.store.schema import migrate
 
@@ -41,11 +48,93 @@ StoreError = sqlite3.Error
 # our own code is an OperationalError too, but not one of these: it counts as a failed attempt.)
 _TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN")
 
+T = TypeVar("T")
+
 
 def is_transient_error(exc: BaseException) -> bool:
     """A store failure that says nothing about the message: locked, full, or I/O."""
     name = getattr(exc, "sqlite_errorname", "") if isinstance(exc, sqlite3.Error) else ""
     return isinstance(name, str) and name.startswith(_TRANSIENT)
+
+
+# --- one hand-off per transaction ------------------------------------------------------------
+#
+# aiosqlite's public API hands every statement to the connection's thread separately: ~70 µs of
+# CPU and an event-loop wake-up each (docs/performance.md), ~14 of them per processed message.
+# `_in_thread` instead runs one plain function over the underlying sqlite3 connection in that
+# thread, so a whole transaction costs one hand-off. It uses aiosqlite's private API on purpose
+# (aiosqlite 0.22; pinned in pyproject.toml): `Connection._execute(fn, *args)` queues fn on the
+# connection's one worker thread, which runs queued calls in order, one at a time, and awaits its
+# result; `Connection._conn` is the sqlite3 connection, usable only in that thread.
+# `_check_aiosqlite` fails the import loudly if a new aiosqlite changed either;
+# tests/test_store_hops.py checks the behaviour (one thread, in order, errors, cancellation).
+
+
+def _check_aiosqlite() -> None:
+    execute = getattr(aiosqlite.Connection, "_execute", None)
+    conn = getattr(aiosqlite.Connection, "_conn", None)
+    if not (
+        inspect.iscoroutinefunction(execute)
+        and list(inspect.signature(execute).parameters)[:2] == ["self", "fn"]
+        and isinstance(conn, property)
+    ):
+        raise ImportError(
+            "smtpgate.store needs aiosqlite's private Connection._execute(fn, ...) and"
+            f" Connection._conn (as in aiosqlite 0.22); this is aiosqlite {aiosqlite.__version__}"
+        )
+
+
+_check_aiosqlite()
+
+
+async def _in_thread(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """fn(the sqlite3 connection), run in db's own thread after what is queued there: one hop.
+
+    fn's exceptions (sqlite3.Error with its sqlite_errorname, or any other) are raised here. If
+    the awaiting task is cancelled, fn still runs to its end in the thread.
+    """
+    return cast(T, await db._execute(fn, db._conn))  # type: ignore[no-untyped-call]
+
+
+def _noop(_: sqlite3.Connection) -> None:
+    return None
+
+
+async def _outlast(db: aiosqlite.Connection) -> None:
+    """Return when every call queued on db's thread so far has ended, despite cancellation.
+
+    The thread runs calls in order, so a no-op queued now ends after them.
+    """
+    while True:
+        try:
+            await _in_thread(db, _noop)
+            return
+        except asyncio.CancelledError:
+            continue  # the caller re-raises its own cancellation once this returns
+        except Exception:  # closed meanwhile: its close is queued after everything else
+            return
+
+
+def _transaction(
+    db: sqlite3.Connection,
+    fn: Callable[[sqlite3.Connection], T],
+    *,
+    synchronous: str | None = None,
+    commit: bool = True,
+) -> T:
+    """BEGIN IMMEDIATE, fn, COMMIT (or ROLLBACK when commit is False); ROLLBACK on any error."""
+    if synchronous is not None:
+        db.execute(f"PRAGMA synchronous = {synchronous}")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(db)
+        db.execute("COMMIT" if commit else "ROLLBACK")
+    except BaseException:
+        if db.in_transaction:  # not after a failed BEGIN, nor when SQLite already rolled back
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
+    return result
 
 
 class _LeaseLost(Exception):
@@ -150,35 +239,35 @@ class Store:
         await self._reader.close()
         await self._db.close()
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self, *, durable: bool = True) -> AsyncIterator[aiosqlite.Connection]:
-        """BEGIN IMMEDIATE … COMMIT on the write connection, rolled back on any error.
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """fn inside BEGIN IMMEDIATE … COMMIT on the write connection, rolled back on any error.
 
-        durable=False commits with synchronous=NORMAL (no fsync of its own; WAL mode keeps it
-        safe from a process crash and the next durable commit fsyncs it too). Only for queue
-        bookkeeping whose loss to an OS crash means re-doing work; intake is always durable.
-        See docs/performance.md.
+        One hand-off to the writer's thread, under the write lock. durable=False commits with
+        synchronous=NORMAL (no fsync of its own; WAL mode keeps it safe from a process crash and
+        the next durable commit fsyncs it too). Only for queue bookkeeping whose loss to an OS
+        crash means re-doing work; intake is always durable. See docs/performance.md.
         """
+        want = "FULL" if durable else "NORMAL"
         async with self._write_lock:
-            want = "FULL" if durable else "NORMAL"
-            if self._sync != want:  # switched only when the kind changes: rarely a round trip
-                self._sync = ""  # unknown until the PRAGMA has run
-                await self._db.execute(f"PRAGMA synchronous = {want}")
-                self._sync = want
-            try:
-                # Inside the try: a BEGIN cancelled while aiosqlite's thread still runs it
-                # would otherwise leave a transaction open that nobody closes.
-                await self._db.execute("BEGIN IMMEDIATE")
-                yield self._db
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await asyncio.shield(self._rollback())
-                raise
+            if self._sync == want:
+                return await self._on_writer(lambda db: _transaction(db, fn))
+            # The PRAGMA runs in the same hand-off, only when the kind of transaction changes.
+            self._sync = ""  # unknown until the thread has run it (a failure leaves it unknown)
+            result = await self._on_writer(lambda db: _transaction(db, fn, synchronous=want))
+            self._sync = want
+            return result
 
-    async def _rollback(self) -> None:
-        # aiosqlite runs statements in order, so this ROLLBACK follows any BEGIN still running.
-        with contextlib.suppress(sqlite3.Error):
-            await self._db.execute("ROLLBACK")
+    async def _on_writer(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """fn in the writer's thread; the caller holds the write lock.
+
+        Cancelled, fn still runs to its end (COMMIT or ROLLBACK) in the thread: wait for that
+        before letting the cancellation through, so the write lock is released only after it.
+        """
+        try:
+            return await _in_thread(self._db, fn)
+        except asyncio.CancelledError:
+            await _outlast(self._db)
+            raise
 
     # --- intake: group commit ----------------------------------------------------------------
 
@@ -203,39 +292,25 @@ class Store:
             if not batch:
                 continue
             now = time.time()
-            rows = [
+            entries = [
                 (
-                    item.id,
-                    now,
-                    item.envelope.peer,
-                    item.envelope.helo,
-                    item.envelope.mail_from,
-                    json.dumps(item.envelope.rcpt_tos),
-                    len(item.raw),
-                    item.message_id,
-                    now,
+                    (
+                        item.id,
+                        now,
+                        item.envelope.peer,
+                        item.envelope.helo,
+                        item.envelope.mail_from,
+                        json.dumps(item.envelope.rcpt_tos),
+                        len(item.raw),
+                        item.message_id,
+                        now,
+                    ),
+                    item,
                 )
                 for item in batch
             ]
             try:
-                async with self._transaction() as db:
-                    # Waiting for the write lock can outlast the session (it answered 451): a
-                    # message answered 451 must not be stored, or a regenerated retry doubles it.
-                    live = [
-                        (row, item)
-                        for row, item in zip(rows, batch, strict=True)
-                        if not item.future.done()
-                    ]
-                    await db.executemany(
-                        "INSERT INTO inbound (id, received_at, peer, helo, mail_from, rcpt_tos,"
-                        " size, message_id, next_attempt_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [row for row, _ in live],
-                    )
-                    await db.executemany(
-                        "INSERT INTO inbound_raw (id, raw) VALUES (?, ?)",
-                        [(item.id, item.raw) for _, item in live],
-                    )
+                await self._write(functools.partial(_insert_intake, entries=entries))
             except (sqlite3.Error, ValueError) as exc:  # ValueError: text SQLite cannot encode
                 log.error("intake commit of %d message(s) failed: %s", len(batch), exc)
                 for item in batch:
@@ -251,38 +326,43 @@ class Store:
 
     async def recover(self) -> tuple[int, int]:
         """At start-up of the only server: every lease belongs to a dead process; requeue it."""
-        async with self._transaction() as db:
-            cur = await db.execute(
+
+        def requeue(db: sqlite3.Connection) -> tuple[int, int]:
+            inbound = db.execute(
                 "UPDATE inbound SET state = 'queued', lease_until = NULL, lease_token = NULL"
                 " WHERE state = 'active'"
-            )
-            inbound = cur.rowcount
-            cur = await db.execute(
+            ).rowcount
+            outbox = db.execute(
                 "UPDATE outbox SET state = 'queued', lease_until = NULL WHERE state = 'active'"
-            )
-            return inbound, cur.rowcount
+            ).rowcount
+            return inbound, outbox
+
+        return await self._write(requeue)
 
     async def release_expired(self) -> int:
         now = time.time()
-        async with self._transaction(durable=False) as db:
-            cur = await db.execute(
+
+        def release(db: sqlite3.Connection) -> int:
+            n = db.execute(
                 "UPDATE inbound SET state = 'queued', lease_until = NULL, lease_token = NULL"
                 " WHERE state = 'active' AND lease_until < ?",
                 (now,),
-            )
-            n = cur.rowcount
-            cur = await db.execute(
+            ).rowcount
+            n += db.execute(
                 "UPDATE outbox SET state = 'queued', lease_until = NULL"
                 " WHERE state = 'active' AND lease_until < ?",
                 (now,),
-            )
-            return n + cur.rowcount
+            ).rowcount
+            return n
+
+        return await self._write(release, durable=False)
 
     async def claim(self, limit: int, lease_seconds: float) -> list[Job]:
         now = time.time()
         token = secrets.token_hex(8)
-        async with self._transaction(durable=False) as db:
-            cur = await db.execute(
+
+        def take(db: sqlite3.Connection) -> list[Job]:
+            rows = db.execute(
                 "UPDATE inbound SET state = 'active', attempts = attempts + 1,"
                 " lease_until = ?, lease_token = ?"
                 " WHERE id IN (SELECT id FROM inbound WHERE state = 'queued'"
@@ -290,30 +370,36 @@ class Store:
                 " RETURNING id, peer, helo, mail_from, rcpt_tos, received_at, attempts,"
                 " message_id",
                 (now + lease_seconds, token, now, limit),
-            )
-            rows = await cur.fetchall()
-            raws: dict[str, bytes] = {}
-            if rows:
-                marks = ", ".join("?" for _ in rows)
-                for rid, raw in await db.execute_fetchall(
+            ).fetchall()
+            if not rows:
+                return []
+            marks = ", ".join("?" for _ in rows)
+            raws: dict[str, bytes] = {
+                rid: bytes(raw)
+                for rid, raw in db.execute(
                     f"SELECT id, raw FROM inbound_raw WHERE id IN ({marks})",
                     [row["id"] for row in rows],
-                ):
-                    raws[rid] = bytes(raw)
-        jobs = [
-            Job(
-                id=row["id"],
-                token=token,
-                raw=raws.get(row["id"], b""),
-                envelope=Envelope(
-                    row["peer"], row["helo"], row["mail_from"], tuple(json.loads(row["rcpt_tos"]))
-                ),
-                received_at=row["received_at"],
-                attempts=row["attempts"],
-                message_id=row["message_id"],
-            )
-            for row in rows
-        ]
+                )
+            }
+            return [
+                Job(
+                    id=row["id"],
+                    token=token,
+                    raw=raws.get(row["id"], b""),
+                    envelope=Envelope(
+                        row["peer"],
+                        row["helo"],
+                        row["mail_from"],
+                        tuple(json.loads(row["rcpt_tos"])),
+                    ),
+                    received_at=row["received_at"],
+                    attempts=row["attempts"],
+                    message_id=row["message_id"],
+                )
+                for row in rows
+            ]
+
+        jobs = await self._write(take, durable=False)
         jobs.sort(key=lambda j: j.received_at)
         return jobs
 
@@ -326,20 +412,24 @@ class Store:
         does not use up an attempt, so it can never make the message dead.
         """
         dead = not transient and job.attempts >= max_attempts
-        async with self._transaction(durable=False) as db:
-            await db.execute(
+        params = (
+            JobState.DEAD if dead else JobState.QUEUED,
+            error[:2000],
+            time.time() + backoff,
+            1 if transient else 0,
+            job.id,
+            job.token,
+        )
+
+        def record(db: sqlite3.Connection) -> None:
+            db.execute(
                 "UPDATE inbound SET state = ?, last_error = ?, next_attempt_at = ?,"
                 " attempts = attempts - ?, lease_until = NULL, lease_token = NULL"
                 " WHERE id = ? AND lease_token = ?",
-                (
-                    JobState.DEAD if dead else JobState.QUEUED,
-                    error[:2000],
-                    time.time() + backoff,
-                    1 if transient else 0,
-                    job.id,
-                    job.token,
-                ),
+                params,
             )
+
+        await self._write(record, durable=False)
         return dead
 
     async def complete(
@@ -352,72 +442,80 @@ class Store:
     ) -> Outcome | None:
         """Apply a decision exactly once: records, outbox rows and the outcome in one transaction.
 
-        Returns None when the lease was lost (another worker owns the message now).
+        Returns None when the lease was lost (another worker owns the message now): the whole
+        transaction is rolled back.
         """
         try:
-            return await self._complete(job, decision, dedupe_key, auto_mail_hourly_limit)
+            return await self._write(
+                lambda db: self._complete(db, job, decision, dedupe_key, auto_mail_hourly_limit),
+                durable=False,
+            )
         except _LeaseLost:
             return None
 
-    async def _complete(
-        self, job: Job, decision: Decision, dedupe_key: str | None, auto_mail_hourly_limit: int
+    def _complete(
+        self,
+        db: sqlite3.Connection,
+        job: Job,
+        decision: Decision,
+        dedupe_key: str | None,
+        auto_mail_hourly_limit: int,
     ) -> Outcome:
-        # The lease is checked by the final UPDATE (_finish): one round trip fewer per message;
-        # a lost lease raises _LeaseLost there and rolls everything back.
-        async with self._transaction(durable=False) as db:
-            if dedupe_key is not None and decision.action != Action.IGNORED:
-                cur = await db.execute(
-                    "INSERT OR IGNORE INTO seen_messages (key, inbound_id, seen_at)"
-                    " VALUES (?, ?, ?)",
-                    (dedupe_key, job.id, time.time()),
-                )
-                if cur.rowcount == 0:
-                    # spec 2.4: already processed → no ticket, no transaction, no mail.
-                    async with db.execute(
-                        "SELECT inbound_id FROM seen_messages WHERE key = ?", (dedupe_key,)
-                    ) as c2:
-                        first = await c2.fetchone()
-                    outcome = Outcome(
-                        path=decision.path,
-                        action=Action.DUPLICATE,
-                        reason="message_id" if dedupe_key.startswith("<") else "content_hash",
-                        account=None,
-                        ticket=None,
-                        rules_hit=[],
-                        rules_missed=[],
-                        error_code=None,
-                        sent=[],
-                        notes=[f"first processed as {first[0]}" if first else "seen before"],
-                    )
-                    await self._finish(db, job, outcome)
-                    return outcome
-            applied = await self._apply(db, job, decision)
-            mails = decision.mails(applied)
-            sent, suppressed = await self._queue_mails(
-                db, job.id, mails, applied, auto_mail_hourly_limit
+        """The decision transaction's body, in the writer's thread (see `complete`)."""
+        # The lease is checked by the final UPDATE (_finish): a lost lease raises _LeaseLost
+        # there and rolls everything back.
+        if dedupe_key is not None and decision.action != Action.IGNORED:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO seen_messages (key, inbound_id, seen_at) VALUES (?, ?, ?)",
+                (dedupe_key, job.id, time.time()),
             )
-            outcome = self._outcome(decision, applied, sent, list(decision.notes) + suppressed)
-            await self._finish(db, job, outcome)
-            return outcome
+            if cur.rowcount == 0:
+                # spec 2.4: already processed → no ticket, no transaction, no mail.
+                first = db.execute(
+                    "SELECT inbound_id FROM seen_messages WHERE key = ?", (dedupe_key,)
+                ).fetchone()
+                outcome = Outcome(
+                    path=decision.path,
+                    action=Action.DUPLICATE,
+                    reason="message_id" if dedupe_key.startswith("<") else "content_hash",
+                    account=None,
+                    ticket=None,
+                    rules_hit=[],
+                    rules_missed=[],
+                    error_code=None,
+                    sent=[],
+                    notes=[f"first processed as {first[0]}" if first else "seen before"],
+                )
+                self._finish(db, job, outcome)
+                return outcome
+        applied = self._apply(db, job, decision)
+        mails = decision.mails(applied)
+        sent, suppressed = self._queue_mails(db, job.id, mails, applied, auto_mail_hourly_limit)
+        outcome = self._outcome(decision, applied, sent, list(decision.notes) + suppressed)
+        self._finish(db, job, outcome)
+        return outcome
 
     async def simulate(self, decision: Decision, message_id: str | None) -> Outcome:
         """What `complete` would do, inside a transaction that is rolled back (explain)."""
         job = Job("explain", "", b"", Envelope("", "", "", ()), time.time(), 0, message_id)
+
+        def explain(db: sqlite3.Connection) -> tuple[Applied, list[OutboundMail], list[str]]:
+            def rehearse(db: sqlite3.Connection) -> tuple[Applied, list[OutboundMail]]:
+                applied = self._apply(db, job, decision)
+                return applied, list(decision.mails(applied))
+
+            applied, mails = _transaction(db, rehearse, commit=False)
+            notes = list(decision.notes)
+            if message_id:  # spec 2.4: say so when this message would now be a duplicate
+                seen = db.execute(
+                    "SELECT inbound_id FROM seen_messages WHERE key = ?", (message_id,)
+                ).fetchone()
+                if seen:
+                    notes.append(f"already processed as {seen[0]}: a new copy would be a duplicate")
+            return applied, mails, notes
+
         async with self._write_lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                applied = await self._apply(self._db, job, decision)
-                mails = decision.mails(applied)
-            finally:
-                await self._db.execute("ROLLBACK")
-        notes = list(decision.notes)
-        if message_id:  # spec 2.4: say so when this message would now be a duplicate
-            async with self._reader.execute(
-                "SELECT inbound_id FROM seen_messages WHERE key = ?", (message_id,)
-            ) as cur:
-                seen = await cur.fetchone()
-            if seen:
-                notes.append(f"already processed as {seen[0]}: a new copy would be a duplicate")
+            applied, mails, notes = await self._on_writer(explain)
         return self._outcome(decision, applied, mails_sent(mails), notes)
 
     def _outcome(
@@ -443,10 +541,10 @@ class Store:
             notes=notes,
         )
 
-    async def _apply(self, db: aiosqlite.Connection, job: Job, decision: Decision) -> Applied:
+    def _apply(self, db: sqlite3.Connection, job: Job, decision: Decision) -> Applied:
         if decision.new_ticket is not None:
             t = decision.new_ticket
-            rec_id, number = await crm.create_ticket(
+            rec_id, number = crm.create_ticket(
                 db,
                 account=t.account,
                 contact=t.contact,
@@ -455,7 +553,7 @@ class Store:
                 source=t.source,
                 inbound_id=job.id,
             )
-            await crm.add_history(
+            crm.add_history(
                 db,
                 ticket=rec_id,
                 account=t.account,
@@ -463,36 +561,36 @@ class Store:
                 inbound_id=job.id,
                 attachments=t.attachments,
             )
-            await self._link(db, job.message_id, rec_id)
+            self._link(db, job.message_id, rec_id)
             return Applied(ticket_number=number, ticket_rec_id=rec_id)
         if decision.reply is not None:
             r = decision.reply
-            await crm.add_history(
+            crm.add_history(
                 db,
                 ticket=r.ticket_rec_id,
                 description=r.note,
                 inbound_id=job.id,
                 attachments=r.attachments,
             )
-            await self._link(db, job.message_id, r.ticket_rec_id)
+            self._link(db, job.message_id, r.ticket_rec_id)
             return Applied(ticket_number=r.ticket_number, ticket_rec_id=r.ticket_rec_id)
         if decision.transaction is not None:
-            from smtpgate.store.records import apply_transaction
+            from smtpgate.store import records
 
-            return await apply_transaction(db, decision.transaction, inbound_id=job.id)
+            return records.apply(db, decision.transaction, inbound_id=job.id)
         return Applied()
 
-    async def _link(self, db: aiosqlite.Connection, message_id: str | None, ticket: str) -> None:
+    def _link(self, db: sqlite3.Connection, message_id: str | None, ticket: str) -> None:
         """Remember a Message-ID filed or sent for a ticket (threading by In-Reply-To)."""
         if message_id:
-            await db.execute(
+            db.execute(
                 "INSERT OR IGNORE INTO message_links (message_id, ticket) VALUES (?, ?)",
                 (message_id, ticket),
             )
 
-    async def _queue_mails(
+    def _queue_mails(
         self,
-        db: aiosqlite.Connection,
+        db: sqlite3.Connection,
         inbound_id: str,
         mails: Sequence[OutboundMail],
         applied: Applied,
@@ -506,21 +604,20 @@ class Store:
                 # Per-recipient cap on automatic mail: a runaway peer cannot make us a flood.
                 over = []
                 for rcpt in mail.recipients:
-                    async with db.execute(
+                    row = db.execute(
                         "SELECT count(*) FROM auto_mail_log WHERE recipient = ? AND sent_at > ?",
                         (rcpt, now - 3600),
-                    ) as cur:
-                        row = await cur.fetchone()
+                    ).fetchone()
                     if row and row[0] >= hourly_limit:
                         over.append(rcpt)
                 if over:
                     suppressed.append(f"{mail.kind} to {', '.join(over)} suppressed: hourly cap")
                     continue
-                await db.executemany(
+                db.executemany(
                     "INSERT INTO auto_mail_log (recipient, sent_at) VALUES (?, ?)",
                     [(r, now) for r in mail.recipients],
                 )
-            await db.execute(
+            db.execute(
                 "INSERT INTO outbox (inbound_id, kind, mail_from, recipients, message_id, data,"
                 " created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -535,12 +632,12 @@ class Store:
                 ),
             )
             if applied.ticket_rec_id:
-                await self._link(db, mail.message_id, applied.ticket_rec_id)
+                self._link(db, mail.message_id, applied.ticket_rec_id)
             sent.extend(mails_sent([mail]))
         return sent, suppressed
 
-    async def _finish(self, db: aiosqlite.Connection, job: Job, outcome: Outcome) -> None:
-        cur = await db.execute(
+    def _finish(self, db: sqlite3.Connection, job: Job, outcome: Outcome) -> None:
+        cur = db.execute(
             "UPDATE inbound SET state = 'done', outcome = ?, processed_at = ?, last_error = NULL,"
             " lease_until = NULL, lease_token = NULL"
             " WHERE id = ? AND lease_token = ? AND state = 'active'",
@@ -551,82 +648,91 @@ class Store:
 
     async def retry_inbound(self, queue_id: str | None = None) -> int:
         """Operator retry: dead messages (one, or all) whose bytes are kept go back to queued."""
-        async with self._transaction() as db:
-            sql = (
-                "UPDATE inbound SET state = 'queued', next_attempt_at = ?, attempts = 0,"
-                " last_error = NULL WHERE state = 'dead' AND id IN (SELECT id FROM inbound_raw)"
+        sql = (
+            "UPDATE inbound SET state = 'queued', next_attempt_at = ?, attempts = 0,"
+            " last_error = NULL WHERE state = 'dead' AND id IN (SELECT id FROM inbound_raw)"
+        )
+        now = time.time()
+        if queue_id is not None:
+            return await self._write(
+                lambda db: db.execute(sql + " AND id = ?", (now, queue_id)).rowcount
             )
-            if queue_id is not None:
-                cur = await db.execute(sql + " AND id = ?", (time.time(), queue_id))
-            else:
-                cur = await db.execute(sql, (time.time(),))
-            return cur.rowcount
+        return await self._write(lambda db: db.execute(sql, (now,)).rowcount)
 
     # --- outbox ------------------------------------------------------------------------------
 
     async def claim_deliveries(self, limit: int, lease_seconds: float) -> list[Delivery]:
         now = time.time()
-        async with self._transaction(durable=False) as db:
-            cur = await db.execute(
+
+        def take(db: sqlite3.Connection) -> list[Delivery]:
+            rows = db.execute(
                 "UPDATE outbox SET state = 'active', attempts = attempts + 1, lease_until = ?"
                 " WHERE id IN (SELECT id FROM outbox WHERE state = 'queued'"
                 "   AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
                 " RETURNING id, kind, mail_from, recipients, data, attempts, created_at,"
                 " inbound_id",
                 (now + lease_seconds, now, limit),
-            )
-            rows = await cur.fetchall()
-        out = [
-            Delivery(
-                id=row["id"],
-                kind=row["kind"],
-                mail_from=row["mail_from"],
-                recipients=tuple(json.loads(row["recipients"])),
-                data=bytes(row["data"]),
-                attempts=row["attempts"],
-                created_at=row["created_at"],
-                inbound_id=row["inbound_id"],
-            )
-            for row in rows
-        ]
+            ).fetchall()
+            return [
+                Delivery(
+                    id=row["id"],
+                    kind=row["kind"],
+                    mail_from=row["mail_from"],
+                    recipients=tuple(json.loads(row["recipients"])),
+                    data=bytes(row["data"]),
+                    attempts=row["attempts"],
+                    created_at=row["created_at"],
+                    inbound_id=row["inbound_id"],
+                )
+                for row in rows
+            ]
+
+        out = await self._write(take, durable=False)
         out.sort(key=lambda d: d.id)
         return out
 
     async def delivery_done(self, ids: Iterable[int]) -> None:
         now = time.time()
-        async with self._transaction(durable=False) as db:
-            await db.executemany(
+        params = [(now, i) for i in ids]
+
+        def done(db: sqlite3.Connection) -> None:
+            db.executemany(
                 "UPDATE outbox SET state = 'done', sent_at = ?, last_error = NULL,"
                 " lease_until = NULL WHERE id = ?",
-                [(now, i) for i in ids],
+                params,
             )
+
+        await self._write(done, durable=False)
 
     async def delivery_failed(self, delivery_id: int, error: str, retry_at: float | None) -> None:
         """A failed attempt: retry at `retry_at`, or dead when it is None."""
-        async with self._transaction(durable=False) as db:
-            await db.execute(
+        params = (
+            JobState.QUEUED if retry_at is not None else JobState.DEAD,
+            error[:2000],
+            retry_at if retry_at is not None else time.time(),
+            delivery_id,
+        )
+
+        def record(db: sqlite3.Connection) -> None:
+            db.execute(
                 "UPDATE outbox SET state = ?, last_error = ?, next_attempt_at = ?,"
                 " lease_until = NULL WHERE id = ?",
-                (
-                    JobState.QUEUED if retry_at is not None else JobState.DEAD,
-                    error[:2000],
-                    retry_at if retry_at is not None else time.time(),
-                    delivery_id,
-                ),
+                params,
             )
 
+        await self._write(record, durable=False)
+
     async def retry_outbox(self, delivery_id: int | None = None) -> int:
-        async with self._transaction() as db:
-            sql = (
-                "UPDATE outbox SET state = 'queued', next_attempt_at = ?, attempts = 0,"
-                " created_at = ?, last_error = NULL WHERE state = 'dead'"
+        sql = (
+            "UPDATE outbox SET state = 'queued', next_attempt_at = ?, attempts = 0,"
+            " created_at = ?, last_error = NULL WHERE state = 'dead'"
+        )
+        now = time.time()
+        if delivery_id is not None:
+            return await self._write(
+                lambda db: db.execute(sql + " AND id = ?", (now, now, delivery_id)).rowcount
             )
-            now = time.time()
-            if delivery_id is not None:
-                cur = await db.execute(sql + " AND id = ?", (now, now, delivery_id))
-            else:
-                cur = await db.execute(sql, (now, now))
-            return cur.rowcount
+        return await self._write(lambda db: db.execute(sql, (now, now)).rowcount)
 
     # --- facts for decisions (reads) -----------------------------------------------------------
 
@@ -636,73 +742,66 @@ class Store:
         """Normalized value → [(account, contact)] for each value that has keys."""
         if not values:
             return {}
-        found: dict[str, list[tuple[str, str | None]]] = {}
-        for chunk_start in range(0, len(values), 200):
-            chunk = list(values[chunk_start : chunk_start + 200])
-            marks = ", ".join("?" for _ in chunk)
-            rows = await self._reader.execute_fetchall(
-                f"SELECT value, account, contact FROM account_keys"
-                f" WHERE field = ? AND value IN ({marks})",
-                (field, *chunk),
-            )
-            for value, account, contact in rows:
-                found.setdefault(value, []).append((account, contact))
-        return found
+
+        def find(db: sqlite3.Connection) -> dict[str, list[tuple[str, str | None]]]:
+            found: dict[str, list[tuple[str, str | None]]] = {}
+            for chunk_start in range(0, len(values), 200):
+                chunk = list(values[chunk_start : chunk_start + 200])
+                marks = ", ".join("?" for _ in chunk)
+                for value, account, contact in db.execute(
+                    f"SELECT value, account, contact FROM account_keys"
+                    f" WHERE field = ? AND value IN ({marks})",
+                    (field, *chunk),
+                ):
+                    found.setdefault(value, []).append((account, contact))
+            return found
+
+        return await _in_thread(self._reader, find)
 
     async def employee_is_active(self, address: str) -> bool:
         address = address.lower()
-        return bool(
-            await self._reader.execute_fetchall(
+
+        def active(db: sqlite3.Connection) -> bool:
+            row = db.execute(
                 "SELECT 1 FROM employees WHERE active = 1 AND (email1 = ? OR email2 = ?) LIMIT 1",
                 (address, address),
-            )
-        )
+            ).fetchone()
+            return row is not None
+
+        return await _in_thread(self._reader, active)
 
     async def ticket_by_number(self, number: int) -> tuple[str, int, str] | None:
-        for row in await self._reader.execute_fetchall(
-            "SELECT rec_id, number, account FROM tickets WHERE number = ?", (number,)
-        ):
-            return (row[0], row[1], row[2])
-        return None
+        return await _in_thread(
+            self._reader,
+            lambda db: _ticket(
+                db, "SELECT rec_id, number, account FROM tickets WHERE number = ?", number
+            ),
+        )
 
     async def ticket_by_message_ids(
         self, message_ids: Sequence[str]
     ) -> tuple[str, int, str] | None:
-        for mid in message_ids:
-            for row in await self._reader.execute_fetchall(
-                "SELECT t.rec_id, t.number, t.account FROM message_links m"
-                " JOIN tickets t ON t.rec_id = m.ticket WHERE m.message_id = ?",
-                (mid,),
-            ):
-                return (row[0], row[1], row[2])
-        return None
+        def find(db: sqlite3.Connection) -> tuple[str, int, str] | None:
+            for mid in message_ids:
+                ticket = _ticket(
+                    db,
+                    "SELECT t.rec_id, t.number, t.account FROM message_links m"
+                    " JOIN tickets t ON t.rec_id = m.ticket WHERE m.message_id = ?",
+                    mid,
+                )
+                if ticket is not None:
+                    return ticket
+            return None
+
+        if not message_ids:
+            return None
+        return await _in_thread(self._reader, find)
 
     # --- operator views ----------------------------------------------------------------------
 
     async def status(self) -> dict[str, Any]:
-        counts: dict[str, dict[str, Any]] = {
-            "inbound": {s.value: 0 for s in JobState},
-            "outbox": {s.value: 0 for s in JobState},
-        }
-        async with self._reader.execute("SELECT tbl, state, n FROM queue_counts") as cur:
-            for tbl, state, n in await cur.fetchall():
-                counts[tbl][state] = n
-        # INDEXED BY: the planner would pick inbound_ready and scan every queued row.
-        async with self._reader.execute(
-            "SELECT min(received_at) FROM inbound INDEXED BY inbound_queued_received"
-            " WHERE state = 'queued'"
-        ) as cur:
-            row = await cur.fetchone()
-        oldest = row[0] if row else None
-        counts["inbound"]["oldest_queued_age_s"] = (
-            round(max(0.0, time.time() - oldest), 3) if oldest is not None else 0
-        )
-        result: dict[str, Any] = dict(counts)
-        for table in ("accounts", "tickets"):
-            async with self._reader.execute(f"SELECT count(*) FROM {table}") as cur:
-                row = await cur.fetchone()
-            result[table] = row[0] if row else 0
-        return result
+        """What `smtpgate status` shows: one definition of it, in smtpgate.status."""
+        return await _in_thread(self._reader, query_status)
 
     async def list_inbound(self, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         sql = (
@@ -815,8 +914,9 @@ class Store:
         the probe finish in the background, so probes never pile up on the write lock.
         """
         try:
-            async with self._transaction() as db:
-                await db.execute("UPDATE queue_counts SET n = n WHERE tbl = 'health'")
+            await self._write(
+                lambda db: db.execute("UPDATE queue_counts SET n = n WHERE tbl = 'health'")
+            )
         except sqlite3.Error:
             return False
         return True
@@ -825,59 +925,62 @@ class Store:
 
     async def import_accounts(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> int:
         """Upsert accounts in one transaction; rows are (line, values); ValueError names it."""
-        async with self._transaction() as db:
+
+        def upsert(db: sqlite3.Connection) -> None:
             for line, values in rows:
                 v = _clean(values)
                 if not v.get("file_as"):
                     # An update by rec_id may leave file_as out; a new account needs it.
                     v.pop("file_as", None)
-                    if not v.get("rec_id") or not await crm.account_exists(db, str(v["rec_id"])):
+                    if not v.get("rec_id") or not crm.account_exists(db, str(v["rec_id"])):
                         raise ValueError(f"line {line}: file_as is required")
                 try:
-                    await crm.upsert_account(db, v, actor="import")
+                    crm.save_account(db, v, actor="import")
                 except sqlite3.IntegrityError as exc:
                     raise ValueError(f"line {line}: {exc}") from None
+
+        await self._write(upsert)
         return len(rows)
 
     async def import_contacts(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> int:
-        async with self._transaction() as db:
+        def upsert(db: sqlite3.Connection) -> None:
             for line, values in rows:
                 v = _clean(values)
                 account = v.get("account_rec_id") or v.get("account")
                 if not account and v.get("account_file_as"):
-                    async with db.execute(
+                    found = db.execute(
                         "SELECT rec_id FROM accounts WHERE file_as = ? COLLATE NOCASE",
                         (v["account_file_as"],),
-                    ) as cur:
-                        found = await cur.fetchone()
+                    ).fetchone()
                     account = found[0] if found else None
-                if not account or not await crm.account_exists(db, str(account)):
+                if not account or not crm.account_exists(db, str(account)):
                     raise ValueError(f"line {line}: the contact's account does not exist")
                 email = str(v.get("email") or "").strip().lower() or None
                 if email and "@" not in email:
                     raise ValueError(f"line {line}: email {email!r} is not an address")
                 rec_id = v.get("rec_id")
                 if not rec_id and email:
-                    async with db.execute(
+                    found = db.execute(
                         "SELECT rec_id FROM contacts WHERE account = ? AND email = ?",
                         (account, email),
-                    ) as cur:
-                        found = await cur.fetchone()
+                    ).fetchone()
                     rec_id = found[0] if found else None
                 rec_id = rec_id or crm.new_rec_id("CON")
                 now = crm.now_iso()
-                await db.execute(
+                db.execute(
                     "INSERT INTO contacts (rec_id, account, name, email, created_at, updated_at)"
                     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rec_id) DO UPDATE SET"
                     " account = excluded.account, name = excluded.name, email = excluded.email,"
                     " updated_at = excluded.updated_at",
                     (rec_id, account, v.get("name"), email, now, now),
                 )
-                await crm.refresh_account_keys(db, str(account))
+                crm.refresh_account_keys(db, str(account))
+
+        await self._write(upsert)
         return len(rows)
 
     async def import_employees(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> int:
-        async with self._transaction() as db:
+        def upsert(db: sqlite3.Connection) -> None:
             for line, values in rows:
                 v = _clean(values)
                 name = str(v.get("name") or "").strip()
@@ -892,44 +995,70 @@ class Store:
                     raise ValueError(f"line {line}: active must be Y/N, true/false or 1/0")
                 rec_id = v.get("rec_id")
                 if not rec_id:
-                    async with db.execute(
+                    found = db.execute(
                         "SELECT rec_id FROM employees WHERE name = ? COLLATE NOCASE", (name,)
-                    ) as cur:
-                        found = await cur.fetchone()
+                    ).fetchone()
                     rec_id = found[0] if found else crm.new_rec_id("EMP")
                 now = crm.now_iso()
-                await db.execute(
+                db.execute(
                     "INSERT INTO employees (rec_id, name, email1, email2, active, created_at,"
                     " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rec_id) DO UPDATE SET"
                     " name = excluded.name, email1 = excluded.email1, email2 = excluded.email2,"
                     " active = excluded.active, updated_at = excluded.updated_at",
                     (rec_id, name, emails[0], emails[1], int(active), now, now),
                 )
+
+        await self._write(upsert)
         return len(rows)
 
     # --- retention ---------------------------------------------------------------------------
 
     async def purge(self, retention_days: int) -> int:
         """Drop raw bytes of done messages older than the retention; outcomes stay."""
-        cutoff = time.time() - retention_days * 86400
-        async with self._transaction() as db:
-            cur = await db.execute(
+        now = time.time()
+        cutoff = now - retention_days * 86400
+
+        def drop(db: sqlite3.Connection) -> int:
+            n = db.execute(
                 "DELETE FROM inbound_raw WHERE id IN (SELECT id FROM inbound"
                 " WHERE state = 'done' AND received_at < ?)",
                 (cutoff,),
-            )
-            n = cur.rowcount
-            await db.execute(
-                "DELETE FROM outbox WHERE state = 'done' AND created_at < ?", (cutoff,)
-            )
-            await db.execute("DELETE FROM auto_mail_log WHERE sent_at < ?", (time.time() - 7200,))
-        return n
+            ).rowcount
+            db.execute("DELETE FROM outbox WHERE state = 'done' AND created_at < ?", (cutoff,))
+            db.execute("DELETE FROM auto_mail_log WHERE sent_at < ?", (now - 7200,))
+            return n
+
+        return await self._write(drop)
 
     async def backup(self, target: Path) -> None:
         """A consistent online copy of the store (SQLite backup API)."""
         target.parent.mkdir(parents=True, exist_ok=True)
         async with aiosqlite.connect(target) as dest:
             await self._reader.backup(dest)
+
+
+def _insert_intake(
+    db: sqlite3.Connection, entries: Sequence[tuple[tuple[Any, ...], _Intake]]
+) -> None:
+    # Here BEGIN IMMEDIATE holds the database's write lock. Waiting for it (the write lock, or
+    # another process's transaction) can outlast the session, which answered 451: a message
+    # answered 451 must not be stored, or a regenerated retry doubles it. (Future.done() only
+    # reads the future's state: safe from this thread.)
+    live = [(row, item) for row, item in entries if not item.future.done()]
+    db.executemany(
+        "INSERT INTO inbound (id, received_at, peer, helo, mail_from, rcpt_tos,"
+        " size, message_id, next_attempt_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [row for row, _ in live],
+    )
+    db.executemany(
+        "INSERT INTO inbound_raw (id, raw) VALUES (?, ?)", [(item.id, item.raw) for _, item in live]
+    )
+
+
+def _ticket(db: sqlite3.Connection, sql: str, param: object) -> tuple[str, int, str] | None:
+    row = db.execute(sql, (param,)).fetchone()
+    return (row[0], row[1], row[2]) if row else None
 
 
 async def _connect(path: Path, busy_timeout: float) -> aiosqlite.Connection:

@@ -1,18 +1,19 @@
 """CRM records (accounts, contacts, employees, tickets, history notes): SQL inside a transaction.
 
-Every function takes an open connection on which the caller has begun a transaction; none commits.
+Plain synchronous functions over a `sqlite3.Connection`: the store runs them in its connection's
+thread, a whole transaction per hand-off (`store._in_thread`). Every function expects the caller
+to have begun a transaction; none commits.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import sqlite3
 import string
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
-
-import aiosqlite
 
 from smtpgate.model import normalize_key
 
@@ -55,76 +56,67 @@ def _account_keys(row: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
             yield "domain", value.lstrip("@")
 
 
-async def refresh_account_keys(db: aiosqlite.Connection, rec_id: str) -> None:
+def refresh_account_keys(db: sqlite3.Connection, rec_id: str) -> None:
     """Rebuild the lookup keys of one account and of its contacts."""
-    await db.execute("DELETE FROM account_keys WHERE account = ?", (rec_id,))
-    async with db.execute("SELECT * FROM accounts WHERE rec_id = ?", (rec_id,)) as cur:
-        row = await cur.fetchone()
+    db.execute("DELETE FROM account_keys WHERE account = ?", (rec_id,))
+    row = db.execute("SELECT * FROM accounts WHERE rec_id = ?", (rec_id,)).fetchone()
     if row is None:
         return
     keys = [(f, v, rec_id, None) for f, v in _account_keys(dict(row))]
-    async with db.execute(
+    for contact_id, email in db.execute(
         "SELECT rec_id, email FROM contacts WHERE account = ? AND email IS NOT NULL", (rec_id,)
-    ) as cur:
-        for contact_id, email in await cur.fetchall():
-            email = str(email).strip().lower()
-            if "@" in email:
-                keys.append(("email", email, rec_id, contact_id))
-    await db.executemany(
+    ).fetchall():
+        email = str(email).strip().lower()
+        if "@" in email:
+            keys.append(("email", email, rec_id, contact_id))
+    db.executemany(
         "INSERT INTO account_keys (field, value, account, contact) VALUES (?, ?, ?, ?)", keys
     )
 
 
-async def upsert_account(db: aiosqlite.Connection, values: Mapping[str, Any], actor: str) -> str:
+def save_account(db: sqlite3.Connection, values: Mapping[str, Any], actor: str) -> str:
     """Insert or update an account matched on rec_id, else file_as (case-insensitive)."""
     values = {k: v for k, v in values.items() if k in ACCOUNT_COLUMNS}
     rec_id: str | None = values.get("rec_id") or None
     if rec_id is None and values.get("file_as"):
-        async with db.execute(
+        found = db.execute(
             "SELECT rec_id FROM accounts WHERE file_as = ? COLLATE NOCASE", (values["file_as"],)
-        ) as cur:
-            found = await cur.fetchone()
+        ).fetchone()
         rec_id = str(found[0]) if found else None
     now = now_iso()
-    exists = False
-    if rec_id:
-        async with db.execute("SELECT 1 FROM accounts WHERE rec_id = ?", (rec_id,)) as cur:
-            exists = await cur.fetchone() is not None
-    if exists and rec_id:
+    if rec_id and account_exists(db, rec_id):
         cols = [c for c in values if c != "rec_id"]
         if cols:
             assignments = ", ".join(f"{c} = ?" for c in cols)
-            await db.execute(
+            db.execute(
                 f"UPDATE accounts SET {assignments}, updated_by = ?, updated_at = ? "
                 "WHERE rec_id = ?",
                 (*(values[c] for c in cols), actor, now, rec_id),
             )
-        await refresh_account_keys(db, rec_id)
+        refresh_account_keys(db, rec_id)
         return rec_id
     rec_id = rec_id or new_rec_id("CRD")
     row = {**values, "rec_id": rec_id, "created_by": actor, "updated_by": actor}
     cols = list(row)
-    await db.execute(
+    db.execute(
         f"INSERT INTO accounts ({', '.join(cols)}, created_at, updated_at) "
         f"VALUES ({', '.join('?' for _ in cols)}, ?, ?)",
         (*row.values(), now, now),
     )
-    await refresh_account_keys(db, rec_id)
+    refresh_account_keys(db, rec_id)
     return rec_id
 
 
-async def account_exists(db: aiosqlite.Connection, rec_id: str) -> bool:
-    async with db.execute("SELECT 1 FROM accounts WHERE rec_id = ?", (rec_id,)) as cur:
-        return await cur.fetchone() is not None
+def account_exists(db: sqlite3.Connection, rec_id: str) -> bool:
+    return db.execute("SELECT 1 FROM accounts WHERE rec_id = ?", (rec_id,)).fetchone() is not None
 
 
-async def ticket_exists(db: aiosqlite.Connection, rec_id: str) -> bool:
-    async with db.execute("SELECT 1 FROM tickets WHERE rec_id = ?", (rec_id,)) as cur:
-        return await cur.fetchone() is not None
+def ticket_exists(db: sqlite3.Connection, rec_id: str) -> bool:
+    return db.execute("SELECT 1 FROM tickets WHERE rec_id = ?", (rec_id,)).fetchone() is not None
 
 
-async def create_ticket(
-    db: aiosqlite.Connection,
+def create_ticket(
+    db: sqlite3.Connection,
     *,
     account: str,
     description: str,
@@ -153,19 +145,19 @@ async def create_ticket(
         "updated_at": now,
     }
     row.update(extra or {})
-    # The next number from the UNIQUE index, in the same statement (one round trip). Safe without
-    # a sequence table: all writes go through one connection inside BEGIN IMMEDIATE.
+    # The next number from the UNIQUE index, in the same statement. Safe without a sequence
+    # table: all writes go through one connection inside BEGIN IMMEDIATE.
     next_number = "(SELECT coalesce(max(number), 0) + 1 FROM tickets)"
-    rows = await db.execute_fetchall(
+    rows = db.execute(
         f"INSERT INTO tickets ({', '.join(row)}, number)"
         f" VALUES ({', '.join('?' for _ in row)}, {next_number}) RETURNING number",
         tuple(row.values()),
-    )
-    return rec_id, int(next(iter(rows))[0])
+    ).fetchall()  # all of it: a RETURNING statement is finished only when fully stepped
+    return rec_id, int(rows[0][0])
 
 
-async def add_history(
-    db: aiosqlite.Connection,
+def add_history(
+    db: sqlite3.Connection,
     *,
     description: str,
     ticket: str | None = None,
@@ -177,7 +169,7 @@ async def add_history(
 ) -> str:
     rec_id = new_rec_id("HIS")
     now = now_iso()
-    await db.execute(
+    db.execute(
         "INSERT INTO history (rec_id, ticket, account, link_rec_id, note_at, description, kind,"
         " inbound_id, attachments, created_by, created_at, updated_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -1,8 +1,9 @@
 """Applying an XML API transaction (xml-api.md) to the CRM tables: all of it or nothing.
 
 Runs inside the caller's write transaction, fenced by a savepoint so that a rejected transaction
-leaves no trace. Column and table names come only from the static `xmlapi.KINDS` tables; every
-value is bound as a parameter (xml-api.md 4).
+leaves no trace. Synchronous over a `sqlite3.Connection`, like crm.py: the store runs it in its
+connection's thread. Column and table names come only from the static `xmlapi.KINDS` tables;
+every value is bound as a parameter (xml-api.md 4).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import sqlite3
 from collections.abc import Mapping
 from typing import Any
 
-import aiosqlite
-
 from smtpgate import xmlapi
 from smtpgate.model import Applied
 from smtpgate.store import crm
@@ -22,9 +21,7 @@ from smtpgate.xmlapi import KindSpec, Transaction, ValueType, XmlError
 TICKET_SOURCE = "API by Email"
 
 
-async def apply_transaction(
-    db: aiosqlite.Connection, tx: Transaction, *, inbound_id: str | None = None
-) -> Applied:
+def apply(db: sqlite3.Connection, tx: Transaction, *, inbound_id: str | None = None) -> Applied:
     """Add or update the transaction's record; on any problem change nothing and list them all.
 
     Never raises for bad input; sqlite errors propagate (the caller retries them as 1100).
@@ -36,31 +33,31 @@ async def apply_transaction(
             errors.append(XmlError(xmlapi.ERR_KIND, None, "data kind unknown or not supported"))
         return _failed(tx, errors)
 
-    await db.execute("SAVEPOINT xmltx")
+    db.execute("SAVEPOINT xmltx")
     try:
-        errors.extend(await _check_references(db, tx))
+        errors.extend(_check_references(db, tx))
         rec_id = tx.rec_id
-        if rec_id is not None and not await _exists(db, kind.table, rec_id):
+        if rec_id is not None and not _exists(db, kind.table, rec_id):
             errors.append(
                 XmlError(
                     xmlapi.ERR_NO_RECORD, kind.rec_id_field, f"no {kind.name} with this REC ID"
                 )
             )
         if errors:
-            await db.execute("ROLLBACK TO xmltx")
-            await db.execute("RELEASE xmltx")
+            db.execute("ROLLBACK TO xmltx")
+            db.execute("RELEASE xmltx")
             return _failed(tx, errors)
         if rec_id is None:
-            applied = await _add(db, kind, tx, inbound_id)
+            applied = _add(db, kind, tx, inbound_id)
         else:
-            applied = await _update(db, kind, tx, rec_id)
-        await db.execute("RELEASE xmltx")
+            applied = _update(db, kind, tx, rec_id)
+        db.execute("RELEASE xmltx")
         return applied
     except BaseException:
         # Undo our part only; the original error is what the caller must see.
         with contextlib.suppress(sqlite3.Error):
-            await db.execute("ROLLBACK TO xmltx")
-            await db.execute("RELEASE xmltx")
+            db.execute("ROLLBACK TO xmltx")
+            db.execute("RELEASE xmltx")
         raise
 
 
@@ -72,55 +69,52 @@ def _failed(tx: Transaction, errors: list[XmlError]) -> Applied:
     )
 
 
-async def _exists(db: aiosqlite.Connection, table: str, rec_id: str) -> bool:
+def _exists(db: sqlite3.Connection, table: str, rec_id: str) -> bool:
     # `table` comes from the static KINDS table, never from the message.
-    async with db.execute(f"SELECT 1 FROM {table} WHERE rec_id = ?", (rec_id,)) as cur:
-        return await cur.fetchone() is not None
+    return db.execute(f"SELECT 1 FROM {table} WHERE rec_id = ?", (rec_id,)).fetchone() is not None
 
 
-async def _check_references(db: aiosqlite.Connection, tx: Transaction) -> list[XmlError]:
+def _check_references(db: sqlite3.Connection, tx: Transaction) -> list[XmlError]:
     """xml-api.md 3: referenced accounts and tickets must exist."""
     errors: list[XmlError] = []
     for name, ref_type, target in xmlapi.references(tx):
         if ref_type is ValueType.ACCOUNT_REF:
-            if not await crm.account_exists(db, target):
+            if not crm.account_exists(db, target):
                 errors.append(XmlError(xmlapi.ERR_INVALID, name, "no account with this REC ID"))
         elif ref_type is ValueType.TICKET_REF:
-            if not await crm.ticket_exists(db, target):
+            if not crm.ticket_exists(db, target):
                 errors.append(XmlError(xmlapi.ERR_INVALID, name, "no ticket with this REC ID"))
-        elif not (await crm.ticket_exists(db, target) or await crm.account_exists(db, target)):
+        elif not (crm.ticket_exists(db, target) or crm.account_exists(db, target)):
             errors.append(
                 XmlError(xmlapi.ERR_INVALID, name, "no ticket or account with this REC ID")
             )
     return errors
 
 
-async def _insert(db: aiosqlite.Connection, table: str, row: Mapping[str, Any]) -> None:
+def _insert(db: sqlite3.Connection, table: str, row: Mapping[str, Any]) -> None:
     columns = ", ".join(row)
     marks = ", ".join("?" for _ in row)
-    await db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(row.values()))
+    db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(row.values()))
 
 
-async def _ticket_account(db: aiosqlite.Connection, ticket: str) -> str | None:
-    async with db.execute("SELECT account FROM tickets WHERE rec_id = ?", (ticket,)) as cur:
-        row = await cur.fetchone()
+def _ticket_account(db: sqlite3.Connection, ticket: str) -> str | None:
+    row = db.execute("SELECT account FROM tickets WHERE rec_id = ?", (ticket,)).fetchone()
     return str(row[0]) if row else None
 
 
-async def _ticket_number(db: aiosqlite.Connection, ticket: str) -> int | None:
-    async with db.execute("SELECT number FROM tickets WHERE rec_id = ?", (ticket,)) as cur:
-        row = await cur.fetchone()
+def _ticket_number(db: sqlite3.Connection, ticket: str) -> int | None:
+    row = db.execute("SELECT number FROM tickets WHERE rec_id = ?", (ticket,)).fetchone()
     return int(row[0]) if row else None
 
 
-async def _history_links(db: aiosqlite.Connection, values: dict[str, Any], *, adding: bool) -> None:
+def _history_links(db: sqlite3.Connection, values: dict[str, Any], *, adding: bool) -> None:
     """A note's link names a ticket or an account: fill the ticket and account columns from it."""
     link = values.get("link_rec_id")
     if link:
-        if await crm.ticket_exists(db, link):
+        if crm.ticket_exists(db, link):
             values["ticket"] = link
             if not values.get("account") and (adding or "account" not in values):
-                values["account"] = await _ticket_account(db, link)
+                values["account"] = _ticket_account(db, link)
         else:
             values["ticket"] = None
             if not values.get("account") and (adding or "account" not in values):
@@ -131,8 +125,8 @@ async def _history_links(db: aiosqlite.Connection, values: dict[str, Any], *, ad
         values["ticket"] = None  # the link was emptied
 
 
-async def _add(
-    db: aiosqlite.Connection, kind: KindSpec, tx: Transaction, inbound_id: str | None
+def _add(
+    db: sqlite3.Connection, kind: KindSpec, tx: Transaction, inbound_id: str | None
 ) -> Applied:
     # Empty optional fields are simply not written; NOT NULL columns keep their defaults.
     values = {c: v for c, v in xmlapi.column_values(tx).items() if v is not None}
@@ -141,7 +135,7 @@ async def _add(
     if kind is xmlapi.TICKET:
         source = values.pop("source", None) or TICKET_SOURCE
         contact = values.pop("contact", None)
-        ticket_id, number = await crm.create_ticket(
+        ticket_id, number = crm.create_ticket(
             db,
             account=str(values.pop("account")),
             description=str(values.pop("description")),
@@ -163,7 +157,7 @@ async def _add(
     rec_id = crm.new_rec_id(kind.rec_id_prefix)
     row: dict[str, Any] = {"rec_id": rec_id, **values}
     if kind is xmlapi.HISTORY_NOTE:
-        await _history_links(db, row, adding=True)
+        _history_links(db, row, adding=True)
         row.setdefault("note_at", now)
     if kind is not xmlapi.ACCOUNT:
         row["inbound_id"] = inbound_id
@@ -172,31 +166,29 @@ async def _add(
         row["updated_by"] = actor
     row["created_at"] = now
     row["updated_at"] = now
-    await _insert(db, kind.table, row)
+    _insert(db, kind.table, row)
     if kind is xmlapi.ACCOUNT:
-        await crm.refresh_account_keys(db, rec_id)
+        crm.refresh_account_keys(db, rec_id)
     return Applied(record_kind=kind.name, record_id=rec_id, error_code=xmlapi.OK)
 
 
-async def _update(
-    db: aiosqlite.Connection, kind: KindSpec, tx: Transaction, rec_id: str
-) -> Applied:
+def _update(db: sqlite3.Connection, kind: KindSpec, tx: Transaction, rec_id: str) -> Applied:
     # Only the given fields change; an empty element clears an optional field.
     values: dict[str, Any] = dict(xmlapi.column_values(tx))
     if kind is xmlapi.HISTORY_NOTE:
-        await _history_links(db, values, adding=False)
+        _history_links(db, values, adding=False)
     values["updated_at"] = crm.now_iso()
     if kind.has_updated_by:
         values["updated_by"] = tx.actor
     assignments = ", ".join(f"{column} = ?" for column in values)
-    await db.execute(
+    db.execute(
         f"UPDATE {kind.table} SET {assignments} WHERE rec_id = ?", (*values.values(), rec_id)
     )
     if kind is xmlapi.ACCOUNT:
-        await crm.refresh_account_keys(db, rec_id)
+        crm.refresh_account_keys(db, rec_id)
     if kind is xmlapi.TICKET:
         return Applied(
-            ticket_number=await _ticket_number(db, rec_id),
+            ticket_number=_ticket_number(db, rec_id),
             ticket_rec_id=rec_id,
             record_kind=kind.name,
             record_id=rec_id,

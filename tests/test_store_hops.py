@@ -1,0 +1,350 @@
+"""The store's transactions cost one hand-off to aiosqlite's thread each, and stay atomic.
+
+Every store operation that is one transaction runs as one plain function over the sqlite3
+connection in aiosqlite's worker thread (`store._in_thread`, on aiosqlite's private API). These
+tests count the hand-offs on the processing path, check that private API, and check that a
+transaction interrupted anywhere (lost lease, exception, cancellation) leaves all or nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+
+import smtpgate.store as store_module
+from smtpgate.app import dedupe_key
+from smtpgate.config import load_rules, load_settings
+from smtpgate.mail import parse_message
+from smtpgate.model import (
+    Action,
+    Applied,
+    Decision,
+    Envelope,
+    MailKind,
+    NewTicket,
+    OutboundMail,
+)
+from smtpgate.model import Path as Branch
+from smtpgate.pipeline import Context, decide
+from smtpgate.store import Job, Store, new_queue_id
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ACME = "CRDACME0000000000001"
+SENDER = "alerts@externalsystem.com"
+ENV = Envelope("127.0.0.1", "rmm.example", SENDER, ("connector@localhost",))
+RECORD_TABLES = ("tickets", "history", "message_links", "seen_messages", "outbox", "auto_mail_log")
+
+
+class Hops:
+    """Counts hand-offs to the store's threads (aiosqlite's `_execute`), per connection."""
+
+    def __init__(self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counts: Counter[str] = Counter()
+        for name, conn in (("writer", store._db), ("reader", store._reader)):
+            monkeypatch.setattr(conn, "_execute", self._spy(name, conn._execute))
+
+    def _spy(self, name: str, execute: Callable[..., Any]) -> Callable[..., Any]:
+        async def spy(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            self.counts[name] += 1
+            return await execute(fn, *args, **kwargs)
+
+        return spy
+
+    @contextmanager
+    def measure(self) -> Iterator[Counter[str]]:
+        before = Counter(self.counts)
+        seen: Counter[str] = Counter()
+        yield seen
+        seen.update({k: self.counts[k] - before[k] for k in self.counts})
+        seen["total"] = seen["writer"] + seen["reader"]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = await Store.open(tmp_path / "smtpgate.db")
+    with (FIXTURES / "accounts.csv").open() as f:
+        accounts = list(csv.DictReader(f))
+    await store.import_accounts(list(enumerate(accounts, 2)))
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def alert(site: str, n: int) -> bytes:
+    return (
+        f"From: {SENDER}\r\nTo: connector@localhost\r\nMessage-ID: <a{n}@externalsystem.com>\r\n"
+        f"Subject: Alert for Site {site}, Disk C: low on free space\r\n\r\nDisk C: 2 %\r\n"
+    ).encode()
+
+
+async def enqueue(store: Store, raw: bytes, message_id: str | None = None) -> None:
+    await store.enqueue(ENV, raw, message_id, new_queue_id())
+
+
+async def one_job(store: Store, lease_seconds: float = 300) -> Job:
+    (job,) = await store.claim(1, lease_seconds)
+    return job
+
+
+async def counts(store: Store) -> dict[str, int]:
+    out = {}
+    for table in RECORD_TABLES:
+        rows = await store._reader.execute_fetchall(f"SELECT count(*) FROM {table}")
+        out[table] = next(iter(rows))[0]
+    return out
+
+
+def ticket_decision(mails: Callable[[Applied], list[OutboundMail]] | None = None) -> Decision:
+    """A ticket, its note, a Message-ID link and (by default) one forward: rows in every table."""
+
+    def forward(_: Applied) -> list[OutboundMail]:
+        return [OutboundMail(MailKind.FORWARD, "c@localhost", ("s@msp.example",), b"x", "<f@x>")]
+
+    return Decision(
+        Branch.AUTOMATED,
+        Action.AUTOMATED_TICKET,
+        account=ACME,
+        new_ticket=NewTicket(ACME, None, "disk", "details", "test", "note"),
+        mails=mails or forward,
+    )
+
+
+# --- aiosqlite's private API, as the store uses it ---------------------------------------------
+
+
+def test_aiosqlite_still_has_the_private_api_the_store_uses() -> None:
+    store_module._check_aiosqlite()  # what the import ran
+
+
+def test_the_import_check_fails_loudly_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(aiosqlite.Connection, "_execute")
+    with pytest.raises(ImportError, match="aiosqlite"):
+        store_module._check_aiosqlite()
+
+
+async def test_in_thread_runs_in_order_in_the_connections_thread(tmp_path: Path) -> None:
+    async with aiosqlite.connect(tmp_path / "x.db", isolation_level=None) as db:
+        threads = []
+
+        def fn(conn: sqlite3.Connection) -> int:
+            threads.append(threading.get_ident())
+            return int(conn.execute("SELECT count(*) FROM t").fetchone()[0])
+
+        await db.execute("CREATE TABLE t (x)")
+        pending = db.execute("INSERT INTO t VALUES (1)")  # queued before, not yet awaited
+        task = asyncio.ensure_future(pending)
+        await asyncio.sleep(0)
+        assert await store_module._in_thread(db, fn) == 1
+        await task
+        assert threads == [db._thread.ident]
+        assert threads[0] != threading.get_ident()
+
+        def broken(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO missing VALUES (1)")
+
+        with pytest.raises(sqlite3.OperationalError) as caught:
+            await store_module._in_thread(db, broken)
+        assert caught.value.sqlite_errorname == "SQLITE_ERROR"
+
+
+# --- one hand-off per transaction on the processing path ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("site", "action", "lookups"),
+    [
+        ("Acme Corp", Action.AUTOMATED_TICKET, 1),  # the site rule finds it
+        ("Nowhere Ltd", Action.AUTOMATED_NO_ACCOUNT, 3),  # site, then the sender's address/domain
+    ],
+)
+async def test_a_processed_alert_costs_one_hop_per_transaction(
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    site: str,
+    action: Action,
+    lookups: int,
+) -> None:
+    hops = Hops(store, monkeypatch)
+    settings = load_settings(
+        _env_file=None, data_dir=tmp_path, internal_support_address="support@msp.example"
+    )
+    ctx = Context(settings, load_rules(FIXTURES / "rules.toml"))
+    raw = alert(site, 1)
+
+    with hops.measure() as intake:
+        await enqueue(store, raw, "<a1@externalsystem.com>")
+    with hops.measure() as claim:
+        job = await one_job(store)
+    msg = parse_message(job.raw)
+    with hops.measure() as decided:
+        decision = await decide(job.raw, job.envelope.mail_from, msg, ctx, store)
+    with hops.measure() as completed:
+        outcome = await store.complete(
+            job, decision, dedupe_key=dedupe_key(msg.message_id, job), auto_mail_hourly_limit=20
+        )
+    with hops.measure() as outbox:
+        deliveries = await store.claim_deliveries(16, 300)
+        if deliveries:
+            await store.delivery_done([d.id for d in deliveries])
+
+    assert outcome is not None
+    assert outcome.action == action
+    assert (intake["total"], claim["total"]) == (1, 1)  # the group commit; the claim
+    assert (decided["writer"], decided["reader"]) == (0, lookups)  # one per lookup
+    assert completed["total"] == 1  # was ~6: BEGIN, seen_messages, ticket, note, …, COMMIT
+    if action == Action.AUTOMATED_TICKET:
+        assert outcome.ticket is not None
+        assert deliveries == []
+        assert outbox["total"] == 1
+    else:
+        assert [d.kind for d in deliveries] == ["forward"]
+        assert outcome.sent == [{"kind": "forward", "to": ["support@msp.example"]}]
+        assert outbox["total"] == 2  # claim_deliveries and delivery_done: was ~3 + ~3
+
+
+async def test_every_bookkeeping_transaction_is_one_hop(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    await enqueue(store, alert("Acme Corp", 2), "<a2@x>")
+    hops = Hops(store, monkeypatch)
+    first, second = await store.claim(2, 300)
+    assert await store.complete(
+        first, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
+    )
+    (delivery,) = await store.claim_deliveries(4, 300)
+    calls: list[Callable[[], Any]] = [
+        lambda: store.fail(second, "boom", max_attempts=5, backoff=0),
+        lambda: store.delivery_failed(delivery.id, "451 later", 0.0),
+        lambda: store.release_expired(),
+        lambda: store.find_accounts("file_as", [f"v{i}" for i in range(450)]),  # 3 chunks
+        lambda: store.ticket_by_message_ids(["<x@y>", "<a1@x>", "<f@x>"]),
+        lambda: store.ticket_by_number(1),
+        lambda: store.employee_is_active("nobody@example.org"),
+        lambda: store.simulate(ticket_decision(), "<a1@x>"),
+        lambda: store.can_write(),
+    ]
+    for call in calls:
+        with hops.measure() as seen:
+            await call()
+        assert seen["total"] == 1, call
+
+
+# --- all or nothing ------------------------------------------------------------------------------
+
+
+async def test_a_lost_lease_rolls_back_the_whole_decision(store: Store) -> None:
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    stale = await one_job(store, lease_seconds=-1)  # already expired
+    assert await store.release_expired() == 1
+    fresh = await one_job(store)
+    before = await counts(store)
+
+    outcome = await store.complete(
+        stale, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
+    )
+
+    assert outcome is None
+    assert await counts(store) == before == dict.fromkeys(RECORD_TABLES, 0)
+    row = await store.get_inbound(fresh.id)
+    assert row is not None
+    assert row["state"] == "active"
+    outcome = await store.complete(
+        fresh, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
+    )
+    assert outcome is not None
+    assert outcome.ticket == 1
+
+
+async def test_an_exception_mid_transaction_leaves_no_partial_rows(store: Store) -> None:
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    job = await one_job(store)
+
+    def mails(_: Applied) -> list[OutboundMail]:
+        # By now seen_messages, the ticket, its note and the link are written (uncommitted).
+        raise RuntimeError("the mail builder broke")
+
+    with pytest.raises(RuntimeError, match="broke"):
+        await store.complete(
+            job, ticket_decision(mails), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
+        )
+    assert await counts(store) == dict.fromkeys(RECORD_TABLES, 0)
+    assert not store._db._conn.in_transaction
+    row = await store.get_inbound(job.id)
+    assert row is not None
+    assert row["state"] == "active"
+
+    # An SQLite error half-way (the outbox insert) is raised as itself, and rolls back as well.
+    await store._db.execute(
+        "CREATE TEMP TRIGGER fail_outbox BEFORE INSERT ON outbox"
+        " BEGIN SELECT RAISE(ABORT, 'outbox refused'); END"
+    )
+    with pytest.raises(sqlite3.IntegrityError, match="outbox refused") as caught:
+        await store.complete(job, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20)
+    assert caught.value.sqlite_errorname == "SQLITE_CONSTRAINT_TRIGGER"
+    assert await counts(store) == dict.fromkeys(RECORD_TABLES, 0)
+    assert not store._db._conn.in_transaction
+
+    await store._db.execute("DROP TRIGGER temp.fail_outbox")
+    outcome = await store.complete(
+        job, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
+    )
+    assert outcome is not None
+    assert (await counts(store))["outbox"] == 1
+
+
+async def test_a_decision_cancelled_mid_transaction_commits_whole_and_holds_the_lock(
+    store: Store,
+) -> None:
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    job = await one_job(store)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_mails(applied: Applied) -> list[OutboundMail]:  # runs in the writer's thread
+        entered.set()
+        assert release.wait(10)
+        return [OutboundMail(MailKind.FORWARD, "c@localhost", ("s@msp.example",), b"x")]
+
+    task = asyncio.create_task(
+        store.complete(
+            job, ticket_decision(slow_mails), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
+        )
+    )
+    assert await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    # The thread function runs on: the next writer must not get the lock before it has ended.
+    assert store._write_lock.locked()
+    assert not task.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not store._write_lock.locked()
+    # It had begun, so it finished: committed whole (the message is done, not half-applied).
+    assert await counts(store) == {**dict.fromkeys(RECORD_TABLES, 1), "auto_mail_log": 0}
+    row = await store.get_inbound(job.id)
+    assert row is not None
+    assert row["state"] == "done"
+
+
+async def test_explain_rolls_back_in_one_hop(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    hops = Hops(store, monkeypatch)
+    with hops.measure() as seen:
+        outcome = await store.simulate(ticket_decision(), None)
+    assert seen["total"] == 1
+    assert outcome.ticket == 1
+    assert outcome.sent == [{"kind": "forward", "to": ["s@msp.example"]}]
+    assert await counts(store) == dict.fromkeys(RECORD_TABLES, 0)
+    assert not store._db._conn.in_transaction
