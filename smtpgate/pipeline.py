@@ -37,12 +37,16 @@ SOURCE_EMAIL = "Email"
 UNREADABLE_CODES = frozenset({150001, 150012})
 
 
+Lookup = tuple[str, Sequence[str]]  # (search field, normalized candidate values)
+Found = dict[str, list[tuple[str, str | None]]]
+
+
 class Directory(Protocol):
     """The read-only facts a stage may look up (implemented by the store)."""
 
-    async def find_accounts(
-        self, field: str, values: Sequence[str]
-    ) -> dict[str, list[tuple[str, str | None]]]: ...
+    async def find_accounts(self, lookups: Sequence[Lookup]) -> list[Found]:
+        """For each (field, values) lookup: normalized value → [(account, contact)], at once."""
+        ...
 
     async def employee_is_active(self, address: str) -> bool: ...
 
@@ -173,22 +177,25 @@ def _may_answer(inb: Inbound, ctx: Context, recipient: str | None) -> str | None
     return regular.no_auto_answer_reason(inb.msg, inb.mail_from)
 
 
-async def _account_by_sender(
-    inb: Inbound, directory: Directory
+def _sender_lookups(inb: Inbound) -> list[Lookup]:
+    address, domain = automated.sender_keys(inb.sender)
+    return [("email", [address] if address else []), ("domain", [domain] if domain else [])]
+
+
+def _account_by_sender(
+    inb: Inbound, by_address: Found, by_domain: Found
 ) -> tuple[automated.Match, str | None]:
     """Address (account email or contact), then domain; ambiguity → not found (spec 2.1.3)."""
     address, domain = automated.sender_keys(inb.sender)
     notes = None
     if address:
-        found = await directory.find_accounts("email", [address])
-        match = automated.resolve([address], found)
+        match = automated.resolve([address], by_address)
         if match.account:
             return match, None
         if match.ambiguous:
             notes = f"sender address names {match.ambiguous} accounts (ambiguous)"
     if domain:
-        found = await directory.find_accounts("domain", [domain])
-        match = automated.resolve([domain], found)
+        match = automated.resolve([domain], by_domain)
         if match.account:
             return match, notes
         if match.ambiguous:
@@ -230,9 +237,14 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
         )
     notes: list[str] = []
     match = automated.Match(None)
-    for rule in rules.account:
-        values = automated.candidates(rule, msg.subject)
-        found = await directory.find_accounts(rule.search, values) if values else {}
+    # Every lookup the rules may need, in one round trip to the store; resolved in rule order.
+    lookups: list[Lookup] = [
+        (rule.search, automated.candidates(rule, msg.subject)) for rule in rules.account
+    ]
+    if rules.account_by_sender:
+        lookups += _sender_lookups(inb)
+    results = await directory.find_accounts(lookups)
+    for rule, (_, values), found in zip(rules.account, lookups, results, strict=False):
         match = automated.resolve(values, found)
         if match.account:
             inb.hit.append(str(rule.name))
@@ -243,7 +255,7 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
                 f"{rule.name}: {match.value!r} names {match.ambiguous} accounts (ambiguous)"
             )
     if not match.account and rules.account_by_sender:
-        match, note = await _account_by_sender(inb, directory)
+        match, note = _account_by_sender(inb, *results[-2:])
         if note:
             notes.append(note)
         if match.account:
@@ -369,7 +381,7 @@ async def stage_auto_reply(inb: Inbound, ctx: Context, _: Directory) -> Decision
 
 async def stage_known_sender(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
     msg, settings = inb.msg, ctx.settings
-    match, note = await _account_by_sender(inb, directory)
+    match, note = _account_by_sender(inb, *await directory.find_accounts(_sender_lookups(inb)))
     if match.account is None:
         if note:  # spec 2.1.3: an ambiguous sender is unknown, and the outcome says why
             inb.notes.append(note)

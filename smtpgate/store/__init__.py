@@ -737,25 +737,28 @@ class Store:
     # --- facts for decisions (reads) -----------------------------------------------------------
 
     async def find_accounts(
-        self, field: str, values: Sequence[str]
-    ) -> dict[str, list[tuple[str, str | None]]]:
-        """Normalized value → [(account, contact)] for each value that has keys."""
-        if not values:
-            return {}
+        self, lookups: Sequence[tuple[str, Sequence[str]]]
+    ) -> list[dict[str, list[tuple[str, str | None]]]]:
+        """For each (field, values): normalized value → [(account, contact)]; one round trip."""
 
-        def find(db: sqlite3.Connection) -> dict[str, list[tuple[str, str | None]]]:
-            found: dict[str, list[tuple[str, str | None]]] = {}
-            for chunk_start in range(0, len(values), 200):
-                chunk = list(values[chunk_start : chunk_start + 200])
-                marks = ", ".join("?" for _ in chunk)
-                for value, account, contact in db.execute(
-                    f"SELECT value, account, contact FROM account_keys"
-                    f" WHERE field = ? AND value IN ({marks})",
-                    (field, *chunk),
-                ):
-                    found.setdefault(value, []).append((account, contact))
-            return found
+        def find(db: sqlite3.Connection) -> list[dict[str, list[tuple[str, str | None]]]]:
+            results: list[dict[str, list[tuple[str, str | None]]]] = []
+            for field, values in lookups:
+                found: dict[str, list[tuple[str, str | None]]] = {}
+                for chunk_start in range(0, len(values), 200):
+                    chunk = list(values[chunk_start : chunk_start + 200])
+                    marks = ", ".join("?" for _ in chunk)
+                    for value, account, contact in db.execute(
+                        f"SELECT value, account, contact FROM account_keys"
+                        f" WHERE field = ? AND value IN ({marks})",
+                        (field, *chunk),
+                    ):
+                        found.setdefault(value, []).append((account, contact))
+                results.append(found)
+            return results
 
+        if not any(values for _, values in lookups):
+            return [{} for _ in lookups]
         return await _in_thread(self._reader, find)
 
     async def employee_is_active(self, address: str) -> bool:
