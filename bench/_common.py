@@ -91,24 +91,34 @@ class Proc:
     def pid(self) -> int:
         return self.popen.pid
 
-    def rss_mb(self) -> tuple[float, float]:
-        """(current RSS, peak RSS) in MB from /proc."""
-        cur = peak = 0.0
+    def tree(self) -> list[int]:
+        """The process and its children (smtpgate's intake processes, SMTPGATE_INTAKE_PROCESSES)."""
+        pids = [self.pid]
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    cur = int(line.split()[1]) / 1024
-                elif line.startswith("VmHWM:"):
-                    peak = int(line.split()[1]) / 1024
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+            pids += [int(p) for p in children.split()]
+        return pids
+
+    def rss_mb(self) -> tuple[float, float]:
+        """(current RSS, peak RSS) in MB from /proc, summed over the process and its children."""
+        cur = peak = 0.0
+        for pid in self.tree():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        cur += int(line.split()[1]) / 1024
+                    elif line.startswith("VmHWM:"):
+                        peak += int(line.split()[1]) / 1024
         return cur, peak
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the process (all its threads) so far."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time of the process and its live children (all threads) so far."""
+        total = 0
+        for pid in self.tree():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout: float = 15.0) -> str:
         if self.popen.poll() is None:

@@ -11,11 +11,12 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from typing import IO
+from typing import IO, Any
 
 from smtpgate import front
 from smtpgate.config import ConfigError, Rules, Settings, load_rules
 from smtpgate.http import Metrics, StatusServer
+from smtpgate.intake import IntakeProcesses
 from smtpgate.mail import parse_message
 from smtpgate.model import Outcome
 from smtpgate.pipeline import Context, decide
@@ -70,7 +71,7 @@ class Gateway:
         self._background: list[asyncio.Task[None]] = []
         self._outbox_wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._sessions: list[int] = [0]
+        self.intake: IntakeProcesses | None = None
         self._lock_file: IO[str] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -83,15 +84,27 @@ class Gateway:
         requeued = await store.recover()
         if any(requeued):
             log.info("requeued %d message(s) and %d delivery(ies) after a restart", *requeued)
-        handler = front.Handler(s, store, self.metrics.received.inc)
-        factory, self._sessions = front.listener_factory(
-            s, handler, front.listener_tls_context(s), self._count_reply
-        )
+        tls_context = front.listener_tls_context(s)  # fails here, in the parent, if misconfigured
         loop = asyncio.get_running_loop()
-        smtp = await loop.create_server(factory, host=s.smtp_host, port=s.smtp_port)
-        self._servers.append(smtp)
+        if s.intake_processes:
+            # Bound here, served by the children: the port is known now and stays bound while
+            # a child restarts (connections wait in the backlog).
+            smtp = await loop.create_server(
+                asyncio.Protocol, host=s.smtp_host, port=s.smtp_port, start_serving=False
+            )
+            self._servers.append(smtp)
+            fds = [sock.fileno() for sock in smtp.sockets]
+            self.intake = IntakeProcesses(s, fds, store, self._intake_report)
+            await self.intake.start()
+            sessions = self.intake.sessions
+        else:
+            handler = front.Handler(s, store, self.metrics.received.inc)
+            factory, counter = front.listener_factory(s, handler, tls_context, self._count_reply)
+            smtp = await loop.create_server(factory, host=s.smtp_host, port=s.smtp_port)
+            self._servers.append(smtp)
+            sessions = lambda: counter[0]  # noqa: E731
         self.smtp_port = smtp.sockets[0].getsockname()[1]
-        status = StatusServer(store, self.metrics, lambda: self._sessions[0])
+        status = StatusServer(store, self.metrics, sessions, self._intake_running)
         http = await asyncio.start_server(status.handle, host=s.http_host, port=s.http_port)
         self._servers.append(http)
         self.http_port = http.sockets[0].getsockname()[1]
@@ -127,6 +140,8 @@ class Gateway:
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, finish or release in-flight work, close the store."""
         self._stopping.set()
+        if self.intake is not None:  # first: their DATA commits in flight finish
+            await self.intake.stop(grace)
         for server in self._servers:
             server.close()
         for pool in self._pools:
@@ -319,10 +334,23 @@ class Gateway:
                 log.warning("retention sweep failed: %s", exc)
             await asyncio.sleep(RETENTION_SWEEP_SECONDS)
 
-    def _count_reply(self, code: str) -> None:
-        self.metrics.smtp_replies.labels(code).inc()
+    def _count_reply(self, code: str, n: int = 1) -> None:
+        self.metrics.smtp_replies.labels(code).inc(n)
         if code == "220":
-            self.metrics.connections.inc()
+            self.metrics.connections.inc(n)
+
+    def _intake_report(self, report: dict[str, Any]) -> None:
+        """A child's counters since its last report (smtpgate.intake)."""
+        queued = int(report.get("queued", 0))
+        if queued:
+            self.metrics.received.inc(queued)
+            assert self.store is not None
+            self.store.new_work.set()
+        for code, n in dict(report.get("replies", {})).items():
+            self._count_reply(str(code), int(n))
+
+    def _intake_running(self) -> bool:
+        return self.intake is None or self.intake.running()
 
 
 def _single_server_lock(settings: Settings) -> IO[str]:

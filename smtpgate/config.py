@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     tls_cert_file: Path | None = Field(None, description="enables STARTTLS on the listener")
     tls_key_file: Path | None = Field(None, description="key for SMTPGATE_TLS_CERT_FILE")
     workers: int = Field(4, ge=1, le=256, description="concurrent message processors")
+    intake_processes: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="SMTP listener processes (0: the listener runs in the serve process)",
+    )
     process_max_attempts: int = Field(
         5, ge=1, description="processing attempts before a message goes dead"
     )

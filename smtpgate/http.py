@@ -96,10 +96,17 @@ class StatusServer:
     # /healthz answers within this many seconds even while the store is locked.
     HEALTH_TIMEOUT = 3.0
 
-    def __init__(self, store: Store, metrics: Metrics, sessions: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        sessions: Callable[[], int],
+        listening: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self._sessions = sessions
+        self._listening = listening
         self._probe: asyncio.Task[bool] | None = None
         self.routes: dict[str, Route] = {
             "/healthz": self.healthz,
@@ -148,6 +155,8 @@ class StatusServer:
                 await writer.wait_closed()
 
     async def healthz(self) -> tuple[int, str, bytes]:
+        if not self._listening():
+            return 503, "text/plain", b"SMTP intake process down (restarting)\n"
         # One probe at a time, shielded: a probe must never be cancelled mid-statement (see
         # Store.can_write); a slow one answers 503 here and finishes in the background.
         if self._probe is None or self._probe.done():

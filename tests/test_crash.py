@@ -81,7 +81,7 @@ class HoldingRelay:
 
 
 class Server:
-    def __init__(self, tmp: Path, relay_port: int) -> None:
+    def __init__(self, tmp: Path, relay_port: int, intake_processes: int = 0) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.log = tmp / "serve.log"
@@ -101,6 +101,7 @@ class Server:
             SMTPGATE_RETRY_SCHEDULE="1",
             SMTPGATE_WORKERS="2",
             SMTPGATE_LOG_LEVEL="WARNING",
+            SMTPGATE_INTAKE_PROCESSES=str(intake_processes),
         )
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
@@ -279,11 +280,17 @@ async def servers() -> AsyncIterator[list[Server]]:
             await server.proc.wait()
 
 
+# With intake processes the SIGKILL hits the serve process only: its intake child notices, stops
+# accepting and finishes the commits in flight; the next serve must bind the port again at once.
+@pytest.mark.parametrize("intake_processes", [0, 1], ids=["in-process", "intake-process"])
 async def test_sigkill_at_each_stage_loses_nothing_and_applies_nothing_twice(
-    tmp_path: Path, holding_relay: tuple[HoldingRelay, int], servers: list[Server]
+    tmp_path: Path,
+    holding_relay: tuple[HoldingRelay, int],
+    servers: list[Server],
+    intake_processes: int,
 ) -> None:
     relay, relay_port = holding_relay
-    server = Server(tmp_path, relay_port)
+    server = Server(tmp_path, relay_port, intake_processes)
     servers.append(server)
     await server.cli("accounts", "import", str(FIXTURES / "accounts.csv"))
     mails: list[Mail] = []

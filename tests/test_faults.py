@@ -75,10 +75,18 @@ async def healthz(gw: Gateway) -> int:
     return int(data.split()[1])
 
 
+# In an intake process the listener hands the message to the serve process's commit: the same
+# faults must give the same answers there (a failed commit, and a session that gave up waiting).
+INTAKE_MODES = pytest.mark.parametrize(
+    "intake_processes", [0, 1], ids=["in-process", "intake-process"]
+)
+
+
+@INTAKE_MODES
 async def test_store_full_answers_451_and_recovers_without_restart(
-    gateway_factory: GatewayFactory, relay: RecordingRelay
+    gateway_factory: GatewayFactory, relay: RecordingRelay, intake_processes: int
 ) -> None:
-    gw = await gateway_factory(store_timeout=5.0)
+    gw = await gateway_factory(store_timeout=5.0, intake_processes=intake_processes)
     pages = await pragma(gw, "PRAGMA page_count")
     assert await pragma(gw, f"PRAGMA max_page_count = {pages}") == pages
     big = simple_message(subject="full", body="z" * 300_000, message_id="<full@example.org>")
@@ -166,10 +174,11 @@ async def test_processing_failure_goes_dead_and_cli_retry_finishes_it(
     assert fwd.message["Subject"] == "dies"
 
 
+@INTAKE_MODES
 async def test_store_locked_answers_451_stores_nothing_and_recovers_without_restart(
-    gateway_factory: GatewayFactory, relay: RecordingRelay
+    gateway_factory: GatewayFactory, relay: RecordingRelay, intake_processes: int
 ) -> None:
-    gw = await gateway_factory(store_timeout=1.0)
+    gw = await gateway_factory(store_timeout=1.0, intake_processes=intake_processes)
     assert gw.store is not None
     store = gw.store
     code, _ = await send(gw.smtp_port, simple_message(message_id="<before@example.org>"))

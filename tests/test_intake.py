@@ -1,0 +1,229 @@
+"""SMTPGATE_INTAKE_PROCESSES: the SMTP listener in child processes over the same store.
+
+Real parts only: the gateway with real `python -m smtpgate.intake` children on a loopback port,
+the recording relay, the SQLite file; `smtpgate serve` as a subprocess for the parent-death case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    GatewayFactory,
+    RecordingRelay,
+    send,
+    simple_message,
+    wait_processed,
+    wait_until,
+)
+from tests.test_operations import http_get, metric_samples
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) is gone for our purposes.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+async def test_messages_accepted_by_a_child_are_stored_processed_and_counted(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    gw = await gateway_factory(intake_processes=2, workers=2)
+    assert gw.intake is not None
+    pids = gw.intake.pids()
+    assert len(pids) == 2
+    assert os.getpid() not in pids
+    assert all(alive(p) for p in pids)
+
+    replies = await asyncio.gather(
+        *(send(gw.smtp_port, simple_message(subject=f"m{i}")) for i in range(20))
+    )
+    assert [code for code, _ in replies] == [250] * 20
+    # Unknown sender: every message is forwarded to internal support by the parent's workers.
+    await wait_processed(gw, 20)
+    await relay.wait_for(20)
+    assert sorted(m.message["Subject"] for m in relay.messages) == sorted(
+        f"m{i}" for i in range(20)
+    )
+
+    async def counted() -> bool:
+        _, _, body = await http_get(gw.http_port, "/metrics")
+        samples = metric_samples(body.decode())
+        return (
+            samples.get(("smtpgate_messages_received_total", ()), 0) == 20
+            and samples.get(("smtpgate_smtp_replies_total", (("code", "250"),)), 0) >= 20 * 4
+            and samples.get(("smtpgate_smtp_connections_total", ()), 0) == 20
+        )
+
+    await wait_until(counted, what="the children's counters in /metrics")
+
+
+async def test_a_child_refuses_relaying_and_oversize_like_the_in_process_listener(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory(intake_processes=1, max_message_bytes=4096)
+    code, text = await send(gw.smtp_port, simple_message(), rcpt=("someone@elsewhere.example",))
+    assert code == 550
+    assert "5.1.1" in text
+    code, text = await send(gw.smtp_port, simple_message(body="x" * 8000))
+    assert code == 552
+    assert "5.3.4" in text
+    assert gw.store is not None
+    assert (await gw.store.status())["inbound"]["queued"] == 0
+
+
+async def test_the_first_message_wakes_the_workers_without_waiting_for_a_poll(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    gw = await gateway_factory(intake_processes=1)
+    await asyncio.sleep(1.2)  # the workers are now idle, waiting on their 1 s poll
+    started = time.monotonic()
+    assert (await send(gw.smtp_port, simple_message()))[0] == 250
+    await relay.wait_for(1)
+    # Without the child's report the workers would find it only at their next poll (≤ 1 s).
+    assert time.monotonic() - started < 0.5
+
+
+async def test_a_child_that_dies_is_restarted_and_health_says_so_meanwhile(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    gw = await gateway_factory(intake_processes=1)
+    assert gw.intake is not None
+    (pid,) = gw.intake.pids()
+    assert (await http_get(gw.http_port, "/healthz"))[0] == 200
+    os.kill(pid, signal.SIGKILL)
+
+    async def down() -> bool:
+        code, _, body = await http_get(gw.http_port, "/healthz")
+        return code == 503 and b"intake" in body
+
+    await wait_until(down, what="/healthz 503 while the child is down")
+
+    async def replaced() -> bool:
+        assert gw.intake is not None
+        return gw.intake.running() and gw.intake.pids() != [pid]
+
+    await wait_until(replaced, what="a new intake process")
+    assert (await http_get(gw.http_port, "/healthz"))[0] == 200
+    assert (await send(gw.smtp_port, simple_message(subject="after restart")))[0] == 250
+    await relay.wait_for(1)
+    assert relay.messages[0].message["Subject"] == "after restart"
+
+
+async def test_stop_ends_the_children(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(intake_processes=2)
+    assert gw.intake is not None
+    pids = gw.intake.pids()
+    await gw.stop(grace=2)
+    assert not any(alive(p) for p in pids)
+
+
+async def test_children_leave_when_serve_is_killed_and_a_new_serve_takes_the_port(
+    tmp_path: Path, relay: RecordingRelay
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
+    env.update(
+        SMTPGATE_DATA_DIR=str(tmp_path / "data"),
+        SMTPGATE_SMTP_PORT="0",
+        SMTPGATE_HTTP_PORT="0",
+        SMTPGATE_RELAY_PORT=str(relay.port),
+        SMTPGATE_CONNECTOR_ADDRESSES="connector@localhost",
+        SMTPGATE_INTAKE_PROCESSES="1",
+    )
+
+    async def serve() -> tuple[asyncio.subprocess.Process, int]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "smtpgate", "serve", env=env, cwd=tmp_path,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        async with asyncio.timeout(30):
+            while b"SMTP on" not in (line := await proc.stderr.readline()):
+                assert line, "serve exited before it was ready"
+        port = int(line.split(b"SMTP on ", 1)[1].split(b",", 1)[0].rsplit(b":", 1)[1])
+        return proc, port
+
+    proc, port = await serve()
+    try:
+        (child,) = children(proc.pid)
+        assert (await send(port, simple_message(subject="before the kill")))[0] == 250
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+
+        async def child_gone() -> bool:
+            return not alive(child)
+
+        await wait_until(child_gone, what="the orphaned intake process to exit")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    env["SMTPGATE_SMTP_PORT"] = str(port)  # the same port: nothing of the old serve holds it
+    proc, port2 = await serve()
+    try:
+        assert port2 == port
+        assert (await send(port, simple_message(subject="after the kill")))[0] == 250
+        await relay.wait_for(2)
+        subjects = sorted(m.message["Subject"] for m in relay.messages)
+        assert subjects == ["after the kill", "before the kill"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
+
+
+async def test_the_session_limit_holds_for_a_child(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(intake_processes=1, max_connections=2)
+    held = [await asyncio.open_connection("127.0.0.1", gw.smtp_port) for _ in range(2)]
+    try:
+        for reader, _ in held:
+            assert (await reader.readline()).startswith(b"220")
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.smtp_port)
+        assert (await reader.readline()).startswith(b"421 4.7.0")
+        writer.close()
+    finally:
+        for _, w in held:
+            w.close()
+
+
+def test_the_setting_is_bounded() -> None:
+    from pydantic import ValidationError
+
+    from smtpgate.config import Settings
+
+    with pytest.raises(ValidationError, match="intake_processes"):
+        Settings(intake_processes=17, _env_file=None)  # type: ignore[call-arg]
+
+
+async def test_a_large_message_reaches_the_store_byte_for_byte(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory(intake_processes=1)
+    body = "".join(f"line {i:07d} " + "x" * 60 + "\n" for i in range(40_000))  # ~3 MB
+    data = simple_message(subject="big", body=body)
+    code, text = await send(gw.smtp_port, data)
+    assert code == 250, text
+    queue_id = text.rsplit(" ", 1)[1]
+    assert gw.store is not None
+    with sqlite3.connect(gw.store.path) as db:
+        (raw,) = db.execute("SELECT raw FROM inbound_raw WHERE id = ?", (queue_id,)).fetchone()
+    received, _, rest = bytes(raw).partition(b"\r\n\t")  # our Received: header first
+    assert received.startswith(b"Received: from ")
+    assert rest.split(b"\r\n", 2)[2] == data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
