@@ -33,6 +33,9 @@ RETENTION_SWEEP_SECONDS = 3600.0
 # for concurrent intake commits to miss SMTPGATE_STORE_TIMEOUT (451). Big ones go to a thread
 # (docs/performance.md); small ones stay inline, where a thread hop would cost more than it saves.
 PARSE_IN_THREAD_BYTES = 1 << 20
+# Raw bytes of the messages claimed for processing at once, whatever SMTPGATE_WORKERS says: a
+# queue of 25 MB messages is worked a few at a time, a queue of alerts SMTPGATE_WORKERS at a time.
+PROCESSING_BYTES = 64 << 20
 
 
 def dedupe_key(message_id: str | None, job: Job) -> str:
@@ -72,6 +75,7 @@ class Gateway:
         self._outbox_wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.intake: IntakeProcesses | None = None
+        self._processing_bytes = 0  # raw bytes of the claimed messages not yet processed
         self._lock_file: IO[str] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -111,8 +115,8 @@ class Gateway:
 
         pool: WorkerPool[Job] = WorkerPool(
             "worker",
-            claim=lambda n: store.claim(n, LEASE_SECONDS),
-            run=self.process,
+            claim=self._claim,
+            run=self._run,
             on_error=self._process_failed,
             concurrency=s.workers,
             wake=store.new_work,
@@ -182,6 +186,21 @@ class Gateway:
         return True
 
     # --- processing ------------------------------------------------------------------------------
+
+    async def _claim(self, n: int) -> list[Job]:
+        assert self.store is not None
+        budget = PROCESSING_BYTES - self._processing_bytes
+        if budget <= 0:
+            return []  # the pool asks again when a message is done
+        jobs = await self.store.claim(n, LEASE_SECONDS, max_bytes=budget)
+        self._processing_bytes += sum(len(job.raw) for job in jobs)
+        return jobs
+
+    async def _run(self, job: Job) -> None:
+        try:
+            await self.process(job)
+        finally:
+            self._processing_bytes -= len(job.raw)
 
     async def process(self, job: Job) -> None:
         assert self.store is not None

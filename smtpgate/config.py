@@ -6,6 +6,7 @@ either returns a frozen snapshot or raises `ConfigError` naming the variable, ru
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import tomllib
@@ -105,12 +106,13 @@ class Settings(BaseSettings):
     )
     tls_cert_file: Path | None = Field(None, description="enables STARTTLS on the listener")
     tls_key_file: Path | None = Field(None, description="key for SMTPGATE_TLS_CERT_FILE")
-    workers: int = Field(4, ge=1, le=256, description="concurrent message processors")
+    workers: int = Field(32, ge=1, le=256, description="concurrent message processors")
     intake_processes: int = Field(
-        0,
+        default_factory=lambda: 1 if (os.cpu_count() or 1) > 1 else 0,
         ge=0,
         le=16,
-        description="SMTP listener processes (0: the listener runs in the serve process)",
+        description="SMTP listener processes (0: the listener runs in the serve process);"
+        " default 1, or 0 on a single-CPU machine",
     )
     process_max_attempts: int = Field(
         5, ge=1, description="processing attempts before a message goes dead"

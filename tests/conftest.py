@@ -101,6 +101,9 @@ def make_settings(tmp_path: Path, relay_port: int, **overrides: Any) -> Settings
         "connector_addresses": "connector@localhost",
         "internal_support_address": "support@msp.example",
         "retry_schedule": "1",
+        # The listener in the test's own process (a child per gateway would cost ~0.4 s per
+        # test); tests/test_intake.py and the fault and crash suites run the children too.
+        "intake_processes": 0,
         "_env_file": None,
     }
     values.update(overrides)

@@ -10,6 +10,7 @@ import time
 import aiosmtplib
 import pytest
 
+from smtpgate import app
 from smtpgate.app import Gateway
 from tests.conftest import (
     GatewayFactory,
@@ -280,3 +281,18 @@ async def test_status_and_metrics_over_http(gateway: Gateway, relay: RecordingRe
     assert b"queue status" in body
     code, _ = await get("/nope")
     assert code == 404
+
+
+async def test_a_small_processing_budget_still_processes_everything(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SMTPGATE_WORKERS=8 but room for about one message at a time: none may be left behind.
+    monkeypatch.setattr(app, "PROCESSING_BYTES", 1500)
+    gw = await gateway_factory(workers=8)
+    replies = await asyncio.gather(
+        *(send(gw.smtp_port, simple_message(subject=f"b{i}", body="y" * 900)) for i in range(12))
+    )
+    assert [code for code, _ in replies] == [250] * 12
+    await wait_processed(gw, 12)
+    await relay.wait_for(12)
+    assert gw._processing_bytes == 0

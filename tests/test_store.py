@@ -44,3 +44,20 @@ async def test_a_completion_after_the_lease_was_taken_over_applies_nothing(tmp_p
         assert status["inbound"]["done"] == 1
     finally:
         await store.close()
+
+
+async def test_claim_takes_only_what_fits_in_its_byte_budget_oldest_first(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    try:
+        env = Envelope("127.0.0.1", "helo", "a@example.org", ("connector@localhost",))
+        ids = []
+        for size in (1000, 1000, 1000, 50):
+            ids.append(new_queue_id())
+            await store.enqueue(env, b"x" * size, None, ids[-1])
+        # The running total before each message must be under the budget: 0, 1000, then 2000.
+        assert [j.id for j in await store.claim(10, 300, max_bytes=1500)] == ids[:2]
+        # Always at least one, however small the budget.
+        assert [j.id for j in await store.claim(10, 300, max_bytes=1)] == ids[2:3]
+        assert [j.id for j in await store.claim(10, 300)] == ids[3:]
+    finally:
+        await store.close()
