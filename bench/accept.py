@@ -40,6 +40,11 @@ def main() -> int:
     p.add_argument("--sizes", default="2048,102400", help="message lengths in bytes (-l)")
     p.add_argument("--reuse", action="store_true", help="several messages per connection (-d)")
     p.add_argument("--only", default="", help="comma-separated subset of the targets")
+    p.add_argument(
+        "--intake",
+        default="0,1",
+        help="SMTPGATE_INTAKE_PROCESSES values to measure smtpgate with (target smtpgate-iN)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     args = p.parse_args()
     rounds = 1 if args.quick else args.rounds
@@ -48,7 +53,8 @@ def main() -> int:
     tool("smtp-sink")
     loops = ["asyncio", "uvloop"] if have_uvloop() else ["asyncio"]
     targets = ["smtp-sink"]
-    targets += [f"bare/{lp}" for lp in loops] + [f"smtpgate/{lp}" for lp in loops]
+    targets += [f"bare/{lp}" for lp in loops]
+    targets += [f"smtpgate-i{n}/{lp}" for n in args.intake.split(",") for lp in loops]
     if args.only:
         targets = [t for t in targets if t in args.only.split(",")]
     print(f"machine: {machine()}")
@@ -68,7 +74,7 @@ def main() -> int:
                         rates.setdefault((target, size), []).append(rate)
                         cpus.setdefault((target, size), []).append(cpu)
                         print(
-                            f"  round {rnd + 1} {target:<17} {size:>7} B: {rate:8.0f} msg/s"
+                            f"  round {rnd + 1} {target:<19} {size:>7} B: {rate:8.0f} msg/s"
                             f"  server CPU {cpu:6.0f} us/msg"
                         )
         finally:
@@ -107,8 +113,10 @@ def run_one(
         proc, port = start_bare(loop, work)
     else:
         port = free_port()
-        data = work / f"gw-{loop}-{size}-{rnd}"
-        proc = start_gateway(gateway_env(data, port, relay_port), loop, work)
+        data = work / f"gw-{kind}-{loop}-{size}-{rnd}"
+        intake = kind.removeprefix("smtpgate-i")
+        env = gateway_env(data, port, relay_port, intake_processes=intake)
+        proc = start_gateway(env, loop, work)
     cpu0 = proc.cpu_seconds()
     try:
         elapsed = smtp_source(
@@ -120,7 +128,7 @@ def run_one(
             timeout=600,
         )
         cpu = proc.cpu_seconds() - cpu0
-        if kind == "smtpgate":
+        if kind.startswith("smtpgate"):
             counts = queue_counts(data / "smtpgate.db")
             stored = sum(n for (t, _), n in counts.items() if t == "inbound")
             if stored != args.messages:

@@ -44,11 +44,14 @@ FORWARD_SUBJECT = "Alert for Site Nowhere Ltd, Disk C: low on free space"
 
 
 def run_round(
-    loop: str, args: argparse.Namespace, work: Path, relay_port: int, rnd: int
+    target: str, args: argparse.Namespace, work: Path, relay_port: int, rnd: int
 ) -> dict[str, float]:
-    data = work / f"e2e-{loop}-{rnd}"
+    intake, _, loop = target.removeprefix("i").partition("/")
+    data = work / f"e2e-i{intake}-{loop}-{rnd}"
     port = free_port()
-    env = gateway_env(data, port, relay_port, rules=FIXTURES / "rules.toml")
+    env = gateway_env(
+        data, port, relay_port, rules=FIXTURES / "rules.toml", intake_processes=intake
+    )
     smtpgate_cli(["accounts", "import", str(FIXTURES / "accounts.csv")], env)
     gw = start_gateway(env, loop, work)
     wait_quiet()
@@ -113,6 +116,9 @@ def main() -> int:
     p.add_argument("--messages", type=int, default=3000)
     p.add_argument("--size", type=int, default=2048)
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for processing")
+    p.add_argument(
+        "--intake", default="0,1", help="SMTPGATE_INTAKE_PROCESSES values to measure (iN/loop)"
+    )
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
     tool("smtp-source")
@@ -123,16 +129,17 @@ def main() -> int:
         f"{args.messages} alerts of {args.size} B over {args.sessions} sessions "
         f"(half tickets, half forwards); {rounds} round(s)"
     )
-    results: dict[str, list[dict[str, float]]] = {lp: [] for lp in loops}
+    targets = [f"i{n}/{lp}" for n in args.intake.split(",") for lp in loops]
+    results: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
     with workdir(args.keep) as work:
         relay, relay_port = smtp_sink(work)
         try:
             for rnd in range(rounds):
-                for loop in loops:
-                    r = run_round(loop, args, work, relay_port, rnd)
-                    results[loop].append(r)
+                for target in targets:
+                    r = run_round(target, args, work, relay_port, rnd)
+                    results[target].append(r)
                     print(
-                        f"  round {rnd + 1} {loop:<8} accept {r['accept']:6.0f}/s"
+                        f"  round {rnd + 1} {target:<10} accept {r['accept']:6.0f}/s"
                         f"  end-to-end {r['e2e']:6.0f}/s  backlog {r['backlog']:5.0f}"
                         f"  CPU {r['cpu_us']:5.0f} us/msg  peak RSS {r['rss']:.0f} MB"
                     )
@@ -140,7 +147,7 @@ def main() -> int:
             relay.stop()
     table = Table(
         [
-            "smtpgate",
+            "intake processes / loop",
             "accept msg/s",
             "end-to-end msg/s",
             "e2e / accept",
@@ -149,10 +156,10 @@ def main() -> int:
             "peak RSS MB",
         ]
     )
-    for loop, rs in results.items():
+    for target, rs in results.items():
         acc, e2e = median([r["accept"] for r in rs]), median([r["e2e"] for r in rs])
         table.add(
-            loop,
+            target,
             f"{acc:.0f}",
             f"{e2e:.0f}",
             f"{e2e / acc:.2f}",

@@ -1,5 +1,6 @@
-"""Composition root: opens the store and runs the listener, workers, outbox sender and HTTP
-endpoint in one asyncio loop; drains on stop. Settings and rules are built once and passed down."""
+"""Composition root: opens the store and runs the workers, outbox sender and HTTP endpoint in one
+asyncio loop, and the SMTP listener there too or in intake processes (smtpgate.intake); drains on
+stop. Settings and rules are built once and passed down."""
 
 from __future__ import annotations
 
