@@ -197,15 +197,23 @@ class IntakeProcesses:
         child.close_channel()
         if self._stopping:
             return
+        # Its sessions are gone without an answer: what is not yet being written is not written
+        # (the senders retry; a copy already committed is a duplicate to the dedupe key).
+        for task in list(child.commits.values()):
+            task.cancel()
         log.error(
             "intake process %d exited unexpectedly (code %s); starting another in %.0f s",
             process.pid,
             code,
             RESTART_DELAY,
         )
-        await asyncio.sleep(RESTART_DELAY)
-        if not self._stopping:
-            await self._spawn(child)
+        while not self._stopping:
+            await asyncio.sleep(RESTART_DELAY)
+            try:
+                await self._spawn(child)
+                return
+            except OSError as exc:  # out of processes or descriptors: keep trying
+                log.error("could not start an intake process: %s; retrying", exc)
 
     async def _commit(
         self,

@@ -54,9 +54,9 @@ async def test_claim_takes_only_what_fits_in_its_byte_budget_oldest_first(tmp_pa
         for size in (1000, 1000, 1000, 50):
             ids.append(new_queue_id())
             await store.enqueue(env, b"x" * size, None, ids[-1])
-        # The running total before each message must be under the budget: 0, 1000, then 2000.
-        assert [j.id for j in await store.claim(10, 300, max_bytes=1500)] == ids[:2]
-        # Always at least one, however small the budget.
+        # Messages are taken in order while the running total fits: 1000, 2000, not 3000.
+        assert [j.id for j in await store.claim(10, 300, max_bytes=2500)] == ids[:2]
+        # Always the first, however small the budget; the next does not fit.
         assert [j.id for j in await store.claim(10, 300, max_bytes=1)] == ids[2:3]
         assert [j.id for j in await store.claim(10, 300)] == ids[3:]
     finally:

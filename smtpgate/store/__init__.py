@@ -414,8 +414,8 @@ class Store:
     async def claim(
         self, limit: int, lease_seconds: float, max_bytes: int | None = None
     ) -> list[Job]:
-        """Lease up to `limit` due messages, oldest first; with `max_bytes`, only as many as fit
-        in that many bytes of raw message (always at least one)."""
+        """Lease up to `limit` due messages, oldest first; with `max_bytes`, only those that fit
+        in that many bytes of raw message, in order (always at least the first)."""
         now = time.time()
         token = secrets.token_hex(8)
         budget = max_bytes if max_bytes is not None else -1
@@ -425,11 +425,13 @@ class Store:
                 "UPDATE inbound SET state = 'active', attempts = attempts + 1,"
                 " lease_until = ?, lease_token = ?"
                 " WHERE id IN (SELECT id FROM ("
-                "   SELECT id, sum(size) OVER (ORDER BY next_attempt_at ROWS UNBOUNDED PRECEDING)"
-                "     - size AS before"
+                # rowid breaks ties (a whole intake batch shares next_attempt_at) the same way
+                # in the running total and the LIMIT; the index (state, next_attempt_at) has it.
+                "   SELECT id, size, sum(size) OVER"
+                "     (ORDER BY next_attempt_at, rowid ROWS UNBOUNDED PRECEDING) - size AS before"
                 "   FROM inbound WHERE state = 'queued' AND next_attempt_at <= ?"
-                "   ORDER BY next_attempt_at LIMIT ?)"
-                "  WHERE ? < 0 OR before < max(?, 1))"
+                "   ORDER BY next_attempt_at, rowid LIMIT ?)"
+                "  WHERE ? < 0 OR before = 0 OR before + size <= ?)"
                 " RETURNING id, peer, helo, mail_from, rcpt_tos, received_at, attempts,"
                 " message_id",
                 (now + lease_seconds, token, now, limit, budget, budget),
