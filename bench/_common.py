@@ -67,7 +67,7 @@ def wait_port(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited early with {proc.returncode}: {proc.args}")
+            raise RuntimeError(f"process exited early with {proc.returncode}: {proc.args!r}")
         with socket.socket() as s:
             s.settimeout(0.5)
             if s.connect_ex(("127.0.0.1", port)) == 0:

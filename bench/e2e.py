@@ -55,7 +55,7 @@ def run_round(
     smtpgate_cli(["accounts", "import", str(FIXTURES / "accounts.csv")], env)
     gw = start_gateway(env, loop, work)
     wait_quiet()
-    half = args.messages // 2
+    half: int = args.messages // 2
     db = data / "smtpgate.db"
     try:
         cpu0 = gw.cpu_seconds()
@@ -81,9 +81,9 @@ def run_round(
 
         def finished() -> bool:
             c = queue_counts(db)
-            return c.get(("inbound", "done"), 0) + c.get(("inbound", "dead"), 0) >= 2 * half and (
-                c.get(("outbox", "done"), 0) + c.get(("outbox", "dead"), 0) >= half
-            )
+            processed = int(c.get(("inbound", "done"), 0) + c.get(("inbound", "dead"), 0))
+            relayed = int(c.get(("outbox", "done"), 0) + c.get(("outbox", "dead"), 0))
+            return processed >= 2 * half and relayed >= half
 
         t_done = wait_for(finished, args.timeout, "every message processed and relayed") - t0
         cpu = gw.cpu_seconds() - cpu0

@@ -26,18 +26,20 @@ def main() -> int:
 
         write = Store._write
 
-        def always_durable(self: Store, fn: Any, *, durable: bool = True) -> Any:
-            return write(self, fn, durable=True)
+        def always_durable(
+            self: Store, fn: Any, *, durable: bool = True, urgent: bool = False
+        ) -> Any:
+            return write(self, fn, durable=True, urgent=urgent)
 
         Store._write = always_durable  # type: ignore[method-assign]
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if args.loop == "asyncio":
-        cli._event_loop_runner = lambda: asyncio.run  # type: ignore[attr-defined]
+        cli._event_loop_runner = lambda: asyncio.run
     else:
         import uvloop
 
-        cli._event_loop_runner = lambda: uvloop.run  # type: ignore[attr-defined]
+        cli._event_loop_runner = lambda: uvloop.run
     if not args.profile:
         return cli.main(["serve", *rest])
     import cProfile
