@@ -138,10 +138,6 @@ def _transaction(
     return result
 
 
-# Decisions applied in one transaction at most (group completion, Store.complete).
-COMPLETION_BATCH = 16
-
-
 class WriteLock:
     """The write lock, with a fast lane: waiting intake commits go before other transactions.
 
@@ -225,15 +221,6 @@ class Delivery:
 
 
 @dataclass(slots=True)
-class _Completion:
-    job: Job
-    decision: Decision
-    dedupe_key: str | None
-    auto_mail_hourly_limit: int
-    future: asyncio.Future[Outcome | None]
-
-
-@dataclass(slots=True)
 class _Intake:
     id: str
     envelope: Envelope
@@ -275,9 +262,6 @@ class Store:
         self._pending: list[_Intake] = []
         self._pending_event = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
-        self._completions: list[_Completion] = []
-        self._completions_event = asyncio.Event()
-        self._completer: asyncio.Task[None] | None = None
         self._sync = "FULL"  # the writer's PRAGMA synchronous (set in _connect)
         self.new_work = asyncio.Event()  # set after an intake commit: wakes the workers
 
@@ -295,16 +279,11 @@ class Store:
         return cls(path, writer, reader)
 
     async def close(self) -> None:
-        for task in (self._committer, self._completer):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._committer = self._completer = None
-        for waiting in self._completions:
-            if not waiting.future.done():
-                waiting.future.set_exception(StoreError("store closed"))
-        self._completions.clear()
+        if self._committer is not None:
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+            self._committer = None
         for item in self._pending:
             if not item.future.done():
                 item.future.set_exception(StoreError("store closed"))
@@ -531,72 +510,13 @@ class Store:
         Returns None when the lease was lost (another worker owns the message now): the whole
         transaction is rolled back.
         """
-        if self._completer is None or self._completer.done():
-            self._completer = asyncio.create_task(self._completion_loop(), name="group-complete")
-        future: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
-        self._completions.append(
-            _Completion(job, decision, dedupe_key, auto_mail_hourly_limit, future)
-        )
-        self._completions_event.set()
-        return await future
-
-    async def _completion_loop(self) -> None:
-        """Group completion: the decisions waiting for the write lock go in one transaction.
-
-        Each decision runs in a savepoint of its own, so a lost lease or an error rolls back that
-        decision only; one lock hand-over, one hop and one COMMIT serve them all (under load
-        each decision used to wait for the lock on its own, between intake commits).
-        """
-        while True:
-            await self._completions_event.wait()
-            self._completions_event.clear()
-            # A worker cancelled before its decision was taken (shutdown) is not applied.
-            waiting = [c for c in self._completions if not c.future.done()]
-            # Bounded: intake commits wait for the lock while a batch holds it.
-            batch, self._completions = waiting[:COMPLETION_BATCH], waiting[COMPLETION_BATCH:]
-            if self._completions:
-                self._completions_event.set()
-            if not batch:
-                continue
-            try:
-                results = await self._write(
-                    functools.partial(self._complete_all, batch=batch), durable=False
-                )
-            except Exception as exc:  # the transaction itself failed: nothing was applied
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            for item, result in zip(batch, results, strict=True):
-                if item.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    item.future.set_exception(result)
-                else:
-                    item.future.set_result(result)
-
-    def _complete_all(
-        self, db: sqlite3.Connection, batch: Sequence[_Completion]
-    ) -> list[Outcome | Exception | None]:
-        """Each decision in its own savepoint (writer's thread): an Outcome, None for a lost
-        lease, or the exception that rolled it back."""
-        results: list[Outcome | Exception | None] = []
-        for item in batch:
-            db.execute("SAVEPOINT decision")
-            try:
-                outcome: Outcome | None = self._complete(
-                    db, item.job, item.decision, item.dedupe_key, item.auto_mail_hourly_limit
-                )
-            except Exception as exc:
-                if not db.in_transaction:  # SQLite rolled the whole transaction back: give up
-                    raise
-                db.execute("ROLLBACK TO decision")
-                db.execute("RELEASE decision")
-                results.append(None if isinstance(exc, _LeaseLost) else exc)
-                continue
-            db.execute("RELEASE decision")
-            results.append(outcome)
-        return results
+        try:
+            return await self._write(
+                lambda db: self._complete(db, job, decision, dedupe_key, auto_mail_hourly_limit),
+                durable=False,
+            )
+        except _LeaseLost:
+            return None
 
     def _complete(
         self,
