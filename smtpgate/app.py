@@ -37,6 +37,8 @@ PARSE_IN_THREAD_BYTES = 1 << 20
 # Raw bytes of the messages claimed for processing at once, whatever SMTPGATE_WORKERS says: a
 # queue of 25 MB messages is worked a few at a time, a queue of alerts SMTPGATE_WORKERS at a time.
 PROCESSING_BYTES = 64 << 20
+# Workers are woken by each intake commit; the poll only finds retries that became due.
+WORKER_POLL_SECONDS = 1.0
 
 
 def dedupe_key(message_id: str | None, job: Job) -> str:
@@ -121,6 +123,7 @@ class Gateway:
             on_error=self._process_failed,
             concurrency=s.workers,
             wake=store.new_work,
+            poll=WORKER_POLL_SECONDS,
         )
         pool.start()
         self._pools.append(pool)
