@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import IO
 
 from smtpgate import front
 from smtpgate.config import ConfigError, Rules, Settings, load_rules
@@ -101,7 +101,9 @@ class Gateway:
             )
             self._servers.append(smtp)
             fds = [sock.fileno() for sock in smtp.sockets]
-            self.intake = IntakeProcesses(s, fds, store, self._intake_report)
+            self.intake = IntakeProcesses(
+                s, fds, store, self.metrics.received.inc, self._count_reply
+            )
             await self.intake.start()
             sessions = self.intake.sessions
         else:
@@ -361,16 +363,6 @@ class Gateway:
         self.metrics.smtp_replies.labels(code).inc(n)
         if code == "220":
             self.metrics.connections.inc(n)
-
-    def _intake_report(self, report: dict[str, Any]) -> None:
-        """A child's counters since its last report (smtpgate.intake)."""
-        queued = int(report.get("queued", 0))
-        if queued:
-            self.metrics.received.inc(queued)
-            assert self.store is not None
-            self.store.new_work.set()
-        for code, n in dict(report.get("replies", {})).items():
-            self._count_reply(str(code), int(n))
 
     def _intake_running(self) -> bool:
         return self.intake is None or self.intake.running()

@@ -63,12 +63,14 @@ class IntakeProcesses:
         settings: Settings,
         listen_fds: Sequence[int],
         store: Store,
-        on_report: Callable[[dict[str, Any]], None],
+        on_queued: Callable[[], None],
+        on_reply: Callable[[str, int], None],
     ) -> None:
         self.settings = settings
         self._store = store
         self._fds = list(listen_fds)
-        self._on_report = on_report
+        self._on_queued = on_queued  # as front.Handler's: a message committed (for /metrics)
+        self._on_reply = on_reply  # a child's replies, by code and count (for /metrics)
         count = settings.intake_processes
         # SMTPGATE_MAX_CONNECTIONS is for the whole gateway: each child gets its share.
         per_child = max(1, math.ceil(settings.max_connections / count))
@@ -190,7 +192,8 @@ class IntakeProcesses:
                 log.info("intake process %d serving", process.pid)
             else:
                 child.sessions = int(frame.get("sessions", child.sessions))
-                self._on_report(frame)
+                for code, n in dict(frame.get("replies", {})).items():
+                    self._on_reply(str(code), int(n))
         child.ready.clear()
         child.sessions = 0
         code = await process.wait()
@@ -232,7 +235,7 @@ class IntakeProcesses:
             answer: dict[str, str] = {"failed": qid, "error": str(exc)}
         else:
             answer = {"ok": qid}
-            self._on_report({"queued": 1})
+            self._on_queued()
         finally:
             child.commits.pop(qid, None)
         if not writer.is_closing():

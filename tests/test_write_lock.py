@@ -15,16 +15,17 @@ async def holder(lock: WriteLock, name: str, order: list[str], *, urgent: bool =
         await asyncio.sleep(0)
 
 
+async def held_until(lock: WriteLock, gate: asyncio.Event) -> None:
+    """Take the lock at once and keep it until `gate` is set."""
+    async with lock.hold():
+        await gate.wait()
+
+
 async def test_urgent_waiters_go_first_and_each_lane_is_fifo() -> None:
     lock = WriteLock()
     order: list[str] = []
     gate = asyncio.Event()
-
-    async def first() -> None:
-        async with lock.hold():
-            await gate.wait()
-
-    tasks = [asyncio.create_task(first())]
+    tasks = [asyncio.create_task(held_until(lock, gate))]
     await asyncio.sleep(0)
     for name, urgent in [("n1", False), ("u1", True), ("n2", False), ("u2", True)]:
         tasks.append(asyncio.create_task(holder(lock, name, order, urgent=urgent)))
@@ -57,12 +58,7 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_the_lock_passes_on() -> N
     lock = WriteLock()
     order: list[str] = []
     gate = asyncio.Event()
-
-    async def first() -> None:
-        async with lock.hold():
-            await gate.wait()
-
-    owner = asyncio.create_task(first())
+    owner = asyncio.create_task(held_until(lock, gate))
     await asyncio.sleep(0)
     doomed = asyncio.create_task(holder(lock, "doomed", order, urgent=True))
     later = asyncio.create_task(holder(lock, "later", order))
