@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import sqlite3
+import string
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -518,3 +520,14 @@ async def test_sqlite_errors_propagate_and_release_the_savepoint(
     await db.execute("ROLLBACK")  # the caller's transaction is still ours to end
     applied = await apply(db, xml("ITEM", {"FLDITMITEMNO": "1", "FLDITMNAME": "n"}))
     assert applied.error_code == 1
+
+
+def test_rec_ids_have_rangermsps_shape_and_every_character_is_equally_likely() -> None:
+    ids = [crm.new_rec_id("TKT") for _ in range(50_000)]
+    assert all(len(i) == 20 and i.startswith("TKT") for i in ids)
+    assert len(set(ids)) == len(ids)
+    counts = collections.Counter("".join(i[3:] for i in ids))
+    assert set(counts) == set(string.ascii_uppercase + string.digits)
+    # 850,000 characters: ~23,600 each, a standard deviation of ~150. Mapping every random byte
+    # with `% 36` would make four characters 8/7 as likely as the rest (ratio 1.14).
+    assert max(counts.values()) / min(counts.values()) < 1.08

@@ -33,9 +33,23 @@ ACCOUNT_COLUMNS = (
 )  # fmt: skip
 
 
+_REC_ID_LENGTH = 17
+_UNBIASED = 256 - 256 % len(_ALPHABET)  # random bytes below this map evenly onto the alphabet
+
+
 def new_rec_id(prefix: str) -> str:
-    """RangerMSP's shape: a 3-letter kind prefix and 17 random upper-case alphanumerics."""
-    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(17))
+    """RangerMSP's shape: a 3-letter kind prefix and 17 random upper-case alphanumerics.
+
+    One read of the OS's random source per id (secrets.choice made one per character: 40 µs an
+    id, in the writer's thread, twice per ticket); bytes from _UNBIASED up are dropped so that
+    every character stays equally likely.
+    """
+    chars = ""
+    while len(chars) < _REC_ID_LENGTH:
+        chars += "".join(
+            _ALPHABET[b % len(_ALPHABET)] for b in secrets.token_bytes(24) if b < _UNBIASED
+        )
+    return prefix + chars[:_REC_ID_LENGTH]
 
 
 def now_iso() -> str:
