@@ -299,6 +299,13 @@ class Gateway:
             except DeliveryError as exc:
                 await self._delivery_failed(item, exc)
                 continue
+            except Exception as exc:  # a bug: fail this delivery, keep the sender alive
+                log.exception("relay send of outbox %d crashed", item.id)
+                await client.close()
+                await self._delivery_failed(
+                    item, DeliveryError(f"{type(exc).__name__}: {exc}", permanent=False)
+                )
+                continue
             done.append(item)
             log.info(
                 "delivered outbox %d (%s) of %s to %s: %s",

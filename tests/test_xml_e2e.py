@@ -871,3 +871,18 @@ async def test_wrong_password_is_logged_and_never_answered(
     await settled(world.gw, sentinel["id"])
     assert await settled(world.gw, row["id"]) == []
     assert len(relay.to(RESULTS)) == 1
+
+
+async def test_a_response_to_an_internationalized_address_is_relayed_with_smtputf8(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay, api_response_bcc=None)
+    row = await deliver(world.gw, in_body(ticket_tx(respond="jörg@bücher.example")), ENVELOPE)
+    assert [m["to"] for m in row["outcome"]["sent"]] == [["jörg@bücher.example"]]
+    [out] = await settled(world.gw, row["id"])
+    assert out["state"] == "done"
+    assert relay.to("jörg@bücher.example")
+    # and the relay senders are all still working
+    row = await deliver(world.gw, in_body(ticket_tx()), ENVELOPE)
+    await settled(world.gw, row["id"])
+    assert relay.to(RESULTS)

@@ -1,0 +1,244 @@
+"""relay.RelayClient against a real aiosmtpd relay on loopback: what arrives, how refusals map."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from smtpgate.relay import DeliveryError, RelayClient
+from tests.conftest import make_settings
+
+
+@dataclass
+class Got:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    mail_options: list[str]
+
+
+@dataclass
+class Relay:
+    """Records accepted mail; `refuse` maps a stage (MAIL, an RCPT address, DATA) to a reply."""
+
+    got: list[Got] = field(default_factory=list)
+    refuse: dict[str, str] = field(default_factory=dict)
+    commands: list[str] = field(default_factory=list)
+    port: int = 0
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        self.commands.append("MAIL")
+        if "MAIL" in self.refuse:
+            return self.refuse["MAIL"]
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        self.commands.append("RCPT")
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.commands.append("DATA")
+        if "DATA" in self.refuse:
+            return self.refuse["DATA"]
+        self.got.append(
+            Got(
+                envelope.mail_from or "",
+                list(envelope.rcpt_tos),
+                envelope.original_content or b"",
+                list(envelope.mail_options),
+            )
+        )
+        return "250 2.0.0 queued as R1"
+
+
+@contextlib.asynccontextmanager
+async def serving(recorder: Relay, *, smtputf8: bool = True) -> AsyncIterator[Relay]:
+    server = await asyncio.get_running_loop().create_server(
+        lambda: SMTP(recorder, hostname="relay.test", enable_SMTPUTF8=smtputf8),
+        host="127.0.0.1",
+        port=0,
+    )
+    recorder.port = server.sockets[0].getsockname()[1]
+    try:
+        yield recorder
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[Relay]:
+    async with serving(Relay()) as recorder:
+        yield recorder
+
+
+@pytest.fixture
+async def client(tmp_path: Path, relay: Relay) -> AsyncIterator[RelayClient]:
+    c = RelayClient(make_settings(tmp_path, relay.port, relay_timeout=5))
+    yield c
+    await c.close()
+
+
+BODY = b"Subject: t\r\n\r\nline one\r\n.starts with a dot\r\n..two dots\r\n.\r\nlast\r\n"
+
+
+async def test_the_bytes_arrive_exactly_dot_stuffing_undone_by_the_relay(
+    client: RelayClient, relay: Relay
+) -> None:
+    reply = await client.send("gw@localhost", ("support@msp.example",), BODY)
+    assert reply.startswith("2.0.0 queued as R1")
+    [got] = relay.got
+    assert got.data == BODY
+    assert (got.mail_from, got.rcpt_tos) == ("gw@localhost", ["support@msp.example"])
+
+
+@pytest.mark.parametrize(
+    ("data", "arrives"),
+    [
+        (b".first line is a dot line\r\nx\r\n", b".first line is a dot line\r\nx\r\n"),
+        (b"Subject: no final line end\r\n\r\nbody", b"Subject: no final line end\r\n\r\nbody\r\n"),
+        (b"Subject: bare\nLF\n\n.body\n", b"Subject: bare\r\nLF\r\n\r\n.body\r\n"),
+        (b"Subject: bare CR\r\rx\r\n", b"Subject: bare CR\r\n\r\nx\r\n"),
+    ],
+)
+async def test_edges_of_the_data_are_sent_as_smtp_requires(
+    client: RelayClient, relay: Relay, data: bytes, arrives: bytes
+) -> None:
+    await client.send("gw@localhost", ("support@msp.example",), data)
+    assert relay.got[-1].data == arrives
+
+
+async def test_the_connection_is_reused_and_the_size_is_declared(
+    client: RelayClient, relay: Relay
+) -> None:
+    for i in range(3):
+        await client.send("gw@localhost", ("support@msp.example",), BODY + b"%d\r\n" % i)
+    assert [g.data[-3:] for g in relay.got] == [b"0\r\n", b"1\r\n", b"2\r\n"]
+    assert relay.commands == ["MAIL", "RCPT", "DATA"] * 3
+    assert all(g.mail_options == [f"SIZE={len(g.data)}"] for g in relay.got)
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "recipients", "arrived_from", "arrived_to"),
+    [
+        ("", ("support@msp.example",), "<>", ["support@msp.example"]),  # null sender
+        ("gw@localhost", ("a@msp.example", "b@msp.example"), "gw@localhost", None),
+        ('"john doe"@example.com', ("support@msp.example",), '"john doe"@example.com', None),
+        ("jörg@bücher.example", ("støtte@msp.example",), "jörg@bücher.example", None),
+    ],
+)
+async def test_envelopes_of_every_shape_arrive(
+    client: RelayClient,
+    relay: Relay,
+    mail_from: str,
+    recipients: tuple[str, ...],
+    arrived_from: str,
+    arrived_to: list[str] | None,
+) -> None:
+    await client.send(mail_from, recipients, BODY)
+    [got] = relay.got
+    assert got.mail_from == arrived_from
+    assert got.rcpt_tos == (arrived_to or list(recipients))
+
+
+REFUSALS: list[Any] = [
+    ({"MAIL": "451 4.3.0 busy"}, False, 451),
+    ({"MAIL": "553 5.1.8 bad sender"}, True, 553),
+    ({"DATA": "452 4.3.1 full"}, False, 452),
+    ({"DATA": "554 5.6.0 rejected"}, True, 554),
+    ({"support@msp.example": "550 5.1.1 no such user"}, True, None),
+    ({"support@msp.example": "450 4.2.1 try later"}, False, None),
+]
+
+
+@pytest.mark.parametrize(("refuse", "permanent", "code"), REFUSALS)
+async def test_refusals_map_to_transient_or_permanent_and_the_next_send_works(
+    client: RelayClient, relay: Relay, refuse: dict[str, str], permanent: bool, code: int | None
+) -> None:
+    relay.refuse = refuse
+    with pytest.raises(DeliveryError) as caught:
+        await client.send("gw@localhost", ("support@msp.example",), BODY)
+    assert caught.value.permanent is permanent
+    assert caught.value.code == code
+    assert relay.got == []
+    relay.refuse = {}
+    await client.send("gw@localhost", ("support@msp.example",), BODY)
+    assert len(relay.got) == 1
+
+
+async def test_one_refused_recipient_of_two_still_delivers_to_the_other(
+    client: RelayClient, relay: Relay
+) -> None:
+    relay.refuse = {"a@msp.example": "550 5.1.1 no such user"}
+    await client.send("gw@localhost", ("a@msp.example", "b@msp.example"), BODY)
+    [got] = relay.got
+    assert got.rcpt_tos == ["b@msp.example"]
+
+
+async def test_a_relay_that_is_down_is_a_transient_failure(tmp_path: Path) -> None:
+    server = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    c = RelayClient(make_settings(tmp_path, port, relay_timeout=5))
+    with pytest.raises(DeliveryError) as caught:
+        await c.send("gw@localhost", ("support@msp.example",), BODY)
+    assert caught.value.permanent is False
+    await c.close()
+
+
+async def test_an_address_with_a_line_break_is_refused_before_anything_is_sent(
+    client: RelayClient, relay: Relay
+) -> None:
+    with pytest.raises((DeliveryError, ValueError)):
+        await client.send("gw@localhost", ("a@msp.example\r\nRCPT TO:<x@evil>",), BODY)
+    assert relay.got == []
+    assert "RCPT" not in relay.commands
+
+
+async def test_an_internationalized_address_needs_smtputf8_at_the_relay(tmp_path: Path) -> None:
+    async with serving(Relay(), smtputf8=False) as relay:
+        c = RelayClient(make_settings(tmp_path, relay.port, relay_timeout=5))
+        with pytest.raises(DeliveryError) as caught:
+            await c.send("gw@localhost", ("støtte@msp.example",), BODY)
+        assert caught.value.permanent is True
+        assert "SMTPUTF8" in str(caught.value)
+        await c.send("gw@localhost", ("support@msp.example",), BODY)  # ASCII still goes
+        await c.close()
+    assert [g.rcpt_tos for g in relay.got] == [["support@msp.example"]]
+
+
+async def test_plain_envelopes_do_not_go_through_sendmail(
+    client: RelayClient, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lean path is what plain mail takes (sendmail re-parses addresses, regexes the data)."""
+
+    async def no_sendmail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("sendmail used")
+
+    monkeypatch.setattr(aiosmtplib.SMTP, "sendmail", no_sendmail)
+    await client.send("gw@localhost", ("a.b+tag@msp.example", "x@[127.0.0.1]"), BODY)
+    await client.send("", ("support@msp.example",), BODY)
+    assert [g.rcpt_tos for g in relay.got] == [
+        ["a.b+tag@msp.example", "x@[127.0.0.1]"],
+        ["support@msp.example"],
+    ]
+    with pytest.raises(AssertionError, match="sendmail used"):  # a quoted local part: sendmail
+        await client.send('"john doe"@example.com', ("support@msp.example",), BODY)
