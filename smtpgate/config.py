@@ -99,7 +99,9 @@ class Settings(BaseSettings):
     max_recipients: int = Field(100, ge=1, description="recipients per message (more: 452)")
     max_connections: int = Field(200, ge=1, description="concurrent SMTP sessions (more: 421)")
     smtp_timeout: float = Field(
-        300.0, gt=0, description="idle seconds before an SMTP session is dropped"
+        300.0,
+        gt=0,
+        description="idle seconds before an SMTP session is dropped (in DATA: per 64 KiB received)",
     )
     store_timeout: float = Field(
         8.0, gt=0, le=60, description="seconds to wait for a commit before answering 451"

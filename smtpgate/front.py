@@ -239,6 +239,9 @@ _PLAIN_ADDRESS = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})>(.*)", re.DOTALL)
 _EOD = b"\r\n.\r\n"
 _EOD_STARTS = (_EOD[:4], _EOD[:3], _EOD[:2], _EOD[:1])
 _START_RUN = 8192  # bytes of the start-phase buffer before they are handed on
+# During DATA the idle timer restarts after every this many bytes received: a slow link that
+# keeps sending is not cut off, a client dribbling a few bytes per timeout still is.
+DATA_PROGRESS_BYTES = 64 * 1024
 _NOMINAL, _TOO_LONG, _TOO_MUCH = range(3)  # as aiosmtpd's _DataState
 
 
@@ -368,6 +371,7 @@ class Listener(SMTP):
         self._on_reply = on_reply
         self._counted = False
         self._refused = False
+        self._data_progress = -1  # bytes since the idle timer last restarted; -1: not in DATA
 
     def _lean_init(
         self,
@@ -508,6 +512,7 @@ class Listener(SMTP):
             return
 
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._data_progress = 0
         try:
             data = await self._read_data()
         except asyncio.CancelledError:
@@ -515,6 +520,8 @@ class Listener(SMTP):
             _mail_log.info("Connection lost during DATA")
             self._writer.close()
             raise
+        finally:
+            self._data_progress = -1
 
         state = data.verdict()
         if state != _NOMINAL:
@@ -634,8 +641,16 @@ class Listener(SMTP):
         super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
-        if not self._refused:
-            super().data_received(data)
+        if self._refused:
+            return
+        if self._data_progress >= 0:
+            # aiosmtpd restarts its idle timer only on command lines, so a DATA transfer had
+            # to finish within one timeout however steadily it was sent.
+            self._data_progress += len(data)
+            if self._data_progress >= DATA_PROGRESS_BYTES:
+                self._data_progress = 0
+                self._reset_timeout()
+        super().data_received(data)
 
     def eof_received(self) -> bool:
         return False if self._refused else bool(super().eof_received())

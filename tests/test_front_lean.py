@@ -517,7 +517,7 @@ class _Stock(SMTP):
     line_length_limit = L
 
 
-OWN_STATE = {"_counter", "_limit", "_on_reply", "_counted", "_refused"}
+OWN_STATE = {"_counter", "_limit", "_on_reply", "_counted", "_refused", "_data_progress"}
 
 
 @functools.cache

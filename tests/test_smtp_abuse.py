@@ -247,6 +247,29 @@ async def test_slow_client_in_data_is_cut_off_and_nothing_is_queued(
     await still_serving(gw, "after the slow client")
 
 
+async def test_a_slow_but_steady_upload_outlasts_the_idle_timeout(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """SMTPGATE_SMTP_TIMEOUT is an idle limit: a large message on a slow link that keeps
+    sending (64 KiB or more per timeout) is not cut off, however long the whole upload takes."""
+    gw = await gateway_factory(smtp_timeout=1.0)
+    session = await RawSession.open(gw.smtp_port)
+    for cmd in (b"MAIL FROM:<slow-link@example.org>", b"RCPT TO:<connector@localhost>"):
+        assert (await session.command(cmd)).code == 250
+    assert (await session.command(b"DATA")).code == 354
+    await session.send_raw(b"Subject: big report\r\n\r\n")
+    line = b"y" * 78 + b"\r\n"
+    started = time.monotonic()
+    for _ in range(10):  # 10 x 80 KiB, one piece every 0.4 s: ~4 s in all, four timeouts' worth
+        await session.send_raw(line * 1024)
+        await asyncio.sleep(0.4)
+    reply = await session.command(b".")
+    await session.close()
+    assert time.monotonic() - started > 3.0
+    assert reply.code == 250, reply
+    assert "slow-link@example.org" in await inbound_senders(gw)
+
+
 async def test_long_command_lines_are_refused_and_the_session_survives(gateway: Gateway) -> None:
     session = await RawSession.open(gateway.smtp_port)
     reply = await session.command(b"MAIL FROM:<" + b"a" * 10_000 + b"@example.org>")
