@@ -5,6 +5,7 @@ stop. Settings and rules are built once and passed down."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -28,6 +29,9 @@ from smtpgate.worker import WorkerPool, backoff, scheduled_delay
 log = logging.getLogger("smtpgate")
 
 LEASE_SECONDS = 300.0
+# Mails a relay connection may have sent that the store has not yet recorded as done: a crash
+# re-sends at most these. The next send waits for the record of the one before the last.
+RELAYED_UNRECORDED = 2
 SWEEP_SECONDS = 30.0
 RETENTION_SWEEP_SECONDS = 3600.0
 # Parsing costs ~30 ms per MB and holds the loop: a 25 MB message held it 0.7 s, long enough
@@ -76,6 +80,11 @@ class Gateway:
         self._senders: list[asyncio.Task[None]] = []
         self._background: list[asyncio.Task[None]] = []
         self._outbox_wake = asyncio.Event()
+        # taken by the relay, not yet recorded done; each future is set once it is recorded
+        self._relayed: list[tuple[Delivery, asyncio.Future[None]]] = []
+        self._relayed_wake = asyncio.Event()
+        self._recorder: asyncio.Task[None] | None = None
+        self._senders_stopped = False
         self._stopping = asyncio.Event()
         self.intake: IntakeProcesses | None = None
         self._processing_bytes = 0  # raw bytes of the claimed messages not yet processed
@@ -134,6 +143,7 @@ class Gateway:
             asyncio.create_task(self._send_loop(RelayClient(s, tls)), name=f"relay-{i}")
             for i in range(s.relay_connections)
         ]
+        self._recorder = asyncio.create_task(self._record_relayed(), name="relay-recorder")
         self._background = [
             asyncio.create_task(self._sweep(), name="lease-sweeper"),
             asyncio.create_task(self._retention(), name="retention"),
@@ -165,6 +175,14 @@ class Gateway:
         for task in self._senders:
             task.cancel()
         await asyncio.gather(*self._senders, *self._background, return_exceptions=True)
+        self._senders_stopped = True  # the recorder records what they relayed, then ends
+        self._relayed_wake.set()
+        if self._recorder is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await asyncio.gather(self._recorder, return_exceptions=True)
+            self._recorder.cancel()
+            await asyncio.gather(self._recorder, return_exceptions=True)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1):
@@ -273,6 +291,7 @@ class Gateway:
     async def _send_loop(self, client: RelayClient) -> None:
         assert self.store is not None
         store = self.store
+        unrecorded: collections.deque[asyncio.Future[None]] = collections.deque()
         try:
             while not self._stopping.is_set():
                 self._outbox_wake.clear()  # before claiming, so no wake-up is lost
@@ -286,14 +305,19 @@ class Gateway:
                         async with asyncio.timeout(1.0):
                             await self._outbox_wake.wait()
                     continue
-                await self._deliver(client, batch)
+                await self._deliver(client, batch, unrecorded)
         finally:
             await client.close()
 
-    async def _deliver(self, client: RelayClient, batch: Sequence[Delivery]) -> None:
-        assert self.store is not None
-        done: list[Delivery] = []
+    async def _deliver(
+        self,
+        client: RelayClient,
+        batch: Sequence[Delivery],
+        unrecorded: collections.deque[asyncio.Future[None]],
+    ) -> None:
         for item in batch:
+            while len(unrecorded) >= RELAYED_UNRECORDED:
+                await unrecorded.popleft()  # usually recorded already, during the last send
             try:
                 reply = await client.send(item.mail_from, item.recipients, item.data)
             except DeliveryError as exc:
@@ -306,7 +330,10 @@ class Gateway:
                     item, DeliveryError(f"{type(exc).__name__}: {exc}", permanent=False)
                 )
                 continue
-            done.append(item)
+            recorded = asyncio.get_running_loop().create_future()
+            self._relayed.append((item, recorded))
+            unrecorded.append(recorded)
+            self._relayed_wake.set()
             log.info(
                 "delivered outbox %d (%s) of %s to %s: %s",
                 item.id,
@@ -316,11 +343,50 @@ class Gateway:
                 reply,
                 extra={"outbox_id": item.id, "queue_id": item.inbound_id},
             )
-        if done:
-            await self.store.delivery_done([item.id for item in done])
+
+    async def _record_relayed(self) -> None:
+        """Record relayed mail as done: each transaction takes every mail relayed since the
+        last one began (group commit), and none waits for a batch to finish.
+
+        A sender goes on while its last mail is being recorded, but not further
+        (RELAYED_UNRECORDED), so a crash re-sends at most two mails per relay connection.
+        (Marking each sender's batch of 16 at its end re-sent up to 16 per connection;
+        committing each mail on its own before the next send halved the relay rate.) While the
+        store cannot write, the marks are kept and retried, and the senders wait.
+        """
+        assert self.store is not None
+        store = self.store
+        pause = 0.5
+        while True:
+            if not self._relayed:
+                if self._senders_stopped:
+                    return
+                self._relayed_wake.clear()
+                await self._relayed_wake.wait()
+                continue
+            batch, self._relayed = self._relayed, []
+            try:
+                await store.delivery_done([item.id for item, _ in batch])
+            except Exception as exc:
+                self._relayed[:0] = batch
+                if self._senders_stopped:  # after a restart their leases expire: sent again
+                    log.error("%d relayed mail(s) could not be recorded: %s", len(batch), exc)
+                    return
+                log.warning(
+                    "%d relayed mail(s) not recorded yet (retrying in %.1fs): %s",
+                    len(batch),
+                    pause,
+                    exc,
+                )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 10.0)
+                continue
+            pause = 0.5
             # Counted once committed, so the metric never runs ahead of the outbox state.
-            for item in done:
+            for item, recorded in batch:
                 self.metrics.deliveries.labels(item.kind).inc()
+                if not recorded.done():
+                    recorded.set_result(None)
 
     async def _delivery_failed(self, item: Delivery, exc: DeliveryError) -> None:
         assert self.store is not None
@@ -330,7 +396,11 @@ class Gateway:
         if not exc.permanent and age < s.retry_max_age:
             retry_at = time.time() + scheduled_delay(s.retry_schedule, item.attempts)
         self.metrics.delivery_failures.labels("permanent" if exc.permanent else "transient").inc()
-        await self.store.delivery_failed(item.id, str(exc), retry_at)
+        try:
+            await self.store.delivery_failed(item.id, str(exc), retry_at)
+        except Exception as store_exc:  # it stays claimed: tried again when its lease expires
+            log.warning("could not record the failed delivery of outbox %d: %s", item.id, store_exc)
+            return
         log.warning(
             "delivery of outbox %d of %s to %s failed (attempt %d): %s; %s",
             item.id,

@@ -240,6 +240,40 @@ async def test_relay_refusing_permanently_goes_dead_and_cli_retry_delivers(
     await wait_until(all_done, what="the deliveries done")
 
 
+async def test_a_store_locked_after_a_relay_send_stops_neither_the_sender_nor_the_record(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """The relay took the mail, then the store could not record it (locked past its 5 s busy
+    timeout): the sender keeps trying to record it, is not lost, and sends nothing twice."""
+    gw = await gateway_factory(relay_connections=1)
+    assert gw.store is not None
+    store = gw.store
+    relay.delay = 0.5  # the relay takes its time over DATA: the test locks the store meanwhile
+    code, _ = await send(gw.smtp_port, simple_message(subject="first", message_id="<f@x>"))
+    assert code == 250
+
+    async def at_the_relay() -> bool:
+        return relay.attempts >= 1
+
+    await wait_until(at_the_relay, what="the forward at the relay")
+    other = sqlite3.connect(store.path, timeout=5, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        await asyncio.sleep(6.5)  # holds the lock past the store's busy timeout (not a sync)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    relay.delay = 0
+    code, _ = await send(gw.smtp_port, simple_message(subject="second", message_id="<s@x>"))
+    assert code == 250
+
+    async def both_done() -> bool:
+        return bool((await store.status())["outbox"]["done"] == 2)
+
+    await wait_until(both_done, what="both deliveries recorded done")
+    assert sorted(m.message["Subject"] for m in relay.messages) == ["first", "second"]
+
+
 async def test_relay_timing_out_then_recovering_delivers_everything(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
