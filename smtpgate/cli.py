@@ -238,7 +238,8 @@ async def cmd_tickets(settings: Settings, _: Rules | None, args: argparse.Namesp
             if args.json:
                 _print_json(rows)
             for t in [] if args.json else rows:
-                print(f"#{t['number']:<6} {t['created_at']}  {t['account']}  {t['description']}")
+                account = t["account_name"] or t["account"]
+                print(f"#{t['number']:<6} {t['created_at']}  {account}  {t['description']}")
             return 0
         ticket = await store.get_ticket(args.number)
         if ticket is None:

@@ -248,7 +248,14 @@ def render_page(
         for d in outbox
     ]
     ticket_rows = [
-        [t["number"], t["description"], t["account"], t["source"], t["created_at"]] for t in tickets
+        [
+            t["number"],
+            t["description"],
+            t["account_name"] or t["account"],
+            t["source"],
+            t["created_at"],
+        ]
+        for t in tickets
     ]
     age = inbound["oldest_queued_age_s"]
     oldest = human_age(age) if inbound["queued"] else "none waiting"

@@ -39,7 +39,8 @@ OUTCOME_KEYS = {
     "sent",
 }  # fmt: skip
 TICKET_KEYS = [
-    "number", "rec_id", "account", "description", "details", "status", "source", "created_at",
+    "number", "rec_id", "account", "account_name", "description", "details", "status", "source",
+    "created_at",
 ]  # fmt: skip
 
 
@@ -263,6 +264,7 @@ async def test_tickets_list_and_show_json(
     assert set(by_number) == {1, 2}
     alert = by_number[1]
     assert alert["account"] == "CRDACME0000000000001"
+    assert alert["account_name"] == "Acme Corp"
     assert alert["description"] == "Alert for Site Acme Corp, Disk C: low on free space"
     assert alert["details"] == "Disk C: on ACME-SRV01 has 2% free space left."
     assert (alert["status"], alert["source"]) == (100, "Email Connector (automated)")

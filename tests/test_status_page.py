@@ -178,6 +178,7 @@ async def test_status_page_is_self_contained_and_refreshes(
     for needle in ("<script", "<link", "<img", "<iframe", "@import", "url(", "http://", "https://"):
         assert needle not in html, needle
     assert "Printer &lt;b&gt;jammed&lt;/b&gt;" in html
+    assert "<td>Acme Corp</td>" in html  # the ticket's account by name, not by rec_id
     code, headers, body = await http_get(gw.http_port, "/?refresh=1")
     assert code == 200
 

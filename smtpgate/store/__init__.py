@@ -944,14 +944,20 @@ class Store:
 
     async def list_tickets(self, limit: int = 100) -> list[dict[str, Any]]:
         async with self._reader.execute(
-            "SELECT number, rec_id, account, description, details, status, source, created_at"
-            " FROM tickets ORDER BY number DESC LIMIT ?",
+            "SELECT t.number, t.rec_id, t.account, a.file_as AS account_name, t.description,"
+            " t.details, t.status, t.source, t.created_at"
+            " FROM tickets t LEFT JOIN accounts a ON a.rec_id = t.account"
+            " ORDER BY t.number DESC LIMIT ?",
             (limit,),
         ) as cur:
             return [dict(r) for r in await cur.fetchall()]
 
     async def get_ticket(self, number: int) -> dict[str, Any] | None:
-        async with self._reader.execute("SELECT * FROM tickets WHERE number = ?", (number,)) as cur:
+        async with self._reader.execute(
+            "SELECT t.*, a.file_as AS account_name FROM tickets t"
+            " LEFT JOIN accounts a ON a.rec_id = t.account WHERE t.number = ?",
+            (number,),
+        ) as cur:
             row = await cur.fetchone()
         if row is None:
             return None
