@@ -114,13 +114,14 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
-async def gateway_factory(tmp_path: Path, relay: RecordingRelay) -> AsyncIterator[GatewayFactory]:
+async def gateway_to(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    """Start gateways delivering to the relay on the given port; all are stopped at the end."""
     started: list[Gateway] = []
 
-    async def start(rules: Rules | str | None = None, **overrides: Any) -> Gateway:
+    async def start(relay_port: int, rules: Rules | str | None = None, **overrides: Any) -> Gateway:
         if isinstance(rules, str):
             rules = parse_rules(rules)
-        settings = make_settings(tmp_path, relay.port, **overrides)
+        settings = make_settings(tmp_path, relay_port, **overrides)
         gw = Gateway(settings, rules or Rules())
         await gw.start()
         started.append(gw)
@@ -129,6 +130,16 @@ async def gateway_factory(tmp_path: Path, relay: RecordingRelay) -> AsyncIterato
     yield start
     for gw in started:
         await gw.stop(grace=2)
+
+
+@pytest.fixture
+async def gateway_factory(relay: RecordingRelay, gateway_to: GatewayFactory) -> GatewayFactory:
+    """Like gateway_to, delivering to the `relay` fixture (set up first, so closed last)."""
+
+    async def start(rules: Rules | str | None = None, **overrides: Any) -> Gateway:
+        return await gateway_to(relay.port, rules, **overrides)
+
+    return start
 
 
 @pytest.fixture
