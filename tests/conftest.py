@@ -19,6 +19,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from smtpgate.app import Gateway
 from smtpgate.config import Rules, Settings, parse_rules
+from smtpgate.store import Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -189,6 +190,17 @@ async def wait_processed(gw: Gateway, count: int, timeout: float = 15.0) -> None
         return bool(s["inbound"]["done"] + s["inbound"]["dead"] >= count)
 
     await wait_until(done, timeout, f"{count} processed messages")
+
+
+async def wait_outbox(
+    store: Store, state: str, count: int, what: str, timeout: float = 15.0
+) -> None:
+    """Until exactly `count` outbox rows are in `state`."""
+
+    async def reached() -> bool:
+        return bool((await store.status())["outbox"][state] == count)
+
+    await wait_until(reached, timeout, what)
 
 
 def simple_message(

@@ -35,6 +35,7 @@ from tests.conftest import (
     RecordingRelay,
     send,
     simple_message,
+    wait_outbox,
     wait_processed,
     wait_until,
 )
@@ -264,13 +265,7 @@ async def test_status_is_the_same_json_as_the_status_command(
     await wait_processed(gw, 2)
     await relay.wait_for(2)
     assert gw.store is not None
-
-    async def outbox_settled() -> bool:
-        assert gw.store is not None
-        status = await gw.store.status()
-        return bool(status["outbox"]["done"] == 2)
-
-    await wait_until(outbox_settled, what="outbox done")
+    await wait_outbox(gw.store, "done", 2, "outbox done")
     code, headers, body = await http_get(gw.http_port, "/status")
     assert code == 200
     assert headers["content-type"] == "application/json"
