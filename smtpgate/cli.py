@@ -79,6 +79,30 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
 
 
+def _print_rows(
+    rows: list[dict[str, Any]], as_json: bool, line: Callable[[dict[str, Any]], str]
+) -> int:
+    """What a `list` verb prints: the rows as one JSON array, or one `line(row)` a row."""
+    if as_json:
+        _print_json(rows)
+    else:
+        for row in rows:
+            print(line(row))
+    return 0
+
+
+async def _requeue(
+    args: argparse.Namespace, verb: str, noun: str, retry: Callable[[str | None], Awaitable[int]]
+) -> int:
+    """`VERB retry ID` or `VERB retry --dead`: dead rows back to queued; 1 when there were none."""
+    if args.id is None and not args.dead:
+        print(f"{verb} retry: give an ID or --dead", file=sys.stderr)
+        return 2
+    n = await retry(None if args.dead else args.id)
+    print(f"requeued {n} {noun}")
+    return 0 if n else 1
+
+
 async def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
     from smtpgate.store import Store
 
@@ -180,15 +204,14 @@ def _outcome_line(o: dict[str, Any] | None) -> str:
 async def cmd_queue(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
         if args.action == "list":
-            rows = await store.list_inbound(args.state, args.limit)
-            if args.json:
-                _print_json(rows)
-            for r in [] if args.json else rows:
-                print(
+            return _print_rows(
+                await store.list_inbound(args.state, args.limit),
+                args.json,
+                lambda r: (
                     f"{r['id']}  {r['received_at']}  {r['state']:<6}  <{r['mail_from']}>  "
                     f"{_outcome_line(r['outcome']) or (r['last_error'] or '')}"
-                )
-            return 0
+                ),
+            )
         if args.action == "show":
             row = await store.get_inbound(args.id)
             if row is None:
@@ -199,12 +222,7 @@ async def cmd_queue(settings: Settings, _: Rules | None, args: argparse.Namespac
                 return 0
             _print_json(row)
             return 0
-        if args.id is None and not args.dead:
-            print("queue retry: give an ID or --dead", file=sys.stderr)
-            return 2
-        n = await store.retry_inbound(None if args.dead else args.id)
-        print(f"requeued {n} message(s)")
-        return 0 if n else 1
+        return await _requeue(args, "queue", "message(s)", store.retry_inbound)
 
     return await _with_store(settings, run)
 
@@ -212,21 +230,20 @@ async def cmd_queue(settings: Settings, _: Rules | None, args: argparse.Namespac
 async def cmd_outbox(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
         if args.action == "list":
-            rows = await store.list_outbox(args.state, args.limit)
-            if args.json:
-                _print_json(rows)
-            for r in [] if args.json else rows:
-                print(
+            return _print_rows(
+                await store.list_outbox(args.state, args.limit),
+                args.json,
+                lambda r: (
                     f"{r['id']:>6}  {r['kind']:<8} {r['state']:<6} attempts={r['attempts']}  "
                     f"to={','.join(r['recipients'])}  {r['last_error'] or ''}"
-                )
-            return 0
-        if args.id is None and not args.dead:
-            print("outbox retry: give an ID or --dead", file=sys.stderr)
-            return 2
-        n = await store.retry_outbox(None if args.dead else int(args.id))
-        print(f"requeued {n} delivery(ies)")
-        return 0 if n else 1
+                ),
+            )
+        return await _requeue(
+            args,
+            "outbox",
+            "delivery(ies)",
+            lambda delivery: store.retry_outbox(None if delivery is None else int(delivery)),
+        )
 
     return await _with_store(settings, run)
 
@@ -234,13 +251,14 @@ async def cmd_outbox(settings: Settings, _: Rules | None, args: argparse.Namespa
 async def cmd_tickets(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
         if args.action == "list":
-            rows = await store.list_tickets(args.limit)
-            if args.json:
-                _print_json(rows)
-            for t in [] if args.json else rows:
-                account = t["account_name"] or t["account"]
-                print(f"#{t['number']:<6} {t['created_at']}  {account}  {t['description']}")
-            return 0
+            return _print_rows(
+                await store.list_tickets(args.limit),
+                args.json,
+                lambda t: (
+                    f"#{t['number']:<6} {t['created_at']}  {t['account_name'] or t['account']}"
+                    f"  {t['description']}"
+                ),
+            )
         ticket = await store.get_ticket(args.number)
         if ticket is None:
             print(f"no ticket {args.number}", file=sys.stderr)
@@ -249,7 +267,8 @@ async def cmd_tickets(settings: Settings, _: Rules | None, args: argparse.Namesp
             _print_json(ticket)
             return 0
         print(f"Ticket #{ticket['number']} ({ticket['rec_id']}) status {ticket['status']}")
-        print(f"account: {ticket['account']}  source: {ticket['source']}")
+        account = ticket["account_name"] or ticket["account"]
+        print(f"account: {account}  source: {ticket['source']}")
         print(f"description: {ticket['description']}\n\n{ticket['details']}\n")
         for note in ticket["history"]:
             print(f"--- note {note['rec_id']} at {note['note_at']}\n{note['description']}\n")
@@ -344,13 +363,11 @@ async def cmd_import(settings: Settings, _: Rules | None, args: argparse.Namespa
 
 async def cmd_accounts_list(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
-        rows = await store.list_accounts(args.limit)
-        if args.json:
-            _print_json(rows)
-            return 0
-        for a in rows:
-            print(f"{a['rec_id']}  {a['file_as']}  {a['email1'] or ''} {a['email2'] or ''}")
-        return 0
+        return _print_rows(
+            await store.list_accounts(args.limit),
+            args.json,
+            lambda a: f"{a['rec_id']}  {a['file_as']}  {a['email1'] or ''} {a['email2'] or ''}",
+        )
 
     return await _with_store(settings, run)
 

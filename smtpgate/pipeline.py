@@ -188,18 +188,17 @@ def _account_by_sender(
     """Address (account email or contact), then domain; ambiguity → not found (spec 2.1.3)."""
     address, domain = automated.sender_keys(inb.sender)
     notes = None
-    if address:
-        match = automated.resolve([address], by_address)
-        if match.account:
-            return match, None
-        if match.ambiguous:
-            notes = f"sender address names {match.ambiguous} accounts (ambiguous)"
-    if domain:
-        match = automated.resolve([domain], by_domain)
+    for key, found, what in (
+        (address, by_address, "sender address"),
+        (domain, by_domain, f"sender domain {domain}"),
+    ):
+        if not key:
+            continue
+        match = automated.resolve([key], found)
         if match.account:
             return match, notes
         if match.ambiguous:
-            notes = f"sender domain {domain} names {match.ambiguous} accounts (ambiguous)"
+            notes = f"{what} names {match.ambiguous} accounts (ambiguous)"
     return automated.Match(None), notes
 
 

@@ -19,6 +19,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from smtpgate.app import Gateway
 from smtpgate.config import Rules, Settings, parse_rules
+from smtpgate.store import Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -114,13 +115,14 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
-async def gateway_factory(tmp_path: Path, relay: RecordingRelay) -> AsyncIterator[GatewayFactory]:
+async def gateway_to(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    """Start gateways delivering to the relay on the given port; all are stopped at the end."""
     started: list[Gateway] = []
 
-    async def start(rules: Rules | str | None = None, **overrides: Any) -> Gateway:
+    async def start(relay_port: int, rules: Rules | str | None = None, **overrides: Any) -> Gateway:
         if isinstance(rules, str):
             rules = parse_rules(rules)
-        settings = make_settings(tmp_path, relay.port, **overrides)
+        settings = make_settings(tmp_path, relay_port, **overrides)
         gw = Gateway(settings, rules or Rules())
         await gw.start()
         started.append(gw)
@@ -129,6 +131,16 @@ async def gateway_factory(tmp_path: Path, relay: RecordingRelay) -> AsyncIterato
     yield start
     for gw in started:
         await gw.stop(grace=2)
+
+
+@pytest.fixture
+async def gateway_factory(relay: RecordingRelay, gateway_to: GatewayFactory) -> GatewayFactory:
+    """Like gateway_to, delivering to the `relay` fixture (set up first, so closed last)."""
+
+    async def start(rules: Rules | str | None = None, **overrides: Any) -> Gateway:
+        return await gateway_to(relay.port, rules, **overrides)
+
+    return start
 
 
 @pytest.fixture
@@ -178,6 +190,17 @@ async def wait_processed(gw: Gateway, count: int, timeout: float = 15.0) -> None
         return bool(s["inbound"]["done"] + s["inbound"]["dead"] >= count)
 
     await wait_until(done, timeout, f"{count} processed messages")
+
+
+async def wait_outbox(
+    store: Store, state: str, count: int, what: str, timeout: float = 15.0
+) -> None:
+    """Until exactly `count` outbox rows are in `state`."""
+
+    async def reached() -> bool:
+        return bool((await store.status())["outbox"][state] == count)
+
+    await wait_until(reached, timeout, what)
 
 
 def simple_message(

@@ -78,6 +78,12 @@ class RawSession:
         await self.writer.drain()
         return await self.reply(timeout)
 
+    async def start_data(self, mail_from: str) -> None:
+        """MAIL FROM, RCPT TO the connector and DATA, each asserted accepted (250, 250, 354)."""
+        assert (await self.command(f"MAIL FROM:<{mail_from}>".encode())).code == 250
+        assert (await self.command(f"RCPT TO:<{CONNECTOR}>".encode())).code == 250
+        assert (await self.command(b"DATA")).code == 354
+
     async def send_raw(self, data: bytes) -> None:
         self.writer.write(data)
         await self.writer.drain()

@@ -28,6 +28,7 @@ from tests.conftest import (
     make_settings,
     send,
     simple_message,
+    wait_outbox,
     wait_processed,
     wait_until,
 )
@@ -64,6 +65,13 @@ async def row_state(gw: Gateway, queue_id: str) -> str | None:
     assert gw.store is not None
     row = await gw.store.get_inbound(queue_id)
     return str(row["state"]) if row else None
+
+
+async def wait_row_state(gw: Gateway, queue_id: str, state: str, what: str) -> None:
+    async def reached() -> bool:
+        return await row_state(gw, queue_id) == state
+
+    await wait_until(reached, what=what)
 
 
 async def healthz(gw: Gateway) -> int:
@@ -122,11 +130,7 @@ async def test_store_full_after_intake_stalls_processing_which_resumes_with_spac
     await wait_until(stalled, what="processing failing on the full store")
     assert await row_state(gw, queue_id) in ("queued", "active")
     await pragma(gw, f"PRAGMA max_page_count = {UNLIMITED_PAGES}")
-
-    async def done() -> bool:
-        return await row_state(gw, queue_id) == "done"
-
-    await wait_until(done, what="the message done once there is space")
+    await wait_row_state(gw, queue_id, "done", "the message done once there is space")
     (fwd,) = await relay.wait_for(1)
     assert fwd.message["Subject"] == "stalls"
 
@@ -147,11 +151,7 @@ async def test_processing_failure_goes_dead_and_cli_retry_finishes_it(
     code, text = await send(gw.smtp_port, data)
     assert code == 250, text
     queue_id = text.rsplit(" ", 1)[1]
-
-    async def dead() -> bool:
-        return await row_state(gw, queue_id) == "dead"
-
-    await wait_until(dead, what="the message dead after a failed attempt")
+    await wait_row_state(gw, queue_id, "dead", "the message dead after a failed attempt")
     row = await store.get_inbound(queue_id)
     assert row is not None
     assert "injected write fault" in str(row["last_error"])
@@ -162,11 +162,7 @@ async def test_processing_failure_goes_dead_and_cli_retry_finishes_it(
     code, out = await cli(gw, "queue", "retry", "--dead")
     assert code == 0, out
     assert "requeued 1 message" in out
-
-    async def done() -> bool:
-        return await row_state(gw, queue_id) == "done"
-
-    await wait_until(done, what="the retried message done")
+    await wait_row_state(gw, queue_id, "done", "the retried message done")
     row = await store.get_inbound(queue_id)
     assert row is not None
     assert row["outcome"]["action"] == "forwarded"  # not "duplicate": the failure left no trace
@@ -221,11 +217,7 @@ async def test_relay_refusing_permanently_goes_dead_and_cli_retry_delivers(
     for i in range(3):
         code, _ = await send(gw.smtp_port, simple_message(subject=f"p{i}", message_id=f"<p{i}@x>"))
         assert code == 250
-
-    async def all_dead() -> bool:
-        return bool((await store.status())["outbox"]["dead"] == 3)
-
-    await wait_until(all_dead, what="three dead deliveries")
+    await wait_outbox(store, "dead", 3, "three dead deliveries")
     assert relay.messages == []
     relay.fail_with = None
     code, out = await cli(gw, "outbox", "retry", "--dead")
@@ -233,11 +225,7 @@ async def test_relay_refusing_permanently_goes_dead_and_cli_retry_delivers(
     assert "requeued 3" in out
     await relay.wait_for(3)
     assert sorted(m.message["Subject"] for m in relay.messages) == ["p0", "p1", "p2"]
-
-    async def all_done() -> bool:
-        return bool((await store.status())["outbox"]["done"] == 3)
-
-    await wait_until(all_done, what="the deliveries done")
+    await wait_outbox(store, "done", 3, "the deliveries done")
 
 
 async def test_a_store_locked_after_a_relay_send_stops_neither_the_sender_nor_the_record(
@@ -293,11 +281,7 @@ async def test_relay_timing_out_then_recovering_delivers_everything(
     await wait_until(timed_out, what="timed-out attempts")
     relay.delay = 0.0
     await relay.wait_for(4)
-
-    async def all_done() -> bool:
-        return bool((await store.status())["outbox"]["done"] == 4)
-
-    await wait_until(all_done, what="the deliveries done")
+    await wait_outbox(store, "done", 4, "the deliveries done")
     subjects = [m.message["Subject"] for m in relay.messages]
     assert sorted(set(subjects)) == ["t0", "t1", "t2", "t3"]
     # An attempt the gateway gave up on is cut off at the relay too: no duplicates.
@@ -321,11 +305,7 @@ async def test_relay_flapping_delivers_every_mail_once_it_settles(
 
         await wait_until(attempted, what=f"an attempt before switching to {fault}")
         relay.fail_with = fault
-
-    async def all_done() -> bool:
-        return bool((await store.status())["outbox"]["done"] == n)
-
-    await wait_until(all_done, timeout=30, what="every delivery done after the flapping")
+    await wait_outbox(store, "done", n, "every delivery done after the flapping", timeout=30)
     subjects = [m.message["Subject"] for m in relay.messages]
     assert sorted(subjects) == sorted(f"f{i}" for i in range(n))
     assert (await store.status())["outbox"]["dead"] == 0

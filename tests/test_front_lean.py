@@ -37,14 +37,8 @@ LINE_TOO_LONG = "Line too long (see RFC5321 4.5.3.1.6)"
 async def open_data(port: int, mail_from: str = "lean@example.org") -> RawSession:
     session = await RawSession.open(port)
     nodelay(session)
-    await start_data(session, mail_from)
+    await session.start_data(mail_from)
     return session
-
-
-async def start_data(session: RawSession, mail_from: str = "lean@example.org") -> None:
-    assert (await session.command(f"MAIL FROM:<{mail_from}>".encode())).code == 250
-    assert (await session.command(b"RCPT TO:<connector@localhost>")).code == 250
-    assert (await session.command(b"DATA")).code == 354
 
 
 def nodelay(session: RawSession) -> None:
@@ -87,7 +81,7 @@ async def queued_senders(gw: Gateway) -> list[str]:
 async def session_goes_on(gw: Gateway, session: RawSession, what: str = "next") -> None:
     """The same session takes a normal message afterwards and stores it exactly."""
     assert (await session.command(b"NOOP")).code == 250
-    await start_data(session, f"{what}@example.org")
+    await session.start_data(f"{what}@example.org")
     data = simple_message(subject=f"the {what} one")
     await session.send_raw(dot_stuff(data) + EOD)
     assert await stored(gw, await session.reply()) == data
@@ -282,12 +276,12 @@ async def test_size_limit_counts_the_stuffed_bytes_exactly(
     # Exactly the limit (the stuffed bytes up to and including the CRLF before the dot): taken.
     head = b"Subject: edge\r\n\r\n..\r\n"  # a stuffed line counts with its extra dot
     wire = head + lines_of(limit - len(head))
-    await start_data(session)
+    await session.start_data("lean@example.org")
     await session.send_raw(wire + EOD)
     assert await stored(gw, await session.reply()) == wire.replace(b"\r\n..", b"\r\n.")
     # One byte more: 552 5.3.4, and the session goes on.
     wire = head + lines_of(limit + 1 - len(head))
-    await start_data(session, "over@example.org")
+    await session.start_data("over@example.org")
     await session.send_raw(wire + EOD)
     reply = await session.reply()
     assert (reply.code, reply.text) == (552, front.TOO_BIG[4:])

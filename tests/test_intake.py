@@ -75,10 +75,11 @@ async def test_messages_accepted_by_a_child_are_stored_processed_and_counted(
     await wait_until(counted, what="the children's counters in /metrics")
 
 
-async def test_a_child_refuses_relaying_and_oversize_like_the_in_process_listener(
-    gateway_factory: GatewayFactory,
+@pytest.mark.parametrize("intake_processes", [0, 1], ids=["in-process", "intake-process"])
+async def test_relaying_and_oversize_are_refused_alike_by_either_listener(
+    gateway_factory: GatewayFactory, intake_processes: int
 ) -> None:
-    gw = await gateway_factory(intake_processes=1, max_message_bytes=4096)
+    gw = await gateway_factory(intake_processes=intake_processes, max_message_bytes=4096)
     code, text = await send(gw.smtp_port, simple_message(), rcpt=("someone@elsewhere.example",))
     assert code == 550
     assert "5.1.1" in text

@@ -27,15 +27,15 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from prometheus_client.parser import text_string_to_metric_families
 
 from smtpgate.app import Gateway
-from smtpgate.config import ENV_PREFIX, Rules, Settings, parse_rules
+from smtpgate.config import ENV_PREFIX, Settings, parse_rules
 from smtpgate.mail import parse_message
 from smtpgate.rules.automated import candidates, first_detection, first_skip
 from tests.conftest import (
     GatewayFactory,
     RecordingRelay,
-    make_settings,
     send,
     simple_message,
+    wait_outbox,
     wait_processed,
     wait_until,
 )
@@ -162,20 +162,18 @@ async def secure_relay(cert: Cert) -> AsyncIterator[SecureRelay]:
     await server.wait_closed()
 
 
-@pytest.fixture
-async def gateway_to(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
-    """Like gateway_factory, but the first argument is the relay port to deliver to."""
-    started: list[Gateway] = []
+async def send_until_relay_fails(gw: Gateway, message_id: str, what: str) -> None:
+    """Send one message (250) and wait until its first delivery to the relay has failed."""
+    code, _ = await send(gw.smtp_port, simple_message(message_id=message_id))
+    assert code == 250
+    assert gw.store is not None
+    store = gw.store
 
-    async def start(relay_port: int, **overrides: Any) -> Gateway:
-        gw = Gateway(make_settings(tmp_path, relay_port, **overrides), Rules())
-        await gw.start()
-        started.append(gw)
-        return gw
+    async def failed_once() -> bool:
+        rows = await store.list_outbox()
+        return bool(rows and rows[0]["last_error"])
 
-    yield start
-    for gw in started:
-        await gw.stop(grace=2)
+    await wait_until(failed_once, what=what)
 
 
 async def send_starttls(port: int, data: bytes, context: ssl.SSLContext) -> tuple[str, str]:
@@ -267,13 +265,7 @@ async def test_status_is_the_same_json_as_the_status_command(
     await wait_processed(gw, 2)
     await relay.wait_for(2)
     assert gw.store is not None
-
-    async def outbox_settled() -> bool:
-        assert gw.store is not None
-        status = await gw.store.status()
-        return bool(status["outbox"]["done"] == 2)
-
-    await wait_until(outbox_settled, what="outbox done")
+    await wait_outbox(gw.store, "done", 2, "outbox done")
     code, headers, body = await http_get(gw.http_port, "/status")
     assert code == 200
     assert headers["content-type"] == "application/json"
@@ -413,17 +405,9 @@ async def test_relay_certificate_is_verified_by_default(
         relay_username=RELAY_USER,
         relay_password=RELAY_PASSWORD,
     )
-    code, _ = await send(gw.smtp_port, simple_message(message_id="<verify@example.org>"))
-    assert code == 250
+    await send_until_relay_fails(gw, "<verify@example.org>", "a failed relay attempt")
     assert gw.store is not None
-    store = gw.store
-
-    async def failed_once() -> bool:
-        rows = await store.list_outbox()
-        return bool(rows and rows[0]["last_error"])
-
-    await wait_until(failed_once, what="a failed relay attempt")
-    (row,) = await store.list_outbox()
+    (row,) = await gw.store.list_outbox()
     assert "certificate" in row["last_error"].lower()
     assert row["state"] in ("queued", "active")  # transient: retried, not dead
     assert secure_relay.recorder.messages == []
@@ -440,16 +424,7 @@ async def test_relay_wrong_password_is_not_delivered(
         relay_username=RELAY_USER,
         relay_password="wrong",
     )
-    code, _ = await send(gw.smtp_port, simple_message(message_id="<wrong@example.org>"))
-    assert code == 250
-    assert gw.store is not None
-    store = gw.store
-
-    async def failed_once() -> bool:
-        rows = await store.list_outbox()
-        return bool(rows and rows[0]["last_error"])
-
-    await wait_until(failed_once, what="a refused login")
+    await send_until_relay_fails(gw, "<wrong@example.org>", "a refused login")
     assert secure_relay.logins[0] == (RELAY_USER, "wrong")
     assert secure_relay.recorder.messages == []
 

@@ -87,6 +87,19 @@ async def counts(db: aiosqlite.Connection) -> dict[str, int]:
     return out
 
 
+async def add_record(
+    db: aiosqlite.Connection, kind: str, prefix: str, fields: dict[str, str], *, inbound_id: str
+) -> tuple[Applied, str]:
+    """Apply a transaction adding a `kind` record: status 1 and a new rec_id starting `prefix`."""
+    applied = await apply(db, xml(kind, fields), inbound_id=inbound_id)
+    assert applied.error_code == 1, applied.errors
+    assert applied.record_kind == kind
+    rec_id = applied.record_id
+    assert rec_id is not None
+    assert rec_id.startswith(prefix)
+    return applied, rec_id
+
+
 async def add_ticket(db: aiosqlite.Connection) -> str:
     applied = await apply(db, xml("TICKET", {"FLDTKTCARDID": ACC, "FLDTKTPROBLEM": "Printer"}))
     assert applied.record_id is not None
@@ -97,22 +110,19 @@ async def add_ticket(db: aiosqlite.Connection) -> str:
 
 
 async def test_account_add_then_update(db: aiosqlite.Connection) -> None:
-    tx = xml(
+    applied, rec_id = await add_record(
+        db,
         "ACCOUNT",
+        "CRD",
         {
             "FLDCRDFULLNAME": "  Globex  Corporation ",
             "FLDCRDEMAIL1": "Info@Globex.example",
             "FLDCRDCARDID2": "G-42",
             "FLDCRDUSER2": "site-7",
         },
+        inbound_id="IN1",
     )
-    applied = await apply(db, tx, inbound_id="IN1")
-    assert applied.error_code == 1
-    assert applied.record_kind == "ACCOUNT"
     assert applied.errors == ()
-    rec_id = applied.record_id
-    assert rec_id is not None
-    assert rec_id.startswith("CRD")
     assert len(rec_id) == 20
     account = await row(db, "accounts", rec_id)
     assert account["file_as"] == "Globex  Corporation"
@@ -157,8 +167,10 @@ async def test_account_default_actor(db: aiosqlite.Connection) -> None:
 
 
 async def test_ticket_add_then_update(db: aiosqlite.Connection) -> None:
-    tx = xml(
+    applied, rec_id = await add_record(
+        db,
         "TICKET",
+        "TKT",
         {
             "FLDTKTCARDID": ACC,
             "FLDTKTPROBLEM": "Printer on 2nd floor",
@@ -166,15 +178,10 @@ async def test_ticket_add_then_update(db: aiosqlite.Connection) -> None:
             "FLDTKTDUEDATETIME": "27/11/2026 09:00",
             "FLDTKTUSER1": "f1",
         },
+        inbound_id="IN-7",
     )
-    applied = await apply(db, tx, inbound_id="IN-7")
-    assert applied.error_code == 1
-    assert applied.record_kind == "TICKET"
     assert applied.ticket_number == 1
-    assert applied.ticket_rec_id == applied.record_id
-    rec_id = applied.record_id
-    assert rec_id is not None
-    assert rec_id.startswith("TKT")
+    assert applied.ticket_rec_id == rec_id
     ticket = await row(db, "tickets", rec_id)
     assert ticket["account"] == ACC
     assert ticket["description"] == "Printer on 2nd floor"
@@ -223,21 +230,18 @@ async def test_ticket_add_then_update(db: aiosqlite.Connection) -> None:
 
 async def test_history_note_on_ticket_then_update(db: aiosqlite.Connection) -> None:
     ticket = await add_ticket(db)
-    tx = xml(
+    _, rec_id = await add_record(
+        db,
         "HISTORY-NOTE",
+        "HIS",
         {
             "FLDHISLINKRECID": ticket,
             "FLDHISDESCRIPTION": "Called the customer",
             "FLDHISNOTEDATETIME": "2026-11-26 10:15",
             "FLDHISKIND": "Phone",
         },
+        inbound_id="IN-9",
     )
-    applied = await apply(db, tx, inbound_id="IN-9")
-    assert applied.error_code == 1
-    assert applied.record_kind == "HISTORY-NOTE"
-    rec_id = applied.record_id
-    assert rec_id is not None
-    assert rec_id.startswith("HIS")
     note = await row(db, "history", rec_id)
     assert note["ticket"] == ticket
     assert note["link_rec_id"] == ticket
@@ -368,12 +372,7 @@ async def test_generic_kind_add_then_update(
     change: dict[str, str],
     changed: dict[str, Any],
 ) -> None:
-    applied = await apply(db, xml(kind, add), inbound_id="IN-1")
-    assert applied.error_code == 1, applied.errors
-    assert applied.record_kind == kind
-    rec_id = applied.record_id
-    assert rec_id is not None
-    assert rec_id.startswith(prefix)
+    _, rec_id = await add_record(db, kind, prefix, add, inbound_id="IN-1")
     stored = await row(db, table, rec_id)
     assert {k: stored[k] for k in added} == added
     assert stored["created_by"] == stored["updated_by"] == "Web form"

@@ -13,7 +13,7 @@ import pytest
 
 from smtpgate.app import Gateway
 from tests.conftest import GatewayFactory, RecordingRelay, send, simple_message, wait_until
-from tests.hostile import RawSession, SessionClosed, dot_stuff
+from tests.hostile import RawSession, Reply, SessionClosed, dot_stuff
 
 SMUGGLER = "smuggler@evil.example"
 SMUGGLED = (
@@ -39,6 +39,20 @@ async def still_serving(gw: Gateway, what: str = "after abuse") -> None:
     assert await store.can_write()
 
 
+async def send_with_smuggled_transaction(gw: Gateway, marker: bytes) -> Reply:
+    """One message from a@example.org whose data holds `marker` and then a whole second
+    transaction, with the real end of data, all in one packet; returns the reply to the data.
+    The session is still in order afterwards (NOOP 250): nothing smuggled is pending as commands.
+    """
+    session = await RawSession.open(gw.smtp_port)
+    await session.start_data("a@example.org")
+    await session.send_raw(b"Subject: innocent\r\n\r\nhello" + marker + SMUGGLED + b"\r\n.\r\n")
+    reply = await session.reply()
+    assert (await session.command(b"NOOP")).code == 250
+    await session.close()
+    return reply
+
+
 async def inbound_senders(gw: Gateway) -> list[str]:
     assert gw.store is not None
     return [r["mail_from"] for r in await gw.store.list_inbound(limit=10_000)]
@@ -62,18 +76,9 @@ SMUGGLING = {
 async def test_smuggling_variant_is_refused_and_nothing_is_queued(
     gateway: Gateway, marker: bytes
 ) -> None:
-    session = await RawSession.open(gateway.smtp_port)
-    for cmd in (b"MAIL FROM:<a@example.org>", b"RCPT TO:<connector@localhost>"):
-        assert (await session.command(cmd)).code == 250
-    assert (await session.command(b"DATA")).code == 354
-    # The fake end-of-data, a whole second transaction, and the real end — in one packet.
-    await session.send_raw(b"Subject: innocent\r\n\r\nhello" + marker + SMUGGLED + b"\r\n.\r\n")
-    reply = await session.reply()
+    reply = await send_with_smuggled_transaction(gateway, marker)
     assert reply.code == 550, reply
     assert "5.5.2" in reply.text
-    # The session is still in order: nothing smuggled is pending as commands.
-    assert (await session.command(b"NOOP")).code == 250
-    await session.close()
     assert await inbound_senders(gateway) == []
     await still_serving(gateway)
     assert SMUGGLER not in await inbound_senders(gateway)
@@ -88,15 +93,8 @@ async def test_near_end_of_data_markers_stay_inside_one_message(
     gateway: Gateway, marker: bytes
 ) -> None:
     """Lookalikes of CRLF.CRLF without bare CR/LF are ordinary data: one message, not two."""
-    session = await RawSession.open(gateway.smtp_port)
-    for cmd in (b"MAIL FROM:<a@example.org>", b"RCPT TO:<connector@localhost>"):
-        assert (await session.command(cmd)).code == 250
-    assert (await session.command(b"DATA")).code == 354
-    await session.send_raw(b"Subject: innocent\r\n\r\nhello" + marker + SMUGGLED + b"\r\n.\r\n")
-    reply = await session.reply()
+    reply = await send_with_smuggled_transaction(gateway, marker)
     assert reply.code == 250, reply
-    assert (await session.command(b"NOOP")).code == 250
-    await session.close()
     assert await inbound_senders(gateway) == ["a@example.org"]
     assert gateway.store is not None
     raw = await gateway.store.raw_message(str(reply.queue_id))
@@ -209,9 +207,7 @@ async def test_slow_client_in_data_is_cut_off_and_nothing_is_queued(
 ) -> None:
     gw = await gateway_factory(max_connections=2, smtp_timeout=1.5)
     slow = await RawSession.open(gw.smtp_port)
-    for cmd in (b"MAIL FROM:<slow@example.org>", b"RCPT TO:<connector@localhost>"):
-        assert (await slow.command(cmd)).code == 250
-    assert (await slow.command(b"DATA")).code == 354
+    await slow.start_data("slow@example.org")
 
     async def dribble() -> tuple[int, bool]:
         """The attack itself: a byte every few ms, never the end of data. True: cut off."""
@@ -254,9 +250,7 @@ async def test_a_slow_but_steady_upload_outlasts_the_idle_timeout(
     sending (64 KiB or more per timeout) is not cut off, however long the whole upload takes."""
     gw = await gateway_factory(smtp_timeout=1.0)
     session = await RawSession.open(gw.smtp_port)
-    for cmd in (b"MAIL FROM:<slow-link@example.org>", b"RCPT TO:<connector@localhost>"):
-        assert (await session.command(cmd)).code == 250
-    assert (await session.command(b"DATA")).code == 354
+    await session.start_data("slow-link@example.org")
     await session.send_raw(b"Subject: big report\r\n\r\n")
     line = b"y" * 78 + b"\r\n"
     started = time.monotonic()
@@ -335,9 +329,7 @@ async def test_data_without_recipients_and_out_of_order_commands_queue_nothing(
 async def test_abrupt_disconnects_mid_data_queue_nothing(gateway: Gateway) -> None:
     for cut in (0, 1, 100, 5000):
         session = await RawSession.open(gateway.smtp_port)
-        for cmd in (b"MAIL FROM:<cut@example.org>", b"RCPT TO:<connector@localhost>"):
-            assert (await session.command(cmd)).code == 250
-        assert (await session.command(b"DATA")).code == 354
+        await session.start_data("cut@example.org")
         data = dot_stuff(simple_message(body="y" * 10_000))
         await session.send_raw(data[:cut] + (b"\r\n." if cut else b""))
         session.writer.transport.abort()  # RST, no end of data

@@ -19,6 +19,7 @@ from tests.conftest import (
     RecordingRelay,
     send,
     simple_message,
+    wait_outbox,
     wait_processed,
     wait_until,
 )
@@ -126,11 +127,7 @@ async def busy_gateway(gateway_factory: GatewayFactory, relay: RecordingRelay) -
     code, _ = await send(gw.smtp_port, simple_message("Hello again", message_id="<p3@ex.org>"))
     assert code == 250
     await wait_processed(gw, 3)
-
-    async def one_dead() -> bool:
-        return bool((await store.status())["outbox"]["dead"] == 1)
-
-    await wait_until(one_dead, what="a dead delivery")
+    await wait_outbox(store, "dead", 1, "a dead delivery")
     return gw
 
 
