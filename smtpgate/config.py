@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from smtpgate.model import nfc
+
 ENV_PREFIX = "SMTPGATE_"
 
 _ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
@@ -238,6 +240,12 @@ SearchField = Literal[
 class _Rule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
     name: str | None = None
+
+    @field_validator("subject", "after", "before", check_fields=False)
+    @classmethod
+    def _phrase_nfc(cls, value: str | None) -> str | None:
+        """Phrases compare with subjects in Unicode NFC (model.nfc), whatever the file's form."""
+        return nfc(value) if value else value
 
 
 class DetectionRule(_Rule):

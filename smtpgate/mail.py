@@ -18,6 +18,8 @@ from email.parser import BytesParser
 from email.policy import compat32
 from typing import Any
 
+from smtpgate.model import nfc
+
 __all__ = [
     "DEFAULT_QUOTE_PATTERNS",
     "Attachment",
@@ -781,6 +783,7 @@ class _Parser:
         subject = ""
         if "subject" in headers:
             subject, clean = _header_words(headers["subject"])
+            subject = nfc(subject)  # rules and account keys compare in NFC
             if not clean:
                 self.defect("undecodable subject")
             if len(subject) > _MAX_SUBJECT_CHARS:

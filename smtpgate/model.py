@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -13,9 +14,19 @@ TRIM_CHARS = " \t:-#,;[]()\"'"
 _WS = re.compile(r"\s+")
 
 
+def nfc(text: str) -> str:
+    """Unicode normal form C: canonically equivalent text ("é" as one code point, or "e" and a
+    combining accent, as macOS writes it) compares equal. Subjects, rule phrases and account
+    keys are all kept in it."""
+    return text if text.isascii() else unicodedata.normalize("NFC", text)
+
+
 def normalize_key(value: str) -> str:
-    """The form account values are compared in: trimmed, whitespace collapsed, case-folded."""
-    return _WS.sub(" ", value).strip(TRIM_CHARS).casefold()
+    """The form account values are compared in: trimmed, whitespace collapsed, case-folded, NFC.
+
+    NFC after case folding too: folding can leave a letter decomposed (U+01F0 folds to
+    "j" + U+030C)."""
+    return nfc(nfc(_WS.sub(" ", value).strip(TRIM_CHARS)).casefold())
 
 
 class JobState(StrEnum):

@@ -3,7 +3,9 @@ table-driven with ids, plus hypothesis properties; account-by-sender against a r
 
 from __future__ import annotations
 
+import email.header
 import string
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -495,3 +497,54 @@ async def test_detection_uses_from_and_the_envelope_only_without_a_usable_from(
         assert decision.rules_missed[0] == "detection[1]"
     finally:
         await store.close()
+
+
+# --- Unicode: canonically equivalent text matches (NFC and NFD) ------------------------------
+
+CAFE = "Café Müller"
+
+
+def nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def nfd(text: str) -> str:
+    return unicodedata.normalize("NFD", text)
+
+
+def test_keys_of_canonically_equivalent_text_are_equal() -> None:
+    assert nfc(CAFE) != nfd(CAFE)
+    assert normalize_key(nfc(CAFE)) == normalize_key(nfd(CAFE)) == nfc("café müller")
+    # case folding can leave decomposed text behind (U+01F0 folds to j + U+030C): composed again
+    assert normalize_key("\u01f0") == normalize_key("J\u030c") == "\u01f0"
+
+
+@pytest.mark.parametrize(
+    ("stored", "phrase", "subject"),
+    [
+        (nfd(CAFE), nfc("Störung bei"), nfc("Störung bei Café Müller, Disk voll")),
+        (nfc(CAFE), nfd("Störung bei"), nfd("Störung bei Café Müller, Disk voll")),
+        (nfc(CAFE), nfc("Störung bei"), nfd("Störung bei Café Müller, Disk voll")),
+    ],
+    ids=["account-nfd", "rules-nfd", "subject-nfd"],
+)
+async def test_an_account_is_found_whatever_the_unicode_normal_form(
+    stored: str, phrase: str, subject: str, tmp_path: Path
+) -> None:
+    """A macOS export stores decomposed names, a Windows mailer sends composed subjects."""
+    store = await Store.open(tmp_path / "smtpgate.db")
+    await store.import_accounts([(2, {"rec_id": "CRDCAFE0000000000001", "file_as": stored})])
+    rules = parse_rules(
+        f'[[detection]]\nsubject = "{phrase}"\n'
+        f'[[account]]\nsearch = "file_as"\nafter = "{phrase}"\nbefore = ","\n'
+    )
+    ctx = Context(load_settings(_env_file=None, data_dir=tmp_path), rules)
+    encoded = email.header.Header(subject, "utf-8").encode()
+    raw = message(encoded)
+    try:
+        decision = await decide(raw, "alerts@rmm.example", parse_message(raw), ctx, store)
+    finally:
+        await store.close()
+    assert decision.action == Action.AUTOMATED_TICKET
+    assert decision.new_ticket is not None
+    assert decision.new_ticket.account == "CRDCAFE0000000000001"

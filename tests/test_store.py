@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
+import unicodedata
 from pathlib import Path
 
-from smtpgate.model import Action, Decision, Envelope, NewTicket
+from smtpgate.model import Action, Decision, Envelope, NewTicket, normalize_key
 from smtpgate.model import Path as Branch
 from smtpgate.store import Store, new_queue_id
 
@@ -61,3 +63,28 @@ async def test_claim_takes_only_what_fits_in_its_byte_budget_oldest_first(tmp_pa
         assert [j.id for j in await store.claim(10, 300)] == ids[3:]
     finally:
         await store.close()
+
+
+async def test_migration_5_rebuilds_decomposed_account_keys_in_nfc(tmp_path: Path) -> None:
+    """Keys imported before keys were kept in NFC: a decomposed one is composed on upgrade."""
+    store = await Store.open(tmp_path / "smtpgate.db")
+    acme = {"rec_id": "CRDCAFE0000000000001", "file_as": "Café Müller", "email1": "x@cafe.example"}
+    await store.import_accounts([(2, acme)])
+    await store.close()
+    decomposed = unicodedata.normalize("NFD", "café müller")
+    with sqlite3.connect(tmp_path / "smtpgate.db") as db:  # the store as an older version left it
+        db.execute("UPDATE account_keys SET value = ? WHERE field = 'file_as'", (decomposed,))
+        db.execute("DELETE FROM schema_migrations WHERE version = 5")
+    store = await Store.open(tmp_path / "smtpgate.db")
+    try:
+        [found] = await store.find_accounts([("file_as", [normalize_key("Café Müller")])])
+        assert found == {"café müller": [("CRDCAFE0000000000001", None)]}
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "smtpgate.db") as db:
+        keys = sorted(db.execute("SELECT field, value FROM account_keys").fetchall())
+    assert keys == [
+        ("email", "x@cafe.example"),
+        ("file_as", "café müller"),
+        ("rec_id", "crdcafe0000000000001"),
+    ]

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
+
 import aiosqlite
 
-# Append only: a migration that has shipped is never edited. Each entry is (version, name, sql).
-MIGRATIONS: list[tuple[int, str, str]] = [
+from smtpgate.store import crm
+
+
+def _account_keys_in_nfc(db: sqlite3.Connection) -> None:
+    """Rebuild the keys of every account with a non-ASCII key: keys are compared in Unicode NFC
+    now, and one imported decomposed (NFD, as macOS writes text) would never match again."""
+    accounts = db.execute(
+        "SELECT DISTINCT account FROM account_keys WHERE value GLOB '*[^ -~]*'"
+    ).fetchall()
+    for (rec_id,) in accounts:
+        crm.refresh_account_keys(db, rec_id)
+
+
+# Append only: a migration that has shipped is never edited. Each entry is (version, name,
+# step): SQL, or a function run over the sqlite3 connection inside the migration's transaction.
+MIGRATIONS: list[tuple[int, str, str | Callable[[sqlite3.Connection], None]]] = [
     (
         1,
         "queue, outbox and CRM core",
@@ -328,6 +345,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE inbound DROP COLUMN raw;
         """,
     ),
+    (5, "account keys in Unicode NFC", _account_keys_in_nfc),
 ]
 
 
@@ -340,14 +358,18 @@ async def migrate(db: aiosqlite.Connection) -> int:
     async with db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations") as cur:
         row = await cur.fetchone()
     current = int(row[0]) if row else 0
-    for version, name, sql in MIGRATIONS:
+    for version, name, step in MIGRATIONS:
         if version <= current:
             continue
         await db.execute("BEGIN IMMEDIATE")
         try:
-            # executescript would COMMIT implicitly; run statement by statement instead.
-            for statement in _split_sql(sql):
-                await db.execute(statement)
+            if callable(step):
+                # In the connection's own thread, like every store transaction (store._in_thread).
+                await db._execute(step, db._conn)  # type: ignore[no-untyped-call]
+            else:
+                # executescript would COMMIT implicitly; run statement by statement instead.
+                for statement in _split_sql(step):
+                    await db.execute(statement)
             await db.execute(
                 "INSERT INTO schema_migrations VALUES (?, ?, datetime('now'))", (version, name)
             )
