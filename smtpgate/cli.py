@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -499,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # start faster without it (`smtpgate status` is polled by monitoring).
         rules = load_rules(settings.rules_file) if args.needs_rules else None
     except ConfigError as exc:
-        print(f"smtpgate: {exc}", file=sys.stderr)
+        _start_up_error(exc)
         return 2
     setup_logging(settings)
     runner = _event_loop_runner() if args.verb == "serve" else asyncio.run
@@ -514,6 +515,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return result
+
+
+def _start_up_error(exc: Exception) -> None:
+    """Settings that do not validate: logging is not set up yet, but with
+    SMTPGATE_LOG_FORMAT=json (itself valid) the error is a JSON line like every other."""
+    if os.environ.get("SMTPGATE_LOG_FORMAT") == "json":
+        record = logging.LogRecord("smtpgate", logging.ERROR, __file__, 0, "%s", (exc,), None)
+        print(JsonFormatter().format(record), file=sys.stderr)
+    else:
+        print(f"smtpgate: {exc}", file=sys.stderr)
 
 
 def _event_loop_runner() -> Callable[[Any], Any]:

@@ -470,3 +470,25 @@ def test_missing_rules_file_is_a_start_up_error(
     code, _, err = run_here(monkeypatch, tmp_path / "var", "rules", env=env)
     assert code == 2
     assert "SMTPGATE_RULES_FILE" in err
+
+
+@pytest.mark.parametrize("verb", [("serve",), ("queue", "list")])
+def test_with_json_logs_an_invalid_setting_is_reported_as_one_json_line(
+    tmp_path: Path, verb: tuple[str, ...]
+) -> None:
+    """Log collectors parse every stderr line: the start-up error must be JSON too."""
+    env = {"SMTPGATE_WORKERS": "0", "SMTPGATE_LOG_FORMAT": "json"}
+    result = run(tmp_path / "var", *verb, env=env)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    entry = json.loads(line)
+    assert entry["level"] == "error"
+    assert "SMTPGATE_WORKERS" in entry["message"]
+    assert entry["ts"].endswith("Z")
+
+
+def test_an_invalid_log_format_itself_is_reported_as_plain_text(tmp_path: Path) -> None:
+    result = run(tmp_path / "var", "queue", "list", env={"SMTPGATE_LOG_FORMAT": "xml"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("smtpgate: invalid setting")
+    assert "SMTPGATE_LOG_FORMAT" in result.stderr
