@@ -101,15 +101,22 @@ class Proc:
 
     def rss_mb(self) -> tuple[float, float]:
         """(current RSS, peak RSS) in MB from /proc, summed over the process and its children."""
-        cur = peak = 0.0
+        each = self.rss_by_process()
+        return sum(cur for cur, _ in each), sum(peak for _, peak in each)
+
+    def rss_by_process(self) -> list[tuple[float, float]]:
+        """(current RSS, peak RSS) in MB of the process, then of each child."""
+        out = []
         for pid in self.tree():
+            cur = peak = 0.0
             with contextlib.suppress(OSError):
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
-                        cur += int(line.split()[1]) / 1024
+                        cur = int(line.split()[1]) / 1024
                     elif line.startswith("VmHWM:"):
-                        peak += int(line.split()[1]) / 1024
-        return cur, peak
+                        peak = int(line.split()[1]) / 1024
+            out.append((cur, peak))
+        return out
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the process and its live children (all threads) so far."""

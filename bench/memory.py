@@ -78,6 +78,9 @@ def scenario(
         stop.set()
         sampler.join()
         peak = proc.rss_mb()[1]
+        if target != "bare":
+            peaks_each = ", ".join(f"{p:.0f}" for _, p in proc.rss_by_process())
+            print(f"   ({target}: peak RSS MB of serve, then of each child: {peaks_each})")
         proc.stop()
     return before, max([peak, *peaks]), took
 

@@ -87,6 +87,8 @@ class Gateway:
         self._senders_stopped = False
         self._stopping = asyncio.Event()
         self.intake: IntakeProcesses | None = None
+        # the in-process listener's (each intake process has its own)
+        self.data_budget = front.DataBudget(front.DATA_BUDGET_BYTES)
         self._processing_bytes = 0  # raw bytes of the claimed messages not yet processed
         self._lock_file: IO[str] | None = None
 
@@ -117,7 +119,9 @@ class Gateway:
             sessions = self.intake.sessions
         else:
             handler = front.Handler(s, store, self.metrics.received.inc)
-            factory, counter = front.listener_factory(s, handler, tls_context, self._count_reply)
+            factory, counter = front.listener_factory(
+                s, handler, tls_context, self._count_reply, self.data_budget
+            )
             smtp = await loop.create_server(factory, host=s.smtp_host, port=s.smtp_port)
             self._servers.append(smtp)
             sessions = lambda: counter[0]  # noqa: E731

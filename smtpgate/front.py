@@ -242,6 +242,9 @@ _START_RUN = 8192  # bytes of the start-phase buffer before they are handed on
 # During DATA the idle timer restarts after every this many bytes received: a slow link that
 # keeps sending is not cut off, a client dribbling a few bytes per timeout still is.
 DATA_PROGRESS_BYTES = 64 * 1024
+# Message data the listener of one process holds at once, from the first byte of a DATA until
+# its commit is answered (see DataBudget).
+DATA_BUDGET_BYTES = 64 * 1024 * 1024
 _NOMINAL, _TOO_LONG, _TOO_MUCH = range(3)  # as aiosmtpd's _DataState
 
 
@@ -344,6 +347,66 @@ class _Data:
         return _TOO_LONG
 
 
+class DataBudget:
+    """Bounds the message data the listener holds, by making senders wait (TCP back-pressure).
+
+    Each session in DATA counts the bytes it has received until its message is committed and
+    answered. While the total is over the limit, only the session that began its DATA first
+    goes on reading; the others' sockets are paused and their senders' TCP windows fill up, so
+    they simply wait. The first session always reads, so the total drains whatever the sizes
+    (one message larger than the limit still gets through). Without this, 50 senders of 25 MB
+    each took the gateway to ~3 GB and the late ones timed out waiting for the store (451).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.peak = 0  # the most held at once (for tests and benchmarks)
+        self._sessions: dict[Listener, int] = {}  # in the order their DATA began: bytes held
+        self._paused: set[Listener] = set()
+
+    def begin(self, session: Listener) -> None:
+        self._sessions[session] = 0
+        if self.held > self.limit:
+            self._pause(session)
+
+    def grow(self, session: Listener, size: int) -> None:
+        if session not in self._sessions:
+            return
+        self._sessions[session] += size
+        self.held += size
+        self.peak = max(self.peak, self.held)
+        if session in self._paused:
+            session.hold_back(True)  # the stream reader resumed it for its own flow control
+        elif self.held > self.limit and len(self._paused) < len(self._sessions) - 1:
+            first = next(iter(self._sessions))
+            for other in self._sessions:
+                if other is not first:
+                    self._pause(other)
+
+    def end(self, session: Listener) -> None:
+        self.held -= self._sessions.pop(session, 0)
+        if session in self._paused:
+            self._paused.discard(session)
+            session.hold_back(False)
+        if not self._paused:
+            return
+        if self.held <= self.limit:
+            for other in self._paused:
+                other.hold_back(False)
+            self._paused.clear()
+        else:  # still over: the session now first goes on
+            first = next(iter(self._sessions))
+            if first in self._paused:
+                self._paused.discard(first)
+                first.hold_back(False)
+
+    def _pause(self, session: Listener) -> None:
+        if session not in self._paused:
+            self._paused.add(session)
+            session.hold_back(True)
+
+
 class Listener(SMTP):
     """aiosmtpd's SMTP with a cap on concurrent sessions (spec 6); extra sessions get 421.
 
@@ -360,6 +423,7 @@ class Listener(SMTP):
         counter: list[int],
         limit: int,
         on_reply: Callable[[str], None],
+        budget: DataBudget | None = None,
         **kwargs: Any,
     ) -> None:
         if _LEAN_INIT and kwargs.keys() <= _LEAN_INIT_ARGS:
@@ -372,6 +436,7 @@ class Listener(SMTP):
         self._counted = False
         self._refused = False
         self._data_progress = -1  # bytes since the idle timer last restarted; -1: not in DATA
+        self._budget = budget or DataBudget(DATA_BUDGET_BYTES)
 
     def _lean_init(
         self,
@@ -512,6 +577,15 @@ class Listener(SMTP):
             return
 
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._budget.begin(self)
+        try:
+            await self._receive_data()
+        finally:
+            self._budget.end(self)
+
+    async def _receive_data(self) -> None:
+        """The rest of smtp_DATA: read the data, check it, hand it to the handler, answer."""
+        assert self.envelope is not None
         self._data_progress = 0
         try:
             data = await self._read_data()
@@ -650,7 +724,17 @@ class Listener(SMTP):
             if self._data_progress >= DATA_PROGRESS_BYTES:
                 self._data_progress = 0
                 self._reset_timeout()
+            self._budget.grow(self, len(data))
         super().data_received(data)
+
+    def hold_back(self, paused: bool) -> None:
+        """DataBudget: stop (or resume) reading this session's socket."""
+        transport = self.transport
+        if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+            if paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     def eof_received(self) -> bool:
         return False if self._refused else bool(super().eof_received())
@@ -661,9 +745,13 @@ def listener_factory(
     handler: Handler,
     tls_context: ssl.SSLContext | None,
     on_reply: Callable[[str], None],
+    budget: DataBudget | None = None,
 ) -> tuple[Callable[[], Listener], list[int]]:
-    """A protocol factory for loop.create_server, and the live session counter it shares."""
+    """A protocol factory for loop.create_server, and the live session counter it shares.
+
+    Its sessions share `budget` (by default one of DATA_BUDGET_BYTES of their own)."""
     counter = [0]
+    budget = budget or DataBudget(DATA_BUDGET_BYTES)
 
     def factory() -> Listener:
         return Listener(
@@ -671,6 +759,7 @@ def listener_factory(
             counter,
             settings.max_connections,
             on_reply,
+            budget,
             data_size_limit=settings.max_message_bytes,
             enable_SMTPUTF8=True,
             decode_data=False,

@@ -511,7 +511,9 @@ class _Stock(SMTP):
     line_length_limit = L
 
 
-OWN_STATE = {"_counter", "_limit", "_on_reply", "_counted", "_refused", "_data_progress"}
+OWN_STATE = {
+    "_counter", "_limit", "_on_reply", "_counted", "_refused", "_data_progress", "_budget",
+}  # fmt: skip
 
 
 @functools.cache

@@ -1,0 +1,104 @@
+"""front.DataBudget: the listener holds a bounded amount of message data; senders wait (TCP)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+from smtpgate.app import Gateway
+from smtpgate.front import DataBudget, Listener
+from tests.conftest import GatewayFactory, send, simple_message, wait_processed
+
+
+class Session:
+    """Stands in for a Listener: records whether its socket is paused."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.paused = False
+        self.pauses = 0
+
+    def hold_back(self, paused: bool) -> None:
+        self.pauses += paused
+        self.paused = paused
+
+
+def sessions(budget: DataBudget, *names: str) -> list[Session]:
+    out = [Session(n) for n in names]
+    for s in out:
+        budget.begin(cast(Listener, s))
+    return out
+
+
+def grow(budget: DataBudget, session: Session, size: int) -> None:
+    budget.grow(cast(Listener, session), size)
+
+
+def end(budget: DataBudget, session: Session) -> None:
+    budget.end(cast(Listener, session))
+
+
+def test_under_the_limit_nobody_waits() -> None:
+    budget = DataBudget(100)
+    a, b = sessions(budget, "a", "b")
+    grow(budget, a, 50)
+    grow(budget, b, 50)
+    assert (a.paused, b.paused, budget.held) == (False, False, 100)
+    end(budget, a)
+    end(budget, b)
+    assert budget.held == 0
+
+
+def test_over_the_limit_only_the_first_to_begin_goes_on_then_the_next() -> None:
+    budget = DataBudget(100)
+    a, b, c = sessions(budget, "a", "b", "c")
+    grow(budget, b, 60)
+    grow(budget, c, 60)  # over: b and c wait, a (first in DATA) goes on
+    assert [s.paused for s in (a, b, c)] == [False, True, True]
+    grow(budget, a, 500)  # one message larger than the limit still gets through
+    assert not a.paused
+    end(budget, a)  # still over (120): b is first now and goes on, c waits
+    assert [s.paused for s in (b, c)] == [False, True]
+    end(budget, b)  # 60: under, everyone reads
+    assert not c.paused
+    assert budget.peak == 620
+
+
+def test_a_session_beginning_while_over_waits_at_once() -> None:
+    budget = DataBudget(100)
+    (a,) = sessions(budget, "a")
+    grow(budget, a, 150)
+    (late,) = sessions(budget, "late")
+    assert late.paused
+    assert not a.paused
+    end(budget, a)
+    assert not late.paused
+
+
+def test_a_paused_session_that_gets_data_is_paused_again() -> None:
+    """asyncio's stream reader resumes a socket it paused itself: the budget pauses it again."""
+    budget = DataBudget(100)
+    a, b = sessions(budget, "a", "b")
+    grow(budget, a, 150)
+    grow(budget, b, 1)
+    assert b.paused
+    assert b.pauses == 2
+    assert budget.held == 151
+
+
+async def test_concurrent_large_messages_wait_their_turn_and_all_are_stored(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw: Gateway = await gateway_factory()
+    limit = 1 << 20
+    gw.data_budget.limit = limit  # 1 MiB for the listener, six messages of ~1.5 MB
+    body = ("x" * 76 + "\n") * 20_000
+    messages = [simple_message(f"big {i}", body=body, message_id=f"<big{i}@x>") for i in range(6)]
+    replies = await asyncio.gather(*(send(gw.smtp_port, m) for m in messages))
+    assert [code for code, _ in replies] == [250] * 6, replies
+    await wait_processed(gw, 6)
+    size = max(len(m) for m in messages)
+    # Unbounded, the six would have been held at once (~9.6 MB). Bounded: the limit, the one
+    # message that goes on, and what arrived before the pause took effect (socket buffers).
+    assert gw.data_budget.peak < limit + 2 * size
+    assert gw.data_budget.held == 0
