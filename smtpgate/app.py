@@ -147,7 +147,7 @@ class Gateway:
             asyncio.create_task(self._send_loop(RelayClient(s, tls)), name=f"relay-{i}")
             for i in range(s.relay_connections)
         ]
-        self._recorder = asyncio.create_task(self._record_relayed(), name="relay-recorder")
+        self._start_recorder()
         self._background = [
             asyncio.create_task(self._sweep(), name="lease-sweeper"),
             asyncio.create_task(self._retention(), name="retention"),
@@ -320,6 +320,8 @@ class Gateway:
         unrecorded: collections.deque[asyncio.Future[None]],
     ) -> None:
         for item in batch:
+            if self._stopping.is_set():
+                return  # the rest go back to the queue when their lease ends (or at start-up)
             while len(unrecorded) >= RELAYED_UNRECORDED:
                 await unrecorded.popleft()  # usually recorded already, during the last send
             try:
@@ -347,6 +349,18 @@ class Gateway:
                 reply,
                 extra={"outbox_id": item.id, "queue_id": item.inbound_id},
             )
+
+    def _start_recorder(self) -> None:
+        self._recorder = asyncio.create_task(self._record_relayed(), name="relay-recorder")
+        self._recorder.add_done_callback(self._recorder_ended)
+
+    def _recorder_ended(self, task: asyncio.Task[None]) -> None:
+        """The recorder only ends at stop; should a bug end it sooner, log it and start anew
+        (the senders wait for it: without it the outbox would stall)."""
+        if task.cancelled() or self._senders_stopped:
+            return
+        log.error("the relay recorder ended unexpectedly; restarting it", exc_info=task.exception())
+        self._start_recorder()
 
     async def _record_relayed(self) -> None:
         """Record relayed mail as done: each transaction takes every mail relayed since the
@@ -399,12 +413,12 @@ class Gateway:
         retry_at = None
         if not exc.permanent and age < s.retry_max_age:
             retry_at = time.time() + scheduled_delay(s.retry_schedule, item.attempts)
-        self.metrics.delivery_failures.labels("permanent" if exc.permanent else "transient").inc()
         try:
             await self.store.delivery_failed(item.id, str(exc), retry_at)
         except Exception as store_exc:  # it stays claimed: tried again when its lease expires
             log.warning("could not record the failed delivery of outbox %d: %s", item.id, store_exc)
             return
+        self.metrics.delivery_failures.labels("permanent" if exc.permanent else "transient").inc()
         log.warning(
             "delivery of outbox %d of %s to %s failed (attempt %d): %s; %s",
             item.id,

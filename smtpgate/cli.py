@@ -494,13 +494,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from smtpgate.config import ConfigError, load_rules, load_settings
 
+    settings = None
     try:
         settings = load_settings()
         # Only the verbs that decide anything read (and validate) the rules file; the others
         # start faster without it (`smtpgate status` is polled by monitoring).
         rules = load_rules(settings.rules_file) if args.needs_rules else None
     except ConfigError as exc:
-        _start_up_error(exc)
+        _start_up_error(exc, settings.log_format if settings else None)
         return 2
     setup_logging(settings)
     runner = _event_loop_runner() if args.verb == "serve" else asyncio.run
@@ -517,10 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result
 
 
-def _start_up_error(exc: Exception) -> None:
-    """Settings that do not validate: logging is not set up yet, but with
-    SMTPGATE_LOG_FORMAT=json (itself valid) the error is a JSON line like every other."""
-    if os.environ.get("SMTPGATE_LOG_FORMAT") == "json":
+def _start_up_error(exc: Exception, log_format: str | None) -> None:
+    """A configuration error before logging is set up: with JSON logs asked for (by valid
+    settings, or else by the variable itself), it is a JSON line like every other."""
+    if (log_format or os.environ.get("SMTPGATE_LOG_FORMAT", "").lower()) == "json":
         record = logging.LogRecord("smtpgate", logging.ERROR, __file__, 0, "%s", (exc,), None)
         print(JsonFormatter().format(record), file=sys.stderr)
     else:

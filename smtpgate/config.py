@@ -165,6 +165,15 @@ class Settings(BaseSettings):
             raise ValueError("at least one connector address is required")
         return tuple(_check_address(v) for v in value)
 
+    @field_validator("hostname")
+    @classmethod
+    def _hostname_valid(cls, value: str) -> str:
+        # It goes into EHLO and Received: lines as it is: ASCII letters, digits, "-", "." and
+        # "_" (container host names), or an address literal.
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]", value):
+            raise ValueError(f"{value!r} is not a host name (ASCII letters, digits, '-', '.')")
+        return value
+
     @field_validator("retry_schedule")
     @classmethod
     def _schedule_valid(cls, value: tuple[int, ...]) -> tuple[int, ...]:

@@ -356,6 +356,11 @@ class DataBudget:
     they simply wait. The first session always reads, so the total drains whatever the sizes
     (one message larger than the limit still gets through). Without this, 50 senders of 25 MB
     each took the gateway to ~3 GB and the late ones timed out waiting for the store (451).
+
+    A paused session's idle timer keeps running: one that waits longer than
+    SMTPGATE_SMTP_TIMEOUT is dropped and its sender retries later, so slow senders holding the
+    budget cannot keep the others' connections open for ever. Bytes past the size limit are
+    thrown away and not counted: the listener ends a session's count when it passes the limit.
     """
 
     def __init__(self, limit: int) -> None:
@@ -436,6 +441,7 @@ class Listener(SMTP):
         self._counted = False
         self._refused = False
         self._data_progress = -1  # bytes since the idle timer last restarted; -1: not in DATA
+        self._data_size = 0  # bytes received in this DATA
         self._budget = budget or DataBudget(DATA_BUDGET_BYTES)
 
     def _lean_init(
@@ -587,6 +593,7 @@ class Listener(SMTP):
         """The rest of smtp_DATA: read the data, check it, hand it to the handler, answer."""
         assert self.envelope is not None
         self._data_progress = 0
+        self._data_size = 0
         try:
             data = await self._read_data()
         except asyncio.CancelledError:
@@ -718,13 +725,20 @@ class Listener(SMTP):
         if self._refused:
             return
         if self._data_progress >= 0:
-            # aiosmtpd restarts its idle timer only on command lines, so a DATA transfer had
-            # to finish within one timeout however steadily it was sent.
-            self._data_progress += len(data)
-            if self._data_progress >= DATA_PROGRESS_BYTES:
-                self._data_progress = 0
-                self._reset_timeout()
-            self._budget.grow(self, len(data))
+            self._data_size += len(data)
+            if self.data_size_limit and self._data_size > self.data_size_limit:
+                # Refused whatever follows (552): the rest is read only to be thrown away, so
+                # it holds no budget and is no progress; a sender streaming on past the limit
+                # is cut off by the idle timeout.
+                self._budget.end(self)
+            else:
+                # aiosmtpd restarts its idle timer only on command lines, so a DATA transfer
+                # had to finish within one timeout however steadily it was sent.
+                self._data_progress += len(data)
+                if self._data_progress >= DATA_PROGRESS_BYTES:
+                    self._data_progress = 0
+                    self._reset_timeout()
+                self._budget.grow(self, len(data))
         super().data_received(data)
 
     def hold_back(self, paused: bool) -> None:
@@ -733,7 +747,9 @@ class Listener(SMTP):
         if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
             if paused:
                 transport.pause_reading()
-            else:
+            elif not getattr(self._reader, "_paused", False):
+                # Not while the stream reader holds its own pause (its buffer is full): it
+                # resumes when drained, and would not pause again if we resumed it now.
                 transport.resume_reading()
 
     def eof_received(self) -> bool:

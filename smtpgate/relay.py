@@ -62,15 +62,19 @@ class RelayClient:
             local_hostname=s.hostname,
             tls_context=self._tls_context,
         )
-        await smtp.connect()
-        if s.relay_username:
-            password = s.relay_password.get_secret_value() if s.relay_password else ""
-            await smtp.login(s.relay_username, password)
-        if smtp.is_ehlo_or_helo_needed:  # the lean path asks for the relay's extensions
-            try:
-                await smtp.ehlo()
-            except aiosmtplib.SMTPHeloError:
-                await smtp.helo()
+        try:
+            await smtp.connect()
+            if s.relay_username:
+                password = s.relay_password.get_secret_value() if s.relay_password else ""
+                await smtp.login(s.relay_username, password)
+            if smtp.is_ehlo_or_helo_needed:  # the lean path asks for the relay's extensions
+                try:
+                    await smtp.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await smtp.helo()
+        except BaseException:
+            smtp.close()
+            raise
         self._smtp = smtp
         return smtp
 
@@ -84,6 +88,12 @@ class RelayClient:
         )
         try:
             smtp = await self._connection()
+        except Exception as exc:
+            # About the connection, not this mail (refused, TLS, AUTH, EHLO): retry it later.
+            raise DeliveryError(
+                f"relay connection: {type(exc).__name__}: {exc}", permanent=False
+            ) from exc
+        try:
             if plain:
                 errors, reply = await _send_plain(smtp, mail_from, recipients, data)
             else:
@@ -157,7 +167,8 @@ async def _send_plain(
     protocol = smtp.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("connection lost")
-    protocol.write(stuffed + b".\r\n")
+    protocol.write(stuffed)  # two writes: no copy of a large message just to append the dot
+    protocol.write(b".\r\n")
     response = await protocol.read_response(timeout=smtp.timeout)
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)

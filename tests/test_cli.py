@@ -442,6 +442,8 @@ def test_rules_file_errors_name_rule_key_and_line(
         ("SMTPGATE_RELAY_TLS", "sometimes"),
         ("SMTPGATE_AUTOMATED_ENABLED", "perhaps"),
         ("SMTPGATE_RETRY_SCHEDULE", "60,-1"),
+        ("SMTPGATE_HOSTNAME", "mail gw"),
+        ("SMTPGATE_HOSTNAME", "bücher.example"),
     ],
 )
 def test_invalid_setting_names_the_variable_and_exits_2(
@@ -472,18 +474,25 @@ def test_missing_rules_file_is_a_start_up_error(
     assert "SMTPGATE_RULES_FILE" in err
 
 
-@pytest.mark.parametrize("verb", [("serve",), ("queue", "list")])
-def test_with_json_logs_an_invalid_setting_is_reported_as_one_json_line(
-    tmp_path: Path, verb: tuple[str, ...]
+@pytest.mark.parametrize(
+    ("verb", "variable", "value"),
+    [
+        (("serve",), "SMTPGATE_WORKERS", "0"),
+        (("queue", "list"), "SMTPGATE_WORKERS", "0"),
+        (("rules",), "SMTPGATE_RULES_FILE", "/nonexistent/rules.toml"),  # settings valid
+    ],
+)
+def test_with_json_logs_a_start_up_error_is_reported_as_one_json_line(
+    tmp_path: Path, verb: tuple[str, ...], variable: str, value: str
 ) -> None:
     """Log collectors parse every stderr line: the start-up error must be JSON too."""
-    env = {"SMTPGATE_WORKERS": "0", "SMTPGATE_LOG_FORMAT": "json"}
+    env = {variable: value, "SMTPGATE_LOG_FORMAT": "json"}
     result = run(tmp_path / "var", *verb, env=env)
     assert result.returncode == 2
     [line] = result.stderr.splitlines()
     entry = json.loads(line)
     assert entry["level"] == "error"
-    assert "SMTPGATE_WORKERS" in entry["message"]
+    assert variable in entry["message"]
     assert entry["ts"].endswith("Z")
 
 

@@ -7,7 +7,8 @@ from typing import cast
 
 from smtpgate.app import Gateway
 from smtpgate.front import DataBudget, Listener
-from tests.conftest import GatewayFactory, send, simple_message, wait_processed
+from tests.conftest import GatewayFactory, send, simple_message, wait_processed, wait_until
+from tests.hostile import RawSession
 
 
 class Session:
@@ -102,3 +103,26 @@ async def test_concurrent_large_messages_wait_their_turn_and_all_are_stored(
     # message that goes on, and what arrived before the pause took effect (socket buffers).
     assert gw.data_budget.peak < limit + 2 * size
     assert gw.data_budget.held == 0
+
+
+async def test_a_session_lost_in_the_middle_of_data_gives_its_bytes_back(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw: Gateway = await gateway_factory()
+    session = await RawSession.open(gw.smtp_port)
+    await session.start_data("gone@example.org")
+    await session.send_raw(b"Subject: half\r\n\r\n" + b"x" * 200_000)
+
+    async def counted() -> bool:
+        return gw.data_budget.held >= 200_000
+
+    await wait_until(counted, what="the half message counted")
+    session.writer.transport.abort()  # a reset, not a polite close
+    await session.close()
+
+    async def given_back() -> bool:
+        return gw.data_budget.held == 0
+
+    await wait_until(given_back, what="the bytes given back")
+    code, _ = await send(gw.smtp_port, simple_message("after"))
+    assert code == 250

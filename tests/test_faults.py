@@ -229,7 +229,7 @@ async def test_relay_refusing_permanently_goes_dead_and_cli_retry_delivers(
 
 
 async def test_a_store_locked_after_a_relay_send_stops_neither_the_sender_nor_the_record(
-    gateway_factory: GatewayFactory, relay: RecordingRelay
+    gateway_factory: GatewayFactory, relay: RecordingRelay, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The relay took the mail, then the store could not record it (locked past its 5 s busy
     timeout): the sender keeps trying to record it, is not lost, and sends nothing twice."""
@@ -246,8 +246,14 @@ async def test_a_store_locked_after_a_relay_send_stops_neither_the_sender_nor_th
     await wait_until(at_the_relay, what="the forward at the relay")
     other = sqlite3.connect(store.path, timeout=5, isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
+
+    async def record_failed() -> bool:
+        return any("not recorded yet" in r.getMessage() for r in caplog.records)
+
     try:
-        await asyncio.sleep(6.5)  # holds the lock past the store's busy timeout (not a sync)
+        # Held past the store's 5 s busy timeout until recording the relayed mail has failed
+        # (the sender's next claim may fail first, then the record).
+        await wait_until(record_failed, timeout=30, what="a failed record of the relayed mail")
     finally:
         other.execute("ROLLBACK")
         other.close()

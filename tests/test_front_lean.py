@@ -512,7 +512,8 @@ class _Stock(SMTP):
 
 
 OWN_STATE = {
-    "_counter", "_limit", "_on_reply", "_counted", "_refused", "_data_progress", "_budget",
+    "_counter", "_limit", "_on_reply", "_counted", "_refused", "_data_progress", "_data_size",
+    "_budget",
 }  # fmt: skip
 
 

@@ -427,6 +427,11 @@ async def test_relay_wrong_password_is_not_delivered(
     await send_until_relay_fails(gw, "<wrong@example.org>", "a refused login")
     assert secure_relay.logins[0] == (RELAY_USER, "wrong")
     assert secure_relay.recorder.messages == []
+    # A refused login is about the connection, not the mail: it waits for a retry, not dead.
+    assert gw.store is not None
+    [row] = await gw.store.list_outbox()
+    assert row["state"] == "queued", row
+    assert row["last_error"].startswith("relay connection:")
 
 
 async def test_relay_with_implicit_tls(gateway_to: GatewayFactory, cert: Cert) -> None:

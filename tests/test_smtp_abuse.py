@@ -248,18 +248,18 @@ async def test_a_slow_but_steady_upload_outlasts_the_idle_timeout(
 ) -> None:
     """SMTPGATE_SMTP_TIMEOUT is an idle limit: a large message on a slow link that keeps
     sending (64 KiB or more per timeout) is not cut off, however long the whole upload takes."""
-    gw = await gateway_factory(smtp_timeout=1.0)
+    gw = await gateway_factory(smtp_timeout=1.5)
     session = await RawSession.open(gw.smtp_port)
     await session.start_data("slow-link@example.org")
     await session.send_raw(b"Subject: big report\r\n\r\n")
     line = b"y" * 78 + b"\r\n"
     started = time.monotonic()
-    for _ in range(10):  # 10 x 80 KiB, one piece every 0.4 s: ~4 s in all, four timeouts' worth
+    for _ in range(15):  # 15 x 80 KiB, one piece every 0.3 s: ~4.5 s, three timeouts' worth
         await session.send_raw(line * 1024)
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.3)
     reply = await session.command(b".")
     await session.close()
-    assert time.monotonic() - started > 3.0
+    assert time.monotonic() - started > 4.0
     assert reply.code == 250, reply
     assert "slow-link@example.org" in await inbound_senders(gw)
 
@@ -381,3 +381,29 @@ async def _done(gw: Gateway, queue_id: str) -> bool:
     assert gw.store is not None
     row = await gw.store.get_inbound(queue_id)
     return bool(row and row["state"] == "done")
+
+
+async def test_streaming_on_past_the_size_limit_is_cut_off_and_holds_nothing(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Bytes past SMTPGATE_MAX_MESSAGE_BYTES are thrown away: they are no progress for the idle
+    timer, however fast they come, and they hold none of the listener's data budget."""
+    gw = await gateway_factory(max_message_bytes=4096, smtp_timeout=1.0)
+    session = await RawSession.open(gw.smtp_port)
+    await session.start_data("flood@example.org")
+    started = time.monotonic()
+    cut_off = False
+    with contextlib.suppress(ConnectionError, OSError):
+        while time.monotonic() - started < 8:  # 80 KiB/s: 64 KiB in every 0.8 s
+            if session.reader.at_eof():
+                cut_off = True
+                break
+            await session.send_raw((b"z" * 1022 + b"\r\n") * 16)
+            await asyncio.sleep(0.2)
+    cut_off = cut_off or session.reader.at_eof() or session.writer.is_closing()
+    await session.close()
+    assert cut_off, "a sender streaming past the size limit was never cut off"
+    assert time.monotonic() - started < 6
+    assert gw.data_budget.held == 0
+    assert gw.data_budget.peak <= 4096 + 65536
+    await still_serving(gw, "after the flood past the limit")

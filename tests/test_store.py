@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import unicodedata
 from pathlib import Path
@@ -72,7 +73,8 @@ async def test_migration_5_rebuilds_decomposed_account_keys_in_nfc(tmp_path: Pat
     await store.import_accounts([(2, acme)])
     await store.close()
     decomposed = unicodedata.normalize("NFD", "café müller")
-    with sqlite3.connect(tmp_path / "smtpgate.db") as db:  # the store as an older version left it
+    with contextlib.closing(sqlite3.connect(tmp_path / "smtpgate.db")) as db, db:
+        # the store as an older version left it
         db.execute("UPDATE account_keys SET value = ? WHERE field = 'file_as'", (decomposed,))
         db.execute("DELETE FROM schema_migrations WHERE version = 5")
     store = await Store.open(tmp_path / "smtpgate.db")
@@ -81,7 +83,7 @@ async def test_migration_5_rebuilds_decomposed_account_keys_in_nfc(tmp_path: Pat
         assert found == {"café müller": [("CRDCAFE0000000000001", None)]}
     finally:
         await store.close()
-    with sqlite3.connect(tmp_path / "smtpgate.db") as db:
+    with contextlib.closing(sqlite3.connect(tmp_path / "smtpgate.db")) as db:
         keys = sorted(db.execute("SELECT field, value FROM account_keys").fetchall())
     assert keys == [
         ("email", "x@cafe.example"),

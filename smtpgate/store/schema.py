@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import sqlite3
+import unicodedata
 from collections.abc import Callable
 
 import aiosqlite
 
-from smtpgate.store import crm
-
 
 def _account_keys_in_nfc(db: sqlite3.Connection) -> None:
-    """Rebuild the keys of every account with a non-ASCII key: keys are compared in Unicode NFC
-    now, and one imported decomposed (NFD, as macOS writes text) would never match again."""
-    accounts = db.execute(
-        "SELECT DISTINCT account FROM account_keys WHERE value GLOB '*[^ -~]*'"
+    """Keys are compared in Unicode NFC since this version: compose the non-ASCII keys stored
+    before (an account imported decomposed, as macOS writes text, would never match again).
+    Self-contained on purpose: a migration must not change when application code does."""
+    rows = db.execute(
+        "SELECT rowid, value FROM account_keys WHERE value GLOB '*[^ -~]*'"
     ).fetchall()
-    for (rec_id,) in accounts:
-        crm.refresh_account_keys(db, rec_id)
+    db.executemany(
+        "UPDATE account_keys SET value = ? WHERE rowid = ?",
+        [(unicodedata.normalize("NFC", value), rowid) for rowid, value in rows],
+    )
 
 
 # Append only: a migration that has shipped is never edited. Each entry is (version, name,
