@@ -32,6 +32,9 @@ LEASE_SECONDS = 300.0
 # Mails a relay connection may have sent that the store has not yet recorded as done: a crash
 # re-sends at most these. The next send waits for the record of the one before the last.
 RELAYED_UNRECORDED = 2
+# Mail data one relay connection claims at once (always at least one mail): 16 forwards of
+# 25 MB each per connection took 50 x 25 MB of mail to 1.6 GB in the serve process.
+RELAY_CLAIM_BYTES = 16 * 1024 * 1024
 SWEEP_SECONDS = 30.0
 RETENTION_SWEEP_SECONDS = 3600.0
 # Parsing costs ~30 ms per MB and holds the loop: a 25 MB message held it 0.7 s, long enough
@@ -80,8 +83,9 @@ class Gateway:
         self._senders: list[asyncio.Task[None]] = []
         self._background: list[asyncio.Task[None]] = []
         self._outbox_wake = asyncio.Event()
-        # taken by the relay, not yet recorded done; each future is set once it is recorded
-        self._relayed: list[tuple[Delivery, asyncio.Future[None]]] = []
+        # (outbox id, kind) of mail taken by the relay, not yet recorded done; each future is
+        # set once it is recorded. Not the Delivery: it would keep the mail's data alive.
+        self._relayed: list[tuple[int, str, asyncio.Future[None]]] = []
         self._relayed_wake = asyncio.Event()
         self._recorder: asyncio.Task[None] | None = None
         self._senders_stopped = False
@@ -90,6 +94,7 @@ class Gateway:
         # the in-process listener's (each intake process has its own)
         self.data_budget = front.DataBudget(front.DATA_BUDGET_BYTES)
         self._processing_bytes = 0  # raw bytes of the claimed messages not yet processed
+        self._big_parse = asyncio.Semaphore(1)
         self._lock_file: IO[str] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -233,7 +238,10 @@ class Gateway:
     async def process(self, job: Job) -> None:
         assert self.store is not None
         if len(job.raw) > PARSE_IN_THREAD_BYTES:
-            msg = await asyncio.to_thread(parse_message, job.raw)
+            # One at a time: the parser holds the GIL, so parallel parses gain nothing, and
+            # each takes ~7 x the message in memory while it runs (25 MB: ~170 MB).
+            async with self._big_parse:
+                msg = await asyncio.to_thread(parse_message, job.raw)
         else:
             msg = parse_message(job.raw)
         ctx = Context(self.settings, self.rules)
@@ -300,7 +308,9 @@ class Gateway:
             while not self._stopping.is_set():
                 self._outbox_wake.clear()  # before claiming, so no wake-up is lost
                 try:
-                    batch = await store.claim_deliveries(16, LEASE_SECONDS)
+                    batch = await store.claim_deliveries(
+                        16, LEASE_SECONDS, max_bytes=RELAY_CLAIM_BYTES
+                    )
                 except Exception as exc:
                     log.warning("outbox claim failed: %s", exc)
                     batch = []
@@ -337,7 +347,7 @@ class Gateway:
                 )
                 continue
             recorded = asyncio.get_running_loop().create_future()
-            self._relayed.append((item, recorded))
+            self._relayed.append((item.id, item.kind, recorded))
             unrecorded.append(recorded)
             self._relayed_wake.set()
             log.info(
@@ -384,7 +394,7 @@ class Gateway:
                 continue
             batch, self._relayed = self._relayed, []
             try:
-                await store.delivery_done([item.id for item, _ in batch])
+                await store.delivery_done([outbox_id for outbox_id, _, _ in batch])
             except Exception as exc:
                 self._relayed[:0] = batch
                 if self._senders_stopped:  # after a restart their leases expire: sent again
@@ -401,8 +411,8 @@ class Gateway:
                 continue
             pause = 0.5
             # Counted once committed, so the metric never runs ahead of the outbox state.
-            for item, recorded in batch:
-                self.metrics.deliveries.labels(item.kind).inc()
+            for _, kind, recorded in batch:
+                self.metrics.deliveries.labels(kind).inc()
                 if not recorded.done():
                     recorded.set_result(None)
 

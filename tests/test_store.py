@@ -66,7 +66,28 @@ async def test_claim_takes_only_what_fits_in_its_byte_budget_oldest_first(tmp_pa
         await store.close()
 
 
-async def test_migration_5_rebuilds_decomposed_account_keys_in_nfc(tmp_path: Path) -> None:
+async def test_outbox_claims_take_only_what_fits_in_their_byte_budget(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    await store.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db, db:
+        for size in (1000, 1000, 1000, 50):  # mails queued by earlier decisions
+            db.execute(
+                "INSERT INTO outbox (kind, mail_from, recipients, data, created_at,"
+                " next_attempt_at) VALUES ('forward', 'c@x', '[\"s@x\"]', ?, 0, 0)",
+                (b"x" * size,),
+            )
+    store = await Store.open(tmp_path / "s.db")
+    try:
+        sizes = [len(d.data) for d in await store.claim_deliveries(10, 300, max_bytes=2500)]
+        assert sizes == [1000, 1000]  # 1000, 2000 fit; 3000 does not
+        sizes = [len(d.data) for d in await store.claim_deliveries(10, 300, max_bytes=1)]
+        assert sizes == [1000]  # always the first, however small the budget
+        assert [len(d.data) for d in await store.claim_deliveries(10, 300)] == [50]
+    finally:
+        await store.close()
+
+
+async def test_migration_5_composes_decomposed_account_keys(tmp_path: Path) -> None:
     """Keys imported before keys were kept in NFC: a decomposed one is composed on upgrade."""
     store = await Store.open(tmp_path / "smtpgate.db")
     acme = {"rec_id": "CRDCAFE0000000000001", "file_as": "Café Müller", "email1": "x@cafe.example"}

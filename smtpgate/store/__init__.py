@@ -189,6 +189,19 @@ class WriteLock:
         self._locked = False
 
 
+# The due rows of a queue table (inbound, outbox) that fit in a byte budget: in the order they
+# are due (rowid breaks ties), while the running total of their sizes fits, and always the first.
+# Parameters: now, limit, budget, budget (a budget below 0: no budget).
+_DUE_WITHIN_BUDGET = (
+    "SELECT id FROM ("
+    " SELECT id, {size} AS size, sum({size}) OVER"
+    "   (ORDER BY next_attempt_at, rowid ROWS UNBOUNDED PRECEDING) - {size} AS before"
+    " FROM {table} WHERE state = 'queued' AND next_attempt_at <= ?"
+    " ORDER BY next_attempt_at, rowid LIMIT ?)"
+    " WHERE ? < 0 OR before = 0 OR before + size <= ?"
+)
+
+
 class _LeaseLost(Exception):
     """Another worker owns the message now (its lease expired and was taken)."""
 
@@ -424,14 +437,9 @@ class Store:
             rows = db.execute(
                 "UPDATE inbound SET state = 'active', attempts = attempts + 1,"
                 " lease_until = ?, lease_token = ?"
-                " WHERE id IN (SELECT id FROM ("
                 # rowid breaks ties (a whole intake batch shares next_attempt_at) the same way
                 # in the running total and the LIMIT; the index (state, next_attempt_at) has it.
-                "   SELECT id, size, sum(size) OVER"
-                "     (ORDER BY next_attempt_at, rowid ROWS UNBOUNDED PRECEDING) - size AS before"
-                "   FROM inbound WHERE state = 'queued' AND next_attempt_at <= ?"
-                "   ORDER BY next_attempt_at, rowid LIMIT ?)"
-                "  WHERE ? < 0 OR before = 0 OR before + size <= ?)"
+                f" WHERE id IN ({_DUE_WITHIN_BUDGET.format(table='inbound', size='size')})"
                 " RETURNING id, peer, helo, mail_from, rcpt_tos, received_at, attempts,"
                 " message_id",
                 (now + lease_seconds, token, now, limit, budget, budget),
@@ -726,17 +734,23 @@ class Store:
 
     # --- outbox ------------------------------------------------------------------------------
 
-    async def claim_deliveries(self, limit: int, lease_seconds: float) -> list[Delivery]:
+    async def claim_deliveries(
+        self, limit: int, lease_seconds: float, max_bytes: int | None = None
+    ) -> list[Delivery]:
+        """Lease up to `limit` due mails, oldest first; with `max_bytes`, only those that fit in
+        that many bytes of data, in order (always at least the first)."""
         now = time.time()
+        budget = max_bytes if max_bytes is not None else -1
 
         def take(db: sqlite3.Connection) -> list[Delivery]:
+            # length() of a BLOB is read from its header: the data itself is not loaded for it.
+            due = _DUE_WITHIN_BUDGET.format(table="outbox", size="length(data)")
             rows = db.execute(
                 "UPDATE outbox SET state = 'active', attempts = attempts + 1, lease_until = ?"
-                " WHERE id IN (SELECT id FROM outbox WHERE state = 'queued'"
-                "   AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
+                f" WHERE id IN ({due})"
                 " RETURNING id, kind, mail_from, recipients, data, attempts, created_at,"
                 " inbound_id",
-                (now + lease_seconds, now, limit),
+                (now + lease_seconds, now, limit, budget, budget),
             ).fetchall()
             return [
                 Delivery(
