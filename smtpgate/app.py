@@ -410,11 +410,12 @@ class Gateway:
                 pause = min(pause * 2, 10.0)
                 continue
             pause = 0.5
-            # Counted once committed, so the metric never runs ahead of the outbox state.
-            for _, kind, recorded in batch:
-                self.metrics.deliveries.labels(kind).inc()
+            for _, _, recorded in batch:  # first: nothing below may leave a sender waiting
                 if not recorded.done():
                     recorded.set_result(None)
+            # Counted once committed, so the metric never runs ahead of the outbox state.
+            for _, kind, _ in batch:
+                self.metrics.deliveries.labels(kind).inc()
 
     async def _delivery_failed(self, item: Delivery, exc: DeliveryError) -> None:
         assert self.store is not None
