@@ -226,6 +226,15 @@ async def test_an_internationalized_address_needs_smtputf8_at_the_relay(tmp_path
     assert [g.rcpt_tos for g in relay.got] == [["support@msp.example"]]
 
 
+async def test_an_internationalized_domain_is_sent_in_its_ascii_form(tmp_path: Path) -> None:
+    """Only the local part needs SMTPUTF8; a domain has an ASCII (IDNA) form any relay takes."""
+    async with serving(Relay(), smtputf8=False) as relay:
+        c = RelayClient(make_settings(tmp_path, relay.port, relay_timeout=5))
+        await c.send("gw@localhost", ("support@bücher.example",), BODY)
+        await c.close()
+    assert [g.rcpt_tos for g in relay.got] == [["support@xn--bcher-kva.example"]]
+
+
 async def test_plain_envelopes_do_not_go_through_sendmail(
     client: RelayClient, relay: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
