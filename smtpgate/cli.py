@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -521,7 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _start_up_error(exc: Exception, log_format: str | None) -> None:
     """A configuration error before logging is set up: with JSON logs asked for (by valid
     settings, or else by the variable itself), it is a JSON line like every other."""
-    if (log_format or os.environ.get("SMTPGATE_LOG_FORMAT", "").lower()) == "json":
+    from smtpgate.config import requested_log_format
+
+    if (log_format or requested_log_format()) == "json":
         record = logging.LogRecord("smtpgate", logging.ERROR, __file__, 0, "%s", (exc,), None)
         print(JsonFormatter().format(record), file=sys.stderr)
     else:

@@ -227,6 +227,24 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(describe_settings_error(exc)) from None
 
 
+class _LogFormatOnly(BaseSettings):
+    """SMTPGATE_LOG_FORMAT read from the same sources as Settings (environment, .env), alone:
+    the other settings may be what is invalid."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+    log_format: str = "text"
+
+
+def requested_log_format() -> str:
+    """The log format asked for, even when the settings as a whole do not validate."""
+    try:
+        return _LogFormatOnly().log_format.strip().lower()
+    except Exception:  # an unreadable .env: the error that follows says so in plain text
+        return "text"
+
+
 def describe_settings_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():

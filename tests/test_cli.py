@@ -496,6 +496,16 @@ def test_with_json_logs_a_start_up_error_is_reported_as_one_json_line(
     assert entry["ts"].endswith("Z")
 
 
+def test_json_logs_asked_for_in_a_dot_env_file_apply_to_a_start_up_error(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    data.mkdir()
+    (data / ".env").write_text("smtpgate_log_format=json\n")  # run() works in the data dir
+    result = run(data, "queue", "list", env={"SMTPGATE_WORKERS": "0"})
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert "SMTPGATE_WORKERS" in json.loads(line)["message"]
+
+
 def test_an_invalid_log_format_itself_is_reported_as_plain_text(tmp_path: Path) -> None:
     result = run(tmp_path / "var", "queue", "list", env={"SMTPGATE_LOG_FORMAT": "xml"})
     assert result.returncode == 2
