@@ -53,17 +53,16 @@ CsvTuple = Annotated[tuple[str, ...], NoDecode]
 CsvInts = Annotated[tuple[int, ...], NoDecode]
 
 
+# Where settings come from; also what requested_log_format reads, so the two cannot differ.
+_SOURCES = SettingsConfigDict(
+    env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
+)
+
+
 class Settings(BaseSettings):
     """Every SMTPGATE_* variable; the README's settings table is generated from the same names."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        frozen=True,
-        validate_default=True,
-    )
+    model_config = SettingsConfigDict(**_SOURCES, frozen=True, validate_default=True)
 
     data_dir: Path = Field(Path("./var"), description="holds smtpgate.db")
     smtp_host: str = Field("127.0.0.1", description="SMTP listener address")
@@ -231,9 +230,7 @@ class _LogFormatOnly(BaseSettings):
     """SMTPGATE_LOG_FORMAT read from the same sources as Settings (environment, .env), alone:
     the other settings may be what is invalid."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
-    )
+    model_config = _SOURCES
     log_format: str = "text"
 
 

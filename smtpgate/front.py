@@ -31,7 +31,7 @@ from aiosmtpd.smtp import (
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from smtpgate.config import Settings
-from smtpgate.model import Envelope
+from smtpgate.model import Envelope, has_bare_line_end
 from smtpgate.store import StoreError, new_queue_id
 
 log = logging.getLogger(__name__)
@@ -47,17 +47,6 @@ TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
 
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]{1,500}>)", re.IGNORECASE | re.MULTILINE)
-
-
-# RFC 5321 2.3.8: lines end in CRLF only. A bare CR or LF is how SMTP smuggling hides a second
-# end-of-data (`<LF>.<CR><LF>` and friends), so — like Postfix's smtpd_forbid_bare_newline —
-# any message holding one is refused. aiosmtpd already ends DATA on <CR><LF>.<CR><LF> only, and
-# its dot-unstuffing can hide a smuggled dot, which is why the whole message is checked.
-def smuggling_attempt(data: bytes) -> bool:
-    # Every CR and every LF must belong to a CRLF. Three bytes.count calls run in C: ~15x faster
-    # than the regex rb"\r(?!\n)|(?<!\r)\n" (3 ms → 0.2 ms for 100 KB), with the same answer.
-    crlf = data.count(b"\r\n")
-    return data.count(b"\r") != crlf or data.count(b"\n") != crlf
 
 
 def header_message_id(data: bytes) -> str | None:
@@ -118,7 +107,12 @@ class Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         data: bytes = envelope.original_content or b""
-        if smuggling_attempt(data):
+        # RFC 5321 2.3.8: lines end in CRLF only. A bare CR or LF is how SMTP smuggling hides a
+        # second end-of-data (`<LF>.<CR><LF>` and friends), so, like Postfix's
+        # smtpd_forbid_bare_newline, any message holding one is refused. aiosmtpd ends DATA on
+        # <CR><LF>.<CR><LF> only, but its dot-unstuffing can hide a smuggled dot: hence the
+        # whole message is checked.
+        if has_bare_line_end(data):
             log.warning("refused a smuggling attempt from %s", session.peer)
             return SMUGGLING
         queue_id = new_queue_id()

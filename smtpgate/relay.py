@@ -22,6 +22,7 @@ import aiosmtplib
 from aiosmtplib import SMTPResponse
 
 from smtpgate.config import Settings
+from smtpgate.model import has_bare_line_end
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +152,8 @@ async def _send_plain(
     smtp: aiosmtplib.SMTP, mail_from: str, recipients: tuple[str, ...], data: bytes
 ) -> tuple[dict[str, SMTPResponse], str]:
     """What `SMTP.sendmail` does, for plain ASCII addresses, without its per-mail re-parsing."""
-    crlf = data.count(b"\r\n")
-    if crlf != data.count(b"\r") or crlf != data.count(b"\n"):
-        # A bare CR or LF (never in our outbox rows): aiosmtplib's own normalisation.
+    if has_bare_line_end(data):
+        # Never in our outbox rows (the front refuses such mail): aiosmtplib's normalisation.
         data = aiosmtplib.protocol.normalize_message_line_endings(data)
     elif not data.endswith(b"\r\n"):
         data += b"\r\n"
