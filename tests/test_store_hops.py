@@ -162,11 +162,10 @@ async def test_in_thread_runs_in_order_in_the_connections_thread(tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    ("site", "action", "lookups"),
+    ("site", "action"),
     [
-        ("Acme Corp", Action.AUTOMATED_TICKET, 1),  # the site rule finds it
-        # site, then the sender's address and domain: all looked up in the same hop
-        ("Nowhere Ltd", Action.AUTOMATED_NO_ACCOUNT, 1),
+        ("Acme Corp", Action.AUTOMATED_TICKET),  # the site rule finds it
+        ("Nowhere Ltd", Action.AUTOMATED_NO_ACCOUNT),  # site, then sender address and domain
     ],
 )
 async def test_a_processed_alert_costs_one_hop_per_transaction(
@@ -175,7 +174,6 @@ async def test_a_processed_alert_costs_one_hop_per_transaction(
     tmp_path: Path,
     site: str,
     action: Action,
-    lookups: int,
 ) -> None:
     hops = Hops(store, monkeypatch)
     settings = load_settings(
@@ -203,7 +201,7 @@ async def test_a_processed_alert_costs_one_hop_per_transaction(
     assert outcome is not None
     assert outcome.action == action
     assert (intake["total"], claim["total"]) == (1, 1)  # the group commit; the claim
-    assert (decided["writer"], decided["reader"]) == (0, lookups)  # one per lookup
+    assert decided["total"] == 0  # lookups run in the loop's thread (were one hop each)
     assert completed["total"] == 1  # was ~6: BEGIN, seen_messages, ticket, note, …, COMMIT
     if action == Action.AUTOMATED_TICKET:
         assert outcome.ticket is not None
@@ -230,12 +228,6 @@ async def test_every_bookkeeping_transaction_is_one_hop(
         lambda: store.fail(second, "boom", max_attempts=5, backoff=0),
         lambda: store.delivery_failed(delivery.id, "451 later", 0.0),
         lambda: store.release_expired(),
-        lambda: store.find_accounts(  # 3 chunks, and a second lookup: still one hop
-            [("file_as", [f"v{i}" for i in range(450)]), ("domain", ["example.org"])]
-        ),
-        lambda: store.ticket_by_message_ids(["<x@y>", "<a1@x>", "<f@x>"]),
-        lambda: store.ticket_by_number(1),
-        lambda: store.employee_is_active("nobody@example.org"),
         lambda: store.simulate(ticket_decision(), "<a1@x>"),
         lambda: store.can_write(),
     ]
@@ -243,6 +235,62 @@ async def test_every_bookkeeping_transaction_is_one_hop(
         with hops.measure() as seen:
             await call()
         assert seen["total"] == 1, call
+
+
+async def test_decision_lookups_run_in_the_loops_thread_and_see_the_latest_commit(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    job = await one_job(store)
+    hops = Hops(store, monkeypatch)
+    with hops.measure() as seen:
+        assert await store.ticket_by_message_ids(["<a1@x>"]) is None
+        assert await store.complete(
+            job, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
+        )
+        # The ticket committed a moment ago on the writer is visible to every lookup.
+        ticket = await store.ticket_by_message_ids(["<x@y>", "<a1@x>", "<f@x>"])
+        assert ticket == await store.ticket_by_number(1)
+        assert ticket is not None
+        assert ticket[1:] == (1, ACME)
+        found = await store.find_accounts(  # 3 chunks of values, and a second lookup
+            [("file_as", [f"v{i}" for i in range(450)]), ("domain", ["acme.example"])]
+        )
+        assert found[0] == {}
+        assert {a for matches in found[1].values() for a, _ in matches} == {ACME}
+        assert not await store.employee_is_active("nobody@example.org")
+    assert (seen["writer"], seen["reader"]) == (1, 0)  # the completion only
+
+
+async def test_a_busy_lookup_waits_on_the_readers_thread(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lookup connection never waits for a lock in the loop: busy, the read is handed off."""
+
+    class Busy:
+        def __init__(self, name: str) -> None:
+            self.calls = 0
+            self.name = name
+
+        def execute(self, *_: Any) -> Any:
+            self.calls += 1
+            exc = sqlite3.OperationalError("database is locked")
+            exc.sqlite_errorname = self.name
+            raise exc
+
+    hops = Hops(store, monkeypatch)
+    busy = Busy("SQLITE_BUSY")
+    monkeypatch.setattr(store, "_lookups", busy)
+    with hops.measure() as seen:
+        found = await store.find_accounts([("domain", ["acme.example"])])
+    assert {a for matches in found[0].values() for a, _ in matches} == {ACME}
+    assert (busy.calls, seen["reader"]) == (1, 1)
+
+    broken = Busy("SQLITE_CORRUPT")  # anything but busy is the store's error, raised as it is
+    monkeypatch.setattr(store, "_lookups", broken)
+    with hops.measure() as seen, pytest.raises(sqlite3.OperationalError):
+        await store.ticket_by_number(1)
+    assert (broken.calls, seen["total"]) == (1, 0)
 
 
 # --- all or nothing ------------------------------------------------------------------------------
