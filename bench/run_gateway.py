@@ -26,10 +26,8 @@ def main() -> int:
 
         write = Store._write
 
-        def always_durable(
-            self: Store, fn: Any, *, durable: bool = True, urgent: bool = False
-        ) -> Any:
-            return write(self, fn, durable=True, urgent=urgent)
+        def always_durable(self: Store, fn: Any, **options: Any) -> Any:
+            return write(self, fn, **{**options, "durable": True})
 
         Store._write = always_durable  # type: ignore[method-assign]
     if args.switch_interval:

@@ -1,9 +1,11 @@
-"""The store's transactions cost one hand-off to aiosqlite's thread each, and stay atomic.
+"""The store's transactions cost at most one hand-off to aiosqlite's thread each, and stay atomic.
 
 Every store operation that is one transaction runs as one plain function over the sqlite3
-connection in aiosqlite's worker thread (`store._in_thread`, on aiosqlite's private API). These
-tests count the hand-offs on the processing path, check that private API, and check that a
-transaction interrupted anywhere (lost lease, exception, cancellation) leaves all or nothing.
+connection: in aiosqlite's worker thread (`store._in_thread`, on aiosqlite's private API), or,
+for a decision's lookups and small bookkeeping without fsync, in the loop's own thread. These
+tests count the hand-offs on the processing path, check that private API, check that a lock
+held by another process never makes the loop wait, and check that a transaction interrupted
+anywhere (lost lease, exception, cancellation) leaves all or nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import csv
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -46,12 +49,22 @@ RECORD_TABLES = ("tickets", "history", "message_links", "seen_messages", "outbox
 
 
 class Hops:
-    """Counts hand-offs to the store's threads (aiosqlite's `_execute`), per connection."""
+    """Counts hand-offs to the store's threads (aiosqlite's `_execute`), per connection, and
+    the write transactions run in the loop's thread ("inline", no hand-off)."""
 
     def __init__(self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
         self.counts: Counter[str] = Counter()
         for name, conn in (("writer", store._db), ("reader", store._reader)):
             monkeypatch.setattr(conn, "_execute", self._spy(name, conn._execute))
+        write_here = store._write_here
+
+        def inline(fn: Callable[..., Any]) -> Any:
+            self.counts["inline"] += 1
+            return write_here(fn)
+
+        monkeypatch.setattr(store, "_write_here", inline)
+        # No WAL checkpoint (a hop to the writer's thread) in the middle of a count.
+        monkeypatch.setattr(store, "CHECKPOINT_SECONDS", float("inf"))
 
     def _spy(self, name: str, execute: Callable[..., Any]) -> Callable[..., Any]:
         async def spy(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -86,6 +99,11 @@ def alert(site: str, n: int) -> bytes:
         f"From: {SENDER}\r\nTo: connector@localhost\r\nMessage-ID: <a{n}@externalsystem.com>\r\n"
         f"Subject: Alert for Site {site}, Disk C: low on free space\r\n\r\nDisk C: 2 %\r\n"
     ).encode()
+
+
+def big_alert(site: str, n: int) -> bytes:
+    """Too big for its decision to be written in the loop's thread."""
+    return alert(site, n) + b"x" * store_module.INLINE_MAX_BYTES + b"\r\n"
 
 
 async def enqueue(store: Store, raw: bytes, message_id: str | None = None) -> None:
@@ -202,15 +220,31 @@ async def test_a_processed_alert_costs_one_hop_per_transaction(
     assert outcome.action == action
     assert (intake["total"], claim["total"]) == (1, 1)  # the group commit; the claim
     assert decided["total"] == 0  # lookups run in the loop's thread (were one hop each)
-    assert completed["total"] == 1  # was ~6: BEGIN, seen_messages, ticket, note, …, COMMIT
+    # One transaction, in the loop's thread. Was one hop, and ~6 before that (one per statement).
+    assert (completed["total"], completed["inline"]) == (0, 1)
     if action == Action.AUTOMATED_TICKET:
         assert outcome.ticket is not None
         assert deliveries == []
-        assert outbox["total"] == 1
+        assert (outbox["total"], outbox["inline"]) == (1, 0)
     else:
         assert [d.kind for d in deliveries] == ["forward"]
         assert outcome.sent == [{"kind": "forward", "to": ["support@msp.example"]}]
-        assert outbox["total"] == 2  # claim_deliveries and delivery_done: was ~3 + ~3
+        # claim_deliveries reads the mails in the thread; delivery_done is inline
+        assert (outbox["total"], outbox["inline"]) == (1, 1)
+
+
+async def test_a_big_messages_decision_is_written_in_the_thread(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its rows (a forward of the whole message) take time to write: not in the loop."""
+    await enqueue(store, big_alert("Acme Corp", 1), "<a1@x>")
+    job = await one_job(store)
+    hops = Hops(store, monkeypatch)
+    with hops.measure() as seen:
+        assert await store.complete(
+            job, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
+        )
+    assert (seen["writer"], seen["inline"]) == (1, 0)
 
 
 async def test_every_bookkeeping_transaction_is_one_hop(
@@ -224,17 +258,18 @@ async def test_every_bookkeeping_transaction_is_one_hop(
         first, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
     )
     (delivery,) = await store.claim_deliveries(4, 300)
-    calls: list[Callable[[], Any]] = [
-        lambda: store.fail(second, "boom", max_attempts=5, backoff=0),
-        lambda: store.delivery_failed(delivery.id, "451 later", 0.0),
-        lambda: store.release_expired(),
-        lambda: store.simulate(ticket_decision(), "<a1@x>"),
-        lambda: store.can_write(),
+    calls: list[tuple[Callable[[], Any], str]] = [
+        (lambda: store.fail(second, "boom", max_attempts=5, backoff=0), "inline"),
+        (lambda: store.delivery_failed(delivery.id, "451 later", 0.0), "inline"),
+        (lambda: store.release_expired(), "writer"),
+        (lambda: store.simulate(ticket_decision(), "<a1@x>"), "writer"),
+        (lambda: store.can_write(), "writer"),
     ]
-    for call in calls:
+    for call, where in calls:
         with hops.measure() as seen:
             await call()
-        assert seen["total"] == 1, call
+        assert seen[where] == 1, call
+        assert seen["total"] + seen["inline"] == 1, call
 
 
 async def test_decision_lookups_run_in_the_loops_thread_and_see_the_latest_commit(
@@ -259,7 +294,7 @@ async def test_decision_lookups_run_in_the_loops_thread_and_see_the_latest_commi
         assert found[0] == {}
         assert {a for matches in found[1].values() for a, _ in matches} == {ACME}
         assert not await store.employee_is_active("nobody@example.org")
-    assert (seen["writer"], seen["reader"]) == (1, 0)  # the completion only
+    assert (seen["total"], seen["inline"]) == (0, 1)  # the completion only, in the loop
 
 
 async def test_a_busy_lookup_waits_on_the_readers_thread(
@@ -291,6 +326,94 @@ async def test_a_busy_lookup_waits_on_the_readers_thread(
     with hops.measure() as seen, pytest.raises(sqlite3.OperationalError):
         await store.ticket_by_number(1)
     assert (broken.calls, seen["total"]) == (1, 0)
+
+
+def writer_pragma(store: Store, name: str) -> int:
+    return int(store._db._conn.execute(f"PRAGMA {name}").fetchone()[0])
+
+
+async def test_a_lock_held_by_another_process_never_stops_the_loop(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inline, SQLite does not wait for a lock: the transaction waits in the thread instead."""
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    job = await one_job(store)
+    hops = Hops(store, monkeypatch)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # e.g. a CLI command writing right now
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        with hops.measure() as seen:
+            task = asyncio.create_task(
+                store.complete(
+                    job, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
+                )
+            )
+            await asyncio.sleep(0.3)
+            assert not task.done()  # waiting for the lock, in the thread
+            assert ticks >= 10  # while the loop runs on
+            other.execute("COMMIT")
+            outcome = await task
+    finally:
+        ticking.cancel()
+        other.close()
+    assert outcome is not None
+    assert outcome.ticket == 1
+    assert (seen["inline"], seen["writer"]) == (1, 1)  # tried inline: busy; then the thread
+    assert writer_pragma(store, "busy_timeout") == 5000  # the thread waits, as before
+    await store.delivery_done([])
+    assert writer_pragma(store, "busy_timeout") == 0  # inline again: never waits
+
+
+async def test_an_intake_commit_is_durable_after_an_inline_attempt_failed(
+    tmp_path: Path,
+) -> None:
+    """An inline transaction that fails part-way leaves the writer's settings unknown: the
+    next durable commit sets synchronous=FULL again rather than trusting what it last set."""
+    store = await Store.open(tmp_path / "smtpgate.db", busy_timeout=0.05)
+    try:
+        await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+        (job,) = await store.claim(1, 300)  # synchronous=NORMAL from here
+        await enqueue(store, alert("Acme Corp", 2), "<a2@x>")
+        assert writer_pragma(store, "synchronous") == 2  # FULL
+        other = sqlite3.connect(store.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await store.fail(job, "boom", max_attempts=5, backoff=0)  # inline, then the thread
+        other.execute("COMMIT")
+        other.close()
+        await enqueue(store, alert("Acme Corp", 3), "<a3@x>")
+        assert writer_pragma(store, "synchronous") == 2  # FULL: the intake was fsynced
+    finally:
+        await store.close()
+
+
+async def test_the_wal_is_checkpointed_off_the_loop_and_stays_small(store: Store) -> None:
+    """No commit checkpoints (it may run in the loop's thread); a checkpoint in the writer's
+    thread does, so the WAL is reset and reused instead of growing with every commit."""
+    assert writer_pragma(store, "wal_autocheckpoint") == 0
+    wal = store.path.with_name(store.path.name + "-wal")
+    row = "x" * 3000
+
+    def insert(db: sqlite3.Connection) -> None:
+        db.execute(
+            "INSERT INTO auto_mail_log (recipient, sent_at) VALUES (?, ?)", (row, time.time())
+        )
+
+    for _ in range(1500):  # ~2 pages each: ~12 MB of WAL if nothing checkpointed it
+        await store._write(insert, durable=False, inline=True)
+        await asyncio.sleep(0)  # workers always await something between transactions
+    assert store._checkpointer is not None
+    await store._checkpointer
+    assert wal.stat().st_size < 4_000_000
 
 
 # --- all or nothing ------------------------------------------------------------------------------
@@ -359,7 +482,7 @@ async def test_an_exception_mid_transaction_leaves_no_partial_rows(store: Store)
 async def test_a_decision_cancelled_mid_transaction_commits_whole_and_holds_the_lock(
     store: Store,
 ) -> None:
-    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    await enqueue(store, big_alert("Acme Corp", 1), "<a1@x>")  # a decision written in the thread
     job = await one_job(store)
     entered, release = threading.Event(), threading.Event()
 
