@@ -148,6 +148,11 @@ def _ascii_domain(address: str) -> str:
         return address  # not a valid IDN: sent as it is (SMTPUTF8), or dead
 
 
+# A mail up to this size is sent with its end-of-data dot in one write (a copy is cheaper than
+# a second send() system call).
+_ONE_WRITE_BYTES = 64 * 1024
+
+
 async def _send_plain(
     smtp: aiosmtplib.SMTP, mail_from: str, recipients: tuple[str, ...], data: bytes
 ) -> tuple[dict[str, SMTPResponse], str]:
@@ -181,8 +186,11 @@ async def _send_plain(
     protocol = smtp.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("connection lost")
-    protocol.write(stuffed)  # two writes: no copy of a large message just to append the dot
-    protocol.write(b".\r\n")
+    if len(stuffed) <= _ONE_WRITE_BYTES:
+        protocol.write(stuffed + b".\r\n")  # one send() instead of two
+    else:
+        protocol.write(stuffed)  # no copy of a large message just to append the dot
+        protocol.write(b".\r\n")
     response = await protocol.read_response(timeout=smtp.timeout)
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)

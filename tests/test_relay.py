@@ -109,6 +109,18 @@ async def test_the_bytes_arrive_exactly_dot_stuffing_undone_by_the_relay(
     assert (got.mail_from, got.rcpt_tos) == ("gw@localhost", ["support@msp.example"])
 
 
+@pytest.mark.parametrize("size", [10, 64 * 1024 - 3, 64 * 1024, 64 * 1024 + 1, 300_000])
+async def test_a_mail_of_any_size_arrives_whole_with_one_or_two_writes(
+    client: RelayClient, relay: Relay, size: int
+) -> None:
+    """Up to 64 KiB the data and its end dot go in one write, above in two: same bytes."""
+    line = b".dot-stuffed line of 40 bytes, or so...\r\n"
+    data = (line * (size // len(line) + 1))[:size]
+    data = data[: data.rfind(b"\r\n") + 2] if b"\r\n" in data else b"x\r\n"
+    await client.send("gw@localhost", ("support@msp.example",), data)
+    assert relay.got[-1].data == data
+
+
 @pytest.mark.parametrize(
     ("data", "arrives"),
     [
