@@ -109,16 +109,43 @@ async def test_the_bytes_arrive_exactly_dot_stuffing_undone_by_the_relay(
     assert (got.mail_from, got.rcpt_tos) == ("gw@localhost", ["support@msp.example"])
 
 
-@pytest.mark.parametrize("size", [10, 64 * 1024 - 3, 64 * 1024, 64 * 1024 + 1, 300_000])
-async def test_a_mail_of_any_size_arrives_whole_with_one_or_two_writes(
-    client: RelayClient, relay: Relay, size: int
+def data_of(size: int) -> bytes:
+    """Exactly `size` bytes in lines of at most 80, none starting with a dot (nothing stuffed)."""
+    n, r = divmod(size, 40)
+    head = b"y" * (r + 38) + b"\r\n" if r else b""
+    return head + (b"z" * 38 + b"\r\n") * (n - (1 if r else 0))
+
+
+@pytest.mark.parametrize(
+    ("size", "writes"),
+    [(100, 1), (64 * 1024 - 1, 1), (64 * 1024, 1), (64 * 1024 + 1, 2), (300_000, 2)],
+)
+async def test_the_data_and_its_end_dot_go_in_one_write_up_to_64_kib(
+    client: RelayClient,
+    relay: Relay,
+    monkeypatch: pytest.MonkeyPatch,
+    size: int,
+    writes: int,
 ) -> None:
-    """Up to 64 KiB the data and its end dot go in one write, above in two: same bytes."""
-    line = b".dot-stuffed line of 40 bytes, or so...\r\n"
-    data = (line * (size // len(line) + 1))[:size]
-    data = data[: data.rfind(b"\r\n") + 2] if b"\r\n" in data else b"x\r\n"
+    """One send() less per mail; a big one is not copied just to append the dot."""
+    await client.send("gw@localhost", ("support@msp.example",), b"Subject: first\r\n\r\nx\r\n")
+    assert client._smtp is not None
+    assert client._smtp.protocol is not None
+    protocol = client._smtp.protocol
+    written: list[bytes] = []
+    write = protocol.write
+
+    def spy(data: bytes) -> None:
+        written.append(data)
+        write(data)
+
+    monkeypatch.setattr(protocol, "write", spy)
+    data = data_of(size)
+    assert len(data) == size
     await client.send("gw@localhost", ("support@msp.example",), data)
     assert relay.got[-1].data == data
+    assert b"".join(written[3:]) == data + b".\r\n"
+    assert len(written) == 3 + writes  # MAIL, RCPT, DATA, then the data
 
 
 @pytest.mark.parametrize(

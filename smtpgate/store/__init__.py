@@ -81,7 +81,8 @@ def is_transient_error(exc: BaseException) -> bool:
 # thread, so a whole transaction costs one hand-off. It uses aiosqlite's private API on purpose
 # (aiosqlite 0.22; pinned in pyproject.toml): `Connection._execute(fn, *args)` queues fn on the
 # connection's one worker thread, which runs queued calls in order, one at a time, and awaits its
-# result; `Connection._conn` is the sqlite3 connection, usable only in that thread.
+# result; `Connection._conn` is the sqlite3 connection, used in that thread (the writer's also in
+# the loop's thread, under the write lock: `Store._write(inline=True)`).
 # `_check_aiosqlite` fails the import loudly if a new aiosqlite changed either;
 # tests/test_store_hops.py checks the behaviour (one thread, in order, errors, cancellation).
 
@@ -306,6 +307,10 @@ class Store:
         self._commits = 0  # since the last checkpoint
         self._checkpointed_at = time.monotonic()
         self._checkpointer: asyncio.Task[None] | None = None
+        # After a complete checkpoint the next write restarts the WAL and fsyncs its header:
+        # that write goes to the thread.
+        self._restart_due = False
+        self._closed = False
         self._write_lock = WriteLock()
         self._pending: list[_Intake] = []
         self._pending_event = asyncio.Event()
@@ -331,22 +336,22 @@ class Store:
             raise
 
     async def close(self) -> None:
-        if self._committer is not None:
-            self._committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._committer
-            self._committer = None
+        self._closed = True  # no new checkpoint from here
+        tasks = [t for t in (self._committer, self._checkpointer) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._committer = self._checkpointer = None
         for item in self._pending:
             if not item.future.done():
                 item.future.set_exception(StoreError("store closed"))
         self._pending.clear()
-        if self._checkpointer is not None:
-            self._checkpointer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpointer
         self._lookups.close()
         await self._reader.close()
-        await self._db.close()
+        # Under the write lock: a transaction still running (in the thread or waiting for the
+        # lock) ends before the connection closes.
+        async with self._write_lock.hold(urgent=True):
+            await self._db.close()
 
     async def _write(
         self,
@@ -370,7 +375,7 @@ class Store:
         """
         want = "FULL" if durable else "NORMAL"
         async with self._write_lock.hold(urgent=urgent):
-            if inline and not durable:
+            if inline and not durable and not self._restart_due:
                 try:
                     result = self._write_here(fn)
                 except sqlite3.OperationalError as exc:
@@ -382,7 +387,7 @@ class Store:
             # The PRAGMAs run in the same hand-off, only when the kind of transaction changes.
             pragmas = self._pragmas(want, waits=True)
             result = await self._on_writer(lambda db: _transaction(db, fn, pragmas=pragmas))
-            self._sync, self._waits = want, True
+            self._sync, self._waits, self._restart_due = want, True, False
             self._committed()
             return result
 
@@ -393,14 +398,15 @@ class Store:
         self._sync, self._waits = "NORMAL", False
         return result
 
-    def _pragmas(self, synchronous: str, *, waits: bool) -> list[str]:
-        """The PRAGMAs that set the writer up for the next transaction; its state is unknown
-        until that transaction succeeds (a failure part-way leaves it unknown: set again)."""
+    def _pragmas(self, synchronous: str | None, *, waits: bool) -> list[str]:
+        """The PRAGMAs that set the writer up for the next transaction (synchronous None: as it
+        is); its state is unknown until that transaction succeeds (a failure part-way leaves it
+        unknown: set again)."""
         pragmas = []
         if self._waits is not waits:
             pragmas.append(f"PRAGMA busy_timeout = {self._busy_ms if waits else 0}")
             self._waits = None
-        if self._sync != synchronous:
+        if synchronous is not None and self._sync != synchronous:
             pragmas.append(f"PRAGMA synchronous = {synchronous}")
             self._sync = ""
         return pragmas
@@ -408,7 +414,7 @@ class Store:
     def _committed(self) -> None:
         """Count a commit; start a WAL checkpoint in the writer's thread when one is due."""
         self._commits += 1
-        if self._checkpointer is not None and not self._checkpointer.done():
+        if self._closed or (self._checkpointer is not None and not self._checkpointer.done()):
             return
         now = time.monotonic()
         if (
@@ -424,7 +430,11 @@ class Store:
         and SQLite restarts the WAL from its beginning only after a complete checkpoint."""
         try:
             async with self._write_lock.hold():
-                await self._on_writer(_passive_checkpoint)
+                if self._closed:
+                    return
+                busy, frames, copied = await self._on_writer(_passive_checkpoint)
+                if not busy and frames > 0 and frames == copied:
+                    self._restart_due = True
         except (sqlite3.Error, ValueError) as exc:  # ValueError: closed meanwhile
             log.warning("WAL checkpoint failed (tried again later): %s", exc)
 
@@ -682,7 +692,7 @@ class Store:
                 applied = self._apply(db, job, decision)
                 return applied, list(decision.mails(applied))
 
-            applied, mails = _transaction(db, rehearse, commit=False)
+            applied, mails = _transaction(db, rehearse, pragmas=pragmas, commit=False)
             notes = list(decision.notes)
             if message_id:  # spec 2.4: say so when this message would now be a duplicate
                 seen = db.execute(
@@ -693,7 +703,9 @@ class Store:
             return applied, mails, notes
 
         async with self._write_lock.hold():
+            pragmas = self._pragmas(None, waits=True)  # waits for another process's lock
             applied, mails, notes = await self._on_writer(explain)
+            self._waits = True
         return self._outcome(decision, applied, mails_sent(mails), notes)
 
     def _outcome(
@@ -1278,8 +1290,10 @@ def _connect_lookups(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _passive_checkpoint(db: sqlite3.Connection) -> None:
-    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+def _passive_checkpoint(db: sqlite3.Connection) -> tuple[int, int, int]:
+    """(busy, frames in the WAL, frames copied to the database)."""
+    busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(busy), int(frames), int(copied)
 
 
 async def _connect(
