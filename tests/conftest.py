@@ -4,6 +4,7 @@ relay (aiosmtpd) that can be told to fail, and a real SQLite file in a temporary
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
 import time
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
+from ssl import SSLContext
 from typing import Any
 
 import aiosmtplib
@@ -77,19 +79,29 @@ class RecordingRelay:
         return self.messages
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Any, *, port: int = 0, implicit_tls: SSLContext | None = None, **smtp_options: Any
+) -> AsyncIterator[int]:
+    """An upstream relay: aiosmtpd's `SMTP(handler, **smtp_options)` on 127.0.0.1 (`port` 0: a
+    free one), TLS from the first byte with `implicit_tls`. Yields the port; closed on the way out.
+    """
+    server = await asyncio.get_running_loop().create_server(
+        lambda: SMTP(handler, **smtp_options), host="127.0.0.1", port=port, ssl=implicit_tls
+    )
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.fixture
 async def relay() -> AsyncIterator[RecordingRelay]:
     recorder = RecordingRelay()
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: SMTP(recorder, hostname="relay.test", enable_SMTPUTF8=True),
-        host="127.0.0.1",
-        port=0,
-    )
-    recorder.port = server.sockets[0].getsockname()[1]
-    yield recorder
-    server.close()
-    await server.wait_closed()
+    async with serving(recorder, hostname="relay.test", enable_SMTPUTF8=True) as port:
+        recorder.port = port
+        yield recorder
 
 
 def make_settings(tmp_path: Path, relay_port: int, **overrides: Any) -> Settings:

@@ -32,7 +32,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from smtpgate.app import RELAYED_UNRECORDED, Gateway
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, serving
 from tests.hostile import RawSession, SessionClosed, dot_stuff
 
 pytestmark = pytest.mark.slow
@@ -258,14 +258,9 @@ async def wait_for(predicate_sql: str, server: Server, what: str, timeout: float
 @pytest.fixture
 async def holding_relay() -> AsyncIterator[tuple[HoldingRelay, int]]:
     relay = HoldingRelay()
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: SMTP(relay, hostname="relay.test"), host="127.0.0.1", port=0
-    )
-    yield relay, server.sockets[0].getsockname()[1]
-    relay.unhold()
-    server.close()
-    await server.wait_closed()
+    async with serving(relay, hostname="relay.test") as port:
+        yield relay, port
+        relay.unhold()
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from aiosmtpd.smtp import SMTP
 
 from smtpgate.app import Gateway
 from smtpgate.config import Rules
@@ -27,6 +26,7 @@ from tests.conftest import (
     RecordingRelay,
     make_settings,
     send,
+    serving,
     simple_message,
     wait_outbox,
     wait_processed,
@@ -345,14 +345,8 @@ async def _relay_down_then_up(gw: Gateway, port: int) -> None:
     await wait_until(refused, what="failed connection attempts")
     assert all(r["state"] == "queued" for r in await store.list_outbox())
     late = RecordingRelay()
-    server = await asyncio.get_running_loop().create_server(
-        lambda: SMTP(late, hostname="late.test"), host="127.0.0.1", port=port
-    )
-    try:
+    async with serving(late, port=port, hostname="late.test"):
         await late.wait_for(3, timeout=20)
-    finally:
-        server.close()
-        await server.wait_closed()
     assert sorted(m.message["Subject"] for m in late.messages) == ["d0", "d1", "d2"]
 
 

@@ -34,6 +34,7 @@ from tests.conftest import (
     GatewayFactory,
     RecordingRelay,
     send,
+    serving,
     simple_message,
     wait_outbox,
     wait_processed,
@@ -143,23 +144,17 @@ class SecureRelay:
 @pytest.fixture
 async def secure_relay(cert: Cert) -> AsyncIterator[SecureRelay]:
     relay = SecureRelay(RecordingRelay())
-    server = await asyncio.get_running_loop().create_server(
-        lambda: SMTP(
-            relay.recorder,
-            hostname="relay.test",
-            tls_context=cert.server_context(),
-            require_starttls=True,
-            authenticator=relay.authenticate,
-            auth_required=True,
-            auth_require_tls=True,
-        ),
-        host="127.0.0.1",
-        port=0,
-    )
-    relay.recorder.port = server.sockets[0].getsockname()[1]
-    yield relay
-    server.close()
-    await server.wait_closed()
+    async with serving(
+        relay.recorder,
+        hostname="relay.test",
+        tls_context=cert.server_context(),
+        require_starttls=True,
+        authenticator=relay.authenticate,
+        auth_required=True,
+        auth_require_tls=True,
+    ) as port:
+        relay.recorder.port = port
+        yield relay
 
 
 async def send_until_relay_fails(gw: Gateway, message_id: str, what: str) -> None:
@@ -436,25 +431,12 @@ async def test_relay_wrong_password_is_not_delivered(
 
 async def test_relay_with_implicit_tls(gateway_to: GatewayFactory, cert: Cert) -> None:
     recorder = RecordingRelay()
-    server = await asyncio.get_running_loop().create_server(
-        lambda: SMTP(recorder, hostname="relay.test"),
-        host="127.0.0.1",
-        port=0,
-        ssl=cert.server_context(),
-    )
-    try:
-        gw = await gateway_to(
-            server.sockets[0].getsockname()[1],
-            relay_tls="tls",
-            relay_tls_verify=False,
-        )
+    async with serving(recorder, hostname="relay.test", implicit_tls=cert.server_context()) as port:
+        gw = await gateway_to(port, relay_tls="tls", relay_tls_verify=False)
         code, _ = await send(gw.smtp_port, simple_message("tls", message_id="<itls@example.org>"))
         assert code == 250
         (forwarded,) = await recorder.wait_for(1)
         assert forwarded.message["Subject"] == "tls"
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 # --- retention and backup ------------------------------------------------------------------------

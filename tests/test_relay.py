@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from smtpgate.relay import DeliveryError, RelayClient
-from tests.conftest import make_settings
+from tests.conftest import make_settings, serving
 
 
 @dataclass
@@ -68,24 +67,11 @@ class Relay:
         return "250 2.0.0 queued as R1"
 
 
-@contextlib.asynccontextmanager
-async def serving(recorder: Relay, *, smtputf8: bool = True) -> AsyncIterator[Relay]:
-    server = await asyncio.get_running_loop().create_server(
-        lambda: SMTP(recorder, hostname="relay.test", enable_SMTPUTF8=smtputf8),
-        host="127.0.0.1",
-        port=0,
-    )
-    recorder.port = server.sockets[0].getsockname()[1]
-    try:
-        yield recorder
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
 @pytest.fixture
 async def relay() -> AsyncIterator[Relay]:
-    async with serving(Relay()) as recorder:
+    recorder = Relay()
+    async with serving(recorder, hostname="relay.test", enable_SMTPUTF8=True) as port:
+        recorder.port = port
         yield recorder
 
 
@@ -254,8 +240,9 @@ async def test_an_address_with_a_line_break_is_refused_before_anything_is_sent(
 
 
 async def test_an_internationalized_address_needs_smtputf8_at_the_relay(tmp_path: Path) -> None:
-    async with serving(Relay(), smtputf8=False) as relay:
-        c = RelayClient(make_settings(tmp_path, relay.port, relay_timeout=5))
+    relay = Relay()
+    async with serving(relay, hostname="relay.test", enable_SMTPUTF8=False) as port:
+        c = RelayClient(make_settings(tmp_path, port, relay_timeout=5))
         with pytest.raises(DeliveryError) as caught:
             await c.send("gw@localhost", ("støtte@msp.example",), BODY)
         assert caught.value.permanent is True
@@ -267,8 +254,9 @@ async def test_an_internationalized_address_needs_smtputf8_at_the_relay(tmp_path
 
 async def test_an_internationalized_domain_is_sent_in_its_ascii_form(tmp_path: Path) -> None:
     """Only the local part needs SMTPUTF8; a domain has an ASCII (IDNA) form any relay takes."""
-    async with serving(Relay(), smtputf8=False) as relay:
-        c = RelayClient(make_settings(tmp_path, relay.port, relay_timeout=5))
+    relay = Relay()
+    async with serving(relay, hostname="relay.test", enable_SMTPUTF8=False) as port:
+        c = RelayClient(make_settings(tmp_path, port, relay_timeout=5))
         await c.send("gw@localhost", ("support@bücher.example",), BODY)
         await c.close()
     assert [g.rcpt_tos for g in relay.got] == [["support@xn--bcher-kva.example"]]
