@@ -12,6 +12,7 @@ import pytest
 
 from smtpgate import app
 from smtpgate.app import Gateway
+from smtpgate.store import Job
 from tests.conftest import (
     GatewayFactory,
     RecordingRelay,
@@ -287,3 +288,47 @@ async def test_a_small_processing_budget_still_processes_everything(
     await wait_processed(gw, 12)
     await relay.wait_for(12)
     assert gw._processing_bytes == 0
+
+
+async def test_processing_gives_way_while_mail_arrives_and_catches_up_after(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Intake first: while intake commits keep coming, at most INTAKE_FIRST_WORKERS messages
+    are in processing; once mail stops arriving, all SMTPGATE_WORKERS."""
+    monkeypatch.setattr(app, "INTAKE_FIRST_SECONDS", 30.0)  # the burst lasts the whole test...
+    gw = await gateway_factory(workers=32)
+    assert gw.store is not None
+    store = gw.store
+    release = asyncio.Event()
+    active = 0
+    process = gw.process
+
+    async def held(job: Job) -> None:
+        nonlocal active
+        active += 1
+        try:
+            await release.wait()
+            await process(job)
+        finally:
+            active -= 1
+
+    monkeypatch.setattr(gw, "process", held)
+    replies = await asyncio.gather(
+        *(send(gw.smtp_port, simple_message(subject=f"s{i}")) for i in range(24))
+    )
+    assert [code for code, _ in replies] == [250] * 24
+
+    async def settled(want: int) -> bool:
+        await asyncio.sleep(0.05)
+        return active == want
+
+    await wait_until(lambda: settled(app.INTAKE_FIRST_WORKERS), what="the intake-first share")
+    await asyncio.sleep(0.2)  # and no more than that, however long it lasts
+    assert active == app.INTAKE_FIRST_WORKERS
+    store.intake_committed_at = 0.0  # ...until it is over
+    store.new_work.set()
+    await wait_until(lambda: settled(24), what="every worker busy after the burst")
+    release.set()
+    await wait_processed(gw, 24)
+    await relay.wait_for(24)
+    assert gw._in_flight == 0

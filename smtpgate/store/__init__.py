@@ -317,6 +317,7 @@ class Store:
         self._committer: asyncio.Task[None] | None = None
         self._sync = "FULL"  # the writer's PRAGMA synchronous (set in _connect)
         self.new_work = asyncio.Event()  # set after an intake commit: wakes the workers
+        self.intake_committed_at = 0.0  # time.monotonic() of the last intake commit
 
     @classmethod
     async def open(cls, path: Path, *, busy_timeout: float = 5.0) -> Store:
@@ -501,6 +502,7 @@ class Store:
             for item in batch:
                 if not item.future.done():
                     item.future.set_result(None)
+            self.intake_committed_at = time.monotonic()
             self.new_work.set()
 
     # --- inbound queue -----------------------------------------------------------------------
