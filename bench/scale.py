@@ -89,9 +89,7 @@ async def import_accounts(n_accounts: int, work: Path) -> float:
         await store.close()
 
 
-async def detection(
-    counts: list[int], messages: int, work: Path
-) -> dict[int, tuple[float, float]]:
+async def detection(counts: list[int], messages: int, work: Path) -> dict[int, tuple[float, float]]:
     """(median us, p99 us) per alert for parse + decide with each number of accounts, found
     accounts checked. The stores take turns alert by alert, so a busy moment of a shared
     machine costs each the same."""

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from smtpgate.model import (
     MailKind,
     NewTicket,
     OutboundMail,
+    Outcome,
 )
 from smtpgate.model import Path as Branch
 from smtpgate.pipeline import Context, decide
@@ -136,6 +137,15 @@ def ticket_decision(mails: Callable[[Applied], list[OutboundMail]] | None = None
         account=ACME,
         new_ticket=NewTicket(ACME, None, "disk", "details", "test", "note"),
         mails=mails or forward,
+    )
+
+
+def complete_ticket(
+    store: Store, job: Job, mails: Callable[[Applied], list[OutboundMail]] | None = None
+) -> Coroutine[Any, Any, Outcome | None]:
+    """`store.complete` of `ticket_decision(mails)` for the message <a1@x>."""
+    return store.complete(
+        job, ticket_decision(mails), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
     )
 
 
@@ -242,9 +252,7 @@ async def test_a_big_messages_decision_is_written_in_the_thread(
     job = await one_job(store)
     hops = Hops(store, monkeypatch)
     with hops.measure() as seen:
-        assert await store.complete(
-            job, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
-        )
+        assert await complete_ticket(store, job)
     assert (seen["writer"], seen["inline"]) == (1, 0)
 
 
@@ -255,9 +263,7 @@ async def test_every_bookkeeping_transaction_is_one_hop(
     await enqueue(store, alert("Acme Corp", 2), "<a2@x>")
     hops = Hops(store, monkeypatch)
     first, second = await store.claim(2, 300)
-    assert await store.complete(
-        first, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
-    )
+    assert await complete_ticket(store, first)
     (delivery,) = await store.claim_deliveries(4, 300)
     calls: list[tuple[Callable[[], Any], str]] = [
         (lambda: store.fail(second, "boom", max_attempts=5, backoff=0), "inline"),
@@ -281,9 +287,7 @@ async def test_decision_lookups_run_in_the_loops_thread_and_see_the_latest_commi
     hops = Hops(store, monkeypatch)
     with hops.measure() as seen:
         assert await store.ticket_by_message_ids(["<a1@x>"]) is None
-        assert await store.complete(
-            job, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
-        )
+        assert await complete_ticket(store, job)
         # The ticket committed a moment ago on the writer is visible to every lookup.
         ticket = await store.ticket_by_message_ids(["<x@y>", "<a1@x>", "<f@x>"])
         assert ticket == await store.ticket_by_number(1)
@@ -353,11 +357,7 @@ async def test_a_lock_held_by_another_process_never_stops_the_loop(
     ticking = asyncio.create_task(ticker())
     try:
         with hops.measure() as seen:
-            task = asyncio.create_task(
-                store.complete(
-                    job, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
-                )
-            )
+            task = asyncio.create_task(complete_ticket(store, job))
             await asyncio.sleep(0.3)
             assert not task.done()  # waiting for the lock, in the thread
             assert ticks >= 10  # while the loop runs on
@@ -460,18 +460,14 @@ async def test_a_lost_lease_rolls_back_the_whole_decision(store: Store) -> None:
     fresh = await one_job(store)
     before = await counts(store)
 
-    outcome = await store.complete(
-        stale, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
-    )
+    outcome = await complete_ticket(store, stale)
 
     assert outcome is None
     assert await counts(store) == before == dict.fromkeys(RECORD_TABLES, 0)
     row = await store.get_inbound(fresh.id)
     assert row is not None
     assert row["state"] == "active"
-    outcome = await store.complete(
-        fresh, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
-    )
+    outcome = await complete_ticket(store, fresh)
     assert outcome is not None
     assert outcome.ticket == 1
 
@@ -485,9 +481,7 @@ async def test_an_exception_mid_transaction_leaves_no_partial_rows(store: Store)
         raise RuntimeError("the mail builder broke")
 
     with pytest.raises(RuntimeError, match="broke"):
-        await store.complete(
-            job, ticket_decision(mails), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
-        )
+        await complete_ticket(store, job, mails)
     assert await counts(store) == dict.fromkeys(RECORD_TABLES, 0)
     assert not store._db._conn.in_transaction
     row = await store.get_inbound(job.id)
@@ -500,15 +494,13 @@ async def test_an_exception_mid_transaction_leaves_no_partial_rows(store: Store)
         " BEGIN SELECT RAISE(ABORT, 'outbox refused'); END"
     )
     with pytest.raises(sqlite3.IntegrityError, match="outbox refused") as caught:
-        await store.complete(job, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20)
+        await complete_ticket(store, job)
     assert caught.value.sqlite_errorname == "SQLITE_CONSTRAINT_TRIGGER"
     assert await counts(store) == dict.fromkeys(RECORD_TABLES, 0)
     assert not store._db._conn.in_transaction
 
     await store._db.execute("DROP TRIGGER temp.fail_outbox")
-    outcome = await store.complete(
-        job, ticket_decision(), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
-    )
+    outcome = await complete_ticket(store, job)
     assert outcome is not None
     assert (await counts(store))["outbox"] == 1
 
@@ -525,11 +517,7 @@ async def test_a_decision_cancelled_mid_transaction_commits_whole_and_holds_the_
         assert release.wait(10)
         return [OutboundMail(MailKind.FORWARD, "c@localhost", ("s@msp.example",), b"x")]
 
-    task = asyncio.create_task(
-        store.complete(
-            job, ticket_decision(slow_mails), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
-        )
-    )
+    task = asyncio.create_task(complete_ticket(store, job, slow_mails))
     assert await asyncio.to_thread(entered.wait, 10)
     task.cancel()
     await asyncio.sleep(0.05)
