@@ -438,6 +438,45 @@ async def test_the_write_after_a_complete_checkpoint_goes_to_the_thread(
     assert (after["writer"], after["inline"]) == (0, 1)
 
 
+async def test_mail_goes_to_the_relay_only_once_its_decision_is_fsynced(store: Store) -> None:
+    """A decision commits without an fsync. Were an OS crash to roll it back after its forward
+    was relayed, the message would be processed again and the forward sent twice; so the claim
+    that takes such mail for the relay commits durably (its fsync covers the decision), and a
+    claim with no such mail before it does not."""
+    for n in (1, 2):
+        await enqueue(store, alert("Acme Corp", n), f"<a{n}@x>")
+    first, second = await store.claim(2, 300)  # synchronous=NORMAL from here
+    assert await complete_ticket(store, first)  # one forward, not yet fsynced
+    assert await store.claim_deliveries(0, 300) == []  # took nothing: fsynced nothing either
+    assert writer_pragma(store, "synchronous") == 2  # FULL
+    (delivery,) = await store.claim_deliveries(4, 300)
+    assert writer_pragma(store, "synchronous") == 2  # FULL: it wrote, so the WAL is fsynced
+    await store.delivery_done([delivery.id])
+    assert await store.complete(
+        second, ticket_decision(lambda _: []), dedupe_key="<a2@x>", auto_mail_hourly_limit=20
+    )  # no mail
+    assert await store.claim_deliveries(4, 300) == []
+    assert writer_pragma(store, "synchronous") == 1  # NORMAL: nothing to make durable
+
+
+async def test_the_first_relay_claim_after_a_restart_is_durable(tmp_path: Path) -> None:
+    """The last process may have left decisions with mail in the WAL without an fsync."""
+    path = tmp_path / "smtpgate.db"
+    store = await Store.open(path)
+    with (FIXTURES / "accounts.csv").open() as f:
+        await store.import_accounts(list(enumerate(csv.DictReader(f), 2)))
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    assert await complete_ticket(store, await one_job(store))
+    await store.close()
+    store = await Store.open(path)
+    try:
+        await store.delivery_done([])  # synchronous=NORMAL
+        assert len(await store.claim_deliveries(4, 300)) == 1
+        assert writer_pragma(store, "synchronous") == 2
+    finally:
+        await store.close()
+
+
 async def test_close_waits_for_a_running_write_and_starts_no_checkpoint(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:

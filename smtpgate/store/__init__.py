@@ -316,6 +316,12 @@ class Store:
         self._pending_event = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
         self._sync = "FULL"  # the writer's PRAGMA synchronous (set in _connect)
+        # Outbox mail may have been committed without an fsync (a decision, synchronous=NORMAL)
+        # and not fsynced by a durable commit since. The relay claims it with a durable commit
+        # first: an OS crash must not roll back a decision whose mail is already sent, or the
+        # mail would be sent again when the message is processed anew. True at start-up: the
+        # last process may have left such mail in the WAL.
+        self._outbox_unsynced = True
         self.new_work = asyncio.Event()  # set after an intake commit: wakes the workers
         self.intake_committed_at = 0.0  # time.monotonic() of the last intake commit
 
@@ -387,8 +393,15 @@ class Store:
                     return result
             # The PRAGMAs run in the same hand-off, only when the kind of transaction changes.
             pragmas = self._pragmas(want, waits=True)
-            result = await self._on_writer(lambda db: _transaction(db, fn, pragmas=pragmas))
+
+            def run(db: sqlite3.Connection) -> tuple[T, bool]:
+                before = db.total_changes
+                return _transaction(db, fn, pragmas=pragmas), db.total_changes != before
+
+            result, wrote = await self._on_writer(run)
             self._sync, self._waits, self._restart_due = want, True, False
+            if durable and wrote:  # its COMMIT fsynced the WAL, and every commit before it
+                self._outbox_unsynced = False
             self._committed()
             return result
 
@@ -681,6 +694,8 @@ class Store:
         applied = self._apply(db, job, decision)
         mails = decision.mails(applied)
         sent, suppressed = self._queue_mails(db, job.id, mails, applied, auto_mail_hourly_limit)
+        if sent:  # set under the write lock, before COMMIT: see claim_deliveries
+            self._outbox_unsynced = True
         outcome = self._outcome(decision, applied, sent, list(decision.notes) + suppressed)
         self._finish(db, job, outcome)
         return outcome
@@ -857,7 +872,12 @@ class Store:
         self, limit: int, lease_seconds: float, max_bytes: int | None = None
     ) -> list[Delivery]:
         """Lease up to `limit` due mails, oldest first; with `max_bytes`, only those that fit in
-        that many bytes of data, in order (always at least the first)."""
+        that many bytes of data, in order (always at least the first).
+
+        Mail is claimed to be sent, so the decision that queued it must survive an OS crash:
+        when a decision with mail has committed without an fsync since the last durable commit,
+        the claim's own commit is durable (fsyncing the WAL makes every commit before it
+        durable too). While mail arrives, intake commits usually have done it already."""
         now = time.time()
         budget = max_bytes if max_bytes is not None else -1
 
@@ -885,7 +905,7 @@ class Store:
                 for row in rows
             ]
 
-        out = await self._write(take, durable=False)
+        out = await self._write(take, durable=self._outbox_unsynced)
         out.sort(key=lambda d: d.id)
         return out
 
