@@ -94,6 +94,9 @@ class Gateway:
         # set once it is recorded. Not the Delivery: it would keep the mail's data alive.
         self._relayed: list[tuple[int, str, asyncio.Future[None]]] = []
         self._relayed_wake = asyncio.Event()
+        # Outbox ids a sender has begun to send and whose outcome is not recorded yet: the lease
+        # sweeper leaves them alone, however long the store takes to record them.
+        self._sending: set[int] = set()
         self._recorder: asyncio.Task[None] | None = None
         self._senders_stopped = False
         self._stopping = asyncio.Event()
@@ -348,6 +351,13 @@ class Gateway:
                 return  # the rest go back to the queue when their lease ends (or at start-up)
             while len(unrecorded) >= RELAYED_UNRECORDED:
                 await unrecorded.popleft()  # usually recorded already, during the last send
+            if time.time() >= item.lease_until:
+                # The claim lapsed while the mails before it were sent (a slow relay): the
+                # sweeper may have given it to another sender already. It goes back to the
+                # queue at the next sweep.
+                log.info("outbox %d: its claim lapsed before it was sent; requeued", item.id)
+                continue
+            self._sending.add(item.id)  # from here on the sweeper leaves it alone
             try:
                 reply = await client.send(item.mail_from, item.recipients, item.data)
             except DeliveryError as exc:
@@ -424,7 +434,8 @@ class Gateway:
                 pause = min(pause * 2, 10.0)
                 continue
             pause = 0.5
-            for _, _, recorded in batch:  # first: nothing below may leave a sender waiting
+            for outbox_id, _, recorded in batch:  # first: nothing below may leave a sender waiting
+                self._sending.discard(outbox_id)
                 if not recorded.done():
                     recorded.set_result(None)
             # Counted once committed, so the metric never runs ahead of the outbox state.
@@ -443,6 +454,8 @@ class Gateway:
         except Exception as store_exc:  # it stays claimed: tried again when its lease expires
             log.warning("could not record the failed delivery of outbox %d: %s", item.id, store_exc)
             return
+        finally:
+            self._sending.discard(item.id)  # not delivered: sending it again is right
         self.metrics.delivery_failures.labels("permanent" if exc.permanent else "transient").inc()
         log.warning(
             "delivery of outbox %d of %s to %s failed (attempt %d): %s; %s",
@@ -462,7 +475,7 @@ class Gateway:
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
             try:
-                if await self.store.release_expired():
+                if await self.store.release_expired(keep_outbox=self._sending):
                     self.store.new_work.set()
                     self._outbox_wake.set()
             except Exception as exc:

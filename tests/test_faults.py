@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from smtpgate import app
 from smtpgate.app import Gateway
 from smtpgate.config import Rules
-from smtpgate.model import Envelope
+from smtpgate.model import Action, Applied, Decision, Envelope, MailKind, OutboundMail
+from smtpgate.model import Path as Branch
 from smtpgate.store import Store, StoreError, new_queue_id
 from tests.conftest import (
     GatewayFactory,
@@ -266,6 +268,72 @@ async def test_a_store_locked_after_a_relay_send_stops_neither_the_sender_nor_th
 
     await wait_until(both_done, what="both deliveries recorded done")
     assert sorted(m.message["Subject"] for m in relay.messages) == ["first", "second"]
+
+
+async def test_a_relayed_mail_is_never_sent_again_however_long_its_record_takes(
+    gateway_factory: GatewayFactory,
+    relay: RecordingRelay,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The relay took the mail, then the store could not record it (a full disk, say) for
+    longer than the mail's lease: the lease sweeper leaves it alone, so no sender sends it
+    again, and it is recorded done once the store writes again."""
+    monkeypatch.setattr(app, "LEASE_SECONDS", 0.5)
+    monkeypatch.setattr(app, "SWEEP_SECONDS", 0.05)
+    gw = await gateway_factory(relay_connections=2)
+    assert gw.store is not None
+    await pragma(  # the fault: recording a delivery done fails, on the writer's connection only
+        gw,
+        "CREATE TEMP TRIGGER unrecordable BEFORE UPDATE OF state ON outbox"
+        " WHEN NEW.state = 'done' BEGIN SELECT RAISE(ABORT, 'injected: cannot record'); END",
+    )
+    code, _ = await send(gw.smtp_port, simple_message(subject="once", message_id="<once@x>"))
+    assert code == 250
+    await relay.wait_for(1)
+
+    async def failed_three_times() -> bool:  # ~1.5 s: three leases, thirty sweeps
+        return sum("not recorded yet" in r.getMessage() for r in caplog.records) >= 3
+
+    await wait_until(failed_three_times, what="three failed records of the relayed mail")
+    await pragma(gw, "DROP TRIGGER unrecordable")
+    await wait_outbox(gw.store, "done", 1, "the delivery recorded done")
+    assert relay.attempts == 1
+    assert [m.message["Subject"] for m in relay.messages] == ["once"]
+
+
+async def test_mails_whose_claim_lapsed_before_their_turn_are_sent_once(
+    tmp_path: Path,
+    gateway_factory: GatewayFactory,
+    relay: RecordingRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow relay: one sender claimed five mails, and its claim lapses before it gets to the
+    last ones. It skips those (another sender may have them by then), the sweeper never takes
+    back the one it is sending, and each mail arrives once."""
+    monkeypatch.setattr(app, "LEASE_SECONDS", 1.0)
+    monkeypatch.setattr(app, "SWEEP_SECONDS", 0.05)
+    store = await Store.open(make_settings(tmp_path, relay.port).db_path)
+    env = Envelope("127.0.0.1", "test", "someone@elsewhere.example", ("connector@localhost",))
+    subjects = [f"slow{i}" for i in range(5)]
+    for subject in subjects:
+        message = simple_message(subject=subject, message_id=f"<{subject}@x>")
+        await store.enqueue(env, message, f"<{subject}@x>", new_queue_id())
+    for job in await store.claim(5, 300):  # five mails in the outbox before the gateway starts
+
+        def forward(_: Applied, raw: bytes = job.raw) -> list[OutboundMail]:
+            return [OutboundMail(MailKind.FORWARD, "c@localhost", ("s@msp.example",), raw)]
+
+        decision = Decision(Branch.REGULAR, Action.FORWARDED, mails=forward)
+        assert await store.complete(job, decision, dedupe_key=None, auto_mail_hourly_limit=20)
+    await store.close()
+    relay.delay = 0.4  # the first sender's claim of all five lapses during its third mail
+    gw = await gateway_factory(relay_connections=2)
+    assert gw.store is not None
+    await wait_outbox(gw.store, "done", 5, "every mail delivered")
+    received = sorted(m.message["Subject"] for m in relay.messages)
+    assert received == subjects
+    assert relay.attempts == 5
 
 
 async def test_relay_timing_out_then_recovering_delivers_everything(

@@ -26,7 +26,7 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -246,6 +246,7 @@ class Delivery:
     data: bytes
     attempts: int
     created_at: float
+    lease_until: float  # time.time() when the claim lapses: not to be sent from then on
     inbound_id: str | None = None  # the queue id of the message that caused it (for logs)
 
 
@@ -535,8 +536,11 @@ class Store:
 
         return await self._write(requeue)
 
-    async def release_expired(self) -> int:
+    async def release_expired(self, keep_outbox: Collection[int] = ()) -> int:
+        """Queue again the messages and mails whose lease has lapsed, except the outbox mails
+        in `keep_outbox` (being sent, or sent and not yet recorded: never to be sent twice)."""
         now = time.time()
+        keep = tuple(keep_outbox)
 
         def release(db: sqlite3.Connection) -> int:
             n = db.execute(
@@ -546,8 +550,9 @@ class Store:
             ).rowcount
             n += db.execute(
                 "UPDATE outbox SET state = 'queued', lease_until = NULL"
-                " WHERE state = 'active' AND lease_until < ?",
-                (now,),
+                " WHERE state = 'active' AND lease_until < ?"
+                f" AND id NOT IN ({', '.join('?' * len(keep))})",
+                (now, *keep),
             ).rowcount
             return n
 
@@ -900,6 +905,7 @@ class Store:
                     data=bytes(row["data"]),
                     attempts=row["attempts"],
                     created_at=row["created_at"],
+                    lease_until=now + lease_seconds,
                     inbound_id=row["inbound_id"],
                 )
                 for row in rows
