@@ -346,17 +346,16 @@ class Gateway:
         batch: Sequence[Delivery],
         unrecorded: collections.deque[asyncio.Future[None]],
     ) -> None:
-        for item in batch:
+        for n, item in enumerate(batch):
             if self._stopping.is_set():
                 return  # the rest go back to the queue when their lease ends (or at start-up)
             while len(unrecorded) >= RELAYED_UNRECORDED:
                 await unrecorded.popleft()  # usually recorded already, during the last send
             if time.time() >= item.lease_until:
-                # The claim lapsed while the mails before it were sent (a slow relay): the
-                # sweeper may have given it to another sender already. It goes back to the
-                # queue at the next sweep.
-                log.info("outbox %d: its claim lapsed before it was sent; requeued", item.id)
-                continue
+                # The claim lapsed while the mails before were sent (a slow relay): the sweeper
+                # may have given these to another sender already. Not sent here.
+                await self._unclaim(batch[n:])
+                return
             self._sending.add(item.id)  # from here on the sweeper leaves it alone
             try:
                 reply = await client.send(item.mail_from, item.recipients, item.data)
@@ -383,6 +382,19 @@ class Gateway:
                 reply,
                 extra={"outbox_id": item.id, "queue_id": item.inbound_id},
             )
+
+    async def _unclaim(self, rest: Sequence[Delivery]) -> None:
+        """Queue again the mails of a claim that lapsed before their turn (all of one claim
+        share its lease), unless another sender has claimed them since."""
+        assert self.store is not None
+        try:
+            n = await self.store.unclaim_deliveries([d.id for d in rest], rest[0].lease_until)
+        except Exception as exc:  # the lease sweeper queues them again later
+            log.warning("could not requeue %d mail(s) whose claim lapsed: %s", len(rest), exc)
+            return
+        log.info("%d mail(s) whose claim lapsed before their turn queued again", n)
+        if n:
+            self._outbox_wake.set()
 
     def _start_recorder(self) -> None:
         self._recorder = asyncio.create_task(self._record_relayed(), name="relay-recorder")

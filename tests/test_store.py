@@ -87,6 +87,32 @@ async def test_outbox_claims_take_only_what_fits_in_their_byte_budget(tmp_path: 
         await store.close()
 
 
+async def test_an_unclaimed_mail_is_queued_again_unless_claimed_anew(tmp_path: Path) -> None:
+    """A sender gives back the mails of its lapsed claim; one that the sweeper released and
+    another sender claimed meanwhile (another lease) is not taken from that sender."""
+    store = await Store.open(tmp_path / "s.db")
+    await store.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db, db:
+        for _ in range(2):
+            db.execute(
+                "INSERT INTO outbox (kind, mail_from, recipients, data, created_at,"
+                " next_attempt_at) VALUES ('forward', 'c@x', '[\"s@x\"]', x'00', 0, 0)"
+            )
+    store = await Store.open(tmp_path / "s.db")
+    try:
+        first, second = await store.claim_deliveries(10, lease_seconds=-1)  # lapsed at once
+        assert first.lease_until == second.lease_until
+        assert await store.release_expired(keep_outbox=[first.id]) == 1  # the second only
+        (again,) = await store.claim_deliveries(10, 300)  # another sender's claim
+        assert again.id == second.id
+        assert await store.unclaim_deliveries([first.id, second.id], first.lease_until) == 1
+        rows = {row["id"]: row for row in await store.list_outbox()}
+        assert (rows[first.id]["state"], rows[first.id]["attempts"]) == ("queued", 0)
+        assert (rows[second.id]["state"], rows[second.id]["attempts"]) == ("active", 2)
+    finally:
+        await store.close()
+
+
 async def test_migration_5_composes_decomposed_account_keys(tmp_path: Path) -> None:
     """Keys imported before keys were kept in NFC: a decomposed one is composed on upgrade."""
     store = await Store.open(tmp_path / "smtpgate.db")

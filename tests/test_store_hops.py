@@ -459,6 +459,28 @@ async def test_mail_goes_to_the_relay_only_once_its_decision_is_fsynced(store: S
     assert writer_pragma(store, "synchronous") == 1  # NORMAL: nothing to make durable
 
 
+async def test_a_relay_claim_waiting_for_a_decision_with_mail_is_durable(store: Store) -> None:
+    """Whether the claim must fsync is asked once it holds the write lock: a decision that
+    queues mail may commit while the claim waits for the lock (here: a message too big for
+    the loop's thread, its decision queued in the writer's thread behind a blocker)."""
+    await enqueue(store, big_alert("Acme Corp", 1), "<a1@x>")
+    (job,) = await store.claim(1, 300)
+    await enqueue(store, alert("Acme Corp", 2), "<a2@x>")  # durable: nothing waits for an fsync
+    gate = threading.Event()
+    blocker = asyncio.ensure_future(store_module._in_thread(store._db, lambda _: gate.wait(5)))
+    decision = asyncio.create_task(complete_ticket(store, job))  # takes the lock, then waits
+    claim = asyncio.create_task(store.claim_deliveries(4, 300))  # waits for the lock
+    await asyncio.sleep(0.05)
+    assert not decision.done()  # its transaction waits behind the blocker
+    assert not claim.done()  # waits for the write lock
+    gate.set()
+    await blocker
+    assert await decision
+    (delivery,) = await claim
+    assert delivery.kind == "forward"  # the decision's, claimed in the same wait
+    assert writer_pragma(store, "synchronous") == 2  # FULL: the decision is on disk
+
+
 async def test_the_first_relay_claim_after_a_restart_is_durable(tmp_path: Path) -> None:
     """The last process may have left decisions with mail in the WAL without an fsync."""
     path = tmp_path / "smtpgate.db"

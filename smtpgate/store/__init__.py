@@ -321,7 +321,9 @@ class Store:
         # and not fsynced by a durable commit since. The relay claims it with a durable commit
         # first: an OS crash must not roll back a decision whose mail is already sent, or the
         # mail would be sent again when the message is processed anew. True at start-up: the
-        # last process may have left such mail in the WAL.
+        # last process may have left such mail in the WAL. Set and cleared under the write
+        # lock: set by a decision that queues mail (before its COMMIT), cleared by a durable
+        # commit that wrote to the WAL (`_write(fsynced=…)`: intake, a claim, recovery).
         self._outbox_unsynced = True
         self.new_work = asyncio.Event()  # set after an intake commit: wakes the workers
         self.intake_committed_at = 0.0  # time.monotonic() of the last intake commit
@@ -365,9 +367,10 @@ class Store:
         self,
         fn: Callable[[sqlite3.Connection], T],
         *,
-        durable: bool = True,
+        durable: bool | Callable[[], bool] = True,
         urgent: bool = False,
         inline: bool = False,
+        fsynced: Callable[[T], bool] | None = None,
     ) -> T:
         """fn inside BEGIN IMMEDIATE … COMMIT on the write connection, rolled back on any error.
 
@@ -380,9 +383,17 @@ class Store:
         instead, which saves the hand-off (~80 µs of CPU and the GIL going back and forth). There
         SQLite never waits for a lock (busy timeout 0): if another process holds the write lock,
         the transaction goes to the thread and waits there, as any other.
+
+        A callable `durable` is asked once the write lock is held: what it depends on may change
+        while the write waits for the lock. `fsynced(result)` tells whether a durable commit
+        certainly wrote to the WAL, and so fsynced every commit before it too: see
+        `_outbox_unsynced`. (Rows changed are not proof: an UPDATE that leaves every byte as it
+        was writes no page, and its COMMIT fsyncs nothing.)
         """
-        want = "FULL" if durable else "NORMAL"
         async with self._write_lock.hold(urgent=urgent):
+            if callable(durable):
+                durable = durable()
+            want = "FULL" if durable else "NORMAL"
             if inline and not durable and not self._restart_due:
                 try:
                     result = self._write_here(fn)
@@ -394,14 +405,9 @@ class Store:
                     return result
             # The PRAGMAs run in the same hand-off, only when the kind of transaction changes.
             pragmas = self._pragmas(want, waits=True)
-
-            def run(db: sqlite3.Connection) -> tuple[T, bool]:
-                before = db.total_changes
-                return _transaction(db, fn, pragmas=pragmas), db.total_changes != before
-
-            result, wrote = await self._on_writer(run)
+            result = await self._on_writer(lambda db: _transaction(db, fn, pragmas=pragmas))
             self._sync, self._waits, self._restart_due = want, True, False
-            if durable and wrote:  # its COMMIT fsynced the WAL, and every commit before it
+            if durable and fsynced is not None and fsynced(result):
                 self._outbox_unsynced = False
             self._committed()
             return result
@@ -506,7 +512,9 @@ class Store:
                 for item in batch
             ]
             try:
-                await self._write(functools.partial(_insert_intake, entries=entries), urgent=True)
+                await self._write(
+                    functools.partial(_insert_intake, entries=entries), urgent=True, fsynced=bool
+                )
             except (sqlite3.Error, ValueError) as exc:  # ValueError: text SQLite cannot encode
                 log.error("intake commit of %d message(s) failed: %s", len(batch), exc)
                 for item in batch:
@@ -534,7 +542,7 @@ class Store:
             ).rowcount
             return inbound, outbox
 
-        return await self._write(requeue)
+        return await self._write(requeue, fsynced=any)
 
     async def release_expired(self, keep_outbox: Collection[int] = ()) -> int:
         """Queue again the messages and mails whose lease has lapsed, except the outbox mails
@@ -883,10 +891,12 @@ class Store:
         when a decision with mail has committed without an fsync since the last durable commit,
         the claim's own commit is durable (fsyncing the WAL makes every commit before it
         durable too). While mail arrives, intake commits usually have done it already."""
-        now = time.time()
         budget = max_bytes if max_bytes is not None else -1
 
         def take(db: sqlite3.Connection) -> list[Delivery]:
+            # The time of the claim, not of the call: mail committed while this waited for the
+            # write lock is due too, and the lease starts when the claim is made.
+            now = time.time()
             # length() of a BLOB is read from its header: the data itself is not loaded for it.
             due = _DUE_WITHIN_BUDGET.format(table="outbox", size="length(data)")
             rows = db.execute(
@@ -911,9 +921,25 @@ class Store:
                 for row in rows
             ]
 
-        out = await self._write(take, durable=self._outbox_unsynced)
+        # Asked under the write lock: a decision may be committing mail while this waits for it.
+        out = await self._write(take, durable=lambda: self._outbox_unsynced, fsynced=bool)
         out.sort(key=lambda d: d.id)
         return out
+
+    async def unclaim_deliveries(self, ids: Sequence[int], lease_until: float) -> int:
+        """Give back mails claimed with `lease_until` and not tried: queued again, the claim's
+        attempt not counted. One another sender has claimed since (another lease) stays."""
+        params = [(i, lease_until) for i in ids]
+
+        def unclaim(db: sqlite3.Connection) -> int:
+            cur = db.executemany(
+                "UPDATE outbox SET state = 'queued', lease_until = NULL, attempts = attempts - 1"
+                " WHERE id = ? AND state = 'active' AND lease_until = ?",
+                params,
+            )
+            return cur.rowcount
+
+        return await self._write(unclaim, durable=False, inline=True)
 
     async def delivery_done(self, ids: Iterable[int]) -> None:
         now = time.time()
@@ -1285,7 +1311,8 @@ class Store:
 
 def _insert_intake(
     db: sqlite3.Connection, entries: Sequence[tuple[tuple[Any, ...], _Intake]]
-) -> None:
+) -> int:
+    """Insert the messages whose sessions still wait; return how many."""
     # Here BEGIN IMMEDIATE holds the database's write lock. Waiting for it (the write lock, or
     # another process's transaction) can outlast the session, which answered 451: a message
     # answered 451 must not be stored, or a regenerated retry doubles it. (Future.done() only
@@ -1300,6 +1327,7 @@ def _insert_intake(
     db.executemany(
         "INSERT INTO inbound_raw (id, raw) VALUES (?, ?)", [(item.id, item.raw) for _, item in live]
     )
+    return len(live)
 
 
 def _ticket(db: sqlite3.Connection, sql: str, param: object) -> tuple[str, int, str] | None:
