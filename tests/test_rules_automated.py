@@ -218,6 +218,28 @@ def test_long_subject_still_offers_the_short_prefix() -> None:
     assert lookup(values).account == ACMECORP
 
 
+@pytest.mark.parametrize("mode", ["after", "before"])
+def test_a_hostile_subject_costs_a_bounded_number_of_pieces(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of cut points that all normalize to the same key ("Acme - - - …") must not
+    each cost a pass over their piece: that was seconds of the event loop per rule."""
+    noise = " -" * 8000
+    subject = f"Site: Acme{noise}" if mode == "after" else f"{noise} Acme (end)"
+    rule = AccountRule(search="file_as", **{mode: "Site:" if mode == "after" else "(end)"})
+    seen: list[str] = []
+
+    def counted(text: str) -> str:
+        seen.append(text)
+        return normalize_key(text)
+
+    monkeypatch.setattr(automated, "normalize_key", counted)
+    values = candidates(rule, subject)
+    assert "acme" in values
+    assert len(seen) <= automated.MAX_CUTS + 1  # the pieces, and the whole text once
+    assert len(seen) < len(noise) // 20  # far fewer than the 16,000 cut points
+
+
 def test_candidates_longest_first_and_exact_first() -> None:
     rule = AccountRule(search="file_as", after="Site")
     assert candidates(rule, "Site Acme Corp, Disk C: low") == [

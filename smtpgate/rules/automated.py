@@ -6,6 +6,7 @@ says which normalized values to look up, `resolve` picks the account from what w
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ from smtpgate.model import normalize_key
 
 # A located value rarely has more words than this; the cap bounds the probe for hostile subjects.
 MAX_CANDIDATES = 64
+# Cut points looked at, whatever they yield: a hostile subject ("Acme" and 8,000 times " -")
+# offers thousands of cuts that all normalize to the same key, and each costs a pass over its
+# piece (quadratic: seconds of the event loop per rule).
+MAX_CUTS = 4 * MAX_CANDIDATES
 # Cut points for the longest word-boundary prefix/suffix: every position that is not inside a
 # word, so "Acme Corp, Disk", "Acme Corp\SRV01" and "Acme Corp/HQ" all offer "Acme Corp".
 _CUT = re.compile(r"(?<!\w)|(?!\w)")
@@ -107,7 +112,7 @@ def candidates(rule: AccountRule, subject: str) -> list[str]:
     cuts = [m.start() for m in _CUT.finditer(text)]
     pieces = (text[:k] for k in cuts) if mode == "prefix" else (text[k:] for k in reversed(cuts))
     shorter: list[str] = []
-    for piece in pieces:
+    for piece in itertools.islice(pieces, MAX_CUTS):
         key = normalize_key(piece)
         if key and key != whole and key not in shorter:
             shorter.append(key)
