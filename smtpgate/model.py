@@ -111,6 +111,7 @@ class NewTicket:
     source: str
     note: str
     attachments: tuple[dict[str, Any], ...] = ()
+    message_id: str | None = None  # the parsed Message-ID of the filed message: threads replies
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,7 @@ class FileReply:
     ticket_number: int
     note: str
     attachments: tuple[dict[str, Any], ...] = ()
+    message_id: str | None = None  # as NewTicket's
 
 
 @dataclass(frozen=True, slots=True)

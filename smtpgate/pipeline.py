@@ -156,6 +156,7 @@ def _new_ticket(
         source=source,
         note=note_text(inb, ctx, strip=strip),
         attachments=_attachments(msg),
+        message_id=msg.message_id,
     )
 
 
@@ -360,7 +361,9 @@ async def stage_ticket_reply(inb: Inbound, ctx: Context, directory: Directory) -
         Action.TICKET_REPLY,
         account=account,
         reason="employee" if employee else None,
-        reply=FileReply(rec_id, number, note_text(inb, ctx, strip=True), _attachments(msg)),
+        reply=FileReply(
+            rec_id, number, note_text(inb, ctx, strip=True), _attachments(msg), msg.message_id
+        ),
         mails=_forward(inb, ctx, settings.internal_support_address, Action.TICKET_REPLY, None)
         if not employee
         else no_mail,

@@ -808,6 +808,31 @@ async def test_ack_carries_tag_and_its_message_id_threads_the_reply(
     assert "Thank you for your message." not in note
 
 
+@pytest.mark.parametrize(
+    "written", ["Message-ID:\r\n <{id}>", "Message-ID: {id}"], ids=["folded", "no-brackets"]
+)
+async def test_a_reply_threads_to_a_message_whatever_the_form_of_its_message_id(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, written: str
+) -> None:
+    """The filed message's Message-ID is remembered as the parser reads it (unfolded, in angle
+    brackets), the form a reply's In-Reply-To is looked up in: a colleague's reply-all files on
+    the ticket instead of opening a second one."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    bare = new_id("acme.example")[1:-1]
+    first = mail("Printer broken", message_id=f"<{bare}>")
+    first = first.replace(f"Message-ID: <{bare}>".encode(), written.format(id=bare).encode())
+    row = await deliver(world.gw, first, "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_created"
+    reply = mail(
+        "RE: Printer broken",
+        sender="Mallory <m@elsewhere.example>",
+        headers={"In-Reply-To": f"<{bare}>", "References": f"<{bare}>"},
+    )
+    row = await deliver(world.gw, reply, "m@elsewhere.example")
+    assert row["outcome"]["action"] == "ticket_reply"
+    assert row["outcome"]["ticket"] == 1
+
+
 async def test_duplicate_message_id_opens_one_ticket_and_sends_one_ack(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:

@@ -781,7 +781,7 @@ class Store:
                 inbound_id=job.id,
                 attachments=t.attachments,
             )
-            self._link(db, job.message_id, rec_id)
+            self._link(db, t.message_id, rec_id)
             return Applied(ticket_number=number, ticket_rec_id=rec_id)
         if decision.reply is not None:
             r = decision.reply
@@ -792,7 +792,7 @@ class Store:
                 inbound_id=job.id,
                 attachments=r.attachments,
             )
-            self._link(db, job.message_id, r.ticket_rec_id)
+            self._link(db, r.message_id, r.ticket_rec_id)
             return Applied(ticket_number=r.ticket_number, ticket_rec_id=r.ticket_rec_id)
         if decision.transaction is not None:
             from smtpgate.store import records
