@@ -682,15 +682,19 @@ def _html_to_text(source: str) -> str:
 
 # --- auto-reply and delivery-report recognition (spec 2.3.2) ------------------------------------
 
-# Subject prefixes of out-of-office / auto-replies in the languages MSP customers write in.
+# Subject prefixes of out-of-office / auto-replies in the languages MSP customers write in,
+# followed by a colon ("Automatic reply: …", "Out of Office AutoReply: …") or nothing: "Out of
+# office not working in Outlook" is a customer's request, not an auto-reply.
 _AUTO_REPLY_SUBJECT = re.compile(
-    r"^\s*(?:automatic reply|auto(?:matic)?[ -]?(?:reply|response|responder)\b|autoreply|"
-    r"auto\s?:|out of (?:the )?office|abwesenheitsnotiz|automatische antwort|"
+    r"^\s*(?:auto\s?[:：]|"
+    r"(?:automatic reply|auto(?:matic)?[ -]?(?:reply|response|responder)|autoreply|"
+    r"out of (?:the )?office(?:\s+auto-?reply)?|abwesenheitsnotiz|automatische antwort|"
     r"r[ée]ponse automatique|autosvar|automatisk svar|automatisch antwoord|"
     r"respuesta autom[áa]tica|risposta automatica|resposta autom[áa]tica|"
     r"automaattinen vastaus|automatick[áa] odpov[ěe]ď|odpowied[źz] automatyczna|"
     r"automatikus v[áa]lasz|otomatik yan[ıi]t|r[ăa]spuns automat|"
-    r"автоматический ответ|αυτόματη απάντηση|自動回覆|自动回复|自動応答|自動返信|자동 회신)",
+    r"автоматический ответ|αυτόματη απάντηση|自動回覆|自动回复|自動応答|自動返信|자동 회신)"
+    r"\s*(?:[:：]|$))",
     re.IGNORECASE,
 )
 _BOUNCE_SUBJECT = re.compile(

@@ -296,6 +296,17 @@ DSN = multipart(
         pytest.param(
             eml("Subject: Autopilot license renewal"), False, False, id="auto-prefix-word"
         ),
+        pytest.param(
+            eml("Subject: Out of office not working in Outlook"), False, False, id="ooo-request"
+        ),
+        pytest.param(
+            eml("Subject: Automatic reply settings missing"), False, False, id="auto-reply-request"
+        ),
+        pytest.param(eml("Subject: Out of Office"), True, False, id="out-of-office-alone"),
+        pytest.param(
+            eml("Subject: Out of Office AutoReply: Printer"), True, False, id="exchange-2003"
+        ),
+        pytest.param(eml("Subject: AutoReply: Printer"), True, False, id="autoreply-colon"),
         pytest.param(DSN, True, True, id="multipart-report"),
         pytest.param(
             multipart(
