@@ -101,8 +101,13 @@ def _always(_: Settings) -> bool:
 
 
 def _forward(
-    inb: Inbound, ctx: Context, target: str, action: Action, rule: str | None
+    inb: Inbound, ctx: Context, target: str, action: Action, rule: str | None = None
 ) -> MailBuilder:
+    """Forward untouched; X-Smtpgate-Action names the outcome and the rule that decided it
+    (spec 2.4): `rule`, or else the last rule the message hit so far (the outcome's last
+    `rules_hit`)."""
+    rule = rule or (inb.hit[-1] if inb.hit else None)
+
     def build(_: Applied) -> list[OutboundMail]:
         return [
             outbound.forward_untouched(
@@ -272,7 +277,7 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
             reason=reason,
             notes=notes,
             mails=_forward(
-                inb, ctx, settings.internal_support_address, Action.AUTOMATED_NO_ACCOUNT, None
+                inb, ctx, settings.internal_support_address, Action.AUTOMATED_NO_ACCOUNT
             ),
         )
     return Decision(
@@ -364,7 +369,7 @@ async def stage_ticket_reply(inb: Inbound, ctx: Context, directory: Directory) -
         reply=FileReply(
             rec_id, number, note_text(inb, ctx, strip=True), _attachments(msg), msg.message_id
         ),
-        mails=_forward(inb, ctx, settings.internal_support_address, Action.TICKET_REPLY, None)
+        mails=_forward(inb, ctx, settings.internal_support_address, Action.TICKET_REPLY)
         if not employee
         else no_mail,
     )
@@ -377,7 +382,7 @@ async def stage_auto_reply(inb: Inbound, ctx: Context, _: Directory) -> Decision
         Path.REGULAR,
         Action.FORWARDED,
         reason="auto_reply",
-        mails=_forward(inb, ctx, ctx.settings.internal_support_address, Action.FORWARDED, None),
+        mails=_forward(inb, ctx, ctx.settings.internal_support_address, Action.FORWARDED),
     )
 
 
@@ -430,7 +435,7 @@ async def stage_unknown_sender(inb: Inbound, ctx: Context, _: Directory) -> Deci
         Path.REGULAR,
         Action.FORWARDED,
         reason="unknown_sender",
-        mails=_forward(inb, ctx, ctx.settings.internal_support_address, Action.FORWARDED, None),
+        mails=_forward(inb, ctx, ctx.settings.internal_support_address, Action.FORWARDED),
     )
 
 

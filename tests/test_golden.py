@@ -109,8 +109,15 @@ def check_outcome(name: str, outcome: dict[str, Any], row: Mapping[str, Any]) ->
     assert kinds == want_kinds, name
 
 
-def check_relayed(name: str, raw: bytes, row: Mapping[str, Any], relay: RecordingRelay) -> None:
-    """Forwards carry the original bytes untouched; responses and acks go where the table says."""
+def check_relayed(
+    name: str,
+    raw: bytes,
+    row: Mapping[str, Any],
+    outcome: Mapping[str, Any],
+    relay: RecordingRelay,
+) -> None:
+    """Forwards carry the original bytes untouched, and say the outcome and the rule that
+    decided it; responses and acks go where the table says."""
     if "forwarded_to" in row:
         target = row["forwarded_to"]
         forwards = [m for m in relay.to(target) if lf(raw) in lf(m.data)]
@@ -118,6 +125,9 @@ def check_relayed(name: str, raw: bytes, row: Mapping[str, Any], relay: Recordin
         fwd = forwards[0].message
         assert fwd["Resent-To"] == target
         assert fwd["X-Smtpgate-Action"].startswith(row["action"])
+        # spec 2.4: "(outcome and rule)": the last rule the outcome hit
+        rule = f"; rule={outcome['rules_hit'][-1]}" if outcome["rules_hit"] else ""
+        assert fwd["X-Smtpgate-Action"] == row["action"] + rule, name
         assert fwd["X-Smtpgate-Loop"] == "connector@localhost"
     if "response_to" in row:
         (response,) = relay.to(row["response_to"])
@@ -153,7 +163,7 @@ async def test_spec_samples_match_expected_toml(
     for name in names:
         _, outcome = results[name]
         check_outcome(name, outcome, expected[name])
-        check_relayed(name, (FIXTURES / name).read_bytes(), expected[name], relay)
+        check_relayed(name, (FIXTURES / name).read_bytes(), expected[name], outcome, relay)
 
     # The alert's ticket (spec 2.1.3): subject, body, source, status New, message filed.
     ticket = await gw.store.get_ticket(1)
@@ -199,7 +209,7 @@ async def test_rmm_corpus_matches_expected_toml(
     for name in names:
         row, (queue_id, outcome) = expected[name], results[name]
         check_outcome(name, outcome, row)
-        check_relayed(name, (RMM / name).read_bytes(), row, relay)
+        check_relayed(name, (RMM / name).read_bytes(), row, outcome, relay)
         if "rule" in row:
             assert row["rule"] in outcome["rules_hit"], (name, outcome)
         if row["action"] == "automated_no_account" and row.get("reason") == "ambiguous":
