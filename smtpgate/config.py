@@ -137,7 +137,9 @@ class Settings(BaseSettings):
     api_password: SecretStr | None = Field(None, description="required XML <Password>")
     api_send_response: bool = Field(True, description="mail XML responses")
     api_response_bcc: str | None = Field(None, description="BCC of every XML response")
-    api_max_xml_bytes: int = Field(1048576, ge=1024, description="larger XML: 150012")
+    api_max_xml_bytes: int = Field(
+        1048576, ge=1024, le=4194304, description="larger XML: 150012 (at most 4 MiB)"
+    )
     rules_file: Path | None = Field(None, description="TOML rules file")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="text or json logs")

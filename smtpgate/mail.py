@@ -37,7 +37,9 @@ _MAX_PARTS = 1000  # parts we look at
 _MAX_DEPTH = 50  # multipart / message nesting we follow
 _MAX_TEXT_CHARS = 1_000_000
 _MAX_HTML_CHARS = 2_000_000  # HTML source reduced to text (a Python loop per tag: keep it short)
-_MAX_XML_BYTES = 4 * 1024 * 1024  # larger XML candidates are skipped, never truncated
+# XML candidates are cut here: a transaction can be at most SMTPGATE_API_MAX_XML_BYTES, which
+# is capped at this.
+_MAX_XML_BYTES = 4 * 1024 * 1024
 _MAX_SUBJECT_CHARS = 16_384
 _MAX_ADDRESS_HEADER_CHARS = 8_192
 _MAX_PARAM_HEADER_CHARS = 65_536
@@ -1039,7 +1041,9 @@ class _Parser:
         for leaf in xml_leaves:
             data = self.data(leaf)
             if len(data) > _MAX_XML_BYTES:
-                self.defect("XML candidate too large: skipped")
+                # Its start says whether it is a transaction (then refused as too large, 150012)
+                # or ordinary mail; its end is never read.
+                xml_candidates.append(data[: _MAX_XML_BYTES + 1])
             elif data.strip():
                 xml_candidates.append(data)
         return _Body(text, html_only, attachments, tuple(xml_candidates))

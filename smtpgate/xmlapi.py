@@ -362,7 +362,8 @@ _ISO_DATETIME = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})[ T](\d{1,2}):(\d{2})(?:
 _DMY = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})(?:[ T](\d{1,2}):(\d{2})(?::(\d{2}))?)?")
 _TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
 _NUMBER = re.compile(r"[+-]?(?:\d{1,18}(?:\.\d{0,12})?|\.\d{1,12})")
-_INTEGER = re.compile(r"[+-]?\d{1,18}")
+# Whole numbers; "numbers as decimals" (xml-api 3): "10.0" and "1000.00" are whole too.
+_INTEGER = re.compile(r"([+-]?\d{1,18})(?:\.0*)?", re.ASCII)
 
 Value = str | int | float | None
 
@@ -431,9 +432,10 @@ def convert(spec: FieldSpec, text: str) -> tuple[Value, str | None]:
                 return None, f"invalid number {text[:40]!r}: use a decimal such as 10 or 1.5"
             return number, None
         case ValueType.INTEGER:
-            if not _INTEGER.fullmatch(text):
+            whole = _INTEGER.fullmatch(text)
+            if whole is None:
                 return None, f"invalid whole number {text[:40]!r}"
-            return int(text), None
+            return int(whole.group(1)), None
         case ValueType.FLAG:
             flag = text.upper()
             if flag not in ("Y", "N"):
@@ -485,7 +487,12 @@ def references(tx: Transaction) -> list[tuple[str, ValueType, str]]:
 # Finding and parsing
 
 _ROOT = "commitcrmtransaction"
-_ROOT_MARKER_TEXT = re.compile(r"<(?:[\w.-]+:)?commitcrmtransaction[\s/>]", re.IGNORECASE)
+# Is the root element ours? Read without parsing: after the XML declaration, processing
+# instructions and comments, the first start tag; after a DTD declaration, our start tag anywhere.
+_PROLOG_ITEM = re.compile(r"\s*(?:<\?.*?\?>|<!--.*?-->)", re.DOTALL)
+_DECLARATION = re.compile(r"\s*<!(?!--)")  # DOCTYPE, ENTITY, ELEMENT … (comments are skipped)
+_ROOT_START = re.compile(r"\s*<(?:[\w.-]+:)?commitcrmtransaction[\s/>]", re.IGNORECASE)
+_ROOT_MARKER = re.compile(r"<(?:[\w.-]+:)?commitcrmtransaction[\s/>]", re.IGNORECASE)
 _ROOT_END = re.compile(r"</(?:[\w.-]+:)?commitcrmtransaction\s*>", re.IGNORECASE)
 # Anything starting "<!" other than a comment or CDATA means a DTD: DOCTYPE, ENTITY, ELEMENT...
 _UNSAFE = re.compile(r"<!(?!--|\[CDATA\[)", re.IGNORECASE)
@@ -571,10 +578,18 @@ def _decode(raw: bytes) -> str:
             return body.decode("latin-1")
 
 
-def _markers(head: str) -> tuple[bool, bool]:
-    """(looks like XML: declaration or DOCTYPE first, names our root near the start)."""
-    start = head[:16].lower()
-    return start.startswith(("<?xml", "<!doctype")), bool(_ROOT_MARKER_TEXT.search(head))
+def _ours(head: str) -> bool:
+    """Whether a document starting with `head` has CommitCRMTransaction as its root element
+    (xml-api 1: only then is a message an XML transaction). Any other XML — a plist or a log
+    attached as .xml, an HTML body, a reply quoting a transaction — is ordinary mail."""
+    pos = 0
+    while item := _PROLOG_ITEM.match(head, pos):
+        pos = item.end()
+    if _DECLARATION.match(head, pos):
+        # A DTD can be long and hostile, and is not read: a document with our element after it
+        # is a transaction, refused for its DTD (150012).
+        return _ROOT_MARKER.search(head, pos) is not None
+    return _ROOT_START.match(head, pos) is not None
 
 
 def _head_text(raw: bytes) -> str:
@@ -639,7 +654,9 @@ def _address(value: str | None) -> str | None:
     parsed = getaddresses([value])
     if len(parsed) != 1:
         return None
-    addr = parsed[0][1].strip().lower()
+    local, at, domain = parsed[0][1].strip().rpartition("@")
+    # The domain is case-insensitive; the local part may not be (RFC 5321 2.4): kept as given.
+    addr = f"{local}{at}{domain.lower()}"
     return addr if len(addr) <= 254 and _ADDRESS.fullmatch(addr) else None
 
 
@@ -647,7 +664,7 @@ def _kind_name(given: str | None) -> str | None:
     if given is None:
         return None
     name = given.strip().upper().replace("_", "-")
-    if name.isdigit() and int(name) in KIND_BY_CODE:
+    if name.isascii() and name.isdigit() and int(name) in KIND_BY_CODE:  # not "²"
         return KIND_BY_CODE[int(name)]
     return name
 
@@ -725,10 +742,12 @@ def _transaction(root: etree._Element) -> Transaction:
         errors.append(XmlError(ERR_KIND, None, f"data kind {kind_name} is not supported"))
     elif kind_name not in KINDS:
         errors.append(XmlError(ERR_KIND, None, f"unknown data kind {kind_name[:40]!r}"))
+    # A required element missing or repeated (150010): the document was read, so the sender
+    # is answered, as for a missing field (150001 is for documents that could not be read).
     if len(record_data) > 1:
-        errors.append(XmlError(ERR_MALFORMED, None, "more than one RecordData element"))
+        errors.append(XmlError(ERR_INVALID, None, "more than one RecordData element"))
     elif not record_data:
-        errors.append(XmlError(ERR_MALFORMED, None, "RecordData missing"))
+        errors.append(XmlError(ERR_INVALID, None, "RecordData missing"))
     kind = KINDS.get(kind_name) if kind_name else None
     if kind is not None:
         unknown = [n for n in fields if not kind.known(n)]
@@ -751,40 +770,28 @@ def _refused(code: int, message: str) -> Transaction:
 def _examine(raw: bytes, max_bytes: int) -> tuple[Transaction, bool] | None:
     """(transaction, parsed) when `raw` is a transaction attempt, else None."""
     if len(raw) > max_bytes:
-        looks_xml, names_root = _markers(_head_text(raw))
-        if looks_xml or names_root:
+        if _ours(_head_text(raw)):
             return _refused(ERR_UNSAFE, f"larger than the {max_bytes}-byte limit"), False
         return None
     try:
         text = _decode(raw)
     except _Refused as exc:
-        looks_xml, names_root = _markers(_head_text(raw))
-        return (_refused(exc.code, exc.message), False) if looks_xml or names_root else None
+        return (_refused(exc.code, exc.message), False) if _ours(_head_text(raw)) else None
     text = text.lstrip("\ufeff \t\r\n")
-    looks_xml, names_root = _markers(text[:_HEAD])
-    attempt = looks_xml or names_root
-    if not text.startswith("<"):
-        return (_refused(ERR_MALFORMED, "text before the XML"), False) if names_root else None
-    if names_root:
-        # Mail systems append footers ("Sent from my phone", disclaimers) after the document.
-        ends = list(_ROOT_END.finditer(text))
-        if ends:
-            text = text[: ends[-1].end()]
+    if not _ours(text):  # linear: anchored, or one search after a DOCTYPE
+        return None
+    # Mail systems append footers ("Sent from my phone", disclaimers) after the document.
+    ends = list(_ROOT_END.finditer(text))
+    if ends:
+        text = text[: ends[-1].end()]
     if _UNSAFE.search(text):
-        return (
-            (_refused(ERR_UNSAFE, "DOCTYPE/entity declarations refused"), False)
-            if attempt
-            else None
-        )
+        return _refused(ERR_UNSAFE, "DOCTYPE/entity declarations refused"), False
     try:
         root = _parse(text)
     except _Refused as exc:
-        return (_refused(exc.code, exc.message), False) if attempt else None
-    name = _local(root)
-    if (name or "").lower() != _ROOT:
-        if names_root:
-            return _refused(ERR_MALFORMED, "root element is not CommitCRMTransaction"), False
-        return None
+        return _refused(exc.code, exc.message), False
+    if (_local(root) or "").lower() != _ROOT:  # a DOCTYPE that names ours over another root
+        return _refused(ERR_MALFORMED, "root element is not CommitCRMTransaction"), False
     return _transaction(root), True
 
 

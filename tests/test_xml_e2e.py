@@ -475,11 +475,11 @@ CASES: tuple[Case, ...] = (
         "xml_rejected",
         error_code=150001,
     ),
-    Case(
+    Case(  # xml-api 1: the root element is not ours, so it is ordinary mail a person reads
         "wrong-root-naming-ours",
         lambda w: in_body('<?xml version="1.0"?>\n<Envelope><CommitCRMTransaction/></Envelope>'),
-        "xml_rejected",
-        error_code=150001,
+        "forwarded",
+        path="regular",
     ),
     # --- containers and encodings ---
     Case(
@@ -739,6 +739,26 @@ async def test_xxe_payload_reads_no_file(
     assert "TOP-SECRET" not in dump
 
 
+async def test_a_customers_mail_with_other_xml_attached_is_a_ticket_not_a_refusal(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """API enabled: a known customer's request with an Apple plist (a DOCTYPE) or a cut-off log
+    attached as .xml is not an XML transaction (its root is not CommitCRMTransaction, xml-api
+    1). It opens a ticket, as any mail of theirs; before, it was recorded xml_rejected (150012
+    or 150001), answered nobody and reached no person."""
+    world = await start_world(gateway_factory, relay)
+    plist = (
+        '<?xml version="1.0"?>\n<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN"'
+        ' "http://www.apple.com/DTDs/PropertyList-1.0.dtd">\n<plist><dict/></plist>'
+    )
+    for attached, name in ((plist, "vpn.xml"), ('<?xml version="1.0"?><log><e>disk', "log.xml")):
+        data = as_attachment(attached, filename=name).replace(
+            b"forms@globex.example", b"helpdesk@globex.example"
+        )
+        row = await deliver(world.gw, data, ENVELOPE)
+        assert (row["outcome"]["path"], row["outcome"]["action"]) == ("regular", "ticket_created")
+
+
 async def test_api_disabled_xml_is_ordinary_mail(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
@@ -781,6 +801,24 @@ async def test_hourly_cap_applies_to_responses(
     assert [len(o["sent"]) for o in outcomes] == [2, 2, 0]
     assert outcomes[2]["action"] == "xml_applied"  # applied all the same
     assert any("hourly cap" in n for n in outcomes[2]["notes"])
+
+
+async def test_a_transaction_over_the_parsers_4_mib_is_refused_not_taken_for_mail(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """The parser keeps at most 4 MiB of an XML candidate. A bigger transaction used to be
+    dropped from the candidates and processed as ordinary mail (a ticket from a known sender);
+    it is refused as too large (150012), whatever SMTPGATE_API_MAX_XML_BYTES allows."""
+    world = await start_world(gateway_factory, relay, api_max_xml_bytes=4 * 1024 * 1024)
+    big = ticket_tx().replace("Printer", "Printer" + "x" * (5 * 1024 * 1024), 1)
+    row = await deliver(world.gw, in_body(big, sender="helpdesk@globex.example"), ENVELOPE)
+    assert (row["outcome"]["action"], row["outcome"]["error_code"]) == ("xml_rejected", 150012)
+
+
+def test_the_xml_size_limit_is_at_most_what_the_parser_keeps() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(_env_file=None, api_max_xml_bytes=4 * 1024 * 1024 + 1)
+    assert "SMTPGATE_API_MAX_XML_BYTES" in str(info.value)
 
 
 @pytest.mark.parametrize(
