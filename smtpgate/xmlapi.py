@@ -76,7 +76,6 @@ class KindSpec:
     # Each group must have one non-empty member to add a record (HISTORY-NOTE: link or account).
     required: tuple[tuple[str, ...], ...]
     fields: Mapping[str, FieldSpec]
-    has_updated_by: bool = True
     # Stored NOT NULL with a default on add (ticket status 100, note time now): never emptied.
     not_empty: frozenset[str] = frozenset()
 
@@ -190,7 +189,6 @@ HISTORY_NOTE = KindSpec(
         FLDHISCONTACTID="contact",
         FLDHISUSER1="field1",
     ),
-    has_updated_by=False,  # the history table (migration 1) records only its creator
     not_empty=frozenset({"FLDHISNOTEDATETIME"}),
 )
 

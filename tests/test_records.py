@@ -250,13 +250,21 @@ async def test_history_note_on_ticket_then_update(db: aiosqlite.Connection) -> N
     assert note["inbound_id"] == "IN-9"
     assert note["created_by"] == "Web form"
 
+    assert note["updated_by"] == "Web form"
+
     applied = await apply(
-        db, xml("HISTORY-NOTE", {"FLDHISRECID": rec_id, "FLDHISDESCRIPTION": "Called twice"})
+        db,
+        xml(
+            "HISTORY-NOTE",
+            {"FLDHISRECID": rec_id, "FLDHISDESCRIPTION": "Called twice"},
+            app="CRM sync",
+        ),
     )
     assert (applied.error_code, applied.record_id) == (1, rec_id)
     note = await row(db, "history", rec_id)
     assert note["description"] == "Called twice"
     assert note["kind"] == "Phone"
+    assert (note["created_by"], note["updated_by"]) == ("Web form", "CRM sync")  # xml-api 1
 
 
 @pytest.mark.parametrize(

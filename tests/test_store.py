@@ -123,7 +123,8 @@ async def test_migration_5_composes_decomposed_account_keys(tmp_path: Path) -> N
     with contextlib.closing(sqlite3.connect(tmp_path / "smtpgate.db")) as db, db:
         # the store as an older version left it
         db.execute("UPDATE account_keys SET value = ? WHERE field = 'file_as'", (decomposed,))
-        db.execute("DELETE FROM schema_migrations WHERE version = 5")
+        db.execute("DELETE FROM schema_migrations WHERE version >= 5")
+        db.execute("ALTER TABLE history DROP COLUMN updated_by")  # migration 6 undone
     store = await Store.open(tmp_path / "smtpgate.db")
     try:
         [found] = await store.find_accounts([("file_as", [normalize_key("Café Müller")])])

@@ -162,8 +162,7 @@ def _add(
     if kind is not xmlapi.ACCOUNT:
         row["inbound_id"] = inbound_id
     row["created_by"] = actor
-    if kind.has_updated_by:
-        row["updated_by"] = actor
+    row["updated_by"] = actor
     row["created_at"] = now
     row["updated_at"] = now
     _insert(db, kind.table, row)
@@ -178,8 +177,7 @@ def _update(db: sqlite3.Connection, kind: KindSpec, tx: Transaction, rec_id: str
     if kind is xmlapi.HISTORY_NOTE:
         _history_links(db, values, adding=False)
     values["updated_at"] = crm.now_iso()
-    if kind.has_updated_by:
-        values["updated_by"] = tx.actor
+    values["updated_by"] = tx.actor
     assignments = ", ".join(f"{column} = ?" for column in values)
     db.execute(
         f"UPDATE {kind.table} SET {assignments} WHERE rec_id = ?", (*values.values(), rec_id)

@@ -348,6 +348,15 @@ MIGRATIONS: list[tuple[int, str, str | Callable[[sqlite3.Connection], None]]] = 
         """,
     ),
     (5, "account keys in Unicode NFC", _account_keys_in_nfc),
+    (
+        6,
+        "who last changed a history note",
+        """
+        -- xml-api 1: ExternalApplicationName is recorded as the record's creator/updater; the
+        -- history table kept only its creator. NULL for notes no transaction has changed.
+        ALTER TABLE history ADD COLUMN updated_by TEXT;
+        """,
+    ),
 ]
 
 
