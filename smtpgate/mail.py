@@ -685,18 +685,20 @@ def _html_to_text(source: str) -> str:
 # --- auto-reply and delivery-report recognition (spec 2.3.2) ------------------------------------
 
 # Subject prefixes of out-of-office / auto-replies in the languages MSP customers write in,
-# followed by a colon ("Automatic reply: …", "Out of Office AutoReply: …") or nothing: "Out of
-# office not working in Outlook" is a customer's request, not an auto-reply.
+# followed by a separator ("Automatic reply: …", "Out of Office - back Monday", "Automatische
+# Antwort (Abwesenheit)") or by nothing but "." or "!"; "out of office" also by "until", "till"
+# or "back". "Out of office not working in Outlook" is a customer's request, not an auto-reply.
 _AUTO_REPLY_SUBJECT = re.compile(
-    r"^\s*(?:auto\s?[:：]|"
-    r"(?:automatic reply|auto(?:matic)?[ -]?(?:reply|response|responder)|autoreply|"
-    r"out of (?:the )?office(?:\s+auto-?reply)?|abwesenheitsnotiz|automatische antwort|"
-    r"r[ée]ponse automatique|autosvar|automatisk svar|automatisch antwoord|"
-    r"respuesta autom[áa]tica|risposta automatica|resposta autom[áa]tica|"
+    r"^\s*(?:auto\s?[:：]"
+    r"|out of (?:the )?office\s+(?:until|till|back)\b"
+    r"|(?:automatic reply|auto(?:matic)?[ -]?(?:reply|response|responder)|autoreply|"
+    r"out of (?:the )?office(?:\s+auto[ -]?reply|\s+reply)?|abwesenheitsnotiz|"
+    r"automatische antwort|r[ée]ponse automatique|autosvar|automatisk svar|"
+    r"automatisch antwoord|respuesta autom[áa]tica|risposta automatica|resposta autom[áa]tica|"
     r"automaattinen vastaus|automatick[áa] odpov[ěe]ď|odpowied[źz] automatyczna|"
     r"automatikus v[áa]lasz|otomatik yan[ıi]t|r[ăa]spuns automat|"
     r"автоматический ответ|αυτόματη απάντηση|自動回覆|自动回复|自動応答|自動返信|자동 회신)"
-    r"\s*(?:[:：]|$))",
+    r"\s*(?:[:：\-–—(\[（]|[.!]*\s*$))",
     re.IGNORECASE,
 )
 _BOUNCE_SUBJECT = re.compile(

@@ -486,11 +486,11 @@ def references(tx: Transaction) -> list[tuple[str, ValueType, str]]:
 
 _ROOT = "commitcrmtransaction"
 # Is the root element ours? Read without parsing: after the XML declaration, processing
-# instructions and comments, the first start tag; after a DTD declaration, our start tag anywhere.
+# instructions and comments, and any DTD declarations, the first start tag.
 _PROLOG_ITEM = re.compile(r"\s*(?:<\?.*?\?>|<!--.*?-->)", re.DOTALL)
 _DECLARATION = re.compile(r"\s*<!(?!--)")  # DOCTYPE, ENTITY, ELEMENT … (comments are skipped)
 _ROOT_START = re.compile(r"\s*<(?:[\w.-]+:)?commitcrmtransaction[\s/>]", re.IGNORECASE)
-_ROOT_MARKER = re.compile(r"<(?:[\w.-]+:)?commitcrmtransaction[\s/>]", re.IGNORECASE)
+_FIRST_TAG = re.compile(r"<(?![!?/])")  # the first start tag after declarations and comments
 _ROOT_END = re.compile(r"</(?:[\w.-]+:)?commitcrmtransaction\s*>", re.IGNORECASE)
 # Anything starting "<!" other than a comment or CDATA means a DTD: DOCTYPE, ENTITY, ELEMENT...
 _UNSAFE = re.compile(r"<!(?!--|\[CDATA\[)", re.IGNORECASE)
@@ -584,9 +584,11 @@ def _ours(head: str) -> bool:
     while item := _PROLOG_ITEM.match(head, pos):
         pos = item.end()
     if _DECLARATION.match(head, pos):
-        # A DTD can be long and hostile, and is not read: a document with our element after it
-        # is a transaction, refused for its DTD (150012).
-        return _ROOT_MARKER.search(head, pos) is not None
+        # A DTD can be long and hostile, and is not read: a document whose first start tag
+        # after it is ours is a transaction, refused for its DTD (150012). (A "<" inside the
+        # DTD may be taken for that tag: then it is ordinary mail, and is not parsed either.)
+        first = _FIRST_TAG.search(head, pos)
+        return first is not None and _ROOT_START.match(head, first.start()) is not None
     return _ROOT_START.match(head, pos) is not None
 
 

@@ -307,6 +307,31 @@ DSN = multipart(
             eml("Subject: Out of Office AutoReply: Printer"), True, False, id="exchange-2003"
         ),
         pytest.param(eml("Subject: AutoReply: Printer"), True, False, id="autoreply-colon"),
+        *(
+            pytest.param(eml(f"Subject: {subject}"), True, False, id=f"ooo-{i}")
+            for i, subject in enumerate(
+                [
+                    "Out of office - back Monday",
+                    "Out of Office (until 5 May): Printer",
+                    "Out of office until 3 June",
+                    "Out of office reply: Printer",
+                    "Out of Office Auto Reply: Printer",
+                    "Out of office.",
+                    "Out of Office!",
+                    "Automatic reply - Printer",
+                    "Automatische Antwort \u2013 Max Mustermann",
+                    "Automatische Antwort (Abwesenheit)",
+                    "Abwesenheitsnotiz - Urlaub",
+                    "\u81ea\u52d5\u8fd4\u4fe1\uff1aPrinter",
+                ]
+            )
+        ),
+        pytest.param(
+            eml("Subject: Out of office replies go to the wrong mailbox"),
+            False,
+            False,
+            id="ooo-replies-request",
+        ),
         pytest.param(DSN, True, True, id="multipart-report"),
         pytest.param(
             multipart(

@@ -135,7 +135,7 @@ def ticket_decision(mails: Callable[[Applied], list[OutboundMail]] | None = None
         Branch.AUTOMATED,
         Action.AUTOMATED_TICKET,
         account=ACME,
-        new_ticket=NewTicket(ACME, None, "disk", "details", "test", "note"),
+        new_ticket=NewTicket(ACME, None, "disk", "details", "test", "note", message_id="<a1@x>"),
         mails=mails or forward,
     )
 

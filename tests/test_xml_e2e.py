@@ -803,6 +803,23 @@ async def test_hourly_cap_applies_to_responses(
     assert any("hourly cap" in n for n in outcomes[2]["notes"])
 
 
+async def test_the_hourly_cap_counts_an_address_whatever_its_case(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """The response goes out as addressed (a local part may be case-sensitive), but the cap
+    counts one mailbox: changing the case of its letters does not buy more mail to it."""
+    world = await start_world(gateway_factory, relay, auto_mail_hourly_limit=2)
+    outcomes = []
+    for i, to in enumerate(
+        ("Victim@Globex.example", "vIctim@globex.example", "victim@GLOBEX.example")
+    ):
+        tx = ticket_tx(respond=to, return_id=f"T-{i}")
+        outcomes.append((await deliver(world.gw, in_body(tx), ENVELOPE))["outcome"])
+    assert [len(o["sent"]) for o in outcomes] == [2, 2, 0]  # response and BCC, twice
+    assert outcomes[0]["sent"][0]["to"] == ["Victim@globex.example"]
+    assert any("response to victim@globex.example suppressed" in n for n in outcomes[2]["notes"])
+
+
 async def test_a_transaction_over_the_parsers_4_mib_is_refused_not_taken_for_mail(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:

@@ -498,6 +498,11 @@ NOT_TRANSACTIONS = [
         id="plist-attachment",
     ),
     pytest.param([b'<?xml version="1.0"?><log><entry>disk full'], id="truncated-log"),
+    pytest.param(
+        [b'<!DOCTYPE export SYSTEM "export.dtd"><export><![CDATA[<CommitCRMTransaction>'
+         b"]]></export>"],
+        id="doctype-other-root-naming-ours-inside",
+    ),
 ]  # fmt: skip
 
 

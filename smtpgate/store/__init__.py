@@ -822,11 +822,13 @@ class Store:
         for mail in mails:
             if mail.kind in AUTOMATIC_KINDS:
                 # Per-recipient cap on automatic mail: a runaway peer cannot make us a flood.
+                # Counted per address whatever its case: Victim@ and vIctim@ are one mailbox
+                # almost everywhere, though the mail goes out as addressed.
                 over = []
                 for rcpt in mail.recipients:
                     row = db.execute(
                         "SELECT count(*) FROM auto_mail_log WHERE recipient = ? AND sent_at > ?",
-                        (rcpt, now - 3600),
+                        (rcpt.lower(), now - 3600),
                     ).fetchone()
                     if row and row[0] >= hourly_limit:
                         over.append(rcpt)
@@ -835,7 +837,7 @@ class Store:
                     continue
                 db.executemany(
                     "INSERT INTO auto_mail_log (recipient, sent_at) VALUES (?, ?)",
-                    [(r, now) for r in mail.recipients],
+                    [(r.lower(), now) for r in mail.recipients],
                 )
             db.execute(
                 "INSERT INTO outbox (inbound_id, kind, mail_from, recipients, message_id, data,"
