@@ -75,6 +75,9 @@ class ParsedMessage:
     attachments: tuple[Attachment, ...]
     xml_candidates: tuple[bytes, ...]
     defects: tuple[str, ...]
+    # The codec of each XML candidate's MIME charset (text parts), or None: xml-api reads it
+    # when the document's own encoding does not fit its bytes.
+    xml_charsets: tuple[str | None, ...] = ()
 
 
 # Regex sources for the lines that start a quoted reply (spec 2.3). Config compiles them with
@@ -839,6 +842,7 @@ class _Parser:
             attachments=body.attachments,
             xml_candidates=body.xml_candidates,
             defects=tuple(self.defects),
+            xml_charsets=body.xml_charsets,
         )
 
     # headers
@@ -1040,15 +1044,17 @@ class _Parser:
             and all(leaf is not chosen for chosen in xml_leaves)
         ]
         xml_candidates: list[bytes] = []
+        xml_charsets: list[str | None] = []
         for leaf in xml_leaves:
-            data = self.data(leaf)
-            if len(data) > _MAX_XML_BYTES:
-                # Its start says whether it is a transaction (then refused as too large, 150012)
-                # or ordinary mail; its end is never read.
-                xml_candidates.append(data[: _MAX_XML_BYTES + 1])
-            elif data.strip():
-                xml_candidates.append(data)
-        return _Body(text, html_only, attachments, tuple(xml_candidates))
+            # Over the limit, its start still says whether it is a transaction (then refused as
+            # too large, 150012) or ordinary mail; its end is never read.
+            data = self.data(leaf)[: _MAX_XML_BYTES + 1]  # bytes: no copy when shorter
+            if not data.strip():
+                continue
+            xml_candidates.append(data)
+            text_part = leaf.content_type.startswith("text/")
+            xml_charsets.append(_codec_for(leaf.charset) if text_part else None)
+        return _Body(text, html_only, attachments, tuple(xml_candidates), tuple(xml_charsets))
 
 
 @dataclass(slots=True)
@@ -1064,6 +1070,7 @@ class _Body:
     html_only: bool
     attachments: tuple[Attachment, ...]
     xml_candidates: tuple[bytes, ...]
+    xml_charsets: tuple[str | None, ...]
 
 
 def _iter_defects(part: Message) -> Iterable[str]:

@@ -291,7 +291,11 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
 
 async def stage_xml(inb: Inbound, ctx: Context, _: Directory) -> Decision | None:
     settings = ctx.settings
-    tx = xmlapi.find_transaction(inb.msg.xml_candidates, max_bytes=settings.api_max_xml_bytes)
+    tx = xmlapi.find_transaction(
+        inb.msg.xml_candidates,
+        max_bytes=settings.api_max_xml_bytes,
+        charsets=inb.msg.xml_charsets,
+    )
     if tx is None:
         return None
     unreadable = [e for e in tx.errors if e.code in UNREADABLE_CODES]

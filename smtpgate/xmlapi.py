@@ -7,6 +7,7 @@ The data kinds and their fields are data (`KINDS`), the only source of column na
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hmac
 import re
 from collections.abc import Mapping, Sequence
@@ -544,8 +545,12 @@ def _split_bom(raw: bytes) -> tuple[str | None, bytes]:
     return None, raw
 
 
-def _decode(raw: bytes) -> str:
-    """The document as text; raises _Refused(150001) when its encoding is unknown or wrong."""
+def _decode(raw: bytes, charset: str | None = None) -> str:
+    """The document as text; raises _Refused(150001) when its encoding is unknown or wrong.
+
+    `charset` (the codec of a text part's MIME charset) is the fallback when the declared
+    encoding does not fit the bytes: a mail client re-encoded the text and left the XML
+    declaration as it was (RFC 7303 makes the charset the authority for text/xml)."""
     encoding, body = _split_bom(raw)
     if encoding is not None:
         try:
@@ -565,15 +570,16 @@ def _decode(raw: bytes) -> str:
         try:
             return body.decode(name)
         except (UnicodeDecodeError, LookupError) as exc:
+            if charset is not None and charset != name:
+                with contextlib.suppress(UnicodeDecodeError, LookupError):
+                    return body.decode(charset)
             raise _Refused(ERR_MALFORMED, f"not valid {declared}") from exc
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError:
-        # No declaration and not UTF-8: a mail body in a legacy charset. Be lenient.
-        try:
-            return body.decode("cp1252")
-        except UnicodeDecodeError:
-            return body.decode("latin-1")
+    # No declaration: UTF-8, else the part's charset, else a legacy charset. Be lenient.
+    for codec in ("utf-8", charset, "cp1252"):
+        if codec is not None:
+            with contextlib.suppress(UnicodeDecodeError, LookupError):
+                return body.decode(codec)
+    return body.decode("latin-1")
 
 
 def _ours(head: str) -> bool:
@@ -767,14 +773,16 @@ def _refused(code: int, message: str) -> Transaction:
     return Transaction(errors=(XmlError(code, None, message),))
 
 
-def _examine(raw: bytes, max_bytes: int) -> tuple[Transaction, bool] | None:
+def _examine(
+    raw: bytes, max_bytes: int, charset: str | None = None
+) -> tuple[Transaction, bool] | None:
     """(transaction, parsed) when `raw` is a transaction attempt, else None."""
     if len(raw) > max_bytes:
         if _ours(_head_text(raw)):
             return _refused(ERR_UNSAFE, f"larger than the {max_bytes}-byte limit"), False
         return None
     try:
-        text = _decode(raw)
+        text = _decode(raw, charset)
     except _Refused as exc:
         return (_refused(exc.code, exc.message), False) if _ours(_head_text(raw)) else None
     text = text.lstrip("\ufeff \t\r\n")
@@ -796,18 +804,23 @@ def _examine(raw: bytes, max_bytes: int) -> tuple[Transaction, bool] | None:
 
 
 def find_transaction(
-    candidates: Sequence[bytes], *, max_bytes: int = MAX_BYTES
+    candidates: Sequence[bytes],
+    *,
+    max_bytes: int = MAX_BYTES,
+    charsets: Sequence[str | None] = (),
 ) -> Transaction | None:
     """The transaction in the first candidate holding one, or None for ordinary mail.
 
-    Candidates are the text/plain body, XML parts and .xml attachments, in that order. A
-    well-formed CommitCRMTransaction wins over an earlier attempt that was refused, so a body
-    mangled by a mail client does not hide the same transaction attached as a file.
+    Candidates are the text/plain body, XML parts and .xml attachments, in that order (with
+    `charsets`, the codecs of their MIME charsets: see `_decode`). A well-formed
+    CommitCRMTransaction wins over an earlier attempt that was refused, so a body mangled by a
+    mail client does not hide the same transaction attached as a file.
     """
     refused: Transaction | None = None
-    for raw in candidates:
+    for i, raw in enumerate(candidates):
+        charset = charsets[i] if i < len(charsets) else None
         try:
-            found = _examine(bytes(raw), max_bytes)
+            found = _examine(bytes(raw), max_bytes, charset)
         except (ValueError, LookupError, etree.LxmlError) as exc:  # belt and braces: never raise
             found = _refused(ERR_MALFORMED, f"unreadable XML: {type(exc).__name__}"), False
         if found is None:

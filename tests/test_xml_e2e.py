@@ -214,6 +214,11 @@ def ticket_tx(**kw: Any) -> str:
     return xml("TICKET", {"FLDTKTCARDID": GLOBEX, "FLDTKTPROBLEM": "Printer"}, **kw)
 
 
+async def check_problem(w: World, out: dict[str, Any], problem: str) -> None:
+    ticket = await w.store.get_ticket(out["ticket"])
+    assert ticket["description"] == problem
+
+
 async def check_account_added(w: World, out: dict[str, Any]) -> None:
     accounts = {a["file_as"]: a for a in await w.store.list_accounts()}
     assert accounts["Initech"]["rec_id"] == out["record"]["rec_id"]
@@ -505,6 +510,19 @@ CASES: tuple[Case, ...] = (
         kind="TICKET",
         status=1,
         ticket=2,
+    ),
+    Case(  # a mail client re-encoded the body and left the declaration (RFC 7303: charset rules)
+        "latin1-body-declaring-utf8",
+        lambda w: raw_mime(
+            "Content-Type: text/plain; charset=iso-8859-1\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n\r\n",
+            ticket_tx().replace("Printer", "Drucker von Müller").encode("latin-1"),
+        ),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+        check=lambda w, out: check_problem(w, out, "Drucker von Müller"),
     ),
     Case(
         "body-base64-with-bom",

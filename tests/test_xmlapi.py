@@ -651,6 +651,25 @@ def test_depth_limit_boundary() -> None:
     assert codes(tx) == [(150002, "X")]
 
 
+@pytest.mark.parametrize(
+    ("declaration", "charset"),
+    [('<?xml version="1.0" encoding="utf-8"?>', "koi8_r"), ("", "koi8_r"), ("", "cp1251")],
+)
+def test_the_parts_charset_reads_what_the_declaration_cannot(
+    declaration: str, charset: str
+) -> None:
+    """A text part re-encoded by a mail client: its MIME charset decides when the declared
+    encoding (or, without one, UTF-8) does not fit the bytes."""
+    text = doc("TICKET", {**ADD_FIELDS["TICKET"], "FLDTKTPROBLEM": "Принтер"}, decl=False)
+    data = (declaration + text).encode(charset)
+    tx = find_transaction([data], charsets=[charset])
+    assert tx is not None
+    assert tx.ok
+    assert tx.fields["FLDTKTPROBLEM"] == "Принтер"
+    without = find_transaction([data])  # the old reading: refused, or Windows-1252 mojibake
+    assert without is None or without.fields.get("FLDTKTPROBLEM") != "Принтер"
+
+
 def test_max_bytes_is_configurable() -> None:
     data = TICKET_ADD.encode()
     assert find_transaction([data], max_bytes=len(data)) is not None
