@@ -316,6 +316,10 @@ async def stage_xml(inb: Inbound, ctx: Context, _: Directory) -> Decision | None
         return Decision(Path.XML, Action.XML_REJECTED, reason="password", error_code=150011)
     why_not = _may_answer(inb, ctx, tx.response_to)
     notes: list[str] = []
+    if tx.others:
+        notes.append(
+            f"{tx.others} more transaction(s) in this message not applied: one per message"
+        )
     if not settings.api_send_response:
         why_not = "responses disabled"
     elif tx.response_to and why_not:

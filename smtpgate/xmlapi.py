@@ -11,7 +11,7 @@ import contextlib
 import hmac
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from email.utils import getaddresses
@@ -330,6 +330,9 @@ class Transaction:
     data_kind: str | None = None
     fields: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     errors: tuple[XmlError, ...] = ()
+    # Other parts of the message that are transactions too, not copies of this one: one
+    # transaction per message is applied (the first), the outcome says so.
+    others: int = 0
 
     @property
     def kind(self) -> KindSpec | None:
@@ -719,13 +722,6 @@ def _transaction(root: etree._Element) -> Transaction:
             envelope[key] = _text(child)  # unknown envelope elements are ignored
     app_name = _clean(envelope.get("externalapplicationname"))
     kind_name = _kind_name(envelope.get("datakind") or None)
-    base = {
-        "app_name": app_name,
-        "response_to": _address(envelope.get("sendresponsetoemail")),
-        "password": envelope.get("password") or None,
-        "return_id": _clean(envelope.get("returntransactionid")),
-        "data_kind": _clean(kind_name),
-    }
 
     errors: list[XmlError] = []
     fields: dict[str, str] = {}
@@ -766,7 +762,15 @@ def _transaction(root: etree._Element) -> Transaction:
         )
         known = {n: v for n, v in fields.items() if kind.known(n)}
         errors.extend(_validate(kind, known, adding=kind.rec_id_field not in fields))
-    return Transaction(**base, fields=frozen, errors=tuple(errors))
+    return Transaction(
+        app_name=app_name,
+        response_to=_address(envelope.get("sendresponsetoemail")),
+        password=envelope.get("password") or None,
+        return_id=_clean(envelope.get("returntransactionid")),
+        data_kind=_clean(kind_name),
+        fields=frozen,
+        errors=tuple(errors),
+    )
 
 
 def _refused(code: int, message: str) -> Transaction:
@@ -827,10 +831,20 @@ def find_transaction(
             continue
         tx, parsed = found
         if parsed:
-            return tx
+            others = sum(
+                1
+                for later in candidates[i + 1 :]
+                if bytes(later).strip() != bytes(raw).strip() and _names_ours(bytes(later))
+            )
+            return replace(tx, others=others) if others else tx
         if refused is None:
             refused = tx
     return refused
+
+
+def _names_ours(raw: bytes) -> bool:
+    """A cheap look: does this candidate start a CommitCRMTransaction document?"""
+    return _ours(_head_text(raw))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -777,6 +777,22 @@ async def test_a_customers_mail_with_other_xml_attached_is_a_ticket_not_a_refusa
         assert (row["outcome"]["path"], row["outcome"]["action"]) == ("regular", "ticket_created")
 
 
+async def test_a_second_transaction_in_the_message_is_noted_not_applied(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay)
+    msg = EmailMessage(policy=email.policy.SMTP)
+    envelope_headers(msg, "two transactions", "forms@globex.example")
+    msg.set_content(ticket_tx())
+    other = xml("ACCOUNT", {"FLDCRDFULLNAME": "Initech"}, return_id="T-2")
+    msg.add_attachment(other.encode(), maintype="application", subtype="xml", filename="a.xml")
+    row = await deliver(world.gw, msg.as_bytes(), ENVELOPE)
+    out = row["outcome"]
+    assert (out["action"], out["record"]["kind"]) == ("xml_applied", "TICKET")
+    assert any("1 more transaction(s)" in note for note in out["notes"])
+    assert "Initech" not in {a["file_as"] for a in await world.store.list_accounts()}
+
+
 async def test_api_disabled_xml_is_ordinary_mail(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:

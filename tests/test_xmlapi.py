@@ -670,6 +670,19 @@ def test_the_parts_charset_reads_what_the_declaration_cannot(
     assert without is None or without.fields.get("FLDTKTPROBLEM") != "Принтер"
 
 
+def test_other_transactions_in_the_message_are_counted_not_applied() -> None:
+    """One transaction a message (the first readable one); the others are counted for the
+    outcome's notes, a copy of the first is not (a body with the same document attached)."""
+    first = TICKET_ADD.encode()
+    second = doc("ACCOUNT", ADD_FIELDS["ACCOUNT"]).encode()
+    tx = find_transaction([first, b"Hello", second, b"  " + first + b"\r\n"])
+    assert tx is not None
+    assert (tx.data_kind, tx.others) == ("TICKET", 1)
+    alone = find_transaction([first, first])
+    assert alone is not None
+    assert alone.others == 0
+
+
 def test_max_bytes_is_configurable() -> None:
     data = TICKET_ADD.encode()
     assert find_transaction([data], max_bytes=len(data)) is not None
