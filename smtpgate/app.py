@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import IO
 
 from smtpgate import front
@@ -111,6 +111,16 @@ class Gateway:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Everything up, or nothing: a failure part-way stops what had started (the store's
+        threads would otherwise keep the process alive) and is raised; a port that cannot be
+        bound or TLS files that do not load are a ConfigError naming the variable."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace=1.0)
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = _single_server_lock(s)
@@ -123,9 +133,10 @@ class Gateway:
         if s.intake_processes:
             # Bound here, served by the children: the port is known now and stays bound while
             # a child restarts (connections wait in the backlog).
-            smtp = await loop.create_server(
-                asyncio.Protocol, host=s.smtp_host, port=s.smtp_port, start_serving=False
-            )
+            with _listening("SMTPGATE_SMTP_HOST / SMTPGATE_SMTP_PORT", s.smtp_host, s.smtp_port):
+                smtp = await loop.create_server(
+                    asyncio.Protocol, host=s.smtp_host, port=s.smtp_port, start_serving=False
+                )
             self._servers.append(smtp)
             fds = [sock.fileno() for sock in smtp.sockets]
             self.intake = IntakeProcesses(
@@ -138,12 +149,14 @@ class Gateway:
             factory, counter = front.listener_factory(
                 s, handler, tls_context, self._count_reply, self.data_budget
             )
-            smtp = await loop.create_server(factory, host=s.smtp_host, port=s.smtp_port)
+            with _listening("SMTPGATE_SMTP_HOST / SMTPGATE_SMTP_PORT", s.smtp_host, s.smtp_port):
+                smtp = await loop.create_server(factory, host=s.smtp_host, port=s.smtp_port)
             self._servers.append(smtp)
             sessions = lambda: counter[0]  # noqa: E731
         self.smtp_port = smtp.sockets[0].getsockname()[1]
         status = StatusServer(store, self.metrics, sessions, self._intake_running)
-        http = await asyncio.start_server(status.handle, host=s.http_host, port=s.http_port)
+        with _listening("SMTPGATE_HTTP_HOST / SMTPGATE_HTTP_PORT", s.http_host, s.http_port):
+            http = await asyncio.start_server(status.handle, host=s.http_host, port=s.http_port)
         self._servers.append(http)
         self.http_port = http.sockets[0].getsockname()[1]
 
@@ -511,6 +524,16 @@ class Gateway:
 
     def _intake_running(self) -> bool:
         return self.intake is None or self.intake.running()
+
+
+@contextlib.contextmanager
+def _listening(variables: str, host: str, port: int) -> Iterator[None]:
+    """A listening socket that cannot be opened is a configuration error naming its variables
+    (address in use, no such host, no permission for a low port)."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(f"{variables}: cannot listen on {host}:{port}: {exc}") from None
 
 
 def _single_server_lock(settings: Settings) -> IO[str]:

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import logging
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -145,6 +146,15 @@ async def cmd_serve(settings: Settings, rules: Rules, _: argparse.Namespace) -> 
 
 async def cmd_status(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
     # main() answers from smtpgate.status.fast_status when it can; this is the full path.
+    if not settings.db_path.exists():
+        # Not an empty, healthy queue: a mistyped SMTPGATE_DATA_DIR, or serve never ran there.
+        print(
+            f"smtpgate: SMTPGATE_DATA_DIR: no store at {settings.db_path}"
+            " (serve has not run with this data directory)",
+            file=sys.stderr,
+        )
+        return 1
+
     async def run(store: Store) -> int:
         print(render_status(await store.status(), args.json))
         return 0
@@ -511,6 +521,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s", exc)
         else:
             print(f"smtpgate: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorname", "") not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+            raise
+        message = f"SMTPGATE_DATA_DIR: {settings.db_path} is not a readable smtpgate store: {exc}"
+        if settings.log_format == "json":
+            log.error("%s", message)
+        else:
+            print(f"smtpgate: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -30,7 +30,7 @@ from aiosmtpd.smtp import (
 )
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from smtpgate.config import Settings
+from smtpgate.config import ConfigError, Settings
 from smtpgate.model import Envelope, has_bare_line_end
 from smtpgate.store import StoreError, new_queue_id
 
@@ -783,8 +783,15 @@ def listener_factory(
 
 
 def listener_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """STARTTLS for the listener; ConfigError naming the variables if the files do not load."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    try:
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            "SMTPGATE_TLS_CERT_FILE / SMTPGATE_TLS_KEY_FILE: cannot load the certificate"
+            f" {settings.tls_cert_file} and key {settings.tls_key_file}: {exc}"
+        ) from None
     return context

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -511,3 +512,58 @@ def test_an_invalid_log_format_itself_is_reported_as_plain_text(tmp_path: Path) 
     assert result.returncode == 2
     assert result.stderr.startswith("smtpgate: invalid setting")
     assert "SMTPGATE_LOG_FORMAT" in result.stderr
+
+
+# --- start-up failures: a clear error naming the variable, and the process ends --------------
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"SMTPGATE_SMTP_PORT": "{busy}"}, "SMTPGATE_SMTP_PORT"),
+        ({"SMTPGATE_HTTP_PORT": "{busy}"}, "SMTPGATE_HTTP_PORT"),
+        (
+            {"SMTPGATE_TLS_CERT_FILE": "/nonexistent/c.pem", "SMTPGATE_TLS_KEY_FILE": "/x/k.pem"},
+            "SMTPGATE_TLS_CERT_FILE",
+        ),
+    ],
+    ids=["smtp-port-in-use", "http-port-in-use", "tls-files-missing"],
+)
+def test_serve_that_cannot_start_says_which_variable_and_exits(
+    tmp_path: Path, env: dict[str, str], variable: str
+) -> None:
+    """Before, a traceback, and the store's threads kept the process alive for ever (still
+    holding the data directory's lock): a service manager saw it running."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        settings = {"SMTPGATE_SMTP_PORT": "0", "SMTPGATE_HTTP_PORT": "0"}
+        settings |= {k: v.format(busy=port) for k, v in env.items()}
+        result = run(tmp_path / "var", "serve", env=settings)
+    assert result.returncode == 2, result.stderr
+    assert variable in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_status_of_a_data_dir_with_no_store_is_an_error_not_an_empty_queue(
+    tmp_path: Path,
+) -> None:
+    result = run(tmp_path / "typo", "status")
+    assert result.returncode == 1
+    assert "SMTPGATE_DATA_DIR" in result.stderr
+    assert not (tmp_path / "typo" / "smtpgate.db").exists()  # not created either
+
+
+@pytest.mark.parametrize("verb", [("status",), ("queue", "list"), ("serve",)])
+def test_a_file_that_is_not_a_store_is_named_not_a_traceback(
+    tmp_path: Path, verb: tuple[str, ...]
+) -> None:
+    data = tmp_path / "var"
+    data.mkdir()
+    (data / "smtpgate.db").write_bytes(bytes(range(256)) * 32)
+    result = run(data, *verb, env={"SMTPGATE_SMTP_PORT": "0", "SMTPGATE_HTTP_PORT": "0"})
+    assert result.returncode == 2, result.stderr
+    assert "SMTPGATE_DATA_DIR" in result.stderr
+    assert "not a readable smtpgate store" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -274,17 +274,18 @@ def test_help_still_lists_every_verb(tmp_path: Path) -> None:
 # --- when the full path answers ------------------------------------------------------------------
 
 
-def test_a_missing_database_is_created_as_before(
+def test_a_missing_database_is_an_error_not_an_empty_healthy_queue(
     monkeypatch: pytest.MonkeyPatch, clean_env: None, tmp_path: Path
 ) -> None:
+    """A mistyped SMTPGATE_DATA_DIR must not look to monitoring like an idle gateway."""
     data = tmp_path / "fresh" / "var"
     monkeypatch.setenv("SMTPGATE_DATA_DIR", str(data))
     assert status.fast_status(as_json=False) is None
     assert not data.exists()  # the fast path creates nothing
     code, out = captured(cli.main, ["status"])
-    assert code == 0
-    assert out.startswith("inbound: 0 queued, 0 active, 0 done, 0 dead; oldest queued 0 s\n")
-    assert (data / "smtpgate.db").exists()
+    assert code == 1
+    assert out == ""
+    assert not (data / "smtpgate.db").exists()  # nor does the full path
 
 
 def test_an_empty_database_file_is_migrated_as_before(

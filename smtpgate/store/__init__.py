@@ -1362,10 +1362,14 @@ async def _connect(
         path, isolation_level=None, timeout=busy_timeout, check_same_thread=not any_thread
     )
     db.row_factory = aiosqlite.Row
-    await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-    # 250 means durable: fsync the WAL on every commit.
-    await db.execute("PRAGMA synchronous = FULL")
-    await db.execute("PRAGMA foreign_keys = ON")
+    try:
+        await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        # 250 means durable: fsync the WAL on every commit.
+        await db.execute("PRAGMA synchronous = FULL")
+        await db.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        await db.close()  # its thread would keep the process alive
+        raise
     return db
 
 
