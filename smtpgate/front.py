@@ -16,7 +16,7 @@ import types
 import warnings
 from collections.abc import Callable
 from email.utils import formatdate
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import aiosmtpd
 import aiosmtpd.smtp as aiosmtpd_smtp
@@ -84,8 +84,11 @@ class Handler:
     ) -> list[str]:
         session.host_name = hostname
         # aiosmtpd handles pipelined commands; spec 6 wants it and RFC 3463 codes advertised.
+        # No AUTH (aiosmtpd offers it over TLS): the spec has none, and a sender configured
+        # with credentials would try it, get a permanent 535 and give up.
         extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
-        return [responses[0], *extra, *responses[1:]]
+        rest = [line for line in responses[1:] if not line.startswith("250-AUTH")]
+        return [responses[0], *extra, *rest]
 
     async def handle_RCPT(
         self,
@@ -429,6 +432,7 @@ class Listener(SMTP):
             self._lean_init(handler, **kwargs)
         else:
             super().__init__(handler, **kwargs)
+        self._auth_methods = {}  # no AUTH: an AUTH command gets 504 (see handle_EHLO)
         self._counter = counter
         self._limit = limit
         self._on_reply = on_reply
@@ -699,8 +703,9 @@ class Listener(SMTP):
             if self._counter[0] >= self._limit:
                 self._refused = True
                 self._on_reply("421")
-                if isinstance(transport, asyncio.WriteTransport):
-                    transport.write(TOO_MANY_CONNECTIONS)
+                # Not isinstance(…, asyncio.WriteTransport): uvloop's transports are not
+                # asyncio's classes, and the 421 went unsent there.
+                cast(asyncio.WriteTransport, transport).write(TOO_MANY_CONNECTIONS)
                 transport.close()
                 return
             self._counter[0] += 1
@@ -737,14 +742,22 @@ class Listener(SMTP):
 
     def hold_back(self, paused: bool) -> None:
         """DataBudget: stop (or resume) reading this session's socket."""
-        transport = self.transport
-        if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+        # Any live transport (asyncio's, an SSL one, uvloop's) can pause; an isinstance check
+        # on asyncio.ReadTransport made this do nothing under uvloop (production).
+        transport = cast(asyncio.ReadTransport | None, self.transport)
+        if transport is not None and not transport.is_closing():
             if paused:
                 transport.pause_reading()
             elif not getattr(self._reader, "_paused", False):
                 # Not while the stream reader holds its own pause (its buffer is full): it
                 # resumes when drained, and would not pause again if we resumed it now.
                 transport.resume_reading()
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:  # aiosmtpd answers 220 and breaks the session
+            await self.push("503 5.5.1 TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
 
     def eof_received(self) -> bool:
         return False if self._refused else bool(super().eof_received())

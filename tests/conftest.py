@@ -123,6 +123,19 @@ def make_settings(tmp_path: Path, relay_port: int, **overrides: Any) -> Settings
     return Settings(**values)
 
 
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests marked both_loops run twice: on asyncio, and on uvloop, which `serve` uses when
+    installed (`[fast]`, in the Docker image and the systemd install). Its transports are not
+    asyncio's classes, which an isinstance check once missed. Other tests: asyncio only."""
+    if item.get_closest_marker("both_loops") is None:
+        return {"asyncio": asyncio.new_event_loop}
+    import uvloop
+
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
+import pytest
+
 from smtpgate.app import Gateway
 from smtpgate.front import DataBudget, Listener
 from tests.conftest import GatewayFactory, send, simple_message, wait_processed, wait_until
@@ -87,6 +89,7 @@ def test_a_paused_session_that_gets_data_is_paused_again() -> None:
     assert budget.held == 151
 
 
+@pytest.mark.both_loops
 async def test_concurrent_large_messages_wait_their_turn_and_all_are_stored(
     gateway_factory: GatewayFactory,
 ) -> None:
@@ -105,6 +108,7 @@ async def test_concurrent_large_messages_wait_their_turn_and_all_are_stored(
     assert gw.data_budget.held == 0
 
 
+@pytest.mark.both_loops
 async def test_a_session_lost_in_the_middle_of_data_gives_its_bytes_back(
     gateway_factory: GatewayFactory,
 ) -> None:

@@ -171,8 +171,11 @@ async def send_until_relay_fails(gw: Gateway, message_id: str, what: str) -> Non
     await wait_until(failed_once, what=what)
 
 
-async def send_starttls(port: int, data: bytes, context: ssl.SSLContext) -> tuple[str, str]:
-    """One STARTTLS session; returns (the EHLO reply before TLS, the final DATA reply)."""
+async def send_starttls(
+    port: int, data: bytes, context: ssl.SSLContext
+) -> tuple[str, str, str, str]:
+    """One STARTTLS session; returns the EHLO reply before TLS and after it, the reply to a
+    second STARTTLS inside TLS, and the final DATA reply."""
     client = aiosmtplib.SMTP(
         hostname="127.0.0.1", port=port, start_tls=False, tls_context=context, timeout=15
     )
@@ -181,14 +184,20 @@ async def send_starttls(port: int, data: bytes, context: ssl.SSLContext) -> tupl
         ehlo = await client.ehlo()
         await client.starttls()
         assert client.get_transport_info("sslcontext") is not None
-        await client.ehlo()
+        ehlo_tls = await client.ehlo()
+        again = await client.execute_command(b"STARTTLS")
         await client.mail("alerts@rmm.example")
         await client.rcpt("connector@localhost")
         reply = await client.data(data)
         await client.quit()
     finally:
         client.close()
-    return ehlo.message, f"{reply.code} {reply.message}"
+    return (
+        ehlo.message,
+        ehlo_tls.message,
+        f"{again.code} {again.message}",
+        (f"{reply.code} {reply.message}"),
+    )
 
 
 def clean_env(**values: str) -> dict[str, str]:
@@ -350,11 +359,16 @@ async def test_starttls_on_the_listener_delivers(
     gateway_factory: GatewayFactory, relay: RecordingRelay, cert: Cert
 ) -> None:
     gw = await gateway_factory(tls_cert_file=cert.cert, tls_key_file=cert.key)
-    ehlo, reply = await send_starttls(
+    ehlo, ehlo_tls, again, reply = await send_starttls(
         gw.smtp_port, simple_message("over TLS", message_id="<tls@example.org>"),
         cert.client_context(),
     )  # fmt: skip
     assert "STARTTLS" in ehlo.upper()
+    # No AUTH offered over TLS either: the spec has none, and a sender with credentials set
+    # would try it, get a permanent 535 and give up. No second STARTTLS (RFC 3207: 503).
+    assert "AUTH" not in ehlo_tls.upper()
+    assert "STARTTLS" not in ehlo_tls.upper()
+    assert again.startswith("503"), again
     assert reply.startswith("250 2.0.0 queued as "), reply
     await wait_processed(gw, 1)
     (forwarded,) = await relay.wait_for(1)
@@ -633,11 +647,13 @@ async def test_serve_with_tls_json_logs_rules_and_sighup(
     assert before == 0
 
     # A STARTTLS session that delivers; the v1 rule detects ALPHA alerts.
-    ehlo, reply = await send_starttls(
+    ehlo, ehlo_tls, again, reply = await send_starttls(
         smtp_port, simple_message("ALPHA disk low", "RMM <alerts@rmm.example>"),
         cert.client_context(),
     )  # fmt: skip
     assert "STARTTLS" in ehlo.upper()
+    assert "AUTH" not in ehlo_tls.upper()  # in the intake child, on uvloop when installed
+    assert again.startswith("503"), again
     assert reply.startswith("250 2.0.0 queued as "), reply
     await processed(1)
     (forwarded,) = await secure_relay.recorder.wait_for(1)
@@ -656,7 +672,7 @@ async def test_serve_with_tls_json_logs_rules_and_sighup(
         lambda e: e["message"].startswith("rules reloaded"), "the reload", ready
     )
     for subject in ("ALPHA again", "BETA disk low"):
-        _, reply = await send_starttls(
+        *_, reply = await send_starttls(
             smtp_port, simple_message(subject, "RMM <alerts@rmm.example>"), cert.client_context()
         )
         assert reply.startswith("250"), reply

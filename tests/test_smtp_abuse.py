@@ -165,6 +165,7 @@ async def test_more_recipients_than_allowed_get_452_and_the_message_keeps_the_re
     await still_serving(gw)
 
 
+@pytest.mark.both_loops
 async def test_connection_flood_gets_421_and_slots_come_back(
     gateway_factory: GatewayFactory,
 ) -> None:
