@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import IO
 
 from smtpgate import front
-from smtpgate.config import ConfigError, Rules, Settings, load_rules
+from smtpgate.config import ConfigError, Rules, Settings, load_rules, make_data_dir
 from smtpgate.http import Metrics, StatusServer
 from smtpgate.intake import IntakeProcesses
 from smtpgate.mail import parse_message
@@ -122,7 +122,7 @@ class Gateway:
 
     async def _start(self) -> None:
         s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+        make_data_dir(s)
         self._lock_file = _single_server_lock(s)
         self.store = store = await Store.open(s.db_path)
         requeued = await store.recover()

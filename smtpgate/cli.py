@@ -105,8 +105,10 @@ async def _requeue(
 
 
 async def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
+    from smtpgate.config import make_data_dir
     from smtpgate.store import Store
 
+    make_data_dir(settings)
     store = await Store.open(settings.db_path)
     try:
         return await fn(store)
@@ -168,7 +170,11 @@ async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace
     from smtpgate.mail import parse_message
     from smtpgate.pipeline import Context, decide
 
-    raw = await asyncio.to_thread(Path(args.file).read_bytes)
+    try:
+        raw = await asyncio.to_thread(Path(args.file).read_bytes)
+    except OSError as exc:
+        print(f"smtpgate explain: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     mail_from = args.mail_from if args.mail_from is not None else ""
     msg = parse_message(raw)
     if args.mail_from is None:
@@ -290,7 +296,15 @@ async def cmd_tickets(settings: Settings, _: Rules | None, args: argparse.Namesp
 def read_rows(path: Path, kind: str) -> list[tuple[int, dict[str, Any]]]:
     """CSV with a header row, or a JSON list of objects; ValueError names the line or item."""
     allowed = import_columns(kind)
-    text = path.read_text(encoding="utf-8-sig")
+    data_bytes = path.read_bytes()
+    try:
+        text = data_bytes.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data_bytes[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"line {line}: not UTF-8 (save the file as UTF-8; an Excel export may be"
+            " Windows-1252): nothing imported"
+        ) from None
     rows: list[tuple[int, dict[str, Any]]] = []
     if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
         try:
@@ -404,7 +418,18 @@ async def cmd_rules(settings: Settings, rules: Rules, args: argparse.Namespace) 
     return 0
 
 
+def _backup_target_problem(target: Path) -> str | None:
+    if target.is_dir():
+        return f"{target} is a directory: give the path of the file to write"
+    return None
+
+
 async def cmd_backup(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
+    problem = _backup_target_problem(Path(args.path))
+    if problem is not None:
+        print(f"smtpgate backup: {problem}", file=sys.stderr)
+        return 1
+
     async def run(store: Store) -> int:
         await store.backup(Path(args.path))
         print(f"backup written to {args.path}")
@@ -414,6 +439,13 @@ async def cmd_backup(settings: Settings, _: Rules | None, args: argparse.Namespa
 
 
 # --- parser --------------------------------------------------------------------------------------
+
+
+def _outbox_id(text: str) -> str:
+    """argparse type: outbox ids are numbers (a mistyped one is a usage error, not a crash)."""
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not an outbox id (a number): {text!r}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -454,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--json", action="store_true")
     s = o.add_parser("retry", help="dead → queued")
-    s.add_argument("id", nargs="?")
+    s.add_argument("id", nargs="?", type=_outbox_id)
     s.add_argument("--dead", action="store_true")
     for a in o.choices.values():
         a.set_defaults(fn=cmd_outbox)

@@ -189,6 +189,14 @@ class Settings(BaseSettings):
     def _address(cls, value: str | None) -> str | None:
         return None if value is None or not value.strip() else _check_address(value)
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir_given(cls, value: Any) -> Any:
+        # An empty SMTPGATE_DATA_DIR would quietly mean the current directory.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: give the directory that holds smtpgate.db")
+        return value
+
     @model_validator(mode="after")
     def _no_loops(self) -> Settings:
         # spec 2.4: configuration that would send mail to a connector address is rejected.
@@ -199,6 +207,12 @@ class Settings(BaseSettings):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError(
                 f"{ENV_PREFIX}TLS_CERT_FILE and {ENV_PREFIX}TLS_KEY_FILE must be set together"
+            )
+        # A password without a user was ignored (no AUTH), a user without one sent an empty
+        # password: both are half a configuration.
+        if (self.relay_username is None) != (self.relay_password is None):
+            raise ValueError(
+                f"{ENV_PREFIX}RELAY_USERNAME and {ENV_PREFIX}RELAY_PASSWORD must be set together"
             )
         return self
 
@@ -218,6 +232,16 @@ class Settings(BaseSettings):
     @property
     def own_addresses(self) -> frozenset[str]:
         return frozenset((*self.connector_addresses, self.sender_address))
+
+
+def make_data_dir(settings: Settings) -> None:
+    """SMTPGATE_DATA_DIR, created if missing; ConfigError naming it if that cannot be."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{ENV_PREFIX}DATA_DIR: cannot create {settings.data_dir}: {exc.strerror or exc}"
+        ) from None
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -107,12 +107,14 @@ def db_path_from_env(
     other settings (serve and every other verb still do, and fail naming the variable). None
     when the variable is given twice in different letter cases or a .env file may set it.
     Names are case-insensitive, as for pydantic-settings; the value means what it means there:
-    any text, as a Path.
+    any text but an empty one, as a Path.
     """
     env = os.environ if environ is None else environ
     given = [name for name in env if name.lower() == DATA_DIR_VARIABLE.lower()]
     if len(given) > 1 or _env_file_may_set(Path(env_file)):
         return None
+    if given and not env[given[0]].strip():
+        return None  # empty: config.py refuses it, naming the variable
     return Path(env[given[0]] if given else DEFAULT_DATA_DIR) / DB_NAME
 
 

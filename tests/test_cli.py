@@ -50,7 +50,8 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """`python -m smtpgate ARGS` in a clean environment (no inherited SMTPGATE_*, no .env)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
-    environ.update(PYTHONPATH=str(ROOT), SMTPGATE_DATA_DIR=str(data_dir), **(env or {}))
+    environ.update(PYTHONPATH=str(ROOT), SMTPGATE_DATA_DIR=str(data_dir))
+    environ.update(env or {})
     data_dir.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
         [sys.executable, "-m", "smtpgate", *args],
@@ -566,4 +567,46 @@ def test_a_file_that_is_not_a_store_is_named_not_a_traceback(
     assert result.returncode == 2, result.stderr
     assert "SMTPGATE_DATA_DIR" in result.stderr
     assert "not a readable smtpgate store" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- operator mistakes: one clear line, never a traceback ---------------------------------------
+
+
+def _mistake(tmp_path: Path, case: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The command line and settings of one operator mistake."""
+    if case == "latin1-csv":
+        csv_file = tmp_path / "accounts.csv"
+        csv_file.write_bytes("rec_id,file_as\nCRDMUELLER0000000001,Müller\n".encode("cp1252"))
+        return ("accounts", "import", str(csv_file)), {}
+    table: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+        "explain-missing-file": (("explain", str(tmp_path / "nope.eml")), {}),
+        "outbox-retry-not-a-number": (("outbox", "retry", "abc"), {}),
+        "backup-to-a-directory": (("backup", str(tmp_path)), {}),
+        "data-dir-cannot-be-made": (("queue", "list"), {"SMTPGATE_DATA_DIR": "/proc/nope"}),
+        "data-dir-empty": (("queue", "list"), {"SMTPGATE_DATA_DIR": ""}),
+        "relay-password-without-user": (("queue", "list"), {"SMTPGATE_RELAY_PASSWORD": "p"}),
+    }
+    return table[case]
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "says"),
+    [
+        ("explain-missing-file", 1, "cannot read"),
+        ("outbox-retry-not-a-number", 2, "not an outbox id"),
+        ("backup-to-a-directory", 1, "is a directory"),
+        ("data-dir-cannot-be-made", 2, "SMTPGATE_DATA_DIR: cannot create"),
+        ("data-dir-empty", 2, "SMTPGATE_DATA_DIR"),
+        ("relay-password-without-user", 2, "SMTPGATE_RELAY_USERNAME"),
+        ("latin1-csv", 1, "line 2: not UTF-8"),
+    ],
+)
+def test_an_operator_mistake_is_one_clear_line(
+    tmp_path: Path, case: str, code: int, says: str
+) -> None:
+    args, env = _mistake(tmp_path, case)
+    result = run(tmp_path / "var", *args, env=env)
+    assert result.returncode == code, result.stderr
+    assert says in result.stderr
     assert "Traceback" not in result.stderr

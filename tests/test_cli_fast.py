@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from smtpgate import cli, status
-from smtpgate.config import ENV_PREFIX, Settings
+from smtpgate.config import ENV_PREFIX, ConfigError, Settings, load_settings
 from smtpgate.model import Action, Decision, Envelope, JobState, MailKind, NewTicket, OutboundMail
 from smtpgate.model import Path as Branch
 from smtpgate.store import Store, new_queue_id
@@ -318,7 +318,18 @@ def test_the_data_dir_given_twice_needs_the_full_path(tmp_path: Path) -> None:
     assert status.db_path_from_env(environ, tmp_path / "none") is None
 
 
-@pytest.mark.parametrize("value", ["", " ", "var", " /tmp/a ", "a//b/", "~/x", "/tmp/$HOME"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_data_dir_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, clean_env: None, tmp_path: Path, value: str
+) -> None:
+    """It would quietly mean the current directory."""
+    monkeypatch.setenv("SMTPGATE_DATA_DIR", value)
+    with pytest.raises(ConfigError, match="SMTPGATE_DATA_DIR"):
+        load_settings(_env_file=None)
+    assert status.db_path_from_env({"SMTPGATE_DATA_DIR": value}, tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("value", ["var", " /tmp/a ", "a//b/", "~/x", "/tmp/$HOME"])
 def test_the_data_dir_means_what_config_says(
     monkeypatch: pytest.MonkeyPatch, clean_env: None, tmp_path: Path, value: str
 ) -> None:
