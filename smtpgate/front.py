@@ -409,6 +409,24 @@ class DataBudget:
             session.hold_back(True)
 
 
+class _HalfClosableReader(asyncio.StreamReader):
+    """The session's reader. At the client's end of input (EOF), a read that cannot be
+    completed ends the session as a reset connection would, instead of aiosmtpd answering
+    "500" to the IncompleteReadError over and over (see Listener.eof_received)."""
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:  # typeshed's type is private
+        try:
+            return await super().readuntil(separator)
+        except asyncio.IncompleteReadError:
+            raise ConnectionResetError("the client closed its side") from None
+
+    async def readexactly(self, n: int) -> bytes:
+        try:
+            return await super().readexactly(n)
+        except asyncio.IncompleteReadError:
+            raise ConnectionResetError("the client closed its side") from None
+
+
 class Listener(SMTP):
     """aiosmtpd's SMTP with a cap on concurrent sessions (spec 6); extra sessions get 421.
 
@@ -463,7 +481,7 @@ class Listener(SMTP):
             self.loop = aiosmtpd_smtp.make_loop()
         asyncio.StreamReaderProtocol.__init__(
             self,
-            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            _HalfClosableReader(loop=self.loop, limit=self.line_length_limit),
             client_connected_cb=self._cb_client_connected,
             loop=self.loop,
         )
@@ -760,7 +778,17 @@ class Listener(SMTP):
         await super().smtp_STARTTLS(arg)
 
     def eof_received(self) -> bool:
-        return False if self._refused else bool(super().eof_received())
+        if self._refused:
+            return False
+        reader = self._reader
+        if isinstance(reader, _HalfClosableReader) and self._tls_protocol is None:
+            # The client has sent all it will and may still read (`printf … | nc -N`): its
+            # commands are worked off and answered, a 250 only after the commit as always; the
+            # reader's end then ends the session. aiosmtpd cancelled the session here instead:
+            # such a client got no 250 and its message was not stored.
+            reader.feed_eof()
+            return True  # our side stays open for the replies
+        return bool(super().eof_received())
 
 
 def listener_factory(

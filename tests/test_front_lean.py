@@ -646,6 +646,10 @@ def test_listener_is_set_up_like_aiosmtpd_does() -> None:
             assert all(ours[key][k].__self__ is listener for k in own)
         elif key == "_auth_methods":
             assert ours[key] == {}  # no AUTH, on purpose (Listener.__init__)
+        elif key in ("_strong_reader", "_stream_reader"):
+            # Ours ends the session at the client's EOF (Listener.eof_received).
+            assert type(ours[key]).__name__ == "_HalfClosableReader"
+            assert isinstance(ours[key], type(value))
         else:
             assert _shape(ours[key]) == _shape(value), key
     assert all(m.__self__ is listener for m in listener._smtp_methods.values())

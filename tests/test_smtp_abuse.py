@@ -408,3 +408,56 @@ async def test_streaming_on_past_the_size_limit_is_cut_off_and_holds_nothing(
     assert gw.data_budget.held == 0
     assert gw.data_budget.peak <= 4096 + 65536
     await still_serving(gw, "after the flood past the limit")
+
+
+# --- a client that half-closes: everything sent, then shutdown(SHUT_WR) -------------------------
+
+HALF_CLOSE_DIALOGUE = (
+    b"EHLO script.example\r\nMAIL FROM:<monitor@rmm.example>\r\n"
+    b"RCPT TO:<connector@localhost>\r\nDATA\r\n"
+)
+
+
+async def half_closing_client(port: int, data: bytes) -> list[str]:
+    """Send everything at once, close the sending side (`printf … | nc -N`), read to the end."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        writer.write_eof()
+        async with asyncio.timeout(15):
+            replies = await reader.read()
+    finally:
+        writer.close()
+    return replies.decode().splitlines()
+
+
+@pytest.mark.both_loops
+async def test_a_client_that_half_closes_after_its_message_gets_250_and_it_is_stored(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """aiosmtpd cancelled the session at the client's EOF: a fire-and-forget alert script got
+    no 250 and its message was not stored. Now the commands already sent are worked off."""
+    gw = await gateway_factory()
+    body = b"Subject: disk low\r\nMessage-ID: <half@rmm.example>\r\n\r\nC: 2%\r\n.\r\nQUIT\r\n"
+    replies = await half_closing_client(gw.smtp_port, HALF_CLOSE_DIALOGUE + body)
+    queued = [line for line in replies if line.startswith("250 2.0.0 queued as ")]
+    assert len(queued) == 1, replies
+    assert replies[-1].startswith("221"), replies
+    assert gw.store is not None
+    assert await gw.store.get_inbound(queued[0].rsplit(" ", 1)[1]) is not None
+    await relay.wait_for(1)
+
+
+@pytest.mark.both_loops
+async def test_a_client_that_half_closes_in_the_middle_of_data_stores_nothing(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory()
+    replies = await half_closing_client(
+        gw.smtp_port, HALF_CLOSE_DIALOGUE + b"Subject: cut\r\n\r\nno end of data\r\n"
+    )
+    assert replies[-1].startswith("354"), replies  # then the session just ends
+    assert gw.store is not None
+    assert await gw.store.list_inbound() == []
+    await still_serving(gw)
