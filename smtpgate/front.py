@@ -7,12 +7,14 @@ takes longer than SMTPGATE_STORE_TIMEOUT is answered 451 so the sender retries (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import re
 import socket
 import ssl
 import types
+import unicodedata
 import warnings
 from collections.abc import Callable
 from email.utils import formatdate
@@ -65,13 +67,24 @@ class Queue(Protocol):
     ) -> None: ...
 
 
+def _address_key(address: str) -> str:
+    """An address as connectors are compared: the local part in Unicode NFC, any case; the
+    domain in its ASCII (IDNA) form, so tickets@bücher.example, its decomposed spelling and
+    tickets@xn--bcher-kva.example are one address."""
+    local, at, domain = address.strip().rpartition("@")
+    with contextlib.suppress(UnicodeError):  # not a valid IDN: compared as written
+        domain = domain.encode("idna").decode("ascii")
+    return f"{unicodedata.normalize('NFC', local).lower()}{at}{domain.lower()}"
+
+
 class Handler:
     """aiosmtpd handler: the hooks return the SMTP reply string."""
 
     def __init__(self, settings: Settings, store: Queue, on_queued: Callable[[], None]) -> None:
         self.settings = settings
         self.store = store
-        self.connectors = frozenset(settings.connector_addresses)
+        # The comparison key of each connector address, to the address as configured.
+        self.connectors = {_address_key(a): a for a in settings.connector_addresses}
         self._on_queued = on_queued
 
     async def handle_EHLO(
@@ -98,14 +111,14 @@ class Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        normalized = address.strip().lower()
-        if normalized not in self.connectors:
+        connector = self.connectors.get(_address_key(address))
+        if connector is None:
             return NOT_RELAY.format(address)
-        if normalized in envelope.rcpt_tos:
+        if connector in envelope.rcpt_tos:  # stored as configured, whatever the spelling
             return OK_RCPT
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return TOO_MANY_RCPTS
-        envelope.rcpt_tos.append(normalized)
+        envelope.rcpt_tos.append(connector)
         return OK_RCPT
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import unicodedata
 
 import pytest
 
@@ -137,6 +138,34 @@ async def test_commands_sent_with_data_before_354_are_message_content(gateway: G
     await session.close()
     assert codes == [250, 250, 354, 250]
     assert await inbound_senders(gateway) == ["a@example.org"]
+
+
+async def test_an_internationalized_connector_is_one_address_however_it_is_spelled(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Its ASCII (punycode) domain and its decomposed spelling name the same mailbox; the
+    message is stored for the connector as configured. Nothing else becomes one."""
+    connector = "tickets@bücher.example"
+    gw = await gateway_factory(connector_addresses=connector)
+    spellings = [
+        "tickets@xn--bcher-kva.example",
+        unicodedata.normalize("NFD", "Tickets@Bücher.example"),
+    ]
+    for spelling in spellings:
+        session = await RawSession.open(gw.smtp_port)
+        assert (await session.command(b"MAIL FROM:<a@example.org> SMTPUTF8")).code == 250
+        assert (await session.command(f"RCPT TO:<{spelling}>".encode())).code == 250, spelling
+        for other in ("tickets@bucher.example", "tickets@xn--bcher-kva.example.evil"):
+            assert (await session.command(f"RCPT TO:<{other}>".encode())).code == 550
+        assert (await session.command(b"DATA")).code == 354
+        await session.send_raw(dot_stuff(simple_message()) + b".\r\n")
+        reply = await session.reply()
+        await session.close()
+        assert reply.code == 250
+        assert gw.store is not None
+        row = await gw.store.get_inbound(str(reply.queue_id))
+        assert row is not None
+        assert row["rcpt_tos"] == [connector]
 
 
 async def test_more_recipients_than_allowed_get_452_and_the_message_keeps_the_rest(
