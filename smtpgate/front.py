@@ -793,7 +793,7 @@ class Listener(SMTP):
     def eof_received(self) -> bool:
         if self._refused:
             return False
-        reader = self._reader
+        reader = getattr(self, "_reader", None)  # set once the session has started
         if isinstance(reader, _HalfClosableReader) and self._tls_protocol is None:
             # The client has sent all it will and may still read (`printf … | nc -N`): its
             # commands are worked off and answered, a 250 only after the commit as always; the
