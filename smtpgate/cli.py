@@ -549,23 +549,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = runner(args.fn(settings, rules, args))
     except ConfigError as exc:
-        if settings.log_format == "json":
-            log.error("%s", exc)
-        else:
-            print(f"smtpgate: {exc}", file=sys.stderr)
+        _run_error(exc, settings)
         return 2
     except sqlite3.DatabaseError as exc:
         if getattr(exc, "sqlite_errorname", "") not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
             raise
-        message = f"SMTPGATE_DATA_DIR: {settings.db_path} is not a readable smtpgate store: {exc}"
-        if settings.log_format == "json":
-            log.error("%s", message)
-        else:
-            print(f"smtpgate: {message}", file=sys.stderr)
+        _run_error(
+            f"SMTPGATE_DATA_DIR: {settings.db_path} is not a readable smtpgate store: {exc}",
+            settings,
+        )
         return 2
     except KeyboardInterrupt:
         return 130
     return result
+
+
+def _run_error(message: object, settings: Settings) -> None:
+    """An error that ends a verb once logging is set up: a log line with JSON logs, else one
+    line on stderr."""
+    if settings.log_format == "json":
+        log.error("%s", message)
+    else:
+        print(f"smtpgate: {message}", file=sys.stderr)
 
 
 def _start_up_error(exc: Exception, log_format: str | None) -> None:

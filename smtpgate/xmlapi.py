@@ -610,6 +610,11 @@ def _head_text(raw: bytes) -> str:
     return text.lstrip()[:_HEAD]
 
 
+def _names_ours(raw: bytes) -> bool:
+    """A cheap look: does this candidate start a CommitCRMTransaction document?"""
+    return _ours(_head_text(raw))
+
+
 def _parse(text: str) -> etree._Element:
     """Parse with depth and size limits; raises _Refused."""
     data = text.encode("utf-8")
@@ -782,13 +787,13 @@ def _examine(
 ) -> tuple[Transaction, bool] | None:
     """(transaction, parsed) when `raw` is a transaction attempt, else None."""
     if len(raw) > max_bytes:
-        if _ours(_head_text(raw)):
+        if _names_ours(raw):
             return _refused(ERR_UNSAFE, f"larger than the {max_bytes}-byte limit"), False
         return None
     try:
         text = _decode(raw, charset)
     except _Refused as exc:
-        return (_refused(exc.code, exc.message), False) if _ours(_head_text(raw)) else None
+        return (_refused(exc.code, exc.message), False) if _names_ours(raw) else None
     text = text.lstrip("\ufeff \t\r\n")
     if not _ours(text):  # linear: anchored, or one search after a DOCTYPE
         return None
@@ -831,20 +836,16 @@ def find_transaction(
             continue
         tx, parsed = found
         if parsed:
+            applied = bytes(raw).strip()
             others = sum(
                 1
                 for later in candidates[i + 1 :]
-                if bytes(later).strip() != bytes(raw).strip() and _names_ours(bytes(later))
+                if bytes(later).strip() != applied and _names_ours(bytes(later))
             )
             return replace(tx, others=others) if others else tx
         if refused is None:
             refused = tx
     return refused
-
-
-def _names_ours(raw: bytes) -> bool:
-    """A cheap look: does this candidate start a CommitCRMTransaction document?"""
-    return _ours(_head_text(raw))
 
 
 # ---------------------------------------------------------------------------------------------
