@@ -573,39 +573,48 @@ def test_a_file_that_is_not_a_store_is_named_not_a_traceback(
 # --- operator mistakes: one clear line, never a traceback ---------------------------------------
 
 
-def _mistake(tmp_path: Path, case: str) -> tuple[tuple[str, ...], dict[str, str]]:
-    """The command line and settings of one operator mistake."""
-    if case == "latin1-csv":
-        csv_file = tmp_path / "accounts.csv"
-        csv_file.write_bytes("rec_id,file_as\nCRDMUELLER0000000001,Müller\n".encode("cp1252"))
-        return ("accounts", "import", str(csv_file)), {}
-    table: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
-        "explain-missing-file": (("explain", str(tmp_path / "nope.eml")), {}),
-        "outbox-retry-not-a-number": (("outbox", "retry", "abc"), {}),
-        "backup-to-a-directory": (("backup", str(tmp_path)), {}),
-        "data-dir-cannot-be-made": (("queue", "list"), {"SMTPGATE_DATA_DIR": "/proc/nope"}),
-        "data-dir-empty": (("queue", "list"), {"SMTPGATE_DATA_DIR": ""}),
-        "relay-password-without-user": (("queue", "list"), {"SMTPGATE_RELAY_PASSWORD": "p"}),
-    }
-    return table[case]
+def _latin1_csv(tmp_path: Path) -> tuple[tuple[str, ...], dict[str, str]]:
+    csv_file = tmp_path / "accounts.csv"
+    csv_file.write_bytes("rec_id,file_as\nCRDMUELLER0000000001,Müller\n".encode("cp1252"))
+    return ("accounts", "import", str(csv_file)), {}
 
 
-@pytest.mark.parametrize(
-    ("case", "code", "says"),
-    [
-        ("explain-missing-file", 1, "cannot read"),
-        ("outbox-retry-not-a-number", 2, "not an outbox id"),
-        ("backup-to-a-directory", 1, "is a directory"),
-        ("data-dir-cannot-be-made", 2, "SMTPGATE_DATA_DIR: cannot create"),
-        ("data-dir-empty", 2, "SMTPGATE_DATA_DIR"),
-        ("relay-password-without-user", 2, "SMTPGATE_RELAY_USERNAME"),
-        ("latin1-csv", 1, "line 2: not UTF-8"),
-    ],
-)
-def test_an_operator_mistake_is_one_clear_line(
-    tmp_path: Path, case: str, code: int, says: str
-) -> None:
-    args, env = _mistake(tmp_path, case)
+# Each mistake: (its command line and settings, given the test's folder), exit code, message.
+MISTAKES = {
+    "explain-missing-file": (
+        lambda tmp: (("explain", str(tmp / "nope.eml")), {}),
+        1,
+        "cannot read",
+    ),
+    "outbox-retry-not-a-number": (
+        lambda tmp: (("outbox", "retry", "abc"), {}),
+        2,
+        "not an outbox id",
+    ),
+    "backup-to-a-directory": (lambda tmp: (("backup", str(tmp)), {}), 1, "is a directory"),
+    "data-dir-cannot-be-made": (
+        lambda tmp: (("queue", "list"), {"SMTPGATE_DATA_DIR": "/proc/nope"}),
+        2,
+        "SMTPGATE_DATA_DIR: cannot create",
+    ),
+    "data-dir-empty": (
+        lambda tmp: (("queue", "list"), {"SMTPGATE_DATA_DIR": ""}),
+        2,
+        "SMTPGATE_DATA_DIR",
+    ),
+    "relay-password-without-user": (
+        lambda tmp: (("queue", "list"), {"SMTPGATE_RELAY_PASSWORD": "p"}),
+        2,
+        "SMTPGATE_RELAY_USERNAME",
+    ),
+    "latin1-csv": (_latin1_csv, 1, "line 2: not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISTAKES))
+def test_an_operator_mistake_is_one_clear_line(tmp_path: Path, case: str) -> None:
+    build, code, says = MISTAKES[case]
+    args, env = build(tmp_path)
     result = run(tmp_path / "var", *args, env=env)
     assert result.returncode == code, result.stderr
     assert says in result.stderr

@@ -140,6 +140,20 @@ async def test_commands_sent_with_data_before_354_are_message_content(gateway: G
     assert await inbound_senders(gateway) == ["a@example.org"]
 
 
+async def stored_recipients(gw: Gateway, session: RawSession) -> list[str]:
+    """DATA with a simple message on a session whose recipients are given, asserted stored
+    (250); the recipients stored for it."""
+    assert (await session.command(b"DATA")).code == 354
+    await session.send_raw(dot_stuff(simple_message()) + b".\r\n")
+    reply = await session.reply()
+    await session.close()
+    assert reply.code == 250
+    assert gw.store is not None
+    row = await gw.store.get_inbound(str(reply.queue_id))
+    assert row is not None
+    return list(row["rcpt_tos"])
+
+
 async def test_an_internationalized_connector_is_one_address_however_it_is_spelled(
     gateway_factory: GatewayFactory,
 ) -> None:
@@ -157,15 +171,7 @@ async def test_an_internationalized_connector_is_one_address_however_it_is_spell
         assert (await session.command(f"RCPT TO:<{spelling}>".encode())).code == 250, spelling
         for other in ("tickets@bucher.example", "tickets@xn--bcher-kva.example.evil"):
             assert (await session.command(f"RCPT TO:<{other}>".encode())).code == 550
-        assert (await session.command(b"DATA")).code == 354
-        await session.send_raw(dot_stuff(simple_message()) + b".\r\n")
-        reply = await session.reply()
-        await session.close()
-        assert reply.code == 250
-        assert gw.store is not None
-        row = await gw.store.get_inbound(str(reply.queue_id))
-        assert row is not None
-        assert row["rcpt_tos"] == [connector]
+        assert await stored_recipients(gw, session) == [connector]
 
 
 async def test_more_recipients_than_allowed_get_452_and_the_message_keeps_the_rest(
@@ -182,15 +188,7 @@ async def test_more_recipients_than_allowed_get_452_and_the_message_keeps_the_re
     await session.send_raw(probes)
     replies = [await session.reply() for _ in range(1000)]
     assert {r.code for r in replies} == {550}
-    assert (await session.command(b"DATA")).code == 354
-    await session.send_raw(dot_stuff(simple_message()) + b".\r\n")
-    reply = await session.reply()
-    await session.close()
-    assert reply.code == 250
-    assert gw.store is not None
-    row = await gw.store.get_inbound(str(reply.queue_id))
-    assert row is not None
-    assert row["rcpt_tos"] == connectors[:3]
+    assert await stored_recipients(gw, session) == connectors[:3]
     await still_serving(gw)
 
 
