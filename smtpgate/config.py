@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from smtpgate.model import nfc
+from smtpgate.model import address_key, nfc
 
 ENV_PREFIX = "SMTPGATE_"
 
@@ -229,9 +229,16 @@ class Settings(BaseSettings):
     def skip_target(self) -> str:
         return self.skip_forward_address or self.internal_support_address
 
-    @property
-    def own_addresses(self) -> frozenset[str]:
-        return frozenset((*self.connector_addresses, self.sender_address))
+    def is_connector(self, address: str) -> bool:
+        """Whether `address` is a connector address, in any spelling (case, IDNA, NFC)."""
+        key = address_key(address)
+        return any(address_key(c) == key for c in self.connector_addresses)
+
+    def is_own_address(self, address: str) -> bool:
+        """A connector or the address the gateway sends from: never an answer's recipient."""
+        return self.is_connector(address) or address_key(address) == address_key(
+            self.sender_address
+        )
 
 
 def make_data_dir(settings: Settings) -> None:

@@ -7,14 +7,12 @@ takes longer than SMTPGATE_STORE_TIMEOUT is answered 451 so the sender retries (
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import re
 import socket
 import ssl
 import types
-import unicodedata
 import warnings
 from collections.abc import Callable
 from email.utils import formatdate
@@ -33,7 +31,7 @@ from aiosmtpd.smtp import (
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from smtpgate.config import ConfigError, Settings
-from smtpgate.model import Envelope, has_bare_line_end
+from smtpgate.model import Envelope, address_key, has_bare_line_end
 from smtpgate.store import StoreError, new_queue_id
 
 log = logging.getLogger(__name__)
@@ -67,16 +65,6 @@ class Queue(Protocol):
     ) -> None: ...
 
 
-def _address_key(address: str) -> str:
-    """An address as connectors are compared: the local part in Unicode NFC, any case; the
-    domain in its ASCII (IDNA) form, so tickets@bücher.example, its decomposed spelling and
-    tickets@xn--bcher-kva.example are one address."""
-    local, at, domain = address.strip().rpartition("@")
-    with contextlib.suppress(UnicodeError):  # not a valid IDN: compared as written
-        domain = domain.encode("idna").decode("ascii")
-    return f"{unicodedata.normalize('NFC', local).lower()}{at}{domain.lower()}"
-
-
 class Handler:
     """aiosmtpd handler: the hooks return the SMTP reply string."""
 
@@ -84,7 +72,7 @@ class Handler:
         self.settings = settings
         self.store = store
         # The comparison key of each connector address, to the address as configured.
-        self.connectors = {_address_key(a): a for a in settings.connector_addresses}
+        self.connectors = {address_key(a): a for a in settings.connector_addresses}
         self._on_queued = on_queued
 
     async def handle_EHLO(
@@ -111,7 +99,7 @@ class Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        connector = self.connectors.get(_address_key(address))
+        connector = self.connectors.get(address_key(address))
         if connector is None:
             return NOT_RELAY.format(address)
         if connector in envelope.rcpt_tos:  # stored as configured, whatever the spelling

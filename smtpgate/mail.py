@@ -443,6 +443,8 @@ def _first_headers(part: Message) -> dict[str, str]:
 # --- message ids, addresses -----------------------------------------------------------------------
 
 _MESSAGE_ID = re.compile(r"<([^<>]*)>")
+_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")  # an RFC 5322 comment (innermost, if nested)
+_KEYWORD = re.compile(r"\s*([^\s;()]*)")
 
 
 def _message_ids(value: str) -> tuple[str, ...]:
@@ -815,12 +817,24 @@ class _Parser:
             and _BOUNCE_SUBJECT.search(subject) is not None
         )
         auto_submitted = self.keyword(headers, "auto-submitted")
+        precedence = self.keyword(headers, "precedence")
+        in_reply_to = _message_ids(_raw_header_text(headers.get("in-reply-to", "")))
+        references = _message_ids(_raw_header_text(headers.get("references", "")))
+        # A subject alone is no proof: "Out of office: please set it up for Jane" is a request.
+        # An out-of-office answers a mail (In-Reply-To/References) or says it is automatic.
+        answers_or_automatic = bool(
+            in_reply_to
+            or references
+            or auto_submitted not in (None, "no")
+            or precedence in ("bulk", "junk", "list")
+            or "x-auto-response-suppress" in headers
+        )
         is_auto = (
             is_report
             or walked.read_receipt  # RFC 8098 disposition notifications are machine answers too
             or auto_submitted == "auto-replied"  # RFC 3834
             or _auto_reply_header(headers)
-            or _AUTO_REPLY_SUBJECT.match(subject) is not None
+            or (answers_or_automatic and _AUTO_REPLY_SUBJECT.match(subject) is not None)
         )
         message_id = headers.get("message-id")
         return ParsedMessage(
@@ -828,10 +842,10 @@ class _Parser:
             from_address=from_address,
             from_name=from_name,
             message_id=None if message_id is None else _message_id(_raw_header_text(message_id)),
-            in_reply_to=_message_ids(_raw_header_text(headers.get("in-reply-to", ""))),
-            references=_message_ids(_raw_header_text(headers.get("references", ""))),
+            in_reply_to=in_reply_to,
+            references=references,
             auto_submitted=auto_submitted,
-            precedence=self.keyword(headers, "precedence", whole=True),
+            precedence=precedence,
             list_id="list-id" in headers,
             auto_response_suppress="x-auto-response-suppress" in headers,
             loop_header=self.keyword(headers, "x-smtpgate-loop", whole=True),
@@ -849,11 +863,19 @@ class _Parser:
 
     @staticmethod
     def keyword(headers: dict[str, str], name: str, *, whole: bool = False) -> str | None:
-        """Lower-cased header value (or its leading keyword, before any ';'), None if absent."""
+        """Lower-cased header value, or its leading keyword: RFC 3834 allows comments and
+        parameters, as in "auto-replied (vacation)" or "auto-replied; owner-email=…"."""
         if name not in headers:
             return None
         value = _collapse(_raw_header_text(headers[name])).lower()
-        return value if whole else value.partition(";")[0].strip()
+        if whole:
+            return value
+        for _ in range(4):  # comments nest; deeper than that is not a header we act on
+            value, removed = _COMMENT.subn(" ", value)
+            if not removed:
+                break
+        found = _KEYWORD.match(value)
+        return found.group(1) if found else ""
 
     @staticmethod
     def daemon_sender(address: str, raw_from: str) -> bool:

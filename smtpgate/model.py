@@ -21,6 +21,32 @@ def nfc(text: str) -> str:
     return text if text.isascii() else unicodedata.normalize("NFC", text)
 
 
+def _idna(domain: str) -> str:
+    """A domain in its ASCII (IDNA) form; as written if it is ASCII or no valid IDN."""
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
+
+
+def ascii_domain(address: str) -> str:
+    """An address that needs no SMTPUTF8 if its local part is ASCII: support@bücher.example
+    becomes support@xn--bcher-kva.example, which every relay, client and header accepts.
+    jörg@bücher.example needs SMTPUTF8 (RFC 6531/6532) anyway and stays as written."""
+    local, at, domain = address.rpartition("@")
+    return f"{local}@{_idna(domain)}" if at and local.isascii() else address
+
+
+def address_key(address: str) -> str:
+    """An address as the gateway compares its own addresses (connectors, loop markers): the
+    local part in NFC, any case; the domain in IDNA form. So tickets@bücher.example, its
+    decomposed spelling and tickets@xn--bcher-kva.example are one address."""
+    local, at, domain = nfc(address.strip()).rpartition("@")
+    return f"{local.lower()}{at}{_idna(domain).lower()}"
+
+
 def has_bare_line_end(data: bytes) -> bool:
     """Whether a CR or an LF stands outside a CRLF (RFC 5321 2.3.8 allows only CRLF).
 

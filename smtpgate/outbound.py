@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
+from email.header import Header
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 
-from smtpgate.model import MailKind, OutboundMail
+from smtpgate.model import MailKind, OutboundMail, ascii_domain
 
 LOOP_HEADER = "X-Smtpgate-Loop"
 ACTION_HEADER = "X-Smtpgate-Action"
@@ -21,9 +22,21 @@ def new_message_id(hostname: str) -> str:
     return make_msgid(idstring=secrets.token_hex(4), domain=hostname or "smtpgate.invalid")
 
 
+# Headers we write ourselves are kept as written: the email package would fold a long
+# Message-ID of In-Reply-To/References into an RFC 2047 encoded-word, which no mail client
+# reads as a message id (an Outlook id is ~90 characters), so the thread would be lost.
+_POLICY = SMTP.clone(refold_source="none")
+_POLICY_UTF8 = _POLICY.clone(utf8=True)  # RFC 6532: an address with a non-ASCII local part
+
+
 def _header_value(value: str) -> str:
     """Header text made safe: no CR/LF injection from subjects or rule names."""
     return " ".join(value.split())
+
+
+def _threading_ids(ids: tuple[str, ...]) -> list[str]:
+    """The message ids that can stand in a header as they are: printable ASCII, one line."""
+    return [i for i in ids if i.isascii() and i.isprintable() and " " not in i and len(i) < 990]
 
 
 def forward_untouched(
@@ -40,17 +53,22 @@ def forward_untouched(
     """spec 2.4: the original bytes unchanged, with Resent-* and our headers prepended."""
     message_id = new_message_id(hostname)
     detail = f"{action}; rule={rule}" if rule else action
+    detail = _header_value(detail)
+    if not detail.isascii():  # a rule's name may be in any language
+        detail = Header(detail, "utf-8").encode()
+    # Addresses with their domain in IDNA form; a non-ASCII local part stays UTF-8 (RFC 6532):
+    # the envelope then holds it too, so the relay sends with SMTPUTF8.
     lines = [
-        f"Resent-From: {sender}",
-        f"Resent-To: {target}",
+        f"Resent-From: {ascii_domain(sender)}",
+        f"Resent-To: {ascii_domain(target)}",
         f"Resent-Date: {format_datetime(datetime.now(UTC))}",
         f"Resent-Message-ID: {message_id}",
-        f"{ACTION_HEADER}: {_header_value(detail)}",
-        f"{LOOP_HEADER}: {connector}",
+        f"{ACTION_HEADER}: {detail}",
+        f"{LOOP_HEADER}: {ascii_domain(connector)}",
     ]
     if not has_auto_submitted:
         lines.append("Auto-Submitted: auto-generated")
-    head = ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+    head = ("\r\n".join(lines) + "\r\n").encode()
     return OutboundMail(MailKind.FORWARD, sender, (target,), head + raw, message_id)
 
 
@@ -69,19 +87,22 @@ def compose(
     bcc: tuple[str, ...] = (),
 ) -> list[OutboundMail]:
     """A new mail from the gateway (ack or response); BCC copies become their own outbox rows."""
-    msg = EmailMessage(policy=SMTP)
+    sender, to = ascii_domain(sender), ascii_domain(to)
+    msg = EmailMessage(policy=_POLICY if sender.isascii() and to.isascii() else _POLICY_UTF8)
     msg["From"] = sender
     msg["To"] = to
     msg["Subject"] = _header_value(subject)
     msg["Date"] = format_datetime(datetime.now(UTC))
     message_id = new_message_id(hostname)
     msg["Message-ID"] = message_id
-    if in_reply_to:
-        msg["In-Reply-To"] = in_reply_to
-        msg["References"] = " ".join((*references, in_reply_to)[-20:])
+    earlier = tuple(r for r in references if r != in_reply_to)
+    thread = _threading_ids((*earlier, in_reply_to)[-20:] if in_reply_to else ())
+    if thread and thread[-1] == in_reply_to:
+        msg.set_raw("In-Reply-To", in_reply_to)
+        msg.set_raw("References", "\r\n ".join(thread))  # folded between ids, never inside
     msg["Auto-Submitted"] = "auto-replied"
     msg["X-Auto-Response-Suppress"] = "All"
-    msg[LOOP_HEADER] = connector
+    msg[LOOP_HEADER] = ascii_domain(connector)
     msg.set_content(body, subtype=subtype, charset="utf-8")
     data = msg.as_bytes()
     mails = [OutboundMail(kind, sender, (to,), data, message_id)]

@@ -25,6 +25,7 @@ from smtpgate.model import (
     NewTicket,
     OutboundMail,
     Path,
+    ascii_domain,
     no_mail,
 )
 from smtpgate.rules import automated, regular
@@ -148,18 +149,18 @@ def note_text(inb: Inbound, ctx: Context, *, strip: bool) -> str:
 def _new_ticket(
     inb: Inbound, ctx: Context, account: str, contact: str | None, source: str
 ) -> NewTicket:
-    """The subject as description, the body as details (a customer's quotes stripped; an
-    alert's body kept whole), the message filed as the first history note."""
+    """The subject as description, the whole body as details, the message filed as the first
+    history note. Nothing is stripped: quotes are cut from replies filed on a ticket that
+    already holds what they quote (spec 2.3), while a new ticket has no history, and the text
+    below "Forwarded message" or "Original Message" is often the request itself."""
     msg = inb.msg
-    strip = source == SOURCE_EMAIL
-    text = strip_quotes(msg.text, ctx.rules.compiled_quote_patterns()) if strip else msg.text
     return NewTicket(
         account=account,
         contact=contact,
         description=msg.subject or "(no subject)",
-        details=text.strip(),
+        details=msg.text.strip(),
         source=source,
-        note=note_text(inb, ctx, strip=strip),
+        note=note_text(inb, ctx, strip=False),
         attachments=_attachments(msg),
         message_id=msg.message_id,
     )
@@ -176,7 +177,7 @@ def _may_answer(inb: Inbound, ctx: Context, recipient: str | None) -> str | None
     """Why an automatic mail to `recipient` must not be sent (spec 2.4), or None if it may."""
     if not recipient:
         return "no recipient"
-    if recipient.lower() in ctx.settings.own_addresses:
+    if ctx.settings.is_own_address(recipient):
         return "recipient is a connector address"
     if regular.is_robot_address(recipient):
         return "recipient is a robot address"
@@ -212,14 +213,17 @@ def _account_by_sender(
 
 
 async def stage_loop(inb: Inbound, ctx: Context, _: Directory) -> Decision | None:
-    connectors = ctx.settings.connector_addresses
+    settings = ctx.settings
     marker = inb.msg.loop_header  # the parser's view also catches a folded field
-    if (marker and marker in connectors) or regular.loop_markers(inb.raw) & set(connectors):
+    markers = regular.loop_markers(inb.raw) | ({marker} if marker else set())
+    if any(settings.is_connector(m) for m in markers):
         return Decision(Path.REGULAR, Action.IGNORED, reason="loop")
     if inb.msg.is_delivery_report:
-        # A bounce of one of our own mails: answering it could loop forever.
+        # A bounce of one of our own mails: answering it could loop forever. Our header names
+        # the connector with its domain in IDNA form (outbound); older mails as configured.
         raw = inb.raw.lower()
-        if any(f"{outbound.LOOP_HEADER}: {c}".lower().encode() in raw for c in connectors):
+        spellings = {s for c in settings.connector_addresses for s in (c, ascii_domain(c))}
+        if any(f"{outbound.LOOP_HEADER}: {c}".lower().encode() in raw for c in spellings):
             return Decision(Path.REGULAR, Action.IGNORED, reason="loop")
     return None
 

@@ -22,7 +22,7 @@ import aiosmtplib
 from aiosmtplib import SMTPResponse
 
 from smtpgate.config import Settings
-from smtpgate.model import has_bare_line_end
+from smtpgate.model import ascii_domain, has_bare_line_end
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class RelayClient:
         if any(_CONTROL.search(address) for address in (mail_from, *recipients)):
             # Never sent, never "cleaned up" into some other address: the row goes dead.
             raise DeliveryError("an envelope address contains a control character", permanent=True)
-        mail_from, recipients = _ascii_domain(mail_from), tuple(map(_ascii_domain, recipients))
+        mail_from, recipients = ascii_domain(mail_from), tuple(map(ascii_domain, recipients))
         plain = (not mail_from or _PLAIN_ADDRESS.fullmatch(mail_from)) and all(
             _PLAIN_ADDRESS.fullmatch(address) for address in recipients
         )
@@ -133,19 +133,6 @@ class RelayClient:
                 async with asyncio.timeout(2):
                     await smtp.quit()
             smtp.close()
-
-
-def _ascii_domain(address: str) -> str:
-    """An internationalized domain in its ASCII (IDNA) form: with an ASCII local part, the
-    address then needs no SMTPUTF8 (jörg@bücher.example still does; support@bücher.example
-    becomes support@xn--bcher-kva.example)."""
-    local, at, domain = address.rpartition("@")
-    if not at or domain.isascii() or not local.isascii():
-        return address
-    try:
-        return f"{local}@{domain.encode('idna').decode('ascii')}"
-    except UnicodeError:
-        return address  # not a valid IDN: sent as it is (SMTPUTF8), or dead
 
 
 # A mail up to this size is sent with its end-of-data dot in one write (a copy is cheaper than

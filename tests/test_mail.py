@@ -265,6 +265,10 @@ DSN = multipart(
 )
 
 
+# The subject heuristic counts only for a mail that answers one, or says it is automatic.
+ANSWER = "In-Reply-To: <ack-1@gateway.example>"
+
+
 @pytest.mark.parametrize(
     ("raw", "auto_reply", "report"),
     [
@@ -280,35 +284,53 @@ DSN = multipart(
         pytest.param(
             eml("Subject: Hi", "X-Auto-Response-Suppress: All"), False, False, id="xars-alone"
         ),
-        pytest.param(eml("Subject: Automatic reply: Printer"), True, False, id="automatic-reply"),
-        pytest.param(eml("Subject: Auto: Printer"), True, False, id="auto-colon"),
-        pytest.param(eml("Subject: Out of Office: Printer"), True, False, id="out-of-office"),
-        pytest.param(eml("Subject: Abwesenheitsnotiz: Drucker"), True, False, id="de"),
-        pytest.param(eml("Subject: Automatische Antwort: Drucker"), True, False, id="de-2"),
-        pytest.param(eml("Subject: Réponse automatique : Imprimante"), True, False, id="fr"),
-        pytest.param(eml("Subject: Autosvar: Skrivare"), True, False, id="sv"),
         pytest.param(
-            eml("Subject: =?utf-8?q?R=C3=A9ponse_automatique_:_x?="), True, False, id="fr-encoded"
+            eml("Subject: Automatic reply: Printer", ANSWER), True, False, id="automatic-reply"
+        ),
+        pytest.param(eml("Subject: Auto: Printer", ANSWER), True, False, id="auto-colon"),
+        pytest.param(
+            eml("Subject: Out of Office: Printer", ANSWER), True, False, id="out-of-office"
+        ),
+        pytest.param(eml("Subject: Abwesenheitsnotiz: Drucker", ANSWER), True, False, id="de"),
+        pytest.param(eml("Subject: Automatische Antwort: Drucker", ANSWER), True, False, id="de-2"),
+        pytest.param(
+            eml("Subject: Réponse automatique : Imprimante", ANSWER), True, False, id="fr"
+        ),
+        pytest.param(eml("Subject: Autosvar: Skrivare", ANSWER), True, False, id="sv"),
+        pytest.param(
+            eml("Subject: =?utf-8?q?R=C3=A9ponse_automatique_:_x?=", ANSWER),
+            True,
+            False,
+            id="fr-encoded",
         ),
         pytest.param(
-            eml("Subject: My manager is out of office"), False, False, id="human-ooo-text"
+            eml("Subject: My manager is out of office", ANSWER), False, False, id="human-ooo-text"
         ),
         pytest.param(
-            eml("Subject: Autopilot license renewal"), False, False, id="auto-prefix-word"
+            eml("Subject: Autopilot license renewal", ANSWER), False, False, id="auto-prefix-word"
         ),
         pytest.param(
-            eml("Subject: Out of office not working in Outlook"), False, False, id="ooo-request"
+            eml("Subject: Out of office not working in Outlook", ANSWER),
+            False,
+            False,
+            id="ooo-request",
         ),
         pytest.param(
-            eml("Subject: Automatic reply settings missing"), False, False, id="auto-reply-request"
+            eml("Subject: Automatic reply settings missing", ANSWER),
+            False,
+            False,
+            id="auto-reply-request",
         ),
-        pytest.param(eml("Subject: Out of Office"), True, False, id="out-of-office-alone"),
+        pytest.param(eml("Subject: Out of Office", ANSWER), True, False, id="out-of-office-alone"),
         pytest.param(
-            eml("Subject: Out of Office AutoReply: Printer"), True, False, id="exchange-2003"
+            eml("Subject: Out of Office AutoReply: Printer", ANSWER),
+            True,
+            False,
+            id="exchange-2003",
         ),
-        pytest.param(eml("Subject: AutoReply: Printer"), True, False, id="autoreply-colon"),
+        pytest.param(eml("Subject: AutoReply: Printer", ANSWER), True, False, id="autoreply-colon"),
         *(
-            pytest.param(eml(f"Subject: {subject}"), True, False, id=f"ooo-{i}")
+            pytest.param(eml(f"Subject: {subject}", ANSWER), True, False, id=f"ooo-{i}")
             for i, subject in enumerate(
                 [
                     "Out of office - back Monday",
@@ -327,7 +349,7 @@ DSN = multipart(
             )
         ),
         pytest.param(
-            eml("Subject: Out of office replies go to the wrong mailbox"),
+            eml("Subject: Out of office replies go to the wrong mailbox", ANSWER),
             False,
             False,
             id="ooo-replies-request",
@@ -413,6 +435,47 @@ DSN = multipart(
 def test_auto_reply_and_delivery_report(raw: bytes, auto_reply: bool, report: bool) -> None:
     msg = parse_message(raw)
     assert (msg.is_auto_reply, msg.is_delivery_report) == (auto_reply, report)
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "Out of Office: please set it up for Jane while she is on leave",
+        "Out of office - not working since the migration",
+        "Auto: fleet tracking portal login fails",
+        "Automatic reply: how do I turn this on?",
+    ],
+)
+def test_auto_reply_subject_alone_is_a_request(subject: str) -> None:
+    # A customer asking about out-of-office settings opens a ticket like any request; the same
+    # subject answering a mail, or marked automatic, is an out-of-office reply.
+    assert not parse_message(eml(f"Subject: {subject}")).is_auto_reply
+    for sign in (
+        ANSWER,
+        "References: <ack-1@gateway.example>",
+        "Auto-Submitted: auto-generated",
+        "Precedence: bulk",
+        "X-Auto-Response-Suppress: All",
+    ):
+        assert parse_message(eml(f"Subject: {subject}", sign)).is_auto_reply, sign
+
+
+@pytest.mark.parametrize(
+    ("value", "keyword"),
+    [
+        ("auto-replied (vacation)", "auto-replied"),  # Dovecot Pigeonhole, Cyrus
+        ("auto-replied; owner-email=jane@acme.example", "auto-replied"),
+        ("(c) Auto-Replied", "auto-replied"),
+        ("(a (nested) comment) auto-replied", "auto-replied"),
+        ("no (a comment)", "no"),
+        ("  No", "no"),
+        ("(only a comment)", ""),
+    ],
+)
+def test_auto_submitted_comments_and_parameters(value: str, keyword: str) -> None:
+    msg = parse_message(eml("Subject: Thanks for your message", f"Auto-Submitted: {value}"))
+    assert msg.auto_submitted == keyword
+    assert msg.is_auto_reply == (keyword == "auto-replied")
 
 
 def test_delivery_report_body_is_the_human_part() -> None:

@@ -105,11 +105,13 @@ def dsn(original_headers: str, *, subject: str = "Undelivered Mail Returned to S
     ).encode()
 
 
-async def deliver(gw: Gateway, data: bytes, mail_from: str) -> dict[str, Any]:
+async def deliver(
+    gw: Gateway, data: bytes, mail_from: str, rcpt: tuple[str, ...] = (CONNECTOR,)
+) -> dict[str, Any]:
     """Send one message and return its queue row once processed."""
     assert gw.store is not None
     store = gw.store
-    code, text = await send(gw.smtp_port, data, mail_from=mail_from)
+    code, text = await send(gw.smtp_port, data, mail_from=mail_from, rcpt=rcpt)
     assert code == 250, text
     queue_id = text.rsplit(" ", 1)[1]
 
@@ -584,11 +586,36 @@ CASES: tuple[Case, ...] = (
         sent=(FWD,),
     ),
     Case(
-        "ooo-german-subject-only",
-        lambda w: mail("Abwesenheitsnotiz: Drucker", body="Ich bin bis Montag nicht im Büro."),
+        # RFC 3834 allows a comment: Dovecot Pigeonhole and Cyrus write it so.
+        "ooo-auto-submitted-with-comment",
+        lambda w: mail(
+            "Thanks for your message",
+            body="I am away until Monday.",
+            headers={"Auto-Submitted": "auto-replied (vacation)"},
+        ),
         "forwarded",
         reason="auto_reply",
         sent=(FWD,),
+    ),
+    Case(
+        "ooo-german-subject-answering-a-mail",
+        lambda w: mail(
+            "Abwesenheitsnotiz: Drucker",
+            body="Ich bin bis Montag nicht im Büro.",
+            headers={"In-Reply-To": new_id("msp.example")},
+        ),
+        "forwarded",
+        reason="auto_reply",
+        sent=(FWD,),
+    ),
+    Case(
+        # The same kind of subject on a new mail with no sign of automation is a request.
+        "ooo-subject-on-a-request",
+        lambda w: mail("Out of Office: please set it up for Jane", body="She is away."),
+        "ticket_created",
+        ticket=2,
+        account=ACME,
+        sent=(("ack", "jane@acme.example"),),
     ),
     Case(
         "ooo-from-stranger",
@@ -806,6 +833,95 @@ async def test_ack_carries_tag_and_its_message_id_threads_the_reply(
     note = (await world.store.get_ticket(1))["history"][-1]["description"]
     assert "Thanks!" in note
     assert "Thank you for your message." not in note
+
+
+def head_lines(data: bytes) -> list[bytes]:
+    """A mail's header fields as sent, each unfolded (continuation lines joined)."""
+    return data.split(b"\r\n\r\n", 1)[0].replace(b"\r\n ", b" ").split(b"\r\n")
+
+
+async def test_ack_threads_under_a_long_message_id_as_written(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """Outlook and Microsoft 365 ids are ~90 characters. The email package folded such a
+    header into an RFC 2047 encoded-word, which mail clients do not read as a message id: the
+    acknowledgement did not thread under the customer's mail."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    long_id = (
+        "<PH0PR11MB5611D3F2A8B1C4E7F9A0B2C3D4E5F6A7B8C9D@PH0PR11MB5611.namprd11.prod.outlook.com>"
+    )
+    earlier = new_id("acme.example")
+    data = mail("Printer jams", message_id=long_id, headers={"References": earlier})
+    row = await deliver(world.gw, data, "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_created"
+    await settled(world.gw, row["id"])
+    (ack,) = relay.to("jane@acme.example")
+    fields = head_lines(ack.data)
+    assert f"In-Reply-To: {long_id}".encode() in fields
+    assert f"References: {earlier} {long_id}".encode() in fields
+    assert all(len(line) <= 998 for line in ack.data.split(b"\r\n"))
+
+
+async def test_ack_to_a_non_ascii_address_names_it_in_utf8(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """RFC 6532: an address with a non-ASCII local part stands in the header as UTF-8 (sent
+    with SMTPUTF8); an encoded-word inside an address is no address at all (RFC 2047 5)."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    data = mail("Drucker").replace(  # as an SMTPUTF8 client writes it; acme.example: Acme
+        b"From: Jane Roe <jane@acme.example>", "From: Jörg Müller <jörg@acme.example>".encode()
+    )
+    row = await deliver(world.gw, data, "bounces@acme.example")
+    assert row["outcome"]["action"] == "ticket_created"
+    await settled(world.gw, row["id"])
+    (ack,) = relay.to("jörg@acme.example")
+    assert "To: jörg@acme.example".encode() in head_lines(ack.data)
+
+
+async def test_a_new_ticket_keeps_the_forwarded_message_it_was_sent_with(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A customer forwards the error mail they got: the forwarded part is the request."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    body = (
+        "Hi, we keep getting this, please have a look.\n\n"
+        "---------- Forwarded message ---------\n"
+        "From: Backup Server <backup@acme.example>\nSubject: Backup job FAILED\n\n"
+        "Job Nightly failed: VSS error 0x800423f4 on volume D:\n"
+    )
+    row = await deliver(world.gw, mail("Fwd: Backup job FAILED", body=body), "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_created"
+    ticket = await world.store.get_ticket(row["outcome"]["ticket"])
+    assert "0x800423f4" in ticket["details"]
+    assert "0x800423f4" in ticket["history"][-1]["description"]
+
+
+async def test_an_internationalized_connector_writes_its_ascii_form_and_stops_its_loop(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """Headers name the connector with its domain in IDNA form (they were sent with "?" for
+    each non-ASCII letter), and the loop header is recognised in any spelling: a forward sent
+    back used to be forwarded again and again."""
+    connector, ascii_connector = "tickets@bücher.example", "tickets@xn--bcher-kva.example"
+    world = await start_world(
+        gateway_factory, relay, open_ticket=False, connector_addresses=connector
+    )
+    to = (ascii_connector,)
+    original = b"From: someone@elsewhere.example\r\nSubject: Partnership\r\n\r\nHello\r\n"
+    row = await deliver(world.gw, original, "someone@elsewhere.example", to)
+    assert row["outcome"]["reason"] == "unknown_sender"
+    await settled(world.gw, row["id"])
+    (forward,) = relay.to(SUPPORT)
+    fields = head_lines(forward.data)
+    assert f"Resent-From: {ascii_connector}".encode() in fields
+    assert f"X-Smtpgate-Loop: {ascii_connector}".encode() in fields
+    again = await deliver(world.gw, forward.data, SUPPORT, to)  # no Message-ID: no duplicate
+    assert (again["outcome"]["action"], again["outcome"]["reason"]) == ("ignored", "loop")
+    # An acknowledgement comes from the ASCII form too.
+    row = await deliver(world.gw, mail("Printer"), "jane@acme.example", to)
+    await settled(world.gw, row["id"])
+    (ack,) = relay.to("jane@acme.example")
+    assert f"From: {ascii_connector}".encode() in head_lines(ack.data)
 
 
 @pytest.mark.parametrize(

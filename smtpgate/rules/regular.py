@@ -45,7 +45,7 @@ def loop_markers(raw: bytes) -> frozenset[str]:
         if found >= 0:
             end = found
     return frozenset(
-        m.group(1).decode("ascii", "replace").lower() for m in _LOOP_FIELD.finditer(raw, 0, end)
+        m.group(1).decode("utf-8", "replace").lower() for m in _LOOP_FIELD.finditer(raw, 0, end)
     )
 
 
