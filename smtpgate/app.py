@@ -101,6 +101,7 @@ class Gateway:
         self._senders_stopped = False
         self._stopping = asyncio.Event()
         self.intake: IntakeProcesses | None = None
+        self._smtp_sessions: front.Sessions | None = None  # the listener here (no intake process)
         # the in-process listener's (each intake process has its own)
         self.data_budget = front.DataBudget(front.DATA_BUDGET_BYTES)
         self._processing_bytes = 0  # raw bytes of the claimed messages not yet processed
@@ -146,13 +147,14 @@ class Gateway:
             sessions = self.intake.sessions
         else:
             handler = front.Handler(s, store, self.metrics.received.inc)
-            factory, counter = front.listener_factory(
+            factory, listeners = front.listener_factory(
                 s, handler, tls_context, self._count_reply, self.data_budget
             )
+            self._smtp_sessions = listeners
             with _listening("SMTPGATE_SMTP_HOST / SMTPGATE_SMTP_PORT", s.smtp_host, s.smtp_port):
                 smtp = await loop.create_server(factory, host=s.smtp_host, port=s.smtp_port)
             self._servers.append(smtp)
-            sessions = lambda: counter[0]  # noqa: E731
+            sessions = lambda: len(listeners)  # noqa: E731
         self.smtp_port = smtp.sockets[0].getsockname()[1]
         status = StatusServer(store, self.metrics, sessions, self._intake_running)
         with _listening("SMTPGATE_HTTP_HOST / SMTPGATE_HTTP_PORT", s.http_host, s.http_port):
@@ -190,13 +192,21 @@ class Gateway:
             ", ".join(s.connector_addresses),
         )
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting, finish or release in-flight work, close the store."""
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, finish or release in-flight work, close the store. `grace`: how long
+        in-flight work may take; by default a message in DATA or in its commit gets
+        SMTPGATE_STORE_TIMEOUT + 2 s (front.shutdown_grace), processing and relaying 5 s."""
         self._stopping.set()
-        if self.intake is not None:  # first: their DATA commits in flight finish
-            await self.intake.stop(grace)
+        session_grace = front.shutdown_grace(self.settings) if grace is None else grace
+        grace = 5.0 if grace is None else grace
+        # SMTP sessions first, while the store still commits: each gets 421 4.3.2, a message
+        # in DATA or in its commit its own answer (250 or 451) before that.
+        if self.intake is not None:
+            await self.intake.stop(session_grace)
         for server in self._servers:
             server.close()
+        if self._smtp_sessions is not None:
+            await self._smtp_sessions.shut_down(session_grace)
         for pool in self._pools:
             await pool.stop(grace)
         self._outbox_wake.set()

@@ -7,6 +7,7 @@ takes longer than SMTPGATE_STORE_TIMEOUT is answered 451 so the sender retries (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import re
@@ -45,6 +46,12 @@ QUEUED = "250 2.0.0 queued as {}"
 SMUGGLING = "550 5.5.2 Message refused: bare <CR> or <LF> in message data (RFC 5321 2.3.8)"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
+SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"  # RFC 5321 3.8
+# A session that has answered this many commands without waiting for its client lets the
+# other sessions (and, in the serve process, the commits and workers) have the event loop:
+# aiosmtpd's command loop never waits while a client's pipelined commands are buffered, and a
+# client sending 400,000 NOOPs held the loop for 5–10 s.
+REPLIES_PER_TURN = 64
 
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]{1,500}>)", re.IGNORECASE | re.MULTILINE)
 
@@ -441,7 +448,7 @@ class Listener(SMTP):
     def __init__(
         self,
         handler: Handler,
-        counter: list[int],
+        sessions: Sessions,
         limit: int,
         on_reply: Callable[[str], None],
         budget: DataBudget | None = None,
@@ -452,7 +459,7 @@ class Listener(SMTP):
         else:
             super().__init__(handler, **kwargs)
         self._auth_methods = {}  # no AUTH: an AUTH command gets 504 (see handle_EHLO)
-        self._counter = counter
+        self._sessions = sessions
         self._limit = limit
         self._on_reply = on_reply
         self._counted = False
@@ -460,6 +467,9 @@ class Listener(SMTP):
         self._data_progress = -1  # bytes since the idle timer last restarted; -1: not in DATA
         self._data_size = 0  # bytes received in this DATA
         self._budget = budget or DataBudget(DATA_BUDGET_BYTES)
+        self._in_message = False  # from the end of DATA's 354 to the message's answer
+        self._closing = False  # shut_down(): 421 once the message in hand is answered
+        self._turn = 0  # replies since this session last let the loop go to others
 
     def _lean_init(
         self,
@@ -607,7 +617,17 @@ class Listener(SMTP):
             self._budget.end(self)
 
     async def _receive_data(self) -> None:
-        """The rest of smtp_DATA: read the data, check it, hand it to the handler, answer."""
+        """The rest of smtp_DATA; a shutdown meanwhile says 421 after the message's answer."""
+        self._in_message = True
+        try:
+            await self._receive_message()
+        finally:
+            self._in_message = False
+        if self._closing:
+            self._say_shutting_down(abort=False)
+
+    async def _receive_message(self) -> None:
+        """Read the data, check it, hand it to the handler, answer."""
         assert self.envelope is not None
         self._data_progress = 0
         self._data_size = 0
@@ -716,10 +736,51 @@ class Listener(SMTP):
         if status[3:4] != "-":  # count a multi-line reply (EHLO) once, by its last line
             self._on_reply(status[:3])
         await super().push(status)
+        self._turn += 1
+        if self._turn >= REPLIES_PER_TURN:
+            self._turn = 0
+            await asyncio.sleep(0)
+
+    def shut_down(self) -> None:
+        """Sessions.shut_down: 421 4.3.2 and close, between commands at once; with a message
+        in hand (in DATA or its commit) only after its answer."""
+        self._closing = True
+        if not self._in_message:
+            self._say_shutting_down(abort=False)
+
+    def cut_off(self) -> None:
+        """The shutdown's grace is over: 421 if it can still be said, and abort. A transfer
+        cut off is not stored; its sender retries."""
+        self._say_shutting_down(abort=True)
+
+    def _say_shutting_down(self, *, abort: bool) -> None:
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is None:
+            return
+        if not transport.is_closing():
+            self._on_reply("421")
+            transport.write(SHUTTING_DOWN)
+        if abort:
+            transport.abort()
+        else:
+            transport.close()
+
+    def _timeout_cb(self) -> None:
+        """aiosmtpd's idle timeout closes the transport, which first sends what is buffered:
+        for a client that pipelines commands and never reads our replies, that is never, and
+        its session held a slot of SMTPGATE_MAX_CONNECTIONS for ever. Abort it instead."""
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None and transport.get_write_buffer_size() > 0:
+            _mail_log.info(
+                "%r connection timeout, replies unread", self.session and self.session.peer
+            )
+            transport.abort()
+            return
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._counted and not self._refused and self._original_transport is None:
-            if self._counter[0] >= self._limit:
+            if len(self._sessions) >= self._limit:
                 self._refused = True
                 self._on_reply("421")
                 # Not isinstance(…, asyncio.WriteTransport): uvloop's transports are not
@@ -727,7 +788,7 @@ class Listener(SMTP):
                 cast(asyncio.WriteTransport, transport).write(TOO_MANY_CONNECTIONS)
                 transport.close()
                 return
-            self._counter[0] += 1
+            self._sessions.add(self)
             self._counted = True
         super().connection_made(transport)
 
@@ -736,7 +797,7 @@ class Listener(SMTP):
             return
         if self._counted:
             self._counted = False
-            self._counter[0] -= 1
+            self._sessions.discard(self)
         super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
@@ -792,23 +853,63 @@ class Listener(SMTP):
         return bool(super().eof_received())
 
 
+class Sessions:
+    """The listener's live sessions: how many (the cap of SMTPGATE_MAX_CONNECTIONS, /metrics),
+    and which, so that a shutdown can tell each of them (RFC 5321 3.8)."""
+
+    def __init__(self) -> None:
+        self.live: set[Listener] = set()
+        self._all_gone: asyncio.Event | None = None
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def add(self, session: Listener) -> None:
+        self.live.add(session)
+
+    def discard(self, session: Listener) -> None:
+        self.live.discard(session)
+        if not self.live and self._all_gone is not None:
+            self._all_gone.set()
+
+    async def shut_down(self, grace: float) -> None:
+        """Every session gets `421 4.3.2` and is closed: at once between commands; a message
+        being received or committed first gets its own answer (250 or 451). Whatever is still
+        open after `grace` seconds is cut off (421, then the connection is aborted)."""
+        self._all_gone = asyncio.Event()
+        for session in list(self.live):
+            session.shut_down()
+        if self.live:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._all_gone.wait()
+        for session in list(self.live):
+            session.cut_off()
+
+
+def shutdown_grace(settings: Settings) -> float:
+    """How long a shutdown waits for a message in DATA or in its commit: the commit's own
+    limit (SMTPGATE_STORE_TIMEOUT, then 451) and a little more."""
+    return settings.store_timeout + 2.0
+
+
 def listener_factory(
     settings: Settings,
     handler: Handler,
     tls_context: ssl.SSLContext | None,
     on_reply: Callable[[str], None],
     budget: DataBudget | None = None,
-) -> tuple[Callable[[], Listener], list[int]]:
-    """A protocol factory for loop.create_server, and the live session counter it shares.
+) -> tuple[Callable[[], Listener], Sessions]:
+    """A protocol factory for loop.create_server, and the live sessions it shares.
 
     Its sessions share `budget` (by default one of DATA_BUDGET_BYTES of their own)."""
-    counter = [0]
+    sessions = Sessions()
     budget = budget or DataBudget(DATA_BUDGET_BYTES)
 
     def factory() -> Listener:
         return Listener(
             handler,
-            counter,
+            sessions,
             settings.max_connections,
             on_reply,
             budget,
@@ -821,7 +922,7 @@ def listener_factory(
             timeout=settings.smtp_timeout,
         )
 
-    return factory, counter
+    return factory, sessions
 
 
 def listener_tls_context(settings: Settings) -> ssl.SSLContext | None:

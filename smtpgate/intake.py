@@ -109,7 +109,7 @@ class IntakeProcesses:
         return [c.process.pid for c in self._children if c.process is not None]
 
     async def stop(self, grace: float) -> None:
-        """SIGTERM every child, wait up to `grace` (+1 s) for it to drain, then SIGKILL."""
+        """SIGTERM every child, wait up to `grace` (+2 s) for it to drain, then SIGKILL."""
         self._stopping = True
         for child in self._children:
             if child.process is not None and child.process.returncode is None:
@@ -119,7 +119,7 @@ class IntakeProcesses:
             if child.process is None:
                 continue
             try:
-                async with asyncio.timeout(grace + 1.0):
+                async with asyncio.timeout(grace + 2.0):  # the child's grace, its last second
                     await child.process.wait()
             except TimeoutError:
                 log.error("intake process %d did not stop in time; killing it", child.process.pid)
@@ -322,7 +322,7 @@ class _Reporter:
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
-        self.sessions = [0]  # the listener's live session counter, once it exists
+        self.sessions = front.Sessions()  # the listener's, once it exists
         self._replies: dict[str, int] = {}
         self._scheduled = False
         self._last_sessions = -1
@@ -335,7 +335,7 @@ class _Reporter:
 
     def flush(self) -> None:
         self._scheduled = False
-        sessions = self.sessions[0]
+        sessions = len(self.sessions)
         if (self._replies or sessions != self._last_sessions) and not self._writer.is_closing():
             report = {"replies": self._replies, "sessions": sessions}
             self._writer.write(json.dumps(report).encode() + b"\n")
@@ -355,7 +355,7 @@ async def _read_answers(reader: asyncio.StreamReader, queue: _ParentQueue) -> No
     queue.parent_gone()
 
 
-async def serve_child(channel_fd: int, listen_fds: Sequence[int], grace: float = 5.0) -> int:
+async def serve_child(channel_fd: int, listen_fds: Sequence[int]) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel_fd))
     config = json.loads(await reader.readline())
     settings = Settings.model_validate(config["settings"])
@@ -383,9 +383,12 @@ async def serve_child(channel_fd: int, listen_fds: Sequence[int], grace: float =
     await asyncio.wait([answers, stopping], return_when=asyncio.FIRST_COMPLETED)
     for server in servers:
         server.close()
+    # Each session gets 421 4.3.2; a message in DATA or in its commit (answered by the parent,
+    # which goes on committing meanwhile) first gets its own answer.
+    await reporter.sessions.shut_down(front.shutdown_grace(settings))
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(grace):
-            await queue.idle.wait()  # commits in flight: answered by the parent (or it is gone)
+        async with asyncio.timeout(1.0):
+            await queue.idle.wait()  # sessions cut off may still wait for the parent
     reporter.flush()
     for task in (answers, stopping, ticker):
         task.cancel()

@@ -512,8 +512,8 @@ class _Stock(SMTP):
 
 
 OWN_STATE = {
-    "_counter", "_limit", "_on_reply", "_counted", "_refused", "_data_progress", "_data_size",
-    "_budget",
+    "_sessions", "_limit", "_on_reply", "_counted", "_refused", "_data_progress", "_data_size",
+    "_budget", "_in_message", "_closing", "_turn",
 }  # fmt: skip
 
 
@@ -530,7 +530,7 @@ def _pair() -> tuple[SMTP, SMTP]:
     }
 
     async def build() -> tuple[SMTP, SMTP]:
-        listener = front.Listener(_Hooks(), [0], 10, lambda code: None, **kwargs)  # type: ignore[arg-type]
+        listener = front.Listener(_Hooks(), front.Sessions(), 10, lambda code: None, **kwargs)  # type: ignore[arg-type]
         return listener, _Stock(_Hooks(), **kwargs)
 
     return asyncio.run(build())
@@ -711,7 +711,7 @@ async def _both(pieces: list[bytes], size_limit: int) -> None:
             kwargs: dict[str, Any] = {"data_size_limit": size_limit, "hostname": "h", "ident": "i"}
             if cls is _TinyStock:
                 return cls(recorder, **kwargs)
-            return _TinyListener(recorder, [0], 10, lambda code: None, **kwargs)  # type: ignore[arg-type]
+            return _TinyListener(recorder, front.Sessions(), 10, lambda code: None, **kwargs)  # type: ignore[arg-type]
 
         server = await loop.create_server(factory, "127.0.0.1", 0)
         try:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import sqlite3
 import time
 import unicodedata
 
 import pytest
 
+from smtpgate import front
 from smtpgate.app import Gateway
 from tests.conftest import GatewayFactory, RecordingRelay, send, simple_message, wait_until
 from tests.hostile import RawSession, Reply, SessionClosed, dot_stuff
@@ -488,3 +491,146 @@ async def test_a_client_that_half_closes_in_the_middle_of_data_stores_nothing(
     assert gw.store is not None
     assert await gw.store.list_inbound() == []
     await still_serving(gw)
+
+
+# --- shutdown, and sessions that do not read -----------------------------------------------------
+
+
+def stored_ids(gw: Gateway) -> list[str]:
+    """The queue ids in the store file (also once the gateway has stopped)."""
+    with contextlib.closing(sqlite3.connect(gw.settings.db_path)) as db:
+        return [row[0] for row in db.execute("SELECT id FROM inbound")]
+
+
+@pytest.mark.both_loops
+async def test_shutdown_says_421_to_every_session_after_the_message_in_hand(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """RFC 5321 3.8: a session between commands gets 421 4.3.2 at once; one in DATA may finish
+    its message (250, stored) and then gets 421. Both used to see the connection just drop."""
+    gw = await gateway_factory()
+    idle = await RawSession.open(gw.smtp_port)
+    sending = await RawSession.open(gw.smtp_port)
+    await sending.start_data("a@example.org")
+    await sending.send_raw(b"Subject: in flight at shutdown\r\n\r\nfirst half\r\n")
+    stopping = asyncio.create_task(gw.stop())
+    reply = await idle.reply()
+    assert (reply.code, reply.text[:5]) == (421, "4.3.2")
+    await sending.send_raw(b"second half\r\n.\r\n")
+    reply = await sending.reply()
+    assert reply.code == 250
+    assert (await sending.reply()).code == 421
+    await idle.close()
+    await sending.close()
+    async with asyncio.timeout(15):
+        await stopping
+    assert stored_ids(gw) == [reply.queue_id]
+
+
+@pytest.mark.parametrize("intake", [0, 1])
+async def test_a_commit_in_flight_at_shutdown_is_answered_before_the_421(
+    gateway_factory: GatewayFactory, intake: int
+) -> None:
+    """The message's commit waits for a lock when the shutdown begins: its sender gets the 250
+    (it is stored), then 421. With the listener in `serve`, the store's close cancelled the
+    commit half-way and the session got no answer at all; an intake child gave up after 5 s,
+    below SMTPGATE_STORE_TIMEOUT."""
+    gw = await gateway_factory(intake_processes=intake)
+    session = await RawSession.open(gw.smtp_port)
+    await session.start_data("a@example.org")
+    blocker = sqlite3.connect(gw.settings.db_path, isolation_level=None)  # another writer
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        await session.send_raw(dot_stuff(simple_message()) + b".\r\n")
+        await asyncio.sleep(0.3)  # the commit waits for the lock
+        stopping = asyncio.create_task(gw.stop())
+        await asyncio.sleep(0.3)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    reply = await session.reply()
+    assert reply.code == 250
+    assert (await session.reply()).code == 421
+    await session.close()
+    async with asyncio.timeout(15):
+        await stopping
+    assert stored_ids(gw) == [reply.queue_id]
+
+
+async def send_without_reading(port: int, payload: bytes) -> socket.socket:
+    """A client that writes `payload` (as much as the server takes) and never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    sent, stalled_since = 0, None
+    while sent < len(payload):
+        try:
+            sent += sock.send(payload[sent : sent + 65536])
+            stalled_since = None
+        except BlockingIOError:
+            stalled_since = stalled_since or loop.time()
+            if loop.time() - stalled_since > 0.5:
+                break  # the server has stopped reading
+            await asyncio.sleep(0.01)
+    return sock
+
+
+@pytest.mark.both_loops
+async def test_a_client_that_never_reads_its_replies_loses_its_slot_at_the_idle_timeout(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """aiosmtpd's timeout closed the transport, which waits to send the unread replies: the
+    session held its slot of SMTPGATE_MAX_CONNECTIONS for ever, and enough such clients
+    shut out all mail."""
+    gw = await gateway_factory(smtp_timeout=1, max_connections=1)
+    # 5 MB of replies (HELP: 84 bytes for 6) fill the kernel's buffers (4 MB) and the
+    # transport's: the session then waits to send, and reads no further command.
+    hog = await send_without_reading(gw.smtp_port, b"EHLO hog.example\r\n" + b"HELP\r\n" * 60_000)
+    try:
+
+        async def slot_free() -> bool:
+            session = await RawSession.open(gw.smtp_port, ehlo=False)
+            await session.close()
+            return session.greeting is not None and session.greeting.code == 220
+
+        await wait_until(slot_free, timeout=15, what="the slot of a client that never reads")
+    finally:
+        hog.close()
+    await still_serving(gw)
+
+
+@pytest.mark.both_loops
+async def test_a_pipelined_flood_lets_the_event_loop_serve_others_between_its_replies(
+    gateway: Gateway,
+) -> None:
+    """aiosmtpd's command loop never waits while a client's commands are buffered: 20,000
+    pipelined NOOPs were answered in one pass of the event loop, and other sessions, commits
+    and workers waited for all of them (400,000 held the loop for 5-10 s)."""
+    n = 20_000
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.smtp_port)
+    passes = 0
+    flood_answered = asyncio.Event()
+
+    async def count_passes() -> None:
+        nonlocal passes
+        while not flood_answered.is_set():
+            passes += 1
+            await asyncio.sleep(0)
+
+    try:
+        assert (await reader.readline()).startswith(b"220")
+        counter = asyncio.create_task(count_passes())
+        writer.write(b"EHLO flood.example\r\n" + b"NOOP\r\n" * n)
+        await writer.drain()
+        answered = 0
+        async with asyncio.timeout(60):
+            while answered < n:
+                answered += await reader.readline() == b"250 OK\r\n"
+        flood_answered.set()
+        await counter
+    finally:
+        writer.close()
+    assert passes >= n // front.REPLIES_PER_TURN // 2, passes
+    await still_serving(gateway)

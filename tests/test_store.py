@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import unicodedata
@@ -138,3 +139,29 @@ async def test_migration_5_composes_decomposed_account_keys(tmp_path: Path) -> N
         ("file_as", "café müller"),
         ("rec_id", "crdcafe0000000000001"),
     ]
+
+
+async def test_close_lets_an_intake_commit_in_flight_finish_and_answers_it(tmp_path: Path) -> None:
+    """Closing cancelled the group commit half-way: the thread still committed the message,
+    and the SMTP session waiting for it was never answered (nor given 451)."""
+    path = tmp_path / "s.db"
+    store = await Store.open(path)
+    env = Envelope("127.0.0.1", "helo", "a@example.org", ("connector@localhost",))
+    queue_id = new_queue_id()
+    blocker = sqlite3.connect(path, isolation_level=None)  # another process's write lock
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        enqueue = asyncio.create_task(
+            store.enqueue(env, b"Subject: x\r\n\r\nx\r\n", None, queue_id)
+        )
+        await asyncio.sleep(0.2)  # the commit now waits for the lock in the writer's thread
+        closing = asyncio.create_task(store.close())
+        await asyncio.sleep(0.2)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    async with asyncio.timeout(10):
+        await enqueue  # answered: committed
+        await closing
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT id FROM inbound").fetchall() == [(queue_id,)]

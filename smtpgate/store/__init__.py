@@ -315,6 +315,7 @@ class Store:
         self._write_lock = WriteLock()
         self._pending: list[_Intake] = []
         self._pending_event = asyncio.Event()
+        self._committing: asyncio.Future[None] | None = None  # the intake batch being written
         self._committer: asyncio.Task[None] | None = None
         self._sync = "FULL"  # the writer's PRAGMA synchronous (set in _connect)
         # Outbox mail may have been committed without an fsync (a decision, synchronous=NORMAL)
@@ -347,6 +348,11 @@ class Store:
 
     async def close(self) -> None:
         self._closed = True  # no new checkpoint from here
+        if self._committing is not None:
+            # An intake batch being written may finish, so that its senders get their answer
+            # (250, or 451): cancelled half-way, the thread would still commit it, and the
+            # sessions waiting for it were never answered.
+            await asyncio.wait([self._committing], timeout=self._busy_ms / 1000 + 1.0)
         tasks = [t for t in (self._committer, self._checkpointer) if t is not None]
         for task in tasks:
             task.cancel()
@@ -511,21 +517,34 @@ class Store:
                 )
                 for item in batch
             ]
+            self._committing = asyncio.get_running_loop().create_future()
             try:
-                await self._write(
-                    functools.partial(_insert_intake, entries=entries), urgent=True, fsynced=bool
-                )
-            except (sqlite3.Error, ValueError) as exc:  # ValueError: text SQLite cannot encode
-                log.error("intake commit of %d message(s) failed: %s", len(batch), exc)
-                for item in batch:
+                await self._commit_intake(batch, entries)
+            finally:
+                self._committing.set_result(None)
+                self._committing = None
+                for item in batch:  # only if cancelled (close) half-way: its outcome is unknown
                     if not item.future.done():
-                        item.future.set_exception(StoreError(str(exc)))
-                continue
+                        item.future.set_exception(StoreError("store closed during the commit"))
+
+    async def _commit_intake(
+        self, batch: list[_Intake], entries: list[tuple[tuple[Any, ...], _Intake]]
+    ) -> None:
+        try:
+            await self._write(
+                functools.partial(_insert_intake, entries=entries), urgent=True, fsynced=bool
+            )
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: text SQLite cannot encode
+            log.error("intake commit of %d message(s) failed: %s", len(batch), exc)
             for item in batch:
                 if not item.future.done():
-                    item.future.set_result(None)
-            self.intake_committed_at = time.monotonic()
-            self.new_work.set()
+                    item.future.set_exception(StoreError(str(exc)))
+            return
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result(None)
+        self.intake_committed_at = time.monotonic()
+        self.new_work.set()
 
     # --- inbound queue -----------------------------------------------------------------------
 
