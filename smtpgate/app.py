@@ -35,6 +35,10 @@ RELAYED_UNRECORDED = 2
 # Mail data one relay connection claims at once (always at least one mail): 16 forwards of
 # 25 MB each per connection took 50 x 25 MB of mail to 1.6 GB in the serve process.
 RELAY_CLAIM_BYTES = 16 * 1024 * 1024
+# A sender whose connection to the relay failed (down, TLS, a wrong password) waits before it
+# claims again: 5 s, doubled after each failure in a row, at most 5 minutes.
+RELAY_BACKOFF = 5.0
+RELAY_BACKOFF_MAX = 300.0
 SWEEP_SECONDS = 30.0
 RETENTION_SWEEP_SECONDS = 3600.0
 # Parsing costs ~30 ms per MB and holds the loop: a 25 MB message held it 0.7 s, long enough
@@ -344,6 +348,7 @@ class Gateway:
         assert self.store is not None
         store = self.store
         unrecorded: collections.deque[asyncio.Future[None]] = collections.deque()
+        backoff = 0.0  # after a failed connection to the relay (RELAY_BACKOFF)
         try:
             while not self._stopping.is_set():
                 self._outbox_wake.clear()  # before claiming, so no wake-up is lost
@@ -359,7 +364,14 @@ class Gateway:
                         async with asyncio.timeout(1.0):
                             await self._outbox_wake.wait()
                     continue
-                await self._deliver(client, batch, unrecorded)
+                if await self._deliver(client, batch, unrecorded):
+                    backoff = min(backoff * 2, RELAY_BACKOFF_MAX) if backoff else RELAY_BACKOFF
+                    log.warning("relay connection failed: next try in %.0f s", backoff)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(backoff):
+                            await self._stopping.wait()
+                else:
+                    backoff = 0.0
         finally:
             await client.close()
 
@@ -368,23 +380,31 @@ class Gateway:
         client: RelayClient,
         batch: Sequence[Delivery],
         unrecorded: collections.deque[asyncio.Future[None]],
-    ) -> None:
+    ) -> bool:
+        """Send a claim's mails in turn; True if the connection to the relay failed."""
         for n, item in enumerate(batch):
             if self._stopping.is_set():
-                return  # the rest go back to the queue when their lease ends (or at start-up)
+                return False  # the rest go back to the queue when their lease ends or at start
             while len(unrecorded) >= RELAYED_UNRECORDED:
                 await unrecorded.popleft()  # usually recorded already, during the last send
             if time.time() >= item.lease_until:
                 # The claim lapsed while the mails before were sent (a slow relay): the sweeper
                 # may have given these to another sender already. Not sent here.
-                await self._unclaim(batch[n:])
-                return
+                await self._unclaim(batch[n:], "their claim lapsed before their turn")
+                return False
             self._sending.add(item.id)  # from here on the sweeper leaves it alone
             try:
                 reply = await client.send(item.mail_from, item.recipients, item.data)
             except DeliveryError as exc:
                 await self._delivery_failed(item, exc)
-                continue
+                if not exc.connection:
+                    continue
+                # Trying the claim's other mails would only fail the same way, and with a
+                # wrong password each try is a failed login (Microsoft 365 locks the account,
+                # fail2ban bans the gateway): they go back to the queue unsent.
+                if batch[n + 1 :]:
+                    await self._unclaim(batch[n + 1 :], "the relay connection failed")
+                return True
             except Exception as exc:  # a bug: fail this delivery, keep the sender alive
                 log.exception("relay send of outbox %d crashed", item.id)
                 await client.close()
@@ -405,17 +425,18 @@ class Gateway:
                 reply,
                 extra={"outbox_id": item.id, "queue_id": item.inbound_id},
             )
+        return False
 
-    async def _unclaim(self, rest: Sequence[Delivery]) -> None:
-        """Queue again the mails of a claim that lapsed before their turn (all of one claim
-        share its lease), unless another sender has claimed them since."""
+    async def _unclaim(self, rest: Sequence[Delivery], why: str) -> None:
+        """Queue again claimed mails not sent (all of one claim share its lease), unless
+        another sender has claimed them since (their claim lapsed)."""
         assert self.store is not None
         try:
             n = await self.store.unclaim_deliveries([d.id for d in rest], rest[0].lease_until)
         except Exception as exc:  # the lease sweeper queues them again later
-            log.warning("could not requeue %d mail(s) whose claim lapsed: %s", len(rest), exc)
+            log.warning("could not requeue %d unsent mail(s) (%s): %s", len(rest), why, exc)
             return
-        log.info("%d mail(s) whose claim lapsed before their turn queued again", n)
+        log.info("%d mail(s) queued again unsent: %s", n, why)
         if n:
             self._outbox_wake.set()
 

@@ -94,7 +94,12 @@ class Settings(BaseSettings):
         "none", description="relay TLS mode: none, starttls, tls"
     )
     relay_tls_verify: bool = Field(True, description="verify the relay's TLS certificate")
-    relay_timeout: float = Field(30.0, gt=0, description="seconds per relay command")
+    relay_timeout: float = Field(
+        30.0, gt=0, description="seconds per relay command, and for data that stops moving"
+    )
+    relay_data_timeout: float = Field(
+        600.0, gt=0, description="seconds to wait for the relay's reply to the end of data"
+    )
     relay_connections: int = Field(4, ge=1, le=64, description="parallel relay connections")
     max_message_bytes: int = Field(26214400, ge=1024, description="larger messages get 552")
     max_recipients: int = Field(100, ge=1, description="recipients per message (more: 452)")

@@ -825,7 +825,7 @@ class _Parser:
         answers_or_automatic = bool(
             in_reply_to
             or references
-            or auto_submitted not in (None, "no")
+            or auto_submitted not in (None, "", "no")
             or precedence in ("bulk", "junk", "list")
             or "x-auto-response-suppress" in headers
         )

@@ -88,7 +88,8 @@ def compose(
 ) -> list[OutboundMail]:
     """A new mail from the gateway (ack or response); BCC copies become their own outbox rows."""
     sender, to = ascii_domain(sender), ascii_domain(to)
-    msg = EmailMessage(policy=_POLICY if sender.isascii() and to.isascii() else _POLICY_UTF8)
+    utf8 = not (sender.isascii() and to.isascii())
+    msg = EmailMessage(policy=_POLICY_UTF8 if utf8 else _POLICY)
     msg["From"] = sender
     msg["To"] = to
     msg["Subject"] = _header_value(subject)
@@ -103,7 +104,9 @@ def compose(
     msg["Auto-Submitted"] = "auto-replied"
     msg["X-Auto-Response-Suppress"] = "All"
     msg[LOOP_HEADER] = ascii_domain(connector)
-    msg.set_content(body, subtype=subtype, charset="utf-8")
+    # 7-bit unless the mail needs SMTPUTF8 anyway: a relay without 8BITMIME takes it as it is.
+    cte = "quoted-printable" if not utf8 and not body.isascii() else None
+    msg.set_content(body, subtype=subtype, charset="utf-8", cte=cte)
     data = msg.as_bytes()
     mails = [OutboundMail(kind, sender, (to,), data, message_id)]
     mails.extend(OutboundMail(MailKind.BCC, sender, (addr,), data, None) for addr in bcc)

@@ -16,7 +16,10 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import ssl
+import struct
+from typing import cast
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -36,10 +39,16 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class DeliveryError(Exception):
-    def __init__(self, message: str, *, permanent: bool, code: int | None = None) -> None:
+    """`connection`: the relay could not be reached or refused us (TLS, AUTH, EHLO), which
+    says nothing about this mail and would happen to the next one too."""
+
+    def __init__(
+        self, message: str, *, permanent: bool, code: int | None = None, connection: bool = False
+    ) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.code = code
+        self.connection = connection
 
 
 class RelayClient:
@@ -93,16 +102,24 @@ class RelayClient:
         except Exception as exc:
             # About the connection, not this mail (refused, TLS, AUTH, EHLO): retry it later.
             raise DeliveryError(
-                f"relay connection: {type(exc).__name__}: {exc}", permanent=False
+                f"relay connection: {type(exc).__name__}: {exc}", permanent=False, connection=True
             ) from exc
         try:
             if plain:
-                errors, reply = await _send_plain(smtp, mail_from, recipients, data)
+                errors, reply = await _send_plain(
+                    smtp, mail_from, recipients, data, self._settings.relay_data_timeout
+                )
             else:
                 utf8 = not (mail_from.isascii() and all(a.isascii() for a in recipients))
                 errors, reply = await smtp.sendmail(
                     mail_from, list(recipients), data, mail_options=["SMTPUTF8"] if utf8 else []
                 )
+        except (asyncio.CancelledError, aiosmtplib.SMTPTimeoutError):
+            # What the connection still holds (the rest of the data, its end-of-data dot) must
+            # never reach the relay now: the mail counts as not sent and is sent again, and a
+            # graceful close (QUIT) would deliver the first copy after all.
+            self._abort()
+            raise
         except aiosmtplib.SMTPNotSupported as exc:  # SMTPUTF8 needed, not offered by the relay
             raise DeliveryError(f"relay: {exc}", permanent=True) from exc
         except aiosmtplib.SMTPRecipientsRefused as exc:
@@ -112,8 +129,12 @@ class RelayClient:
             raise DeliveryError(f"recipients refused: {exc}", permanent=permanent) from exc
         except aiosmtplib.SMTPResponseException as exc:
             await self.close()
+            # 530: the relay wants STARTTLS or AUTH first (RFC 3207, 4954). That is about our
+            # settings, not this mail: it is retried, like a wrong password (535), so that the
+            # queue goes out once the operator has fixed SMTPGATE_RELAY_*.
+            permanent = 500 <= exc.code < 600 and exc.code != 530
             raise DeliveryError(
-                f"{exc.code} {exc.message}", permanent=500 <= exc.code < 600, code=exc.code
+                f"{exc.code} {exc.message}", permanent=permanent, code=exc.code
             ) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             await self.close()
@@ -125,6 +146,20 @@ class RelayClient:
             # Some recipients refused: our rows have one recipient each, so this is rare.
             log.warning("relay refused some recipients: %s", errors)
         return reply
+
+    def _abort(self) -> None:
+        """Reset the connection: what our side still holds, in the transport or the kernel's
+        send buffer (a close would send it and then FIN), is thrown away (SO_LINGER 0)."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        if smtp.transport is not None:
+            sock = smtp.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            cast(asyncio.WriteTransport, smtp.transport).abort()
+        smtp.close()
 
     async def close(self) -> None:
         smtp, self._smtp = self._smtp, None
@@ -138,12 +173,37 @@ class RelayClient:
 # A mail up to this size is sent with its end-of-data dot in one write (a copy is cheaper than
 # a second send() system call).
 _ONE_WRITE_BYTES = 64 * 1024
+_SENT_POLL_SECONDS = 0.05
+
+
+async def _all_sent(transport: asyncio.WriteTransport, stall_seconds: float) -> None:
+    """Until the connection has handed all our data to the kernel. A slow uplink may take long
+    for a big mail; only a relay that takes nothing for `stall_seconds` fails it."""
+    loop = asyncio.get_running_loop()
+    left = transport.get_write_buffer_size()
+    moved_at = loop.time()
+    while left:
+        await asyncio.sleep(_SENT_POLL_SECONDS)
+        now = transport.get_write_buffer_size()
+        if now < left:
+            left, moved_at = now, loop.time()
+        elif loop.time() - moved_at > stall_seconds:
+            raise aiosmtplib.SMTPTimeoutError("the relay stopped taking the message data")
 
 
 async def _send_plain(
-    smtp: aiosmtplib.SMTP, mail_from: str, recipients: tuple[str, ...], data: bytes
+    smtp: aiosmtplib.SMTP,
+    mail_from: str,
+    recipients: tuple[str, ...],
+    data: bytes,
+    reply_timeout: float,
 ) -> tuple[dict[str, SMTPResponse], str]:
-    """What `SMTP.sendmail` does, for plain ASCII addresses, without its per-mail re-parsing."""
+    """What `SMTP.sendmail` does, for plain ASCII addresses, without its per-mail re-parsing.
+
+    The reply to the end of data is awaited `reply_timeout` seconds once all the data is sent
+    (RFC 5321 4.5.3.2.6: 10 minutes; the relay may be filtering the message): a timer running
+    while a big mail crossed a slow uplink expired, and the mail the relay then queued anyway
+    was sent again on every retry."""
     if has_bare_line_end(data):
         # Never in our outbox rows (the front refuses such mail): aiosmtplib's normalisation.
         data = aiosmtplib.protocol.normalize_message_line_endings(data)
@@ -152,6 +212,8 @@ async def _send_plain(
     mail = [b"FROM:<" + mail_from.encode() + b">"]
     if smtp.supports_extension("size"):
         mail.append(b"SIZE=%d" % len(data))  # RFC 1870: CRLFs included, stuffing dots not
+    if not data.isascii() and smtp.supports_extension("8bitmime"):
+        mail.append(b"BODY=8BITMIME")  # RFC 6152 (a relay without it gets the bytes as they are)
     response = await smtp.execute_command(b"MAIL", *mail)
     if response.code != 250:
         raise aiosmtplib.SMTPSenderRefused(response.code, response.message, mail_from)
@@ -178,7 +240,9 @@ async def _send_plain(
     else:
         protocol.write(stuffed)  # no copy of a large message just to append the dot
         protocol.write(b".\r\n")
-    response = await protocol.read_response(timeout=smtp.timeout)
+    if protocol.transport is not None:
+        await _all_sent(cast(asyncio.WriteTransport, protocol.transport), smtp.timeout or 30.0)
+    response = await protocol.read_response(timeout=reply_timeout)
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return {r.recipient: SMTPResponse(r.code, r.message) for r in refused}, response.message

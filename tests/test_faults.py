@@ -344,7 +344,7 @@ async def test_mails_whose_claim_lapsed_before_their_turn_are_sent_once(
 async def test_relay_timing_out_then_recovering_delivers_everything(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
-    gw = await gateway_factory(relay_timeout=0.5)
+    gw = await gateway_factory(relay_timeout=0.5, relay_data_timeout=0.5)
     assert gw.store is not None
     store = gw.store
     relay.delay = 3.0  # longer than the gateway waits: every attempt times out

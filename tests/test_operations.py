@@ -443,6 +443,37 @@ async def test_relay_wrong_password_is_not_delivered(
     assert row["last_error"].startswith("relay connection:")
 
 
+async def test_a_wrong_relay_password_costs_one_login_per_sender_not_one_per_mail(
+    gateway_to: GatewayFactory, secure_relay: SecureRelay
+) -> None:
+    """Each queued mail used to try its own login: 20 mails, 40 failed logins at once, enough
+    for Microsoft 365 to lock the account or fail2ban to ban the gateway. A sender whose
+    connection fails now puts the rest of its claim back unsent and waits (RELAY_BACKOFF)."""
+    gw = await gateway_to(
+        secure_relay.port,
+        relay_tls="starttls",
+        relay_tls_verify=False,
+        relay_username=RELAY_USER,
+        relay_password="wrong",
+        relay_connections=2,
+        retry_schedule="60",
+    )
+    for i in range(20):
+        message = simple_message(subject=f"m{i}", message_id=f"<m{i}@example.org>")
+        assert (await send(gw.smtp_port, message))[0] == 250
+    assert gw.store is not None
+    store = gw.store
+
+    async def each_sender_failed_once() -> bool:
+        rows = await store.list_outbox(limit=100)
+        tried = [r for r in rows if r["attempts"]]
+        untried = [r for r in rows if not r["attempts"]]
+        return len(rows) == 20 and len(tried) == 2 and all(r["state"] == "queued" for r in untried)
+
+    await wait_until(each_sender_failed_once, what="one failed login per sender, the rest back")
+    assert 1 <= len(secure_relay.logins) <= 4  # aiosmtplib may try two AUTH mechanisms
+
+
 async def test_relay_with_implicit_tls(gateway_to: GatewayFactory, cert: Cert) -> None:
     recorder = RecordingRelay()
     async with serving(recorder, hostname="relay.test", implicit_tls=cert.server_context()) as port:

@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 
+from smtpgate import outbound
 from smtpgate.app import Gateway
 from smtpgate.cli import read_rows
+from smtpgate.model import MailKind
 from tests.conftest import (
     FIXTURES,
     GatewayFactory,
@@ -860,6 +862,24 @@ async def test_ack_threads_under_a_long_message_id_as_written(
     assert f"In-Reply-To: {long_id}".encode() in fields
     assert f"References: {earlier} {long_id}".encode() in fields
     assert all(len(line) <= 998 for line in ack.data.split(b"\r\n"))
+
+
+def test_composed_mail_is_7bit_unless_it_needs_smtputf8_anyway() -> None:
+    """A relay without 8BITMIME takes our acknowledgements and responses as they are."""
+    common: dict[str, Any] = {
+        "kind": MailKind.ACK,
+        "sender": CONNECTOR,
+        "subject": "Grüße",
+        "body": "Ihr Ticket wurde eröffnet.\n",
+        "connector": CONNECTOR,
+        "hostname": "gateway.test",
+    }
+    (plain,) = outbound.compose(to="jane@acme.example", **common)
+    assert plain.data.isascii()
+    parsed = email.message_from_bytes(plain.data, policy=email.policy.default)
+    assert parsed.get_content() == "Ihr Ticket wurde eröffnet.\r\n"
+    (utf8,) = outbound.compose(to="jörg@acme.example", **common)  # sent with SMTPUTF8
+    assert "Ihr Ticket wurde eröffnet.".encode() in utf8.data
 
 
 async def test_ack_to_a_non_ascii_address_names_it_in_utf8(

@@ -188,6 +188,8 @@ REFUSALS: list[Any] = [
     ({"MAIL": "553 5.1.8 bad sender"}, True, 553),
     ({"DATA": "452 4.3.1 full"}, False, 452),
     ({"DATA": "554 5.6.0 rejected"}, True, 554),
+    # STARTTLS or AUTH required (RFC 3207, 4954): our settings, not the mail; retried
+    ({"MAIL": "530 5.7.0 Authentication required"}, False, 530),
     ({"support@msp.example": "550 5.1.1 no such user"}, True, None),
     ({"support@msp.example": "450 4.2.1 try later"}, False, None),
 ]
@@ -279,3 +281,103 @@ async def test_plain_envelopes_do_not_go_through_sendmail(
     ]
     with pytest.raises(AssertionError, match="sendmail used"):  # a quoted local part: sendmail
         await client.send('"john doe"@example.com', ("support@msp.example",), BODY)
+
+
+async def test_8bit_data_is_declared_and_7bit_data_is_not(
+    client: RelayClient, relay: Relay
+) -> None:
+    """RFC 6152: BODY=8BITMIME with 8-bit bytes, when the relay offers it."""
+    await client.send("gw@localhost", ("support@msp.example",), "Subject: é\r\n\r\nü\r\n".encode())
+    await client.send("gw@localhost", ("support@msp.example",), BODY)
+    assert [g.mail_options[1:] for g in relay.got] == [["BODY=8BITMIME"], []]
+
+
+class SlowRelay:
+    """A relay on a slow link: it reads the data at `rate` bytes/s and queues the mail when
+    its end-of-data dot arrives, as any MTA does (whether or not the client still waits)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.queued: list[int] = []
+        self.sessions_ended = asyncio.Event()
+        self.port = 0
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow.test\r\n")
+        try:
+            while line := await reader.readline():
+                command = line[:4].upper()
+                if command == b"DATA":
+                    writer.write(b"354 go on\r\n")
+                    size = await self._data(reader)
+                    if size is None:
+                        return  # the connection ended before the dot: nothing is queued
+                    self.queued.append(size)
+                    writer.write(b"250 queued\r\n")
+                elif command == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    return
+                else:
+                    writer.write(
+                        b"250-slow.test\r\n250 8BITMIME\r\n"
+                        if command == b"EHLO"
+                        else b"250 ok\r\n"
+                    )
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            self.sessions_ended.set()
+
+    async def _data(self, reader: asyncio.StreamReader) -> int | None:
+        size = 0
+        while (line := await reader.readline()) != b".\r\n":
+            if not line:
+                return None
+            size += len(line)
+            if size // 65536 != (size - len(line)) // 65536:
+                await asyncio.sleep(65536 / self.rate)
+        return size
+
+
+@pytest.fixture
+async def slow_relay() -> AsyncIterator[SlowRelay]:
+    relay = SlowRelay(rate=1_000_000)
+    server = await asyncio.start_server(relay.session, "127.0.0.1", 0)
+    relay.port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield relay
+
+
+async def test_a_big_mail_over_a_slow_link_is_sent_once(
+    tmp_path: Path, slow_relay: SlowRelay
+) -> None:
+    """The reply timer ran while the data was still being sent: a 3 MB mail at 1 MB/s timed out
+    after SMTPGATE_RELAY_TIMEOUT, the relay queued it anyway, and every retry sent it again."""
+    client = RelayClient(make_settings(tmp_path, slow_relay.port, relay_timeout=1))
+    try:
+        await client.send("gw@localhost", ("support@msp.example",), data_of(3_000_000))
+    finally:
+        await client.close()
+    assert slow_relay.queued == [3_000_000]
+
+
+async def test_a_send_cancelled_in_the_middle_of_the_data_delivers_nothing(
+    tmp_path: Path, slow_relay: SlowRelay
+) -> None:
+    """A shutdown (or a timeout) during the data ended the connection with QUIT, which first
+    sent the rest of the data and its dot: the relay queued the mail while its row stayed
+    unsent, and it went out again after the restart. The connection is now aborted."""
+    client = RelayClient(make_settings(tmp_path, slow_relay.port, relay_timeout=5))
+    sending = asyncio.create_task(
+        client.send("gw@localhost", ("support@msp.example",), data_of(3_000_000))
+    )
+    await asyncio.sleep(0.5)  # a part of the data is through
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    await client.close()
+    async with asyncio.timeout(10):
+        await slow_relay.sessions_ended.wait()
+    assert slow_relay.queued == []
