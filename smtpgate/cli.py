@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import logging
+import re
 import sqlite3
 import sys
 import time
@@ -175,10 +176,10 @@ async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace
     except OSError as exc:
         print(f"smtpgate explain: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    mail_from = args.mail_from if args.mail_from is not None else ""
     msg = parse_message(raw)
-    if args.mail_from is None:
-        mail_from = msg.from_address
+    mail_from, guessed = args.mail_from, None
+    if mail_from is None:
+        mail_from, guessed = _envelope_sender(raw, msg.from_address)
 
     async def run(store: Store) -> int:
         decision = await decide(raw, mail_from, msg, Context(settings, rules), store)
@@ -201,9 +202,27 @@ async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace
             print(f"would send {mail['kind']} to {', '.join(mail['to'])}")
         for note in result["notes"]:
             print(f"note: {note}")
+        if guessed:
+            print(f"note: {guessed}")
         return 0
 
     return await _with_store(settings, run)
+
+
+_RETURN_PATH = re.compile(rb"^Return-Path:[ \t]*<([^<>\r\n]*)>", re.IGNORECASE | re.MULTILINE)
+
+
+def _envelope_sender(raw: bytes, from_address: str) -> tuple[str, str | None]:
+    """The envelope sender of a saved message: its Return-Path (the delivering server wrote
+    it), else its From: address. With neither, the null sender, and a note saying so: the
+    pipeline takes a message from <> for a bounce."""
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    found = _RETURN_PATH.search(head)
+    if found is not None:
+        return found.group(1).decode("utf-8", "replace").strip(), None
+    if from_address:
+        return from_address, None
+    return "", "no Return-Path or From: explained as from the null sender <> (see --mail-from)"
 
 
 def _outcome_line(o: dict[str, Any] | None) -> str:
@@ -461,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("explain", help="what would happen to a message (changes nothing)")
     s.add_argument("file")
-    s.add_argument("--mail-from", default=None, help="envelope sender (default: From:)")
+    s.add_argument(
+        "--mail-from", default=None, help="envelope sender (default: Return-Path:, else From:)"
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_explain, needs_rules=True)
 

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -30,6 +31,7 @@ from smtpgate.model import address_key, nfc
 ENV_PREFIX = "SMTPGATE_"
 
 _ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
+_DOMAIN = re.compile(r"[^@\s<>.]+(?:\.[^@\s<>.]+)*")  # labels, no empty one ("@", "@.")
 
 
 class ConfigError(Exception):
@@ -306,7 +308,10 @@ class _Rule(BaseModel):
     @field_validator("subject", "after", "before", check_fields=False)
     @classmethod
     def _phrase_nfc(cls, value: str | None) -> str | None:
-        """Phrases compare with subjects in Unicode NFC (model.nfc), whatever the file's form."""
+        """Phrases compare with subjects in Unicode NFC (model.nfc), whatever the file's form.
+        A phrase of white space only would be found at the subject's first space."""
+        if value is not None and not value.strip():
+            raise ValueError("is empty or only white space: give a phrase")
         return nfc(value) if value else value
 
 
@@ -330,7 +335,10 @@ class DetectionRule(_Rule):
             # "@example.com" or "*@example.com" match a whole domain; else an exact address.
             if v.startswith("*@"):
                 v = v[1:]
-            if not v or (not v.startswith("@") and not _ADDRESS.match(v)):
+            domain_only = v.startswith("@")
+            if (domain_only and not _DOMAIN.fullmatch(v[1:])) or (
+                not domain_only and not _ADDRESS.match(v)
+            ):
                 raise ValueError(f"{v!r} is not an address or @domain")
             out.append(v)
         return tuple(out)
@@ -375,7 +383,7 @@ class Rules(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    account_by_sender: bool = False
+    account_by_sender: StrictBool = False  # true or false: "yes" is a mistake, not true
     ticket_tag: str = Field("Ticket", min_length=1, pattern=r"^[\w ]+$")
     quote_patterns: tuple[str, ...] = Field(default_factory=lambda: _default_quote_patterns())
     detection: tuple[DetectionRule, ...] = ()
@@ -401,6 +409,14 @@ class Rules(BaseModel):
                 for i, r in enumerate(rules, 1)
             )
             object.__setattr__(self, kind, named)
+        # Names are what outcomes, explain and /metrics report: two rules of one name would
+        # be one there.
+        seen: set[str] = set()
+        for kind in ("detection", "skip", "account"):
+            for rule in getattr(self, kind):
+                if rule.name in seen:
+                    raise ValueError(f"the rule name {rule.name!r} is used more than once")
+                seen.add(rule.name)
         return self
 
     def compiled_quote_patterns(self) -> tuple[re.Pattern[str], ...]:
@@ -438,7 +454,7 @@ def load_rules(path: Path | None) -> Rules:
     if path is None:
         return Rules()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # Windows editors may write a BOM
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{ENV_PREFIX}RULES_FILE: cannot read {path}: {exc}") from None
     return parse_rules(text, str(path))

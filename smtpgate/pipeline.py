@@ -253,6 +253,8 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
     if rules.account_by_sender:
         lookups += _sender_lookups(inb)
     results = await directory.find_accounts(lookups)
+    misses: list[str] = []  # what each rule that found nothing looked for (for the operator)
+    ambiguous = False
     for rule, (_, values), found in zip(rules.account, lookups, results, strict=False):
         match = automated.resolve(values, found)
         if match.account:
@@ -260,11 +262,17 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
             break
         inb.missed.append(str(rule.name))
         if match.ambiguous:
+            ambiguous = True
             notes.append(
                 f"{rule.name}: {match.value!r} names {match.ambiguous} accounts (ambiguous)"
             )
+        elif values:
+            misses.append(f"{rule.name}: no account with {rule.search} {values[0]!r}")
+        else:
+            misses.append(f"{rule.name}: its phrases are not in the subject")
     if not match.account and rules.account_by_sender:
         match, note = _account_by_sender(inb, *results[-2:])
+        ambiguous = ambiguous or note is not None  # the note is only about ambiguity
         if note:
             notes.append(note)
         if match.account:
@@ -274,12 +282,11 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
     if match.account is None:
         # The action already says "no account"; a reason is given only when it was ambiguity
         # (spec 2.1.3: "say so in the outcome"), as the spec samples' expected.toml has it.
-        reason = "ambiguous" if any("ambiguous" in n for n in notes) else None
         return Decision(
             Path.AUTOMATED,
             Action.AUTOMATED_NO_ACCOUNT,
-            reason=reason,
-            notes=notes,
+            reason="ambiguous" if ambiguous else None,
+            notes=misses + notes,
             mails=_forward(
                 inb, ctx, settings.internal_support_address, Action.AUTOMATED_NO_ACCOUNT
             ),

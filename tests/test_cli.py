@@ -354,6 +354,35 @@ def test_explain_agrees_with_the_rmm_golden_table(
     assert dump(data) == before
 
 
+@pytest.mark.parametrize(
+    ("head", "action", "note"),
+    [
+        # A mailbox's saved copy: the delivering server wrote the envelope sender.
+        ("Return-Path: <alerts@externalsystem.com>\r\n", "automated_ticket", False),
+        ("From: alerts@externalsystem.com\r\n", "automated_ticket", False),
+        # Neither: explained as a bounce (null sender), and said so.
+        ("", "forwarded", True),
+    ],
+    ids=["return-path", "from", "neither"],
+)
+def test_explain_takes_the_envelope_sender_from_the_saved_message(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, head: str, action: str, note: bool
+) -> None:
+    """A message without From: went the automated way when processed (the envelope sender
+    matched the detection rule) but explain took it for a bounce."""
+    data = tmp_path / "var"
+    assert run_here(monkeypatch, data, "accounts", "import", str(FIXTURES / "accounts.csv"))[0] == 0
+    eml = tmp_path / "alert.eml"
+    eml.write_bytes(
+        f"{head}Subject: Alert for Site Acme Corp, Disk C: low\r\n\r\nC: 2%\r\n".encode()
+    )
+    env = {"SMTPGATE_RULES_FILE": str(FIXTURES / "rules.toml")}
+    code, out, err = run_here(monkeypatch, data, "explain", str(eml), env=env)
+    assert code == 0, err
+    assert f"action:  {action}" in out
+    assert ("explained as from the null sender" in out) is note
+
+
 # --- rules ---------------------------------------------------------------------------------------
 
 
@@ -414,6 +443,11 @@ RULE_ERRORS = [
     ("unknown-table", '[[detection]]\nsubject = "A"\n\n[[acount]]\nsearch = "file_as"\n', 4,
      ("acount",)),
     ("bad-toml", '[[detection]\nsubject = "A"\n', 1, ("not valid TOML",)),
+    # found at the subject's first space, whatever the subject
+    ("blank-phrase", '[[account]]\nsearch = "file_as"\nafter = "   "\n', 3,
+     ("account[1]", "after", "white space")),
+    ("domain-without-a-name", '[[detection]]\nsender = ["@"]\n', 2, ("detection[1]", "'@'")),
+    ("yes-is-not-true", 'account_by_sender = "yes"\n', 1, ("account_by_sender", "boolean")),
 ]  # fmt: skip
 
 
@@ -431,6 +465,24 @@ def test_rules_file_errors_name_rule_key_and_line(
     assert f"rules.toml:{line}" in message or f"line {line}" in message
     for word in words:
         assert word in message
+
+
+def test_rule_names_are_unique_and_a_bom_is_no_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Outcomes, explain and /metrics report rules by name: two of one name would be one."""
+    twice = '[[detection]]\nname = "prtg"\nsubject = "A"\n[[skip]]\nname = "prtg"\nsubject = "B"\n'
+    env = {"SMTPGATE_RULES_FILE": str(write(tmp_path / "rules.toml", twice))}
+    code, _, message = run_here(monkeypatch, tmp_path / "var", "rules", env=env)
+    assert code == 2
+    assert "'prtg' is used more than once" in message
+    # Older Windows editors save UTF-8 with a byte order mark: still the same rules.
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + (FIXTURES / "rules.toml").read_bytes())
+    env = {"SMTPGATE_RULES_FILE": str(bom)}
+    code, out, message = run_here(monkeypatch, tmp_path / "var", "rules", "--json", env=env)
+    assert code == 0, message
+    assert [r["name"] for r in json.loads(out)["detection"]] == ["detection[1]"]
 
 
 @pytest.mark.parametrize(

@@ -232,7 +232,7 @@ def test_candidates_are_capped_for_hostile_subjects(after: str, words: list[str]
         (
             AccountRule(search="file_as", after="Site", before=","),
             "Site  Acme\t Corp  , Site Other,",
-            ["acme corp"],
+            ["acme corp", "other"],  # each occurrence in order: the first that names one wins
         ),
         (AccountRule(search="file_as", after="#"), "Ticket # 42 - x", ["42 - x", "42"]),
         (AccountRule(search="file_as", before="]"), "[ACME-001] down", ["acme-001", "001"]),
@@ -244,7 +244,7 @@ def test_candidates_are_capped_for_hostile_subjects(after: str, words: list[str]
         "between-empty",
         "no-phrases",
         "case-insensitive",
-        "first-occurrence-whitespace-collapsed",
+        "occurrences-in-order-whitespace-collapsed",
         "after-prefixes",
         "before-suffixes",
     ],

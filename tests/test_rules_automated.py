@@ -194,6 +194,15 @@ LOCATE = (
     Loc("before-id-case", None, "(NinjaOne)", "Patch failures for gl-7781 (NinjaOne)", GLOBEX),
     Loc("before-first-occurrence", None, "|", "Globex | Acme Corp | x", GLOBEX),
     Loc("before-missing-phrase", None, "(", "Disk low on Acme Corp", None),
+    # the phrase's occurrences in order, until one names an account (the first used to be
+    # the only one, even inside a word)
+    Loc("after-later-occurrence", "on", None,
+        "[PRTG Network Monitor] Ping Down on Acme Corp router", ACMECORP),
+    Loc("after-inside-a-word-first", "Site", None,
+        "Alert: Website check failed at Site Acme Corp", ACMECORP),
+    Loc("before-later-occurrence", None, "(", "(Warning) Disk low on Acme Corp (SRV01)",
+        ACMECORP),
+    Loc("between-later-occurrence", "Site", ",", "Website down, Site Acme Corp, x", ACMECORP),
 )  # fmt: skip
 
 
@@ -570,3 +579,23 @@ async def test_an_account_is_found_whatever_the_unicode_normal_form(
     assert decision.action == Action.AUTOMATED_TICKET
     assert decision.new_ticket is not None
     assert decision.new_ticket.account == "CRDCAFE0000000000001"
+
+
+async def test_an_account_rule_that_finds_nothing_says_what_it_looked_for(
+    directory: Store, tmp_path: Path
+) -> None:
+    """`rules missed: site` alone left the operator guessing why an alert was forwarded."""
+    ctx = Context(
+        load_settings(_env_file=None, data_dir=tmp_path, internal_support_address="s@msp.example"),
+        parse_rules(SENDER_RULES),
+    )
+    raw = message("Alert for Site Acme Corporation, disk", "x@nowhere.example")
+    try:
+        decision = await decide(raw, "x@nowhere.example", parse_message(raw), ctx, directory)
+    finally:
+        await directory.close()
+    assert decision.action == Action.AUTOMATED_NO_ACCOUNT
+    assert decision.notes[:2] == [
+        "site: no account with file_as 'acme corporation'",
+        "group: its phrases are not in the subject",
+    ]

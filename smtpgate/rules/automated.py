@@ -21,6 +21,8 @@ MAX_CANDIDATES = 64
 # offers thousands of cuts that all normalize to the same key, and each costs a pass over its
 # piece (quadratic: seconds of the event loop per rule).
 MAX_CUTS = 4 * MAX_CANDIDATES
+# Occurrences of a rule's phrase looked at, in order, until one names an account.
+MAX_OCCURRENCES = 4
 # Cut points for the longest word-boundary prefix/suffix: every position that is not inside a
 # word, so "Acme Corp, Disk", "Acme Corp\SRV01" and "Acme Corp/HQ" all offer "Acme Corp".
 _CUT = re.compile(r"(?<!\w)|(?!\w)")
@@ -76,31 +78,37 @@ def first_skip(rules: Sequence[SkipRule], subject: str) -> tuple[SkipRule | None
     return None, missed
 
 
-def locate(rule: AccountRule, subject: str) -> tuple[str, str] | None:
-    """The text the rule points at and its mode: ('exact'|'prefix'|'suffix', text), or None."""
-    start, end = 0, len(subject)
+def locate(rule: AccountRule, subject: str) -> list[tuple[str, str]]:
+    """The texts the rule points at, in the order of the phrase's occurrences (at most
+    MAX_OCCURRENCES), each with its mode: 'exact' (after and before), 'prefix' (after only)
+    or 'suffix' (before only). "(Warning) Disk low on Acme Corp (SRV01)" has two texts before
+    "(": an empty one, and the one that names the account; "on" in "[PRTG Network Monitor]
+    Ping Down on Acme Corp" is first found inside "Monitor"."""
+    located: list[tuple[str, str]] = []
     if rule.after:
-        m = _phrase_pattern(rule.after).search(subject)
-        if m is None:
-            return None
-        start = m.end()
-    if rule.before:
-        m = _phrase_pattern(rule.before).search(subject, start)
-        if m is None:
-            return None
-        end = m.start()
-    text = subject[start:end]
-    if rule.after and rule.before:
-        return "exact", text
-    return ("prefix" if rule.after else "suffix"), text
+        before = _phrase_pattern(rule.before) if rule.before else None
+        for m in itertools.islice(_phrase_pattern(rule.after).finditer(subject), MAX_OCCURRENCES):
+            if before is None:
+                located.append(("prefix", subject[m.end() :]))
+            elif (end := before.search(subject, m.end())) is not None:
+                located.append(("exact", subject[m.end() : end.start()]))
+    elif rule.before:
+        for m in itertools.islice(_phrase_pattern(rule.before).finditer(subject), MAX_OCCURRENCES):
+            located.append(("suffix", subject[: m.start()]))
+    return located
 
 
 def candidates(rule: AccountRule, subject: str) -> list[str]:
-    """Normalized values to look up for this rule, most preferred first (longest first)."""
-    located = locate(rule, subject)
-    if located is None:
-        return []
-    mode, text = located
+    """Normalized values to look up for this rule, most preferred first: for each place the
+    rule points at, in order, its whole text, then (after or before only) its longest
+    word-boundary prefix or suffix first."""
+    values: list[str] = []
+    for mode, text in locate(rule, subject):
+        values.extend(v for v in _values(mode, text) if v not in values)
+    return values
+
+
+def _values(mode: str, text: str) -> list[str]:
     whole = normalize_key(text)
     if not whole:
         return []
