@@ -503,10 +503,14 @@ class Gateway:
         s = self.settings
         age = time.time() - item.created_at
         retry_at = None
-        if not exc.permanent and age < s.retry_max_age:
-            retry_at = time.time() + scheduled_delay(s.retry_schedule, item.attempts)
+        error = str(exc)
+        if not exc.permanent:
+            if age < s.retry_max_age:
+                retry_at = time.time() + scheduled_delay(s.retry_schedule, item.attempts)
+            else:  # dead for its age: the relay's last answer alone would not say so
+                error = f"undelivered after {age:.0f} s (SMTPGATE_RETRY_MAX_AGE): {error}"
         try:
-            await self.store.delivery_failed(item.id, str(exc), retry_at)
+            await self.store.delivery_failed(item.id, error, retry_at)
         except Exception as store_exc:  # it stays claimed: tried again when its lease expires
             log.warning("could not record the failed delivery of outbox %d: %s", item.id, store_exc)
             return
@@ -519,7 +523,7 @@ class Gateway:
             item.inbound_id or "-",
             ",".join(item.recipients),
             item.attempts,
-            exc,
+            error,
             "dead" if retry_at is None else f"retry in {retry_at - time.time():.0f}s",
             extra={"outbox_id": item.id, "queue_id": item.inbound_id},
         )

@@ -230,6 +230,25 @@ async def test_relay_refusing_permanently_goes_dead_and_cli_retry_delivers(
     await wait_outbox(store, "done", 3, "the deliveries done")
 
 
+async def test_a_mail_past_its_max_age_goes_dead_and_says_why(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """SMTPGATE_RETRY_MAX_AGE: a mail the relay keeps deferring goes dead, and its last error
+    says it expired (the relay's last answer alone read like any transient failure)."""
+    gw = await gateway_factory(retry_max_age=1, retry_schedule="1")
+    assert gw.store is not None
+    store = gw.store
+    relay.fail_with = "451 4.3.0 try later"
+    assert (await send(gw.smtp_port, simple_message(subject="old")))[0] == 250
+    await wait_outbox(store, "dead", 1, "the delivery dead for its age")
+    [row] = await store.list_outbox()
+    assert row["attempts"] >= 2  # retried while young enough
+    assert row["last_error"].startswith("undelivered after ")
+    assert "SMTPGATE_RETRY_MAX_AGE" in row["last_error"]
+    assert "451 4.3.0 try later" in row["last_error"]
+    assert relay.messages == []
+
+
 async def test_a_store_locked_after_a_relay_send_stops_neither_the_sender_nor_the_record(
     gateway_factory: GatewayFactory, relay: RecordingRelay, caplog: pytest.LogCaptureFixture
 ) -> None:
