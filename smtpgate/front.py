@@ -769,17 +769,29 @@ class Listener(SMTP):
         """aiosmtpd's idle timeout closes the transport, which first sends what is buffered:
         for a client that pipelines commands and never reads our replies, that is never, and
         its session held a slot of SMTPGATE_MAX_CONNECTIONS for ever. Abort it instead."""
-        transport = cast(asyncio.WriteTransport | None, self.transport)
-        if transport is not None and transport.get_write_buffer_size() > 0:
+        # Over TLS the unsent bytes may sit in the TLS layer or in the socket's transport below.
+        layers = [
+            cast(asyncio.WriteTransport | None, t)
+            for t in (self.transport, self._original_transport)
+        ]
+        if any(t is not None and t.get_write_buffer_size() > 0 for t in layers):
             _mail_log.info(
                 "%r connection timeout, replies unread", self.session and self.session.peer
             )
-            transport.abort()
+            for t in layers:
+                if t is not None:
+                    t.abort()
             return
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._counted and not self._refused and self._original_transport is None:
+            if self._sessions.closing:  # accepted just before the listener closed
+                self._refused = True
+                self._on_reply("421")
+                cast(asyncio.WriteTransport, transport).write(SHUTTING_DOWN)
+                transport.close()
+                return
             if len(self._sessions) >= self._limit:
                 self._refused = True
                 self._on_reply("421")
@@ -859,6 +871,7 @@ class Sessions:
 
     def __init__(self) -> None:
         self.live: set[Listener] = set()
+        self.closing = False  # shut_down began: a connection accepted just before is told too
         self._all_gone: asyncio.Event | None = None
 
     def __len__(self) -> int:
@@ -876,6 +889,7 @@ class Sessions:
         """Every session gets `421 4.3.2` and is closed: at once between commands; a message
         being received or committed first gets its own answer (250 or 451). Whatever is still
         open after `grace` seconds is cut off (421, then the connection is aborted)."""
+        self.closing = True
         self._all_gone = asyncio.Event()
         for session in list(self.live):
             session.shut_down()

@@ -36,7 +36,8 @@ def _header_value(value: str) -> str:
 
 def _threading_ids(ids: tuple[str, ...]) -> list[str]:
     """The message ids that can stand in a header as they are: printable ASCII, one line."""
-    return [i for i in ids if i.isascii() and i.isprintable() and " " not in i and len(i) < 990]
+    # "In-Reply-To: " and the id within 998 characters (RFC 5322 2.1.1)
+    return [i for i in ids if i.isascii() and i.isprintable() and " " not in i and len(i) <= 985]
 
 
 def forward_untouched(
@@ -55,7 +56,7 @@ def forward_untouched(
     detail = f"{action}; rule={rule}" if rule else action
     detail = _header_value(detail)
     if not detail.isascii():  # a rule's name may be in any language
-        detail = Header(detail, "utf-8").encode()
+        detail = Header(detail, "utf-8").encode(linesep="\r\n")  # outbox rows: CRLF only
     # Addresses with their domain in IDNA form; a non-ASCII local part stays UTF-8 (RFC 6532):
     # the envelope then holds it too, so the relay sends with SMTPUTF8.
     lines = [

@@ -268,6 +268,8 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
             )
         elif values:
             misses.append(f"{rule.name}: no account with {rule.search} {values[0]!r}")
+        elif automated.locate(rule, msg.subject):
+            misses.append(f"{rule.name}: no text where its phrases point")
         else:
             misses.append(f"{rule.name}: its phrases are not in the subject")
     if not match.account and rules.account_by_sender:

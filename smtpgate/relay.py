@@ -114,12 +114,15 @@ class RelayClient:
                 errors, reply = await smtp.sendmail(
                     mail_from, list(recipients), data, mail_options=["SMTPUTF8"] if utf8 else []
                 )
-        except (asyncio.CancelledError, aiosmtplib.SMTPTimeoutError):
+        except asyncio.CancelledError:
             # What the connection still holds (the rest of the data, its end-of-data dot) must
             # never reach the relay now: the mail counts as not sent and is sent again, and a
             # graceful close (QUIT) would deliver the first copy after all.
             self._abort()
             raise
+        except aiosmtplib.SMTPTimeoutError as exc:  # the same: reset, then retried
+            self._abort()
+            raise DeliveryError(f"{type(exc).__name__}: {exc}", permanent=False) from exc
         except aiosmtplib.SMTPNotSupported as exc:  # SMTPUTF8 needed, not offered by the relay
             raise DeliveryError(f"relay: {exc}", permanent=True) from exc
         except aiosmtplib.SMTPRecipientsRefused as exc:
@@ -132,9 +135,11 @@ class RelayClient:
             # 530: the relay wants STARTTLS or AUTH first (RFC 3207, 4954). That is about our
             # settings, not this mail: it is retried, like a wrong password (535), so that the
             # queue goes out once the operator has fixed SMTPGATE_RELAY_*.
-            permanent = 500 <= exc.code < 600 and exc.code != 530
             raise DeliveryError(
-                f"{exc.code} {exc.message}", permanent=permanent, code=exc.code
+                f"{exc.code} {exc.message}",
+                permanent=500 <= exc.code < 600 and exc.code != 530,
+                code=exc.code,
+                connection=exc.code == 530,  # the next mail would get it too: back off
             ) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             await self.close()

@@ -20,7 +20,7 @@ import pytest
 from smtpgate import outbound
 from smtpgate.app import Gateway
 from smtpgate.cli import read_rows
-from smtpgate.model import MailKind
+from smtpgate.model import MailKind, has_bare_line_end
 from tests.conftest import (
     FIXTURES,
     GatewayFactory,
@@ -862,6 +862,23 @@ async def test_ack_threads_under_a_long_message_id_as_written(
     assert f"In-Reply-To: {long_id}".encode() in fields
     assert f"References: {earlier} {long_id}".encode() in fields
     assert all(len(line) <= 998 for line in ack.data.split(b"\r\n"))
+
+
+def test_a_long_non_ascii_rule_name_is_folded_with_crlf_in_a_forward() -> None:
+    """Header.encode() folds with a bare LF by default: the outbox holds CRLF only."""
+    fwd = outbound.forward_untouched(
+        b"Subject: x\r\n\r\nbody\r\n",
+        target=SUPPORT,
+        sender=CONNECTOR,
+        connector=CONNECTOR,
+        action="automated_skipped",
+        rule="Überwachungsregel für Kunden mit Störungsmeldungen aus dem Rechenzentrum",
+        hostname="gateway.test",
+        has_auto_submitted=False,
+    )
+    assert not has_bare_line_end(fwd.data)
+    parsed = email.message_from_bytes(fwd.data, policy=email.policy.default)
+    assert "Störungsmeldungen" in str(parsed["X-Smtpgate-Action"])
 
 
 def test_composed_mail_is_7bit_unless_it_needs_smtputf8_anyway() -> None:

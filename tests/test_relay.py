@@ -296,8 +296,9 @@ class SlowRelay:
     """A relay on a slow link: it reads the data at `rate` bytes/s and queues the mail when
     its end-of-data dot arrives, as any MTA does (whether or not the client still waits)."""
 
-    def __init__(self, rate: int) -> None:
+    def __init__(self, rate: int, reply_delay: float = 0.0) -> None:
         self.rate = rate
+        self.reply_delay = reply_delay
         self.queued: list[int] = []
         self.sessions_ended = asyncio.Event()
         self.port = 0
@@ -313,6 +314,7 @@ class SlowRelay:
                     if size is None:
                         return  # the connection ended before the dot: nothing is queued
                     self.queued.append(size)
+                    await asyncio.sleep(self.reply_delay)  # filtering it, say
                     writer.write(b"250 queued\r\n")
                 elif command == b"QUIT":
                     writer.write(b"221 bye\r\n")
@@ -381,3 +383,21 @@ async def test_a_send_cancelled_in_the_middle_of_the_data_delivers_nothing(
     async with asyncio.timeout(10):
         await slow_relay.sessions_ended.wait()
     assert slow_relay.queued == []
+
+
+async def test_no_reply_to_the_end_of_data_in_time_is_a_transient_failure(
+    tmp_path: Path, slow_relay: SlowRelay
+) -> None:
+    """A timeout is a DeliveryError like any other transient failure (for a moment it escaped
+    as SMTPReadTimeoutError, which the sender logs as a crash)."""
+    slow_relay.reply_delay = 3.0
+    client = RelayClient(
+        make_settings(tmp_path, slow_relay.port, relay_timeout=5, relay_data_timeout=0.3)
+    )
+    try:
+        with pytest.raises(DeliveryError) as caught:
+            await client.send("gw@localhost", ("support@msp.example",), BODY)
+    finally:
+        await client.close()
+    assert caught.value.permanent is False
+    assert "Timed out" in str(caught.value)

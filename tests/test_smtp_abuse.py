@@ -557,6 +557,27 @@ async def test_a_commit_in_flight_at_shutdown_is_answered_before_the_421(
     assert stored_ids(gw) == [reply.queue_id]
 
 
+async def test_a_connection_accepted_as_the_shutdown_begins_gets_421_too(
+    gateway: Gateway,
+) -> None:
+    """A connection the loop accepted but had not yet started (connection_made comes a pass
+    later) was missed by the shutdown's walk over the live sessions and outlived the store."""
+    factory, sessions = front.listener_factory(
+        gateway.settings,
+        front.Handler(gateway.settings, gateway.store, lambda: None),
+        None,
+        lambda code: None,
+    )
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    async with server:
+        await sessions.shut_down(1.0)  # nothing live yet; the listener is still open here
+        session = await RawSession.open(server.sockets[0].getsockname()[1], ehlo=False)
+        await session.close()
+    assert session.greeting is not None
+    assert (session.greeting.code, session.greeting.text[:5]) == (421, "4.3.2")
+    assert len(sessions) == 0
+
+
 async def send_without_reading(port: int, payload: bytes) -> socket.socket:
     """A client that writes `payload` (as much as the server takes) and never reads."""
     sock = socket.socket()

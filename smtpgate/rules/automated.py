@@ -21,8 +21,11 @@ MAX_CANDIDATES = 64
 # offers thousands of cuts that all normalize to the same key, and each costs a pass over its
 # piece (quadratic: seconds of the event loop per rule).
 MAX_CUTS = 4 * MAX_CANDIDATES
-# Occurrences of a rule's phrase looked at, in order, until one names an account.
+# Occurrences of a rule's phrase looked at, in order, until one names an account, and the
+# values looked up for one rule in all (the first occurrence's whole text and shorter pieces
+# come first, so a long subject cannot crowd them out).
 MAX_OCCURRENCES = 4
+MAX_VALUES = 2 * MAX_CANDIDATES
 # Cut points for the longest word-boundary prefix/suffix: every position that is not inside a
 # word, so "Acme Corp, Disk", "Acme Corp\SRV01" and "Acme Corp/HQ" all offer "Acme Corp".
 _CUT = re.compile(r"(?<!\w)|(?!\w)")
@@ -103,9 +106,15 @@ def candidates(rule: AccountRule, subject: str) -> list[str]:
     rule points at, in order, its whole text, then (after or before only) its longest
     word-boundary prefix or suffix first."""
     values: list[str] = []
+    seen: set[str] = set()
     for mode, text in locate(rule, subject):
-        values.extend(v for v in _values(mode, text) if v not in values)
-    return values
+        for value in _values(mode, text):
+            if value not in seen:
+                seen.add(value)
+                values.append(value)
+        if len(values) >= MAX_VALUES:  # later occurrences would only cost the probe
+            break
+    return values[:MAX_VALUES]
 
 
 def _values(mode: str, text: str) -> list[str]:
