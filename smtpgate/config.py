@@ -173,6 +173,15 @@ class Settings(BaseSettings):
             raise ValueError("at least one connector address is required")
         return tuple(_check_address(v) for v in value)
 
+    @field_validator("api_password")
+    @classmethod
+    def _password_as_sent(cls, value: SecretStr | None) -> SecretStr | None:
+        # A transaction's <Password> is read without its surrounding white space: a password
+        # configured with it could never match, and every transaction would be refused.
+        if value is not None and value.get_secret_value() != value.get_secret_value().strip():
+            raise ValueError("has white space at its start or end, which <Password> cannot")
+        return value
+
     @field_validator("hostname")
     @classmethod
     def _hostname_valid(cls, value: str) -> str:
@@ -207,9 +216,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _no_loops(self) -> Settings:
         # spec 2.4: configuration that would send mail to a connector address is rejected.
-        connectors = set(self.connector_addresses)
         for name in ("internal_support_address", "skip_forward_address", "api_response_bcc"):
-            if getattr(self, name) in connectors:
+            address = getattr(self, name)
+            if address is not None and self.is_connector(address):  # in any spelling
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} is a connector address (mail loop)")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError(

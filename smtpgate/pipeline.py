@@ -337,6 +337,10 @@ async def stage_xml(inb: Inbound, ctx: Context, _: Directory) -> Decision | None
         why_not = "responses disabled"
     elif tx.response_to and why_not:
         notes.append(f"no response: {why_not}")
+    elif tx.unusable_response_to:
+        notes.append(
+            f"no response: SendResponseToEmail {tx.unusable_response_to!r} is not one address"
+        )
     bcc = (settings.api_response_bcc,) if settings.api_response_bcc else ()
 
     def respond(applied: Applied) -> list[OutboundMail]:

@@ -333,6 +333,8 @@ class Transaction:
     # Other parts of the message that are transactions too, not copies of this one: one
     # transaction per message is applied (the first), the outcome says so.
     others: int = 0
+    # SendResponseToEmail as given when it is not one usable address (for the outcome's notes)
+    unusable_response_to: str | None = None
 
     @property
     def kind(self) -> KindSpec | None:
@@ -359,11 +361,14 @@ class Transaction:
 # ---------------------------------------------------------------------------------------------
 # Values
 
-_ISO_DATE = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})")
-_ISO_DATETIME = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})[ T](\d{1,2}):(\d{2})(?::(\d{2}))?")
-_DMY = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})(?:[ T](\d{1,2}):(\d{2})(?::(\d{2}))?)?")
-_TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
-_NUMBER = re.compile(r"[+-]?(?:\d{1,18}(?:\.\d{0,12})?|\.\d{1,12})")
+# re.ASCII: \d is 0-9 only ("١٢" is no number here; int() would read it).
+_ISO_DATE = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})", re.ASCII)
+_ISO_DATETIME = re.compile(
+    r"(\d{4})-(\d{1,2})-(\d{1,2})[ T](\d{1,2}):(\d{2})(?::(\d{2}))?", re.ASCII
+)
+_DMY = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})(?:[ T](\d{1,2}):(\d{2})(?::(\d{2}))?)?", re.ASCII)
+_TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?", re.ASCII)
+_NUMBER = re.compile(r"[+-]?(?:\d{1,18}(?:\.\d{0,12})?|\.\d{1,12})", re.ASCII)
 # Whole numbers; "numbers as decimals" (xml-api 3): "10.0" and "1000.00" are whole too.
 _INTEGER = re.compile(r"([+-]?\d{1,18})(?:\.0*)?", re.ASCII)
 
@@ -496,8 +501,6 @@ _DECLARATION = re.compile(r"\s*<!(?!--)")  # DOCTYPE, ENTITY, ELEMENT … (comme
 _ROOT_START = re.compile(r"\s*<(?:[\w.-]+:)?commitcrmtransaction[\s/>]", re.IGNORECASE)
 _FIRST_TAG = re.compile(r"<(?![!?/])")  # the first start tag after declarations and comments
 _ROOT_END = re.compile(r"</(?:[\w.-]+:)?commitcrmtransaction\s*>", re.IGNORECASE)
-# Anything starting "<!" other than a comment or CDATA means a DTD: DOCTYPE, ENTITY, ELEMENT...
-_UNSAFE = re.compile(r"<!(?!--|\[CDATA\[)", re.IGNORECASE)
 _DECL_ENCODING = re.compile(
     rb"""^<\?xml[^>]{0,200}?encoding\s*=\s*["']([A-Za-z0-9._:-]{1,40})["']"""
 )
@@ -551,9 +554,11 @@ def _split_bom(raw: bytes) -> tuple[str | None, bytes]:
 def _decode(raw: bytes, charset: str | None = None) -> str:
     """The document as text; raises _Refused(150001) when its encoding is unknown or wrong.
 
-    `charset` (the codec of a text part's MIME charset) is the fallback when the declared
-    encoding does not fit the bytes: a mail client re-encoded the text and left the XML
-    declaration as it was (RFC 7303 makes the charset the authority for text/xml)."""
+    RFC 7303 3: a byte order mark first, then `charset` (the codec of a text part's MIME
+    charset), then the XML declaration. A mail client re-encodes the text of a body part and
+    names the new charset in its header, leaving the declaration as it was: a transaction
+    declaring ISO-8859-1, sent as UTF-8, was stored garbled ("CafÃ©") with Status 1. (A
+    charset whose bytes do not fit, or a UTF-16/32 label on 8-bit text, is passed over.)"""
     encoding, body = _split_bom(raw)
     if encoding is not None:
         try:
@@ -561,6 +566,9 @@ def _decode(raw: bytes, charset: str | None = None) -> str:
         except UnicodeDecodeError as exc:
             raise _Refused(ERR_MALFORMED, f"not valid {encoding}") from exc
     body = body.lstrip(_XML_WS)
+    if charset is not None and not charset.startswith(("utf-16", "utf-32")):
+        with contextlib.suppress(UnicodeDecodeError, LookupError):
+            return body.decode(charset)
     m = _DECL_ENCODING.match(body)
     if m is not None:
         declared = m[1].decode("ascii").lower()
@@ -573,25 +581,27 @@ def _decode(raw: bytes, charset: str | None = None) -> str:
         try:
             return body.decode(name)
         except (UnicodeDecodeError, LookupError) as exc:
-            if charset is not None and charset != name:
-                with contextlib.suppress(UnicodeDecodeError, LookupError):
-                    return body.decode(charset)
             raise _Refused(ERR_MALFORMED, f"not valid {declared}") from exc
-    # No declaration: UTF-8, else the part's charset, else a legacy charset. Be lenient.
-    for codec in ("utf-8", charset, "cp1252"):
-        if codec is not None:
-            with contextlib.suppress(UnicodeDecodeError, LookupError):
-                return body.decode(codec)
+    # No declaration: UTF-8, else a legacy charset. Be lenient.
+    for codec in ("utf-8", "cp1252"):
+        with contextlib.suppress(UnicodeDecodeError, LookupError):
+            return body.decode(codec)
     return body.decode("latin-1")
+
+
+def _prolog_end(text: str) -> int:
+    """Where the prolog's declaration, processing instructions and comments end."""
+    pos = 0
+    while item := _PROLOG_ITEM.match(text, pos):
+        pos = item.end()
+    return pos
 
 
 def _ours(head: str) -> bool:
     """Whether a document starting with `head` has CommitCRMTransaction as its root element
     (xml-api 1: only then is a message an XML transaction). Any other XML — a plist or a log
     attached as .xml, an HTML body, a reply quoting a transaction — is ordinary mail."""
-    pos = 0
-    while item := _PROLOG_ITEM.match(head, pos):
-        pos = item.end()
+    pos = _prolog_end(head)
     if _DECLARATION.match(head, pos):
         # A DTD can be long and hostile, and is not read: a document whose first start tag
         # after it is ours is a transaction, refused for its DTD (150012). (A "<" inside the
@@ -698,6 +708,16 @@ def _validate(kind: KindSpec, fields: Mapping[str, str], adding: bool) -> list[X
             errors.append(XmlError(ERR_INVALID, name, problem))
         elif not text and not adding and not kind.may_empty(name):
             errors.append(XmlError(ERR_INVALID, name, "this field cannot be emptied"))
+    if not adding:
+        # A group of several (HISTORY-NOTE: its ticket or its account): a member is emptied
+        # only when another is given, so an update cannot leave the record linked to nothing.
+        for group in kind.required:
+            emptied = [name for name in group if name in fields and not fields[name]]
+            if len(group) > 1 and emptied and not any(fields.get(name) for name in group):
+                errors.extend(
+                    XmlError(ERR_INVALID, name, f"required: one of {', '.join(group)}")
+                    for name in emptied
+                )
     if adding:
         for group in kind.required:
             if not any(fields.get(name) for name in group):
@@ -767,9 +787,12 @@ def _transaction(root: etree._Element) -> Transaction:
         )
         known = {n: v for n, v in fields.items() if kind.known(n)}
         errors.extend(_validate(kind, known, adding=kind.rec_id_field not in fields))
+    given = envelope.get("sendresponsetoemail")
+    response_to = _address(given)
     return Transaction(
         app_name=app_name,
-        response_to=_address(envelope.get("sendresponsetoemail")),
+        response_to=response_to,
+        unusable_response_to=given[:200] if given and given.strip() and not response_to else None,
         password=envelope.get("password") or None,
         return_id=_clean(envelope.get("returntransactionid")),
         data_kind=_clean(kind_name),
@@ -801,7 +824,10 @@ def _examine(
     ends = list(_ROOT_END.finditer(text))
     if ends:
         text = text[: ends[-1].end()]
-    if _UNSAFE.search(text):
+    # A DTD (DOCTYPE, ENTITY …) can only stand in the prolog: refused there before parsing.
+    # "<!" in CDATA or in a comment is text ("Site shows <!DOCTYPE html>"); in the element
+    # content, anything else is not well-formed, and the parser says so (150001).
+    if _DECLARATION.match(text, _prolog_end(text)):
         return _refused(ERR_UNSAFE, "DOCTYPE/entity declarations refused"), False
     try:
         root = _parse(text)

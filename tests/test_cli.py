@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from smtpgate.cli import main
+from smtpgate.config import ConfigError, load_settings
 from smtpgate.store.schema import MIGRATIONS
 from tests.conftest import FIXTURES, GatewayFactory, RecordingRelay, send, wait_processed
 
@@ -498,6 +499,8 @@ def test_rule_names_are_unique_and_a_bom_is_no_error(
         ("SMTPGATE_RETRY_SCHEDULE", "60,-1"),
         ("SMTPGATE_HOSTNAME", "mail gw"),
         ("SMTPGATE_HOSTNAME", "bücher.example"),
+        # <Password> is read without surrounding white space: this one could never match
+        ("SMTPGATE_API_PASSWORD", "s3cret "),
     ],
 )
 def test_invalid_setting_names_the_variable_and_exits_2(
@@ -510,6 +513,18 @@ def test_invalid_setting_names_the_variable_and_exits_2(
     assert code == 2
     assert out == ""
     assert variable in err
+
+
+def test_an_internationalized_connector_in_another_spelling_is_still_a_mail_loop(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError, match="SMTPGATE_INTERNAL_SUPPORT_ADDRESS"):
+        load_settings(
+            _env_file=None,
+            data_dir=tmp_path,
+            connector_addresses="tickets@bücher.example",
+            internal_support_address="Tickets@xn--bcher-kva.example",
+        )
 
 
 def test_invalid_setting_from_a_real_process_exits_2(tmp_path: Path) -> None:

@@ -232,11 +232,11 @@ async def test_xml_attacks_end_to_end_refused_and_normal_xml_still_applies(
     await session.close()
     assert reply.code == 250
 
-    async def done() -> bool:
-        row = await store.get_inbound(str(reply.queue_id))
-        return bool(row and row["state"] == "done")
+    async def done() -> bool:  # workers run side by side: the last one in is not the last out
+        rows = [await store.get_inbound(str(q)) for q in (*ids, reply.queue_id)]
+        return all(row and row["state"] == "done" for row in rows)
 
-    await wait_until(done, timeout=20, what="the good transaction")
+    await wait_until(done, timeout=20, what="the attacks and the good transaction")
     for queue_id in ids:
         row = await store.get_inbound(str(queue_id))
         assert row is not None

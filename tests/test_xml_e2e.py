@@ -524,6 +524,32 @@ CASES: tuple[Case, ...] = (
         ticket=2,
         check=lambda w, out: check_problem(w, out, "Drucker von Müller"),
     ),
+    Case(  # the other way round: declared ISO-8859-1, sent as UTF-8 (was stored "MÃ¼ller")
+        "utf8-body-declaring-latin1",
+        lambda w: raw_mime(
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
+            ticket_tx()
+            .replace('encoding="utf-8"', 'encoding="ISO-8859-1"')
+            .replace("Printer", "Drucker von Müller")
+            .encode(),
+        ),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+        check=lambda w, out: check_problem(w, out, "Drucker von Müller"),
+    ),
+    Case(  # "<!" in CDATA is text, not a DOCTYPE (it was refused, 150012, unanswered)
+        "doctype-in-cdata",
+        lambda w: in_body(
+            ticket_tx().replace("Printer", "<![CDATA[Site shows <!DOCTYPE html> error]]>")
+        ),
+        "xml_applied",
+        kind="TICKET",
+        status=1,
+        ticket=2,
+        check=lambda w, out: check_problem(w, out, "Site shows <!DOCTYPE html> error"),
+    ),
     Case(
         "body-base64-with-bom",
         lambda w: raw_mime(
@@ -604,6 +630,14 @@ CASES: tuple[Case, ...] = (
         kind="TICKET",
         ticket=2,
         notes=("no response: recipient is a robot address",),
+    ),
+    Case(  # applied, answered to nobody, and the outcome says why
+        "response-to-two-addresses-is-not-sent",
+        lambda w: in_body(ticket_tx(respond="a@globex.example, b@globex.example")),
+        "xml_applied",
+        kind="TICKET",
+        ticket=2,
+        notes=("no response: SendResponseToEmail 'a@globex.example, b@globex.example' is not",),
     ),
     Case(
         "no-response-address-no-response",

@@ -290,6 +290,12 @@ ERROR_CASES = [
     ),
     pytest.param(
         "CHARGE",
+        {"FLDSLPCARDID": ACC, "FLDSLPQUANTITY": "١٢"},  # Arabic-Indic digits
+        [(150010, "FLDSLPQUANTITY")],
+        id="non-ascii-digits",
+    ),
+    pytest.param(
+        "CHARGE",
         {"FLDSLPCARDID": ACC, "FLDSLPQUANTITY": "9" * 40},
         [(150010, "FLDSLPQUANTITY")],
         id="huge-number",
@@ -324,6 +330,12 @@ ERROR_CASES = [
         [(150010, "FLDTKTPROBLEM")],
         id="update-cannot-empty-required",
     ),
+    pytest.param(
+        "HISTORY-NOTE",  # linked to nothing after it (it was applied)
+        {"FLDHISRECID": "HIS" + "X" * 17, "FLDHISLINKRECID": "", "FLDHISCARDID": ""},
+        [(150010, "FLDHISLINKRECID"), (150010, "FLDHISCARDID")],
+        id="update-cannot-empty-both-links",
+    ),
     pytest.param("TICKET", {"FLDTKTRECID": ""}, [(150010, "FLDTKTRECID")], id="empty-rec-id"),
     pytest.param("OPPORTUNITY", {"FLDOPPNAME": "x"}, [(150009, None)], id="opportunity"),
     pytest.param("DOCUMENT", {}, [(150009, None)], id="document"),
@@ -343,6 +355,11 @@ def test_validation_errors(
     assert not tx.ok
     assert codes(tx) == expected
     assert all(e.message for e in tx.errors)
+
+
+def test_an_update_may_move_a_history_note_from_its_ticket_to_an_account() -> None:
+    fields = {"FLDHISRECID": "HIS" + "X" * 17, "FLDHISLINKRECID": "", "FLDHISCARDID": ACC}
+    assert parse(doc("HISTORY-NOTE", fields)).ok
 
 
 def test_unsupported_kind_is_named_upper_case() -> None:
@@ -410,6 +427,8 @@ def test_a_data_kind_of_non_ascii_digits_is_unknown(kind: str) -> None:
         ("11/26/2026", None),
         ("26.11.2026", None),
         ("", None),
+        ("٢٠٢٦-11-26", None),  # Arabic-Indic digits: int() reads them, a date field must not
+        ("26/11/٢٠٢٦", None),
     ],
 )
 def test_parse_date(given: str, expected: str | None) -> None:
