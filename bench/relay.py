@@ -73,7 +73,7 @@ def run_round(
     sink, sink_port = smtp_sink(work)
     data = work / f"relay-{loop}-{connections}-{rnd}"
     env = gateway_env(data, free_port(), sink_port, relay_connections=str(connections))
-    smtpgate_cli(["status"], env)  # creates and migrates the store
+    smtpgate_cli(["queue", "list"], env)  # creates and migrates the store (status reads only)
     db = data / "smtpgate.db"
     fill_outbox(db, args.messages, args.size)
     wait_quiet()

@@ -147,7 +147,7 @@ def queue_scale(rows: int, work: Path, runs: int) -> dict[str, float]:
     sink, sink_port = smtp_sink(work)
     data = work / "queue"
     env = gateway_env(data, free_port(), sink_port)
-    smtpgate_cli(["status"], env)
+    smtpgate_cli(["queue", "list"], env)  # creates and migrates the store (status reads only)
     t0 = time.perf_counter()
     fill_queue(data / "smtpgate.db", rows)
     fill = time.perf_counter() - t0
