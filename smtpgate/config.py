@@ -173,15 +173,6 @@ class Settings(BaseSettings):
             raise ValueError("at least one connector address is required")
         return tuple(_check_address(v) for v in value)
 
-    @field_validator("api_password")
-    @classmethod
-    def _password_as_sent(cls, value: SecretStr | None) -> SecretStr | None:
-        # A transaction's <Password> is read without its surrounding white space: a password
-        # configured with it could never match, and every transaction would be refused.
-        if value is not None and value.get_secret_value() != value.get_secret_value().strip():
-            raise ValueError("has white space at its start or end, which <Password> cannot")
-        return value
-
     @field_validator("hostname")
     @classmethod
     def _hostname_valid(cls, value: str) -> str:
@@ -220,6 +211,15 @@ class Settings(BaseSettings):
             address = getattr(self, name)
             if address is not None and self.is_connector(address):  # in any spelling
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} is a connector address (mail loop)")
+        # A transaction's <Password> is read without its surrounding white space: a password
+        # configured with it (a secret with a trailing newline) could never match, and every
+        # transaction would be refused without an answer.
+        password = self.api_password.get_secret_value() if self.api_password else ""
+        if self.api_enabled and password != password.strip():
+            raise ValueError(
+                f"{ENV_PREFIX}API_PASSWORD has white space at its start or end, which a"
+                " transaction's <Password> cannot have"
+            )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError(
                 f"{ENV_PREFIX}TLS_CERT_FILE and {ENV_PREFIX}TLS_KEY_FILE must be set together"

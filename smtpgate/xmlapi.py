@@ -501,8 +501,9 @@ _DECLARATION = re.compile(r"\s*<!(?!--)")  # DOCTYPE, ENTITY, ELEMENT … (comme
 _ROOT_START = re.compile(r"\s*<(?:[\w.-]+:)?commitcrmtransaction[\s/>]", re.IGNORECASE)
 _FIRST_TAG = re.compile(r"<(?![!?/])")  # the first start tag after declarations and comments
 _ROOT_END = re.compile(r"</(?:[\w.-]+:)?commitcrmtransaction\s*>", re.IGNORECASE)
-# CDATA sections and comments (skipped whole), or a bare "<!" (a DTD declaration)
-_MARKUP_DECLARATION = re.compile(r"<!\[CDATA\[.*?\]\]>|<!--.*?-->|<!", re.DOTALL)
+# Processing instructions, CDATA sections and comments (skipped whole), or a bare "<!" (a DTD
+# declaration) or "<?" (a processing instruction without its end: malformed, for the parser)
+_MARKUP_DECLARATION = re.compile(r"<\?.*?\?>|<!\[CDATA\[.*?\]\]>|<!--.*?-->|<[!?]", re.DOTALL)
 _DECL_ENCODING = re.compile(
     rb"""^<\?xml[^>]{0,200}?encoding\s*=\s*["']([A-Za-z0-9._:-]{1,40})["']"""
 )
@@ -556,11 +557,13 @@ def _split_bom(raw: bytes) -> tuple[str | None, bytes]:
 def _decode(raw: bytes, charset: str | None = None) -> str:
     """The document as text; raises _Refused(150001) when its encoding is unknown or wrong.
 
-    RFC 7303 3: a byte order mark first, then `charset` (the codec of a text part's MIME
-    charset), then the XML declaration. A mail client re-encodes the text of a body part and
-    names the new charset in its header, leaving the declaration as it was: a transaction
-    declaring ISO-8859-1, sent as UTF-8, was stored garbled ("CafÃ©") with Status 1. (A
-    charset whose bytes do not fit, or a UTF-16/32 label on 8-bit text, is passed over.)"""
+    A byte order mark first; then bytes that are valid UTF-8; then `charset` (the codec of a
+    text part's MIME charset: RFC 7303 3 puts it before the declaration); then the XML
+    declaration. A mail client re-encodes the text of a body part and names the new charset
+    in its header, leaving the declaration as it was: a transaction declaring ISO-8859-1,
+    sent as UTF-8, was stored garbled ("CafÃ©") with Status 1. UTF-8 goes before the label
+    because a single-byte label decodes UTF-8 bytes without an error, wrongly. (A charset its
+    bytes do not fit, or a UTF-16/32 label on 8-bit text, is passed over.)"""
     encoding, body = _split_bom(raw)
     if encoding is not None:
         try:
@@ -568,9 +571,15 @@ def _decode(raw: bytes, charset: str | None = None) -> str:
         except UnicodeDecodeError as exc:
             raise _Refused(ERR_MALFORMED, f"not valid {encoding}") from exc
     body = body.lstrip(_XML_WS)
-    if charset is not None and not charset.startswith(("utf-16", "utf-32")):
-        with contextlib.suppress(UnicodeDecodeError, LookupError):
-            return body.decode(charset)
+    if not body.isascii():
+        # Non-ASCII bytes that are valid UTF-8 are UTF-8 whatever the labels say: a label of a
+        # single-byte charset would decode them too, wrongly ("MÃ¼ller"), and real text in
+        # such a charset is almost never valid UTF-8.
+        with contextlib.suppress(UnicodeDecodeError):
+            return body.decode("utf-8")
+        if charset is not None and not charset.startswith(("utf-16", "utf-32")):
+            with contextlib.suppress(UnicodeDecodeError, LookupError):
+                return body.decode(charset)
     m = _DECL_ENCODING.match(body)
     if m is not None:
         declared = m[1].decode("ascii").lower()
@@ -592,11 +601,15 @@ def _decode(raw: bytes, charset: str | None = None) -> str:
 
 
 def _declares(text: str) -> bool:
-    """Whether the document holds "<!" other than a comment or a CDATA section: a DOCTYPE or
-    ENTITY declaration, refused before parsing wherever it stands (xml-api 4: 150012). Inside
-    CDATA or a comment, "<!DOCTYPE html>" is text. Linear: a section or comment without its end
-    is a bare "<!", and the search stops there."""
-    return any(m.group() == "<!" for m in _MARKUP_DECLARATION.finditer(text))
+    """Whether the document holds "<!" outside a comment, a CDATA section or a processing
+    instruction: a DOCTYPE or ENTITY declaration, refused before parsing wherever it stands
+    (xml-api 4: 150012). Inside CDATA or a comment, "<!DOCTYPE html>" is text. Linear: a
+    section, comment or instruction without its end is a bare "<!" or "<?", and the search
+    stops there (a "<![CDATA[" inside an instruction cannot hide a DOCTYPE after it)."""
+    for m in _MARKUP_DECLARATION.finditer(text):
+        if len(m.group()) == 2:
+            return m.group() == "<!"
+    return False
 
 
 def _prolog_end(text: str) -> int:

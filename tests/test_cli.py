@@ -499,8 +499,6 @@ def test_rule_names_are_unique_and_a_bom_is_no_error(
         ("SMTPGATE_RETRY_SCHEDULE", "60,-1"),
         ("SMTPGATE_HOSTNAME", "mail gw"),
         ("SMTPGATE_HOSTNAME", "bücher.example"),
-        # <Password> is read without surrounding white space: this one could never match
-        ("SMTPGATE_API_PASSWORD", "s3cret "),
     ],
 )
 def test_invalid_setting_names_the_variable_and_exits_2(
@@ -513,6 +511,17 @@ def test_invalid_setting_names_the_variable_and_exits_2(
     assert code == 2
     assert out == ""
     assert variable in err
+
+
+def test_an_api_password_with_outer_white_space_stops_start_up_when_the_api_is_on(
+    tmp_path: Path,
+) -> None:
+    """<Password> is read without its surrounding white space: a secret with a trailing
+    newline could never match, and every transaction was refused without an answer."""
+    with pytest.raises(ConfigError, match="SMTPGATE_API_PASSWORD"):
+        load_settings(_env_file=None, data_dir=tmp_path, api_enabled=True, api_password="s3cret\n")
+    off = load_settings(_env_file=None, data_dir=tmp_path, api_password="s3cret\n")
+    assert off.api_enabled is False  # not used: no reason to refuse to start
 
 
 def test_an_internationalized_connector_in_another_spelling_is_still_a_mail_loop(

@@ -689,6 +689,33 @@ def test_the_parts_charset_reads_what_the_declaration_cannot(
     assert without is None or without.fields.get("FLDTKTPROBLEM") != "Принтер"
 
 
+@pytest.mark.parametrize("label", ["iso-8859-1", "koi8_r", "us-ascii", "cp1252"])
+def test_utf8_bytes_are_read_as_utf8_whatever_the_label(label: str) -> None:
+    """A single-byte label decodes UTF-8 bytes without an error, wrongly ("MÃ¼ller")."""
+    text = doc("TICKET", {**ADD_FIELDS["TICKET"], "FLDTKTPROBLEM": "Drucker von Müller"})
+    for declared in (text, text.replace('encoding="utf-8"', 'encoding="ISO-8859-1"')):
+        tx = find_transaction([declared.encode()], charsets=[label])
+        assert tx is not None
+        assert tx.fields["FLDTKTPROBLEM"] == "Drucker von Müller", (label, declared[:40])
+
+
+@pytest.mark.parametrize(
+    ("document", "unsafe"),
+    [
+        # "<![CDATA[" inside a processing instruction must not hide the DOCTYPE after it
+        ("<?x <![CDATA[ ?><!DOCTYPE CommitCRMTransaction [<!ENTITY e 'x'>]><!-- ]]> -->", True),
+        ("<!-- <!DOCTYPE x> --><CommitCRMTransaction><![CDATA[<!DOCTYPE html>]]>", False),
+        ("<CommitCRMTransaction><?pi <!DOCTYPE html> ?>", False),
+        ("<CommitCRMTransaction><![CDATA[ no end <!DOCTYPE x>", True),
+        ("<CommitCRMTransaction><? no end <!DOCTYPE x>", False),  # malformed: the parser's
+    ],
+)
+def test_declarations_are_found_outside_cdata_comments_and_instructions(
+    document: str, unsafe: bool
+) -> None:
+    assert xmlapi._declares(document) is unsafe
+
+
 def test_other_transactions_in_the_message_are_counted_not_applied() -> None:
     """One transaction a message (the first readable one); the others are counted for the
     outcome's notes, a copy of the first is not (a body with the same document attached)."""
