@@ -267,7 +267,8 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
                 f"{rule.name}: {match.value!r} names {match.ambiguous} accounts (ambiguous)"
             )
         elif values:
-            misses.append(f"{rule.name}: no account with {rule.search} {values[0]!r}")
+            # The located text may be a whole (long, hostile) subject: the note shows its start.
+            misses.append(f"{rule.name}: no account with {rule.search} {values[0][:100]!r}")
         elif automated.locate(rule, msg.subject):
             misses.append(f"{rule.name}: no text where its phrases point")
         else:

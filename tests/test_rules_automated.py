@@ -607,3 +607,11 @@ async def test_an_account_rule_that_finds_nothing_says_what_it_looked_for(
         "site: no account with file_as 'acme corporation'",
         "group: its phrases are not in the subject",
     ]
+    # A long subject is not copied whole into the outcome.
+    long = message("Alert for Site " + "x" * 5000 + ", disk", "x@nowhere.example")
+    store = await Store.open(tmp_path / "again.db")
+    try:
+        decision = await decide(long, "x@nowhere.example", parse_message(long), ctx, store)
+    finally:
+        await store.close()
+    assert decision.notes[0] == f"site: no account with file_as {'x' * 100!r}"
