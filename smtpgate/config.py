@@ -6,6 +6,7 @@ either returns a frozen snapshot or raises `ConfigError` naming the variable, ru
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -245,10 +246,14 @@ class Settings(BaseSettings):
     def skip_target(self) -> str:
         return self.skip_forward_address or self.internal_support_address
 
+    @functools.cached_property
+    def connector_keys(self) -> dict[str, str]:
+        """Each connector's comparison key (model.address_key) to the address as configured."""
+        return {address_key(a): a for a in self.connector_addresses}
+
     def is_connector(self, address: str) -> bool:
         """Whether `address` is a connector address, in any spelling (case, IDNA, NFC)."""
-        key = address_key(address)
-        return any(address_key(c) == key for c in self.connector_addresses)
+        return address_key(address) in self.connector_keys
 
     def is_own_address(self, address: str) -> bool:
         """A connector or the address the gateway sends from: never an answer's recipient."""

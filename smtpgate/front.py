@@ -78,8 +78,6 @@ class Handler:
     def __init__(self, settings: Settings, store: Queue, on_queued: Callable[[], None]) -> None:
         self.settings = settings
         self.store = store
-        # The comparison key of each connector address, to the address as configured.
-        self.connectors = {address_key(a): a for a in settings.connector_addresses}
         self._on_queued = on_queued
 
     async def handle_EHLO(
@@ -106,7 +104,7 @@ class Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        connector = self.connectors.get(address_key(address))
+        connector = self.settings.connector_keys.get(address_key(address))
         if connector is None:
             return NOT_RELAY.format(address)
         if connector in envelope.rcpt_tos:  # stored as configured, whatever the spelling
@@ -786,18 +784,19 @@ class Listener(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._counted and not self._refused and self._original_transport is None:
-            if self._sessions.closing:  # accepted just before the listener closed
-                self._refused = True
-                self._on_reply("421")
-                cast(asyncio.WriteTransport, transport).write(SHUTTING_DOWN)
-                transport.close()
-                return
-            if len(self._sessions) >= self._limit:
+            refusal = (
+                SHUTTING_DOWN  # accepted just before the listener closed
+                if self._sessions.closing
+                else TOO_MANY_CONNECTIONS
+                if len(self._sessions) >= self._limit
+                else None
+            )
+            if refusal is not None:
                 self._refused = True
                 self._on_reply("421")
                 # Not isinstance(…, asyncio.WriteTransport): uvloop's transports are not
                 # asyncio's classes, and the 421 went unsent there.
-                cast(asyncio.WriteTransport, transport).write(TOO_MANY_CONNECTIONS)
+                cast(asyncio.WriteTransport, transport).write(refusal)
                 transport.close()
                 return
             self._sessions.add(self)

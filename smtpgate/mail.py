@@ -442,6 +442,8 @@ def _first_headers(part: Message) -> dict[str, str]:
 
 # --- message ids, addresses -----------------------------------------------------------------------
 
+# Precedence values of mail sent to many (spec 2.4): automatic, never answered.
+BULK_PRECEDENCE = frozenset({"bulk", "junk", "list"})
 _MESSAGE_ID = re.compile(r"<([^<>]*)>")
 _COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")  # an RFC 5322 comment (innermost, if nested)
 _KEYWORD = re.compile(r"\s*([^\s;()]*)")
@@ -826,7 +828,7 @@ class _Parser:
             in_reply_to
             or references
             or auto_submitted not in (None, "", "no")
-            or precedence in ("bulk", "junk", "list")
+            or precedence in BULK_PRECEDENCE
             or "x-auto-response-suppress" in headers
         )
         is_auto = (

@@ -612,19 +612,13 @@ def _declares(text: str) -> bool:
     return False
 
 
-def _prolog_end(text: str) -> int:
-    """Where the prolog's declaration, processing instructions and comments end."""
-    pos = 0
-    while item := _PROLOG_ITEM.match(text, pos):
-        pos = item.end()
-    return pos
-
-
 def _ours(head: str) -> bool:
     """Whether a document starting with `head` has CommitCRMTransaction as its root element
     (xml-api 1: only then is a message an XML transaction). Any other XML — a plist or a log
     attached as .xml, an HTML body, a reply quoting a transaction — is ordinary mail."""
-    pos = _prolog_end(head)
+    pos = 0
+    while item := _PROLOG_ITEM.match(head, pos):
+        pos = item.end()
     if _DECLARATION.match(head, pos):
         # A DTD can be long and hostile, and is not read: a document whose first start tag
         # after it is ours is a transaction, refused for its DTD (150012). (A "<" inside the

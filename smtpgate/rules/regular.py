@@ -5,11 +5,10 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from smtpgate.mail import ParsedMessage
+from smtpgate.mail import BULK_PRECEDENCE, ParsedMessage
 
 # spec 2.4: senders and headers that never get an automatic answer.
 _ROBOT_LOCALPARTS = ("mailer-daemon", "postmaster")
-_BULK_PRECEDENCE = frozenset({"bulk", "junk", "list"})
 
 
 @lru_cache(maxsize=8)
@@ -65,7 +64,7 @@ def no_auto_answer_reason(msg: ParsedMessage, mail_from: str) -> str | None:
         return "null sender"
     if msg.auto_submitted and msg.auto_submitted != "no":
         return f"Auto-Submitted: {msg.auto_submitted}"
-    if msg.precedence in _BULK_PRECEDENCE:
+    if msg.precedence in BULK_PRECEDENCE:
         return f"Precedence: {msg.precedence}"
     if msg.list_id:
         return "List-Id"
