@@ -423,16 +423,24 @@ async def test_relay_certificate_is_verified_by_default(
     assert secure_relay.logins == []  # no password sent over an unverified connection
 
 
-async def test_relay_wrong_password_is_not_delivered(
-    gateway_to: GatewayFactory, secure_relay: SecureRelay
-) -> None:
-    gw = await gateway_to(
+async def wrong_password_gateway(
+    gateway_to: GatewayFactory, secure_relay: SecureRelay, **overrides: Any
+) -> Gateway:
+    """A gateway relaying over STARTTLS to `secure_relay` with the wrong password."""
+    return await gateway_to(
         secure_relay.port,
         relay_tls="starttls",
         relay_tls_verify=False,
         relay_username=RELAY_USER,
         relay_password="wrong",
+        **overrides,
     )
+
+
+async def test_relay_wrong_password_is_not_delivered(
+    gateway_to: GatewayFactory, secure_relay: SecureRelay
+) -> None:
+    gw = await wrong_password_gateway(gateway_to, secure_relay)
     await send_until_relay_fails(gw, "<wrong@example.org>", "a refused login")
     assert secure_relay.logins[0] == (RELAY_USER, "wrong")
     assert secure_relay.recorder.messages == []
@@ -449,14 +457,8 @@ async def test_a_wrong_relay_password_costs_one_login_per_sender_not_one_per_mai
     """Each queued mail used to try its own login: 20 mails, 40 failed logins at once, enough
     for Microsoft 365 to lock the account or fail2ban to ban the gateway. A sender whose
     connection fails now puts the rest of its claim back unsent and waits (RELAY_BACKOFF)."""
-    gw = await gateway_to(
-        secure_relay.port,
-        relay_tls="starttls",
-        relay_tls_verify=False,
-        relay_username=RELAY_USER,
-        relay_password="wrong",
-        relay_connections=2,
-        retry_schedule="60",
+    gw = await wrong_password_gateway(
+        gateway_to, secure_relay, relay_connections=2, retry_schedule="60"
     )
     for i in range(20):
         message = simple_message(subject=f"m{i}", message_id=f"<m{i}@example.org>")
