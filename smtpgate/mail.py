@@ -75,8 +75,8 @@ class ParsedMessage:
     attachments: tuple[Attachment, ...]
     xml_candidates: tuple[bytes, ...]
     defects: tuple[str, ...]
-    # The codec of each XML candidate's MIME charset (text parts), or None: xml-api reads it
-    # when the document's own encoding does not fit its bytes.
+    # The codec of each XML candidate's MIME charset (text parts), or None: xml-api reads a
+    # document that is not UTF-8 with it before its own declaration (xmlapi._decode).
     xml_charsets: tuple[str | None, ...] = ()
 
 
