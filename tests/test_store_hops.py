@@ -605,3 +605,180 @@ async def test_explain_rolls_back_in_one_hop(store: Store, monkeypatch: pytest.M
     assert outcome.sent == [{"kind": "forward", "to": ["s@msp.example"]}]
     assert await counts(store) == dict.fromkeys(RECORD_TABLES, 0)
     assert not store._db._conn.in_transaction
+
+
+# --- decisions ready together share one transaction --------------------------------------------
+
+
+def numbered_decision(
+    n: int, mails: Callable[[Applied], list[OutboundMail]] | None = None
+) -> Decision:
+    """A ticket for the message <a{n}@x>, with one forward unless `mails` says otherwise."""
+
+    def forward(_: Applied) -> list[OutboundMail]:
+        return [
+            OutboundMail(MailKind.FORWARD, "c@localhost", ("s@msp.example",), b"x", f"<f{n}@x>")
+        ]
+
+    return Decision(
+        Branch.AUTOMATED,
+        Action.AUTOMATED_TICKET,
+        account=ACME,
+        new_ticket=NewTicket(
+            ACME, None, f"disk {n}", "details", "test", "note", message_id=f"<a{n}@x>"
+        ),
+        mails=mails or forward,
+    )
+
+
+async def claim_many(store: Store, n: int) -> list[Job]:
+    for i in range(n):
+        await enqueue(store, alert("Acme Corp", i), f"<a{i}@x>")
+    jobs = await store.claim(n, 300)
+    assert len(jobs) == n
+    return jobs
+
+
+def complete_all(
+    store: Store, jobs: list[Job], decisions: list[Decision]
+) -> Coroutine[Any, Any, list[Outcome | BaseException | None]]:
+    """The workers that finished deciding in the same pass of the loop, each completing."""
+    return asyncio.gather(
+        *(
+            store.complete(job, d, dedupe_key=f"<a{i}@x>", auto_mail_hourly_limit=20)
+            for i, (job, d) in enumerate(zip(jobs, decisions, strict=True))
+        ),
+        return_exceptions=True,
+    )
+
+
+async def test_decisions_ready_together_share_one_transaction(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = await claim_many(store, 6)
+    hops = Hops(store, monkeypatch)
+    with hops.measure() as seen:
+        outcomes = await complete_all(store, jobs, [numbered_decision(i) for i in range(6)])
+    assert (seen["inline"], seen["total"]) == (1, 0)  # was one transaction each
+    assert sorted(o.ticket for o in outcomes if isinstance(o, Outcome)) == [1, 2, 3, 4, 5, 6]
+    assert await counts(store) == {
+        **dict.fromkeys(RECORD_TABLES, 6),
+        "message_links": 12,  # the alert's and the forward's Message-ID
+        "auto_mail_log": 0,
+    }
+    for job in jobs:
+        row = await store.get_inbound(job.id)
+        assert row is not None
+        assert row["state"] == "done"
+
+
+async def test_a_group_holds_at_most_a_mebibyte_of_messages(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each transaction runs in the loop's thread: a bigger group would hold the loop longer."""
+    monkeypatch.setattr(store_module, "GROUP_MAX_BYTES", 2 * len(alert("Acme Corp", 1)))
+    jobs = await claim_many(store, 5)
+    hops = Hops(store, monkeypatch)
+    with hops.measure() as seen:
+        outcomes = await complete_all(store, jobs, [numbered_decision(i) for i in range(5)])
+    assert all(isinstance(o, Outcome) for o in outcomes)
+    assert seen["inline"] == 3  # 2 + 2 + 1
+
+
+async def test_one_failed_decision_in_a_group_rolls_back_alone(store: Store) -> None:
+    """A broken mail builder, a lost lease and an SQLite error each undo their own decision
+    only; the others in the transaction are applied whole."""
+    jobs = await claim_many(store, 5)
+    stale = jobs[2]
+    # Its lease lapses and another worker takes it: the stale worker's decision must not count.
+    await store._db.execute("UPDATE inbound SET lease_token = 'other' WHERE id = ?", (stale.id,))
+
+    def broken(_: Applied) -> list[OutboundMail]:
+        raise RuntimeError("the mail builder broke")
+
+    await store._db.execute(
+        "CREATE TEMP TRIGGER refuse_f3 BEFORE INSERT ON outbox WHEN new.message_id = '<f3@x>'"
+        " BEGIN SELECT RAISE(ABORT, 'outbox refused'); END"
+    )
+    decisions = [numbered_decision(i) for i in range(5)]
+    decisions[1] = numbered_decision(1, broken)
+    outcomes = await complete_all(store, jobs, decisions)
+
+    assert isinstance(outcomes[1], RuntimeError)
+    assert outcomes[2] is None  # lease lost
+    assert isinstance(outcomes[3], sqlite3.IntegrityError)
+    assert [isinstance(o, Outcome) for o in outcomes] == [True, False, False, False, True]
+    assert not store._db._conn.in_transaction
+    assert await counts(store) == {
+        **dict.fromkeys(RECORD_TABLES, 2),
+        "message_links": 4,
+        "auto_mail_log": 0,
+    }
+    rows = await store._reader.execute_fetchall("SELECT message_id FROM message_links")
+    assert {r[0] for r in rows} == {"<a0@x>", "<f0@x>", "<a4@x>", "<f4@x>"}
+    states = [(await store.get_inbound(j.id) or {}).get("state") for j in jobs]
+    assert states == ["done", "active", "active", "active", "done"]
+
+
+async def test_a_failed_commit_fails_every_decision_of_the_group(store: Store) -> None:
+    jobs = await claim_many(store, 3)
+    # An error that ends the whole transaction, as SQLite does by itself on a full disk or an
+    # I/O error: the decisions before it in the group are gone with it.
+    await store._db.execute(
+        "CREATE TEMP TRIGGER break_commit AFTER INSERT ON outbox WHEN new.message_id = '<f1@x>'"
+        " BEGIN SELECT RAISE(ROLLBACK, 'disk on fire'); END"
+    )
+    outcomes = await complete_all(store, jobs, [numbered_decision(i) for i in range(3)])
+    assert all(isinstance(o, sqlite3.IntegrityError) for o in outcomes), outcomes
+    assert await counts(store) == dict.fromkeys(RECORD_TABLES, 0)
+    assert not store._db._conn.in_transaction
+    for job in jobs:
+        row = await store.get_inbound(job.id)
+        assert row is not None
+        assert row["state"] == "active"
+    # The connection is fine afterwards: the next group commits.
+    await store._db.execute("DROP TRIGGER temp.break_commit")
+    outcomes = await complete_all(store, jobs, [numbered_decision(i) for i in range(3)])
+    assert all(isinstance(o, Outcome) for o in outcomes)
+
+
+async def test_a_cancelled_worker_s_decision_is_left_out_of_the_group(store: Store) -> None:
+    jobs = await claim_many(store, 2)
+    kept = asyncio.ensure_future(
+        store.complete(
+            jobs[0], numbered_decision(0), dedupe_key="<a0@x>", auto_mail_hourly_limit=20
+        )
+    )
+    gone = asyncio.ensure_future(
+        store.complete(
+            jobs[1], numbered_decision(1), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
+        )
+    )
+    await asyncio.sleep(0)  # both queued their decision
+    gone.cancel()
+    assert isinstance(await kept, Outcome)
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert (await counts(store))["tickets"] == 1
+    row = await store.get_inbound(jobs[1].id)
+    assert row is not None
+    assert row["state"] == "active"  # its lease lapses; processed again then
+
+
+async def test_close_lets_the_group_being_written_finish(store: Store) -> None:
+    """As an intake batch: its workers learn whether their messages are done."""
+    jobs = await claim_many(store, 1)
+    task = asyncio.ensure_future(
+        store.complete(
+            jobs[0], numbered_decision(0), dedupe_key="<a0@x>", auto_mail_hourly_limit=20
+        )
+    )
+    async with store._write_lock.hold():  # the group waits for the lock …
+        await asyncio.sleep(0.01)
+        closing = asyncio.ensure_future(store.close())
+        await asyncio.sleep(0.01)
+        assert not closing.done()  # … and close waits for the group
+    await closing
+    outcome = await task
+    assert isinstance(outcome, Outcome)
+    assert outcome.ticket == 1

@@ -59,6 +59,9 @@ T = TypeVar("T")
 
 # Decisions of messages up to this size are written in the loop's thread (see Store._write).
 INLINE_MAX_BYTES = 256 * 1024
+# The decisions written in one shared transaction hold at most this many bytes of raw message
+# (always at least one): a bigger group would hold the loop's thread for longer.
+GROUP_MAX_BYTES = 1024 * 1024
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -251,6 +254,17 @@ class Delivery:
 
 
 @dataclass(slots=True)
+class _Completion:
+    """A decision waiting for the shared transaction of `Store.complete`."""
+
+    job: Job
+    decision: Decision
+    dedupe_key: str | None
+    hourly_limit: int
+    future: asyncio.Future[Outcome | None]
+
+
+@dataclass(slots=True)
 class _Intake:
     id: str
     envelope: Envelope
@@ -317,6 +331,10 @@ class Store:
         self._pending_event = asyncio.Event()
         self._committing: asyncio.Future[None] | None = None  # the intake batch being written
         self._committer: asyncio.Task[None] | None = None
+        self._completions: list[_Completion] = []
+        self._completions_event = asyncio.Event()
+        self._completing: asyncio.Future[None] | None = None  # the decisions being written
+        self._completer: asyncio.Task[None] | None = None
         self._sync = "FULL"  # the writer's PRAGMA synchronous (set in _connect)
         # Outbox mail may have been committed without an fsync (a decision, synchronous=NORMAL)
         # and not fsynced by a durable commit since. The relay claims it with a durable commit
@@ -348,20 +366,23 @@ class Store:
 
     async def close(self) -> None:
         self._closed = True  # no new checkpoint from here
-        if self._committing is not None:
+        writing = [f for f in (self._committing, self._completing) if f is not None]
+        if writing:
             # An intake batch being written may finish, so that its senders get their answer
             # (250, or 451): cancelled half-way, the thread would still commit it, and the
-            # sessions waiting for it were never answered.
-            await asyncio.wait([self._committing], timeout=self._busy_ms / 1000 + 1.0)
-        tasks = [t for t in (self._committer, self._checkpointer) if t is not None]
+            # sessions waiting for it were never answered. Decisions being written likewise
+            # (their workers learn whether the message is done).
+            await asyncio.wait(writing, timeout=self._busy_ms / 1000 + 1.0)
+        tasks = [t for t in (self._committer, self._completer, self._checkpointer) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._committer = self._checkpointer = None
-        for item in self._pending:
-            if not item.future.done():
-                item.future.set_exception(StoreError("store closed"))
-        self._pending.clear()
+        self._committer = self._completer = self._checkpointer = None
+        for waiting in (self._pending, self._completions):
+            for item in waiting:
+                if not item.future.done():
+                    item.future.set_exception(StoreError("store closed"))
+            waiting.clear()
         self._lookups.close()
         await self._reader.close()
         # Under the write lock: a transaction still running (in the thread or waiting for the
@@ -676,17 +697,107 @@ class Store:
     ) -> Outcome | None:
         """Apply a decision exactly once: records, outbox rows and the outcome in one transaction.
 
-        Returns None when the lease was lost (another worker owns the message now): the whole
-        transaction is rolled back.
+        Returns None when the lease was lost (another worker owns the message now): all the
+        decision wrote is rolled back.
+
+        The decisions of small messages that are ready together (the workers that finished
+        deciding in the same pass of the event loop) share one transaction, each in its own
+        savepoint: a commit costs ~150 µs of CPU in the loop's thread whatever it holds, and
+        shared pages (the queue's, the indexes') are written once. One decision's failure rolls
+        back its savepoint only; a failed commit fails them all, and nothing of them is kept.
         """
+        if len(job.raw) > INLINE_MAX_BYTES:  # alone, in the writer's thread
+            try:
+                return await self._write(
+                    functools.partial(
+                        self._complete,
+                        job=job,
+                        decision=decision,
+                        dedupe_key=dedupe_key,
+                        hourly_limit=auto_mail_hourly_limit,
+                    ),
+                    durable=False,
+                )
+            except _LeaseLost:
+                return None
+        future: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+        self._completions.append(
+            _Completion(job, decision, dedupe_key, auto_mail_hourly_limit, future)
+        )
+        if self._completer is None or self._completer.done():
+            self._completer = asyncio.create_task(self._complete_loop(), name="group-complete")
+        self._completions_event.set()
+        return await future
+
+    async def _complete_loop(self) -> None:
+        while True:
+            await self._completions_event.wait()
+            self._completions_event.clear()
+            # A decision whose worker was cancelled meanwhile is not written (its lease lapses).
+            waiting = [item for item in self._completions if not item.future.done()]
+            group: list[_Completion] = []
+            size = 0
+            for item in waiting:
+                if group and size + len(item.job.raw) > GROUP_MAX_BYTES:
+                    break
+                group.append(item)
+                size += len(item.job.raw)
+            self._completions = waiting[len(group) :]
+            if self._completions:
+                self._completions_event.set()
+            if not group:
+                continue
+            self._completing = asyncio.get_running_loop().create_future()
+            try:
+                await self._complete_group(group)
+            finally:
+                self._completing.set_result(None)
+                self._completing = None
+                for item in group:  # only if cancelled (close) half-way: its outcome is unknown
+                    if not item.future.done():
+                        item.future.set_exception(StoreError("store closed during the commit"))
+
+    async def _complete_group(self, group: list[_Completion]) -> None:
         try:
-            return await self._write(
-                lambda db: self._complete(db, job, decision, dedupe_key, auto_mail_hourly_limit),
-                durable=False,
-                inline=len(job.raw) <= INLINE_MAX_BYTES,
+            results = await self._write(
+                functools.partial(self._complete_each, group=group), durable=False, inline=True
             )
-        except _LeaseLost:
-            return None
+        except Exception as exc:  # the transaction failed: none of them is applied
+            for item in group:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        for item, result in zip(group, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    def _complete_each(
+        self, db: sqlite3.Connection, group: list[_Completion]
+    ) -> list[Outcome | Exception | None]:
+        """Each decision of a group in its own savepoint: its outcome, None for a lost lease, or
+        the exception that rolled it back. An error that ended the whole transaction (SQLite
+        rolls back by itself on a full disk or an I/O error) is raised: nothing is kept."""
+        results: list[Outcome | Exception | None] = []
+        for item in group:
+            db.execute("SAVEPOINT decision")
+            try:
+                outcome = self._complete(
+                    db, item.job, item.decision, item.dedupe_key, item.hourly_limit
+                )
+            except Exception as exc:
+                if not db.in_transaction:
+                    raise
+                db.execute("ROLLBACK TO decision")
+                db.execute("RELEASE decision")
+                results.append(None if isinstance(exc, _LeaseLost) else exc)
+            else:
+                db.execute("RELEASE decision")
+                results.append(outcome)
+        return results
 
     def _complete(
         self,
@@ -694,9 +805,9 @@ class Store:
         job: Job,
         decision: Decision,
         dedupe_key: str | None,
-        auto_mail_hourly_limit: int,
+        hourly_limit: int,
     ) -> Outcome:
-        """The decision transaction's body, in the writer's thread (see `complete`)."""
+        """One decision's part of a transaction (see `complete`)."""
         # The lease is checked by the final UPDATE (_finish): a lost lease raises _LeaseLost
         # there and rolls everything back.
         if dedupe_key is not None and decision.action != Action.IGNORED:
@@ -725,7 +836,7 @@ class Store:
                 return outcome
         applied = self._apply(db, job, decision)
         mails = decision.mails(applied)
-        sent, suppressed = self._queue_mails(db, job.id, mails, applied, auto_mail_hourly_limit)
+        sent, suppressed = self._queue_mails(db, job.id, mails, applied, hourly_limit)
         if sent:  # set under the write lock, before COMMIT: see claim_deliveries
             self._outbox_unsynced = True
         outcome = self._outcome(decision, applied, sent, list(decision.notes) + suppressed)
