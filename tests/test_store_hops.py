@@ -229,7 +229,8 @@ async def test_a_processed_alert_costs_one_hop_per_transaction(
 
     assert outcome is not None
     assert outcome.action == action
-    assert (intake["total"], claim["total"]) == (1, 1)  # the group commit; the claim
+    assert intake["total"] == 1  # the group commit, in the thread: it fsyncs
+    assert (claim["total"], claim["inline"]) == (0, 1)  # in the loop's thread (was one hop)
     assert decided["total"] == 0  # lookups run in the loop's thread (were one hop each)
     # One transaction, in the loop's thread. Was one hop, and ~6 before that (one per statement).
     assert (completed["total"], completed["inline"]) == (0, 1)
@@ -242,6 +243,29 @@ async def test_a_processed_alert_costs_one_hop_per_transaction(
         assert outcome.sent == [{"kind": "forward", "to": ["support@msp.example"]}]
         # claim_deliveries reads the mails in the thread; delivery_done is inline
         assert (outbox["total"], outbox["inline"]) == (1, 1)
+
+
+async def test_a_claim_too_big_for_the_loop_is_made_in_the_thread(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a big message would hold the loop: a claim holds at most GROUP_MAX_BYTES of raw
+    message in the loop's thread, and one bigger message is claimed in the writer's thread."""
+    small = alert("Acme Corp", 1)
+    await enqueue(store, small, "<a1@x>")
+    await enqueue(store, big_alert("Acme Corp", 2), "<a2@x>")
+    await enqueue(store, small, "<a3@x>")
+    monkeypatch.setattr(store_module, "GROUP_MAX_BYTES", 10 * len(small))
+    hops = Hops(store, monkeypatch)
+    with hops.measure() as first:
+        (job,) = await store.claim(10, 300)  # the big one does not fit in the budget
+    with hops.measure() as second:
+        big, last = await store.claim(10, 300)  # always at least the first: not in the loop
+    assert (job.message_id, big.message_id, last.message_id) == ("<a1@x>", "<a2@x>", "<a3@x>")
+    assert (first["inline"], first["writer"]) == (1, 0)
+    assert (second["inline"], second["writer"]) == (1, 1)  # tried here, rolled back
+    assert len(big.raw) > store_module.INLINE_MAX_BYTES
+    assert (big.attempts, last.attempts) == (1, 1)  # the attempt here was rolled back whole
+    assert await store.claim(10, 300) == []
 
 
 async def test_a_big_messages_decision_is_written_in_the_thread(
@@ -676,8 +700,8 @@ async def test_a_group_holds_at_most_a_mebibyte_of_messages(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each transaction runs in the loop's thread: a bigger group would hold the loop longer."""
-    monkeypatch.setattr(store_module, "GROUP_MAX_BYTES", 2 * len(alert("Acme Corp", 1)))
     jobs = await claim_many(store, 5)
+    monkeypatch.setattr(store_module, "GROUP_MAX_BYTES", 2 * len(alert("Acme Corp", 1)))
     hops = Hops(store, monkeypatch)
     with hops.measure() as seen:
         outcomes = await complete_all(store, jobs, [numbered_decision(i) for i in range(5)])

@@ -221,6 +221,10 @@ _DUE_WITHIN_BUDGET = (
 )
 
 
+class _TooBigHere(Exception):
+    """A claim holds too many bytes to be read in the loop's thread."""
+
+
 class _LeaseLost(Exception):
     """Another worker owns the message now (its lease expired and was taken)."""
 
@@ -610,12 +614,16 @@ class Store:
         self, limit: int, lease_seconds: float, max_bytes: int | None = None
     ) -> list[Job]:
         """Lease up to `limit` due messages, oldest first; with `max_bytes`, only those that fit
-        in that many bytes of raw message, in order (always at least the first)."""
+        in that many bytes of raw message, in order (always at least the first).
+
+        Claims of up to GROUP_MAX_BYTES of raw message run in the loop's thread (no fsync, and
+        the hand-off cost more than the claim); a bigger first message is claimed in the
+        writer's thread, where reading it does not hold the loop."""
         now = time.time()
         token = secrets.token_hex(8)
         budget = max_bytes if max_bytes is not None else -1
 
-        def take(db: sqlite3.Connection) -> list[Job]:
+        def take(db: sqlite3.Connection, *, budget: int, inline_bytes: int | None) -> list[Job]:
             rows = db.execute(
                 "UPDATE inbound SET state = 'active', attempts = attempts + 1,"
                 " lease_until = ?, lease_token = ?"
@@ -623,11 +631,13 @@ class Store:
                 # in the running total and the LIMIT; the index (state, next_attempt_at) has it.
                 f" WHERE id IN ({_DUE_WITHIN_BUDGET.format(table='inbound', size='size')})"
                 " RETURNING id, peer, helo, mail_from, rcpt_tos, received_at, attempts,"
-                " message_id",
+                " message_id, size",
                 (now + lease_seconds, token, now, limit, budget, budget),
             ).fetchall()
             if not rows:
                 return []
+            if inline_bytes is not None and sum(row["size"] for row in rows) > inline_bytes:
+                raise _TooBigHere  # rolled back; claimed again in the writer's thread
             marks = ", ".join("?" for _ in rows)
             raws: dict[str, bytes] = {
                 rid: bytes(raw)
@@ -654,7 +664,17 @@ class Store:
                 for row in rows
             ]
 
-        jobs = await self._write(take, durable=False)
+        here = GROUP_MAX_BYTES if budget < 0 else min(budget, GROUP_MAX_BYTES)
+        try:
+            jobs = await self._write(
+                functools.partial(take, budget=here, inline_bytes=GROUP_MAX_BYTES),
+                durable=False,
+                inline=True,
+            )
+        except _TooBigHere:
+            jobs = await self._write(
+                functools.partial(take, budget=budget, inline_bytes=None), durable=False
+            )
         jobs.sort(key=lambda j: j.received_at)
         return jobs
 
