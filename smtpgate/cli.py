@@ -68,6 +68,10 @@ def setup_logging(settings: Settings) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.Formatter.converter = __import__("time").gmtime
+    # What neither format prints is not worked out for every record (the logging HOWTO's
+    # "Optimization"): the caller's file and line (a walk up the stack), thread and process.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
