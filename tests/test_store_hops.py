@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import itertools
 import sqlite3
 import threading
 import time
@@ -707,6 +708,40 @@ async def test_a_group_holds_at_most_a_mebibyte_of_messages(
         outcomes = await complete_all(store, jobs, [numbered_decision(i) for i in range(5)])
     assert all(isinstance(o, Outcome) for o in outcomes)
     assert seen["inline"] == 3  # 2 + 2 + 1
+    for job in jobs:
+        row = await store.get_inbound(job.id)
+        assert row is not None
+        assert row["state"] == "done"
+
+
+async def test_groups_written_back_to_back_let_the_loop_run_between_them(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = await claim_many(store, 4)
+    monkeypatch.setattr(store_module, "GROUP_MAX_BYTES", 1)  # one decision per group
+    seen: list[str] = []
+    write_here = store._write_here
+
+    def inline(fn: Callable[..., Any]) -> Any:
+        seen.append("write")
+        return write_here(fn)
+
+    monkeypatch.setattr(store, "_write_here", inline)
+
+    async def ticker() -> None:
+        while True:
+            seen.append("tick")
+            await asyncio.sleep(0)
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        outcomes = await complete_all(store, jobs, [numbered_decision(i) for i in range(4)])
+    finally:
+        ticking.cancel()
+    assert all(isinstance(o, Outcome) for o in outcomes)
+    writes = [i for i, what in enumerate(seen) if what == "write"]
+    assert len(writes) == 4
+    assert all(b - a > 1 for a, b in itertools.pairwise(writes)), seen  # a tick between
 
 
 async def test_one_failed_decision_in_a_group_rolls_back_alone(store: Store) -> None:
@@ -744,26 +779,68 @@ async def test_one_failed_decision_in_a_group_rolls_back_alone(store: Store) -> 
     assert states == ["done", "active", "active", "active", "done"]
 
 
-async def test_a_failed_commit_fails_every_decision_of_the_group(store: Store) -> None:
+async def test_an_error_that_ends_the_transaction_fails_only_its_own_decision(
+    store: Store,
+) -> None:
+    """SQLite rolls the whole transaction back by itself on some errors (a full disk, an I/O
+    error; here a trigger): the group's decisions are then written one by one, so that only the
+    one at fault fails and uses up an attempt."""
     jobs = await claim_many(store, 3)
-    # An error that ends the whole transaction, as SQLite does by itself on a full disk or an
-    # I/O error: the decisions before it in the group are gone with it.
     await store._db.execute(
-        "CREATE TEMP TRIGGER break_commit AFTER INSERT ON outbox WHEN new.message_id = '<f1@x>'"
+        "CREATE TEMP TRIGGER break_all AFTER INSERT ON outbox WHEN new.message_id = '<f1@x>'"
         " BEGIN SELECT RAISE(ROLLBACK, 'disk on fire'); END"
     )
     outcomes = await complete_all(store, jobs, [numbered_decision(i) for i in range(3)])
-    assert all(isinstance(o, sqlite3.IntegrityError) for o in outcomes), outcomes
-    assert await counts(store) == dict.fromkeys(RECORD_TABLES, 0)
+    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    assert [isinstance(o, Outcome) for o in outcomes] == [True, False, True]
     assert not store._db._conn.in_transaction
-    for job in jobs:
-        row = await store.get_inbound(job.id)
-        assert row is not None
-        assert row["state"] == "active"
-    # The connection is fine afterwards: the next group commits.
-    await store._db.execute("DROP TRIGGER temp.break_commit")
-    outcomes = await complete_all(store, jobs, [numbered_decision(i) for i in range(3)])
+    assert (await counts(store))["tickets"] == 2
+    states = [(await store.get_inbound(j.id) or {}).get("state") for j in jobs]
+    assert states == ["done", "active", "done"]
+
+
+async def test_a_decision_raising_stopiteration_does_not_stop_the_group_writer(
+    store: Store,
+) -> None:
+    """A future cannot hold StopIteration: it fails its own decision as a RuntimeError (as in
+    a coroutine), and the decisions after it, in this group and the next, are written."""
+    jobs = await claim_many(store, 4)
+
+    def empty(_: Applied) -> list[OutboundMail]:
+        return [next(iter([]))]
+
+    decisions = [numbered_decision(i) for i in range(4)]
+    decisions[0] = numbered_decision(0, empty)
+    outcomes = await complete_all(store, jobs[:2], decisions[:2])
+    assert isinstance(outcomes[0], RuntimeError)
+    assert isinstance(outcomes[1], Outcome)
+    outcomes = await complete_all(store, jobs[2:], decisions[2:])
     assert all(isinstance(o, Outcome) for o in outcomes)
+
+
+async def test_a_group_waits_in_the_thread_while_another_process_writes(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tried in the loop's thread first (busy: rolled back whole), then written once in the
+    writer's thread: one ticket each."""
+    jobs = await claim_many(store, 3)
+    hops = Hops(store, monkeypatch)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with hops.measure() as seen:
+            task = asyncio.ensure_future(
+                complete_all(store, jobs, [numbered_decision(i) for i in range(3)])
+            )
+            await asyncio.sleep(0.2)
+            assert not task.done()
+            other.execute("COMMIT")
+            outcomes = await task
+    finally:
+        other.close()
+    assert (seen["inline"], seen["writer"]) == (1, 1)
+    assert sorted(o.ticket for o in outcomes if isinstance(o, Outcome)) == [1, 2, 3]
+    assert (await counts(store))["outbox"] == 3
 
 
 async def test_a_cancelled_worker_s_decision_is_left_out_of_the_group(store: Store) -> None:

@@ -753,7 +753,8 @@ class Store:
         while True:
             await self._completions_event.wait()
             self._completions_event.clear()
-            # A decision whose worker was cancelled meanwhile is not written (its lease lapses).
+            # A decision whose worker was cancelled before its group was taken is not written
+            # (its lease lapses; one taken already is written whole).
             waiting = [item for item in self._completions if not item.future.done()]
             group: list[_Completion] = []
             size = 0
@@ -763,19 +764,24 @@ class Store:
                 group.append(item)
                 size += len(item.job.raw)
             self._completions = waiting[len(group) :]
-            if self._completions:
-                self._completions_event.set()
             if not group:
                 continue
             self._completing = asyncio.get_running_loop().create_future()
             try:
                 await self._complete_group(group)
+            except Exception:  # a defect of ours: its decisions fail, the next groups go on
+                log.exception("writing %d decision(s) failed", len(group))
             finally:
                 self._completing.set_result(None)
                 self._completing = None
-                for item in group:  # only if cancelled (close) half-way: its outcome is unknown
+                for item in group:  # cancelled (close) half-way, or the defect above
                     if not item.future.done():
                         item.future.set_exception(StoreError("store closed during the commit"))
+            if self._completions:
+                # The rest in a later pass of the loop: a group written in the loop's thread
+                # never waits, and back to back they would keep intake waiting.
+                self._completions_event.set()
+                await asyncio.sleep(0)
 
     async def _complete_group(self, group: list[_Completion]) -> None:
         try:
@@ -783,10 +789,13 @@ class Store:
                 functools.partial(self._complete_each, group=group), durable=False, inline=True
             )
         except Exception as exc:  # the transaction failed: none of them is applied
-            for item in group:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            return
+            if len(group) > 1:
+                # Each in a transaction of its own, so that only the decision at fault fails
+                # (and uses up an attempt); a full disk fails each of them, as transient.
+                for item in group:
+                    await self._complete_group([item])
+                return
+            results = [exc]
         for item, result in zip(group, results, strict=True):
             if item.future.done():
                 continue
@@ -813,6 +822,10 @@ class Store:
                     raise
                 db.execute("ROLLBACK TO decision")
                 db.execute("RELEASE decision")
+                if isinstance(exc, StopIteration):  # a future cannot hold one; as a coroutine
+                    wrapped = RuntimeError(f"decision raised {exc!r}")  # would have it
+                    wrapped.__cause__ = exc
+                    exc = wrapped
                 results.append(None if isinstance(exc, _LeaseLost) else exc)
             else:
                 db.execute("RELEASE decision")
