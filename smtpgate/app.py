@@ -160,7 +160,10 @@ class Gateway:
             self._servers.append(smtp)
             sessions = lambda: len(listeners)  # noqa: E731
         self.smtp_port = smtp.sockets[0].getsockname()[1]
-        status = StatusServer(store, self.metrics, sessions, self._intake_running)
+        # Unhealthy once the disk cannot take one more message of the largest size accepted.
+        status = StatusServer(
+            store, self.metrics, sessions, self._intake_running, s.max_message_bytes
+        )
         with _listening("SMTPGATE_HTTP_HOST / SMTPGATE_HTTP_PORT", s.http_host, s.http_port):
             http = await asyncio.start_server(status.handle, host=s.http_host, port=s.http_port)
         self._servers.append(http)

@@ -109,10 +109,31 @@ async def _requeue(
     return 0 if n else 1
 
 
-async def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
+def _no_store(settings: Settings) -> bool:
+    """True, with an error on stderr, when SMTPGATE_DATA_DIR holds no store: not an empty,
+    healthy queue but a mistyped or missing SMTPGATE_DATA_DIR, or serve never ran there. A
+    command that only reads or changes what is queued must not make an empty store there (a
+    backup of it reported success)."""
+    if settings.db_path.exists():
+        return False
+    print(
+        f"smtpgate: SMTPGATE_DATA_DIR: no store at {settings.db_path}"
+        " (serve has not run with this data directory)",
+        file=sys.stderr,
+    )
+    return True
+
+
+async def _with_store(
+    settings: Settings, fn: Callable[[Store], Awaitable[int]], *, create: bool = False
+) -> int:
+    """fn(the store); 1 without calling it when there is no store, unless `create` (serve and
+    the imports, which may run before serve ever did, make one)."""
     from smtpgate.config import make_data_dir
     from smtpgate.store import Store
 
+    if not create and _no_store(settings):
+        return 1
     make_data_dir(settings)
     store = await Store.open(settings.db_path)
     try:
@@ -153,15 +174,6 @@ async def cmd_serve(settings: Settings, rules: Rules, _: argparse.Namespace) -> 
 
 async def cmd_status(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
     # main() answers from smtpgate.status.fast_status when it can; this is the full path.
-    if not settings.db_path.exists():
-        # Not an empty, healthy queue: a mistyped SMTPGATE_DATA_DIR, or serve never ran there.
-        print(
-            f"smtpgate: SMTPGATE_DATA_DIR: no store at {settings.db_path}"
-            " (serve has not run with this data directory)",
-            file=sys.stderr,
-        )
-        return 1
-
     async def run(store: Store) -> int:
         print(render_status(await store.status(), args.json))
         return 0
@@ -210,7 +222,8 @@ async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace
             print(f"note: {guessed}")
         return 0
 
-    return await _with_store(settings, run)
+    # Rules can be tried out before serve ever ran: against an empty directory then.
+    return await _with_store(settings, run, create=True)
 
 
 _RETURN_PATH = re.compile(rb"^Return-Path:[ \t]*<([^<>\r\n]*)>", re.IGNORECASE | re.MULTILINE)
@@ -405,7 +418,7 @@ async def cmd_import(settings: Settings, _: Rules | None, args: argparse.Namespa
         print(f"imported {n} {kind}")
         return 0
 
-    return await _with_store(settings, run)
+    return await _with_store(settings, run, create=True)  # the directory may come first
 
 
 async def cmd_accounts_list(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
@@ -441,14 +454,17 @@ async def cmd_rules(settings: Settings, rules: Rules, args: argparse.Namespace) 
     return 0
 
 
-def _backup_target_problem(target: Path) -> str | None:
+def _backup_target_problem(target: Path, store: Path) -> str | None:
     if target.is_dir():
         return f"{target} is a directory: give the path of the file to write"
+    live = {store.resolve(), *(store.with_name(store.name + x).resolve() for x in ("-wal", "-shm"))}
+    if target.resolve() in live:
+        return f"{target} is the live store itself: give another path"
     return None
 
 
 async def cmd_backup(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
-    problem = _backup_target_problem(Path(args.path))
+    problem = _backup_target_problem(Path(args.path), settings.db_path)
     if problem is not None:
         print(f"smtpgate backup: {problem}", file=sys.stderr)
         return 1

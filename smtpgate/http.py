@@ -102,8 +102,10 @@ class StatusServer:
         metrics: Metrics,
         sessions: Callable[[], int],
         listening: Callable[[], bool] = lambda: True,
+        min_free_bytes: int = 0,
     ) -> None:
         self.store = store
+        self._min_free_bytes = min_free_bytes
         self.metrics = metrics
         self._sessions = sessions
         self._listening = listening
@@ -129,11 +131,17 @@ class StatusServer:
             elif route is None:
                 code, ctype, body = 404, "text/plain", b"not found\n"
             else:
-                code, ctype, body = await route()
+                try:
+                    code, ctype, body = await route()
+                except Exception as exc:  # an answer, not a dropped connection: a scraper or
+                    log.exception("HTTP %s failed", path)  # probe can tell what went wrong
+                    code, ctype = 500, "text/plain"
+                    body = f"internal error ({type(exc).__name__}); see the log\n".encode()
             reason = {
                 200: "OK",
                 404: "Not Found",
                 405: "Method Not Allowed",
+                500: "Internal Server Error",
                 503: "Service Unavailable",
             }
             head = (
@@ -160,13 +168,17 @@ class StatusServer:
         # One probe at a time, shielded: a probe must never be cancelled mid-statement (see
         # Store.can_write); a slow one answers 503 here and finishes in the background.
         if self._probe is None or self._probe.done():
-            self._probe = asyncio.create_task(self.store.can_write(), name="health-probe")
+            self._probe = asyncio.create_task(
+                self.store.can_write(self._min_free_bytes), name="health-probe"
+            )
         try:
             async with asyncio.timeout(self.HEALTH_TIMEOUT):
                 ok = await asyncio.shield(self._probe)
         except TimeoutError:
             ok = False
-        return (200, "text/plain", b"ok\n") if ok else (503, "text/plain", b"store not writable\n")
+        if ok:
+            return 200, "text/plain", b"ok\n"
+        return 503, "text/plain", b"store not writable (or its disk nearly full)\n"
 
     async def status(self) -> tuple[int, str, bytes]:
         body = json.dumps(await self.store.status(), indent=2).encode() + b"\n"

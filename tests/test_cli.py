@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import tomllib
@@ -668,8 +669,17 @@ MISTAKES = {
         "not an outbox id",
     ),
     "backup-to-a-directory": (lambda tmp: (("backup", str(tmp)), {}), 1, "is a directory"),
-    "data-dir-cannot-be-made": (
-        lambda tmp: (("queue", "list"), {"SMTPGATE_DATA_DIR": "/proc/nope"}),
+    "backup-onto-the-store": (
+        lambda tmp: (("backup", str(tmp / "var" / "smtpgate.db-wal")), {}),
+        1,
+        "is the live store itself",
+    ),
+    "queue-without-a-store": (lambda tmp: (("queue", "list"), {}), 1, "no store at"),
+    "data-dir-cannot-be-made": (  # an import makes the store (it may come before serve)
+        lambda tmp: (
+            ("accounts", "import", str(FIXTURES / "accounts.csv")),
+            {"SMTPGATE_DATA_DIR": "/proc/nope"},
+        ),
         2,
         "SMTPGATE_DATA_DIR: cannot create",
     ),
@@ -695,3 +705,58 @@ def test_an_operator_mistake_is_one_clear_line(tmp_path: Path, case: str) -> Non
     assert result.returncode == code, result.stderr
     assert says in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_commands_without_a_store_make_none(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A mistyped SMTPGATE_DATA_DIR (or one a cron job's environment lacks) is not an empty
+    queue: `backup` used to make an empty store there, back it up and report success."""
+    data = tmp_path / "elsewhere"
+    target = tmp_path / "backups" / "nightly.db"
+    for args in (("backup", str(target)), ("queue", "list"), ("outbox", "retry", "--dead")):
+        code, out, err = run_here(monkeypatch, data, *args)
+        assert code == 1, (args, out, err)
+        assert f"no store at {data / 'smtpgate.db'}" in err
+    assert list(data.iterdir()) == []
+    assert not target.parent.exists()
+
+
+def test_a_backup_is_private_and_replaces_the_last_one_whole(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    data = tmp_path / "var"
+    assert run_here(monkeypatch, data, "accounts", "import", str(FIXTURES / "accounts.csv"))[0] == 0
+    target = tmp_path / "backups" / "nightly.db"
+    target.parent.mkdir()
+    target.write_bytes(b"yesterday's backup")
+    target.chmod(0o644)
+    code, out, err = run_here(monkeypatch, data, "backup", str(target))
+    assert "backup written" in out
+    assert code == 0, err
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600  # it holds customer mail
+    assert [p.name for p in target.parent.iterdir()] == ["nightly.db"]  # no part file left
+    with contextlib.closing(sqlite3.connect(target)) as copy:
+        assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert copy.execute("SELECT count(*) FROM accounts").fetchone()[0] > 0
+
+
+def test_a_store_from_a_newer_version_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A downgrade would write rows the newer schema does not expect (or fail every intake):
+    refused at start, naming the variable, and the store is left as it was."""
+    data = tmp_path / "var"
+    assert run_here(monkeypatch, data, "accounts", "import", str(FIXTURES / "accounts.csv"))[0] == 0
+    with contextlib.closing(sqlite3.connect(data / "smtpgate.db")) as db, db:
+        db.execute("INSERT INTO schema_migrations VALUES (999, 'from the future', 'now')")
+    for args in (("queue", "list"), ("serve",)):
+        code, out, err = run_here(
+            monkeypatch, data, *args, env={"SMTPGATE_SMTP_PORT": "0", "SMTPGATE_HTTP_PORT": "0"}
+        )
+        assert code == 2, (args, out, err)
+        assert "SMTPGATE_DATA_DIR: the store was written by a newer smtpgate" in err
+        assert "schema version 999" in err
+        assert "Traceback" not in err
+    with contextlib.closing(sqlite3.connect(data / "smtpgate.db")) as db:
+        assert db.execute("SELECT max(version) FROM schema_migrations").fetchone() == (999,)

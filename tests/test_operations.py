@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -257,6 +258,40 @@ async def test_healthz_is_503_while_the_store_cannot_be_written_and_recovers(
     await relay.wait_for(1)
     code, _, _ = await http_get(gw.http_port, "/healthz")
     assert code == 200
+
+
+async def test_healthz_is_503_when_the_disk_cannot_take_one_more_largest_message(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    """A full disk does not fail the probe's transaction (it changes no byte, so writes no
+    page): the free space is checked against SMTPGATE_MAX_MESSAGE_BYTES."""
+    free = shutil.disk_usage(tmp_path).free
+    gw = await gateway_factory(max_message_bytes=free * 2)  # more than the disk has left
+    code, _, body = await http_get(gw.http_port, "/healthz")
+    assert (code, body) == (503, b"store not writable (or its disk nearly full)\n")
+    # (With the default size, the other /healthz tests get 200 from the same disk.)
+
+
+async def test_a_failing_route_answers_500_and_the_next_request_is_served(
+    gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It used to close the connection without a word: a scraper saw a reset."""
+    gw = await gateway_factory()
+    assert gw.store is not None
+    other = sqlite3.connect(gw.store.path, isolation_level=None)
+    try:
+        other.execute("ALTER TABLE inbound RENAME TO inbound_gone")  # the status query fails
+        with caplog.at_level(logging.ERROR, logger="smtpgate.http"):
+            code, _, body = await http_get(gw.http_port, "/status")
+        assert code == 500
+        assert body == b"internal error (OperationalError); see the log\n"
+        assert "HTTP /status failed" in caplog.text
+    finally:
+        other.execute("ALTER TABLE inbound_gone RENAME TO inbound")
+        other.close()
+    code, _, body = await http_get(gw.http_port, "/status")
+    assert code == 200
+    assert json.loads(body)["inbound"] is not None
 
 
 async def test_status_is_the_same_json_as_the_status_command(

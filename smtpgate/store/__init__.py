@@ -23,8 +23,10 @@ import functools
 import inspect
 import json
 import logging
+import os
 import secrets
 import sqlite3
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -1344,19 +1346,27 @@ class Store:
         ) as cur:
             return [dict(r) for r in await cur.fetchall()]
 
-    async def can_write(self) -> bool:
-        """Health probe: a write transaction can be begun and committed.
+    async def can_write(self, min_free_bytes: int = 0) -> bool:
+        """Health probe: the disk has `min_free_bytes` free for the store, and a write
+        transaction can be begun and committed.
 
         Bounded by the connection's busy_timeout; the HTTP endpoint answers 503 sooner and lets
-        the probe finish in the background, so probes never pile up on the write lock.
+        the probe finish in the background, so probes never pile up on the write lock. (The
+        transaction changes no byte, so it writes no page: a full disk shows in the free space
+        only.)
         """
+
+        def probe(db: sqlite3.Connection) -> bool:
+            disk = os.statvfs(self.path.parent)
+            if disk.f_bavail * disk.f_frsize < min_free_bytes:
+                return False
+            db.execute("UPDATE queue_counts SET n = n WHERE tbl = 'health'")
+            return True
+
         try:
-            await self._write(
-                lambda db: db.execute("UPDATE queue_counts SET n = n WHERE tbl = 'health'")
-            )
-        except sqlite3.Error:
+            return await self._write(probe)
+        except (sqlite3.Error, OSError):
             return False
-        return True
 
     # --- imports (operators) -----------------------------------------------------------------
 
@@ -1468,10 +1478,38 @@ class Store:
         return await self._write(drop)
 
     async def backup(self, target: Path) -> None:
-        """A consistent online copy of the store (SQLite backup API)."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        async with aiosqlite.connect(target) as dest:
-            await self._reader.backup(dest)
+        """A consistent online copy of the store (SQLite backup API).
+
+        Written to a new file beside the target, readable by its owner only (it holds customer
+        mail), fsynced, then renamed over the target: an interrupted backup or a full disk never
+        leaves a partial file under the target's name, nor destroys the backup there."""
+        part = await asyncio.to_thread(_new_private_file, target)
+        try:
+            async with aiosqlite.connect(part) as dest:
+                await self._reader.backup(dest)
+            await asyncio.to_thread(_fsync_and_rename, part, target)
+        except BaseException:
+            await asyncio.to_thread(part.unlink, missing_ok=True)
+            raise
+
+
+def _new_private_file(target: Path) -> Path:
+    """An empty file beside `target`, mode 0600 (tempfile.mkstemp)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def _fsync_and_rename(part: Path, target: Path) -> None:
+    with part.open("rb") as f:
+        os.fsync(f.fileno())
+    part.replace(target)
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _insert_intake(

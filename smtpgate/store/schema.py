@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import aiosqlite
 
+from smtpgate.config import ConfigError
+
 
 def _account_keys_in_nfc(db: sqlite3.Connection) -> None:
     """Keys are compared in Unicode NFC since this version: compose the non-ASCII keys stored
@@ -369,6 +371,15 @@ async def migrate(db: aiosqlite.Connection) -> int:
     async with db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations") as cur:
         row = await cur.fetchone()
     current = int(row[0]) if row else 0
+    known = MIGRATIONS[-1][0]
+    if current > known:
+        # An older smtpgate on a newer store (a downgrade, or two versions side by side) would
+        # write rows the newer schema does not expect, or fail on every intake.
+        raise ConfigError(
+            f"SMTPGATE_DATA_DIR: the store was written by a newer smtpgate (schema version"
+            f" {current}; this version knows up to {known}): run that version, or restore a"
+            " backup made with this one"
+        )
     for version, name, step in MIGRATIONS:
         if version <= current:
             continue
