@@ -726,7 +726,8 @@ class Store:
         deciding in the same pass of the event loop) share one transaction, each in its own
         savepoint: a commit costs ~150 µs of CPU in the loop's thread whatever it holds, and
         shared pages (the queue's, the indexes') are written once. One decision's failure rolls
-        back its savepoint only; a failed commit fails them all, and nothing of them is kept.
+        back its savepoint only; when the whole transaction fails, nothing of it is kept and
+        its decisions are written again one by one (`_complete_group`).
         """
         if len(job.raw) > INLINE_MAX_BYTES:  # alone, in the writer's thread
             try:
@@ -778,7 +779,9 @@ class Store:
                 self._completing = None
                 for item in group:  # cancelled (close) half-way, or the defect above
                     if not item.future.done():
-                        item.future.set_exception(StoreError("store closed during the commit"))
+                        item.future.set_exception(
+                            StoreError("the decision's transaction did not finish")
+                        )
             if self._completions:
                 # The rest in a later pass of the loop: a group written in the loop's thread
                 # never waits, and back to back they would keep intake waiting.
