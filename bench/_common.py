@@ -217,6 +217,27 @@ def gateway_env(
     return env
 
 
+_CREATE_STORE = """
+import asyncio, sys
+from pathlib import Path
+from smtpgate.store import Store
+
+async def main() -> None:
+    store = await Store.open(Path(sys.argv[1]))
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+def create_store(data: Path) -> Path:
+    """A new, migrated store in the data directory `data`, as serve makes at start (the queue
+    verbs refuse a directory without one, and status only reads); returns its path."""
+    db = data / "smtpgate.db"
+    subprocess.run([PYTHON, "-c", _CREATE_STORE, str(db)], cwd=ROOT, timeout=120, check=True)
+    return db
+
+
 def smtpgate_cli(args: Sequence[str], env: dict[str, str], timeout: float = 120) -> str:
     done = subprocess.run(
         [PYTHON, "-m", "smtpgate", *args],

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from _common import (
     Table,
+    create_store,
     free_port,
     gateway_env,
     have_uvloop,
@@ -27,7 +28,6 @@ from _common import (
     median,
     queue_counts,
     smtp_sink,
-    smtpgate_cli,
     start_gateway,
     tool,
     wait_for,
@@ -73,7 +73,7 @@ def run_round(
     sink, sink_port = smtp_sink(work)
     data = work / f"relay-{loop}-{connections}-{rnd}"
     env = gateway_env(data, free_port(), sink_port, relay_connections=str(connections))
-    smtpgate_cli(["queue", "list"], env)  # creates and migrates the store (status reads only)
+    create_store(data)
     db = data / "smtpgate.db"
     fill_outbox(db, args.messages, args.size)
     wait_quiet()
