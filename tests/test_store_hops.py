@@ -126,6 +126,11 @@ async def counts(store: Store) -> dict[str, int]:
     return out
 
 
+async def states(store: Store, jobs: list[Job]) -> list[str | None]:
+    """Each job's message's queue state (None: no such message)."""
+    return [(await store.get_inbound(job.id) or {}).get("state") for job in jobs]
+
+
 def ticket_decision(mails: Callable[[Applied], list[OutboundMail]] | None = None) -> Decision:
     """A ticket, its note, a Message-ID link and (by default) one forward: rows in every table."""
 
@@ -550,9 +555,7 @@ async def test_a_lost_lease_rolls_back_the_whole_decision(store: Store) -> None:
 
     assert outcome is None
     assert await counts(store) == before == dict.fromkeys(RECORD_TABLES, 0)
-    row = await store.get_inbound(fresh.id)
-    assert row is not None
-    assert row["state"] == "active"
+    assert await states(store, [fresh]) == ["active"]
     outcome = await complete_ticket(store, fresh)
     assert outcome is not None
     assert outcome.ticket == 1
@@ -570,9 +573,7 @@ async def test_an_exception_mid_transaction_leaves_no_partial_rows(store: Store)
         await complete_ticket(store, job, mails)
     assert await counts(store) == dict.fromkeys(RECORD_TABLES, 0)
     assert not store._db._conn.in_transaction
-    row = await store.get_inbound(job.id)
-    assert row is not None
-    assert row["state"] == "active"
+    assert await states(store, [job]) == ["active"]
 
     # An SQLite error half-way (the outbox insert) is raised as itself, and rolls back as well.
     await store._db.execute(
@@ -616,9 +617,7 @@ async def test_a_decision_cancelled_mid_transaction_commits_whole_and_holds_the_
     assert not store._write_lock.locked()
     # It had begun, so it finished: committed whole (the message is done, not half-applied).
     assert await counts(store) == {**dict.fromkeys(RECORD_TABLES, 1), "auto_mail_log": 0}
-    row = await store.get_inbound(job.id)
-    assert row is not None
-    assert row["state"] == "done"
+    assert await states(store, [job]) == ["done"]
 
 
 async def test_explain_rolls_back_in_one_hop(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -691,10 +690,7 @@ async def test_decisions_ready_together_share_one_transaction(
         "message_links": 12,  # the alert's and the forward's Message-ID
         "auto_mail_log": 0,
     }
-    for job in jobs:
-        row = await store.get_inbound(job.id)
-        assert row is not None
-        assert row["state"] == "done"
+    assert await states(store, jobs) == ["done"] * len(jobs)
 
 
 async def test_a_group_holds_at_most_a_mebibyte_of_messages(
@@ -708,10 +704,7 @@ async def test_a_group_holds_at_most_a_mebibyte_of_messages(
         outcomes = await complete_all(store, jobs, [numbered_decision(i) for i in range(5)])
     assert all(isinstance(o, Outcome) for o in outcomes)
     assert seen["inline"] == 3  # 2 + 2 + 1
-    for job in jobs:
-        row = await store.get_inbound(job.id)
-        assert row is not None
-        assert row["state"] == "done"
+    assert await states(store, jobs) == ["done"] * len(jobs)
 
 
 async def test_groups_written_back_to_back_let_the_loop_run_between_them(
@@ -775,8 +768,7 @@ async def test_one_failed_decision_in_a_group_rolls_back_alone(store: Store) -> 
     }
     rows = await store._reader.execute_fetchall("SELECT message_id FROM message_links")
     assert {r[0] for r in rows} == {"<a0@x>", "<f0@x>", "<a4@x>", "<f4@x>"}
-    states = [(await store.get_inbound(j.id) or {}).get("state") for j in jobs]
-    assert states == ["done", "active", "active", "active", "done"]
+    assert await states(store, jobs) == ["done", "active", "active", "active", "done"]
 
 
 async def test_an_error_that_ends_the_transaction_fails_only_its_own_decision(
@@ -795,8 +787,7 @@ async def test_an_error_that_ends_the_transaction_fails_only_its_own_decision(
     assert [isinstance(o, Outcome) for o in outcomes] == [True, False, True]
     assert not store._db._conn.in_transaction
     assert (await counts(store))["tickets"] == 2
-    states = [(await store.get_inbound(j.id) or {}).get("state") for j in jobs]
-    assert states == ["done", "active", "done"]
+    assert await states(store, jobs) == ["done", "active", "done"]
 
 
 async def test_a_decision_raising_stopiteration_does_not_stop_the_group_writer(
@@ -861,9 +852,7 @@ async def test_a_cancelled_worker_s_decision_is_left_out_of_the_group(store: Sto
     with pytest.raises(asyncio.CancelledError):
         await gone
     assert (await counts(store))["tickets"] == 1
-    row = await store.get_inbound(jobs[1].id)
-    assert row is not None
-    assert row["state"] == "active"  # its lease lapses; processed again then
+    assert await states(store, jobs[1:]) == ["active"]  # its lease lapses; processed again then
 
 
 async def test_close_lets_the_group_being_written_finish(store: Store) -> None:
