@@ -41,7 +41,8 @@ class Received:
 
 @dataclass
 class RecordingRelay:
-    """An upstream relay that records what it accepts; `fail_with` makes it refuse DATA."""
+    """An upstream relay that records what it accepts; `fail_with` makes it refuse DATA. It
+    offers PIPELINING, as Postfix and Exchange do (tests/test_relay.py covers relays without)."""
 
     messages: list[Received] = field(default_factory=list)
     fail_with: str | None = None  # e.g. "451 4.3.0 try later" or "554 5.0.0 no"
@@ -49,6 +50,17 @@ class RecordingRelay:
     attempts: int = 0
     port: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:1], "250-PIPELINING", *responses[1:]]
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.attempts += 1

@@ -32,6 +32,18 @@ class Relay:
     refuse: dict[str, str] = field(default_factory=dict)
     commands: list[str] = field(default_factory=list)
     port: int = 0
+    pipelining: bool = False  # offer PIPELINING (RFC 2920), as Postfix does
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:1], "250-PIPELINING", *responses[1:]] if self.pipelining else responses
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -67,9 +79,9 @@ class Relay:
         return "250 2.0.0 queued as R1"
 
 
-@pytest.fixture
-async def relay() -> AsyncIterator[Relay]:
-    recorder = Relay()
+@pytest.fixture(params=[False, True], ids=["lockstep", "pipelining"])
+async def relay(request: pytest.FixtureRequest) -> AsyncIterator[Relay]:
+    recorder = Relay(pipelining=request.param)
     async with serving(recorder, hostname="relay.test", enable_SMTPUTF8=True) as port:
         recorder.port = port
         yield recorder
@@ -116,22 +128,23 @@ async def test_the_data_and_its_end_dot_go_in_one_write_up_to_64_kib(
     """One send() less per mail; a big one is not copied just to append the dot."""
     await client.send("gw@localhost", ("support@msp.example",), b"Subject: first\r\n\r\nx\r\n")
     assert client._smtp is not None
-    assert client._smtp.protocol is not None
-    protocol = client._smtp.protocol
+    assert client._smtp.transport is not None
+    transport = client._smtp.transport
     written: list[bytes] = []
-    write = protocol.write
+    write = transport.write
 
     def spy(data: bytes) -> None:
         written.append(data)
         write(data)
 
-    monkeypatch.setattr(protocol, "write", spy)
+    monkeypatch.setattr(transport, "write", spy)
     data = data_of(size)
     assert len(data) == size
     await client.send("gw@localhost", ("support@msp.example",), data)
     assert relay.got[-1].data == data
-    assert b"".join(written[3:]) == data + b".\r\n"
-    assert len(written) == 3 + writes  # MAIL, RCPT, DATA, then the data
+    commands = 1 if relay.pipelining else 3  # MAIL, RCPT, DATA: together or one by one
+    assert b"".join(written[commands:]) == data + b".\r\n"
+    assert len(written) == commands + writes
 
 
 @pytest.mark.parametrize(
@@ -403,3 +416,155 @@ async def test_no_reply_to_the_end_of_data_in_time_is_a_transient_failure(
         await client.close()
     assert caught.value.permanent is False
     assert "Timed out" in str(caught.value)
+
+
+class PipeliningRelay:
+    """A relay that offers PIPELINING and answers as Postfix does: the replies to MAIL and RCPT
+    wait until DATA, then all of them leave in one write (a client that waited for the reply to
+    MAIL before sending RCPT would wait for ever). `replies` overrides a command's reply, by
+    "MAIL", an address, or "DATA"; `hang_up_after` closes the connection after that command."""
+
+    def __init__(self) -> None:
+        self.replies: dict[str, bytes] = {}
+        self.hang_up_after: str | None = None
+        self.queued: list[bytes] = []
+        self.connections = 0
+        self.ended_without_dot = 0
+        self.port = 0
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.write(b"220 pipe.test\r\n")
+        held: list[bytes] = []
+        try:
+            while line := await reader.readline():
+                word = line[:4].upper()
+                if word == b"EHLO":
+                    writer.write(b"250-pipe.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+                elif word == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    return
+                elif word in (b"MAIL", b"RCPT"):
+                    key = "MAIL" if word == b"MAIL" else line[9:-3].decode()
+                    held.append(self.replies.get(key, b"250 ok\r\n"))
+                    if self.hang_up_after == key:
+                        writer.write(b"".join(held))
+                        return
+                elif word == b"DATA":
+                    reply = self.replies.get("DATA", b"354 go on\r\n")
+                    writer.write(b"".join(held) + reply)
+                    held = []
+                    if reply.startswith(b"354"):
+                        data = await reader.readuntil(b"\r\n.\r\n")
+                        self.queued.append(data[: -len(b".\r\n")])
+                        writer.write(b"250 queued\r\n")
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            self.ended_without_dot += 1
+        except ConnectionError:
+            self.ended_without_dot += 1
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def pipe_relay() -> AsyncIterator[PipeliningRelay]:
+    relay = PipeliningRelay()
+    server = await asyncio.start_server(relay.session, "127.0.0.1", 0)
+    relay.port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield relay
+
+
+@pytest.fixture
+async def pipe_client(tmp_path: Path, pipe_relay: PipeliningRelay) -> AsyncIterator[RelayClient]:
+    c = RelayClient(make_settings(tmp_path, pipe_relay.port, relay_timeout=3))
+    yield c
+    await c.close()
+
+
+async def test_replies_that_arrive_together_are_all_read(
+    pipe_client: RelayClient, pipe_relay: PipeliningRelay
+) -> None:
+    """aiosmtplib keeps one reply per command: the replies to MAIL, RCPT and DATA arriving in
+    one piece would have lost two of them, and the send would have waited for ever."""
+    for i in range(3):
+        await pipe_client.send(
+            "gw@localhost", ("a@msp.example", "b@msp.example"), BODY + b"%d\r\n" % i
+        )
+    assert pipe_relay.queued == [
+        BODY.replace(b"\r\n.", b"\r\n..") + b"%d\r\n" % i for i in range(3)
+    ]
+    assert pipe_relay.connections == 1
+
+
+async def test_multi_line_replies_in_a_group_are_read_whole(
+    pipe_client: RelayClient, pipe_relay: PipeliningRelay
+) -> None:
+    pipe_relay.replies = {
+        "MAIL": b"250-sender\r\n250 ok\r\n",
+        "a@msp.example": b"550-5.1.1 no such\r\n550 5.1.1 user\r\n",
+        "DATA": b"354-go\r\n354 on\r\n",
+    }
+    assert await pipe_client.send("gw@localhost", ("a@msp.example", "b@msp.example"), BODY)
+    assert len(pipe_relay.queued) == 1
+    pipe_relay.replies = {"b@msp.example": b"550-5.1.1 no such\r\n550 5.1.1 user\r\n"}
+    with pytest.raises(DeliveryError) as caught:  # the reply to RCPT, not a line of it
+        await pipe_client.send("gw@localhost", ("b@msp.example",), BODY)
+    assert caught.value.permanent is True
+    assert r"5.1.1 no such\n5.1.1 user" in str(caught.value)  # both lines, one reply
+
+
+@pytest.mark.parametrize(
+    ("replies", "permanent"),
+    [
+        ({"MAIL": b"553 5.1.8 bad sender\r\n", "a@msp.example": b"503 5.5.1 no MAIL\r\n"}, True),
+        ({"MAIL": b"451 4.3.0 busy\r\n", "DATA": b"503 5.5.1 no valid recipients\r\n"}, False),
+        ({"a@msp.example": b"550 5.1.1 no such user\r\n"}, True),  # and DATA answered 354
+        ({"a@msp.example": b"450 4.2.1 later\r\n"}, False),  # and DATA answered 354
+        ({"DATA": b"452 4.3.1 full\r\n"}, False),
+    ],
+)
+async def test_a_refused_group_sends_no_data_and_the_next_mail_goes(
+    pipe_client: RelayClient,
+    pipe_relay: PipeliningRelay,
+    replies: dict[str, bytes],
+    permanent: bool,
+) -> None:
+    """A relay that answers DATA with 354 after refusing every recipient waits for data: an
+    end-of-data dot could queue an empty mail, so the connection is reset instead."""
+    pipe_relay.replies = replies
+    with pytest.raises(DeliveryError) as caught:
+        await pipe_client.send("gw@localhost", ("a@msp.example",), BODY)
+    assert caught.value.permanent is permanent
+    pipe_relay.replies = {}
+    await pipe_client.send("gw@localhost", ("a@msp.example",), BODY + b"next\r\n")
+    assert pipe_relay.queued == [BODY.replace(b"\r\n.", b"\r\n..") + b"next\r\n"]
+
+
+async def test_a_reply_that_is_not_smtp_is_a_transient_failure(
+    pipe_client: RelayClient, pipe_relay: PipeliningRelay
+) -> None:
+    pipe_relay.replies = {"MAIL": b"hello there\r\n"}
+    with pytest.raises(DeliveryError) as caught:
+        await pipe_client.send("gw@localhost", ("a@msp.example",), BODY)
+    assert caught.value.permanent is False
+    assert "Malformed" in str(caught.value)
+    pipe_relay.replies = {}
+    await pipe_client.send("gw@localhost", ("a@msp.example",), BODY)
+    assert len(pipe_relay.queued) == 1
+
+
+async def test_a_relay_that_hangs_up_in_a_group_is_a_transient_failure(
+    pipe_client: RelayClient, pipe_relay: PipeliningRelay
+) -> None:
+    pipe_relay.hang_up_after = "MAIL"
+    with pytest.raises(DeliveryError) as caught:
+        await pipe_client.send("gw@localhost", ("a@msp.example",), BODY)
+    assert caught.value.permanent is False
+    pipe_relay.hang_up_after = None
+    await pipe_client.send("gw@localhost", ("a@msp.example",), BODY)
+    assert len(pipe_relay.queued) == 1
+    assert pipe_relay.connections == 2
