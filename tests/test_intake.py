@@ -7,15 +7,20 @@ the recording relay, the SQLite file; `smtpgate serve` as a subprocess for the p
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
+import socket
 import sqlite3
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from smtpgate import app
+from smtpgate import app, intake
+from smtpgate.model import Envelope
 from tests.conftest import (
     GatewayFactory,
     RecordingRelay,
@@ -227,3 +232,55 @@ async def test_a_large_message_reaches_the_store_byte_for_byte(
     received, _, rest = bytes(raw).partition(b"\r\n\t")  # our Received: header first
     assert received.startswith(b"Received: from ")
     assert rest.split(b"\r\n", 2)[2] == data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+@contextlib.asynccontextmanager
+async def channel_pair() -> AsyncIterator[
+    tuple[asyncio.StreamWriter, asyncio.StreamReader, list[bytes]]
+]:
+    """A writer over a socket pair (its writes recorded) and a reader of the other end."""
+    ours, theirs = socket.socketpair()
+    _, writer = await asyncio.open_unix_connection(sock=ours)
+    reader, peer = await asyncio.open_unix_connection(sock=theirs)
+    transport = writer.transport
+    writes: list[bytes] = []
+    write = transport.write
+
+    def spy(data: bytes | bytearray | memoryview) -> None:
+        writes.append(bytes(data))
+        write(data)
+
+    transport.write = spy  # type: ignore[method-assign]
+    try:
+        yield writer, reader, writes
+    finally:
+        writer.close()
+        peer.close()
+
+
+async def test_the_answers_to_one_group_commit_leave_in_one_write() -> None:
+    async with channel_pair() as (writer, reader, writes):
+        child = intake._Child(0)
+        child.channel = writer
+        for qid in (b"a", b"b", b"c"):
+            child.answer(b'{"ok": "%s"}\n' % qid)
+        await asyncio.sleep(0)
+        assert writes == [b'{"ok": "a"}\n{"ok": "b"}\n{"ok": "c"}\n']
+        assert [await reader.readline() for _ in range(3)] == writes[0].splitlines(keepends=True)
+
+
+@pytest.mark.parametrize(("size", "count"), [(2048, 1), (64 * 1024, 1), (64 * 1024 + 1, 2)])
+async def test_a_message_goes_to_the_parent_with_its_frame_in_one_write_up_to_64_kib(
+    size: int, count: int
+) -> None:
+    async with channel_pair() as (writer, reader, writes):
+        queue = intake._ParentQueue(writer)
+        raw = b"x" * size
+        envelope = Envelope("127.0.0.1", "client.test", "a@example.org", ("support@example.net",))
+        sending = asyncio.create_task(queue.enqueue(envelope, raw, "<m@example.org>", "QID1"))
+        frame = json.loads(await reader.readline())
+        assert frame["enqueue"] == "QID1"
+        assert await reader.readexactly(frame["size"]) == raw
+        queue.answered({"ok": "QID1"})
+        await sending
+        assert len(writes) == count
