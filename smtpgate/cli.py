@@ -22,7 +22,7 @@ from smtpgate.status import fast_status, render_status
 # `smtpgate status` is polled by monitoring and answers without them (see smtpgate/status.py).
 if TYPE_CHECKING:
     from smtpgate.config import Rules, Settings
-    from smtpgate.store import Store
+    from smtpgate.store import SchemaMode, Store
 
 log = logging.getLogger("smtpgate")
 
@@ -125,17 +125,24 @@ def _no_store(settings: Settings) -> bool:
 
 
 async def _with_store(
-    settings: Settings, fn: Callable[[Store], Awaitable[int]], *, create: bool = False
+    settings: Settings,
+    fn: Callable[[Store], Awaitable[int]],
+    *,
+    create: bool = False,
+    any_schema: bool = False,
 ) -> int:
-    """fn(the store); 1 without calling it when there is no store, unless `create` (serve and
-    the imports, which may run before serve ever did, make one)."""
+    """fn(the store); 1 without calling it when there is no store, unless `create` (the
+    imports, which may run before serve ever did, make one). Only `serve` migrates an existing
+    store: these commands refuse one that needs it (exit 2), except with `any_schema`."""
     from smtpgate.config import make_data_dir
     from smtpgate.store import Store
 
+    exists = settings.db_path.exists()
     if not create and _no_store(settings):
         return 1
     make_data_dir(settings)
-    store = await Store.open(settings.db_path)
+    schema: SchemaMode = "any" if any_schema else "current" if exists else "upgrade"
+    store = await Store.open(settings.db_path, schema=schema)
     try:
         return await fn(store)
     finally:
@@ -222,8 +229,25 @@ async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace
             print(f"note: {guessed}")
         return 0
 
-    # Rules can be tried out before serve ever ran: against an empty directory then.
-    return await _with_store(settings, run, create=True)
+    if settings.db_path.exists():
+        return await _with_store(settings, run)
+    # Rules can be tried out before serve ever ran: against an empty directory then, in a
+    # store of its own that is thrown away (a mistyped SMTPGATE_DATA_DIR gets no store).
+    import tempfile
+
+    from smtpgate.store import Store
+
+    print(
+        f"smtpgate explain: no store at {settings.db_path} (SMTPGATE_DATA_DIR): explained"
+        " against an empty directory, without accounts, contacts or tickets",
+        file=sys.stderr,
+    )
+    with tempfile.TemporaryDirectory(prefix="smtpgate-explain-") as scratch:
+        store = await Store.open(Path(scratch) / "smtpgate.db")
+        try:
+            return await run(store)
+        finally:
+            await store.close()
 
 
 _RETURN_PATH = re.compile(rb"^Return-Path:[ \t]*<([^<>\r\n]*)>", re.IGNORECASE | re.MULTILINE)
@@ -474,7 +498,9 @@ async def cmd_backup(settings: Settings, _: Rules | None, args: argparse.Namespa
         print(f"backup written to {args.path}")
         return 0
 
-    return await _with_store(settings, run)
+    # A copy whatever its schema: a backup timer keeps working between an upgrade's install
+    # and the restart of serve, and before a downgrade.
+    return await _with_store(settings, run, any_schema=True)
 
 
 # --- parser --------------------------------------------------------------------------------------

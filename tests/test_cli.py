@@ -760,3 +760,76 @@ def test_a_store_from_a_newer_version_is_refused(
         assert "Traceback" not in err
     with contextlib.closing(sqlite3.connect(data / "smtpgate.db")) as db:
         assert db.execute("SELECT max(version) FROM schema_migrations").fetchone() == (999,)
+
+
+def as_an_older_version_left_it(data: Path) -> None:
+    """The store as the version before the last migration wrote it."""
+    version, _, step = MIGRATIONS[-1]  # update this helper when a migration is added
+    assert version == 6
+    assert "updated_by" in str(step)
+    with contextlib.closing(sqlite3.connect(data / "smtpgate.db")) as db, db:
+        db.execute("DELETE FROM schema_migrations WHERE version = 6")
+        db.execute("ALTER TABLE history DROP COLUMN updated_by")
+
+
+def schema_version(data: Path) -> int:
+    with contextlib.closing(sqlite3.connect(data / "smtpgate.db")) as db:
+        return int(db.execute("SELECT max(version) FROM schema_migrations").fetchone()[0])
+
+
+def test_only_serve_upgrades_the_store_and_a_backup_works_before_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every command migrated the store it opened: a backup timer that ran between `pip install
+    -U` and the restart changed the schema under the old serve, which still wrote the old way.
+    Commands now refuse a store that needs a migration (naming the variable and the way out);
+    a backup copies it as it is; serve upgrades it."""
+    data = tmp_path / "var"
+    assert run_here(monkeypatch, data, "accounts", "import", str(FIXTURES / "accounts.csv"))[0] == 0
+    as_an_older_version_left_it(data)
+    old = MIGRATIONS[-1][0] - 1
+    for args in (
+        ("queue", "list"),
+        ("outbox", "list"),
+        ("tickets", "list"),
+        ("accounts", "list"),
+        ("accounts", "import", str(FIXTURES / "accounts.csv")),
+        ("explain", str(FIXTURES / "01-alert-ticket.eml")),
+    ):
+        code, out, err = run_here(monkeypatch, data, *args)
+        assert code == 2, (args, out, err)
+        assert f"SMTPGATE_DATA_DIR: the store has schema version {old}" in err
+        assert "restart `smtpgate serve`" in err
+        assert "Traceback" not in err
+        assert schema_version(data) == old
+    code, out, err = run_here(monkeypatch, data, "backup", str(tmp_path / "before-upgrade.db"))
+    assert code == 0, err
+    assert schema_version(data) == old
+    with contextlib.closing(sqlite3.connect(tmp_path / "before-upgrade.db")) as copy:
+        assert copy.execute("SELECT count(*) FROM accounts").fetchone()[0] > 0
+    # serve upgrades (start-up fails later on purpose: the port is taken)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {"SMTPGATE_SMTP_PORT": str(taken.getsockname()[1]), "SMTPGATE_HTTP_PORT": "0"}
+        code, out, err = run_here(monkeypatch, data, "serve", env=env)
+    assert code != 0
+    assert schema_version(data) == MIGRATIONS[-1][0]
+    assert run_here(monkeypatch, data, "queue", "list")[0] == 0
+
+
+def test_explain_without_a_store_makes_none(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A mistyped SMTPGATE_DATA_DIR got an empty store, and explain answered against it without
+    a word. It still explains (rules can be tried before serve ever ran), says so, and leaves
+    no store behind."""
+    data = tmp_path / "typo"
+    code, out, err = run_here(
+        monkeypatch, data, "explain", str(FIXTURES / "03-alert-unknown-site.eml")
+    )
+    assert code == 0, err
+    assert "action:" in out
+    assert "no store at" in err
+    assert "explained against an empty directory" in err
+    assert list(data.iterdir()) == []

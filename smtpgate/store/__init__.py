@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mappi
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import aiosqlite
 
@@ -279,6 +279,10 @@ class _Intake:
     future: asyncio.Future[None]
 
 
+# How Store.open treats the schema: see its docstring.
+SchemaMode = Literal["upgrade", "current", "any"]
+
+
 def new_queue_id() -> str:
     """Sortable queue id: milliseconds since the epoch in base 36 plus 6 random characters."""
     ms = int(time.time() * 1000)
@@ -354,14 +358,20 @@ class Store:
         self.intake_committed_at = 0.0  # time.monotonic() of the last intake commit
 
     @classmethod
-    async def open(cls, path: Path, *, busy_timeout: float = 5.0) -> Store:
+    async def open(
+        cls, path: Path, *, busy_timeout: float = 5.0, schema: SchemaMode = "upgrade"
+    ) -> Store:
+        """`schema`: "upgrade" applies pending migrations (serve, a new store); "current"
+        refuses a store that needs one (ConfigError); "any" takes the schema as it is (backup).
+        A store written by a newer version is refused unless "any"."""
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = await _connect(path, busy_timeout, any_thread=True)
         reader: aiosqlite.Connection | None = None
         try:
             await writer.execute("PRAGMA journal_mode = WAL")
             await writer.execute("PRAGMA wal_autocheckpoint = 0")  # see CHECKPOINT_COMMITS
-            await migrate(writer)
+            if schema != "any":
+                await migrate(writer, apply=schema == "upgrade")
             reader = await _connect(path, busy_timeout)
             return cls(path, writer, reader, _connect_lookups(path), busy_timeout)
         except BaseException:

@@ -362,8 +362,13 @@ MIGRATIONS: list[tuple[int, str, str | Callable[[sqlite3.Connection], None]]] = 
 ]
 
 
-async def migrate(db: aiosqlite.Connection) -> int:
-    """Apply pending migrations in order, each in its own transaction; return the version."""
+async def migrate(db: aiosqlite.Connection, *, apply: bool = True) -> int:
+    """Apply pending migrations in order, each in its own transaction; return the version.
+
+    With `apply` False, a store that needs a migration is refused instead: only `serve` (and a
+    command that makes a new store) migrates. A backup timer or an operator's command run
+    between installing a new version and restarting `serve` would otherwise change the schema
+    under the old `serve`, which still writes the old way."""
     await db.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations "
         "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
@@ -372,6 +377,12 @@ async def migrate(db: aiosqlite.Connection) -> int:
         row = await cur.fetchone()
     current = int(row[0]) if row else 0
     known = MIGRATIONS[-1][0]
+    if 0 < current < known and not apply:  # 0: an empty file, no schema to write the old way
+        raise ConfigError(
+            f"SMTPGATE_DATA_DIR: the store has schema version {current} and this smtpgate needs"
+            f" {known}: restart `smtpgate serve` with this version (it upgrades the store at"
+            " start), then run this command again"
+        )
     if current > known:
         # An older smtpgate on a newer store (a downgrade, or two versions side by side) would
         # write rows the newer schema does not expect, or fail on every intake.
