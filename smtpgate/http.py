@@ -90,11 +90,54 @@ class Metrics:
 Route = Callable[[], Awaitable[tuple[int, str, bytes]]]
 
 
+class _HeadTooLarge(Exception):
+    pass
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    """The request line and headers, up to the empty line that ends them (CRLF or a bare LF:
+    a hand-typed or sloppy request is answered at once instead of after the timeout)."""
+    size = 0
+    first = b""
+    while True:
+        try:
+            line = await reader.readline()
+        except ValueError:  # a line longer than the stream's limit (64 KiB)
+            raise _HeadTooLarge from None
+        if not line.endswith(b"\n"):
+            raise asyncio.IncompleteReadError(line, None)  # the client hung up mid-request
+        size += len(line)
+        if size > StatusServer.MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+        if line in (b"\r\n", b"\n"):
+            return first
+        first = first or line
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """After an answer given before the request was read whole: closing with unread bytes
+    would reset the connection, and the client could lose the answer with it. Our side ends
+    first (the client reads the answer, then EOF); what it still sends is read and dropped,
+    for a second at most."""
+    writer.write_eof()
+    with contextlib.suppress(TimeoutError, ConnectionError, ValueError):
+        async with asyncio.timeout(1.0):
+            for _ in range(64):  # 64 reads of up to 64 KiB
+                if not await reader.read(65536):
+                    break
+
+
 class StatusServer:
     """Serves the routes; every response closes the connection (no keep-alive to manage)."""
 
     # /healthz answers within this many seconds even while the store is locked.
     HEALTH_TIMEOUT = 3.0
+    # A request's line and headers; beyond: 431. Each request has REQUEST_TIMEOUT seconds to
+    # arrive. Connections beyond MAX_CONNECTIONS get 503 at once: a client that opens many and
+    # sends nothing cannot hold the gateway's descriptors and memory for long.
+    MAX_HEAD_BYTES = 16 * 1024
+    REQUEST_TIMEOUT = 10.0
+    MAX_CONNECTIONS = 32
 
     def __init__(
         self,
@@ -110,6 +153,7 @@ class StatusServer:
         self._sessions = sessions
         self._listening = listening
         self._probe: asyncio.Task[bool] | None = None
+        self._open = 0  # connections being served
         self.routes: dict[str, Route] = {
             "/healthz": self.healthz,
             "/status": self.status,
@@ -118,29 +162,24 @@ class StatusServer:
         }
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open += 1
         try:
-            async with asyncio.timeout(10):
-                request = await reader.readuntil(b"\r\n\r\n")
-            line = request.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = line.split()
-            method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
-            path = target.split("?", 1)[0]
-            route = self.routes.get(path)
-            if method not in ("GET", "HEAD"):
-                code, ctype, body = 405, "text/plain", b"method not allowed\n"
-            elif route is None:
-                code, ctype, body = 404, "text/plain", b"not found\n"
+            await self._serve(reader, writer)
+        finally:
+            self._open -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            method = ""
+            if self._open > self.MAX_CONNECTIONS:
+                code, ctype, body = 503, "text/plain", b"too many connections\n"
             else:
-                try:
-                    code, ctype, body = await route()
-                except Exception as exc:  # an answer, not a dropped connection: a scraper or
-                    log.exception("HTTP %s failed", path)  # probe can tell what went wrong
-                    code, ctype = 500, "text/plain"
-                    body = f"internal error ({type(exc).__name__}); see the log\n".encode()
+                code, ctype, body, method = await self._answer(reader)
             reason = {
                 200: "OK",
                 404: "Not Found",
                 405: "Method Not Allowed",
+                431: "Request Header Fields Too Large",
                 500: "Internal Server Error",
                 503: "Service Unavailable",
             }
@@ -151,7 +190,9 @@ class StatusServer:
             ).encode()
             writer.write(head if method == "HEAD" else head + body)
             await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            if code in (431, 503) and writer.can_write_eof():
+                await _linger(reader, writer)
+        except (TimeoutError, asyncio.IncompleteReadError):
             pass
         except ConnectionError:
             pass
@@ -161,6 +202,30 @@ class StatusServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes, str]:
+        """(code, content type, body, method) for the request `reader` brings."""
+        try:
+            async with asyncio.timeout(self.REQUEST_TIMEOUT):
+                request_line = await _read_head(reader)
+        except _HeadTooLarge:
+            return 431, "text/plain", b"request header fields too large\n", ""
+        parts = request_line.decode("latin-1").split()
+        method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
+        path = target.split("?", 1)[0]
+        route = self.routes.get(path)
+        if method not in ("GET", "HEAD"):
+            code, ctype, body = 405, "text/plain", b"method not allowed\n"
+        elif route is None:
+            code, ctype, body = 404, "text/plain", b"not found\n"
+        else:
+            try:
+                code, ctype, body = await route()
+            except Exception as exc:  # an answer, not a dropped connection: a scraper or
+                log.exception("HTTP %s failed", path)  # probe can tell what went wrong
+                code, ctype = 500, "text/plain"
+                body = f"internal error ({type(exc).__name__}); see the log\n".encode()
+        return code, ctype, body, method
 
     async def healthz(self) -> tuple[int, str, bytes]:
         if not self._listening():

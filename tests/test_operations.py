@@ -6,6 +6,7 @@ made by openssl."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from smtpgate.app import Gateway
 from smtpgate.config import ENV_PREFIX, Settings, parse_rules
+from smtpgate.http import StatusServer
 from smtpgate.mail import parse_message
 from smtpgate.rules.automated import candidates, first_detection, first_skip
 from tests.conftest import (
@@ -292,6 +294,71 @@ async def test_a_failing_route_answers_500_and_the_next_request_is_served(
     code, _, body = await http_get(gw.http_port, "/status")
     assert code == 200
     assert json.loads(body)["inbound"] is not None
+
+
+async def http_raw(port: int, request: bytes) -> bytes:
+    """Send `request` as it is; what the endpoint answers before it closes (b"" if nothing)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(30):  # a deadline, not a measurement
+            return await reader.read()
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_a_request_with_bare_line_feeds_is_answered(gateway_factory: GatewayFactory) -> None:
+    """A request whose lines end in a bare LF (a hand-typed one, a sloppy client) waited the
+    whole 10 s timeout and then got no answer at all."""
+    gw = await gateway_factory()
+    answer = await http_raw(gw.http_port, b"GET /healthz HTTP/1.1\nHost: x\n\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.endswith(b"\r\n\r\nok\n")
+
+
+@pytest.mark.parametrize("size", [20_000, 100_000])
+async def test_request_headers_over_16_kib_get_431(
+    gateway_factory: GatewayFactory, size: int
+) -> None:
+    """Over 64 KiB the connection was closed without an answer; now any head over 16 KiB (no
+    route needs more) is refused with 431 and the endpoint goes on serving."""
+    gw = await gateway_factory()
+    request = b"GET /status HTTP/1.1\r\nCookie: " + b"c" * size + b"\r\n\r\n"
+    answer = await http_raw(gw.http_port, request)
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert (await http_get(gw.http_port, "/healthz"))[0] == 200
+
+
+async def test_connections_over_the_cap_get_503_and_the_endpoint_recovers(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Idle connections were held without a limit, each for 10 s: a client could take every
+    descriptor of the gateway (and its SMTP sessions with them)."""
+    gw = await gateway_factory()
+    idle = [
+        await asyncio.open_connection("127.0.0.1", gw.http_port)
+        for _ in range(StatusServer.MAX_CONNECTIONS)
+    ]
+    try:
+
+        async def refused() -> bool:  # once the server has taken every idle one
+            code, _, body = await http_get(gw.http_port, "/healthz")
+            assert code in (200, 503)
+            return (code, body) == (503, b"too many connections\n")
+
+        await wait_until(refused, what="a connection over the cap refused")
+    finally:
+        for _, writer in idle:
+            writer.close()
+            await writer.wait_closed()
+
+    async def served() -> bool:
+        return (await http_get(gw.http_port, "/healthz"))[0] == 200
+
+    await wait_until(served, what="the idle connections gone, requests served again")
 
 
 async def test_status_is_the_same_json_as_the_status_command(
