@@ -18,7 +18,7 @@ from email.parser import BytesParser
 from email.policy import compat32
 from typing import Any
 
-from smtpgate.model import nfc
+from smtpgate.model import has_bare_line_end, nfc
 
 __all__ = [
     "DEFAULT_QUOTE_PATTERNS",
@@ -411,8 +411,48 @@ class _TooManyParts(Exception):
     pass
 
 
+# A header field line as the stdlib parser takes one (email.feedparser.headerRE), with a name of
+# at least one character; its unix-from and continuation alternatives are checked apart.
+_FIELD_NAME = re.compile(r"[\041-\071\073-\176]+:")
+
+
+def _single_part_tree(raw: bytes) -> Message | None:
+    """The tree `_build_tree` makes, for the shape nearly every alert has, without the stdlib's
+    line-by-line parser (~25 µs of a ~65 µs parse at 2 KB, more with more lines): CRLF line ends
+    only, a header block of well-formed fields up to the first empty line, and no multipart/*
+    or message/* Content-Type. Anything else, even where the stdlib parser would only note a
+    defect, gives None, and `_build_tree` parses it. tests/test_mail.py holds the two to the
+    same result."""
+    end = raw.find(b"\r\n\r\n")
+    if end <= 0 or has_bare_line_end(raw):
+        return None
+    fields: list[list[str]] = []  # [name, value], continuation lines joined as compat32 does
+    for line in raw[:end].decode("ascii", "surrogateescape").split("\r\n"):
+        if line[:1] in (" ", "\t"):
+            if not fields:
+                return None  # the stdlib notes a defect and drops the line
+            fields[-1][1] += "\r\n" + line
+            continue
+        if line.startswith("From ") or _FIELD_NAME.match(line) is None:
+            return None  # a unix-from line, or a line that is no field: the stdlib decides
+        name, _, value = line.partition(":")
+        if name.lower() == "content-type" and any(
+            t in value.lower() for t in ("multipart", "message")
+        ):
+            return None  # parts of their own
+        fields.append([name, value.lstrip(" \t")])
+    root = _GuardedMessage(compat32)
+    for name, value in fields:
+        root.set_raw(name, value.rstrip("\r\n"))
+    root.set_payload(raw[end + 4 :].decode("ascii", "surrogateescape"))
+    return root
+
+
 def _build_tree(raw: bytes) -> Message:
     """The stdlib MIME tree (compat32: raw header values, no lazy header parsing that raises)."""
+    simple = _single_part_tree(raw)
+    if simple is not None:
+        return simple
     built = 0
 
     def factory(policy: Any = compat32) -> Message:

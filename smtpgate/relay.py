@@ -257,8 +257,9 @@ async def _send_plain(
     response = await smtp.execute_command(b"DATA")
     if response.code != 354:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
-    transport = cast(asyncio.WriteTransport, protocol.transport)
-    await _write_data(transport, data, smtp.timeout or 30.0)
+    if protocol.transport is None:  # lost while DATA was answered
+        raise aiosmtplib.SMTPServerDisconnected("connection lost")
+    await _write_data(cast(asyncio.WriteTransport, protocol.transport), data, smtp.timeout or 30.0)
     response = await protocol.read_response(timeout=reply_timeout)
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Callable
+from email.feedparser import BytesFeedParser
+from email.message import Message
+from email.policy import compat32
 from pathlib import Path
 from typing import cast
 
@@ -12,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from smtpgate import mail
 from smtpgate.mail import (
     DEFAULT_QUOTE_PATTERNS,
     Attachment,
@@ -20,6 +24,7 @@ from smtpgate.mail import (
     parse_message,
     strip_quotes,
 )
+from tests import hostile
 
 FIXTURES = Path(__file__).parent / "fixtures"
 QUOTE_PATTERNS = tuple(re.compile(p, re.IGNORECASE | re.MULTILINE) for p in DEFAULT_QUOTE_PATTERNS)
@@ -1356,3 +1361,112 @@ def test_strip_quotes_total(text: str) -> None:
     assert result == text or (result.strip() and result == result.rstrip())
     if result != text:
         assert not any(line.lstrip().startswith(">") for line in result.splitlines())
+
+
+# --- the single-part fast path agrees with the stdlib parser -------------------------------------
+
+
+def stdlib_tree(raw: bytes) -> Message:
+    parser: BytesFeedParser[Message] = BytesFeedParser(Message, policy=compat32)
+    parser.feed(raw)
+    return parser.close()
+
+
+def same_tree(raw: bytes) -> bool:
+    """True when the fast path built the tree: then it must be the stdlib parser's, field by
+    field, payload and all. False when it left the message to the stdlib parser."""
+    fast = mail._single_part_tree(raw)
+    if fast is None:
+        return False
+    slow = stdlib_tree(raw)
+    assert list(fast.raw_items()) == list(slow.raw_items())
+    assert fast._payload == slow._payload  # raw: get_payload() re-decodes by charset
+    assert fast.get_content_type() == slow.get_content_type()
+    assert not slow.is_multipart()
+    assert slow.defects == fast.defects == []
+    assert (slow.get_unixfrom(), slow.preamble, slow.epilogue) == (None, None, None)
+    return True
+
+
+ALERT = (
+    b"Received: from rmm (rmm.example [192.0.2.7])\r\n\tby gw.example with ESMTP id Q1;"
+    b" Thu, 26 Nov 2026 10:00:00 +0000\r\n"
+    b"From: RMM <alerts@rmm.example>\r\nTo: <connector@localhost>\r\n"
+    b"Subject: Alert for Site Acme Corp, Disk C: low\r\nMessage-Id: <1@rmm.example>\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + b"Disk C: 3 % free\r\n" * 40
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "fast"),
+    [
+        (ALERT, True),
+        (ALERT.replace(b"Disk C: 3", "Disque C : 3 \xa0".encode()), True),  # 8-bit body
+        (ALERT.replace(b"Subject: Alert", "Subject: Älert".encode()), True),  # 8-bit value
+        (b"Subject:\r\n folded only\r\nX-Empty:\r\nX-Tab:\t\tv \r\n\r\n", True),
+        (b"Subject: a\r\n  \r\n\tb\r\n\r\nbody without a line end", True),
+        (b"A: 1\r\nA: 2\r\nB:3\r\n\r\n\r\n\r\n.\r\n", True),  # empty lines in the body
+        (b"Content-Type: text/html\r\n\r\n<p>x</p>\r\n", True),
+        # left to the stdlib parser
+        (b"Content-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\n\r\nx\r\n--q--\r\n", False),
+        (b"Content-Type: Message/RFC822\r\n\r\nSubject: inner\r\n\r\nx\r\n", False),
+        (b"Content-Type: text/plain\r\nContent-Type: multipart/x\r\n\r\nx\r\n", False),
+        (b"From alerts@rmm.example Thu Nov 26 10:00:00 2026\r\nSubject: x\r\n\r\nb\r\n", False),
+        (b" first line folded\r\nSubject: x\r\n\r\nb\r\n", False),
+        (b"Subject : x\r\n\r\nb\r\n", False),  # a space before the colon ends the header block
+        (b": no name\r\nSubject: x\r\n\r\nb\r\n", False),
+        ("Sübject: x\r\n\r\nb\r\n".encode(), False),
+        (b"Subject: x\r\nnot a field\r\n\r\nb\r\n", False),
+        (b"Subject: x\r\n", False),  # no body, no empty line
+        (b"\r\nbody only\r\n", False),
+        (b"Subject: x\nTo: y\n\nbare line feeds\n", False),
+        (b"Subject: x\r\n\r\nbare\rCR\r\n", False),
+    ],
+)
+def test_the_single_part_fast_path_builds_what_the_stdlib_parser_builds(
+    raw: bytes, fast: bool
+) -> None:
+    assert same_tree(raw) is fast
+    assert parse_message(raw).subject == parse_message_slow(raw).subject
+
+
+def parse_message_slow(raw: bytes) -> ParsedMessage:
+    """parse_message with the fast path switched off."""
+    original = mail._single_part_tree
+    mail._single_part_tree = lambda _: None  # type: ignore[assignment]
+    try:
+        return parse_message(raw)
+    finally:
+        mail._single_part_tree = original
+
+
+def test_the_fast_path_agrees_on_the_fixtures_and_the_hostile_corpus() -> None:
+    corpus = [p.read_bytes() for p in sorted(FIXTURES.glob("**/*.eml"))]
+    corpus += [s.data for s in hostile.hand_written()]
+    corpus += hostile.hypothesis_corpus(300)
+    taken = sum(same_tree(raw) for raw in corpus)
+    assert taken > 50  # the path is exercised, not skipped by every message
+    for raw in corpus:
+        assert parse_message(raw) == parse_message_slow(raw)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["Subject", "From", "X-A", "content-type", "From ", " ", "\t", ""]),
+            st.sampled_from([":", ": ", ":\t", " :", ""]),
+            st.text(st.sampled_from("ab \t:;/=\r\nmultipartessage\xe9"), max_size=12),
+        ),
+        max_size=6,
+    ),
+    st.sampled_from(["\r\n\r\n", "\r\n", "\n\n", ""]),
+    st.binary(max_size=40),
+)
+def test_the_fast_path_agrees_on_random_header_blocks(
+    fields: list[tuple[str, str, str]], separator: str, body: bytes
+) -> None:
+    head = "\r\n".join(name + colon + value for name, colon, value in fields)
+    raw = (head + separator).encode("utf-8") + body
+    same_tree(raw)  # asserts when it takes the path
+    assert parse_message(raw) == parse_message_slow(raw)
