@@ -165,3 +165,31 @@ async def test_close_lets_an_intake_commit_in_flight_finish_and_answers_it(tmp_p
         await closing
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT id FROM inbound").fetchall() == [(queue_id,)]
+
+
+async def test_status_reads_its_counts_and_the_oldest_age_in_one_snapshot(tmp_path: Path) -> None:
+    """Store.status ran its queries one by one: a commit between them made it report one
+    queued message and no oldest queued age (the /status page and /metrics disagreed)."""
+    store = await Store.open(tmp_path / "smtpgate.db")
+    try:
+        envelope = Envelope("127.0.0.1", "h", "a@example.org", ("connector@localhost",))
+        queue_id = new_queue_id()
+        await store.enqueue(envelope, b"Subject: s\r\n\r\nb\r\n", None, queue_id)
+        with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as db:
+            db.execute("UPDATE inbound SET received_at = received_at - 100")
+
+        def between_the_queries(statement: str) -> None:
+            # After the counts were read: the message is processed by another connection.
+            if "received_at" in statement and "queue_counts" not in statement:
+                other = sqlite3.connect(store.path, isolation_level=None, timeout=5)
+                with contextlib.closing(other):
+                    other.execute("UPDATE inbound SET state = 'done' WHERE id = ?", (queue_id,))
+
+        await store._reader.set_trace_callback(between_the_queries)
+        status = await store.status()
+        await store._reader.set_trace_callback(None)
+        assert status["inbound"]["queued"] == 1
+        assert status["inbound"]["oldest_queued_age_s"] >= 100
+        assert (await store.status())["inbound"]["queued"] == 0  # the commit is seen after
+    finally:
+        await store.close()

@@ -1246,8 +1246,18 @@ class Store:
     # --- operator views ----------------------------------------------------------------------
 
     async def status(self) -> dict[str, Any]:
-        """What `smtpgate status` shows: one definition of it, in smtpgate.status."""
-        return await _in_thread(self._reader, query_status)
+        """What `smtpgate status` shows: one definition of it, in smtpgate.status. Its queries
+        read one snapshot (a read transaction), as `read_status` does: counts and the oldest
+        queued age taken between two commits could disagree (queued 0, oldest 30 s)."""
+
+        def snapshot(db: sqlite3.Connection) -> dict[str, Any]:
+            db.execute("BEGIN")
+            try:
+                return query_status(db)
+            finally:
+                db.execute("COMMIT")  # nothing written: this only ends the snapshot
+
+        return await _in_thread(self._reader, snapshot)
 
     async def list_inbound(self, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         sql = (
