@@ -577,7 +577,10 @@ def _listening(variables: str, host: str, port: int) -> Iterator[None]:
 def _single_server_lock(settings: Settings) -> IO[str]:
     """One `serve` per data directory: leases are reset at start-up, which is only safe alone."""
     path = settings.data_dir / "smtpgate.lock"
-    handle = path.open("a+")
+    try:
+        handle = path.open("a+")
+    except OSError as exc:
+        raise ConfigError(f"SMTPGATE_DATA_DIR: cannot open {path}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -10,6 +10,7 @@ import functools
 import os
 import re
 import socket
+import tempfile
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -263,12 +264,21 @@ class Settings(BaseSettings):
 
 
 def make_data_dir(settings: Settings) -> None:
-    """SMTPGATE_DATA_DIR, created if missing; ConfigError naming it if that cannot be."""
+    """SMTPGATE_DATA_DIR, created if missing; ConfigError naming it if that cannot be, or if
+    files cannot be made in it (SQLite needs its -wal and -shm files beside the store)."""
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(
             f"{ENV_PREFIX}DATA_DIR: cannot create {settings.data_dir}: {exc.strerror or exc}"
+        ) from None
+    try:
+        with tempfile.TemporaryFile(dir=settings.data_dir, prefix=".smtpgate-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{ENV_PREFIX}DATA_DIR: cannot write in {settings.data_dir}: {exc.strerror or exc}"
+            " (the user smtpgate runs as needs to create files there)"
         ) from None
 
 

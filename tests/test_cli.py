@@ -833,3 +833,29 @@ def test_explain_without_a_store_makes_none(
     assert "no store at" in err
     assert "explained against an empty directory" in err
     assert list(data.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args", [("serve",), ("accounts", "import", str(FIXTURES / "accounts.csv"))]
+)
+def test_a_data_directory_without_write_access_is_named_at_start(
+    monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...]
+) -> None:
+    """A directory smtpgate cannot create files in (here /proc/self: even root cannot) gave a
+    traceback from SQLite ("unable to open database file") or from the lock file."""
+    env = {"SMTPGATE_SMTP_PORT": "0", "SMTPGATE_HTTP_PORT": "0"}
+    code, out, err = run_here(monkeypatch, Path("/proc/self"), *args, env=env)
+    assert code == 2, (out, err)
+    assert "SMTPGATE_DATA_DIR: cannot write in /proc/self" in err
+    assert "Traceback" not in err
+
+
+def test_a_store_sqlite_cannot_open_is_named_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    data = tmp_path / "var"
+    (data / "smtpgate.db").mkdir(parents=True)  # a directory where the store should be
+    code, out, err = run_here(monkeypatch, data, "accounts", "list")
+    assert code == 2, (out, err)
+    assert f"SMTPGATE_DATA_DIR: cannot open the store {data / 'smtpgate.db'}" in err
+    assert "Traceback" not in err

@@ -36,6 +36,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import aiosqlite
 
+from smtpgate.config import ConfigError
 from smtpgate.model import (
     AUTOMATIC_KINDS,
     Action,
@@ -365,6 +366,12 @@ class Store:
         refuses a store that needs one (ConfigError); "any" takes the schema as it is (backup).
         A store written by a newer version is refused unless "any"."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # aiosqlite, when the open fails, leaves its thread to stop by itself and to tell
+            # the event loop later (an error in that thread once the loop is gone): fail here.
+            sqlite3.connect(path, timeout=busy_timeout).close()
+        except sqlite3.Error as exc:  # a directory, no permission
+            raise ConfigError(f"SMTPGATE_DATA_DIR: cannot open the store {path}: {exc}") from exc
         writer = await _connect(path, busy_timeout, any_thread=True)
         reader: aiosqlite.Connection | None = None
         try:
@@ -374,10 +381,14 @@ class Store:
                 await migrate(writer, apply=schema == "upgrade")
             reader = await _connect(path, busy_timeout)
             return cls(path, writer, reader, _connect_lookups(path), busy_timeout)
-        except BaseException:
+        except BaseException as exc:
             if reader is not None:
                 await reader.close()
             await writer.close()
+            if isinstance(exc, sqlite3.Error):  # not a database, a failed migration
+                raise ConfigError(
+                    f"SMTPGATE_DATA_DIR: cannot open the store {path}: {exc}"
+                ) from exc
             raise
 
     async def close(self) -> None:
