@@ -871,6 +871,31 @@ async def test_hourly_cap_applies_to_responses(
     assert any("hourly cap" in n for n in outcomes[2]["notes"])
 
 
+async def test_the_audit_copy_follows_its_response_and_is_not_capped_itself(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """The BCC copy went to the operator's own address and counted against the hourly cap
+    there: with a busy form, the audit trail stopped after AUTO_MAIL_HOURLY_LIMIT responses an
+    hour while the responses went on. It now goes with every response sent, and with none that
+    is suppressed."""
+    world = await start_world(gateway_factory, relay, auto_mail_hourly_limit=2)
+    outcomes = []
+    for i, to in enumerate(("a@globex.example", "b@globex.example", "c@globex.example")):
+        tx = ticket_tx(respond=to, return_id=f"T-{i}")
+        outcomes.append((await deliver(world.gw, in_body(tx), ENVELOPE))["outcome"])
+    assert [[(m["kind"], m["to"]) for m in o["sent"]] for o in outcomes] == [
+        [("response", [to]), ("bcc", [BCC])]
+        for to in ("a@globex.example", "b@globex.example", "c@globex.example")
+    ]
+    for i in range(2):  # two more to a: its cap is reached, and the copy goes with it
+        tx = ticket_tx(respond="a@globex.example", return_id=f"T-a{i}")
+        outcomes.append((await deliver(world.gw, in_body(tx), ENVELOPE))["outcome"])
+    assert [len(o["sent"]) for o in outcomes[3:]] == [2, 0]
+    assert any("hourly cap" in n for n in outcomes[-1]["notes"])
+    await relay.wait_for(8)  # 4 responses, 4 copies
+    assert len(relay.to(BCC)) == 4
+
+
 async def test_the_hourly_cap_counts_an_address_whatever_its_case(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:

@@ -44,6 +44,7 @@ from smtpgate.model import (
     Decision,
     Envelope,
     JobState,
+    MailKind,
     OutboundMail,
     Outcome,
 )
@@ -1008,8 +1009,14 @@ class Store:
         now = time.time()
         sent: list[dict[str, Any]] = []
         suppressed: list[str] = []
+        sent_before = True  # whether the mail before this one was queued
         for mail in mails:
-            if mail.kind in AUTOMATIC_KINDS:
+            if mail.kind is MailKind.BCC:
+                # The operator's audit copy of the mail before it: it goes when that one goes,
+                # and is not counted (its address is our own setting, not one a sender chose).
+                if not sent_before:
+                    continue
+            elif mail.kind in AUTOMATIC_KINDS:
                 # Per-recipient cap on automatic mail: a runaway peer cannot make us a flood.
                 # Counted per address whatever its case: Victim@ and vIctim@ are one mailbox
                 # almost everywhere, though the mail goes out as addressed.
@@ -1023,6 +1030,7 @@ class Store:
                         over.append(rcpt)
                 if over:
                     suppressed.append(f"{mail.kind} to {', '.join(over)} suppressed: hourly cap")
+                    sent_before = False
                     continue
                 db.executemany(
                     "INSERT INTO auto_mail_log (recipient, sent_at) VALUES (?, ?)",
@@ -1045,6 +1053,7 @@ class Store:
             if applied.ticket_rec_id:
                 self._link(db, mail.message_id, applied.ticket_rec_id)
             sent.extend(mails_sent([mail]))
+            sent_before = True
         return sent, suppressed
 
     def _finish(self, db: sqlite3.Connection, job: Job, outcome: Outcome) -> None:
