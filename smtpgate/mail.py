@@ -436,11 +436,12 @@ def _single_part_tree(raw: bytes) -> Message | None:
         if line.startswith("From ") or _FIELD_NAME.match(line) is None:
             return None  # a unix-from line, or a line that is no field: the stdlib decides
         name, _, value = line.partition(":")
+        fields.append([name, value.lstrip(" \t")])
+    for name, value in fields:  # whole values: the type may sit on a folded line
         if name.lower() == "content-type" and any(
             t in value.lower() for t in ("multipart", "message")
         ):
             return None  # parts of their own
-        fields.append([name, value.lstrip(" \t")])
     root = _GuardedMessage(compat32)
     for name, value in fields:
         root.set_raw(name, value.rstrip("\r\n"))
