@@ -177,8 +177,10 @@ def _refusal(
     """A refusal of the relay as our error: permanent for 5xx (except 530), else retried."""
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [e.code for e in exc.recipients]
-        permanent = all(500 <= c < 600 for c in codes)
-        return DeliveryError(f"recipients refused: {exc}", permanent=permanent)
+        permanent = all(500 <= c < 600 and c != 530 for c in codes)
+        return DeliveryError(
+            f"recipients refused: {exc}", permanent=permanent, connection=530 in codes
+        )
     # 530: the relay wants STARTTLS or AUTH first (RFC 3207, 4954). That is about our settings,
     # not this mail: it is retried, like a wrong password (535), so that the queue goes out once
     # the operator has fixed SMTPGATE_RELAY_*.
@@ -305,9 +307,14 @@ async def _send_pipelined(
             + b"".join(b"RCPT " + rcpt + b"\r\n" for rcpt in rcpts)
             + b"DATA\r\n"
         )
-        mail_reply = await replies.next(command_timeout)
-        rcpt_replies = [await replies.next(command_timeout) for _ in rcpts]
-        data_reply = await replies.next(command_timeout)
+        try:
+            mail_reply = await replies.next(command_timeout)
+            rcpt_replies = [await replies.next(command_timeout) for _ in rcpts]
+            data_reply = await replies.next(command_timeout)
+        except aiosmtplib.SMTPResponseException as exc:
+            # A reply we cannot read (malformed, too long): the relay may be waiting for data
+            # after a 354 we did not see, and would take a QUIT as data. Reset instead.
+            raise _Unusable(exc) from exc
         refused = [
             aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address)
             for address, reply in zip(recipients, rcpt_replies, strict=True)
@@ -346,9 +353,11 @@ class _Unusable(Exception):
         self.failure = failure
 
 
-# aiosmtplib's limits for a reply line and a whole reply.
+# aiosmtplib's limits for a reply line and a whole reply; replies kept unread at most (a
+# group has 2 + its recipients).
 _MAX_REPLY_LINE = 8192
 _MAX_REPLY = 4 * _MAX_REPLY_LINE
+_MAX_QUEUED_REPLIES = 1000
 
 
 def _invalid(text: str) -> aiosmtplib.SMTPResponseException:
@@ -370,6 +379,8 @@ class _Replies(asyncio.Protocol):
         self._size = 0
 
     def data_received(self, data: bytes) -> None:
+        if len(self._replies) > _MAX_QUEUED_REPLIES:
+            return  # see _put
         self._buffer += data
         while (end := self._buffer.find(b"\n")) != -1:
             line = bytes(self._buffer[: end + 1])
@@ -398,6 +409,10 @@ class _Replies(asyncio.Protocol):
             self._put(SMTPResponse(code, message))
 
     def _put(self, reply: SMTPResponse | BaseException) -> None:
+        if len(self._replies) >= _MAX_QUEUED_REPLIES:  # a relay that talks unasked
+            if len(self._replies) > _MAX_QUEUED_REPLIES:
+                return
+            reply = _invalid("more replies than commands")
         self._replies.append(reply)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)

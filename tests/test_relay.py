@@ -12,6 +12,7 @@ import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from smtpgate import relay as relay_module
 from smtpgate.relay import DeliveryError, RelayClient
 from tests.conftest import make_settings, serving
 
@@ -205,6 +206,7 @@ REFUSALS: list[Any] = [
     ({"MAIL": "530 5.7.0 Authentication required"}, False, 530),
     ({"support@msp.example": "550 5.1.1 no such user"}, True, None),
     ({"support@msp.example": "450 4.2.1 try later"}, False, None),
+    ({"support@msp.example": "530 5.7.0 Authentication required"}, False, None),
 ]
 
 
@@ -429,13 +431,14 @@ class PipeliningRelay:
         self.hang_up_after: str | None = None
         self.queued: list[bytes] = []
         self.connections = 0
-        self.ended_without_dot = 0
+        self.cut_off: list[bytes] = []  # what came after a 354 of a connection that ended
         self.port = 0
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         writer.write(b"220 pipe.test\r\n")
         held: list[bytes] = []
+        data: bytearray | None = None  # the message data, while it is being read
         try:
             while line := await reader.readline():
                 word = line[:4].upper()
@@ -455,16 +458,20 @@ class PipeliningRelay:
                     writer.write(b"".join(held) + reply)
                     held = []
                     if reply.startswith(b"354"):
-                        data = await reader.readuntil(b"\r\n.\r\n")
-                        self.queued.append(data[: -len(b".\r\n")])
+                        data = bytearray()
+                        while not data.endswith(b"\r\n.\r\n"):
+                            if not (line := await reader.readline()):
+                                raise ConnectionError("ended in the data")
+                            data += line
+                        self.queued.append(bytes(data[: -len(b".\r\n")]))
+                        data = None
                         writer.write(b"250 queued\r\n")
                 else:
                     writer.write(b"250 ok\r\n")
                 await writer.drain()
-        except asyncio.IncompleteReadError:
-            self.ended_without_dot += 1
         except ConnectionError:
-            self.ended_without_dot += 1
+            if data is not None:
+                self.cut_off.append(bytes(data))
         finally:
             writer.close()
 
@@ -524,6 +531,7 @@ async def test_multi_line_replies_in_a_group_are_read_whole(
         ({"MAIL": b"451 4.3.0 busy\r\n", "DATA": b"503 5.5.1 no valid recipients\r\n"}, False),
         ({"a@msp.example": b"550 5.1.1 no such user\r\n"}, True),  # and DATA answered 354
         ({"a@msp.example": b"450 4.2.1 later\r\n"}, False),  # and DATA answered 354
+        ({"a@msp.example": b"530 5.7.0 Authentication required\r\n"}, False),  # settings
         ({"DATA": b"452 4.3.1 full\r\n"}, False),
     ],
 )
@@ -544,14 +552,23 @@ async def test_a_refused_group_sends_no_data_and_the_next_mail_goes(
     assert pipe_relay.queued == [BODY.replace(b"\r\n.", b"\r\n..") + b"next\r\n"]
 
 
+@pytest.mark.parametrize(
+    "reply", [b"hello there\r\n", b"250 " + b"x" * 9000 + b"\r\n"], ids=["malformed", "long"]
+)
 async def test_a_reply_that_is_not_smtp_is_a_transient_failure(
-    pipe_client: RelayClient, pipe_relay: PipeliningRelay
+    pipe_client: RelayClient, pipe_relay: PipeliningRelay, reply: bytes
 ) -> None:
-    pipe_relay.replies = {"MAIL": b"hello there\r\n"}
+    """The relay answered DATA with 354 behind it: a graceful close (QUIT) would be taken as
+    message data, and waited 2 s for a reply that never came. The connection is reset."""
+    pipe_relay.replies = {"MAIL": reply}
     with pytest.raises(DeliveryError) as caught:
         await pipe_client.send("gw@localhost", ("a@msp.example",), BODY)
     assert caught.value.permanent is False
-    assert "Malformed" in str(caught.value)
+    assert "Malformed" in str(caught.value) or "too long" in str(caught.value)
+    async with asyncio.timeout(5):
+        while not pipe_relay.cut_off:
+            await asyncio.sleep(0.01)
+    assert pipe_relay.cut_off == [b""]  # nothing after the 354, not even a QUIT
     pipe_relay.replies = {}
     await pipe_client.send("gw@localhost", ("a@msp.example",), BODY)
     assert len(pipe_relay.queued) == 1
@@ -568,3 +585,13 @@ async def test_a_relay_that_hangs_up_in_a_group_is_a_transient_failure(
     await pipe_client.send("gw@localhost", ("a@msp.example",), BODY)
     assert len(pipe_relay.queued) == 1
     assert pipe_relay.connections == 2
+
+
+async def test_replies_nobody_asked_for_are_not_kept_without_end() -> None:
+    """A relay that sends reply after reply while a big mail uploads: the reader keeps a
+    bounded number, and the one after them says what happened."""
+    replies = relay_module._Replies(aiosmtplib.protocol.SMTPProtocol())
+    for _ in range(5):
+        replies.data_received(b"250 ok\r\n" * 1000)
+    assert len(replies._replies) == relay_module._MAX_QUEUED_REPLIES + 1
+    assert isinstance(replies._replies[-1], aiosmtplib.SMTPResponseException)
