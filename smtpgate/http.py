@@ -133,8 +133,9 @@ class StatusServer:
     # /healthz answers within this many seconds even while the store is locked.
     HEALTH_TIMEOUT = 3.0
     # A request's line and headers; beyond: 431. Each request has REQUEST_TIMEOUT seconds to
-    # arrive. Connections beyond MAX_CONNECTIONS get 503 at once: a client that opens many and
-    # sends nothing cannot hold the gateway's descriptors and memory for long.
+    # arrive. Beyond MAX_CONNECTIONS a request has 1 s and only /healthz is served (503 for the
+    # rest): a client that opens many and sends nothing cannot hold the gateway's descriptors
+    # for long, nor make its health probe fail.
     MAX_HEAD_BYTES = 16 * 1024
     REQUEST_TIMEOUT = 10.0
     MAX_CONNECTIONS = 32
@@ -170,11 +171,9 @@ class StatusServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            method = ""
-            if self._open > self.MAX_CONNECTIONS:
-                code, ctype, body = 503, "text/plain", b"too many connections\n"
-            else:
-                code, ctype, body, method = await self._answer(reader)
+            code, ctype, body, method = await self._answer(
+                reader, crowded=self._open > self.MAX_CONNECTIONS
+            )
             reason = {
                 200: "OK",
                 404: "Not Found",
@@ -203,18 +202,28 @@ class StatusServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes, str]:
-        """(code, content type, body, method) for the request `reader` brings."""
+    async def _answer(
+        self, reader: asyncio.StreamReader, *, crowded: bool
+    ) -> tuple[int, str, bytes, str]:
+        """(code, content type, body, method) for the request `reader` brings. `crowded`: over
+        MAX_CONNECTIONS, where only /healthz is served, and its request must come within a
+        second (idle connections must not make a healthy gateway look down to its probe)."""
         try:
-            async with asyncio.timeout(self.REQUEST_TIMEOUT):
+            async with asyncio.timeout(1.0 if crowded else self.REQUEST_TIMEOUT):
                 request_line = await _read_head(reader)
         except _HeadTooLarge:
             return 431, "text/plain", b"request header fields too large\n", ""
+        except TimeoutError:
+            if crowded:
+                return 503, "text/plain", b"too many connections\n", ""
+            raise
         parts = request_line.decode("latin-1").split()
         method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
         path = target.split("?", 1)[0]
         route = self.routes.get(path)
-        if method not in ("GET", "HEAD"):
+        if crowded and path != "/healthz":
+            code, ctype, body = 503, "text/plain", b"too many connections\n"
+        elif method not in ("GET", "HEAD"):
             code, ctype, body = 405, "text/plain", b"method not allowed\n"
         elif route is None:
             code, ctype, body = 404, "text/plain", b"not found\n"

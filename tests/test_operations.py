@@ -332,11 +332,12 @@ async def test_request_headers_over_16_kib_get_431(
     assert (await http_get(gw.http_port, "/healthz"))[0] == 200
 
 
-async def test_connections_over_the_cap_get_503_and_the_endpoint_recovers(
+async def test_connections_over_the_cap_get_503_but_health_and_the_endpoint_recover(
     gateway_factory: GatewayFactory,
 ) -> None:
     """Idle connections were held without a limit, each for 10 s: a client could take every
-    descriptor of the gateway (and its SMTP sessions with them)."""
+    descriptor of the gateway (and its SMTP sessions with them). Over the cap only /healthz is
+    served: idle connections must not make the health probe (Docker's HEALTHCHECK) fail."""
     gw = await gateway_factory()
     idle = [
         await asyncio.open_connection("127.0.0.1", gw.http_port)
@@ -345,11 +346,15 @@ async def test_connections_over_the_cap_get_503_and_the_endpoint_recovers(
     try:
 
         async def refused() -> bool:  # once the server has taken every idle one
-            code, _, body = await http_get(gw.http_port, "/healthz")
+            code, _, body = await http_get(gw.http_port, "/status")
             assert code in (200, 503)
             return (code, body) == (503, b"too many connections\n")
 
         await wait_until(refused, what="a connection over the cap refused")
+        code, _, body = await http_get(gw.http_port, "/healthz")
+        assert (code, body) == (200, b"ok\n")
+        silent = await http_raw(gw.http_port, b"")  # sends nothing: answered within a second
+        assert silent.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     finally:
         for _, writer in idle:
             writer.close()
