@@ -50,13 +50,6 @@ PARSE_IN_THREAD_BYTES = 1 << 20
 PROCESSING_BYTES = 64 << 20
 # Workers are woken by each intake commit; the poll only finds retries that became due.
 WORKER_POLL_SECONDS = 1.0
-# Intake first: while mail is arriving (an intake commit less than INTAKE_FIRST_SECONDS ago), at
-# most INTAKE_FIRST_WORKERS messages are in processing; all SMTPGATE_WORKERS once the burst is
-# over. Processing then leaves the CPU to the senders during a storm and catches up after it:
-# on 2 cores the accept rate with processing going on rose from 0.7-1.0 to 1.0-1.2 x a bare
-# aiosmtpd server, for 10-20 % less end-to-end throughput (docs/performance.md).
-INTAKE_FIRST_WORKERS = 8
-INTAKE_FIRST_SECONDS = 0.05
 
 
 def dedupe_key(message_id: str | None, job: Job) -> str:
@@ -109,7 +102,6 @@ class Gateway:
         # the in-process listener's (each intake process has its own)
         self.data_budget = front.DataBudget(front.DATA_BUDGET_BYTES)
         self._processing_bytes = 0  # raw bytes of the claimed messages not yet processed
-        self._in_flight = 0  # messages claimed and not yet processed
         self._big_parse = asyncio.Semaphore(1)
         self._lock_file: IO[str] | None = None
 
@@ -266,13 +258,8 @@ class Gateway:
         budget = PROCESSING_BYTES - self._processing_bytes
         if budget <= 0:
             return []  # the pool asks again when a message is done
-        if time.monotonic() - self.store.intake_committed_at < INTAKE_FIRST_SECONDS:
-            n = min(n, INTAKE_FIRST_WORKERS - self._in_flight)
-            if n <= 0:
-                return []  # asked again when one is done, or after the next intake commit
         jobs = await self.store.claim(n, LEASE_SECONDS, max_bytes=budget)
         self._processing_bytes += sum(len(job.raw) for job in jobs)
-        self._in_flight += len(jobs)
         return jobs
 
     async def _run(self, job: Job) -> None:
@@ -280,7 +267,6 @@ class Gateway:
             await self.process(job)
         finally:
             self._processing_bytes -= len(job.raw)
-            self._in_flight -= 1
 
     async def process(self, job: Job) -> None:
         assert self.store is not None

@@ -290,16 +290,16 @@ async def test_a_small_processing_budget_still_processes_everything(
     assert gw._processing_bytes == 0
 
 
-async def test_processing_gives_way_while_mail_arrives_and_catches_up_after(
+async def test_every_worker_processes_while_mail_keeps_arriving(
     gateway_factory: GatewayFactory, relay: RecordingRelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Intake first: while intake commits keep coming, at most INTAKE_FIRST_WORKERS messages
-    are in processing; once mail stops arriving, all SMTPGATE_WORKERS."""
-    monkeypatch.setattr(app, "INTAKE_FIRST_SECONDS", 30.0)  # the burst lasts the whole test...
+    """Processing used to give way while intake commits kept coming (at most 8 messages in
+    processing, "intake first"): under a storm that did not stop, the queue and how late
+    tickets were grew for as long as it lasted. Measured since the relay pipelines and the
+    parser's fast path, every worker processing keeps the queue empty at about the same
+    accept rate (docs/performance.md); so they all do, whether or not mail is arriving."""
     gw = await gateway_factory(workers=32)
-    assert gw.store is not None
-    store = gw.store
-    release = asyncio.Event()
+    gate = asyncio.Semaphore(0)
     active = 0
     process = gw.process
 
@@ -307,28 +307,33 @@ async def test_processing_gives_way_while_mail_arrives_and_catches_up_after(
         nonlocal active
         active += 1
         try:
-            await release.wait()
+            await gate.acquire()
             await process(job)
         finally:
             active -= 1
 
     monkeypatch.setattr(gw, "process", held)
-    replies = await asyncio.gather(
-        *(send(gw.smtp_port, simple_message(subject=f"s{i}")) for i in range(24))
-    )
-    assert [code for code, _ in replies] == [250] * 24
+    stop = asyncio.Event()
 
-    async def settled(want: int) -> bool:
-        await asyncio.sleep(0.05)
-        return active == want
+    async def storm() -> int:  # one message every 10 ms until told to stop
+        sent = 0
+        while not stop.is_set():
+            code, _ = await send(gw.smtp_port, simple_message(subject=f"storm {sent}"))
+            assert code == 250
+            sent += 1
+            await asyncio.sleep(0.01)
+        return sent
 
-    await wait_until(lambda: settled(app.INTAKE_FIRST_WORKERS), what="the intake-first share")
-    await asyncio.sleep(0.2)  # and no more than that, however long it lasts
-    assert active == app.INTAKE_FIRST_WORKERS
-    store.intake_committed_at = 0.0  # ...until it is over
-    store.new_work.set()
-    await wait_until(lambda: settled(24), what="every worker busy after the burst")
-    release.set()
-    await wait_processed(gw, 24)
-    await relay.wait_for(24)
-    assert gw._in_flight == 0
+    async def busy() -> bool:
+        return active >= 24
+
+    storming = asyncio.create_task(storm())
+    try:
+        await wait_until(busy, what="24 in processing while mail arrives")
+    finally:
+        stop.set()
+        sent = await storming
+    for _ in range(sent):
+        gate.release()
+    await wait_processed(gw, sent)
+    await relay.wait_for(sent)

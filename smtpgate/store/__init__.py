@@ -357,7 +357,6 @@ class Store:
         # commit that wrote to the WAL (`_write(fsynced=…)`: intake, a claim, recovery).
         self._outbox_unsynced = True
         self.new_work = asyncio.Event()  # set after an intake commit: wakes the workers
-        self.intake_committed_at = 0.0  # time.monotonic() of the last intake commit
 
     @classmethod
     async def open(
@@ -592,7 +591,6 @@ class Store:
         for item in batch:
             if not item.future.done():
                 item.future.set_result(None)
-        self.intake_committed_at = time.monotonic()
         self.new_work.set()
 
     # --- inbound queue -----------------------------------------------------------------------
