@@ -97,8 +97,9 @@ class MailKind(StrEnum):
     ACK = "ack"
 
 
-# Kinds that answer somebody outside: loop protection and the hourly cap apply to them.
-AUTOMATIC_KINDS = frozenset({MailKind.RESPONSE, MailKind.BCC, MailKind.ACK})
+# Kinds that answer somebody outside: the hourly cap applies to them. (A BCC copy goes to the
+# operator's own address, with the mail it copies: Store._queue_mails.)
+AUTOMATIC_KINDS = frozenset({MailKind.RESPONSE, MailKind.ACK})
 
 
 @dataclass(frozen=True, slots=True)

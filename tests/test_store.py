@@ -8,6 +8,9 @@ import sqlite3
 import unicodedata
 from pathlib import Path
 
+import pytest
+
+from smtpgate.config import ConfigError
 from smtpgate.model import Action, Decision, Envelope, NewTicket, normalize_key
 from smtpgate.model import Path as Branch
 from smtpgate.store import Store, new_queue_id
@@ -193,3 +196,16 @@ async def test_status_reads_its_counts_and_the_oldest_age_in_one_snapshot(tmp_pa
         assert (await store.status())["inbound"]["queued"] == 0  # the commit is seen after
     finally:
         await store.close()
+
+
+async def test_a_store_locked_by_another_process_at_open_says_so(tmp_path: Path) -> None:
+    """Every SQLite error at open was reported as "cannot open the store", as if the data
+    directory were wrong, also when another process held the write lock that the schema's
+    set-up (or a migration) needs."""
+    with contextlib.closing(sqlite3.connect(tmp_path / "smtpgate.db", isolation_level=None)) as db:
+        db.execute("BEGIN IMMEDIATE")
+        with pytest.raises(ConfigError, match="is locked by another process"):
+            await Store.open(tmp_path / "smtpgate.db", busy_timeout=0.2)
+        db.execute("ROLLBACK")
+    store = await Store.open(tmp_path / "smtpgate.db")  # and opens once the lock is gone
+    await store.close()

@@ -385,7 +385,12 @@ class Store:
             if reader is not None:
                 await reader.close()
             await writer.close()
-            if isinstance(exc, sqlite3.Error):  # not a database, a failed migration
+            if isinstance(exc, sqlite3.Error):  # locked, not a database, a failed migration
+                if getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                    raise ConfigError(
+                        f"SMTPGATE_DATA_DIR: the store {path} is locked by another process"
+                        f" (a running import or backup?) for over {busy_timeout:g} s: {exc}"
+                    ) from exc
                 raise ConfigError(
                     f"SMTPGATE_DATA_DIR: cannot open the store {path}: {exc}"
                 ) from exc
