@@ -249,29 +249,41 @@ async def _send_plain(
         raise aiosmtplib.SMTPSenderRefused(response.code, response.message, mail_from)
     refused: list[aiosmtplib.SMTPRecipientRefused] = []
     for address, rcpt in zip(recipients, rcpts, strict=True):
-        response = await smtp.execute_command(b"RCPT", rcpt)
-        if response.code not in (250, 251):
-            refused.append(
-                aiosmtplib.SMTPRecipientRefused(response.code, response.message, address)
-            )
+        refusal = _rcpt_refusal(address, await smtp.execute_command(b"RCPT", rcpt))
+        if refusal is not None:
+            refused.append(refusal)
     if len(refused) == len(recipients):
         raise aiosmtplib.SMTPRecipientsRefused(refused)
     response = await smtp.execute_command(b"DATA")
     if response.code != 354:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
-    if protocol.transport is None:  # lost while DATA was answered
-        raise aiosmtplib.SMTPServerDisconnected("connection lost")
-    await _write_data(cast(asyncio.WriteTransport, protocol.transport), data, smtp.timeout or 30.0)
-    response = await protocol.read_response(timeout=reply_timeout)
-    if response.code != 250:
-        raise aiosmtplib.SMTPDataError(response.code, response.message)
-    return {r.recipient: SMTPResponse(r.code, r.message) for r in refused}, response.message
+    await _write_data(protocol.transport, data, smtp.timeout or 30.0)
+    return _delivered(await protocol.read_response(timeout=reply_timeout), refused)
 
 
-async def _write_data(transport: asyncio.WriteTransport, data: bytes, stall_seconds: float) -> None:
+def _rcpt_refusal(address: str, reply: SMTPResponse) -> aiosmtplib.SMTPRecipientRefused | None:
+    """The refusal of one recipient, or None when the relay took it."""
+    if reply.code in (250, 251):
+        return None
+    return aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address)
+
+
+def _delivered(
+    end_reply: SMTPResponse, refused: list[aiosmtplib.SMTPRecipientRefused]
+) -> tuple[dict[str, SMTPResponse], str]:
+    """What `SMTP.sendmail` returns for the reply to the end of data, or its error."""
+    if end_reply.code != 250:
+        raise aiosmtplib.SMTPDataError(end_reply.code, end_reply.message)
+    return {r.recipient: SMTPResponse(r.code, r.message) for r in refused}, end_reply.message
+
+
+async def _write_data(
+    transport: asyncio.BaseTransport | None, data: bytes, stall_seconds: float
+) -> None:
     """The data dot-stuffed, its end-of-data dot, and the wait until all of it left us."""
-    if transport.is_closing():
+    if transport is None or transport.is_closing():  # lost, e.g. while DATA was answered
         raise aiosmtplib.SMTPServerDisconnected("connection lost")
+    transport = cast(asyncio.WriteTransport, transport)
     stuffed = data.replace(b"\r\n.", b"\r\n..")
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed
@@ -316,9 +328,9 @@ async def _send_pipelined(
             # after a 354 we did not see, and would take a QUIT as data. Reset instead.
             raise _Unusable(exc) from exc
         refused = [
-            aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address)
+            refusal
             for address, reply in zip(recipients, rcpt_replies, strict=True)
-            if reply.code not in (250, 251)
+            if (refusal := _rcpt_refusal(address, reply)) is not None
         ]
         failure: aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused | None = None
         if mail_reply.code != 250:
@@ -338,9 +350,7 @@ async def _send_pipelined(
     finally:
         if not transport.is_closing():
             transport.set_protocol(protocol)
-    if end_reply.code != 250:
-        raise aiosmtplib.SMTPDataError(end_reply.code, end_reply.message)
-    return {r.recipient: SMTPResponse(r.code, r.message) for r in refused}, end_reply.message
+    return _delivered(end_reply, refused)
 
 
 class _Unusable(Exception):
