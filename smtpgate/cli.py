@@ -109,19 +109,16 @@ async def _requeue(
     return 0 if n else 1
 
 
-def _no_store(settings: Settings) -> bool:
-    """True, with an error on stderr, when SMTPGATE_DATA_DIR holds no store: not an empty,
-    healthy queue but a mistyped or missing SMTPGATE_DATA_DIR, or serve never ran there. A
-    command that only reads or changes what is queued must not make an empty store there (a
-    backup of it reported success)."""
-    if settings.db_path.exists():
-        return False
+def _say_no_store(settings: Settings) -> None:
+    """The error when SMTPGATE_DATA_DIR holds no store: not an empty, healthy queue but a
+    mistyped or missing SMTPGATE_DATA_DIR, or serve never ran there. A command that only reads
+    or changes what is queued must not make an empty store there (a backup of it reported
+    success)."""
     print(
         f"smtpgate: SMTPGATE_DATA_DIR: no store at {settings.db_path}"
         " (serve has not run with this data directory)",
         file=sys.stderr,
     )
-    return True
 
 
 async def _with_store(
@@ -138,7 +135,8 @@ async def _with_store(
     from smtpgate.store import Store
 
     exists = settings.db_path.exists()
-    if not create and _no_store(settings):
+    if not exists and not create:
+        _say_no_store(settings)
         return 1
     make_data_dir(settings)
     schema: SchemaMode = "any" if any_schema else "current" if exists else "upgrade"

@@ -371,7 +371,7 @@ class Store:
             # the event loop later (an error in that thread once the loop is gone): fail here.
             sqlite3.connect(path, timeout=busy_timeout).close()
         except sqlite3.Error as exc:  # a directory, no permission
-            raise ConfigError(f"SMTPGATE_DATA_DIR: cannot open the store {path}: {exc}") from exc
+            raise _cannot_open(path, exc, busy_timeout) from exc
         writer = await _connect(path, busy_timeout, any_thread=True)
         reader: aiosqlite.Connection | None = None
         try:
@@ -386,14 +386,7 @@ class Store:
                 await reader.close()
             await writer.close()
             if isinstance(exc, sqlite3.Error):  # locked, not a database, a failed migration
-                if getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
-                    raise ConfigError(
-                        f"SMTPGATE_DATA_DIR: the store {path} is locked by another process"
-                        f" (a running import or backup?) for over {busy_timeout:g} s: {exc}"
-                    ) from exc
-                raise ConfigError(
-                    f"SMTPGATE_DATA_DIR: cannot open the store {path}: {exc}"
-                ) from exc
+                raise _cannot_open(path, exc, busy_timeout) from exc
             raise
 
     async def close(self) -> None:
@@ -1577,6 +1570,16 @@ def _insert_intake(
         "INSERT INTO inbound_raw (id, raw) VALUES (?, ?)", [(item.id, item.raw) for _, item in live]
     )
     return len(live)
+
+
+def _cannot_open(path: Path, exc: sqlite3.Error, busy_timeout: float) -> ConfigError:
+    """Store.open's error for what SQLite said, naming the setting that points at the store."""
+    if getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+        return ConfigError(
+            f"SMTPGATE_DATA_DIR: the store {path} is locked by another process"
+            f" (a running import or backup?) for over {busy_timeout:g} s: {exc}"
+        )
+    return ConfigError(f"SMTPGATE_DATA_DIR: cannot open the store {path}: {exc}")
 
 
 def _ticket(db: sqlite3.Connection, sql: str, param: object) -> tuple[str, int, str] | None:
