@@ -90,6 +90,10 @@ class Metrics:
 Route = Callable[[], Awaitable[tuple[int, str, bytes]]]
 
 
+# The answer to a request over StatusServer.MAX_CONNECTIONS that is not for /healthz.
+_CROWDED = (503, "text/plain", b"too many connections\n")
+
+
 class _HeadTooLarge(Exception):
     pass
 
@@ -215,14 +219,14 @@ class StatusServer:
             return 431, "text/plain", b"request header fields too large\n", ""
         except TimeoutError:
             if crowded:
-                return 503, "text/plain", b"too many connections\n", ""
+                return (*_CROWDED, "")
             raise
         parts = request_line.decode("latin-1").split()
         method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
         path = target.split("?", 1)[0]
         route = self.routes.get(path)
         if crowded and path != "/healthz":
-            code, ctype, body = 503, "text/plain", b"too many connections\n"
+            code, ctype, body = _CROWDED
         elif method not in ("GET", "HEAD"):
             code, ctype, body = 405, "text/plain", b"method not allowed\n"
         elif route is None:
