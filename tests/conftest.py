@@ -39,6 +39,11 @@ class Received:
         return msg
 
 
+def with_pipelining(ehlo_lines: list[str]) -> list[str]:
+    """aiosmtpd's EHLO reply with PIPELINING (RFC 2920) offered, as Postfix and Exchange do."""
+    return [*ehlo_lines[:1], "250-PIPELINING", *ehlo_lines[1:]]
+
+
 @dataclass
 class RecordingRelay:
     """An upstream relay that records what it accepts; `fail_with` makes it refuse DATA. It
@@ -60,7 +65,7 @@ class RecordingRelay:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
-        return [*responses[:1], "250-PIPELINING", *responses[1:]]
+        return with_pipelining(responses)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.attempts += 1

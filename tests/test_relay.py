@@ -14,7 +14,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from smtpgate import relay as relay_module
 from smtpgate.relay import DeliveryError, RelayClient
-from tests.conftest import make_settings, serving
+from tests.conftest import make_settings, serving, with_pipelining
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Relay:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
-        return [*responses[:1], "250-PIPELINING", *responses[1:]] if self.pipelining else responses
+        return with_pipelining(responses) if self.pipelining else responses
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
