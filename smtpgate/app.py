@@ -35,6 +35,8 @@ RELAYED_UNRECORDED = 2
 # Mail data one relay connection claims at once (always at least one mail): 16 forwards of
 # 25 MB each per connection took 50 x 25 MB of mail to 1.6 GB in the serve process.
 RELAY_CLAIM_BYTES = 16 * 1024 * 1024
+# Outbox mails per relay connection that decisions may claim as they queue them (Store.hand_over).
+FRESH_MAILS = 16
 # A sender whose connection to the relay failed (down, TLS, a wrong password) waits before it
 # claims again: 5 s, doubled after each failure in a row, at most 5 minutes.
 RELAY_BACKOFF = 5.0
@@ -170,6 +172,8 @@ class Gateway:
             wake=store.new_work,
             poll=WORKER_POLL_SECONDS,
         )
+        # New messages and mails claimed by the transactions that queue them.
+        store.hand_over(s.workers, FRESH_MAILS * s.relay_connections, LEASE_SECONDS)
         pool.start()
         self._pools.append(pool)
         tls = relay_tls_context(s)
@@ -371,6 +375,7 @@ class Gateway:
         unrecorded: collections.deque[asyncio.Future[None]],
     ) -> bool:
         """Send a claim's mails in turn; True if the connection to the relay failed."""
+        assert self.store is not None
         for n, item in enumerate(batch):
             if self._stopping.is_set():
                 return False  # the rest go back to the queue when their lease ends or at start
@@ -390,9 +395,11 @@ class Gateway:
                     continue
                 # Trying the claim's other mails would only fail the same way, and with a
                 # wrong password each try is a failed login (Microsoft 365 locks the account,
-                # fail2ban bans the gateway): they go back to the queue unsent.
-                if batch[n + 1 :]:
-                    await self._unclaim(batch[n + 1 :], "the relay connection failed")
+                # fail2ban bans the gateway): they go back to the queue unsent, and so do the
+                # mails claimed for the senders as they were queued (Store.hand_over).
+                rest = [*batch[n + 1 :], *self.store.hold_mail()]
+                if rest:
+                    await self._unclaim(rest, "the relay connection failed")
                 return True
             except Exception as exc:  # a bug: fail this delivery, keep the sender alive
                 log.exception("relay send of outbox %d crashed", item.id)
@@ -417,11 +424,11 @@ class Gateway:
         return False
 
     async def _unclaim(self, rest: Sequence[Delivery], why: str) -> None:
-        """Queue again claimed mails not sent (all of one claim share its lease), unless
-        another sender has claimed them since (their claim lapsed)."""
+        """Queue again claimed mails not sent, unless another sender has claimed them since
+        (their claim lapsed)."""
         assert self.store is not None
         try:
-            n = await self.store.unclaim_deliveries([d.id for d in rest], rest[0].lease_until)
+            n = await self.store.unclaim_deliveries(rest)
         except Exception as exc:  # the lease sweeper queues them again later
             log.warning("could not requeue %d unsent mail(s) (%s): %s", len(rest), why, exc)
             return

@@ -109,7 +109,7 @@ async def test_an_unclaimed_mail_is_queued_again_unless_claimed_anew(tmp_path: P
         assert await store.release_expired(keep_outbox=[first.id]) == 1  # the second only
         (again,) = await store.claim_deliveries(10, 300)  # another sender's claim
         assert again.id == second.id
-        assert await store.unclaim_deliveries([first.id, second.id], first.lease_until) == 1
+        assert await store.unclaim_deliveries([first, second]) == 1
         rows = {row["id"]: row for row in await store.list_outbox()}
         assert (rows[first.id]["state"], rows[first.id]["attempts"]) == ("queued", 0)
         assert (rows[second.id]["state"], rows[second.id]["attempts"]) == ("active", 2)

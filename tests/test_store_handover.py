@@ -1,0 +1,299 @@
+"""Rows claimed by the transaction that queues them (`Store.hand_over`).
+
+While the inbound queue has no other due message, an intake commit writes a new message already
+leased and keeps its Job in memory for the next claim; a decision's outbox mails likewise. These
+tests check that such rows are leased in the store exactly as a claim would lease them, that a
+backlog is not overtaken, that a mail is never handed to the relay before its decision is
+durable, and that nothing claimed this way is lost (close, a lapsed lease, a rolled-back
+decision).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from smtpgate.model import Applied, MailKind, OutboundMail
+from smtpgate.store import Job, Store
+from tests.test_store_hops import (
+    FIXTURES,
+    Hops,
+    alert,
+    complete_all,
+    complete_ticket,
+    enqueue,
+    numbered_decision,
+    writer_pragma,
+)
+
+LEASE = 300.0
+
+
+async def open_store(path: Path, lease: float = LEASE) -> Store:
+    store = await Store.open(path)
+    store.CHECKPOINT_SECONDS = float("inf")  # no checkpoint hop in the middle of a count
+    with (FIXTURES / "accounts.csv").open() as f:
+        await store.import_accounts(list(enumerate(csv.DictReader(f), 2)))
+    store.hand_over(jobs=3, mails=2, lease_seconds=lease)
+    return store
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = await open_store(tmp_path / "smtpgate.db")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def row(store: Store, table: str, key: object) -> sqlite3.Row:
+    (found,) = await store._reader.execute_fetchall(
+        f"SELECT state, attempts, lease_until{', lease_token' if table == 'inbound' else ''}"
+        f" FROM {table} WHERE id = ?",
+        (key,),
+    )
+    return found
+
+
+async def clear_queue(store: Store) -> None:
+    """A claim from the table that finds nothing due: from now on new mail is claimed at once."""
+    assert await store.claim(10, LEASE) == []
+
+
+def forwards(n: int) -> list[OutboundMail]:
+    return [
+        OutboundMail(MailKind.FORWARD, "c@localhost", ("s@msp.example",), b"x", f"<f{i}@x>")
+        for i in range(n)
+    ]
+
+
+async def test_a_new_message_is_leased_by_its_intake_commit(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await clear_queue(store)
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    hops = Hops(store, monkeypatch)
+    with hops.measure() as claim:
+        (job,) = await store.claim(10, LEASE)
+    assert (claim["total"], claim["inline"]) == (0, 0)  # no transaction at all
+    state, attempts, lease_until, token = await row(store, "inbound", job.id)
+    assert (state, attempts, token) == ("active", 1, job.token)
+    assert lease_until == pytest.approx(time.time() + LEASE, abs=5)
+    assert job.raw == alert("Acme Corp", 1)
+    assert job.attempts == 1
+    assert job.message_id == "<a1@x>"
+    outcome = await complete_ticket(store, job)  # its lease is a real one
+    assert outcome is not None
+    assert (await row(store, "inbound", job.id))[0] == "done"
+
+
+async def test_new_messages_do_not_overtake_a_backlog(store: Store) -> None:
+    """Before a claim has found the queue empty, and once one message had to be queued (the
+    workers fell behind), new messages are queued: a claim takes them oldest first."""
+    await enqueue(store, alert("Acme Corp", 0), "<a0@x>")  # no claim yet: queued
+    (first,) = await store.claim(1, LEASE)
+    assert first.message_id == "<a0@x>"
+    for n in range(1, 6):  # 3 are claimed as they come (the limit), then the rest queue
+        await enqueue(store, alert("Acme Corp", n), f"<a{n}@x>")
+    states = [
+        (
+            await store._reader.execute_fetchall(
+                "SELECT state FROM inbound WHERE message_id = ?", (f"<a{n}@x>",)
+            )
+        )[0][0]
+        for n in range(1, 6)
+    ]
+    assert states == ["active", "active", "active", "queued", "queued"]
+    await enqueue(store, alert("Acme Corp", 6), "<a6@x>")  # behind the queued ones
+    assert (
+        await store._reader.execute_fetchall(
+            "SELECT state FROM inbound WHERE message_id = '<a6@x>'"
+        )
+    )[0][0] == "queued"
+    store._table_claimed_at = 0.0  # the table is read again (as it is every second)
+    taken = await store.claim(10, LEASE)
+    assert [j.message_id for j in taken] == [f"<a{n}@x>" for n in (4, 5, 6, 1, 2, 3)]
+    await enqueue(store, alert("Acme Corp", 7), "<a7@x>")  # that claim found none left
+    (job,) = await store.claim(10, LEASE)
+    assert job.message_id == "<a7@x>"
+
+
+async def test_a_due_retry_is_claimed_within_a_second_of_new_mail(store: Store) -> None:
+    await clear_queue(store)
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    (job,) = await store.claim(10, LEASE)
+    await store.fail(job, "boom", max_attempts=5, backoff=0)  # due again at once
+    await enqueue(store, alert("Acme Corp", 2), "<a2@x>")
+    assert [j.message_id for j in await store.claim(10, LEASE)] == ["<a2@x>"]
+    await enqueue(store, alert("Acme Corp", 3), "<a3@x>")
+    store._table_claimed_at -= 1.0  # a second later
+    taken = await store.claim(10, LEASE)
+    assert sorted(j.message_id or "" for j in taken) == ["<a1@x>", "<a3@x>"]
+
+
+async def test_a_message_waiting_past_half_its_lease_is_left_to_expire(tmp_path: Path) -> None:
+    """A worker taking it now might not finish in time; the sweeper queues it again once its
+    lease has lapsed, and a claim from the table takes it (a second attempt)."""
+    store = await open_store(tmp_path / "s.db", lease=0.2)
+    try:
+        await clear_queue(store)
+        await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+        await asyncio.sleep(0.12)
+        assert await store.claim(10, 0.2) == []
+        assert not store._fresh
+        await asyncio.sleep(0.1)
+        assert await store.release_expired() == 1
+        store._table_claimed_at = 0.0
+        (job,) = await store.claim(10, 300)
+        assert (job.message_id, job.attempts) == ("<a1@x>", 2)
+    finally:
+        await store.close()
+
+
+async def test_close_queues_again_what_no_worker_or_sender_took(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = await open_store(path)
+    await clear_queue(store)
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    (job,) = await store.claim(10, LEASE)
+    await enqueue(store, alert("Acme Corp", 2), "<a2@x>")  # claimed by its commit, not taken
+    assert await complete_ticket(store, job)  # its forward is claimed too, not taken
+    await store.close()
+    store = await Store.open(path)
+    try:
+        rows = await store._reader.execute_fetchall(
+            "SELECT message_id, state, attempts, lease_until FROM inbound ORDER BY message_id"
+        )
+        assert [tuple(r) for r in rows] == [
+            ("<a1@x>", "done", 1, None),
+            ("<a2@x>", "queued", 0, None),
+        ]
+        rows = await store._reader.execute_fetchall(
+            "SELECT state, attempts, lease_until FROM outbox"
+        )
+        assert [tuple(r) for r in rows] == [("queued", 0, None)]
+    finally:
+        await store.close()
+
+
+async def test_a_decisions_mail_is_leased_by_its_transaction(store: Store) -> None:
+    await clear_queue(store)
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    (job,) = await store.claim(10, LEASE)
+    assert await complete_ticket(store, job, lambda _: forwards(3))
+    rows = await store._reader.execute_fetchall(
+        "SELECT id, state, attempts FROM outbox ORDER BY id"
+    )
+    assert [tuple(r)[1:] for r in rows] == [("active", 1), ("active", 1), ("queued", 0)]  # limit 2
+    store._outbox_claimed_at = time.monotonic()  # the table was read a moment ago
+    fresh = await store.claim_deliveries(16, LEASE)
+    assert [d.id for d in fresh] == [rows[0][0], rows[1][0]]
+    assert all(d.attempts == 1 and d.inbound_id == job.id and d.data == b"x" for d in fresh)
+    store._outbox_claimed_at = 0.0
+    (queued,) = await store.claim_deliveries(16, LEASE)
+    assert queued.id == rows[2][0]
+
+
+async def test_mail_claimed_by_its_decision_is_durable_before_the_relay_has_it(
+    store: Store,
+) -> None:
+    """The decision committed without an fsync: with no intake commit to wait for, handing out
+    its mail renews the lease in a durable commit (which fsyncs the WAL), and the lease the
+    sender holds is the one in the store (its claim can be given back)."""
+    await clear_queue(store)
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    (job,) = await store.claim(10, LEASE)
+    assert await complete_ticket(store, job)
+    (before,) = await store._reader.execute_fetchall("SELECT lease_until FROM outbox")
+    assert writer_pragma(store, "synchronous") == 1  # the decision: NORMAL
+    store._outbox_claimed_at = time.monotonic()  # no claim from the table this time
+    (delivery,) = await store.claim_deliveries(16, LEASE)
+    assert writer_pragma(store, "synchronous") == 2  # FULL: the renewal fsynced the WAL
+    (after,) = await store._reader.execute_fetchall("SELECT lease_until FROM outbox")
+    assert after[0] == delivery.lease_until > before[0]
+    assert await store.unclaim_deliveries([delivery]) == 1
+
+
+async def test_mail_waits_for_the_intake_commit_being_written_instead(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While mail arrives an intake commit fsyncs the WAL anyway: the relay's claim waits for
+    the one in flight and needs no transaction of its own."""
+    await clear_queue(store)
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    (job,) = await store.claim(10, LEASE)
+    assert await complete_ticket(store, job)
+    (before,) = await store._reader.execute_fetchall("SELECT lease_until FROM outbox")
+    hops = Hops(store, monkeypatch)
+    store._outbox_claimed_at = time.monotonic()  # no claim from the table this time
+    with hops.measure() as seen:
+        intake = asyncio.create_task(enqueue(store, alert("Acme Corp", 2), "<a2@x>"))
+        await asyncio.sleep(0)  # the commit is on its way
+        (delivery,) = await store.claim_deliveries(16, LEASE)
+        await intake
+    assert (seen["writer"], seen["inline"]) == (1, 0)  # the intake commit only
+    assert not store._outbox_unsynced
+    assert delivery.lease_until == before[0]
+
+
+async def test_a_rolled_back_decision_hands_out_no_mail(store: Store) -> None:
+    await clear_queue(store)
+    for n in range(3):
+        await enqueue(store, alert("Acme Corp", n), f"<a{n}@x>")
+    jobs: list[Job] = await store.claim(10, LEASE)
+    assert len(jobs) == 3
+
+    def broken(_: Applied) -> list[OutboundMail]:
+        raise RuntimeError("the mail builder broke")
+
+    def late(_: Applied) -> list[OutboundMail]:  # queues its mail, then the decision fails
+        return [OutboundMail(MailKind.FORWARD, "c@localhost", ("s@msp.example",), b"x", "<f9@x>")]
+
+    await store._db.execute(
+        "CREATE TEMP TRIGGER refuse_link AFTER INSERT ON outbox WHEN new.message_id = '<f9@x>'"
+        " BEGIN SELECT RAISE(ABORT, 'refused after the insert'); END"
+    )
+    decisions = [numbered_decision(0), numbered_decision(1, broken), numbered_decision(2, late)]
+    outcomes = await complete_all(store, sorted(jobs, key=lambda j: j.message_id or ""), decisions)
+    assert [type(o).__name__ for o in outcomes] == ["Outcome", "RuntimeError", "IntegrityError"]
+    store._outbox_claimed_at = time.monotonic()
+    handed = await store.claim_deliveries(16, LEASE)
+    rows = await store._reader.execute_fetchall("SELECT id, message_id FROM outbox")
+    assert [(d.id, d.kind) for d in handed] == [(rows[0][0], "forward")]
+    assert [r[1] for r in rows] == ["<f0@x>"]
+
+
+async def test_a_failing_relay_stops_the_claims_until_a_mail_is_delivered(store: Store) -> None:
+    """A sender waiting out a failing relay would otherwise hold the mails claimed for it,
+    shown as being sent: they go back to the queue, and new mail is queued, not claimed."""
+    await clear_queue(store)
+    for n in range(3):
+        await enqueue(store, alert("Acme Corp", n), f"<a{n}@x>")
+    jobs = sorted(await store.claim(10, LEASE), key=lambda j: j.message_id or "")
+
+    async def complete(n: int) -> None:
+        decision = numbered_decision(n)
+        assert await store.complete(
+            jobs[n], decision, dedupe_key=f"<a{n}@x>", auto_mail_hourly_limit=20
+        )
+
+    await complete(0)
+    held = store.hold_mail()
+    assert len(held) == 1
+    assert await store.unclaim_deliveries(held) == 1
+    await complete(1)
+    rows = await store._reader.execute_fetchall("SELECT state, attempts FROM outbox ORDER BY id")
+    assert [tuple(r) for r in rows] == [("queued", 0), ("queued", 0)]
+    store._outbox_claimed_at = 0.0
+    first, _ = await store.claim_deliveries(16, LEASE)
+    await store.delivery_done([first.id])  # the relay works again
+    await complete(2)
+    rows = await store._reader.execute_fetchall("SELECT state FROM outbox ORDER BY id")
+    assert [r[0] for r in rows] == ["done", "active", "active"]
