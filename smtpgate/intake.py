@@ -80,6 +80,7 @@ class IntakeProcesses:
         self._config = json.dumps({"settings": child}).encode() + b"\n"
         self._children = [_Child(i) for i in range(count)]
         self._stopping = False
+        store.on_committed = self._committed
         loop = asyncio.get_running_loop()
         self._loop_name = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
@@ -163,8 +164,6 @@ class IntakeProcesses:
     async def _watch(self, child: _Child, reader: asyncio.StreamReader) -> None:
         process = child.process
         assert process is not None
-        writer = child.channel
-        assert writer is not None
         commits = child.commits
         while True:
             try:
@@ -172,9 +171,14 @@ class IntakeProcesses:
                 frame = json.loads(line) if line else None
                 if frame is not None and "enqueue" in frame:
                     raw = await reader.readexactly(int(frame["size"]))
+                    peer, helo, mail_from, rcpt_tos = frame["envelope"]
+                    envelope = Envelope(
+                        str(peer), str(helo), str(mail_from), tuple(map(str, rcpt_tos))
+                    )
             except (ConnectionError, asyncio.IncompleteReadError):
                 frame = None
-            except ValueError:  # not JSON, or a line over the stream limit: not our child
+            except (ValueError, KeyError, TypeError):  # not JSON, a line over the stream
+                # limit, a frame without its parts: not our child
                 log.error("intake process %d sent an unreadable frame; stopping it", process.pid)
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
@@ -183,11 +187,13 @@ class IntakeProcesses:
                 break
             if "enqueue" in frame:
                 qid = str(frame["enqueue"])
-                commits[qid] = asyncio.create_task(self._commit(child, writer, qid, frame, raw))
+                commits[qid] = self._store.enqueue_nowait(
+                    envelope, raw, frame.get("message_id"), qid
+                )  # answered by _committed
             elif "cancel" in frame:
-                task = commits.get(str(frame["cancel"]))
-                if task is not None:
-                    task.cancel()
+                future = commits.pop(str(frame["cancel"]), None)
+                if future is not None:
+                    future.cancel()  # not written, if it is not being written already
             elif "ready" in frame:
                 child.ready.set()
                 log.info("intake process %d serving", process.pid)
@@ -203,8 +209,9 @@ class IntakeProcesses:
             return
         # Its sessions are gone without an answer: what is not yet being written is not written
         # (the senders retry; a copy already committed is a duplicate to the dedupe key).
-        for task in list(child.commits.values()):
-            task.cancel()
+        for future in child.commits.values():
+            future.cancel()
+        child.commits.clear()
         log.error(
             "intake process %d exited unexpectedly (code %s); starting another in %.0f s",
             process.pid,
@@ -219,28 +226,30 @@ class IntakeProcesses:
             except OSError as exc:  # out of processes or descriptors: keep trying
                 log.error("could not start an intake process: %s; retrying", exc)
 
-    async def _commit(
-        self,
-        child: _Child,
-        writer: asyncio.StreamWriter,
-        qid: str,
-        frame: dict[str, Any],
-        raw: bytes,
-    ) -> None:
-        peer, helo, mail_from, rcpt_tos = frame["envelope"]
-        envelope = Envelope(str(peer), str(helo), str(mail_from), tuple(map(str, rcpt_tos)))
-        message_id = frame.get("message_id")
-        try:
-            await self._store.enqueue(envelope, raw, message_id, qid)
-        except StoreError as exc:
-            answer: dict[str, str] = {"failed": qid, "error": str(exc)}
-        else:
-            answer = {"ok": qid}
-            self._on_queued()
-        finally:
-            child.commits.pop(qid, None)
-        if writer is child.channel:  # not to a child started since, in its place
-            child.answer(json.dumps(answer).encode() + b"\n")
+    def _committed(self, ids: list[str], error: str | None) -> None:
+        """The store's `on_committed`: answer the children whose sessions wait for these
+        messages, in one write per child, in the pass of the event loop where the commit
+        ended (a task per message took two more passes, each as long as the workers' steps)."""
+        answered: list[_Child] = []
+        for qid in ids:
+            for child in self._children:
+                future = child.commits.pop(qid, None)
+                if future is not None:
+                    break
+            else:
+                continue  # the session gave up (cancel), or its child is gone
+            if error is None:
+                answer: dict[str, str] = {"ok": qid}
+                self._on_queued()
+            else:
+                future.exception()  # retrieved: nothing else awaits it
+                answer = {"failed": qid, "error": error}
+            line = json.dumps(answer).encode() + b"\n"
+            if not child.answers:
+                answered.append(child)
+            child.answers.append(line)
+        for child in answered:
+            child.flush()
 
 
 class _Child:
@@ -251,18 +260,11 @@ class _Child:
         self.watcher: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self.sessions = 0
-        self.commits: dict[str, asyncio.Task[None]] = {}  # enqueues being committed, by id
-        self._answers: list[bytes] = []
+        self.commits: dict[str, asyncio.Future[None]] = {}  # enqueues being committed, by id
+        self.answers: list[bytes] = []  # answer frames not yet sent
 
-    def answer(self, line: bytes) -> None:
-        """Send an answer frame. The answers to one group commit are ready in one pass of the
-        event loop: they leave in one write at its end, not one system call each."""
-        if not self._answers:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._answers.append(line)
-
-    def _flush(self) -> None:
-        lines, self._answers = self._answers, []
+    def flush(self) -> None:
+        lines, self.answers = self.answers, []
         if self.channel is not None and not self.channel.is_closing():
             self.channel.write(b"".join(lines))
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from smtpgate import app, intake
+from smtpgate.config import load_settings
 from smtpgate.model import Envelope
+from smtpgate.store import Store
 from tests.conftest import (
     GatewayFactory,
     RecordingRelay,
@@ -258,15 +260,68 @@ async def channel_pair() -> AsyncIterator[
         peer.close()
 
 
-async def test_the_answers_to_one_group_commit_leave_in_one_write() -> None:
-    async with channel_pair() as (writer, reader, writes):
-        child = intake._Child(0)
-        child.channel = writer
-        for qid in (b"a", b"b", b"c"):
-            child.answer(b'{"ok": "%s"}\n' % qid)
-        await asyncio.sleep(0)
+@contextlib.asynccontextmanager
+async def parent_side(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[intake.IntakeProcesses, Store, list[bytes], asyncio.StreamReader]]:
+    """The serve side of one child's channel, over a real store; no child process."""
+    settings = load_settings(
+        _env_file=None, data_dir=tmp_path, internal_support_address="support@msp.example"
+    )
+    store = await Store.open(tmp_path / "smtpgate.db")
+    try:
+        async with channel_pair() as (writer, reader, writes):
+            queued: list[None] = []
+            processes = intake.IntakeProcesses(
+                settings, [], store, lambda: queued.append(None), lambda code, n: None
+            )
+            processes._children[0].channel = writer
+            yield processes, store, writes, reader
+    finally:
+        await store.close()
+
+
+def child_enqueue(
+    processes: intake.IntakeProcesses, store: Store, qid: str
+) -> asyncio.Future[None]:
+    """What the parent does with a child's enqueue frame."""
+    envelope = Envelope("127.0.0.1", "client.test", "a@example.org", ("connector@localhost",))
+    future = store.enqueue_nowait(envelope, b"Subject: x\r\n\r\nx\r\n", None, qid)
+    processes._children[0].commits[qid] = future
+    return future
+
+
+async def test_the_answers_to_one_group_commit_leave_in_one_write_as_it_ends(
+    tmp_path: Path,
+) -> None:
+    """In the pass of the event loop where the commit ends: before the futures' waiters run
+    (a task per message took two more passes, each as long as the workers' steps then)."""
+    async with parent_side(tmp_path) as (processes, store, writes, reader):
+        futures = [child_enqueue(processes, store, qid) for qid in ("a", "b", "c")]
+        await asyncio.gather(*futures)
         assert writes == [b'{"ok": "a"}\n{"ok": "b"}\n{"ok": "c"}\n']
         assert [await reader.readline() for _ in range(3)] == writes[0].splitlines(keepends=True)
+        assert processes._children[0].commits == {}
+
+
+async def test_a_failed_commit_is_answered_and_a_cancelled_one_is_not(tmp_path: Path) -> None:
+    async with parent_side(tmp_path) as (processes, store, writes, _):
+        await store._db.execute(
+            "CREATE TEMP TRIGGER refuse BEFORE INSERT ON inbound WHEN new.id = 'bad'"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        bad = child_enqueue(processes, store, "bad")
+        gone = child_enqueue(processes, store, "gone")
+        processes._children[0].commits.pop("gone").cancel()  # the child's cancel frame
+        with pytest.raises(sqlite3.Error):
+            await bad
+        assert gone.cancelled()
+        (line,) = b"".join(writes).splitlines()
+        assert json.loads(line) == {"failed": "bad", "error": "refused"}
+        ok = child_enqueue(processes, store, "ok")
+        await ok
+        assert b"".join(writes).splitlines()[-1] == b'{"ok": "ok"}'
+        assert await store.get_inbound("gone") is None
 
 
 @pytest.mark.parametrize(("size", "count"), [(2048, 1), (64 * 1024, 1), (64 * 1024 + 1, 2)])

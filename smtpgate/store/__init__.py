@@ -366,6 +366,10 @@ class Store:
         # commit that wrote to the WAL (`_write(fsynced=…)`: intake, a claim, recovery).
         self._outbox_unsynced = True
         self.new_work = asyncio.Event()  # set after an intake commit: wakes the workers
+        # Called as an intake batch's commit ends, once its futures are resolved: the queue ids
+        # of the messages whose senders still waited, and the error (None: committed). Intake
+        # processes answer their children from it (see `enqueue_nowait`).
+        self.on_committed: Callable[[list[str], str | None], None] | None = None
         # Messages claimed by their own intake commit, waiting for a worker (see `hand_over`):
         # (lease end, job), oldest first.
         self._fresh: collections.deque[tuple[float, Job]] = collections.deque()
@@ -426,11 +430,12 @@ class Store:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._committer = self._completer = self._checkpointer = None
-        for waiting in (self._pending, self._completions):
-            for item in waiting:
-                if not item.future.done():
-                    item.future.set_exception(StoreError("store closed"))
-            waiting.clear()
+        self._intake_ended(self._pending, "store closed")
+        for item in self._completions:
+            if not item.future.done():
+                item.future.set_exception(StoreError("store closed"))
+        self._pending.clear()
+        self._completions.clear()
         await self._release_fresh()
         self._lookups.close()
         await self._reader.close()
@@ -553,12 +558,20 @@ class Store:
         self, envelope: Envelope, raw: bytes, message_id: str | None, queue_id: str
     ) -> None:
         """Return once the message is committed; raise StoreError if it could not be."""
+        await self.enqueue_nowait(envelope, raw, message_id, queue_id)
+
+    def enqueue_nowait(
+        self, envelope: Envelope, raw: bytes, message_id: str | None, queue_id: str
+    ) -> asyncio.Future[None]:
+        """`enqueue` without waiting: the future ends with the commit (StoreError if it failed);
+        cancelled before its batch is written, the message is not written. `on_committed`, if
+        set, hears of it first, in the same pass of the event loop as the commit ends."""
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_loop(), name="group-commit")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append(_Intake(queue_id, envelope, raw, message_id, future))
         self._pending_event.set()
-        await future
+        return future
 
     async def _commit_loop(self) -> None:
         while True:
@@ -603,9 +616,8 @@ class Store:
             finally:
                 self._committing.set_result(None)
                 self._committing = None
-                for item in batch:  # only if cancelled (close) half-way: its outcome is unknown
-                    if not item.future.done():
-                        item.future.set_exception(StoreError("store closed during the commit"))
+                # Only if cancelled (close) half-way: its outcome is unknown.
+                self._intake_ended(batch, "store closed during the commit")
 
     async def _commit_intake(
         self, batch: list[_Intake], entries: list[tuple[tuple[Any, ...], _Intake]]
@@ -616,19 +628,30 @@ class Store:
             )
         except (sqlite3.Error, ValueError) as exc:  # ValueError: text SQLite cannot encode
             log.error("intake commit of %d message(s) failed: %s", len(batch), exc)
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(StoreError(str(exc)))
+            self._intake_ended(batch, str(exc))
             return
-        for item in batch:
-            if not item.future.done():
-                item.future.set_result(None)
+        self._intake_ended(batch, None)
         for row, item in entries:
             if row[-4] == "active" and item.id in inserted:
                 self._fresh.append((row[-2], _fresh_job(row, item)))
             elif row[-4] == "queued":
                 self._queue_clear = False
         self.new_work.set()
+
+    def _intake_ended(self, batch: list[_Intake], error: str | None) -> None:
+        """Resolve the futures of a batch whose senders still wait (StoreError(error) if it
+        failed), then tell `on_committed`."""
+        waiting = [item for item in batch if not item.future.done()]
+        for item in waiting:
+            if error is None:
+                item.future.set_result(None)
+            else:
+                item.future.set_exception(StoreError(error))
+        if self.on_committed is not None and waiting:
+            try:
+                self.on_committed([item.id for item in waiting], error)
+            except Exception:  # a defect of the caller's; the futures tell the outcome too
+                log.exception("on_committed failed")
 
     def hand_over(self, jobs: int, mails: int, lease_seconds: float) -> None:
         """Let the transaction that queues a message or a mail claim it too (`claim` and
