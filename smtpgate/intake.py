@@ -230,26 +230,25 @@ class IntakeProcesses:
         """The store's `on_committed`: answer the children whose sessions wait for these
         messages, in one write per child, in the pass of the event loop where the commit
         ended (a task per message took two more passes, each as long as the workers' steps)."""
-        answered: list[_Child] = []
-        for qid in ids:
-            for child in self._children:
-                future = child.commits.pop(qid, None)
-                if future is not None:
-                    break
-            else:
-                continue  # the session gave up (cancel), or its child is gone
-            if error is None:
-                answer: dict[str, str] = {"ok": qid}
-                self._on_queued()
-            else:
-                future.exception()  # retrieved: nothing else awaits it
-                answer = {"failed": qid, "error": error}
-            line = json.dumps(answer).encode() + b"\n"
-            if not child.answers:
-                answered.append(child)
-            child.answers.append(line)
-        for child in answered:
-            child.flush()
+        answers: dict[_Child, list[bytes]] = {}
+        try:
+            for qid in ids:
+                for child in self._children:
+                    future = child.commits.pop(qid, None)
+                    if future is not None:
+                        break
+                else:
+                    continue  # the session gave up (cancel), or its child is gone
+                if error is None:
+                    answer: dict[str, str] = {"ok": qid}
+                    self._on_queued()
+                else:
+                    future.exception()  # retrieved: nothing else awaits it
+                    answer = {"failed": qid, "error": error}
+                answers.setdefault(child, []).append(json.dumps(answer).encode() + b"\n")
+        finally:  # whatever happened, the answers made so far go
+            for child, lines in answers.items():
+                child.send(b"".join(lines))
 
 
 class _Child:
@@ -261,12 +260,10 @@ class _Child:
         self.ready = asyncio.Event()
         self.sessions = 0
         self.commits: dict[str, asyncio.Future[None]] = {}  # enqueues being committed, by id
-        self.answers: list[bytes] = []  # answer frames not yet sent
 
-    def flush(self) -> None:
-        lines, self.answers = self.answers, []
+    def send(self, frames: bytes) -> None:
         if self.channel is not None and not self.channel.is_closing():
-            self.channel.write(b"".join(lines))
+            self.channel.write(frames)
 
     def close_channel(self) -> None:
         if self.channel is not None:

@@ -14,7 +14,7 @@ import signal
 import socket
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -262,7 +262,7 @@ async def channel_pair() -> AsyncIterator[
 
 @contextlib.asynccontextmanager
 async def parent_side(
-    tmp_path: Path,
+    tmp_path: Path, on_queued: Callable[[], None] = lambda: None
 ) -> AsyncIterator[tuple[intake.IntakeProcesses, Store, list[bytes], asyncio.StreamReader]]:
     """The serve side of one child's channel, over a real store; no child process."""
     settings = load_settings(
@@ -271,10 +271,7 @@ async def parent_side(
     store = await Store.open(tmp_path / "smtpgate.db")
     try:
         async with channel_pair() as (writer, reader, writes):
-            queued: list[None] = []
-            processes = intake.IntakeProcesses(
-                settings, [], store, lambda: queued.append(None), lambda code, n: None
-            )
+            processes = intake.IntakeProcesses(settings, [], store, on_queued, lambda code, n: None)
             processes._children[0].channel = writer
             yield processes, store, writes, reader
     finally:
@@ -322,6 +319,22 @@ async def test_a_failed_commit_is_answered_and_a_cancelled_one_is_not(tmp_path: 
         await ok
         assert b"".join(writes).splitlines()[-1] == b'{"ok": "ok"}'
         assert await store.get_inbound("gone") is None
+
+
+async def test_a_failure_while_answering_does_not_silence_the_child(tmp_path: Path) -> None:
+    """The answers made before it still go, and the next commits are answered."""
+    calls: list[None] = []
+
+    def on_queued() -> None:
+        calls.append(None)
+        if len(calls) == 2:
+            raise RuntimeError("metrics broke")
+
+    async with parent_side(tmp_path, on_queued) as (processes, store, writes, _):
+        await asyncio.gather(*(child_enqueue(processes, store, qid) for qid in ("a", "b", "c")))
+        assert writes == [b'{"ok": "a"}\n']
+        await child_enqueue(processes, store, "d")
+        assert writes[-1] == b'{"ok": "d"}\n'
 
 
 @pytest.mark.parametrize(("size", "count"), [(2048, 1), (64 * 1024, 1), (64 * 1024 + 1, 2)])

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import sqlite3
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from tests.test_store_hops import (
     FIXTURES,
     Hops,
     alert,
+    big_alert,
     complete_all,
     complete_ticket,
     enqueue,
@@ -136,25 +138,6 @@ async def test_a_due_retry_is_claimed_within_a_second_of_new_mail(store: Store) 
     store._table_claimed_at -= 1.0  # a second later
     taken = await store.claim(10, LEASE)
     assert sorted(j.message_id or "" for j in taken) == ["<a1@x>", "<a3@x>"]
-
-
-async def test_a_message_waiting_past_half_its_lease_is_left_to_expire(tmp_path: Path) -> None:
-    """A worker taking it now might not finish in time; the sweeper queues it again once its
-    lease has lapsed, and a claim from the table takes it (a second attempt)."""
-    store = await open_store(tmp_path / "s.db", lease=0.2)
-    try:
-        await clear_queue(store)
-        await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
-        await asyncio.sleep(0.12)
-        assert await store.claim(10, 0.2) == []
-        assert not store._fresh
-        await asyncio.sleep(0.1)
-        assert await store.release_expired() == 1
-        store._table_claimed_at = 0.0
-        (job,) = await store.claim(10, 300)
-        assert (job.message_id, job.attempts) == ("<a1@x>", 2)
-    finally:
-        await store.close()
 
 
 async def test_close_queues_again_what_no_worker_or_sender_took(tmp_path: Path) -> None:
@@ -297,3 +280,118 @@ async def test_a_failing_relay_stops_the_claims_until_a_mail_is_delivered(store:
     await complete(2)
     rows = await store._reader.execute_fetchall("SELECT state FROM outbox ORDER BY id")
     assert [r[0] for r in rows] == ["done", "active", "active"]
+
+
+# --- found by review --------------------------------------------------------------------------
+
+
+async def test_a_big_decisions_mail_is_handed_out_though_a_group_was_written_meanwhile(
+    store: Store,
+) -> None:
+    """A big message's decision runs in the writer's thread while the next group waits for the
+    write lock: the group must not take the big decision's claimed mail with it (it was left
+    leased, held by nobody)."""
+    await enqueue(store, big_alert("Acme Corp", 0), "<a0@x>")
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    jobs = sorted(await store.claim(10, LEASE), key=lambda j: j.message_id or "")
+    assert len(jobs) == 2
+    store._outbox_claimed_at = time.monotonic()
+    go = threading.Event()
+
+    def blocking(_: Applied) -> Iterator[OutboundMail]:  # runs in the writer's thread
+        yield OutboundMail(MailKind.FORWARD, "c@localhost", ("s@msp.example",), b"x", "<f0@x>")
+        go.wait(5)
+
+    big = asyncio.create_task(
+        store.complete(
+            jobs[0], numbered_decision(0, blocking), dedupe_key="<a0@x>", auto_mail_hourly_limit=20
+        )
+    )
+    while not store._staged_mail:  # the thread has claimed the big decision's mail
+        await asyncio.sleep(0.001)
+    small = asyncio.create_task(
+        store.complete(
+            jobs[1], numbered_decision(1), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
+        )
+    )
+    for _ in range(5):
+        await asyncio.sleep(0)  # the group writer is on its way, waiting for the lock
+    go.set()
+    assert await big
+    assert await small
+    rows = await store._reader.execute_fetchall("SELECT id FROM outbox WHERE state = 'active'")
+    assert len(rows) == 2
+    handed = await store.claim_deliveries(16, LEASE)
+    assert {d.id for d in handed} == {r[0] for r in rows}
+
+
+async def test_a_due_retry_is_claimed_within_a_second_though_new_mail_fills_every_claim(
+    store: Store,
+) -> None:
+    await clear_queue(store)
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    (job,) = await store.claim(1, LEASE)
+    await store.fail(job, "boom", max_attempts=5, backoff=0)  # due again at once
+    seen = []
+    for n in range(2, 4):
+        await enqueue(store, alert("Acme Corp", n), f"<a{n}@x>")
+        store._table_claimed_at -= 2.0  # more than a second since the table was read
+        seen += [j.message_id for j in await store.claim(1, LEASE)]  # one free worker
+    assert seen == ["<a1@x>", "<a2@x>"]
+
+
+async def test_a_failed_claim_from_the_table_keeps_the_messages_held(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await clear_queue(store)
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    store._table_claimed_at = 0.0
+    real = store._write
+
+    async def locked(fn: object, **kw: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "_write", locked)
+    with pytest.raises(sqlite3.OperationalError):
+        await store.claim(10, LEASE)
+    monkeypatch.setattr(store, "_write", real)
+    (job,) = await store.claim(10, LEASE)
+    assert job.message_id == "<a1@x>"
+
+
+async def test_a_mail_whose_lease_was_lost_while_it_waited_is_not_handed_out(
+    store: Store,
+) -> None:
+    """Its lease lapsed, the sweeper queued it again and another sender claimed it: renewing
+    the lease finds another one, and the mail is not handed out a second time."""
+    await clear_queue(store)
+    await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+    (job,) = await store.claim(10, LEASE)
+    assert await store.complete(
+        job, numbered_decision(1), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
+    )
+    await store._write(lambda db: db.execute("UPDATE outbox SET lease_until = lease_until + 7"))
+    store._outbox_claimed_at = time.monotonic()
+    assert store._outbox_unsynced
+    assert await store.claim_deliveries(16, LEASE) == []
+
+
+async def test_a_row_that_waited_past_half_its_lease_is_queued_again_at_once(
+    tmp_path: Path,
+) -> None:
+    """Not left leased for the other half: queued again with its attempt given back, and
+    new messages queue behind it."""
+    store = await open_store(tmp_path / "s.db", lease=0.2)
+    try:
+        await clear_queue(store)
+        await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
+        await asyncio.sleep(0.12)
+        assert await store.claim(10, 0.2) == []
+        rows = await store._reader.execute_fetchall("SELECT state, attempts FROM inbound")
+        assert [tuple(r) for r in rows] == [("queued", 0)]
+        await enqueue(store, alert("Acme Corp", 2), "<a2@x>")
+        store._table_claimed_at = 0.0
+        taken = await store.claim(10, 300)
+        assert [(j.message_id, j.attempts) for j in taken] == [("<a1@x>", 1), ("<a2@x>", 1)]
+    finally:
+        await store.close()

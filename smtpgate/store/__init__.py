@@ -61,6 +61,7 @@ StoreError = sqlite3.Error
 _TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN")
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 # Decisions of messages up to this size are written in the loop's thread (see Store._write).
 INLINE_MAX_BYTES = 256 * 1024
@@ -379,7 +380,7 @@ class Store:
         self._queue_clear = False
         self._table_claimed_at = 0.0  # when the last claim from the table ran (monotonic)
         # Outbox mails claimed by the transaction that queued them, likewise (`hand_over`).
-        self._fresh_mail: collections.deque[Delivery] = collections.deque()
+        self._fresh_mail: collections.deque[tuple[float, Delivery]] = collections.deque()
         self._staged_mail: list[Delivery] = []  # by the decisions being written
         self._mail_limit = 0
         self._mail_held = False  # the relay failed: queue new mail until one is delivered
@@ -436,7 +437,11 @@ class Store:
                 item.future.set_exception(StoreError("store closed"))
         self._pending.clear()
         self._completions.clear()
-        await self._release_fresh()
+        jobs, mails = [job for _, job in self._fresh], [mail for _, mail in self._fresh_mail]
+        self._fresh.clear()
+        self._fresh_mail.clear()
+        if jobs or mails:  # the next start would do it too; till then they would look busy
+            await self._release(jobs, mails)
         self._lookups.close()
         await self._reader.close()
         # Under the write lock: a transaction still running (in the thread or waiting for the
@@ -725,15 +730,22 @@ class Store:
         the table is read when there are none and it may hold due messages, and at least every
         TABLE_CLAIM_SECONDS, so a retry that has become due does not wait behind new mail."""
         now = time.time()
-        fresh = self._take_fresh(limit, max_bytes, now)
+        jobs: list[Job] = []
         recent = time.monotonic() - self._table_claimed_at < TABLE_CLAIM_SECONDS
-        if (fresh or self._queue_clear) and recent:
-            return fresh
-        limit -= len(fresh)
+        if not (recent and (self._fresh or self._queue_clear)):
+            jobs = await self._claim_table(limit, lease_seconds, max_bytes, now)
         if max_bytes is not None:
-            max_bytes -= sum(len(job.raw) for job in fresh)
-        if fresh and (limit <= 0 or (max_bytes is not None and max_bytes <= 0)):
-            return fresh
+            max_bytes -= sum(len(job.raw) for job in jobs)
+        fresh, stale = _take_held(
+            self._fresh, limit - len(jobs), max_bytes, now, self._fresh_lease, _raw_size, not jobs
+        )
+        if stale:
+            await self._release(jobs=stale)
+        return jobs + fresh
+
+    async def _claim_table(
+        self, limit: int, lease_seconds: float, max_bytes: int | None, now: float
+    ) -> list[Job]:
         token = secrets.token_hex(8)
         budget = max_bytes if max_bytes is not None else -1
 
@@ -792,53 +804,35 @@ class Store:
             )
         self._table_claimed_at = time.monotonic()
         jobs.sort(key=lambda j: j.received_at)
-        return jobs + fresh
+        return jobs
 
-    async def _release_fresh(self) -> None:
-        """Queue again what was claimed as it was queued and never handed out (`hand_over`):
-        the next start would do it too, but till then it would show as being worked on."""
-        jobs = [(job.id, job.token) for _, job in self._fresh]
-        mails = [(mail.id, mail.lease_until) for mail in self._fresh_mail]
-        self._fresh.clear()
-        self._fresh_mail.clear()
-        if not (jobs or mails):
-            return
+    async def _release(self, jobs: Sequence[Job] = (), mails: Sequence[Delivery] = ()) -> None:
+        """Queue again messages and mails claimed as they were queued and not worked on
+        (`hand_over`), their attempt not counted; a row leased to another since stays."""
+        job_keys = [(job.id, job.token) for job in jobs]
+        mail_keys = [(mail.id, mail.lease_until) for mail in mails]
 
         def release(db: sqlite3.Connection) -> None:
             db.executemany(
                 "UPDATE inbound SET state = 'queued', attempts = attempts - 1,"
                 " lease_until = NULL, lease_token = NULL"
                 " WHERE id = ? AND lease_token = ? AND state = 'active'",
-                jobs,
+                job_keys,
             )
             db.executemany(
                 "UPDATE outbox SET state = 'queued', attempts = attempts - 1, lease_until = NULL"
                 " WHERE id = ? AND lease_until = ? AND state = 'active'",
-                mails,
+                mail_keys,
             )
 
         try:
             await self._write(release, durable=False)
         except (sqlite3.Error, ValueError) as exc:  # ValueError: the connection is gone
-            log.warning("%d row(s) left leased till the next start: %s", len(jobs + mails), exc)
-
-    def _take_fresh(self, limit: int, max_bytes: int | None, now: float) -> list[Job]:
-        """Up to `limit` of the messages claimed at intake, within `max_bytes` (at least one).
-        One whose lease is running out is left to expire and be queued again (`release_expired`):
-        a worker would not finish it in time."""
-        taken: list[Job] = []
-        size = 0
-        while self._fresh and len(taken) < limit:
-            lease_until, job = self._fresh[0]
-            if lease_until - now < self._fresh_lease / 2:
-                self._fresh.popleft()
-                continue
-            if max_bytes is not None and taken and size + len(job.raw) > max_bytes:
-                break
-            self._fresh.popleft()
-            taken.append(job)
-            size += len(job.raw)
-        return taken
+            log.warning(
+                "%d row(s) left leased till their lease ends: %s", len(jobs) + len(mails), exc
+            )
+        if jobs:
+            self._queue_clear = False  # new messages queue behind these
 
     async def fail(
         self, job: Job, error: str, *, max_attempts: int, backoff: float, transient: bool = False
@@ -950,15 +944,17 @@ class Store:
 
     async def _write_decisions(self, fn: Callable[[sqlite3.Connection], T], *, inline: bool) -> T:
         """A transaction of decisions; the outbox mails it claimed are handed out once it has
-        committed (`hand_over`)."""
-        self._staged_mail = []
-        try:
-            result = await self._write(fn, durable=False, inline=inline)
-        except BaseException:
-            self._staged_mail = []
-            raise
-        self._fresh_mail.extend(self._staged_mail)
-        self._staged_mail = []
+        committed (`hand_over`). Its own list collects them: a big message's decision runs in
+        the writer's thread while the next group waits for the write lock."""
+        staged: list[Delivery] = []
+
+        def write(db: sqlite3.Connection) -> T:
+            staged.clear()  # run again (the write lock of another process): from the start
+            self._staged_mail = staged  # under the write lock: the only writer now
+            return fn(db)
+
+        result = await self._write(write, durable=False, inline=inline)
+        self._fresh_mail.extend((mail.lease_until, mail) for mail in staged)
         return result
 
     async def _complete_group(self, group: list[_Completion]) -> None:
@@ -1270,16 +1266,35 @@ class Store:
         Mails leased by the decision that queued them (`hand_over`) come first, made durable
         likewise (`_sync_mail`); the table is read when there are none, and at least every
         TABLE_CLAIM_SECONDS."""
-        fresh = self._take_fresh_mail(limit, max_bytes, time.time())
-        if fresh:
-            fresh = await self._sync_mail(fresh)
-            if time.monotonic() - self._outbox_claimed_at < TABLE_CLAIM_SECONDS:
-                return fresh
-        limit -= len(fresh)
+        now = time.time()
+        out: list[Delivery] = []
+        recent = time.monotonic() - self._outbox_claimed_at < TABLE_CLAIM_SECONDS
+        if not (recent and self._fresh_mail):
+            out = await self._claim_mail_table(limit, lease_seconds, max_bytes)
         if max_bytes is not None:
-            max_bytes -= sum(len(d.data) for d in fresh)
-        if fresh and (limit <= 0 or (max_bytes is not None and max_bytes <= 0)):
-            return fresh
+            max_bytes -= sum(len(d.data) for d in out)
+        fresh, stale = _take_held(
+            self._fresh_mail,
+            limit - len(out),
+            max_bytes,
+            now,
+            self._fresh_lease,
+            _data_size,
+            not out,
+        )
+        if stale:
+            await self._release(mails=stale)
+        if fresh:
+            try:
+                fresh = await self._sync_mail(fresh)
+            except BaseException:
+                self._fresh_mail.extendleft((m.lease_until, m) for m in reversed(fresh))
+                raise
+        return out + fresh
+
+    async def _claim_mail_table(
+        self, limit: int, lease_seconds: float, max_bytes: int | None
+    ) -> list[Delivery]:
         budget = max_bytes if max_bytes is not None else -1
 
         def take(db: sqlite3.Connection) -> list[Delivery]:
@@ -1314,24 +1329,7 @@ class Store:
         out = await self._write(take, durable=lambda: self._outbox_unsynced, fsynced=bool)
         self._outbox_claimed_at = time.monotonic()
         out.sort(key=lambda d: d.id)
-        return out + fresh
-
-    def _take_fresh_mail(self, limit: int, max_bytes: int | None, now: float) -> list[Delivery]:
-        """Up to `limit` of the mails claimed when they were queued, within `max_bytes` (at
-        least one); one whose lease is running out is left to expire (as `_take_fresh`)."""
-        taken: list[Delivery] = []
-        size = 0
-        while self._fresh_mail and len(taken) < limit:
-            mail = self._fresh_mail[0]
-            if mail.lease_until - now < self._fresh_lease / 2:
-                self._fresh_mail.popleft()
-                continue
-            if max_bytes is not None and taken and size + len(mail.data) > max_bytes:
-                break
-            self._fresh_mail.popleft()
-            taken.append(mail)
-            size += len(mail.data)
-        return taken
+        return out
 
     async def _sync_mail(self, mails: list[Delivery]) -> list[Delivery]:
         """`mails` once the decisions that queued them survive an OS crash (see
@@ -1353,20 +1351,20 @@ class Store:
             dataclasses.replace(m, lease_until=max(now + self._fresh_lease, m.lease_until + 0.001))
             for m in mails
         ]
-        params = [
-            (new.lease_until, old.id, old.lease_until)
-            for new, old in zip(renewed, mails, strict=True)
-        ]
 
-        def renew(db: sqlite3.Connection) -> int:
-            return db.executemany(
-                "UPDATE outbox SET lease_until = ? WHERE id = ? AND state = 'active'"
-                " AND lease_until = ?",
-                params,
-            ).rowcount
+        def renew(db: sqlite3.Connection) -> list[Delivery]:
+            """The mails still leased as handed out (a lapsed one may be another's now)."""
+            return [
+                new
+                for new, old in zip(renewed, mails, strict=True)
+                if db.execute(
+                    "UPDATE outbox SET lease_until = ? WHERE id = ? AND state = 'active'"
+                    " AND lease_until = ?",
+                    (new.lease_until, old.id, old.lease_until),
+                ).rowcount
+            ]
 
-        await self._write(renew, durable=lambda: self._outbox_unsynced, fsynced=bool)
-        return renewed
+        return await self._write(renew, durable=lambda: self._outbox_unsynced, fsynced=bool)
 
     async def unclaim_deliveries(self, mails: Sequence[Delivery]) -> int:
         """Give back claimed mails not tried: queued again, the claim's attempt not counted. One
@@ -1389,7 +1387,7 @@ class Store:
         for the caller to give back (`unclaim_deliveries`). A sender waiting out a failing relay
         would otherwise hold them, shown as being sent."""
         self._mail_held = True
-        mails = list(self._fresh_mail)
+        mails = [mail for _, mail in self._fresh_mail]
         self._fresh_mail.clear()
         return mails
 
@@ -1828,6 +1826,43 @@ def _insert_intake(
         "INSERT INTO inbound_raw (id, raw) VALUES (?, ?)", [(item.id, item.raw) for _, item in live]
     )
     return {item.id for _, item in live}
+
+
+def _take_held(
+    held: collections.deque[tuple[float, U]],
+    limit: int,
+    max_bytes: int | None,
+    now: float,
+    lease_seconds: float,
+    size: Callable[[U], int],
+    first_free: bool,
+) -> tuple[list[U], list[U]]:
+    """Up to `limit` of the rows claimed as they were queued (`Store.hand_over`), oldest
+    first, within `max_bytes` (with `first_free`, always at least one); and those that waited
+    past half their lease, to be queued again: a worker might not finish them in time."""
+    taken: list[U] = []
+    stale: list[U] = []
+    total = 0
+    while held and len(taken) < limit:
+        lease_until, item = held[0]
+        held.popleft()
+        if lease_until - now < lease_seconds / 2:
+            stale.append(item)
+            continue
+        if max_bytes is not None and total + size(item) > max_bytes and (taken or not first_free):
+            held.appendleft((lease_until, item))
+            break
+        taken.append(item)
+        total += size(item)
+    return taken, stale
+
+
+def _raw_size(job: Job) -> int:
+    return len(job.raw)
+
+
+def _data_size(mail: Delivery) -> int:
+    return len(mail.data)
 
 
 def _fresh_job(row: tuple[Any, ...], item: _Intake) -> Job:
