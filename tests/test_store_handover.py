@@ -65,13 +65,15 @@ async def row(store: Store, table: str, key: object) -> sqlite3.Row:
 
 
 async def clear_queue(store: Store) -> None:
-    """A claim from the table that finds nothing due: from now on new mail is claimed at once."""
+    """Claims from the tables that find nothing due: from now on new messages and mails are
+    claimed as they are queued."""
     assert await store.claim(10, LEASE) == []
+    assert await store.claim_deliveries(16, LEASE) == []
 
 
-def forwards(n: int) -> list[OutboundMail]:
+def forwards(n: int, tag: str = "f") -> list[OutboundMail]:
     return [
-        OutboundMail(MailKind.FORWARD, "c@localhost", ("s@msp.example",), b"x", f"<f{i}@x>")
+        OutboundMail(MailKind.FORWARD, "c@localhost", ("s@msp.example",), b"x", f"<{tag}-{i}@x>")
         for i in range(n)
     ]
 
@@ -291,6 +293,7 @@ async def test_a_big_decisions_mail_is_handed_out_though_a_group_was_written_mea
     """A big message's decision runs in the writer's thread while the next group waits for the
     write lock: the group must not take the big decision's claimed mail with it (it was left
     leased, held by nobody)."""
+    await clear_queue(store)
     await enqueue(store, big_alert("Acme Corp", 0), "<a0@x>")
     await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
     jobs = sorted(await store.claim(10, LEASE), key=lambda j: j.message_id or "")
@@ -395,3 +398,36 @@ async def test_a_row_that_waited_past_half_its_lease_is_queued_again_at_once(
         assert [(j.message_id, j.attempts) for j in taken] == [("<a1@x>", 1), ("<a2@x>", 1)]
     finally:
         await store.close()
+
+
+async def test_mails_queued_behind_a_full_hand_over_go_before_newer_ones(store: Store) -> None:
+    """Once a mail had to be queued (the senders fell behind), the next ones queue too and
+    go oldest first, until a claim from the outbox finds none left: a newer mail never
+    overtakes a queued one (they waited up to two seconds behind new mail)."""
+    await clear_queue(store)
+    for n in range(3):
+        await enqueue(store, alert("Acme Corp", n), f"<a{n}@x>")
+    jobs = sorted(await store.claim(10, LEASE), key=lambda j: j.message_id or "")
+
+    async def complete(n: int, mails: int) -> None:
+        assert await store.complete(
+            jobs[n],
+            numbered_decision(n, lambda _: forwards(mails, f"m{n}")),
+            dedupe_key=f"<a{n}@x>",
+            auto_mail_hourly_limit=20,
+        )
+
+    async def handed() -> list[str]:
+        rows = {d.id for d in await store.claim_deliveries(16, LEASE)}
+        found = await store._reader.execute_fetchall("SELECT id, message_id FROM outbox")
+        return sorted(mid for i, mid in found if i in rows)
+
+    await complete(0, 3)  # two claimed at once (the limit), the third queued
+    assert await handed() == ["<m0-0@x>", "<m0-1@x>"]
+    await complete(1, 1)  # there is room again, but it queues behind the third
+    assert await handed() == ["<m0-2@x>", "<m1-0@x>"]  # oldest first, from the table
+    await complete(2, 1)  # that claim found none left: claimed at once again
+    assert (await store._reader.execute_fetchall("SELECT state FROM outbox ORDER BY id"))[-1][
+        0
+    ] == "active"
+    assert await handed() == ["<m2-0@x>"]

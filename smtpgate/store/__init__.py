@@ -232,7 +232,7 @@ _DUE_WITHIN_BUDGET = (
 _QUEUED = ("queued", 0, None, None)
 # While messages claimed at intake keep coming, a claim still reads the table this often.
 TABLE_CLAIM_SECONDS = 1.0
-_ANY_DUE = "SELECT 1 FROM inbound WHERE state = 'queued' AND next_attempt_at <= ? LIMIT 1"
+_ANY_DUE = "SELECT 1 FROM {} WHERE state = 'queued' AND next_attempt_at <= ? LIMIT 1"
 
 
 class _TooBigHere(Exception):
@@ -384,6 +384,7 @@ class Store:
         self._staged_mail: list[Delivery] = []  # by the decisions being written
         self._mail_limit = 0
         self._mail_held = False  # the relay failed: queue new mail until one is delivered
+        self._outbox_clear = False  # as _queue_clear, for the outbox
         self._outbox_claimed_at = 0.0  # when the last claim from the outbox table ran
 
     @classmethod
@@ -713,7 +714,7 @@ class Store:
 
         released = await self._write(release, durable=False)
         if released:
-            self._queue_clear = False
+            self._queue_clear = self._outbox_clear = False
         return released
 
     async def claim(
@@ -760,7 +761,7 @@ class Store:
                 " message_id, size",
                 (now + lease_seconds, token, now, limit, budget, budget),
             ).fetchall()
-            self._queue_clear = not db.execute(_ANY_DUE, (now,)).fetchone()
+            self._queue_clear = not db.execute(_ANY_DUE.format("inbound"), (now,)).fetchone()
             if not rows:
                 return []
             if inline_bytes is not None and sum(row["size"] for row in rows) > inline_bytes:
@@ -833,6 +834,8 @@ class Store:
             )
         if jobs:
             self._queue_clear = False  # new messages queue behind these
+        if mails:
+            self._outbox_clear = False
 
     async def fail(
         self, job: Job, error: str, *, max_attempts: int, backoff: float, transient: bool = False
@@ -1186,10 +1189,13 @@ class Store:
                     [(r.lower(), now) for r in mail.recipients],
                 )
             claimed = (
-                not self._mail_held
+                self._outbox_clear
+                and not self._mail_held
                 and len(self._fresh_mail) + len(self._staged_mail) < self._mail_limit
                 and len(mail.data) <= GROUP_MAX_BYTES
             )
+            if not claimed:
+                self._outbox_clear = False  # the next ones queue behind it, oldest sent first
             lease_until = now + self._fresh_lease
             cur = db.execute(
                 "INSERT INTO outbox (inbound_id, kind, mail_from, recipients, message_id, data,"
@@ -1269,7 +1275,7 @@ class Store:
         now = time.time()
         out: list[Delivery] = []
         recent = time.monotonic() - self._outbox_claimed_at < TABLE_CLAIM_SECONDS
-        if not (recent and self._fresh_mail):
+        if not (recent and (self._fresh_mail or self._outbox_clear)):
             out = await self._claim_mail_table(limit, lease_seconds, max_bytes)
         if max_bytes is not None:
             max_bytes -= sum(len(d.data) for d in out)
@@ -1310,6 +1316,7 @@ class Store:
                 " inbound_id",
                 (now + lease_seconds, now, limit, budget, budget),
             ).fetchall()
+            self._outbox_clear = not db.execute(_ANY_DUE.format("outbox"), (now,)).fetchone()
             return [
                 Delivery(
                     id=row["id"],
@@ -1379,6 +1386,7 @@ class Store:
             )
             return cur.rowcount
 
+        self._outbox_clear = False  # new mails queue behind these
         return await self._write(unclaim, durable=False, inline=True)
 
     def hold_mail(self) -> list[Delivery]:
