@@ -397,7 +397,7 @@ class Gateway:
                 # wrong password each try is a failed login (Microsoft 365 locks the account,
                 # fail2ban bans the gateway): they go back to the queue unsent, and so do the
                 # mails claimed for the senders as they were queued (Store.hand_over).
-                rest = [*batch[n + 1 :], *self.store.hold_mail()]
+                rest = [*batch[n + 1 :], *self.store.pause_mail_hand_over()]
                 if rest:
                     await self._unclaim(rest, "the relay connection failed")
                 return True

@@ -80,7 +80,7 @@ class IntakeProcesses:
         self._config = json.dumps({"settings": child}).encode() + b"\n"
         self._children = [_Child(i) for i in range(count)]
         self._stopping = False
-        store.on_committed = self._committed
+        store.on_committed = self._answer
         loop = asyncio.get_running_loop()
         self._loop_name = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
@@ -189,7 +189,7 @@ class IntakeProcesses:
                 qid = str(frame["enqueue"])
                 commits[qid] = self._store.enqueue_nowait(
                     envelope, raw, frame.get("message_id"), qid
-                )  # answered by _committed
+                )  # answered by _answer
             elif "cancel" in frame:
                 future = commits.pop(str(frame["cancel"]), None)
                 if future is not None:
@@ -226,7 +226,7 @@ class IntakeProcesses:
             except OSError as exc:  # out of processes or descriptors: keep trying
                 log.error("could not start an intake process: %s; retrying", exc)
 
-    def _committed(self, ids: list[str], error: str | None) -> None:
+    def _answer(self, ids: list[str], error: str | None) -> None:
         """The store's `on_committed`: answer the children whose sessions wait for these
         messages, in one write per child, in the pass of the event loop where the commit
         ended (a task per message took two more passes, each as long as the workers' steps)."""
@@ -241,7 +241,10 @@ class IntakeProcesses:
                     continue  # the session gave up (cancel), or its child is gone
                 if error is None:
                     answer: dict[str, str] = {"ok": qid}
-                    self._on_queued()
+                    try:
+                        self._on_queued()
+                    except Exception:  # the metrics' fault: the sender still gets its 250
+                        log.exception("counting a queued message failed")
                 else:
                     future.exception()  # retrieved: nothing else awaits it
                     answer = {"failed": qid, "error": error}

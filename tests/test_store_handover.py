@@ -17,11 +17,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from smtpgate.model import Applied, MailKind, OutboundMail
-from smtpgate.store import Job, Store
+from smtpgate.store import GROUP_MAX_BYTES, Job, Store
 from tests.test_store_hops import (
     FIXTURES,
     Hops,
@@ -100,7 +101,7 @@ async def test_a_new_message_is_leased_by_its_intake_commit(
 
 async def test_new_messages_do_not_overtake_a_backlog(store: Store) -> None:
     """Before a claim has found the queue empty, and once one message had to be queued (the
-    workers fell behind), new messages are queued: a claim takes them oldest first."""
+    workers fell behind), new messages are queued behind it, and are not claimed before it."""
     await enqueue(store, alert("Acme Corp", 0), "<a0@x>")  # no claim yet: queued
     (first,) = await store.claim(1, LEASE)
     assert first.message_id == "<a0@x>"
@@ -122,7 +123,7 @@ async def test_new_messages_do_not_overtake_a_backlog(store: Store) -> None:
         )
     )[0][0] == "queued"
     store._table_claimed_at = 0.0  # the table is read again (as it is every second)
-    taken = await store.claim(10, LEASE)
+    taken = await store.claim(10, LEASE)  # the table's first (a due retry may be there)
     assert [j.message_id for j in taken] == [f"<a{n}@x>" for n in (4, 5, 6, 1, 2, 3)]
     await enqueue(store, alert("Acme Corp", 7), "<a7@x>")  # that claim found none left
     (job,) = await store.claim(10, LEASE)
@@ -270,7 +271,7 @@ async def test_a_failing_relay_stops_the_claims_until_a_mail_is_delivered(store:
         )
 
     await complete(0)
-    held = store.hold_mail()
+    held = store.pause_mail_hand_over()
     assert len(held) == 1
     assert await store.unclaim_deliveries(held) == 1
     await complete(1)
@@ -431,3 +432,81 @@ async def test_mails_queued_behind_a_full_hand_over_go_before_newer_ones(store: 
         0
     ] == "active"
     assert await handed() == ["<m2-0@x>"]
+
+
+# --- found by the second review -------------------------------------------------------------
+
+
+async def test_a_queued_message_committed_while_a_claim_waits_is_not_overtaken(
+    store: Store,
+) -> None:
+    """The claim's time is taken once it holds the write lock: a message queued by an intake
+    commit that went before it (intake goes first) is due to it, not left behind while the
+    queue is marked clear and new messages are claimed at intake ahead of it."""
+    await clear_queue(store)
+    store._queue_clear = False  # the workers fell behind: new messages are queued
+    async with store._write_lock.hold():  # e.g. a decision group being written
+        claim = asyncio.create_task(store.claim(10, LEASE))
+        await asyncio.sleep(0.01)  # the claim waits for the lock
+        first = asyncio.create_task(enqueue(store, alert("Acme Corp", 1), "<a1@x>"))
+        await asyncio.sleep(0.01)  # the batch is built, waiting in the urgent lane
+    await first
+    got = [j.message_id for j in await claim]
+    await enqueue(store, alert("Acme Corp", 2), "<a2@x>")
+    got += [j.message_id for j in await store.claim(1, LEASE)]
+    assert got == ["<a1@x>", "<a2@x>"]
+
+
+async def test_mails_given_back_while_a_table_claim_runs_are_not_overtaken(store: Store) -> None:
+    await clear_queue(store)
+    for n in (1, 2):
+        await enqueue(store, alert("Acme Corp", n), f"<a{n}@x>")
+    jobs = sorted(await store.claim(10, LEASE), key=lambda j: j.message_id or "")
+    assert await store.complete(
+        jobs[0],
+        numbered_decision(1, lambda _: forwards(1, "old")),
+        dedupe_key="<a1@x>",
+        auto_mail_hourly_limit=20,
+    )
+    (old,) = await store.claim_deliveries(16, LEASE)  # sender A has it
+    store._outbox_claimed_at = 0.0
+    async with store._write_lock.hold():
+        other = asyncio.create_task(store.claim_deliveries(16, LEASE))  # sender B, the table
+        await asyncio.sleep(0.01)
+        back = asyncio.create_task(store.unclaim_deliveries([old]))  # A: its turn came too late
+        await asyncio.sleep(0.01)
+    assert await other == []
+    assert await back == 1
+    assert await store.complete(
+        jobs[1],
+        numbered_decision(2, lambda _: forwards(1, "new")),
+        dedupe_key="<a2@x>",
+        auto_mail_hourly_limit=20,
+    )
+    handed = await store.claim_deliveries(16, LEASE)
+    assert [d.id for d in handed][:1] == [old.id]
+
+
+async def test_a_table_claim_that_failed_does_not_mark_the_queue_clear(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Too big for the loop's thread, the claim is rolled back and made again in the writer's
+    thread; when that one fails, the big message is still queued and due."""
+    await clear_queue(store)
+    store._queue_clear = False
+    await enqueue(store, alert("Acme Corp", 1) + b"x" * GROUP_MAX_BYTES, "<big@x>")  # queued
+    real = store._write
+    calls = 0
+
+    async def second_fails(fn: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise sqlite3.OperationalError("database is locked")
+        return await real(fn, **kw)
+
+    monkeypatch.setattr(store, "_write", second_fails)
+    with pytest.raises(sqlite3.OperationalError):
+        await store.claim(10, LEASE)
+    monkeypatch.setattr(store, "_write", real)
+    assert not store._queue_clear

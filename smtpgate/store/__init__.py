@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mappi
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, NamedTuple, TypeVar, cast
 
 import aiosqlite
 
@@ -227,8 +227,18 @@ _DUE_WITHIN_BUDGET = (
 )
 
 
-# A message committed now is claimed with it (Store.hand_over): intake row values for the
-# state, attempts, lease_until and lease_token columns of a message that is not.
+class _IntakeLease(NamedTuple):
+    """The lease an intake commit gives the messages it claims (Store.hand_over)."""
+
+    until: float
+    token: str
+    received_at: float
+
+
+# An intake row's values, the message, and its lease if its commit claims it.
+_IntakeEntry = tuple[tuple[Any, ...], "_Intake", _IntakeLease | None]
+# Intake row values for the state, attempts, lease_until and lease_token columns of a message
+# not claimed by its intake commit (Store.hand_over).
 _QUEUED = ("queued", 0, None, None)
 # While messages claimed at intake keep coming, a claim still reads the table this often.
 TABLE_CLAIM_SECONDS = 1.0
@@ -383,7 +393,7 @@ class Store:
         self._fresh_mail: collections.deque[tuple[float, Delivery]] = collections.deque()
         self._staged_mail: list[Delivery] = []  # by the decisions being written
         self._mail_limit = 0
-        self._mail_held = False  # the relay failed: queue new mail until one is delivered
+        self._mail_paused = False  # the relay failed: queue new mail until one is delivered
         self._outbox_clear = False  # as _queue_clear, for the outbox
         self._outbox_claimed_at = 0.0  # when the last claim from the outbox table ran
 
@@ -589,33 +599,28 @@ class Store:
             if not batch:
                 continue
             now = time.time()
-            token = secrets.token_hex(8)
-            lease_until = now + self._fresh_lease
+            lease = _IntakeLease(now + self._fresh_lease, secrets.token_hex(8), now)
             room = self._fresh_limit - len(self._fresh) if self._queue_clear else 0
-            entries = []
+            entries: list[_IntakeEntry] = []
             for item in batch:
                 claimed = room > 0 and len(item.raw) <= GROUP_MAX_BYTES
                 if claimed:
                     room -= 1
                 else:
                     room = 0  # the rest queue behind this one
-                entries.append(
-                    (
-                        (
-                            item.id,
-                            now,
-                            item.envelope.peer,
-                            item.envelope.helo,
-                            item.envelope.mail_from,
-                            json.dumps(item.envelope.rcpt_tos),
-                            len(item.raw),
-                            item.message_id,
-                            now,
-                            *(("active", 1, lease_until, token) if claimed else _QUEUED),
-                        ),
-                        item,
-                    )
+                row = (
+                    item.id,
+                    now,
+                    item.envelope.peer,
+                    item.envelope.helo,
+                    item.envelope.mail_from,
+                    json.dumps(item.envelope.rcpt_tos),
+                    len(item.raw),
+                    item.message_id,
+                    now,
+                    *(("active", 1, lease.until, lease.token) if claimed else _QUEUED),
                 )
+                entries.append((row, item, lease if claimed else None))
             self._committing = asyncio.get_running_loop().create_future()
             try:
                 await self._commit_intake(batch, entries)
@@ -625,9 +630,7 @@ class Store:
                 # Only if cancelled (close) half-way: its outcome is unknown.
                 self._intake_ended(batch, "store closed during the commit")
 
-    async def _commit_intake(
-        self, batch: list[_Intake], entries: list[tuple[tuple[Any, ...], _Intake]]
-    ) -> None:
+    async def _commit_intake(self, batch: list[_Intake], entries: list[_IntakeEntry]) -> None:
         try:
             inserted = await self._write(
                 functools.partial(_insert_intake, entries=entries), urgent=True, fsynced=bool
@@ -637,11 +640,11 @@ class Store:
             self._intake_ended(batch, str(exc))
             return
         self._intake_ended(batch, None)
-        for row, item in entries:
-            if row[-4] == "active" and item.id in inserted:
-                self._fresh.append((row[-2], _fresh_job(row, item)))
-            elif row[-4] == "queued":
+        for _, item, lease in entries:
+            if lease is None:
                 self._queue_clear = False
+            elif item.id in inserted:
+                self._fresh.append((lease.until, _fresh_job(item, lease)))
         self.new_work.set()
 
     def _intake_ended(self, batch: list[_Intake], error: str | None) -> None:
@@ -727,14 +730,15 @@ class Store:
         the hand-off cost more than the claim); a bigger first message is claimed in the
         writer's thread, where reading it does not hold the loop.
 
-        Messages leased by their intake commit (`hand_over`) come first, without a transaction;
-        the table is read when there are none and it may hold due messages, and at least every
-        TABLE_CLAIM_SECONDS, so a retry that has become due does not wait behind new mail."""
+        Messages leased by their intake commit (`hand_over`) are handed out without a
+        transaction. The table is read when there are none and it may hold due messages, and
+        at least every TABLE_CLAIM_SECONDS (then first), so a retry that has become due does not
+        wait behind new mail."""
         now = time.time()
         jobs: list[Job] = []
         recent = time.monotonic() - self._table_claimed_at < TABLE_CLAIM_SECONDS
         if not (recent and (self._fresh or self._queue_clear)):
-            jobs = await self._claim_table(limit, lease_seconds, max_bytes, now)
+            jobs = await self._claim_table(limit, lease_seconds, max_bytes)
         if max_bytes is not None:
             max_bytes -= sum(len(job.raw) for job in jobs)
         fresh, stale = _take_held(
@@ -745,12 +749,18 @@ class Store:
         return jobs + fresh
 
     async def _claim_table(
-        self, limit: int, lease_seconds: float, max_bytes: int | None, now: float
+        self, limit: int, lease_seconds: float, max_bytes: int | None
     ) -> list[Job]:
         token = secrets.token_hex(8)
         budget = max_bytes if max_bytes is not None else -1
 
-        def take(db: sqlite3.Connection, *, budget: int, inline_bytes: int | None) -> list[Job]:
+        def take(
+            db: sqlite3.Connection, *, budget: int, inline_bytes: int | None
+        ) -> tuple[list[Job], bool]:
+            """The jobs, and whether no other message is due (`_queue_clear`)."""
+            # The time of the claim, not of the call: a message committed while this waited
+            # for the write lock is due too.
+            now = time.time()
             rows = db.execute(
                 "UPDATE inbound SET state = 'active', attempts = attempts + 1,"
                 " lease_until = ?, lease_token = ?"
@@ -761,9 +771,9 @@ class Store:
                 " message_id, size",
                 (now + lease_seconds, token, now, limit, budget, budget),
             ).fetchall()
-            self._queue_clear = not db.execute(_ANY_DUE.format("inbound"), (now,)).fetchone()
+            clear = not db.execute(_ANY_DUE.format("inbound"), (now,)).fetchone()
             if not rows:
-                return []
+                return [], clear
             if inline_bytes is not None and sum(row["size"] for row in rows) > inline_bytes:
                 raise _TooBigHere  # rolled back; claimed again in the writer's thread
             marks = ", ".join("?" for _ in rows)
@@ -790,17 +800,17 @@ class Store:
                     message_id=row["message_id"],
                 )
                 for row in rows
-            ]
+            ], clear
 
         here = GROUP_MAX_BYTES if budget < 0 else min(budget, GROUP_MAX_BYTES)
         try:
-            jobs = await self._write(
+            jobs, self._queue_clear = await self._write(
                 functools.partial(take, budget=here, inline_bytes=GROUP_MAX_BYTES),
                 durable=False,
                 inline=True,
             )
         except _TooBigHere:
-            jobs = await self._write(
+            jobs, self._queue_clear = await self._write(
                 functools.partial(take, budget=budget, inline_bytes=None), durable=False
             )
         self._table_claimed_at = time.monotonic()
@@ -1190,7 +1200,7 @@ class Store:
                 )
             claimed = (
                 self._outbox_clear
-                and not self._mail_held
+                and not self._mail_paused
                 and len(self._fresh_mail) + len(self._staged_mail) < self._mail_limit
                 and len(mail.data) <= GROUP_MAX_BYTES
             )
@@ -1269,9 +1279,10 @@ class Store:
         the claim's own commit is durable (fsyncing the WAL makes every commit before it
         durable too). While mail arrives, intake commits usually have done it already.
 
-        Mails leased by the decision that queued them (`hand_over`) come first, made durable
-        likewise (`_sync_mail`); the table is read when there are none, and at least every
-        TABLE_CLAIM_SECONDS."""
+        Mails leased by the decision that queued them (`hand_over`) are handed out without a
+        claim of their own, made durable likewise (`_sync_mail`). The table is read when there
+        are none and it may hold due mails, and at least every TABLE_CLAIM_SECONDS (then
+        first)."""
         now = time.time()
         out: list[Delivery] = []
         recent = time.monotonic() - self._outbox_claimed_at < TABLE_CLAIM_SECONDS
@@ -1293,8 +1304,8 @@ class Store:
         if fresh:
             try:
                 fresh = await self._sync_mail(fresh)
-            except BaseException:
-                self._fresh_mail.extendleft((m.lease_until, m) for m in reversed(fresh))
+            except BaseException:  # kept for the next claim (those from the table are durable)
+                self._fresh_mail.extendleft((m.lease_until, m) for m in reversed(out + fresh))
                 raise
         return out + fresh
 
@@ -1303,7 +1314,8 @@ class Store:
     ) -> list[Delivery]:
         budget = max_bytes if max_bytes is not None else -1
 
-        def take(db: sqlite3.Connection) -> list[Delivery]:
+        def take(db: sqlite3.Connection) -> tuple[list[Delivery], bool]:
+            """The mails, and whether no other mail is due (`_outbox_clear`)."""
             # The time of the claim, not of the call: mail committed while this waited for the
             # write lock is due too, and the lease starts when the claim is made.
             now = time.time()
@@ -1316,7 +1328,7 @@ class Store:
                 " inbound_id",
                 (now + lease_seconds, now, limit, budget, budget),
             ).fetchall()
-            self._outbox_clear = not db.execute(_ANY_DUE.format("outbox"), (now,)).fetchone()
+            clear = not db.execute(_ANY_DUE.format("outbox"), (now,)).fetchone()
             return [
                 Delivery(
                     id=row["id"],
@@ -1330,10 +1342,12 @@ class Store:
                     inbound_id=row["inbound_id"],
                 )
                 for row in rows
-            ]
+            ], clear
 
         # Asked under the write lock: a decision may be committing mail while this waits for it.
-        out = await self._write(take, durable=lambda: self._outbox_unsynced, fsynced=bool)
+        out, self._outbox_clear = await self._write(
+            take, durable=lambda: self._outbox_unsynced, fsynced=lambda taken: bool(taken[0])
+        )
         self._outbox_claimed_at = time.monotonic()
         out.sort(key=lambda d: d.id)
         return out
@@ -1386,15 +1400,17 @@ class Store:
             )
             return cur.rowcount
 
-        self._outbox_clear = False  # new mails queue behind these
-        return await self._write(unclaim, durable=False, inline=True)
+        self._outbox_clear = False  # new mails queue behind these (and once they are queued:
+        n = await self._write(unclaim, durable=False, inline=True)
+        self._outbox_clear = False  # a table claim meanwhile may have found none yet)
+        return n
 
-    def hold_mail(self) -> list[Delivery]:
+    def pause_mail_hand_over(self) -> list[Delivery]:
         """The relay connection failed: new mail is queued, not claimed, until a mail has been
         delivered again (`delivery_done`); returns the mails claimed and not yet handed out,
         for the caller to give back (`unclaim_deliveries`). A sender waiting out a failing relay
         would otherwise hold them, shown as being sent."""
-        self._mail_held = True
+        self._mail_paused = True
         mails = [mail for _, mail in self._fresh_mail]
         self._fresh_mail.clear()
         return mails
@@ -1403,7 +1419,7 @@ class Store:
         now = time.time()
         params = [(now, i) for i in ids]
         if params:
-            self._mail_held = False
+            self._mail_paused = False
 
         def done(db: sqlite3.Connection) -> None:
             db.executemany(
@@ -1815,15 +1831,13 @@ def _fsync_and_rename(part: Path, target: Path) -> None:
         os.close(directory)
 
 
-def _insert_intake(
-    db: sqlite3.Connection, entries: Sequence[tuple[tuple[Any, ...], _Intake]]
-) -> set[str]:
+def _insert_intake(db: sqlite3.Connection, entries: Sequence[_IntakeEntry]) -> set[str]:
     """Insert the messages whose sessions still wait; return their ids."""
     # Here BEGIN IMMEDIATE holds the database's write lock. Waiting for it (the write lock, or
     # another process's transaction) can outlast the session, which answered 451: a message
     # answered 451 must not be stored, or a regenerated retry doubles it. (Future.done() only
     # reads the future's state: safe from this thread.)
-    live = [(row, item) for row, item in entries if not item.future.done()]
+    live = [(row, item) for row, item, _ in entries if not item.future.done()]
     db.executemany(
         "INSERT INTO inbound (id, received_at, peer, helo, mail_from, rcpt_tos,"
         " size, message_id, next_attempt_at, state, attempts, lease_until, lease_token)"
@@ -1873,14 +1887,14 @@ def _data_size(mail: Delivery) -> int:
     return len(mail.data)
 
 
-def _fresh_job(row: tuple[Any, ...], item: _Intake) -> Job:
+def _fresh_job(item: _Intake, lease: _IntakeLease) -> Job:
     """The Job a claim would read back for a message committed already leased (`hand_over`)."""
     return Job(
         id=item.id,
-        token=row[-1],
+        token=lease.token,
         raw=item.raw,
         envelope=item.envelope,
-        received_at=row[1],
+        received_at=lease.received_at,
         attempts=1,
         message_id=item.message_id,
     )
