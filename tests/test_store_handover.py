@@ -122,7 +122,7 @@ async def test_new_messages_do_not_overtake_a_backlog(store: Store) -> None:
             "SELECT state FROM inbound WHERE message_id = '<a6@x>'"
         )
     )[0][0] == "queued"
-    store._table_claimed_at = 0.0  # the table is read again (as it is every second)
+    store._held_jobs.read_at = 0.0  # the table is read again (as it is every second)
     taken = await store.claim(10, LEASE)  # the table's first (a due retry may be there)
     assert [j.message_id for j in taken] == [f"<a{n}@x>" for n in (4, 5, 6, 1, 2, 3)]
     await enqueue(store, alert("Acme Corp", 7), "<a7@x>")  # that claim found none left
@@ -138,7 +138,7 @@ async def test_a_due_retry_is_claimed_within_a_second_of_new_mail(store: Store) 
     await enqueue(store, alert("Acme Corp", 2), "<a2@x>")
     assert [j.message_id for j in await store.claim(10, LEASE)] == ["<a2@x>"]
     await enqueue(store, alert("Acme Corp", 3), "<a3@x>")
-    store._table_claimed_at -= 1.0  # a second later
+    store._held_jobs.read_at -= 1.0  # a second later
     taken = await store.claim(10, LEASE)
     assert sorted(j.message_id or "" for j in taken) == ["<a1@x>", "<a3@x>"]
 
@@ -178,11 +178,11 @@ async def test_a_decisions_mail_is_leased_by_its_transaction(store: Store) -> No
         "SELECT id, state, attempts FROM outbox ORDER BY id"
     )
     assert [tuple(r)[1:] for r in rows] == [("active", 1), ("active", 1), ("queued", 0)]  # limit 2
-    store._outbox_claimed_at = time.monotonic()  # the table was read a moment ago
+    store._held_mail.read_at = time.monotonic()  # the table was read a moment ago
     fresh = await store.claim_deliveries(16, LEASE)
     assert [d.id for d in fresh] == [rows[0][0], rows[1][0]]
     assert all(d.attempts == 1 and d.inbound_id == job.id and d.data == b"x" for d in fresh)
-    store._outbox_claimed_at = 0.0
+    store._held_mail.read_at = 0.0
     (queued,) = await store.claim_deliveries(16, LEASE)
     assert queued.id == rows[2][0]
 
@@ -199,7 +199,7 @@ async def test_mail_claimed_by_its_decision_is_durable_before_the_relay_has_it(
     assert await complete_ticket(store, job)
     (before,) = await store._reader.execute_fetchall("SELECT lease_until FROM outbox")
     assert writer_pragma(store, "synchronous") == 1  # the decision: NORMAL
-    store._outbox_claimed_at = time.monotonic()  # no claim from the table this time
+    store._held_mail.read_at = time.monotonic()  # no claim from the table this time
     (delivery,) = await store.claim_deliveries(16, LEASE)
     assert writer_pragma(store, "synchronous") == 2  # FULL: the renewal fsynced the WAL
     (after,) = await store._reader.execute_fetchall("SELECT lease_until FROM outbox")
@@ -218,7 +218,7 @@ async def test_mail_waits_for_the_intake_commit_being_written_instead(
     assert await complete_ticket(store, job)
     (before,) = await store._reader.execute_fetchall("SELECT lease_until FROM outbox")
     hops = Hops(store, monkeypatch)
-    store._outbox_claimed_at = time.monotonic()  # no claim from the table this time
+    store._held_mail.read_at = time.monotonic()  # no claim from the table this time
     with hops.measure() as seen:
         intake = asyncio.create_task(enqueue(store, alert("Acme Corp", 2), "<a2@x>"))
         await asyncio.sleep(0)  # the commit is on its way
@@ -249,7 +249,7 @@ async def test_a_rolled_back_decision_hands_out_no_mail(store: Store) -> None:
     decisions = [numbered_decision(0), numbered_decision(1, broken), numbered_decision(2, late)]
     outcomes = await complete_all(store, sorted(jobs, key=lambda j: j.message_id or ""), decisions)
     assert [type(o).__name__ for o in outcomes] == ["Outcome", "RuntimeError", "IntegrityError"]
-    store._outbox_claimed_at = time.monotonic()
+    store._held_mail.read_at = time.monotonic()
     handed = await store.claim_deliveries(16, LEASE)
     rows = await store._reader.execute_fetchall("SELECT id, message_id FROM outbox")
     assert [(d.id, d.kind) for d in handed] == [(rows[0][0], "forward")]
@@ -277,7 +277,7 @@ async def test_a_failing_relay_stops_the_claims_until_a_mail_is_delivered(store:
     await complete(1)
     rows = await store._reader.execute_fetchall("SELECT state, attempts FROM outbox ORDER BY id")
     assert [tuple(r) for r in rows] == [("queued", 0), ("queued", 0)]
-    store._outbox_claimed_at = 0.0
+    store._held_mail.read_at = 0.0
     first, _ = await store.claim_deliveries(16, LEASE)
     await store.delivery_done([first.id])  # the relay works again
     await complete(2)
@@ -299,7 +299,7 @@ async def test_a_big_decisions_mail_is_handed_out_though_a_group_was_written_mea
     await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
     jobs = sorted(await store.claim(10, LEASE), key=lambda j: j.message_id or "")
     assert len(jobs) == 2
-    store._outbox_claimed_at = time.monotonic()
+    store._held_mail.read_at = time.monotonic()
     go = threading.Event()
 
     def blocking(_: Applied) -> Iterator[OutboundMail]:  # runs in the writer's thread
@@ -339,7 +339,7 @@ async def test_a_due_retry_is_claimed_within_a_second_though_new_mail_fills_ever
     seen = []
     for n in range(2, 4):
         await enqueue(store, alert("Acme Corp", n), f"<a{n}@x>")
-        store._table_claimed_at -= 2.0  # more than a second since the table was read
+        store._held_jobs.read_at -= 2.0  # more than a second since the table was read
         seen += [j.message_id for j in await store.claim(1, LEASE)]  # one free worker
     assert seen == ["<a1@x>", "<a2@x>"]
 
@@ -349,7 +349,7 @@ async def test_a_failed_claim_from_the_table_keeps_the_messages_held(
 ) -> None:
     await clear_queue(store)
     await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
-    store._table_claimed_at = 0.0
+    store._held_jobs.read_at = 0.0
     real = store._write
 
     async def locked(fn: object, **kw: object) -> None:
@@ -375,7 +375,7 @@ async def test_a_mail_whose_lease_was_lost_while_it_waited_is_not_handed_out(
         job, numbered_decision(1), dedupe_key="<a1@x>", auto_mail_hourly_limit=20
     )
     await store._write(lambda db: db.execute("UPDATE outbox SET lease_until = lease_until + 7"))
-    store._outbox_claimed_at = time.monotonic()
+    store._held_mail.read_at = time.monotonic()
     assert store._outbox_unsynced
     assert await store.claim_deliveries(16, LEASE) == []
 
@@ -394,7 +394,7 @@ async def test_a_row_that_waited_past_half_its_lease_is_queued_again_at_once(
         rows = await store._reader.execute_fetchall("SELECT state, attempts FROM inbound")
         assert [tuple(r) for r in rows] == [("queued", 0)]
         await enqueue(store, alert("Acme Corp", 2), "<a2@x>")
-        store._table_claimed_at = 0.0
+        store._held_jobs.read_at = 0.0
         taken = await store.claim(10, 300)
         assert [(j.message_id, j.attempts) for j in taken] == [("<a1@x>", 1), ("<a2@x>", 1)]
     finally:
@@ -444,7 +444,7 @@ async def test_a_queued_message_committed_while_a_claim_waits_is_not_overtaken(
     commit that went before it (intake goes first) is due to it, not left behind while the
     queue is marked clear and new messages are claimed at intake ahead of it."""
     await clear_queue(store)
-    store._queue_clear = False  # the workers fell behind: new messages are queued
+    store._held_jobs.clear = False  # the workers fell behind: new messages are queued
     async with store._write_lock.hold():  # e.g. a decision group being written
         claim = asyncio.create_task(store.claim(10, LEASE))
         await asyncio.sleep(0.01)  # the claim waits for the lock
@@ -469,7 +469,7 @@ async def test_mails_given_back_while_a_table_claim_runs_are_not_overtaken(store
         auto_mail_hourly_limit=20,
     )
     (old,) = await store.claim_deliveries(16, LEASE)  # sender A has it
-    store._outbox_claimed_at = 0.0
+    store._held_mail.read_at = 0.0
     async with store._write_lock.hold():
         other = asyncio.create_task(store.claim_deliveries(16, LEASE))  # sender B, the table
         await asyncio.sleep(0.01)
@@ -493,7 +493,7 @@ async def test_a_table_claim_that_failed_does_not_mark_the_queue_clear(
     """Too big for the loop's thread, the claim is rolled back and made again in the writer's
     thread; when that one fails, the big message is still queued and due."""
     await clear_queue(store)
-    store._queue_clear = False
+    store._held_jobs.clear = False
     await enqueue(store, alert("Acme Corp", 1) + b"x" * GROUP_MAX_BYTES, "<big@x>")  # queued
     real = store._write
     calls = 0
@@ -509,4 +509,4 @@ async def test_a_table_claim_that_failed_does_not_mark_the_queue_clear(
     with pytest.raises(sqlite3.OperationalError):
         await store.claim(10, LEASE)
     monkeypatch.setattr(store, "_write", real)
-    assert not store._queue_clear
+    assert not store._held_jobs.clear

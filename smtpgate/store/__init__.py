@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mappi
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar, cast
+from typing import Any, Generic, Literal, NamedTuple, TypeVar, cast
 
 import aiosqlite
 
@@ -245,6 +245,55 @@ TABLE_CLAIM_SECONDS = 1.0
 _ANY_DUE = "SELECT 1 FROM {} WHERE state = 'queued' AND next_attempt_at <= ? LIMIT 1"
 
 
+class _Held(Generic[U]):
+    """Rows leased by the transaction that queued them, waiting in memory to be handed out
+    (`Store.hand_over`), oldest first; and whether a claim reads the table instead."""
+
+    def __init__(self, size: Callable[[U], int]) -> None:
+        self.rows: collections.deque[tuple[float, U]] = collections.deque()  # (lease end, row)
+        self.limit = 0  # at most this many rows; 0: none are leased as they are queued
+        # The last claim from the table found no other due row: new ones may skip the table.
+        # Once one is queued (the workers or senders fell behind), the next ones queue too.
+        self.clear = False
+        self.read_at = 0.0  # when a claim last read the table (time.monotonic)
+        self._size = size
+
+    def table_due(self) -> bool:
+        """A claim reads the table when no row is held and it may hold due ones, and at least
+        every TABLE_CLAIM_SECONDS (then first), so a retry that has become due does not wait
+        behind new mail."""
+        recent = time.monotonic() - self.read_at < TABLE_CLAIM_SECONDS
+        return not (recent and (self.rows or self.clear))
+
+    def table_read(self, clear: bool) -> None:
+        self.clear = clear
+        self.read_at = time.monotonic()
+
+    def take(
+        self, limit: int, max_bytes: int | None, before: Sequence[U], lease_seconds: float
+    ) -> tuple[list[U], list[U]]:
+        """What fills a claim of `limit` rows within `max_bytes` after the rows `before` it
+        from the table (at least one if there are none); and the rows that waited past half
+        their lease, to be queued again: a worker might not finish them in time."""
+        now = time.time()
+        limit -= len(before)
+        total = sum(self._size(row) for row in before)
+        taken: list[U] = []
+        stale: list[U] = []
+        while self.rows and len(taken) < limit:
+            lease_until, row = self.rows.popleft()
+            if lease_until - now < lease_seconds / 2:
+                stale.append(row)
+                continue
+            size = self._size(row)
+            if max_bytes is not None and total + size > max_bytes and (taken or before):
+                self.rows.appendleft((lease_until, row))
+                break
+            taken.append(row)
+            total += size
+        return taken, stale
+
+
 class _TooBigHere(Exception):
     """A claim holds too many bytes to be read in the loop's thread."""
 
@@ -381,21 +430,13 @@ class Store:
         # of the messages whose senders still waited, and the error (None: committed). Intake
         # processes answer their children from it (see `enqueue_nowait`).
         self.on_committed: Callable[[list[str], str | None], None] | None = None
-        # Messages claimed by their own intake commit, waiting for a worker (see `hand_over`):
-        # (lease end, job), oldest first.
-        self._fresh: collections.deque[tuple[float, Job]] = collections.deque()
-        self._fresh_limit = 0  # at most this many; 0: intake commits claim nothing
-        self._fresh_lease = 0.0
-        # The last claim from the table found no other due message: new ones may skip it.
-        self._queue_clear = False
-        self._table_claimed_at = 0.0  # when the last claim from the table ran (monotonic)
-        # Outbox mails claimed by the transaction that queued them, likewise (`hand_over`).
-        self._fresh_mail: collections.deque[tuple[float, Delivery]] = collections.deque()
+        # Messages leased by their intake commit and outbox mails leased by their decision,
+        # waiting for a worker or a sender (see `hand_over`).
+        self._held_jobs: _Held[Job] = _Held(lambda job: len(job.raw))
+        self._held_mail: _Held[Delivery] = _Held(lambda mail: len(mail.data))
+        self._held_lease = 0.0
         self._staged_mail: list[Delivery] = []  # by the decisions being written
-        self._mail_limit = 0
         self._mail_paused = False  # the relay failed: queue new mail until one is delivered
-        self._outbox_clear = False  # as _queue_clear, for the outbox
-        self._outbox_claimed_at = 0.0  # when the last claim from the outbox table ran
 
     @classmethod
     async def open(
@@ -448,9 +489,10 @@ class Store:
                 item.future.set_exception(StoreError("store closed"))
         self._pending.clear()
         self._completions.clear()
-        jobs, mails = [job for _, job in self._fresh], [mail for _, mail in self._fresh_mail]
-        self._fresh.clear()
-        self._fresh_mail.clear()
+        jobs = [job for _, job in self._held_jobs.rows]
+        mails = [mail for _, mail in self._held_mail.rows]
+        self._held_jobs.rows.clear()
+        self._held_mail.rows.clear()
         if jobs or mails:  # the next start would do it too; till then they would look busy
             await self._release(jobs, mails)
         self._lookups.close()
@@ -599,8 +641,9 @@ class Store:
             if not batch:
                 continue
             now = time.time()
-            lease = _IntakeLease(now + self._fresh_lease, secrets.token_hex(8), now)
-            room = self._fresh_limit - len(self._fresh) if self._queue_clear else 0
+            lease = _IntakeLease(now + self._held_lease, secrets.token_hex(8), now)
+            held = self._held_jobs
+            room = held.limit - len(held.rows) if held.clear else 0
             entries: list[_IntakeEntry] = []
             for item in batch:
                 claimed = room > 0 and len(item.raw) <= GROUP_MAX_BYTES
@@ -642,9 +685,9 @@ class Store:
         self._intake_ended(batch, None)
         for _, item, lease in entries:
             if lease is None:
-                self._queue_clear = False
+                self._held_jobs.clear = False
             elif item.id in inserted:
-                self._fresh.append((lease.until, _fresh_job(item, lease)))
+                self._held_jobs.rows.append((lease.until, _held_job(item, lease)))
         self.new_work.set()
 
     def _intake_ended(self, batch: list[_Intake], error: str | None) -> None:
@@ -674,9 +717,9 @@ class Store:
         due message left. A decision's outbox mails likewise, at most `mails`. Either way a row
         is leased before it is worked on, so a crash or an expired lease requeues it as before
         (`recover`, `release_expired`)."""
-        self._fresh_limit = jobs
-        self._mail_limit = mails
-        self._fresh_lease = lease_seconds
+        self._held_jobs.limit = jobs
+        self._held_mail.limit = mails
+        self._held_lease = lease_seconds
 
     # --- inbound queue -----------------------------------------------------------------------
 
@@ -717,7 +760,7 @@ class Store:
 
         released = await self._write(release, durable=False)
         if released:
-            self._queue_clear = self._outbox_clear = False
+            self._held_jobs.clear = self._held_mail.clear = False
         return released
 
     async def claim(
@@ -734,19 +777,13 @@ class Store:
         transaction. The table is read when there are none and it may hold due messages, and
         at least every TABLE_CLAIM_SECONDS (then first), so a retry that has become due does not
         wait behind new mail."""
-        now = time.time()
         jobs: list[Job] = []
-        recent = time.monotonic() - self._table_claimed_at < TABLE_CLAIM_SECONDS
-        if not (recent and (self._fresh or self._queue_clear)):
+        if self._held_jobs.table_due():
             jobs = await self._claim_table(limit, lease_seconds, max_bytes)
-        if max_bytes is not None:
-            max_bytes -= sum(len(job.raw) for job in jobs)
-        fresh, stale = _take_held(
-            self._fresh, limit - len(jobs), max_bytes, now, self._fresh_lease, _raw_size, not jobs
-        )
+        held, stale = self._held_jobs.take(limit, max_bytes, jobs, self._held_lease)
         if stale:
             await self._release(jobs=stale)
-        return jobs + fresh
+        return jobs + held
 
     async def _claim_table(
         self, limit: int, lease_seconds: float, max_bytes: int | None
@@ -757,7 +794,7 @@ class Store:
         def take(
             db: sqlite3.Connection, *, budget: int, inline_bytes: int | None
         ) -> tuple[list[Job], bool]:
-            """The jobs, and whether no other message is due (`_queue_clear`)."""
+            """The jobs, and whether no other message is due (`_Held.clear`)."""
             # The time of the claim, not of the call: a message committed while this waited
             # for the write lock is due too.
             now = time.time()
@@ -804,16 +841,16 @@ class Store:
 
         here = GROUP_MAX_BYTES if budget < 0 else min(budget, GROUP_MAX_BYTES)
         try:
-            jobs, self._queue_clear = await self._write(
+            jobs, clear = await self._write(
                 functools.partial(take, budget=here, inline_bytes=GROUP_MAX_BYTES),
                 durable=False,
                 inline=True,
             )
         except _TooBigHere:
-            jobs, self._queue_clear = await self._write(
+            jobs, clear = await self._write(
                 functools.partial(take, budget=budget, inline_bytes=None), durable=False
             )
-        self._table_claimed_at = time.monotonic()
+        self._held_jobs.table_read(clear)
         jobs.sort(key=lambda j: j.received_at)
         return jobs
 
@@ -843,9 +880,9 @@ class Store:
                 "%d row(s) left leased till their lease ends: %s", len(jobs) + len(mails), exc
             )
         if jobs:
-            self._queue_clear = False  # new messages queue behind these
+            self._held_jobs.clear = False  # new messages queue behind these
         if mails:
-            self._outbox_clear = False
+            self._held_mail.clear = False
 
     async def fail(
         self, job: Job, error: str, *, max_attempts: int, backoff: float, transient: bool = False
@@ -967,7 +1004,7 @@ class Store:
             return fn(db)
 
         result = await self._write(write, durable=False, inline=inline)
-        self._fresh_mail.extend((mail.lease_until, mail) for mail in staged)
+        self._held_mail.rows.extend((mail.lease_until, mail) for mail in staged)
         return result
 
     async def _complete_group(self, group: list[_Completion]) -> None:
@@ -1198,15 +1235,16 @@ class Store:
                     "INSERT INTO auto_mail_log (recipient, sent_at) VALUES (?, ?)",
                     [(r.lower(), now) for r in mail.recipients],
                 )
+            held = self._held_mail
             claimed = (
-                self._outbox_clear
+                held.clear
                 and not self._mail_paused
-                and len(self._fresh_mail) + len(self._staged_mail) < self._mail_limit
+                and len(held.rows) + len(self._staged_mail) < held.limit
                 and len(mail.data) <= GROUP_MAX_BYTES
             )
             if not claimed:
-                self._outbox_clear = False  # the next ones queue behind it, oldest sent first
-            lease_until = now + self._fresh_lease
+                held.clear = False  # the next ones queue behind it, oldest sent first
+            lease_until = now + self._held_lease
             cur = db.execute(
                 "INSERT INTO outbox (inbound_id, kind, mail_from, recipients, message_id, data,"
                 " created_at, next_attempt_at, state, attempts, lease_until)"
@@ -1283,31 +1321,19 @@ class Store:
         claim of their own, made durable likewise (`_sync_mail`). The table is read when there
         are none and it may hold due mails, and at least every TABLE_CLAIM_SECONDS (then
         first)."""
-        now = time.time()
         out: list[Delivery] = []
-        recent = time.monotonic() - self._outbox_claimed_at < TABLE_CLAIM_SECONDS
-        if not (recent and (self._fresh_mail or self._outbox_clear)):
+        if self._held_mail.table_due():
             out = await self._claim_mail_table(limit, lease_seconds, max_bytes)
-        if max_bytes is not None:
-            max_bytes -= sum(len(d.data) for d in out)
-        fresh, stale = _take_held(
-            self._fresh_mail,
-            limit - len(out),
-            max_bytes,
-            now,
-            self._fresh_lease,
-            _data_size,
-            not out,
-        )
+        held, stale = self._held_mail.take(limit, max_bytes, out, self._held_lease)
         if stale:
             await self._release(mails=stale)
-        if fresh:
+        if held:
             try:
-                fresh = await self._sync_mail(fresh)
+                held = await self._sync_mail(held)
             except BaseException:  # kept for the next claim (those from the table are durable)
-                self._fresh_mail.extendleft((m.lease_until, m) for m in reversed(out + fresh))
+                self._held_mail.rows.extendleft((m.lease_until, m) for m in reversed(out + held))
                 raise
-        return out + fresh
+        return out + held
 
     async def _claim_mail_table(
         self, limit: int, lease_seconds: float, max_bytes: int | None
@@ -1315,7 +1341,7 @@ class Store:
         budget = max_bytes if max_bytes is not None else -1
 
         def take(db: sqlite3.Connection) -> tuple[list[Delivery], bool]:
-            """The mails, and whether no other mail is due (`_outbox_clear`)."""
+            """The mails, and whether no other mail is due (`_Held.clear`)."""
             # The time of the claim, not of the call: mail committed while this waited for the
             # write lock is due too, and the lease starts when the claim is made.
             now = time.time()
@@ -1345,10 +1371,10 @@ class Store:
             ], clear
 
         # Asked under the write lock: a decision may be committing mail while this waits for it.
-        out, self._outbox_clear = await self._write(
+        out, clear = await self._write(
             take, durable=lambda: self._outbox_unsynced, fsynced=lambda taken: bool(taken[0])
         )
-        self._outbox_claimed_at = time.monotonic()
+        self._held_mail.table_read(clear)
         out.sort(key=lambda d: d.id)
         return out
 
@@ -1369,7 +1395,7 @@ class Store:
                 break
         now = time.time()
         renewed = [
-            dataclasses.replace(m, lease_until=max(now + self._fresh_lease, m.lease_until + 0.001))
+            dataclasses.replace(m, lease_until=max(now + self._held_lease, m.lease_until + 0.001))
             for m in mails
         ]
 
@@ -1400,9 +1426,9 @@ class Store:
             )
             return cur.rowcount
 
-        self._outbox_clear = False  # new mails queue behind these (and once they are queued:
+        self._held_mail.clear = False  # new mails queue behind these (and once they are queued:
         n = await self._write(unclaim, durable=False, inline=True)
-        self._outbox_clear = False  # a table claim meanwhile may have found none yet)
+        self._held_mail.clear = False  # a table claim meanwhile may have found none yet)
         return n
 
     def pause_mail_hand_over(self) -> list[Delivery]:
@@ -1411,8 +1437,8 @@ class Store:
         for the caller to give back (`unclaim_deliveries`). A sender waiting out a failing relay
         would otherwise hold them, shown as being sent."""
         self._mail_paused = True
-        mails = [mail for _, mail in self._fresh_mail]
-        self._fresh_mail.clear()
+        mails = [mail for _, mail in self._held_mail.rows]
+        self._held_mail.rows.clear()
         return mails
 
     async def delivery_done(self, ids: Iterable[int]) -> None:
@@ -1850,44 +1876,7 @@ def _insert_intake(db: sqlite3.Connection, entries: Sequence[_IntakeEntry]) -> s
     return {item.id for _, item in live}
 
 
-def _take_held(
-    held: collections.deque[tuple[float, U]],
-    limit: int,
-    max_bytes: int | None,
-    now: float,
-    lease_seconds: float,
-    size: Callable[[U], int],
-    first_free: bool,
-) -> tuple[list[U], list[U]]:
-    """Up to `limit` of the rows claimed as they were queued (`Store.hand_over`), oldest
-    first, within `max_bytes` (with `first_free`, always at least one); and those that waited
-    past half their lease, to be queued again: a worker might not finish them in time."""
-    taken: list[U] = []
-    stale: list[U] = []
-    total = 0
-    while held and len(taken) < limit:
-        lease_until, item = held[0]
-        held.popleft()
-        if lease_until - now < lease_seconds / 2:
-            stale.append(item)
-            continue
-        if max_bytes is not None and total + size(item) > max_bytes and (taken or not first_free):
-            held.appendleft((lease_until, item))
-            break
-        taken.append(item)
-        total += size(item)
-    return taken, stale
-
-
-def _raw_size(job: Job) -> int:
-    return len(job.raw)
-
-
-def _data_size(mail: Delivery) -> int:
-    return len(mail.data)
-
-
-def _fresh_job(item: _Intake, lease: _IntakeLease) -> Job:
+def _held_job(item: _Intake, lease: _IntakeLease) -> Job:
     """The Job a claim would read back for a message committed already leased (`hand_over`)."""
     return Job(
         id=item.id,
