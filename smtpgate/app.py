@@ -22,7 +22,7 @@ from smtpgate.intake import IntakeProcesses
 from smtpgate.mail import parse_message
 from smtpgate.model import Outcome
 from smtpgate.pipeline import Context, decide
-from smtpgate.relay import DeliveryError, RelayClient, relay_tls_context
+from smtpgate.relay import DeliveryError, Mail, RelayClient, relay_tls_context
 from smtpgate.store import Delivery, Job, Store, is_transient_error
 from smtpgate.worker import WorkerPool, backoff, scheduled_delay
 
@@ -388,7 +388,14 @@ class Gateway:
                 return False
             self._sending.add(item.id)  # from here on the sweeper leaves it alone
             try:
-                reply = await client.send(item.mail_from, item.recipients, item.data)
+                # The next mail's commands go with this one's data (one write a mail).
+                then = batch[n + 1] if n + 1 < len(batch) else None
+                reply = await client.send(
+                    item.mail_from,
+                    item.recipients,
+                    item.data,
+                    then=Mail(then.mail_from, then.recipients, then.data) if then else None,
+                )
             except DeliveryError as exc:
                 await self._delivery_failed(item, exc)
                 if not exc.connection:

@@ -11,8 +11,11 @@ Other envelopes (non-ASCII addresses, which need SMTPUTF8; quoted local parts) u
 
 A relay that offers PIPELINING (RFC 2920; Postfix does) gets MAIL, the RCPTs and DATA in one
 write, and the data with its end-of-data dot in a second: two round trips a mail instead of
-four. aiosmtplib's protocol keeps one reply per command and drops what arrives beyond it, so for
-the replies to those commands the connection's transport is handed to `_Replies` and back.
+four. When the caller names the mail it sends next (`send(..., then=...)`), that mail's MAIL,
+RCPT and DATA follow the end-of-data dot in the same write (RFC 2920 3.1: message content may
+open a group): one write and one round trip a mail. aiosmtplib's protocol keeps one reply per
+command and drops what arrives beyond it, so for the replies to those commands the
+connection's transport is handed to `_Replies`, and back once no command is left unanswered.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import socket
 import ssl
 import struct
 from collections import deque
-from typing import cast
+from dataclasses import dataclass
+from typing import NamedTuple, cast
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse, SMTPStatus
@@ -57,6 +61,27 @@ class DeliveryError(Exception):
         self.connection = connection
 
 
+class Mail(NamedTuple):
+    """A mail as the relay gets it: the envelope and the data."""
+
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+@dataclass
+class _Ahead:
+    """A mail's MAIL, RCPT and DATA, written after the last mail's data: the relay answers
+    them to `replies`, and may wait for this mail's data."""
+
+    mail: Mail
+    replies: _Replies
+    transport: asyncio.BaseTransport
+
+    def continues(self, mail: Mail) -> bool:
+        return self.mail == mail and not self.transport.is_closing()
+
+
 class RelayClient:
     """One SMTP connection to the relay, opened on first use and reused until it fails."""
 
@@ -64,6 +89,7 @@ class RelayClient:
         self._settings = settings
         self._tls_context = tls_context
         self._smtp: aiosmtplib.SMTP | None = None
+        self._ahead: _Ahead | None = None
 
     async def _connection(self) -> aiosmtplib.SMTP:
         if self._smtp is not None and self._smtp.is_connected:
@@ -94,15 +120,23 @@ class RelayClient:
         self._smtp = smtp
         return smtp
 
-    async def send(self, mail_from: str, recipients: tuple[str, ...], data: bytes) -> str:
-        """Deliver one mail; return the relay's reply or raise DeliveryError."""
+    async def send(
+        self, mail_from: str, recipients: tuple[str, ...], data: bytes, *, then: Mail | None = None
+    ) -> str:
+        """Deliver one mail; return the relay's reply or raise DeliveryError.
+
+        `then` is the mail the caller sends next on this client: its commands may go with this
+        mail's data. Should the next send be another mail, the connection is reset first (the
+        relay may be waiting for the data of `then`), and nothing of `then` is delivered."""
         if any(_CONTROL.search(address) for address in (mail_from, *recipients)):
             # Never sent, never "cleaned up" into some other address: the row goes dead.
             raise DeliveryError("an envelope address contains a control character", permanent=True)
-        mail_from, recipients = ascii_domain(mail_from), tuple(map(ascii_domain, recipients))
-        plain = (not mail_from or _PLAIN_ADDRESS.fullmatch(mail_from)) and all(
-            _PLAIN_ADDRESS.fullmatch(address) for address in recipients
-        )
+        mail = _ascii_envelope(Mail(mail_from, recipients, data))
+        plain = _is_plain(mail)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and not (plain and ahead.continues(mail)):
+            self._abort()
+            ahead = None
         try:
             smtp = await self._connection()
         except Exception as exc:
@@ -112,13 +146,14 @@ class RelayClient:
             ) from exc
         try:
             if plain:
-                errors, reply = await _send_plain(
-                    smtp, mail_from, recipients, data, self._settings.relay_data_timeout
-                )
+                errors, reply = await self._send_plain(smtp, mail, ahead, then)
             else:
-                utf8 = not (mail_from.isascii() and all(a.isascii() for a in recipients))
+                utf8 = not (mail.mail_from.isascii() and all(a.isascii() for a in mail.recipients))
                 errors, reply = await smtp.sendmail(
-                    mail_from, list(recipients), data, mail_options=["SMTPUTF8"] if utf8 else []
+                    mail.mail_from,
+                    list(mail.recipients),
+                    data,
+                    mail_options=["SMTPUTF8"] if utf8 else [],
                 )
         except asyncio.CancelledError:
             # What the connection still holds (the rest of the data, its end-of-data dot) must
@@ -151,7 +186,7 @@ class RelayClient:
     def _abort(self) -> None:
         """Reset the connection: what our side still holds, in the transport or the kernel's
         send buffer (a close would send it and then FIN), is thrown away (SO_LINGER 0)."""
-        smtp, self._smtp = self._smtp, None
+        smtp, self._smtp, self._ahead = self._smtp, None, None
         if smtp is None:
             return
         if smtp.transport is not None:
@@ -163,12 +198,180 @@ class RelayClient:
         smtp.close()
 
     async def close(self) -> None:
+        if self._ahead is not None:  # the relay may wait for data: a QUIT would be taken as such
+            self._abort()
+            return
         smtp, self._smtp = self._smtp, None
         if smtp is not None and smtp.is_connected:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
                     await smtp.quit()
             smtp.close()
+
+    async def _send_plain(
+        self, smtp: aiosmtplib.SMTP, mail: Mail, ahead: _Ahead | None, then: Mail | None
+    ) -> tuple[dict[str, SMTPResponse], str]:
+        """What `SMTP.sendmail` does, for plain ASCII addresses, without its per-mail re-parsing.
+
+        The reply to the end of data is awaited SMTPGATE_RELAY_DATA_TIMEOUT seconds once all
+        the data is sent (RFC 5321 4.5.3.2.6: 10 minutes; the relay may be filtering the
+        message): a timer running while a big mail crossed a slow uplink expired, and the mail
+        the relay then queued anyway was sent again on every retry."""
+        command_timeout = smtp.timeout or 30.0
+        reply_timeout = self._settings.relay_data_timeout
+        data = _line_ends_fixed(mail.data)
+        protocol = smtp.protocol
+        if protocol is None or protocol.transport is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost")
+        if smtp.supports_extension("pipelining"):
+            return await self._send_pipelined(
+                protocol,
+                mail,
+                _commands(smtp, mail, data),
+                data,
+                ahead,
+                _next_group(smtp, then),
+                command_timeout,
+            )
+        response = await smtp.execute_command(b"MAIL", *_mail_arguments(smtp, mail, data))
+        if response.code != 250:
+            raise aiosmtplib.SMTPSenderRefused(response.code, response.message, mail.mail_from)
+        refused: list[aiosmtplib.SMTPRecipientRefused] = []
+        for address in mail.recipients:
+            reply = await smtp.execute_command(b"RCPT", b"TO:<" + address.encode() + b">")
+            refusal = _rcpt_refusal(address, reply)
+            if refusal is not None:
+                refused.append(refusal)
+        if len(refused) == len(mail.recipients):
+            raise aiosmtplib.SMTPRecipientsRefused(refused)
+        response = await smtp.execute_command(b"DATA")
+        if response.code != 354:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+        await _write_data(protocol.transport, _stuffed(data), command_timeout)
+        return _delivered(await protocol.read_response(timeout=reply_timeout), refused)
+
+    async def _send_pipelined(
+        self,
+        protocol: aiosmtplib.protocol.SMTPProtocol,
+        mail: Mail,
+        commands: bytes,
+        data: bytes,
+        ahead: _Ahead | None,
+        then: tuple[Mail, bytes] | None,
+        command_timeout: float,
+    ) -> tuple[dict[str, SMTPResponse], str]:
+        """MAIL, RCPT… and DATA in one write (RFC 2920), unless they went with the last mail's
+        data (`ahead`), then the data, with the commands of `then` behind it. Every reply to a
+        group is read before the connection goes back to aiosmtplib, so none is left to be
+        mistaken for the reply to a later command."""
+        transport = cast(asyncio.WriteTransport, protocol.transport)
+        if ahead is not None:
+            replies = ahead.replies
+        else:
+            replies = _Replies(protocol)
+            transport.set_protocol(replies)
+            transport.write(commands)
+        chained = False
+        try:
+            try:
+                mail_reply = await replies.next(command_timeout)
+                rcpt_replies = [await replies.next(command_timeout) for _ in mail.recipients]
+                data_reply = await replies.next(command_timeout)
+            except aiosmtplib.SMTPResponseException as exc:
+                # A reply we cannot read (malformed, too long): the relay may be waiting for
+                # data after a 354 we did not see, and would take a QUIT as data. Reset instead.
+                raise _Unusable(exc) from exc
+            refused = [
+                refusal
+                for address, reply in zip(mail.recipients, rcpt_replies, strict=True)
+                if (refusal := _rcpt_refusal(address, reply)) is not None
+            ]
+            failure: aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused | None
+            failure = None
+            if mail_reply.code != 250:
+                failure = aiosmtplib.SMTPSenderRefused(
+                    mail_reply.code, mail_reply.message, mail.mail_from
+                )
+            elif len(refused) == len(mail.recipients):
+                failure = aiosmtplib.SMTPRecipientsRefused(refused)
+            elif data_reply.code != 354:
+                failure = aiosmtplib.SMTPDataError(data_reply.code, data_reply.message)
+            if failure is not None:
+                if data_reply.code == 354:
+                    # The relay waits for data we will not send: no end-of-data dot (that could
+                    # deliver an empty mail), the connection is reset instead (RelayClient).
+                    raise _Unusable(failure)
+                raise failure
+            stuffed = _stuffed(data)
+            if then is not None and len(stuffed) <= _ONE_WRITE_BYTES:
+                next_mail, next_commands = then
+                transport.write(stuffed + b".\r\n" + next_commands)
+                chained = True
+                # Known before the reply to this data: on any failure from here the connection
+                # is reset, not closed with a QUIT the relay could take as the next mail's data.
+                self._ahead = _Ahead(next_mail, replies, transport)
+                await _all_sent(transport, command_timeout)
+            else:
+                await _write_data(transport, stuffed, command_timeout)
+            end_reply = await replies.next(self._settings.relay_data_timeout)
+        finally:
+            if not chained and not transport.is_closing():
+                transport.set_protocol(protocol)
+        return _delivered(end_reply, refused)
+
+
+def _next_group(smtp: aiosmtplib.SMTP, then: Mail | None) -> tuple[Mail, bytes] | None:
+    """The mail sent next, as `send` will see it, and its commands; None when it cannot go
+    pipelined."""
+    if then is None or any(_CONTROL.search(a) for a in (then.mail_from, *then.recipients)):
+        return None
+    then = _ascii_envelope(then)
+    if not _is_plain(then):
+        return None
+    return then, _commands(smtp, then, _line_ends_fixed(then.data))
+
+
+def _ascii_envelope(mail: Mail) -> Mail:
+    """The envelope with internationalized domains in their ASCII form."""
+    return mail._replace(
+        mail_from=ascii_domain(mail.mail_from),
+        recipients=tuple(map(ascii_domain, mail.recipients)),
+    )
+
+
+def _is_plain(mail: Mail) -> bool:
+    """Whether every address can go in a command as it is (else `SMTP.sendmail` sends it)."""
+    return (not mail.mail_from or bool(_PLAIN_ADDRESS.fullmatch(mail.mail_from))) and all(
+        _PLAIN_ADDRESS.fullmatch(address) for address in mail.recipients
+    )
+
+
+def _line_ends_fixed(data: bytes) -> bytes:
+    """The data with CRLF line ends, ending in one."""
+    if has_bare_line_end(data):
+        # Never in our outbox rows (the front refuses such mail): aiosmtplib's normalisation.
+        return aiosmtplib.protocol.normalize_message_line_endings(data)
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+def _mail_arguments(smtp: aiosmtplib.SMTP, mail: Mail, data: bytes) -> list[bytes]:
+    arguments = [b"FROM:<" + mail.mail_from.encode() + b">"]
+    if smtp.supports_extension("size"):
+        arguments.append(b"SIZE=%d" % len(data))  # RFC 1870: CRLFs included, stuffing dots not
+    if not data.isascii() and smtp.supports_extension("8bitmime"):
+        arguments.append(b"BODY=8BITMIME")  # RFC 6152 (a relay without it gets the bytes as is)
+    return arguments
+
+
+def _commands(smtp: aiosmtplib.SMTP, mail: Mail, data: bytes) -> bytes:
+    """A mail's MAIL, RCPT… and DATA as one pipelined group."""
+    return (
+        b"MAIL "
+        + b" ".join(_mail_arguments(smtp, mail, data))
+        + b"\r\n"
+        + b"".join(b"RCPT TO:<" + address.encode() + b">\r\n" for address in mail.recipients)
+        + b"DATA\r\n"
+    )
 
 
 def _refusal(
@@ -213,54 +416,6 @@ async def _all_sent(transport: asyncio.WriteTransport, stall_seconds: float) -> 
             raise aiosmtplib.SMTPTimeoutError("the relay stopped taking the message data")
 
 
-async def _send_plain(
-    smtp: aiosmtplib.SMTP,
-    mail_from: str,
-    recipients: tuple[str, ...],
-    data: bytes,
-    reply_timeout: float,
-) -> tuple[dict[str, SMTPResponse], str]:
-    """What `SMTP.sendmail` does, for plain ASCII addresses, without its per-mail re-parsing.
-
-    The reply to the end of data is awaited `reply_timeout` seconds once all the data is sent
-    (RFC 5321 4.5.3.2.6: 10 minutes; the relay may be filtering the message): a timer running
-    while a big mail crossed a slow uplink expired, and the mail the relay then queued anyway
-    was sent again on every retry."""
-    if has_bare_line_end(data):
-        # Never in our outbox rows (the front refuses such mail): aiosmtplib's normalisation.
-        data = aiosmtplib.protocol.normalize_message_line_endings(data)
-    elif not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    mail = [b"FROM:<" + mail_from.encode() + b">"]
-    if smtp.supports_extension("size"):
-        mail.append(b"SIZE=%d" % len(data))  # RFC 1870: CRLFs included, stuffing dots not
-    if not data.isascii() and smtp.supports_extension("8bitmime"):
-        mail.append(b"BODY=8BITMIME")  # RFC 6152 (a relay without it gets the bytes as they are)
-    rcpts = [b"TO:<" + address.encode() + b">" for address in recipients]
-    protocol = smtp.protocol
-    if protocol is None or protocol.transport is None:
-        raise aiosmtplib.SMTPServerDisconnected("connection lost")
-    if smtp.supports_extension("pipelining"):
-        return await _send_pipelined(
-            protocol, mail_from, mail, rcpts, recipients, data, smtp.timeout or 30.0, reply_timeout
-        )
-    response = await smtp.execute_command(b"MAIL", *mail)
-    if response.code != 250:
-        raise aiosmtplib.SMTPSenderRefused(response.code, response.message, mail_from)
-    refused: list[aiosmtplib.SMTPRecipientRefused] = []
-    for address, rcpt in zip(recipients, rcpts, strict=True):
-        refusal = _rcpt_refusal(address, await smtp.execute_command(b"RCPT", rcpt))
-        if refusal is not None:
-            refused.append(refusal)
-    if len(refused) == len(recipients):
-        raise aiosmtplib.SMTPRecipientsRefused(refused)
-    response = await smtp.execute_command(b"DATA")
-    if response.code != 354:
-        raise aiosmtplib.SMTPDataError(response.code, response.message)
-    await _write_data(protocol.transport, data, smtp.timeout or 30.0)
-    return _delivered(await protocol.read_response(timeout=reply_timeout), refused)
-
-
 def _rcpt_refusal(address: str, reply: SMTPResponse) -> aiosmtplib.SMTPRecipientRefused | None:
     """The refusal of one recipient, or None when the relay took it."""
     if reply.code in (250, 251):
@@ -278,15 +433,12 @@ def _delivered(
 
 
 async def _write_data(
-    transport: asyncio.BaseTransport | None, data: bytes, stall_seconds: float
+    transport: asyncio.BaseTransport | None, stuffed: bytes, stall_seconds: float
 ) -> None:
-    """The data dot-stuffed, its end-of-data dot, and the wait until all of it left us."""
+    """The dot-stuffed data, its end-of-data dot, and the wait until all of it left us."""
     if transport is None or transport.is_closing():  # lost, e.g. while DATA was answered
         raise aiosmtplib.SMTPServerDisconnected("connection lost")
     transport = cast(asyncio.WriteTransport, transport)
-    stuffed = data.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
     if len(stuffed) <= _ONE_WRITE_BYTES:
         transport.write(stuffed + b".\r\n")  # one send() instead of two
     else:
@@ -295,62 +447,10 @@ async def _write_data(
     await _all_sent(transport, stall_seconds)
 
 
-async def _send_pipelined(
-    protocol: aiosmtplib.protocol.SMTPProtocol,
-    mail_from: str,
-    mail: list[bytes],
-    rcpts: list[bytes],
-    recipients: tuple[str, ...],
-    data: bytes,
-    command_timeout: float,
-    reply_timeout: float,
-) -> tuple[dict[str, SMTPResponse], str]:
-    """MAIL, RCPT… and DATA in one write (RFC 2920), then the data. Every reply to the group is
-    read before the connection goes back to aiosmtplib, so none is left to be mistaken for the
-    reply to a later command."""
-    transport = cast(asyncio.WriteTransport, protocol.transport)
-    replies = _Replies(protocol)
-    transport.set_protocol(replies)
-    try:
-        transport.write(
-            b"MAIL "
-            + b" ".join(mail)
-            + b"\r\n"
-            + b"".join(b"RCPT " + rcpt + b"\r\n" for rcpt in rcpts)
-            + b"DATA\r\n"
-        )
-        try:
-            mail_reply = await replies.next(command_timeout)
-            rcpt_replies = [await replies.next(command_timeout) for _ in rcpts]
-            data_reply = await replies.next(command_timeout)
-        except aiosmtplib.SMTPResponseException as exc:
-            # A reply we cannot read (malformed, too long): the relay may be waiting for data
-            # after a 354 we did not see, and would take a QUIT as data. Reset instead.
-            raise _Unusable(exc) from exc
-        refused = [
-            refusal
-            for address, reply in zip(recipients, rcpt_replies, strict=True)
-            if (refusal := _rcpt_refusal(address, reply)) is not None
-        ]
-        failure: aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused | None = None
-        if mail_reply.code != 250:
-            failure = aiosmtplib.SMTPSenderRefused(mail_reply.code, mail_reply.message, mail_from)
-        elif len(refused) == len(recipients):
-            failure = aiosmtplib.SMTPRecipientsRefused(refused)
-        elif data_reply.code != 354:
-            failure = aiosmtplib.SMTPDataError(data_reply.code, data_reply.message)
-        if failure is not None:
-            if data_reply.code == 354:
-                # The relay waits for data we will not send: no end-of-data dot (that could
-                # deliver an empty mail), the connection is reset instead (RelayClient).
-                raise _Unusable(failure)
-            raise failure
-        await _write_data(transport, data, command_timeout)
-        end_reply = await replies.next(reply_timeout)
-    finally:
-        if not transport.is_closing():
-            transport.set_protocol(protocol)
-    return _delivered(end_reply, refused)
+def _stuffed(data: bytes) -> bytes:
+    """The data dot-stuffed (RFC 5321 4.5.2); its line ends are CRLF already."""
+    stuffed = data.replace(b"\r\n.", b"\r\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
 
 
 class _Unusable(Exception):

@@ -424,11 +424,15 @@ class PipeliningRelay:
     """A relay that offers PIPELINING and answers as Postfix does: the replies to MAIL and RCPT
     wait until DATA, then all of them leave in one write (a client that waited for the reply to
     MAIL before sending RCPT would wait for ever). `replies` overrides a command's reply, by
-    "MAIL", an address, or "DATA"; `hang_up_after` closes the connection after that command."""
+    "MAIL", an address, "DATA", or "END" (the end of data); `hang_up_after` closes the
+    connection after that command. The reply to the end of the first `answer_end_late` mails
+    waits until the line after it has arrived (a client that waited for that reply before
+    sending the next mail's commands would wait for ever)."""
 
     def __init__(self) -> None:
         self.replies: dict[str, bytes] = {}
         self.hang_up_after: str | None = None
+        self.answer_end_late = 0
         self.queued: list[bytes] = []
         self.connections = 0
         self.cut_off: list[bytes] = []  # what came after a 354 of a connection that ended
@@ -439,8 +443,10 @@ class PipeliningRelay:
         writer.write(b"220 pipe.test\r\n")
         held: list[bytes] = []
         data: bytearray | None = None  # the message data, while it is being read
+        pending: bytes | None = None  # a line read before the reply to the end of data
         try:
-            while line := await reader.readline():
+            while line := pending or await reader.readline():
+                pending = None
                 word = line[:4].upper()
                 if word == b"EHLO":
                     writer.write(b"250-pipe.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
@@ -465,7 +471,10 @@ class PipeliningRelay:
                             data += line
                         self.queued.append(bytes(data[: -len(b".\r\n")]))
                         data = None
-                        writer.write(b"250 queued\r\n")
+                        if self.answer_end_late:
+                            self.answer_end_late -= 1
+                            pending = await reader.readline()
+                        writer.write(self.replies.get("END", b"250 queued\r\n"))
                 else:
                     writer.write(b"250 ok\r\n")
                 await writer.drain()
@@ -595,3 +604,86 @@ async def test_replies_nobody_asked_for_are_not_kept_without_end() -> None:
         replies.data_received(b"250 ok\r\n" * 1000)
     assert len(replies._replies) == relay_module._MAX_QUEUED_REPLIES + 1
     assert isinstance(replies._replies[-1], aiosmtplib.SMTPResponseException)
+
+
+def mail(i: int) -> relay_module.Mail:
+    return relay_module.Mail("gw@localhost", ("a@msp.example",), BODY + b"mail %d\r\n" % i)
+
+
+def as_queued(m: relay_module.Mail) -> bytes:
+    return m.data.replace(b"\r\n.", b"\r\n..")
+
+
+async def send(client: RelayClient, m: relay_module.Mail, then: relay_module.Mail | None) -> str:
+    return await client.send(m.mail_from, m.recipients, m.data, then=then)
+
+
+async def test_the_next_mails_commands_go_with_the_data(
+    tmp_path: Path, pipe_relay: PipeliningRelay
+) -> None:
+    """RFC 2920 3.1: the message content may open a group. The relay answers the end of each
+    of the first two mails only once the next mail's MAIL has arrived: a client that waited for
+    that answer first would time out."""
+    pipe_relay.answer_end_late = 2
+    c = RelayClient(make_settings(tmp_path, pipe_relay.port, relay_data_timeout=2))
+    try:
+        mails = [mail(i) for i in range(3)]
+        for m, then in zip(mails, [*mails[1:], None], strict=True):
+            assert "queued" in await send(c, m, then)
+    finally:
+        await c.close()
+    assert pipe_relay.queued == [as_queued(m) for m in mails]
+    assert pipe_relay.connections == 1
+    assert pipe_relay.cut_off == []  # ended with QUIT, nothing left waiting
+
+
+async def test_a_mail_named_next_but_not_sent_is_never_delivered(
+    pipe_client: RelayClient, pipe_relay: PipeliningRelay
+) -> None:
+    """Its commands were sent and the relay answered 354: it waits for data. Another mail
+    sent instead resets the connection; the named one's data never goes, not even a QUIT."""
+    await send(pipe_client, mail(1), mail(2))
+    await send(pipe_client, mail(3), None)
+    assert pipe_relay.queued == [as_queued(mail(1)), as_queued(mail(3))]
+    assert pipe_relay.connections == 2
+    async with asyncio.timeout(5):
+        while not pipe_relay.cut_off:
+            await asyncio.sleep(0.01)
+    assert pipe_relay.cut_off == [b""]
+
+
+async def test_closing_with_a_mail_named_next_sends_it_no_quit_as_data(
+    pipe_client: RelayClient, pipe_relay: PipeliningRelay
+) -> None:
+    await send(pipe_client, mail(1), mail(2))
+    await pipe_client.close()
+    async with asyncio.timeout(5):
+        while not pipe_relay.cut_off:
+            await asyncio.sleep(0.01)
+    assert pipe_relay.cut_off == [b""]
+    assert pipe_relay.queued == [as_queued(mail(1))]
+
+
+async def test_a_refused_data_end_with_the_next_mail_named_leaves_it_to_go_next(
+    pipe_client: RelayClient, pipe_relay: PipeliningRelay
+) -> None:
+    pipe_relay.replies = {"END": b"554 5.7.1 rejected\r\n"}
+    with pytest.raises(DeliveryError) as caught:
+        await send(pipe_client, mail(1), mail(2))
+    assert caught.value.permanent is True
+    pipe_relay.replies = {}
+    assert "queued" in await send(pipe_client, mail(2), None)
+    # The refused one was queued by the test relay before its reply; the named one once only.
+    assert pipe_relay.queued == [as_queued(mail(1)), as_queued(mail(2))]
+    assert pipe_relay.connections == 2
+
+
+async def test_a_next_mail_that_cannot_go_pipelined_is_not_named_ahead(
+    pipe_client: RelayClient, pipe_relay: PipeliningRelay
+) -> None:
+    """A quoted local part goes through sendmail: nothing of it is sent with the data before."""
+    quoted = relay_module.Mail('"a b"@msp.example', ("a@msp.example",), BODY)
+    await send(pipe_client, mail(1), quoted)
+    await send(pipe_client, mail(2), None)
+    assert pipe_relay.queued == [as_queued(mail(1)), as_queued(mail(2))]
+    assert pipe_relay.connections == 1
