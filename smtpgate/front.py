@@ -433,6 +433,23 @@ class _HalfClosableReader(asyncio.StreamReader):
             raise ConnectionResetError("the client closed its side") from None
 
 
+class _SessionOver:
+    """Stands for the task and the idle timer of a session that has ended
+    (Listener._cut_cycles): aiosmtpd cancels both on a late connection_lost or end of input,
+    which does nothing once they are over."""
+
+    @staticmethod
+    def cancel(msg: Any = None) -> bool:
+        return False
+
+    @staticmethod
+    def done() -> bool:
+        return True
+
+
+_SESSION_OVER: Any = _SessionOver()
+
+
 class Listener(SMTP):
     """aiosmtpd's SMTP with a cap on concurrent sessions (spec 6); extra sessions get 421.
 
@@ -468,6 +485,7 @@ class Listener(SMTP):
         self._in_message = False  # from the end of DATA's 354 to the message's answer
         self._closing = False  # shut_down(): 421 once the message in hand is answered
         self._turn = 0  # replies since this session last let the loop go to others
+        self._lost = False  # connection_lost has run
 
     def _lean_init(
         self,
@@ -801,7 +819,11 @@ class Listener(SMTP):
                 return
             self._sessions.add(self)
             self._counted = True
+        task_before = self._handler_coroutine
         super().connection_made(transport)
+        task = self._handler_coroutine
+        if task is not None and task is not task_before:  # (STARTTLS comes here again)
+            task.add_done_callback(self._session_task_over)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
@@ -810,6 +832,27 @@ class Listener(SMTP):
             self._counted = False
             self._sessions.discard(self)
         super().connection_lost(error)
+        self._lost = True
+        self._cut_cycles()
+
+    def _session_task_over(self, task: asyncio.Task[None]) -> None:
+        self._cut_cycles()
+
+    def _cut_cycles(self) -> None:
+        """Once the connection is gone and the session's task has ended, cut the references
+        that make a session's objects a cycle, so that reference counting frees them at once:
+        aiosmtpd keeps bound methods of the session in the session (`_smtp_methods`), the
+        stream writer and this protocol point at each other, and the task's CancelledError (a
+        session ends cancelled) holds the frames that hold the session. Left to the cyclic
+        garbage collector, ~50 objects a session cost ~50 µs of the listener's CPU a message
+        (~8 %)."""
+        task = self._handler_coroutine
+        if not self._lost or task is None or not task.done() or task is _SESSION_OVER:
+            return
+        self._smtp_methods = {}
+        self._client_connected_cb = None
+        self._writer = self._reader = cast(Any, None)  # the transport keeps its protocol (uvloop)
+        self._timeout_handle = self._handler_coroutine = _SESSION_OVER
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
