@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import io
 import json
 import logging
@@ -59,6 +60,14 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+def freeze_start_up_objects() -> None:
+    """Keep what start-up made (modules, settings, compiled rules: ~200,000 objects) out of the
+    cyclic garbage collector's full collections, which otherwise walk all of it every time:
+    a pause of 20–35 ms in the middle of a mail storm, each time the serve process got one."""
+    gc.collect()
+    gc.freeze()
 
 
 def setup_logging(settings: Settings) -> None:
@@ -158,6 +167,7 @@ async def cmd_serve(settings: Settings, rules: Rules, _: argparse.Namespace) -> 
 
     gateway = Gateway(settings, rules)
     await gateway.start()
+    freeze_start_up_objects()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -379,7 +379,7 @@ async def serve_child(channel_fd: int, listen_fds: Sequence[int]) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel_fd))
     config = json.loads(await reader.readline())
     settings = Settings.model_validate(config["settings"])
-    from smtpgate.cli import setup_logging
+    from smtpgate.cli import freeze_start_up_objects, setup_logging
 
     setup_logging(settings)
     queue = _ParentQueue(writer)
@@ -396,6 +396,7 @@ async def serve_child(channel_fd: int, listen_fds: Sequence[int]) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     # Ctrl-C reaches the whole process group: the parent stops its children in order.
     loop.add_signal_handler(signal.SIGINT, lambda: None)
+    freeze_start_up_objects()
     writer.write(json.dumps({"ready": os.getpid()}).encode() + b"\n")
     answers = asyncio.create_task(_read_answers(reader, queue), name="answers")  # ends at EOF
     stopping = asyncio.create_task(stop.wait(), name="sigterm")
