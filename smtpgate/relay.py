@@ -69,17 +69,27 @@ class Mail(NamedTuple):
     data: bytes
 
 
+class _Next(NamedTuple):
+    """The mail sent next as the caller named it, as it goes to the relay (ASCII domains, data
+    with CRLF line ends), and its MAIL, RCPT and DATA."""
+
+    named: Mail
+    mail: Mail
+    data: bytes
+    commands: bytes
+
+
 @dataclass
 class _Ahead:
-    """A mail's MAIL, RCPT and DATA, written after the last mail's data: the relay answers
-    them to `replies`, and may wait for this mail's data."""
+    """The commands of `next`, written after the last mail's data: the relay answers them to
+    `replies`, and may wait for the data of `next`."""
 
-    mail: Mail
+    next: _Next
     replies: _Replies
     transport: asyncio.BaseTransport
 
-    def continues(self, mail: Mail) -> bool:
-        return self.mail == mail and not self.transport.is_closing()
+    def continues(self, named: Mail) -> bool:
+        return self.next.named == named and not self.transport.is_closing()
 
 
 class RelayClient:
@@ -128,15 +138,21 @@ class RelayClient:
         `then` is the mail the caller sends next on this client: its commands may go with this
         mail's data. Should the next send be another mail, the connection is reset first (the
         relay may be waiting for the data of `then`), and nothing of `then` is delivered."""
-        if any(_CONTROL.search(address) for address in (mail_from, *recipients)):
-            # Never sent, never "cleaned up" into some other address: the row goes dead.
-            raise DeliveryError("an envelope address contains a control character", permanent=True)
-        mail = _ascii_envelope(Mail(mail_from, recipients, data))
-        plain = _is_plain(mail)
+        named = Mail(mail_from, recipients, data)
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and not (plain and ahead.continues(mail)):
-            self._abort()
-            ahead = None
+        if ahead is not None and ahead.continues(named):
+            mail, plain = ahead.next.mail, True  # checked when it was named
+        else:
+            if ahead is not None:
+                self._abort()
+                ahead = None
+            if any(_CONTROL.search(address) for address in (mail_from, *recipients)):
+                # Never sent, never "cleaned up" into some other address: the row goes dead.
+                raise DeliveryError(
+                    "an envelope address contains a control character", permanent=True
+                )
+            mail = _ascii_envelope(named)
+            plain = _is_plain(mail)
         try:
             smtp = await self._connection()
         except Exception as exc:
@@ -219,7 +235,7 @@ class RelayClient:
         the relay then queued anyway was sent again on every retry."""
         command_timeout = smtp.timeout or 30.0
         reply_timeout = self._settings.relay_data_timeout
-        data = _line_ends_fixed(mail.data)
+        data = ahead.next.data if ahead is not None else _line_ends_fixed(mail.data)
         protocol = smtp.protocol
         if protocol is None or protocol.transport is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost")
@@ -227,10 +243,10 @@ class RelayClient:
             return await self._send_pipelined(
                 protocol,
                 mail,
-                _commands(smtp, mail, data),
+                None if ahead is not None else _commands(smtp, mail, data),
                 data,
                 ahead,
-                _next_group(smtp, then),
+                _next(smtp, then),
                 command_timeout,
             )
         response = await smtp.execute_command(b"MAIL", *_mail_arguments(smtp, mail, data))
@@ -254,10 +270,10 @@ class RelayClient:
         self,
         protocol: aiosmtplib.protocol.SMTPProtocol,
         mail: Mail,
-        commands: bytes,
+        commands: bytes | None,
         data: bytes,
         ahead: _Ahead | None,
-        then: tuple[Mail, bytes] | None,
+        then: _Next | None,
         command_timeout: float,
     ) -> tuple[dict[str, SMTPResponse], str]:
         """MAIL, RCPT… and DATA in one write (RFC 2920), unless they went with the last mail's
@@ -268,6 +284,7 @@ class RelayClient:
         if ahead is not None:
             replies = ahead.replies
         else:
+            assert commands is not None
             replies = _Replies(protocol)
             transport.set_protocol(replies)
             transport.write(commands)
@@ -304,12 +321,11 @@ class RelayClient:
                 raise failure
             stuffed = _stuffed(data)
             if then is not None and len(stuffed) <= _ONE_WRITE_BYTES:
-                next_mail, next_commands = then
-                transport.write(stuffed + b".\r\n" + next_commands)
+                transport.write(stuffed + b".\r\n" + then.commands)
                 chained = True
                 # Known before the reply to this data: on any failure from here the connection
                 # is reset, not closed with a QUIT the relay could take as the next mail's data.
-                self._ahead = _Ahead(next_mail, replies, transport)
+                self._ahead = _Ahead(then, replies, transport)
                 await _all_sent(transport, command_timeout)
             else:
                 await _write_data(transport, stuffed, command_timeout)
@@ -320,15 +336,15 @@ class RelayClient:
         return _delivered(end_reply, refused)
 
 
-def _next_group(smtp: aiosmtplib.SMTP, then: Mail | None) -> tuple[Mail, bytes] | None:
-    """The mail sent next, as `send` will see it, and its commands; None when it cannot go
-    pipelined."""
+def _next(smtp: aiosmtplib.SMTP, then: Mail | None) -> _Next | None:
+    """The mail sent next, ready to be named ahead; None when it cannot go pipelined."""
     if then is None or any(_CONTROL.search(a) for a in (then.mail_from, *then.recipients)):
         return None
-    then = _ascii_envelope(then)
-    if not _is_plain(then):
+    mail = _ascii_envelope(then)
+    if not _is_plain(mail):
         return None
-    return then, _commands(smtp, then, _line_ends_fixed(then.data))
+    data = _line_ends_fixed(mail.data)
+    return _Next(then, mail, data, _commands(smtp, mail, data))
 
 
 def _ascii_envelope(mail: Mail) -> Mail:
