@@ -827,6 +827,8 @@ class Listener(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
+            self._smtp_methods = {}  # no session ran: only these bound methods make a cycle
+            self._client_connected_cb = None
             return
         if self._counted:
             self._counted = False

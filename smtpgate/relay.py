@@ -263,8 +263,18 @@ class RelayClient:
         response = await smtp.execute_command(b"DATA")
         if response.code != 354:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
-        await _write_data(protocol.transport, _stuffed(data), command_timeout)
-        return _delivered(await protocol.read_response(timeout=reply_timeout), refused)
+        # aiosmtplib drops a reply that comes while no read_response() is pending (and
+        # _all_sent polls): the reply to the end of data goes to _Replies.
+        transport = cast(asyncio.WriteTransport, protocol.transport)
+        replies = _Replies(protocol)
+        transport.set_protocol(replies)
+        try:
+            await _write_data(transport, _stuffed(data), command_timeout)
+            end_reply = await replies.next(reply_timeout)
+        finally:
+            if not transport.is_closing():
+                transport.set_protocol(protocol)
+        return _delivered(end_reply, refused)
 
     async def _send_pipelined(
         self,

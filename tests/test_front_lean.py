@@ -484,6 +484,33 @@ async def test_an_ended_session_is_freed_without_the_garbage_collector(
     assert left == 0
 
 
+async def test_a_refused_session_is_freed_without_the_garbage_collector(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """A connection over SMTPGATE_MAX_CONNECTIONS gets 421 and never runs a session: its
+    bound methods kept in itself were a cycle for every refused connection of a flood."""
+    gw = await gateway_factory(max_connections=1)
+    keep = await RawSession.open(gw.smtp_port, ehlo=False)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.smtp_port)
+            assert (await reader.readline()).startswith(b"421")
+            writer.close()
+            await writer.wait_closed()
+        await asyncio.sleep(0.2)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = sum(isinstance(o, front.Listener) for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+        await keep.close()
+    assert left == 0
+
+
 async def test_aiosmtplib_client_round_trip(gateway: Gateway) -> None:
     data = simple_message(subject="client", body=".\r\n..\r\nplain\r\n")
     code, text = await send(gateway.smtp_port, data)

@@ -687,3 +687,56 @@ async def test_a_next_mail_that_cannot_go_pipelined_is_not_named_ahead(
     await send(pipe_client, mail(2), None)
     assert pipe_relay.queued == [as_queued(mail(1)), as_queued(mail(2))]
     assert pipe_relay.connections == 1
+
+
+class FastLockstepRelay:
+    """A relay without PIPELINING that reads the data in big pieces and answers at once."""
+
+    def __init__(self) -> None:
+        self.queued = 0
+        self.port = 0
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 lock.test\r\n")
+        try:
+            while line := await reader.readline():
+                word = line[:4].upper()
+                if word == b"EHLO":
+                    writer.write(b"250-lock.test\r\n250 8BITMIME\r\n")
+                elif word == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    return
+                elif word == b"DATA":
+                    writer.write(b"354 go on\r\n")
+                    await writer.drain()
+                    data = bytearray()
+                    while not data.endswith(b"\r\n.\r\n"):
+                        if not (chunk := await reader.read(1 << 20)):
+                            return
+                        data += chunk
+                    self.queued += 1
+                    writer.write(b"250 queued\r\n")
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+async def test_a_fast_reply_to_a_big_mail_without_pipelining_is_not_lost(tmp_path: Path) -> None:
+    """aiosmtplib drops a reply that comes while no read_response() waits, and the send polls
+    until all of a big mail's data has left: a relay that queued the mail and answered in that
+    time was never heard, the send timed out, and the mail went again on every retry.
+    (Found by a review; the code before fails with three timeouts and three copies queued.)"""
+    relay = FastLockstepRelay()
+    server = await asyncio.start_server(relay.session, "127.0.0.1", 0)
+    relay.port = server.sockets[0].getsockname()[1]
+    async with server:
+        c = RelayClient(make_settings(tmp_path, relay.port, relay_timeout=5, relay_data_timeout=3))
+        data = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 16_000
+        try:
+            replies = [await c.send("gw@localhost", ("a@msp.example",), data) for _ in range(3)]
+        finally:
+            await c.close()
+    assert relay.queued == 3
+    assert all("queued" in reply for reply in replies)
