@@ -397,9 +397,8 @@ class Store:
         self._reader = reader
         self._lookups = lookups
         self._busy_ms = int(busy_timeout * 1000)
-        # The writer's PRAGMA busy_timeout and temp_store: True = busy_timeout, temporary files
-        # (in the thread), False = 0, memory (in the loop, never waits), None = unknown (a
-        # PRAGMA failed part-way). See _pragmas.
+        # The writer's PRAGMA busy_timeout: True = busy_timeout (in the thread), False = 0 (in the
+        # loop, never waits), None = unknown (a PRAGMA failed part-way).
         self._waits: bool | None = True
         self._commits = 0  # since the last checkpoint
         self._checkpointed_at = time.monotonic()
@@ -566,13 +565,6 @@ class Store:
         pragmas = []
         if self._waits is not waits:
             pragmas.append(f"PRAGMA busy_timeout = {self._busy_ms if waits else 0}")
-            # A group's decisions each run in a SAVEPOINT, which keeps the pages it changes as
-            # they were in a sub-journal; past 64 KiB SQLite writes it to a temporary file, page
-            # by page: ~12 write system calls a forwarded message, half of the serve process's
-            # writes during a storm. The groups in the loop's thread are small (GROUP_MAX_BYTES):
-            # their sub-journals stay in memory. A big message's decision, in the thread, keeps
-            # the file (in memory it added ~40 MB to the peak of a 25 MB message).
-            pragmas.append(f"PRAGMA temp_store = {'DEFAULT' if waits else 'MEMORY'}")
             self._waits = None
         if synchronous is not None and self._sync != synchronous:
             pragmas.append(f"PRAGMA synchronous = {synchronous}")
@@ -1358,18 +1350,28 @@ class Store:
             rows = db.execute(
                 "UPDATE outbox SET state = 'active', attempts = attempts + 1, lease_until = ?"
                 f" WHERE id IN ({due})"
-                " RETURNING id, kind, mail_from, recipients, data, attempts, created_at,"
-                " inbound_id",
+                " RETURNING id, kind, mail_from, recipients, attempts, created_at, inbound_id",
                 (now + lease_seconds, now, limit, budget, budget),
             ).fetchall()
             clear = not db.execute(_ANY_DUE.format("outbox"), (now,)).fetchone()
+            if not rows:
+                return [], clear
+            # Read apart: SQLite keeps a RETURNING statement's rows in a temporary table until
+            # the statement ends, which for the data would be one more copy of every mail.
+            marks = ", ".join("?" for _ in rows)
+            data: dict[int, bytes] = {
+                mid: bytes(blob)
+                for mid, blob in db.execute(
+                    f"SELECT id, data FROM outbox WHERE id IN ({marks})", [r["id"] for r in rows]
+                )
+            }
             return [
                 Delivery(
                     id=row["id"],
                     kind=row["kind"],
                     mail_from=row["mail_from"],
                     recipients=tuple(json.loads(row["recipients"])),
-                    data=bytes(row["data"]),
+                    data=data[row["id"]],
                     attempts=row["attempts"],
                     created_at=row["created_at"],
                     lease_until=now + lease_seconds,
@@ -1942,6 +1944,12 @@ async def _connect(
         # 250 means durable: fsync the WAL on every commit.
         await db.execute("PRAGMA synchronous = FULL")
         await db.execute("PRAGMA foreign_keys = ON")
+        # A group's decisions each run in a SAVEPOINT, which keeps the pages it changes as they
+        # were in a sub-journal; past 64 KiB SQLite wrote it to a temporary file, page by page:
+        # ~12 write system calls a forwarded message, half of the serve process's writes during
+        # a storm. (No statement may buffer a message's bytes in a temporary table now, as
+        # UPDATE … RETURNING data did: in memory that is one more copy of a 25 MB message.)
+        await db.execute("PRAGMA temp_store = MEMORY")
     except BaseException:
         await db.close()  # its thread would keep the process alive
         raise
