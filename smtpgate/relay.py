@@ -160,6 +160,8 @@ class RelayClient:
             raise DeliveryError(
                 f"relay connection: {type(exc).__name__}: {exc}", permanent=False, connection=True
             ) from exc
+        if ahead is not None and smtp.transport is not ahead.transport:
+            ahead = None  # a new connection (never expected here): its commands go afresh
         try:
             if plain:
                 errors, reply = await self._send_plain(smtp, mail, ahead, then)

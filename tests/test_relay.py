@@ -740,3 +740,24 @@ async def test_a_fast_reply_to_a_big_mail_without_pipelining_is_not_lost(tmp_pat
             await c.close()
     assert relay.queued == 3
     assert all("queued" in reply for reply in replies)
+
+
+async def test_a_mail_named_ahead_on_a_connection_since_replaced_is_sent_whole(
+    pipe_client: RelayClient, pipe_relay: PipeliningRelay
+) -> None:
+    """Should the client hold a new connection when the named mail comes (aiosmtplib no longer
+    sees the old one as connected), its data must not go to the new one without its commands:
+    a data line would be read as a command there."""
+    await send(pipe_client, mail(1), mail(2))
+    smtp = pipe_client._smtp
+    assert smtp is not None
+    assert smtp.protocol is not None
+    old = smtp.protocol.transport
+    smtp.protocol.transport = None  # what aiosmtplib sees after its connection_lost
+    try:
+        assert "queued" in await send(pipe_client, mail(2), None)
+    finally:
+        assert old is not None
+        old.abort()
+    assert pipe_relay.queued == [as_queued(mail(1)), as_queued(mail(2))]
+    assert pipe_relay.connections == 2
