@@ -10,11 +10,13 @@ writes in any way, and the bytes stored exactly as sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import inspect
 import re
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -442,6 +444,27 @@ async def test_big_message_is_stored_intact(gateway: Gateway) -> None:
     await session.close()
 
 
+class _Garbage:
+    listeners = -1  # sessions (Listener objects) only the cyclic garbage collector would free
+
+
+@contextlib.contextmanager
+def collector_off() -> Iterator[_Garbage]:
+    """The cyclic garbage collector off while the block runs; then what it would have freed."""
+    garbage = _Garbage()
+    gc.collect()
+    gc.disable()
+    try:
+        yield garbage
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        garbage.listeners = sum(isinstance(o, front.Listener) for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
 async def _end_session(gateway: Gateway, ending: str) -> None:
     session = await RawSession.open(gateway.smtp_port)
     if ending == "hang up in the data":
@@ -465,23 +488,14 @@ async def test_an_ended_session_is_freed_without_the_garbage_collector(
     Now reference counting frees a session as soon as it ends."""
     sessions = gateway._smtp_sessions
     assert sessions is not None
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off() as garbage:
         for _ in range(3):
             await _end_session(gateway, ending)
         async with asyncio.timeout(10):
             while len(sessions):
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)  # the sessions' tasks end after their connections
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        left = sum(isinstance(o, front.Listener) for o in gc.garbage)
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
-    assert left == 0
+    assert garbage.listeners == 0
 
 
 async def test_a_refused_session_is_freed_without_the_garbage_collector(
@@ -491,24 +505,17 @@ async def test_a_refused_session_is_freed_without_the_garbage_collector(
     bound methods kept in itself were a cycle for every refused connection of a flood."""
     gw = await gateway_factory(max_connections=1)
     keep = await RawSession.open(gw.smtp_port, ehlo=False)
-    gc.collect()
-    gc.disable()
     try:
-        for _ in range(3):
-            reader, writer = await asyncio.open_connection("127.0.0.1", gw.smtp_port)
-            assert (await reader.readline()).startswith(b"421")
-            writer.close()
-            await writer.wait_closed()
-        await asyncio.sleep(0.2)
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        left = sum(isinstance(o, front.Listener) for o in gc.garbage)
+        with collector_off() as garbage:
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.smtp_port)
+                assert (await reader.readline()).startswith(b"421")
+                writer.close()
+                await writer.wait_closed()
+            await asyncio.sleep(0.2)
     finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
         await keep.close()
-    assert left == 0
+    assert garbage.listeners == 0
 
 
 async def test_aiosmtplib_client_round_trip(gateway: Gateway) -> None:
