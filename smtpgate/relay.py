@@ -269,6 +269,7 @@ class RelayClient:
         # _all_sent polls): the reply to the end of data goes to _Replies.
         transport = cast(asyncio.WriteTransport, protocol.transport)
         replies = _Replies(protocol)
+        _drop_unread(protocol)
         transport.set_protocol(replies)
         try:
             await _write_data(transport, _stuffed(data), command_timeout)
@@ -298,6 +299,7 @@ class RelayClient:
         else:
             assert commands is not None
             replies = _Replies(protocol)
+            _drop_unread(protocol)
             transport.set_protocol(replies)
             transport.write(commands)
         chained = False
@@ -346,6 +348,15 @@ class RelayClient:
             if not chained and not transport.is_closing():
                 transport.set_protocol(protocol)
         return _delivered(end_reply, refused)
+
+
+def _drop_unread(protocol: aiosmtplib.protocol.SMTPProtocol) -> None:
+    """Throw away what aiosmtplib's protocol read beyond the last reply it returned (a relay
+    that glued a stray line to its 354), as aiosmtplib does at STARTTLS: kept, it answered
+    the next mail's MAIL, and every reply after it went to the wrong command."""
+    unread = getattr(protocol, "_buffer", None)
+    if isinstance(unread, bytearray):
+        del unread[:]
 
 
 def _next(smtp: aiosmtplib.SMTP, then: Mail | None) -> _Next | None:

@@ -690,11 +690,13 @@ async def test_a_next_mail_that_cannot_go_pipelined_is_not_named_ahead(
 
 
 class FastLockstepRelay:
-    """A relay without PIPELINING that reads the data in big pieces and answers at once."""
+    """A relay without PIPELINING that reads the data in big pieces and answers at once;
+    `after_354` goes out glued to its 354."""
 
-    def __init__(self) -> None:
+    def __init__(self, after_354: bytes = b"") -> None:
         self.queued = 0
         self.port = 0
+        self.after_354 = after_354
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 lock.test\r\n")
@@ -707,7 +709,7 @@ class FastLockstepRelay:
                     writer.write(b"221 bye\r\n")
                     return
                 elif word == b"DATA":
-                    writer.write(b"354 go on\r\n")
+                    writer.write(b"354 go on\r\n" + self.after_354)
                     await writer.drain()
                     data = bytearray()
                     while not data.endswith(b"\r\n.\r\n"):
@@ -761,3 +763,19 @@ async def test_a_mail_named_ahead_on_a_connection_since_replaced_is_sent_whole(
         old.abort()
     assert pipe_relay.queued == [as_queued(mail(1)), as_queued(mail(2))]
     assert pipe_relay.connections == 2
+
+
+async def test_a_stray_reply_glued_to_354_does_not_answer_the_next_mail(tmp_path: Path) -> None:
+    """aiosmtplib returned the 354 and kept the stray line: on the next mail it answered MAIL,
+    MAIL's reply answered RCPT, and so on (found by a review)."""
+    relay = FastLockstepRelay(after_354=b"250 stray\r\n")
+    server = await asyncio.start_server(relay.session, "127.0.0.1", 0)
+    relay.port = server.sockets[0].getsockname()[1]
+    async with server:
+        c = RelayClient(make_settings(tmp_path, relay.port, relay_timeout=3))
+        try:
+            replies = [await c.send("gw@localhost", ("a@msp.example",), BODY) for _ in range(3)]
+        finally:
+            await c.close()
+    assert relay.queued == 3
+    assert all("queued" in reply for reply in replies)

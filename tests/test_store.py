@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
+import ctypes
+import ctypes.util
 import sqlite3
 import unicodedata
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from smtpgate.config import ConfigError
-from smtpgate.model import Action, Decision, Envelope, NewTicket, normalize_key
+from smtpgate.model import (
+    Action,
+    Applied,
+    Decision,
+    Envelope,
+    MailKind,
+    NewTicket,
+    OutboundMail,
+    normalize_key,
+)
 from smtpgate.model import Path as Branch
 from smtpgate.store import Store, new_queue_id
+from tests.test_store_hops import FIXTURES, alert, enqueue, numbered_decision
 
 
 async def test_a_completion_after_the_lease_was_taken_over_applies_nothing(tmp_path: Path) -> None:
@@ -53,18 +67,79 @@ async def test_a_completion_after_the_lease_was_taken_over_applies_nothing(tmp_p
         await store.close()
 
 
-async def test_savepoint_journals_stay_in_memory(tmp_path: Path) -> None:
-    """Each decision of a group runs in a SAVEPOINT, whose journal of changed pages went to a
-    temporary file page by page: ~12 write system calls a forwarded message, half of all the
-    serve process's writes during a storm."""
-    store = await Store.open(tmp_path / "s.db")
+def _forward_decision(n: int, data: bytes) -> Decision:
+    def mails(_: Applied) -> list[OutboundMail]:
+        return [
+            OutboundMail(MailKind.FORWARD, "c@localhost", ("s@msp.example",), data, f"<f{n}@x>")
+        ]
+
+    return numbered_decision(n, mails)
+
+
+async def _store_with_forwards(path: Path, datas: list[bytes]) -> Store:
+    store = await Store.open(path)
+    with (FIXTURES / "accounts.csv").open() as f:
+        await store.import_accounts(list(enumerate(csv.DictReader(f), 2)))
+    for n, data in enumerate(datas):
+        await enqueue(store, alert("Acme Corp", n), f"<a{n}@x>")
+        (job,) = await store.claim(1, 300)
+        outcome = await store.complete(
+            job, _forward_decision(n, data), dedupe_key=f"<a{n}@x>", auto_mail_hourly_limit=20
+        )
+        assert outcome is not None
+    return store
+
+
+async def test_each_claimed_mail_carries_its_own_data(tmp_path: Path) -> None:
+    """The outbox claim reads the data apart from its UPDATE … RETURNING (whose rows SQLite
+    keeps in a temporary table: one more copy of every mail)."""
+    datas = [f"Subject: {n}\r\n\r\n".encode() + bytes([65 + n]) * (1000 * n + 1) for n in range(6)]
+    store = await _store_with_forwards(tmp_path / "s.db", datas)
     try:
-        async with store._db.execute("PRAGMA temp_store") as cursor:
-            row = await cursor.fetchone()
-        assert row is not None
-        assert row[0] == 2  # MEMORY
+        first = await store.claim_deliveries(4, 300, max_bytes=3000)
+        got = first + await store.claim_deliveries(16, 300)
+        assert len(first) == 2  # what fits in 3,000 bytes, oldest first
+        assert [d.id for d in got] == sorted({d.id for d in got})
+        for d in got:
+            (row,) = await store._reader.execute_fetchall(
+                "SELECT data FROM outbox WHERE id = ?", (d.id,)
+            )
+            assert d.data == bytes(row[0])
+        assert sorted(d.data for d in got) == sorted(datas)
     finally:
         await store.close()
+
+
+def _sqlite_library() -> Any:
+    """The SQLite library the sqlite3 module runs on, for its memory statistics (or skip)."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+    except OSError:
+        pytest.skip("no shared SQLite library to read memory statistics from")
+    lib.sqlite3_libversion.restype = ctypes.c_char_p
+    if lib.sqlite3_libversion().decode() != sqlite3.sqlite_version:
+        pytest.skip("the sqlite3 module does not use the shared SQLite library")
+    lib.sqlite3_memory_highwater.restype = ctypes.c_int64
+    lib.sqlite3_memory_highwater.argtypes = [ctypes.c_int]
+    return lib
+
+
+async def test_a_claim_does_not_read_the_mails_it_leaves_in_the_queue(tmp_path: Path) -> None:
+    """Four 10 MB forwards wait (a relay outage); a claim of 16 MB takes one. With length(data)
+    in the window function that picks them, SQLite copied each scanned mail's data into the
+    window's temporary table (found by a review). SQLite's own peak: 75 MB then, 43 now (the
+    claimed mail's row rewritten by its UPDATE, and read)."""
+    lib = _sqlite_library()
+    mb = 1 << 20
+    store = await _store_with_forwards(tmp_path / "s.db", [b"x" * (10 * mb)] * 4)
+    try:
+        lib.sqlite3_memory_highwater(1)  # reset
+        got = await store.claim_deliveries(16, 300, max_bytes=16 * mb)
+        peak = lib.sqlite3_memory_highwater(1)
+    finally:
+        await store.close()
+    assert len(got) == 1
+    assert peak < 55 * mb
 
 
 async def test_claim_takes_only_what_fits_in_its_byte_budget_oldest_first(tmp_path: Path) -> None:

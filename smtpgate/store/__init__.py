@@ -219,10 +219,13 @@ class WriteLock:
 # Parameters: now, limit, budget, budget (a budget below 0: no budget).
 _DUE_WITHIN_BUDGET = (
     "SELECT id FROM ("
-    " SELECT id, {size} AS size, sum({size}) OVER"
-    "   (ORDER BY next_attempt_at, rowid ROWS UNBOUNDED PRECEDING) - {size} AS before"
-    " FROM {table} WHERE state = 'queued' AND next_attempt_at <= ?"
-    " ORDER BY next_attempt_at, rowid LIMIT ?)"
+    " SELECT id, size, sum(size) OVER (ORDER BY next_attempt_at, r ROWS UNBOUNDED PRECEDING)"
+    "   - size AS before"
+    # The size in a subquery of its own (its LIMIT keeps SQLite from merging it): with
+    # length(data) in the window query itself, SQLite copied every scanned mail's data into
+    # the window's temporary table and took its length there.
+    " FROM (SELECT id, rowid AS r, next_attempt_at, {size} AS size FROM {table}"
+    "   WHERE state = 'queued' AND next_attempt_at <= ? ORDER BY next_attempt_at, rowid LIMIT ?))"
     " WHERE ? < 0 OR before = 0 OR before + size <= ?"
 )
 
@@ -1357,7 +1360,8 @@ class Store:
             if not rows:
                 return [], clear
             # Read apart: SQLite keeps a RETURNING statement's rows in a temporary table until
-            # the statement ends, which for the data would be one more copy of every mail.
+            # the statement ends, which for the data was one more copy of every mail (and,
+            # past the page cache, a temporary file written with it).
             marks = ", ".join("?" for _ in rows)
             data: dict[int, bytes] = {
                 mid: bytes(blob)
@@ -1944,12 +1948,6 @@ async def _connect(
         # 250 means durable: fsync the WAL on every commit.
         await db.execute("PRAGMA synchronous = FULL")
         await db.execute("PRAGMA foreign_keys = ON")
-        # A group's decisions each run in a SAVEPOINT, which keeps the pages it changes as they
-        # were in a sub-journal; past 64 KiB SQLite wrote it to a temporary file, page by page:
-        # ~12 write system calls a forwarded message, half of the serve process's writes during
-        # a storm. (No statement may buffer a message's bytes in a temporary table now, as
-        # UPDATE … RETURNING data did: in memory that is one more copy of a 25 MB message.)
-        await db.execute("PRAGMA temp_store = MEMORY")
     except BaseException:
         await db.close()  # its thread would keep the process alive
         raise
