@@ -50,21 +50,21 @@ def forward_bytes(i: int, size: int) -> bytes:
 def fill_outbox(db: Path, n: int, size: int) -> None:
     now = time.time()
     with contextlib.closing(sqlite3.connect(db)) as c, c:
-        c.executemany(
-            "INSERT INTO outbox (inbound_id, kind, mail_from, recipients, message_id, data,"
-            " created_at, next_attempt_at) VALUES (NULL, 'forward', ?, ?, ?, ?, ?, ?)",
-            (
+        for i in range(n):
+            data = forward_bytes(i, size)
+            cur = c.execute(
+                "INSERT INTO outbox (inbound_id, kind, mail_from, recipients, message_id, size,"
+                " created_at, next_attempt_at) VALUES (NULL, 'forward', ?, ?, ?, ?, ?, ?)",
                 (
                     "connector@localhost",
                     json.dumps(["support@msp.example"]),
                     f"<relay-{i}@bench>",
-                    forward_bytes(i, size),
+                    len(data),
                     now,
                     now,
-                )
-                for i in range(n)
-            ),
-        )
+                ),
+            )
+            c.execute("INSERT INTO outbox_data (id, data) VALUES (?, ?)", (cur.lastrowid, data))
 
 
 def run_round(

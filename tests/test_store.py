@@ -102,7 +102,7 @@ async def test_each_claimed_mail_carries_its_own_data(tmp_path: Path) -> None:
         assert [d.id for d in got] == sorted({d.id for d in got})
         for d in got:
             (row,) = await store._reader.execute_fetchall(
-                "SELECT data FROM outbox WHERE id = ?", (d.id,)
+                "SELECT data FROM outbox_data WHERE id = ?", (d.id,)
             )
             assert d.data == bytes(row[0])
         assert sorted(d.data for d in got) == sorted(datas)
@@ -121,7 +121,31 @@ def _sqlite_library() -> Any:
         pytest.skip("the sqlite3 module does not use the shared SQLite library")
     lib.sqlite3_memory_highwater.restype = ctypes.c_int64
     lib.sqlite3_memory_highwater.argtypes = [ctypes.c_int]
+    lib.sqlite3_memory_used.restype = ctypes.c_int64
     return lib
+
+
+async def test_requeueing_big_mails_does_not_hold_their_bytes(tmp_path: Path) -> None:
+    """With the data in the outbox row, every state change rewrote it, and a statement's
+    journal kept the old pages of each row it changed: with the journals in memory, recover()
+    over eight 5 MB mails held +51 MB (found by a review; +10 MB with them in files). The data
+    has a table of its own now, and a requeue touches a few small rows."""
+    lib = _sqlite_library()
+    mb = 1 << 20
+    store = await _store_with_forwards(tmp_path / "s.db", [b"x" * (5 * mb)] * 8)
+    try:
+        claimed = []
+        while got := await store.claim_deliveries(16, 300):
+            claimed += got
+        assert len(claimed) == 8
+        del claimed, got
+        lib.sqlite3_memory_highwater(1)  # reset
+        before = lib.sqlite3_memory_used()
+        assert await store.recover() == (0, 8)
+        grown = lib.sqlite3_memory_highwater(1) - before
+    finally:
+        await store.close()
+    assert grown < 2 * mb
 
 
 async def test_a_claim_does_not_read_the_mails_it_leaves_in_the_queue(tmp_path: Path) -> None:
@@ -159,16 +183,22 @@ async def test_claim_takes_only_what_fits_in_its_byte_budget_oldest_first(tmp_pa
         await store.close()
 
 
+def queue_mail(db: sqlite3.Connection, data: bytes) -> None:
+    """An outbox mail as an earlier decision queued it."""
+    cur = db.execute(
+        "INSERT INTO outbox (kind, mail_from, recipients, size, created_at, next_attempt_at)"
+        " VALUES ('forward', 'c@x', '[\"s@x\"]', ?, 0, 0)",
+        (len(data),),
+    )
+    db.execute("INSERT INTO outbox_data (id, data) VALUES (?, ?)", (cur.lastrowid, data))
+
+
 async def test_outbox_claims_take_only_what_fits_in_their_byte_budget(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "s.db")
     await store.close()
     with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db, db:
         for size in (1000, 1000, 1000, 50):  # mails queued by earlier decisions
-            db.execute(
-                "INSERT INTO outbox (kind, mail_from, recipients, data, created_at,"
-                " next_attempt_at) VALUES ('forward', 'c@x', '[\"s@x\"]', ?, 0, 0)",
-                (b"x" * size,),
-            )
+            queue_mail(db, b"x" * size)
     store = await Store.open(tmp_path / "s.db")
     try:
         sizes = [len(d.data) for d in await store.claim_deliveries(10, 300, max_bytes=2500)]
@@ -187,10 +217,7 @@ async def test_an_unclaimed_mail_is_queued_again_unless_claimed_anew(tmp_path: P
     await store.close()
     with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db, db:
         for _ in range(2):
-            db.execute(
-                "INSERT INTO outbox (kind, mail_from, recipients, data, created_at,"
-                " next_attempt_at) VALUES ('forward', 'c@x', '[\"s@x\"]', x'00', 0, 0)"
-            )
+            queue_mail(db, b"\x00")
     store = await Store.open(tmp_path / "s.db")
     try:
         first, second = await store.claim_deliveries(10, lease_seconds=-1)  # lapsed at once
@@ -206,6 +233,54 @@ async def test_an_unclaimed_mail_is_queued_again_unless_claimed_anew(tmp_path: P
         await store.close()
 
 
+def undo_migration_7(db: sqlite3.Connection) -> None:
+    """The outbox as versions before migration 7 kept it: the data in the row."""
+    db.execute("DELETE FROM schema_migrations WHERE version = 7")
+    db.execute("ALTER TABLE outbox ADD COLUMN data BLOB NOT NULL DEFAULT x''")
+    db.execute("UPDATE outbox SET data = (SELECT d.data FROM outbox_data d WHERE d.id = outbox.id)")
+    db.execute("ALTER TABLE outbox DROP COLUMN size")
+    db.execute("DROP TABLE outbox_data")
+
+
+async def test_migration_7_moves_the_outbox_data_out_of_the_rows(tmp_path: Path) -> None:
+    """Queued, claimed and delivered mails keep their bytes and sizes across the upgrade."""
+    datas = [b"Subject: a\r\n\r\nfirst\r\n", b"x" * 100_000, b"\x00\xff" * 10]
+    store = await _store_with_forwards(tmp_path / "s.db", datas)
+    (delivered,) = await store.claim_deliveries(1, 300)
+    await store.delivery_done([delivered.id])
+    await store.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db, db:
+        undo_migration_7(db)
+        assert db.execute("SELECT count(*) FROM outbox WHERE length(data) > 0").fetchone() == (3,)
+    store = await Store.open(tmp_path / "s.db")
+    try:
+        rest = await store.claim_deliveries(16, 300)
+        assert sorted([delivered.data, *(d.data for d in rest)]) == sorted(datas)
+        rows = await store._reader.execute_fetchall(
+            "SELECT o.size, length(d.data) FROM outbox o JOIN outbox_data d USING (id)"
+        )
+        assert sorted(tuple(r) for r in rows) == sorted((len(d), len(d)) for d in datas)
+        columns = [r[1] for r in await store._reader.execute_fetchall("PRAGMA table_info(outbox)")]
+        assert "data" not in columns
+    finally:
+        await store.close()
+
+
+async def test_purge_drops_the_data_of_the_mails_it_drops(tmp_path: Path) -> None:
+    store = await _store_with_forwards(tmp_path / "s.db", [b"one\r\n", b"two\r\n"])
+    try:
+        (sent,) = await store.claim_deliveries(1, 300)
+        await store.delivery_done([sent.id])
+        await store.purge(retention_days=-1)  # everything done is past its retention
+        ids = [r[0] for r in await store._reader.execute_fetchall("SELECT id FROM outbox_data")]
+        left = [r[0] for r in await store._reader.execute_fetchall("SELECT id FROM outbox")]
+        assert ids == left
+        assert sent.id not in ids
+        assert len(ids) == 1
+    finally:
+        await store.close()
+
+
 async def test_migration_5_composes_decomposed_account_keys(tmp_path: Path) -> None:
     """Keys imported before keys were kept in NFC: a decomposed one is composed on upgrade."""
     store = await Store.open(tmp_path / "smtpgate.db")
@@ -217,6 +292,7 @@ async def test_migration_5_composes_decomposed_account_keys(tmp_path: Path) -> N
         # the store as an older version left it
         db.execute("UPDATE account_keys SET value = ? WHERE field = 'file_as'", (decomposed,))
         db.execute("DELETE FROM schema_migrations WHERE version >= 5")
+        undo_migration_7(db)
         db.execute("ALTER TABLE history DROP COLUMN updated_by")  # migration 6 undone
     store = await Store.open(tmp_path / "smtpgate.db")
     try:

@@ -462,6 +462,13 @@ class Store:
             await writer.execute("PRAGMA wal_autocheckpoint = 0")  # see CHECKPOINT_COMMITS
             if schema != "any":
                 await migrate(writer, apply=schema == "upgrade")
+            # After the migrations (a table rebuilt keeps its old pages in a statement journal):
+            # a decision group's SAVEPOINTs keep the pages they change as they were in a
+            # sub-journal, which SQLite writes to a temporary file past 64 KiB, page by page:
+            # ~12 write system calls a forwarded message, half of the serve process's writes
+            # during a storm. No statement now rewrites a message's bytes (they have tables of
+            # their own) or keeps them in a temporary table (the outbox claim reads them apart).
+            await writer.execute("PRAGMA temp_store = MEMORY")
             reader = await _connect(path, busy_timeout)
             return cls(path, writer, reader, _connect_lookups(path), busy_timeout)
         except BaseException as exc:
@@ -1249,7 +1256,7 @@ class Store:
                 held.clear = False  # the next ones queue behind it, oldest sent first
             lease_until = now + self._held_lease
             cur = db.execute(
-                "INSERT INTO outbox (inbound_id, kind, mail_from, recipients, message_id, data,"
+                "INSERT INTO outbox (inbound_id, kind, mail_from, recipients, message_id, size,"
                 " created_at, next_attempt_at, state, attempts, lease_until)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -1258,11 +1265,14 @@ class Store:
                     mail.mail_from,
                     json.dumps(mail.recipients),
                     mail.message_id,
-                    mail.data,
+                    len(mail.data),
                     now,
                     now,
                     *(("active", 1, lease_until) if claimed else ("queued", 0, None)),
                 ),
+            )
+            db.execute(
+                "INSERT INTO outbox_data (id, data) VALUES (?, ?)", (cur.lastrowid, mail.data)
             )
             if claimed:
                 self._staged_mail.append(
@@ -1348,8 +1358,7 @@ class Store:
             # The time of the claim, not of the call: mail committed while this waited for the
             # write lock is due too, and the lease starts when the claim is made.
             now = time.time()
-            # length() of a BLOB is read from its header: the data itself is not loaded for it.
-            due = _DUE_WITHIN_BUDGET.format(table="outbox", size="length(data)")
+            due = _DUE_WITHIN_BUDGET.format(table="outbox", size="size")
             rows = db.execute(
                 "UPDATE outbox SET state = 'active', attempts = attempts + 1, lease_until = ?"
                 f" WHERE id IN ({due})"
@@ -1359,14 +1368,12 @@ class Store:
             clear = not db.execute(_ANY_DUE.format("outbox"), (now,)).fetchone()
             if not rows:
                 return [], clear
-            # Read apart: SQLite keeps a RETURNING statement's rows in a temporary table until
-            # the statement ends, which for the data was one more copy of every mail (and,
-            # past the page cache, a temporary file written with it).
             marks = ", ".join("?" for _ in rows)
             data: dict[int, bytes] = {
                 mid: bytes(blob)
                 for mid, blob in db.execute(
-                    f"SELECT id, data FROM outbox WHERE id IN ({marks})", [r["id"] for r in rows]
+                    f"SELECT id, data FROM outbox_data WHERE id IN ({marks})",
+                    [r["id"] for r in rows],
                 )
             }
             return [
@@ -1830,6 +1837,11 @@ class Store:
                 " WHERE state = 'done' AND received_at < ?)",
                 (cutoff,),
             ).rowcount
+            db.execute(
+                "DELETE FROM outbox_data WHERE id IN (SELECT id FROM outbox"
+                " WHERE state = 'done' AND created_at < ?)",
+                (cutoff,),
+            )
             db.execute("DELETE FROM outbox WHERE state = 'done' AND created_at < ?", (cutoff,))
             db.execute("DELETE FROM auto_mail_log WHERE sent_at < ?", (now - 7200,))
             return n

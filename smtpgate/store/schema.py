@@ -359,6 +359,24 @@ MIGRATIONS: list[tuple[int, str, str | Callable[[sqlite3.Connection], None]]] = 
         ALTER TABLE history ADD COLUMN updated_by TEXT;
         """,
     ),
+    (
+        7,
+        "outbox data in a table of its own",
+        """
+        -- As migration 4 for the inbound raw bytes: SQLite rewrites a whole row on every UPDATE,
+        -- so each claim, delivery record, retry and recovery of a 25 MB forward rewrote 25 MB
+        -- (and a statement's journal held the old pages of every row it changed). The size
+        -- stays in the row for the claims' byte budget; purge deletes both rows.
+        ALTER TABLE outbox ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+        UPDATE outbox SET size = length(data);
+        CREATE TABLE outbox_data (
+            id   INTEGER PRIMARY KEY,
+            data BLOB NOT NULL
+        );
+        INSERT INTO outbox_data (id, data) SELECT id, data FROM outbox;
+        ALTER TABLE outbox DROP COLUMN data;
+        """,
+    ),
 ]
 
 
