@@ -823,14 +823,7 @@ class Store:
                 return [], clear
             if inline_bytes is not None and sum(row["size"] for row in rows) > inline_bytes:
                 raise _TooBigHere  # rolled back; claimed again in the writer's thread
-            marks = ", ".join("?" for _ in rows)
-            raws: dict[str, bytes] = {
-                rid: bytes(raw)
-                for rid, raw in db.execute(
-                    f"SELECT id, raw FROM inbound_raw WHERE id IN ({marks})",
-                    [row["id"] for row in rows],
-                )
-            }
+            raws = _kept_apart(db, "inbound_raw", [row["id"] for row in rows])
             return [
                 Job(
                     id=row["id"],
@@ -1368,14 +1361,7 @@ class Store:
             clear = not db.execute(_ANY_DUE.format("outbox"), (now,)).fetchone()
             if not rows:
                 return [], clear
-            marks = ", ".join("?" for _ in rows)
-            data: dict[int, bytes] = {
-                mid: bytes(blob)
-                for mid, blob in db.execute(
-                    f"SELECT id, data FROM outbox_data WHERE id IN ({marks})",
-                    [r["id"] for r in rows],
-                )
-            }
+            data = _kept_apart(db, "outbox_data", [row["id"] for row in rows])
             return [
                 Delivery(
                     id=row["id"],
@@ -1900,6 +1886,15 @@ def _insert_intake(db: sqlite3.Connection, entries: Sequence[_IntakeEntry]) -> s
         "INSERT INTO inbound_raw (id, raw) VALUES (?, ?)", [(item.id, item.raw) for _, item in live]
     )
     return {item.id for _, item in live}
+
+
+def _kept_apart(db: sqlite3.Connection, table: str, ids: list[Any]) -> dict[Any, bytes]:
+    """The bytes of these rows from the table that keeps them apart from the queue's rows
+    (migrations 4 and 7: an UPDATE rewrites a whole row), by id."""
+    column = {"inbound_raw": "raw", "outbox_data": "data"}[table]
+    marks = ", ".join("?" for _ in ids)
+    sql = f"SELECT id, {column} FROM {table} WHERE id IN ({marks})"
+    return {row_id: bytes(blob) for row_id, blob in db.execute(sql, ids)}
 
 
 def _held_job(item: _Intake, lease: _IntakeLease) -> Job:
