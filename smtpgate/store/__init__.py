@@ -861,7 +861,6 @@ class Store:
         """Queue again messages and mails claimed as they were queued and not worked on
         (`hand_over`), their attempt not counted; a row leased to another since stays."""
         job_keys = [(job.id, job.token) for job in jobs]
-        mail_keys = [(mail.id, mail.lease_until) for mail in mails]
 
         def release(db: sqlite3.Connection) -> None:
             db.executemany(
@@ -870,11 +869,7 @@ class Store:
                 " WHERE id = ? AND lease_token = ? AND state = 'active'",
                 job_keys,
             )
-            db.executemany(
-                "UPDATE outbox SET state = 'queued', attempts = attempts - 1, lease_until = NULL"
-                " WHERE id = ? AND lease_until = ? AND state = 'active'",
-                mail_keys,
-            )
+            _requeue_mails(db, mails)
 
         try:
             await self._write(release, durable=False)
@@ -1423,18 +1418,10 @@ class Store:
     async def unclaim_deliveries(self, mails: Sequence[Delivery]) -> int:
         """Give back claimed mails not tried: queued again, the claim's attempt not counted. One
         another sender has claimed since (another lease) stays."""
-        params = [(mail.id, mail.lease_until) for mail in mails]
-
-        def unclaim(db: sqlite3.Connection) -> int:
-            cur = db.executemany(
-                "UPDATE outbox SET state = 'queued', lease_until = NULL, attempts = attempts - 1"
-                " WHERE id = ? AND state = 'active' AND lease_until = ?",
-                params,
-            )
-            return cur.rowcount
-
         self._held_mail.clear = False  # new mails queue behind these (and once they are queued:
-        n = await self._write(unclaim, durable=False, inline=True)
+        n = await self._write(
+            functools.partial(_requeue_mails, mails=mails), durable=False, inline=True
+        )
         self._held_mail.clear = False  # a table claim meanwhile may have found none yet)
         return n
 
@@ -1886,6 +1873,16 @@ def _insert_intake(db: sqlite3.Connection, entries: Sequence[_IntakeEntry]) -> s
         "INSERT INTO inbound_raw (id, raw) VALUES (?, ?)", [(item.id, item.raw) for _, item in live]
     )
     return {item.id for _, item in live}
+
+
+def _requeue_mails(db: sqlite3.Connection, mails: Sequence[Delivery]) -> int:
+    """Queue again claimed mails not tried, the claim's attempt not counted; a mail another
+    sender has claimed since (another lease) stays. Returns how many were queued."""
+    return db.executemany(
+        "UPDATE outbox SET state = 'queued', attempts = attempts - 1, lease_until = NULL"
+        " WHERE id = ? AND lease_until = ? AND state = 'active'",
+        [(mail.id, mail.lease_until) for mail in mails],
+    ).rowcount
 
 
 def _kept_apart(db: sqlite3.Connection, table: str, ids: list[Any]) -> dict[Any, bytes]:
