@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
 import ctypes
 import ctypes.util
 import sqlite3
@@ -27,7 +26,7 @@ from smtpgate.model import (
 )
 from smtpgate.model import Path as Branch
 from smtpgate.store import Store, new_queue_id
-from tests.test_store_hops import FIXTURES, alert, enqueue, numbered_decision
+from tests.test_store_hops import alert, enqueue, numbered_decision, open_with_accounts
 
 
 async def test_a_completion_after_the_lease_was_taken_over_applies_nothing(tmp_path: Path) -> None:
@@ -77,9 +76,7 @@ def _forward_decision(n: int, data: bytes) -> Decision:
 
 
 async def _store_with_forwards(path: Path, datas: list[bytes]) -> Store:
-    store = await Store.open(path)
-    with (FIXTURES / "accounts.csv").open() as f:
-        await store.import_accounts(list(enumerate(csv.DictReader(f), 2)))
+    store = await open_with_accounts(path)
     for n, data in enumerate(datas):
         await enqueue(store, alert("Acme Corp", n), f"<a{n}@x>")
         (job,) = await store.claim(1, 300)

@@ -11,7 +11,6 @@ decision).
 from __future__ import annotations
 
 import asyncio
-import csv
 import sqlite3
 import threading
 import time
@@ -24,7 +23,6 @@ import pytest
 from smtpgate.model import Applied, MailKind, OutboundMail
 from smtpgate.store import GROUP_MAX_BYTES, Job, Store
 from tests.test_store_hops import (
-    FIXTURES,
     Hops,
     alert,
     big_alert,
@@ -32,6 +30,7 @@ from tests.test_store_hops import (
     complete_ticket,
     enqueue,
     numbered_decision,
+    open_with_accounts,
     writer_pragma,
 )
 
@@ -39,10 +38,8 @@ LEASE = 300.0
 
 
 async def open_store(path: Path, lease: float = LEASE) -> Store:
-    store = await Store.open(path)
+    store = await open_with_accounts(path)
     store.CHECKPOINT_SECONDS = float("inf")  # no checkpoint hop in the middle of a count
-    with (FIXTURES / "accounts.csv").open() as f:
-        await store.import_accounts(list(enumerate(csv.DictReader(f), 2)))
     store.hand_over(jobs=3, mails=2, lease_seconds=lease)
     return store
 

@@ -82,15 +82,20 @@ class Hops:
         seen["total"] = seen["writer"] + seen["reader"]
 
 
+async def open_with_accounts(path: Path) -> Store:
+    """The store at `path`, holding the accounts of tests/fixtures/accounts.csv."""
+    store = await Store.open(path)
+    with (FIXTURES / "accounts.csv").open() as f:
+        await store.import_accounts(list(enumerate(csv.DictReader(f), 2)))
+    return store
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = await Store.open(tmp_path / "smtpgate.db")
+    store = await open_with_accounts(tmp_path / "smtpgate.db")
     # WAL checkpoints by commit count only: one started by the clock (a hop to the writer's
     # thread) must not land in the middle of a count on a slow machine.
     store.CHECKPOINT_SECONDS = float("inf")
-    with (FIXTURES / "accounts.csv").open() as f:
-        accounts = list(csv.DictReader(f))
-    await store.import_accounts(list(enumerate(accounts, 2)))
     try:
         yield store
     finally:
@@ -514,9 +519,7 @@ async def test_a_relay_claim_waiting_for_a_decision_with_mail_is_durable(store: 
 async def test_the_first_relay_claim_after_a_restart_is_durable(tmp_path: Path) -> None:
     """The last process may have left decisions with mail in the WAL without an fsync."""
     path = tmp_path / "smtpgate.db"
-    store = await Store.open(path)
-    with (FIXTURES / "accounts.csv").open() as f:
-        await store.import_accounts(list(enumerate(csv.DictReader(f), 2)))
+    store = await open_with_accounts(path)
     await enqueue(store, alert("Acme Corp", 1), "<a1@x>")
     assert await complete_ticket(store, await one_job(store))
     await store.close()
