@@ -16,7 +16,6 @@ import ssl
 import types
 import warnings
 from collections.abc import Callable
-from email.utils import formatdate
 from typing import Any, Protocol, cast
 
 import aiosmtpd
@@ -33,6 +32,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from smtpgate.config import ConfigError, Settings
 from smtpgate.model import Envelope, address_key, has_bare_line_end
+from smtpgate.outbound import mail_date
 from smtpgate.store import StoreError, new_queue_id
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class Handler:
         received = (
             f"Received: from {_clean(helo)} ({peer})\r\n\tby {self.settings.hostname}"
             f" (smtpgate) with ESMTP{'S' if tls else ''} id {queue_id}\r\n"
-            f"\tfor <{envelope.rcpt_tos[0]}>; {formatdate(localtime=False)}\r\n"
+            f"\tfor <{envelope.rcpt_tos[0]}>; {mail_date()}\r\n"
         ).encode("ascii", "replace")
         raw = received + data
         env = Envelope(

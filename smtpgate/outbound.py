@@ -5,12 +5,15 @@ Every mail carries Auto-Submitted and our loop header (spec 2.4) so it can never
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
+import time
 from datetime import UTC, datetime
 from email.header import Header
 from email.message import EmailMessage
 from email.policy import SMTP
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 
 from smtpgate.model import MailKind, OutboundMail, ascii_domain
 
@@ -19,7 +22,42 @@ ACTION_HEADER = "X-Smtpgate-Action"
 
 
 def new_message_id(hostname: str) -> str:
-    return make_msgid(idstring=secrets.token_hex(4), domain=hostname or "smtpgate.invalid")
+    """Unique without a system call: the time, this process and a counter, plus a random part
+    drawn once per process (email.utils.make_msgid asked the system for the pid and for
+    randomness on every call)."""
+    unique = f"{time.time_ns()}.{_ids.pid}.{next(_ids.counter)}.{_ids.token}"
+    return f"<{unique}@{hostname or 'smtpgate.invalid'}>"
+
+
+class _Ids:
+    def __init__(self) -> None:
+        self.renew()
+
+    def renew(self) -> None:
+        self.pid = os.getpid()
+        self.token = secrets.token_hex(4)
+        self.counter = itertools.count()
+
+
+_ids = _Ids()
+os.register_at_fork(after_in_child=_ids.renew)  # a forked child: ids of its own
+
+
+def mail_date() -> str:
+    """The Date of a mail we write, now (RFC 5322 3.3), worked out once a second."""
+    second = int(time.time())
+    if second != _date.second:
+        _date.second = second
+        _date.text = format_datetime(datetime.fromtimestamp(second, UTC))
+    return _date.text
+
+
+class _Date:
+    second = -1
+    text = ""
+
+
+_date = _Date()
 
 
 # Headers we write ourselves are kept as written: the email package would fold a long
@@ -62,7 +100,7 @@ def forward_untouched(
     lines = [
         f"Resent-From: {ascii_domain(sender)}",
         f"Resent-To: {ascii_domain(target)}",
-        f"Resent-Date: {format_datetime(datetime.now(UTC))}",
+        f"Resent-Date: {mail_date()}",
         f"Resent-Message-ID: {message_id}",
         f"{ACTION_HEADER}: {detail}",
         f"{LOOP_HEADER}: {ascii_domain(connector)}",
@@ -94,7 +132,7 @@ def compose(
     msg["From"] = sender
     msg["To"] = to
     msg["Subject"] = _header_value(subject)
-    msg["Date"] = format_datetime(datetime.now(UTC))
+    msg["Date"] = mail_date()
     message_id = new_message_id(hostname)
     msg["Message-ID"] = message_id
     earlier = tuple(r for r in references if r != in_reply_to)

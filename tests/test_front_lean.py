@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email
+import email.utils
 import functools
 import gc
 import inspect
 import re
 import socket
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -416,6 +419,24 @@ async def test_message_is_stored_byte_exact(gateway: Gateway) -> None:
     await session.send_raw(dot_stuff(data) + EOD)
     assert await stored(gateway, await session.reply()) == data
     await session.close()
+
+
+async def test_the_received_header_names_the_queue_id_and_the_time_in_utc(
+    gateway: Gateway,
+) -> None:
+    before = datetime.now(UTC).replace(microsecond=0)
+    session = await open_data(gateway.smtp_port)
+    await session.send_raw(b"Subject: when\r\n\r\nbody\r\n" + EOD)
+    reply = await session.reply()
+    await session.close()
+    assert gateway.store is not None
+    raw = await gateway.store.raw_message(str(reply.queue_id))
+    assert raw is not None
+    received = email.message_from_bytes(raw)["Received"]
+    assert f" id {reply.queue_id}" in received
+    when = email.utils.parsedate_to_datetime(received.rsplit(";", 1)[1].strip())
+    assert when.utcoffset() is not None  # +0000: UTC, not -0000 (zone unknown)
+    assert before <= when <= datetime.now(UTC)
 
 
 async def test_smtputf8_message_is_stored_byte_exact(gateway: Gateway) -> None:

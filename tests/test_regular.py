@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
+import os
+import re
 import tomllib
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
 
@@ -879,6 +883,41 @@ def test_a_long_non_ascii_rule_name_is_folded_with_crlf_in_a_forward() -> None:
     assert not has_bare_line_end(fwd.data)
     parsed = email.message_from_bytes(fwd.data, policy=email.policy.default)
     assert "Störungsmeldungen" in str(parsed["X-Smtpgate-Action"])
+
+
+def test_our_mails_carry_the_current_date_and_ids_unique_across_processes() -> None:
+    """The Date (worked out once a second) is now, and every message id differs, in a forked
+    child too (its ids are drawn anew, not its parent's counter over again)."""
+    before = datetime.now(UTC).replace(microsecond=0)
+    fwd = outbound.forward_untouched(
+        b"Subject: x\r\n\r\nbody\r\n",
+        target=SUPPORT,
+        sender=CONNECTOR,
+        connector=CONNECTOR,
+        action="forwarded",
+        rule=None,
+        hostname="gateway.test",
+        has_auto_submitted=False,
+    )
+    parsed = email.message_from_bytes(fwd.data, policy=email.policy.default)
+    assert before <= email.utils.parsedate_to_datetime(parsed["Resent-Date"]) <= datetime.now(UTC)
+    assert parsed["Resent-Message-ID"] == fwd.message_id
+    ids = [outbound.new_message_id("gateway.test") for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"<[0-9a-f.]+@gateway\.test>", i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first ids, to the parent
+        os.write(write, " ".join(outbound.new_message_id("x") for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as pipe:
+        childs = pipe.read().decode().split()
+    ours = [outbound.new_message_id("x") for _ in range(3)]
+    assert len(childs) == 3
+    assert not set(childs) & set(ours)
+    assert {i.split(".")[3] for i in childs}.isdisjoint(i.split(".")[3] for i in ours)
 
 
 def test_composed_mail_is_7bit_unless_it_needs_smtputf8_anyway() -> None:
