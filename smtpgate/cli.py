@@ -42,6 +42,21 @@ def import_columns(kind: str) -> frozenset[str]:
     return _IMPORT_COLUMNS[kind]
 
 
+class TextFormatter(logging.Formatter):
+    """The text lines' time in UTC, as logging writes it ("2026-11-27 12:00:00,123"), its
+    strftime done once a second instead of on every line (several lines a message)."""
+
+    _second = -1
+    _text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
+        return f"{self._text},{int(record.msecs):03d}"
+
+
 class JsonFormatter(logging.Formatter):
     """SMTPGATE_LOG_FORMAT=json: one JSON object per line."""
 
@@ -75,8 +90,7 @@ def setup_logging(settings: Settings) -> None:
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.Formatter.converter = __import__("time").gmtime
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     # What neither format prints is not worked out for every record (the logging HOWTO's
     # "Optimization"): the caller's file and line (a walk up the stack), thread and process.
     logging._srcfile = None

@@ -168,7 +168,7 @@ class IntakeProcesses:
         while True:
             try:
                 line = await reader.readline()
-                frame = json.loads(line) if line else None
+                frame = json.loads(line.decode()) if line else None  # str: no encoding sniffed
                 if frame is not None and "enqueue" in frame:
                     raw = await reader.readexactly(int(frame["size"]))
                     peer, helo, mail_from, rcpt_tos = frame["envelope"]

@@ -387,3 +387,15 @@ def test_the_fast_path_changes_nothing_and_waits_for_no_writer(
         writer.close()
     with contextlib.closing(sqlite3.connect(db_path)) as db:
         assert list(db.iterdump()) == before
+
+
+def test_text_log_lines_carry_each_records_utc_time() -> None:
+    """The text format's time (its strftime kept for the second) follows every record: across
+    a second's end, and the milliseconds of each line."""
+    formatter = cli.TextFormatter("%(asctime)s %(message)s")
+    for created in (1795781087.001, 1795781087.999, 1795781088.0, 1795781088.5, 86400.25):
+        record = logging.LogRecord("smtpgate", logging.INFO, "", 0, "m", None, None)
+        record.created = created
+        record.msecs = (created - int(created)) * 1000
+        expected = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(created))
+        assert formatter.format(record) == f"{expected},{int(record.msecs):03d} m"

@@ -359,13 +359,20 @@ SchemaMode = Literal["upgrade", "current", "any"]
 
 def new_queue_id() -> str:
     """Sortable queue id: milliseconds since the epoch in base 36 plus 6 random characters."""
-    ms = int(time.time() * 1000)
-    digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    # One draw from the system's randomness for the six characters (a draw each cost six
+    # getrandom calls, 15 µs an accepted message).
+    return _base36(int(time.time() * 1000)) + _base36(secrets.randbelow(36**6)).rjust(6, "0")
+
+
+def _base36(n: int) -> str:
     out = ""
-    while ms:
-        ms, r = divmod(ms, 36)
-        out = digits[r] + out
-    return out + "".join(secrets.choice(digits) for _ in range(6))
+    while n:
+        n, r = divmod(n, 36)
+        out = _BASE36[r] + out
+    return out
+
+
+_BASE36 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def mails_sent(mails: Iterable[OutboundMail]) -> list[dict[str, Any]]:
