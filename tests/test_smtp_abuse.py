@@ -233,6 +233,26 @@ async def test_idle_client_is_dropped_and_frees_its_slot(gateway_factory: Gatewa
     await still_serving(gw, "after the idle client")
 
 
+async def test_the_idle_timeout_counts_from_the_last_command(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """A session that sends a command every 0.6 timeouts outlives three timeouts; once it
+    stops, it is dropped one timeout after its last command, not earlier, not much later."""
+    gw = await gateway_factory(smtp_timeout=1.0)
+    session = await RawSession.open(gw.smtp_port)
+    started = time.monotonic()
+    while time.monotonic() - started < 3.0:
+        await asyncio.sleep(0.6)
+        assert (await session.command(b"NOOP")).code == 250
+    last = time.monotonic()
+    async with asyncio.timeout(10):
+        assert await session.reader.read() == b""
+    idle = time.monotonic() - last
+    await session.close()
+    assert 0.9 <= idle <= 2.5, idle
+    await still_serving(gw, "after the idle session")
+
+
 async def test_slow_client_in_data_is_cut_off_and_nothing_is_queued(
     gateway_factory: GatewayFactory,
 ) -> None:
