@@ -127,6 +127,15 @@ def _forward(
     return build
 
 
+# A ReturnTransactionID longer than this is echoed in the response's XML only: the email
+# package folds a long header in quadratic time (450 KB took 9 s), in the decision's transaction.
+_SUBJECT_ID_MAX = 200
+
+
+def _subject_id(return_id: str | None) -> str:
+    return return_id if return_id and len(return_id) <= _SUBJECT_ID_MAX else ""
+
+
 def note_text(inb: Inbound, ctx: Context, *, strip: bool) -> str:
     """The text filed on a ticket: a short header block and the (quote-stripped) body."""
     msg = inb.msg
@@ -358,7 +367,7 @@ async def stage_xml(inb: Inbound, ctx: Context, _: Directory) -> Decision | None
             kind=MailKind.RESPONSE,
             sender=settings.sender_address,
             to=tx.response_to,
-            subject=f"CommitCRM XML response: {tx.return_id or ''}".strip(),
+            subject=f"CommitCRM XML response: {_subject_id(tx.return_id)}".strip(),
             body=body.decode("utf-8"),
             connector=settings.connector_addresses[0],
             hostname=settings.hostname,

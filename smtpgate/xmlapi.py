@@ -554,6 +554,10 @@ def _split_bom(raw: bytes) -> tuple[str | None, bytes]:
     return None, raw
 
 
+# Python codec names of the charsets that write non-ASCII text in ASCII bytes.
+_SEVEN_BIT_CODECS = ("iso2022_", "utf-7", "hz")
+
+
 def _decode(raw: bytes, charset: str | None = None) -> str:
     """The document as text; raises _Refused(150001) when its encoding is unknown or wrong.
 
@@ -562,8 +566,9 @@ def _decode(raw: bytes, charset: str | None = None) -> str:
     declaration. A mail client re-encodes the text of a body part and names the new charset
     in its header, leaving the declaration as it was: a transaction declaring ISO-8859-1,
     sent as UTF-8, was stored garbled ("CafÃ©") with Status 1. UTF-8 goes before the label
-    because a single-byte label decodes UTF-8 bytes without an error, wrongly. (A charset its
-    bytes do not fit, or a UTF-16/32 label on 8-bit text, is passed over.)"""
+    because a single-byte label decodes UTF-8 bytes without an error, wrongly. ASCII bytes
+    follow the declaration unless the label is a 7-bit charset (ISO-2022-*, UTF-7, HZ). (A
+    charset its bytes do not fit, or a UTF-16/32 label on 8-bit text, is passed over.)"""
     encoding, body = _split_bom(raw)
     if encoding is not None:
         try:
@@ -580,6 +585,12 @@ def _decode(raw: bytes, charset: str | None = None) -> str:
         if charset is not None and not charset.startswith(("utf-16", "utf-32")):
             with contextlib.suppress(UnicodeDecodeError, LookupError):
                 return body.decode(charset)
+    elif charset is not None and charset.startswith(_SEVEN_BIT_CODECS):
+        # ISO-2022-JP (Japanese mail's usual charset) and UTF-7 write any text in ASCII bytes:
+        # only the label says so. Read as ASCII, the transaction was refused (the ESC bytes) or
+        # stored undecoded ("+MNcw6jDz…").
+        with contextlib.suppress(UnicodeDecodeError, LookupError):
+            return body.decode(charset)
     m = _DECL_ENCODING.match(body)
     if m is not None:
         declared = m[1].decode("ascii").lower()
@@ -688,11 +699,18 @@ def _clean(value: str | None) -> str | None:
     return _XML_INVALID.sub("", value) if value else None
 
 
+# An address is at most 254 characters (RFC 5321 4.5.3.1.3); with a display name, one line.
+_MAX_ADDRESS_TEXT = 998
+
+
 def _address(value: str | None) -> str | None:
     # Exactly one address, no control characters: the response must go nowhere else.
-    if not value or any(c < " " or c == "\x7f" for c in value):
+    if not value or len(value) > _MAX_ADDRESS_TEXT or any(c < " " or c == "\x7f" for c in value):
         return None
-    parsed = getaddresses([value])
+    try:
+        parsed = getaddresses([value])
+    except RecursionError:  # the email package recurses once per nested "(" of a comment
+        return None
     if len(parsed) != 1:
         return None
     local, at, domain = parsed[0][1].strip().rpartition("@")

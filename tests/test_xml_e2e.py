@@ -26,10 +26,14 @@ from typing import Any
 import pytest
 from lxml import etree
 
+from smtpgate import pipeline
 from smtpgate.app import Gateway
 from smtpgate.cli import read_rows
-from smtpgate.config import ConfigError, load_settings
-from tests.conftest import FIXTURES, GatewayFactory, Received, RecordingRelay
+from smtpgate.config import ConfigError, Rules, load_settings
+from smtpgate.mail import parse_message
+from smtpgate.model import Applied
+from smtpgate.xmlapi import find_transaction
+from tests.conftest import FIXTURES, GatewayFactory, Received, RecordingRelay, make_settings
 from tests.test_regular import RULES, deliver, settled
 
 ACME = "CRDACME0000000000001"
@@ -1034,3 +1038,95 @@ async def test_a_response_to_an_internationalized_address_is_relayed_with_smtput
     row = await deliver(world.gw, in_body(ticket_tx()), ENVELOPE)
     await settled(world.gw, row["id"])
     assert relay.to(RESULTS)
+
+
+TICKET_FIELDS = {"FLDTKTCARDID": ACME, "FLDTKTPROBLEM": "Printer"}
+
+
+def test_nested_comment_in_response_address_does_not_raise() -> None:
+    """A few hundred "(" in SendResponseToEmail: the email package's address parser recurses
+    once per nested comment (RecursionError), before the password is checked."""
+    doc = xml("TICKET", TICKET_FIELDS, respond="(" * 600)
+    tx = find_transaction([doc.encode()])  # RecursionError escapes here
+    assert tx is not None
+    assert tx.response_to is None
+
+
+async def test_forged_transaction_with_nested_comment_is_rejected_not_dead(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay, process_max_attempts=1)
+    forged = xml("TICKET", TICKET_FIELDS, password="wrong", respond="(" * 600)
+    row = await deliver(world.gw, in_body(forged), ENVELOPE)  # asserts state == "done": not dead
+    assert (row["outcome"]["action"], row["outcome"]["error_code"]) == ("xml_rejected", 150011)
+
+
+@pytest.mark.parametrize(
+    ("return_id", "in_subject"), [("WEB-1 " * 33, True), ("ab " * 150_000, False)]
+)
+async def test_a_long_return_transaction_id_is_echoed_in_the_xml_not_the_subject(
+    tmp_path: Path, return_id: str, in_subject: bool
+) -> None:
+    """ReturnTransactionID went into the response's Subject whatever its length, and the email
+    package folds a long header of many words in quadratic time (450 KB: 9 s), inside the
+    decision's transaction. Up to 200 characters it is in the Subject; always in the XML."""
+    raw = in_body(xml("TICKET", TICKET_FIELDS, return_id=return_id))
+    settings = make_settings(
+        tmp_path, 25, api_enabled=True, api_password="s3cret", api_response_bcc=None
+    )
+    inb = pipeline.Inbound(raw, ENVELOPE, parse_message(raw))
+    decision = await pipeline.stage_xml(inb, pipeline.Context(settings, Rules()), None)  # type: ignore[arg-type]
+    assert decision is not None
+    assert decision.transaction is not None
+    (mail,) = decision.mails(Applied(record_kind="TICKET", record_id="TKT" + "A" * 17))
+    assert mail.recipients == (RESULTS,)
+    response = email.message_from_bytes(mail.data, policy=email.policy.default)
+    subject = f"CommitCRM XML response: {return_id.strip()}" if in_subject else None
+    assert response["Subject"] == (subject or "CommitCRM XML response:")  # as without an id
+    echoed = etree.fromstring(response.get_content().encode()).findtext("ReturnTransactionID")
+    assert echoed == return_id.strip()
+
+
+JA = "プリンターが壊れた"
+
+
+def _body_in(charset: str, codec: str) -> bytes:
+    doc = xml("TICKET", {"FLDTKTCARDID": ACME, "FLDTKTPROBLEM": JA})
+    return (
+        "From: forms@globex.example\r\nTo: connector@localhost\r\nSubject: xml\r\n"
+        "Message-ID: <ja-1@globex.example>\r\nMIME-Version: 1.0\r\n"
+        f"Content-Type: text/plain; charset={charset}\r\nContent-Transfer-Encoding: 7bit\r\n\r\n"
+    ).encode() + doc.encode(codec).replace(b"\n", b"\r\n")
+
+
+@pytest.mark.parametrize(("charset", "codec"), [("ISO-2022-JP", "iso2022_jp"), ("UTF-7", "utf-7")])
+def test_seven_bit_mime_charset_is_honoured(charset: str, codec: str) -> None:
+    """docs/xml-api.md 2: the MIME charset before the declaration. It was consulted for
+    non-ASCII bytes only, and these charsets write Japanese in ASCII: ISO-2022-JP (Japanese
+    mail's usual charset) was refused (150001, its ESC bytes), UTF-7 stored undecoded."""
+    msg = parse_message(_body_in(charset, codec))
+    tx = find_transaction(msg.xml_candidates, charsets=msg.xml_charsets)
+    assert tx is not None
+    assert tx.errors == ()
+    assert tx.fields["FLDTKTPROBLEM"] == JA
+
+
+async def test_same_message_without_message_id_to_two_connectors_is_applied_once(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """spec 2.4: without a Message-ID, a hash of the content. The key also hashed the envelope,
+    so one message an MTA delivered once per connector address (one transaction per domain)
+    was applied twice."""
+    world = await start_world(
+        gateway_factory, relay, connector_addresses="connector@localhost,api@connector.example"
+    )
+    body = xml("TICKET", TICKET_FIELDS, respond=None)
+    data = (
+        b"From: forms@globex.example\r\nTo: connector@localhost, api@connector.example\r\n"
+        b"Subject: xml\r\nDate: Thu, 26 Nov 2026 12:00:00 +0000\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+    ) + body.replace("\n", "\r\n").encode()
+    first = await deliver(world.gw, data, ENVELOPE, ("connector@localhost",))
+    second = await deliver(world.gw, data, ENVELOPE, ("api@connector.example",))
+    assert first["outcome"]["action"] == "xml_applied"
+    assert second["outcome"]["action"] == "duplicate", second["outcome"]
