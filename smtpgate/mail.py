@@ -207,6 +207,9 @@ def _codec_for(charset: str | None) -> str | None:
     return codec.name
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _decode_bytes(data: bytes, charset: str | None) -> tuple[str, bool]:
     """Decode with the declared charset, then UTF-8, cp1252, Latin-1. Returns (text, charset_ok).
 
@@ -215,7 +218,12 @@ def _decode_bytes(data: bytes, charset: str | None) -> tuple[str, bool]:
     codec = _codec_for(charset)
     if codec is not None:
         try:
-            return data.decode(codec), True
+            text = data.decode(codec)
+            if codec == "utf-7" and _SURROGATE.search(text):
+                # UTF-7 decodes "+2D0-" to a lone surrogate, which no database or mail can
+                # hold: the message failed on every attempt until it went dead.
+                return _SURROGATE.sub("\ufffd", text), False
+            return text, True
         except Exception:  # UnicodeError, or any oddity of an exotic codec
             if codec == "cp1252":  # declared Latin-1 (mapped to cp1252) that uses 0x81 & co.
                 return data.decode("latin-1"), True

@@ -194,23 +194,23 @@ def _may_answer(inb: Inbound, ctx: Context, recipient: str | None) -> str | None
 
 
 def _sender_lookups(inb: Inbound) -> list[Lookup]:
-    address, domain = automated.sender_keys(inb.sender)
-    return [("email", [address] if address else []), ("domain", [domain] if domain else [])]
+    addresses, domains = automated.sender_keys(inb.sender)
+    return [("email", addresses), ("domain", domains)]
 
 
 def _account_by_sender(
     inb: Inbound, by_address: Found, by_domain: Found
 ) -> tuple[automated.Match, str | None]:
     """Address (account email or contact), then domain; ambiguity → not found (spec 2.1.3)."""
-    address, domain = automated.sender_keys(inb.sender)
+    addresses, domains = automated.sender_keys(inb.sender)
     notes = None
-    for key, found, what in (
-        (address, by_address, "sender address"),
-        (domain, by_domain, f"sender domain {domain}"),
+    for keys, found, what in (
+        (addresses, by_address, "sender address"),
+        (domains, by_domain, f"sender domain {domains[0] if domains else ''}"),
     ):
-        if not key:
+        if not keys:
             continue
-        match = automated.resolve([key], found)
+        match = automated.resolve(keys, found)
         if match.account:
             return match, notes
         if match.ambiguous:
@@ -387,13 +387,15 @@ async def stage_ticket_reply(inb: Inbound, ctx: Context, directory: Directory) -
         ticket = await directory.ticket_by_number(number)
         if ticket:
             break
+    by = "ticket_tag"
+    if ticket is None and numbers:
+        inb.missed.append("ticket_tag")  # a tag naming no ticket
     if ticket is None and (msg.in_reply_to or msg.references):
         ticket = await directory.ticket_by_message_ids((*msg.in_reply_to, *msg.references[::-1]))
+        by = "in_reply_to"
     if ticket is None:
-        if numbers:
-            inb.missed.append("ticket_tag")
         return None
-    inb.hit.append("ticket_tag" if numbers else "in_reply_to")
+    inb.hit.append(by)
     rec_id, number, account = ticket
     employee = await directory.employee_is_active(inb.sender)
     return Decision(

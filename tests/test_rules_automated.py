@@ -14,9 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from smtpgate.app import dedupe_key
 from smtpgate.config import AccountRule, DetectionRule, Rules, SkipRule, load_settings, parse_rules
 from smtpgate.mail import parse_message
-from smtpgate.model import Action, normalize_key
+from smtpgate.model import Action, Decision, Envelope, Outcome, normalize_key
 from smtpgate.pipeline import Context, decide
 from smtpgate.rules import automated
 from smtpgate.rules.automated import (
@@ -28,7 +29,7 @@ from smtpgate.rules.automated import (
     first_skip,
     resolve,
 )
-from smtpgate.store import Store
+from smtpgate.store import Store, new_queue_id
 
 
 def message(subject: str, sender: str = "Monitoring <alerts@rmm.example>") -> bytes:
@@ -273,9 +274,19 @@ def test_resolve_names_the_single_contact_behind_a_value() -> None:
     two = {"x.example": [("CRD1", None), ("CRD2", None)]}
     assert resolve(["x.example"], two) == Match(None, ambiguous=2, value="x.example")
     assert automated.sender_keys("Bob@Sub.Example.COM") == (
-        "bob@sub.example.com",
-        "sub.example.com",
+        ["bob@sub.example.com"],
+        ["sub.example.com"],
     )
+    # Either IDNA spelling of the domain, the one given first.
+    assert automated.sender_keys("Info@XN--MLLER-BAU-Q9A.example") == (
+        ["info@xn--mller-bau-q9a.example", "info@müller-bau.example"],
+        ["xn--mller-bau-q9a.example", "müller-bau.example"],
+    )
+    assert automated.sender_keys("hans@müller-bau.example")[1] == [
+        "müller-bau.example",
+        "xn--mller-bau-q9a.example",
+    ]
+    assert automated.sender_keys("x@xn--zz.example") == (["x@xn--zz.example"], ["xn--zz.example"])
 
 
 # --- decoding before matching (spec 2.1 with 5) -------------------------------------------------
@@ -615,3 +626,121 @@ async def test_an_account_rule_that_finds_nothing_says_what_it_looked_for(
     finally:
         await store.close()
     assert decision.notes[0] == f"site: no account with file_as {'x' * 100!r}"
+
+
+# --- account by sender and replies: found by review --------------------------------------------
+
+SPEC_RULES = (Path(__file__).parent / "fixtures" / "rules.toml").read_text(encoding="utf-8")
+OLD_CO, NEW_CO = "CRDOLDCO000000000001", "CRDNEWCO000000000002"
+
+
+def spec_context(tmp_path: Path, rules: str = SPEC_RULES) -> Context:
+    return Context(
+        load_settings(
+            _env_file=None,
+            data_dir=tmp_path,
+            acknowledge=True,
+            internal_support_address="support@msp.example",
+        ),
+        parse_rules(rules),
+    )
+
+
+async def process(
+    store: Store, ctx: Context, raw: bytes, mail_from: str
+) -> tuple[Decision, Outcome | None]:
+    """What a worker does with one queued message: claim, decide, complete."""
+    msg = parse_message(raw)
+    envelope = Envelope("127.0.0.1", "client", mail_from, ("connector@localhost",))
+    await store.enqueue(envelope, raw, msg.message_id, new_queue_id())
+    (job,) = await store.claim(1, 60)
+    decision = await decide(job.raw, mail_from, msg, ctx, store)
+    return decision, await store.complete(
+        job, decision, dedupe_key=dedupe_key(msg.message_id, job), auto_mail_hourly_limit=20
+    )
+
+
+# A contact moved to another account by a re-import kept a lookup key on the old account.
+async def test_contact_moved_to_another_account_is_found_on_its_new_account(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path / "smtpgate.db")
+    try:
+        await store.import_accounts(
+            [
+                (2, {"rec_id": OLD_CO, "file_as": "Old Co"}),
+                (3, {"rec_id": NEW_CO, "file_as": "New Co"}),
+            ]
+        )
+        jo = {"rec_id": "CONJO000000000000001", "name": "Jo", "email": "jo@mail.example"}
+        await store.import_contacts([(2, {**jo, "account_rec_id": OLD_CO})])
+        await store.import_contacts([(2, {**jo, "account_rec_id": NEW_CO})])  # corrected
+        raw = message("Printer offline", "Jo <jo@mail.example>")
+        decision = await decide(
+            raw, "jo@mail.example", parse_message(raw), spec_context(tmp_path), store
+        )
+    finally:
+        await store.close()
+    assert (decision.action, decision.account) == (Action.TICKET_CREATED, NEW_CO), decision.notes
+
+
+# A UTF-7 encoded-word or body yields a lone surrogate that SQLite cannot store: the
+# message fails on every attempt (dead) instead of becoming a ticket or a forward.
+async def test_utf7_subject_from_a_known_sender_still_opens_a_ticket(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "smtpgate.db")
+    try:
+        await store.import_accounts(
+            [(2, {"rec_id": OLD_CO, "file_as": "Acme Corp", "email2": "acme.example"})]
+        )
+        raw = message("Drucker =?utf-7?Q?+2D0-?=", "Jane <jane@acme.example>")
+        _, outcome = await process(store, spec_context(tmp_path), raw, "jane@acme.example")
+    finally:
+        await store.close()
+    assert outcome is not None
+    assert outcome.action == Action.TICKET_CREATED
+
+
+# Account domains are compared as typed: a customer whose From: carries the domain in its
+# ASCII (IDNA) form, as mail without SMTPUTF8 must, is an unknown sender.
+async def test_sender_domain_matches_an_account_domain_in_either_idna_form(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path / "smtpgate.db")
+    try:
+        await store.import_accounts(
+            [(2, {"rec_id": OLD_CO, "file_as": "Müller Bau", "email2": "müller-bau.example"})]
+        )
+        sender = "info@xn--mller-bau-q9a.example"  # = info@müller-bau.example
+        raw = message("Drucker druckt nicht", f"Hans <{sender}>")
+        decision = await decide(raw, sender, parse_message(raw), spec_context(tmp_path), store)
+    finally:
+        await store.close()
+    assert (decision.action, decision.account) == (Action.TICKET_CREATED, OLD_CO), decision.reason
+
+
+# A tag naming no ticket, the reply found by In-Reply-To: the outcome and the forward's
+# X-Smtpgate-Action credit "ticket_tag" (which missed) instead of "in_reply_to".
+async def test_reply_found_by_in_reply_to_is_credited_to_in_reply_to(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "smtpgate.db")
+    ctx = spec_context(tmp_path)
+    try:
+        await store.import_accounts(
+            [(2, {"rec_id": OLD_CO, "file_as": "Acme Corp", "email2": "acme.example"})]
+        )
+        first = message("Printer offline", "Jane <jane@acme.example>")
+        first = first.replace(b"<t@rmm.example>", b"<first@acme.example>")
+        _, created = await process(store, ctx, first, "jane@acme.example")
+        assert created is not None
+        assert created.ticket == 1
+        reply = message("RE: [Ticket #99] Printer offline", "Jane <jane@acme.example>")
+        reply = reply.replace(
+            b"Message-ID: <t@rmm.example>",
+            b"Message-ID: <reply@acme.example>\r\nIn-Reply-To: <first@acme.example>",
+        )
+        _decision, outcome = await process(store, ctx, reply, "jane@acme.example")
+    finally:
+        await store.close()
+    assert outcome is not None
+    assert (outcome.action, outcome.ticket) == (Action.TICKET_REPLY, 1)
+    assert outcome.rules_hit[-1] == "in_reply_to", outcome.rules_hit
+    assert "ticket_tag" in outcome.rules_missed, outcome.rules_missed

@@ -161,7 +161,25 @@ def resolve(values: Sequence[str], found: Found) -> Match:
     return Match(None)
 
 
-def sender_keys(address: str) -> tuple[str, str]:
-    """(address, domain) keys for account-by-sender (spec 2.1 step 3, sender part)."""
+def sender_keys(address: str) -> tuple[list[str], list[str]]:
+    """The address and domain keys for account-by-sender (spec 2.1 step 3, sender part): as
+    given, and with the domain in its other IDNA spelling. A customer's domain typed with its
+    umlauts (müller-bau.example) is what mail without SMTPUTF8 writes xn--mller-bau-q9a.example;
+    the account's value is stored as typed, either way."""
     address = address.lower()
-    return address, address_domain(address)
+    domain = address_domain(address)
+    if not domain:
+        return ([address] if address else []), []
+    local = address[: address.rfind("@")]
+    domains = list(dict.fromkeys((domain, *_idna_spellings(domain))))
+    return [f"{local}@{d}" for d in domains] if local else [], domains
+
+
+def _idna_spellings(domain: str) -> tuple[str, ...]:
+    """The domain's ASCII (xn--) and Unicode spellings, those that exist."""
+    try:
+        if domain.isascii():
+            return (domain.encode("ascii").decode("idna").lower(),) if "xn--" in domain else ()
+        return (domain.encode("idna").decode("ascii").lower(),)
+    except UnicodeError:  # not a valid IDN: as given only
+        return ()

@@ -1759,6 +1759,11 @@ class Store:
                     ).fetchone()
                     rec_id = found[0] if found else None
                 rec_id = rec_id or crm.new_rec_id("CON")
+                # A contact re-imported under another account (same rec_id) leaves the keys of
+                # the account it was on: its address named both accounts (ambiguous).
+                before = db.execute(
+                    "SELECT account FROM contacts WHERE rec_id = ?", (rec_id,)
+                ).fetchone()
                 now = crm.now_iso()
                 db.execute(
                     "INSERT INTO contacts (rec_id, account, name, email, created_at, updated_at)"
@@ -1768,6 +1773,8 @@ class Store:
                     (rec_id, account, v.get("name"), email, now, now),
                 )
                 crm.refresh_account_keys(db, str(account))
+                if before is not None and before[0] != account:
+                    crm.refresh_account_keys(db, str(before[0]))
 
         await self._write(upsert)
         return len(rows)
