@@ -611,7 +611,7 @@ class _Stock(SMTP):
 
 OWN_STATE = {
     "_sessions", "_limit", "_on_reply", "_counted", "_refused", "_data_progress", "_data_size",
-    "_budget", "_in_message", "_closing", "_turn", "_lost",
+    "_budget", "_in_message", "_closing", "_turn", "_lost", "_idle_deadline",
 }  # fmt: skip
 
 
