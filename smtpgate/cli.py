@@ -516,7 +516,13 @@ async def cmd_backup(settings: Settings, _: Rules | None, args: argparse.Namespa
         return 1
 
     async def run(store: Store) -> int:
-        await store.backup(Path(args.path))
+        try:
+            await store.backup(Path(args.path))
+        except OSError as exc:  # a folder it cannot make or write to (a service user's rights)
+            print(
+                f"smtpgate backup: cannot write {args.path}: {exc.strerror or exc}", file=sys.stderr
+            )
+            return 1
         print(f"backup written to {args.path}")
         return 0
 
@@ -641,7 +647,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run_error(exc, settings)
         return 2
     except sqlite3.DatabaseError as exc:
-        if getattr(exc, "sqlite_errorname", "") not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+        name = getattr(exc, "sqlite_errorname", "")
+        if name in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+            # Another process held the write lock past the busy timeout: nothing was changed.
+            _run_error(
+                f"{settings.db_path} is locked by another process (a running import or"
+                " backup?): try again",
+                settings,
+            )
+            return 1
+        if name not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
             raise
         _run_error(
             f"SMTPGATE_DATA_DIR: {settings.db_path} is not a readable smtpgate store: {exc}",

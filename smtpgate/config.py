@@ -6,13 +6,14 @@ either returns a frozen snapshot or raises `ConfigError` naming the variable, ru
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import re
 import socket
 import tempfile
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -191,12 +192,27 @@ class Settings(BaseSettings):
             raise ValueError("a comma-separated list of positive seconds is required")
         return value
 
-    @field_validator(
-        "internal_support_address", "skip_forward_address", "from_address", "api_response_bcc"
-    )
+    @field_validator("skip_forward_address", "from_address", "api_response_bcc")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
         return None if value is None or not value.strip() else _check_address(value)
+
+    @field_validator("internal_support_address")
+    @classmethod
+    def _support_address(cls, value: str) -> str:
+        # Empty, every forward (unknown senders, alerts without an account) had no target:
+        # each such message failed until it went dead.
+        if not value.strip():
+            raise ValueError("is empty: give the address that gets mail for manual processing")
+        return _check_address(value)
+
+    @field_validator("smtp_host", "http_host", "relay_host")
+    @classmethod
+    def _host_given(cls, value: str) -> str:
+        # Empty, a listener bound every interface (asyncio's host ""), the relay was unreachable.
+        if not value.strip():
+            raise ValueError("is empty: give a host name or address (0.0.0.0: every interface)")
+        return value.strip()
 
     @field_validator("data_dir", mode="before")
     @classmethod
@@ -216,6 +232,13 @@ class Settings(BaseSettings):
         # A transaction's <Password> is read without its surrounding white space: a password
         # configured with it (a secret with a trailing newline) could never match, and every
         # transaction would be refused without an answer.
+        if self.api_enabled and self.api_password is not None and not self.api_password:
+            # "SMTPGATE_API_PASSWORD=" (a blank line, a compose variable that is not set)
+            # meant no password: anyone could change records by mail.
+            raise ValueError(
+                f"{ENV_PREFIX}API_PASSWORD is empty: give the password, or remove the variable"
+                " to take transactions without one"
+            )
         password = self.api_password.get_secret_value() if self.api_password else ""
         if self.api_enabled and password != password.strip():
             raise ValueError(
@@ -284,10 +307,27 @@ def make_data_dir(settings: Settings) -> None:
 
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings from the environment and overrides; ConfigError names the variable."""
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        raise ConfigError("; ".join(unknown))
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(describe_settings_error(exc)) from None
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """SMTPGATE_* variables that are no setting, each with the setting it may be a typo of: a
+    misspelled SMTPGATE_CONNECTOR_ADDRESS was ignored, and the gateway refused all mail."""
+    names = {f"{ENV_PREFIX}{name}".upper(): name for name in Settings.model_fields}
+    found = []
+    for variable in sorted(environ):
+        key = variable.upper()
+        if key.startswith(ENV_PREFIX) and key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            found.append(f"unknown setting {variable}{hint}")
+    return found
 
 
 class _LogFormatOnly(BaseSettings):

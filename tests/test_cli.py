@@ -500,6 +500,14 @@ def test_rule_names_are_unique_and_a_bom_is_no_error(
         ("SMTPGATE_RETRY_SCHEDULE", "60,-1"),
         ("SMTPGATE_HOSTNAME", "mail gw"),
         ("SMTPGATE_HOSTNAME", "bücher.example"),
+        # Empty values that changed meaning: no forward target (every forward went dead), a
+        # listener on every interface, a relay nowhere.
+        ("SMTPGATE_INTERNAL_SUPPORT_ADDRESS", ""),
+        ("SMTPGATE_HTTP_HOST", ""),
+        ("SMTPGATE_SMTP_HOST", " "),
+        ("SMTPGATE_RELAY_HOST", ""),
+        # A misspelled setting was ignored (here: the gateway refused all mail).
+        ("SMTPGATE_CONNECTOR_ADDRESS", "tickets@msp.example"),
     ],
 )
 def test_invalid_setting_names_the_variable_and_exits_2(
@@ -523,6 +531,69 @@ def test_an_api_password_with_outer_white_space_stops_start_up_when_the_api_is_o
         load_settings(_env_file=None, data_dir=tmp_path, api_enabled=True, api_password="s3cret\n")
     off = load_settings(_env_file=None, data_dir=tmp_path, api_password="s3cret\n")
     assert off.api_enabled is False  # not used: no reason to refuse to start
+
+
+def test_an_empty_api_password_stops_start_up_when_the_api_is_on(tmp_path: Path) -> None:
+    """SMTPGATE_API_PASSWORD= (a blank line in an env file, a compose variable not set) meant
+    no password: anyone could change records by mail. Unset, it still means none (spec 2.2)."""
+    with pytest.raises(ConfigError, match="SMTPGATE_API_PASSWORD is empty"):
+        load_settings(_env_file=None, data_dir=tmp_path, api_enabled=True, api_password="")
+    unset = load_settings(_env_file=None, data_dir=tmp_path, api_enabled=True)
+    assert unset.api_password is None
+
+
+def test_a_misspelled_setting_names_the_one_it_may_mean(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    code, _, err = run_here(
+        monkeypatch,
+        tmp_path / "var",
+        "tickets",
+        "list",
+        env={"SMTPGATE_CONNECTOR_ADDRESS": "t@msp.example", "smtpgate_workerz": "8"},
+    )
+    assert code == 2
+    assert "unknown setting SMTPGATE_CONNECTOR_ADDRESS" in err
+    assert "did you mean SMTPGATE_CONNECTOR_ADDRESSES?" in err
+    assert "unknown setting smtpgate_workerz (did you mean SMTPGATE_WORKERS?)" in err
+
+
+def test_a_write_while_another_process_holds_the_lock_is_one_clear_line(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    assert run(data, "accounts", "import", str(FIXTURES / "accounts.csv")).returncode == 0
+    with contextlib.closing(sqlite3.connect(data / "smtpgate.db", isolation_level=None)) as db:
+        db.execute("BEGIN IMMEDIATE")  # what a running 200,000-row import holds for ~18 s
+        result = run(data, "queue", "retry", "--dead")
+        db.execute("ROLLBACK")
+    assert "Traceback" not in result.stderr, result.stderr[-300:]
+    assert result.returncode == 1
+    assert "is locked by another process" in result.stderr
+
+
+def test_a_backup_where_it_cannot_write_is_one_clear_line(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    assert run(data, "accounts", "import", str(FIXTURES / "accounts.csv")).returncode == 0
+    result = run(data, "backup", "/proc/self/smtpgate-backup.db")  # no one may create files here
+    assert "Traceback" not in result.stderr, result.stderr[-300:]
+    assert result.returncode == 1
+    assert "smtpgate backup: cannot write /proc/self/smtpgate-backup.db" in result.stderr
+
+
+def test_reimporting_contacts_without_an_address_does_not_duplicate_them(tmp_path: Path) -> None:
+    """spec 3: importing the same file twice updates rather than duplicates; a contact with
+    neither rec_id nor address is the one of that name on the account."""
+    data = tmp_path / "var"
+    assert run(data, "accounts", "import", str(FIXTURES / "accounts.csv")).returncode == 0
+    contacts = write(
+        tmp_path / "contacts.csv",
+        "account_file_as,name,email\nAcme Corp,Jane Doe,\nAcme Corp,Joe Bloggs,\n",
+    )
+    for _ in range(2):
+        result = run(data, "contacts", "import", str(contacts))
+        assert result.returncode == 0, result.stderr
+    with contextlib.closing(sqlite3.connect(data / "smtpgate.db")) as db:
+        names = sorted(n for (n,) in db.execute("SELECT name FROM contacts"))
+    assert names == ["Jane Doe", "Joe Bloggs"]
 
 
 def test_an_internationalized_connector_in_another_spelling_is_still_a_mail_loop(

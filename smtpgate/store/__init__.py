@@ -1752,10 +1752,16 @@ class Store:
                 if email and "@" not in email:
                     raise ValueError(f"line {line}: email {email!r} is not an address")
                 rec_id = v.get("rec_id")
-                if not rec_id and email:
+                if not rec_id and (email or v.get("name")):
+                    # Without a rec_id, the same contact is the one with its address on the
+                    # account, or, with no address (a phone-only contact), its name: else each
+                    # re-import of the same file added a copy (spec 3).
                     found = db.execute(
-                        "SELECT rec_id FROM contacts WHERE account = ? AND email = ?",
-                        (account, email),
+                        "SELECT rec_id FROM contacts WHERE account = ? AND email = ?"
+                        if email
+                        else "SELECT rec_id FROM contacts WHERE account = ? AND email IS NULL"
+                        " AND name = ? ORDER BY rec_id LIMIT 1",
+                        (account, email or v.get("name")),
                     ).fetchone()
                     rec_id = found[0] if found else None
                 rec_id = rec_id or crm.new_rec_id("CON")
