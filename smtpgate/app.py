@@ -405,6 +405,7 @@ class Gateway:
                 rest = [*batch[n + 1 :], *self.store.pause_mail_hand_over()]
                 if rest:
                     await self._unclaim(rest, "the relay connection failed")
+                await self._expire_undelivered(exc)
                 return True
             except Exception as exc:  # a bug: fail this delivery, keep the sender alive
                 log.exception("relay send of outbox %d crashed", item.id)
@@ -427,6 +428,26 @@ class Gateway:
                 extra={"outbox_id": item.id, "queue_id": item.inbound_id},
             )
         return False
+
+    async def _expire_undelivered(self, exc: DeliveryError) -> None:
+        """While the relay cannot be reached, mails are not tried, so none fails for its age:
+        after a failed connection, every queued mail older than SMTPGATE_RETRY_MAX_AGE goes
+        dead at once, as a failed try would have made it."""
+        assert self.store is not None
+        max_age = self.settings.retry_max_age
+        try:
+            n = await self.store.expire_deliveries(
+                time.time() - max_age,
+                f"undelivered after {max_age:.0f} s (SMTPGATE_RETRY_MAX_AGE): {exc}",
+            )
+        except Exception as store_exc:  # tried again after the next failed connection
+            log.warning("could not expire undelivered mail: %s", store_exc)
+            return
+        if n:
+            self.metrics.delivery_failures.labels("permanent").inc(n)
+            log.warning(
+                "%d mail(s) dead: undelivered after %.0f s, the relay unreachable", n, max_age
+            )
 
     async def _unclaim(self, rest: Sequence[Delivery], why: str) -> None:
         """Queue again claimed mails not sent, unless another sender has claimed them since
@@ -508,6 +529,8 @@ class Gateway:
         if not exc.permanent:
             if age < s.retry_max_age:
                 retry_at = time.time() + scheduled_delay(s.retry_schedule, item.attempts)
+                # Tried once more when its time is up, not hours after (a long schedule step).
+                retry_at = min(retry_at, item.created_at + s.retry_max_age)
             else:  # dead for its age: the relay's last answer alone would not say so
                 error = f"undelivered after {age:.0f} s (SMTPGATE_RETRY_MAX_AGE): {error}"
         try:

@@ -171,7 +171,14 @@ class RelayClient:
                     mail.mail_from,
                     list(mail.recipients),
                     data,
-                    mail_options=["SMTPUTF8"] if utf8 else [],
+                    mail_options=["SMTPUTF8"]
+                    if utf8 or _utf8_headers(smtp, data)
+                    else _body_options(smtp, data),
+                    # aiosmtplib has one timeout for every command: the end-of-data reply is
+                    # awaited as long as on the lean path (SMTPGATE_RELAY_DATA_TIMEOUT), or a
+                    # relay scanning the mail longer than SMTPGATE_RELAY_TIMEOUT got it again
+                    # on every retry.
+                    timeout=self._settings.relay_data_timeout,
                 )
         except asyncio.CancelledError:
             # What the connection still holds (the rest of the data, its end-of-data dot) must
@@ -397,9 +404,32 @@ def _mail_arguments(smtp: aiosmtplib.SMTP, mail: Mail, data: bytes) -> list[byte
     arguments = [b"FROM:<" + mail.mail_from.encode() + b">"]
     if smtp.supports_extension("size"):
         arguments.append(b"SIZE=%d" % len(data))  # RFC 1870: CRLFs included, stuffing dots not
-    if not data.isascii() and smtp.supports_extension("8bitmime"):
-        arguments.append(b"BODY=8BITMIME")  # RFC 6152 (a relay without it gets the bytes as is)
+    arguments += [option.encode() for option in _body_options(smtp, data)]
+    if _utf8_headers(smtp, data):
+        arguments.append(b"SMTPUTF8")
     return arguments
+
+
+def _body_options(smtp: aiosmtplib.SMTP, data: bytes) -> list[str]:
+    """RFC 6152: 8-bit data is declared when the relay offers 8BITMIME (a relay without it gets
+    the bytes as they are: refusing would leave 8-bit mail for support undelivered)."""
+    return ["BODY=8BITMIME"] if not data.isascii() and smtp.supports_extension("8bitmime") else []
+
+
+def _utf8_headers(smtp: aiosmtplib.SMTP, data: bytes) -> bool:
+    """Whether to declare SMTPUTF8 for an ASCII envelope: the header holds UTF-8 (RFC 6532;
+    an answer to jörg@… and its BCC copy, a forward of internationalized mail) and the relay
+    offers it. A relay without it gets the mail as it is, as 8-bit data above; so does a
+    header in some legacy 8-bit charset, which is no UTF-8 to declare."""
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[:end]
+    if head.isascii() or not smtp.supports_extension("smtputf8"):
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _commands(smtp: aiosmtplib.SMTP, mail: Mail, data: bytes) -> bytes:

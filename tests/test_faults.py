@@ -249,6 +249,26 @@ async def test_a_mail_past_its_max_age_goes_dead_and_says_why(
     assert relay.messages == []
 
 
+async def test_mails_past_their_max_age_go_dead_while_the_relay_stays_down(
+    tmp_path: Path, gateway_to: GatewayFactory
+) -> None:
+    """SMTPGATE_RETRY_MAX_AGE with the relay unreachable: each failed connection charged only
+    the first mail of a claim; the rest went back unsent, never checked for their age, while
+    the sender backed off 5, 10, 20 … 300 s. Four mails 1 s past their max age were still
+    queued 12 s on; now all go dead after the next failed connection."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])  # nothing listens here
+    gw = await gateway_to(port, retry_max_age=1, retry_schedule="1", relay_connections=1)
+    assert gw.store is not None
+    for i in range(4):
+        assert (await send(gw.smtp_port, simple_message(subject=f"m{i}")))[0] == 250
+    await wait_processed(gw, 4)
+    await wait_outbox(gw.store, "dead", 4, "all four mails dead for their age", timeout=12)
+    rows = await gw.store.list_outbox()
+    assert all("SMTPGATE_RETRY_MAX_AGE" in row["last_error"] for row in rows)
+
+
 async def test_a_store_locked_after_a_relay_send_stops_neither_the_sender_nor_the_record(
     gateway_factory: GatewayFactory, relay: RecordingRelay, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -12,7 +12,9 @@ import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from smtpgate import outbound
 from smtpgate import relay as relay_module
+from smtpgate.model import MailKind
 from smtpgate.relay import DeliveryError, RelayClient
 from tests.conftest import make_settings, serving, with_pipelining
 
@@ -301,10 +303,19 @@ async def test_plain_envelopes_do_not_go_through_sendmail(
 async def test_8bit_data_is_declared_and_7bit_data_is_not(
     client: RelayClient, relay: Relay
 ) -> None:
-    """RFC 6152: BODY=8BITMIME with 8-bit bytes, when the relay offers it."""
-    await client.send("gw@localhost", ("support@msp.example",), "Subject: é\r\n\r\nü\r\n".encode())
-    await client.send("gw@localhost", ("support@msp.example",), BODY)
-    assert [g.mail_options[1:] for g in relay.got] == [["BODY=8BITMIME"], []]
+    """RFC 6152: BODY=8BITMIME with 8-bit bytes, when the relay offers it; SMTPUTF8 too when
+    the header holds UTF-8 (RFC 6532), not for a header in a legacy 8-bit charset."""
+    to = ("support@msp.example",)
+    await client.send("gw@localhost", to, "Subject: é\r\n\r\nü\r\n".encode())
+    await client.send("gw@localhost", to, "Subject: e\r\n\r\nü\r\n".encode())
+    await client.send("gw@localhost", to, "Subject: é\r\n\r\nü\r\n".encode("latin-1"))
+    await client.send("gw@localhost", to, BODY)
+    assert [g.mail_options[1:] for g in relay.got] == [
+        ["BODY=8BITMIME", "SMTPUTF8"],
+        ["BODY=8BITMIME"],
+        ["BODY=8BITMIME"],
+        [],
+    ]
 
 
 class SlowRelay:
@@ -367,17 +378,80 @@ async def slow_relay() -> AsyncIterator[SlowRelay]:
         yield relay
 
 
+# A quoted local part (like any SMTPUTF8 mail) goes through aiosmtplib's sendmail, not the
+# lean path: both must wait the same way.
+RECIPIENTS = pytest.mark.parametrize("recipient", ["support@msp.example", '"a b"@msp.example'])
+
+
+@RECIPIENTS
 async def test_a_big_mail_over_a_slow_link_is_sent_once(
-    tmp_path: Path, slow_relay: SlowRelay
+    tmp_path: Path, slow_relay: SlowRelay, recipient: str
 ) -> None:
     """The reply timer ran while the data was still being sent: a 3 MB mail at 1 MB/s timed out
     after SMTPGATE_RELAY_TIMEOUT, the relay queued it anyway, and every retry sent it again."""
     client = RelayClient(make_settings(tmp_path, slow_relay.port, relay_timeout=1))
     try:
-        await client.send("gw@localhost", ("support@msp.example",), data_of(3_000_000))
+        await client.send("gw@localhost", (recipient,), data_of(3_000_000))
     finally:
         await client.close()
     assert slow_relay.queued == [3_000_000]
+
+
+@RECIPIENTS
+async def test_a_relay_filtering_longer_than_the_command_timeout_gets_the_mail_once(
+    tmp_path: Path, slow_relay: SlowRelay, recipient: str
+) -> None:
+    """The end-of-data reply is awaited SMTPGATE_RELAY_DATA_TIMEOUT. On the sendmail path it
+    was SMTPGATE_RELAY_TIMEOUT: the relay queued the mail, we timed out, the retry queued it
+    again."""
+    slow_relay.reply_delay = 1.5  # the relay scans the mail for 1.5 s, then says 250
+    client = RelayClient(
+        make_settings(tmp_path, slow_relay.port, relay_timeout=0.5, relay_data_timeout=10)
+    )
+    try:
+        await client.send("gw@localhost", (recipient,), BODY)
+    finally:
+        await client.close()
+    assert len(slow_relay.queued) == 1
+
+
+@pytest.mark.parametrize("smtputf8", [True, False], ids=["relay-smtputf8", "relay-without"])
+async def test_utf8_headers_are_declared_smtputf8_whatever_the_envelope(
+    tmp_path: Path, smtputf8: bool
+) -> None:
+    """RFC 6531/6532: an answer to jörg@… has UTF-8 in its To: header, and so has its BCC copy,
+    whose envelope is ASCII: it went without SMTPUTF8 to a relay that offers it. A relay
+    without it gets the copy as it is (as 8-bit data without 8BITMIME); the answer itself,
+    whose envelope needs SMTPUTF8, cannot go there (dead)."""
+    response, copy = outbound.compose(
+        kind=MailKind.RESPONSE,
+        sender="connector@localhost",
+        to="jörg@acme.example",
+        subject="CommitCRM XML response",
+        body="<ok/>",
+        connector="connector@localhost",
+        hostname="gw.test",
+        bcc=("audit@msp.example",),
+    )
+    relay = Relay()
+    outcomes = []
+    async with serving(relay, hostname="relay.test", enable_SMTPUTF8=smtputf8) as port:
+        client = RelayClient(make_settings(tmp_path, port, relay_timeout=5))
+        try:
+            for mail in (response, copy):
+                try:
+                    await client.send(mail.mail_from, mail.recipients, mail.data)
+                    outcomes.append("sent")
+                except DeliveryError as exc:
+                    outcomes.append("dead" if exc.permanent else "retry")
+        finally:
+            await client.close()
+    if smtputf8:
+        assert outcomes == ["sent", "sent"]
+        assert ["SMTPUTF8" in got.mail_options for got in relay.got] == [True, True]
+    else:
+        assert outcomes == ["dead", "sent"]
+        assert ["SMTPUTF8" in got.mail_options for got in relay.got] == [False]
 
 
 async def test_a_send_cancelled_in_the_middle_of_the_data_delivers_nothing(

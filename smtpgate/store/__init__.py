@@ -1475,6 +1475,19 @@ class Store:
 
         await self._write(record, durable=False, inline=True)
 
+    async def expire_deliveries(self, created_before: float, error: str) -> int:
+        """Queued mails created before `created_before` go dead (SMTPGATE_RETRY_MAX_AGE): with
+        the relay unreachable they were never tried, so none failed for its age."""
+
+        def expire(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE outbox SET state = 'dead', last_error = ?, lease_until = NULL"
+                " WHERE state = 'queued' AND created_at < ?",
+                (error[:2000], created_before),
+            ).rowcount
+
+        return await self._write(expire, durable=False, inline=True)
+
     async def retry_outbox(self, delivery_id: int | None = None) -> int:
         sql = (
             "UPDATE outbox SET state = 'queued', next_attempt_at = ?, attempts = 0,"
