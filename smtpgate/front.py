@@ -450,6 +450,27 @@ class _SessionOver:
 _SESSION_OVER: Any = _SessionOver()
 
 
+class _CommandLimits(dict[str, int]):
+    """aiosmtpd's command line limits, one set a session. aiosmtpd keeps them in one dict of its
+    class, shared by every session of the process, and raises MAIL's by the bytes of SIZE= and
+    SMTPUTF8 (36) at every EHLO: 2,000 EHLOs let any session send a 72 KB MAIL FROM. Here a
+    limit never rises above the base plus those 36 bytes (RFC 5321 4.5.3.1.4, RFC 1870 and
+    RFC 6531 each add to the 512)."""
+
+    def __init__(self, base: int) -> None:
+        super().__init__()
+        self.base = base
+
+    def __missing__(self, command: str) -> int:
+        return self.base
+
+    def __setitem__(self, command: str, limit: int) -> None:
+        super().__setitem__(command, min(limit, self.base + _EXTENSION_BYTES))
+
+
+_EXTENSION_BYTES = 26 + 10  # what aiosmtpd's EHLO adds to MAIL's limit for SIZE= and SMTPUTF8
+
+
 class Listener(SMTP):
     """aiosmtpd's SMTP with a cap on concurrent sessions (spec 6); extra sessions get 421.
 
@@ -518,7 +539,7 @@ class Listener(SMTP):
         self.data_size_limit = data_size_limit
         self.enable_SMTPUTF8 = enable_SMTPUTF8
         self._decode_data = decode_data
-        self.command_size_limits.clear()
+        self.command_size_limits = _CommandLimits(self.command_size_limit)
         self.hostname = hostname if hostname else socket.getfqdn()
         self.tls_context = tls_context
         if tls_context:
@@ -848,6 +869,8 @@ class Listener(SMTP):
             task.add_done_callback(self._session_task_over)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._lost:  # ended already (smtp_STARTTLS, a handshake that never happened)
+            return
         if self._refused:
             self._smtp_methods = {}  # no session ran: only these bound methods make a cycle
             self._client_connected_cb = None
@@ -916,6 +939,12 @@ class Listener(SMTP):
             await self.push("503 5.5.1 TLS already active")
             return
         await super().smtp_STARTTLS(arg)
+        below = self._original_transport
+        if below is not None and below.is_closing():
+            # The handshake never happened (the idle timeout, or the client went): the TLS
+            # layer closes without telling its session, whose reader then waited for ever and
+            # held a slot of SMTPGATE_MAX_CONNECTIONS until restart. End the session here.
+            self.connection_lost(None)
 
     def eof_received(self) -> bool:
         if self._refused:

@@ -56,6 +56,13 @@ ONE_WRITE_BYTES = 64 * 1024  # a message up to this size goes to the parent with
 # --- parent side ---------------------------------------------------------------------------------
 
 
+# The longest frame line the serve process reads from a child: an enqueue's envelope (every
+# recipient, the HELO name, the sender) as JSON. At asyncio's default of 64 KiB, a long but
+# valid envelope read as an "unreadable frame", and the child, all its sessions with it, was
+# killed.
+FRAME_LINE_LIMIT = 32 * 1024 * 1024
+
+
 class IntakeProcesses:
     """Starts, watches, restarts and stops the intake children of one `serve`."""
 
@@ -154,7 +161,7 @@ class IntakeProcesses:
             raise
         finally:
             theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=mine)
+        reader, writer = await asyncio.open_unix_connection(sock=mine, limit=FRAME_LINE_LIMIT)
         writer.write(self._config)
         child.channel = writer
         child.watcher = asyncio.create_task(

@@ -434,17 +434,20 @@ def _single_part_tree(raw: bytes) -> Message | None:
     end = raw.find(b"\r\n\r\n")
     if end <= 0 or has_bare_line_end(raw):
         return None
-    fields: list[list[str]] = []  # [name, value], continuation lines joined as compat32 does
+    # (name, lines of the value): continuation lines are joined at the end, as compat32 does;
+    # appended one by one to a growing str, a long folded field took quadratic time.
+    folded: list[tuple[str, list[str]]] = []
     for line in raw[:end].decode("ascii", "surrogateescape").split("\r\n"):
         if line[:1] in (" ", "\t"):
-            if not fields:
+            if not folded:
                 return None  # the stdlib notes a defect and drops the line
-            fields[-1][1] += "\r\n" + line
+            folded[-1][1].append(line)
             continue
         if line.startswith("From ") or _FIELD_NAME.match(line) is None:
             return None  # a unix-from line, or a line that is no field: the stdlib decides
         name, _, value = line.partition(":")
-        fields.append([name, value.lstrip(" \t")])
+        folded.append((name, [value.lstrip(" \t")]))
+    fields = [(name, "\r\n".join(lines)) for name, lines in folded]
     for name, value in fields:  # whole values: the type may sit on a folded line
         if name.lower() == "content-type" and any(
             t in value.lower() for t in ("multipart", "message")
@@ -469,11 +472,16 @@ def _build_tree(raw: bytes) -> Message:
         built += 1
         if built > _MAX_BUILT_PARTS:
             raise _TooManyParts
+        # The stdlib parser checks every line against the boundary of every enclosing part:
+        # nested 800 deep, 1 MB took 28 s. Parts deeper than the walk follows are not built.
+        if parsers and len(vars(parsers[0])["_msgstack"]) > _MAX_DEPTH + 1:
+            raise RecursionError("MIME nesting deeper than the walk follows")
         return _GuardedMessage(policy)
 
-    parser: BytesFeedParser[Message] = BytesFeedParser(factory, policy=compat32)
-    parser.feed(raw)
-    return parser.close()
+    parsers: list[BytesFeedParser[Message]] = []  # (the constructor builds the root part)
+    parsers.append(BytesFeedParser(factory, policy=compat32))
+    parsers[0].feed(raw)
+    return parsers[0].close()
 
 
 def _headers_only(raw: bytes) -> Message:

@@ -612,6 +612,7 @@ class _Stock(SMTP):
 OWN_STATE = {
     "_sessions", "_limit", "_on_reply", "_counted", "_refused", "_data_progress", "_data_size",
     "_budget", "_in_message", "_closing", "_turn", "_lost", "_idle_deadline",
+    "command_size_limits",  # one set a session (front._CommandLimits), not one for all
 }  # fmt: skip
 
 

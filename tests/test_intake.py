@@ -31,6 +31,7 @@ from tests.conftest import (
     wait_processed,
     wait_until,
 )
+from tests.hostile import RawSession
 from tests.test_operations import http_get, metric_samples
 
 
@@ -352,3 +353,26 @@ async def test_a_message_goes_to_the_parent_with_its_frame_in_one_write_up_to_64
         queue.answered({"ok": "QID1"})
         await sending
         assert len(writes) == count
+
+
+async def test_a_long_sender_after_many_ehlos_does_not_kill_the_intake_process(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """aiosmtpd raised a process-wide MAIL line limit by 36 at every EHLO: 2,000 pipelined
+    EHLOs allowed a 72 KB MAIL FROM. Its enqueue frame was a JSON line over the serve process's
+    64 KiB line limit, read as an unreadable frame: the child was killed with every session on
+    it. Now the limit is the session's own and rises once; frame lines may be far longer."""
+    gw = await gateway_factory(intake_processes=1)
+    assert gw.intake is not None
+    (pid,) = gw.intake.pids()
+    session = await RawSession.open(gw.smtp_port)
+    await session.send_raw(b"EHLO x.example\r\n" * 2000)
+    for _ in range(2000):
+        assert (await session.reply()).code == 250
+    reply = await session.command(b"MAIL FROM:<" + b"a" * 70_000 + b"@example.org>")
+    assert reply.code == 500, reply  # too long a line, as after a single EHLO
+    await session.close()
+    assert alive(pid)
+    code, _ = await send(gw.smtp_port, simple_message(subject="after the long sender"))
+    assert code == 250
+    assert gw.intake.pids() == [pid]

@@ -992,9 +992,9 @@ HOSTILE: list[tuple[str, Callable[[], bytes], Callable[[ParsedMessage], bool]]] 
     (
         "nested-rfc822-100",
         lambda: _nested_rfc822(100),
-        lambda m: (
-            m.subject == "level 99" and "MIME nesting too deep: inner parts ignored" in m.defects
-        ),
+        # Deeper than the walk follows (50): not built at all (the stdlib parser's time grows
+        # with depth × lines), so the headers alone.
+        lambda m: m.subject == "level 99" and "MIME nesting too deep: body not parsed" in m.defects,
     ),
     (
         "nested-rfc822-10",
@@ -1407,6 +1407,9 @@ ALERT = (
         (b"Subject: a\r\n  \r\n\tb\r\n\r\nbody without a line end", True),
         (b"A: 1\r\nA: 2\r\nB:3\r\n\r\n\r\n\r\n.\r\n", True),  # empty lines in the body
         (b"Content-Type: text/html\r\n\r\n<p>x</p>\r\n", True),
+        # one field folded over 20,000 lines (its lines were appended to a growing str, in
+        # quadratic time: 4 MB took 60 s; now joined once)
+        (b"Subject: folded\r\nX-Long: start\r\n" + b" x\r\n" * 20_000 + b"\r\nbody\r\n", True),
         # left to the stdlib parser
         (b"Content-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\n\r\nx\r\n--q--\r\n", False),
         (b"Content-Type: Message/RFC822\r\n\r\nSubject: inner\r\n\r\nx\r\n", False),

@@ -43,6 +43,7 @@ from tests.conftest import (
     wait_processed,
     wait_until,
 )
+from tests.hostile import RawSession
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -460,6 +461,31 @@ async def test_relay_failures_are_counted_by_kind(
 
 
 # --- TLS: the listener and the relay -------------------------------------------------------------
+
+
+@pytest.mark.both_loops
+async def test_starttls_without_a_handshake_frees_its_slot_at_the_idle_timeout(
+    gateway_factory: GatewayFactory, cert: Cert
+) -> None:
+    """A client that says STARTTLS and then never starts the handshake: the idle timeout
+    closed the connection, but the TLS layer never told the session, whose reader waited for
+    ever: its slot of SMTPGATE_MAX_CONNECTIONS was held until restart (with SMTP_TIMEOUT under
+    the TLS layer's own 60 s handshake timeout)."""
+    gw = await gateway_factory(
+        tls_cert_file=cert.cert, tls_key_file=cert.key, smtp_timeout=1.0, max_connections=1
+    )
+    hog = await RawSession.open(gw.smtp_port)
+    assert (await hog.command(b"STARTTLS")).code == 220
+    async with asyncio.timeout(10):  # no ClientHello: closed at the idle timeout
+        assert await hog.reader.read() == b""
+    await hog.close()
+
+    async def slot_free() -> bool:
+        session = await RawSession.open(gw.smtp_port, ehlo=False)
+        await session.close()
+        return session.greeting is not None and session.greeting.code == 220
+
+    await wait_until(slot_free, timeout=10, what="the slot back after the idle timeout")
 
 
 async def test_starttls_on_the_listener_delivers(
