@@ -316,6 +316,14 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(describe_settings_error(exc)) from None
 
 
+# What platforms set for a service or container named smtpgate, not settings: Kubernetes
+# (SMTPGATE_SERVICE_HOST, SMTPGATE_SERVICE_PORT_SMTP, SMTPGATE_PORT,
+# SMTPGATE_PORT_25_TCP_ADDR, …) and Docker's legacy links (SMTPGATE_NAME, SMTPGATE_ENV_…).
+_LINK_VARIABLE = re.compile(
+    rf"{ENV_PREFIX}(SERVICE_(HOST|PORT)\w*|PORT(_\d+_(TCP|UDP|SCTP)\w*)?|NAME|ENV_\w+)"
+)
+
+
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """SMTPGATE_* variables that are no setting, each with the setting it may be a typo of: a
     misspelled SMTPGATE_CONNECTOR_ADDRESS was ignored, and the gateway refused all mail."""
@@ -323,7 +331,7 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     found = []
     for variable in sorted(environ):
         key = variable.upper()
-        if key.startswith(ENV_PREFIX) and key not in names:
+        if key.startswith(ENV_PREFIX) and key not in names and not _LINK_VARIABLE.fullmatch(key):
             near = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {near[0]}?)" if near else ""
             found.append(f"unknown setting {variable}{hint}")

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from smtpgate.cli import main
-from smtpgate.config import ConfigError, load_settings
+from smtpgate.config import ConfigError, load_settings, unknown_variables
 from smtpgate.store.schema import MIGRATIONS
 from tests.conftest import FIXTURES, GatewayFactory, RecordingRelay, send, wait_processed
 
@@ -556,6 +556,26 @@ def test_a_misspelled_setting_names_the_one_it_may_mean(
     assert "unknown setting SMTPGATE_CONNECTOR_ADDRESS" in err
     assert "did you mean SMTPGATE_CONNECTOR_ADDRESSES?" in err
     assert "unknown setting smtpgate_workerz (did you mean SMTPGATE_WORKERS?)" in err
+
+
+def test_variables_a_platform_sets_for_a_service_named_smtpgate_are_no_settings() -> None:
+    """Kubernetes gives every pod variables for a service named smtpgate, Docker's links for
+    a linked container: they must not stop start-up."""
+    platform = {
+        "SMTPGATE_SERVICE_HOST": "10.0.0.7",
+        "SMTPGATE_SERVICE_PORT": "25",
+        "SMTPGATE_SERVICE_PORT_SMTP": "25",
+        "SMTPGATE_PORT": "tcp://10.0.0.7:25",
+        "SMTPGATE_PORT_25_TCP": "tcp://10.0.0.7:25",
+        "SMTPGATE_PORT_25_TCP_ADDR": "10.0.0.7",
+        "SMTPGATE_PORT_8025_TCP_PROTO": "tcp",
+        "SMTPGATE_NAME": "/web/smtpgate",
+        "SMTPGATE_ENV_SMTPGATE_DATA_DIR": "/var/lib/smtpgate",
+    }
+    assert unknown_variables(platform) == []
+    assert unknown_variables({**platform, "SMTPGATE_PORTS": "25"}) == [
+        "unknown setting SMTPGATE_PORTS (did you mean SMTPGATE_SMTP_PORT?)"
+    ]
 
 
 def test_a_write_while_another_process_holds_the_lock_is_one_clear_line(tmp_path: Path) -> None:
