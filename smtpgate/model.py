@@ -21,12 +21,38 @@ def nfc(text: str) -> str:
     return text if text.isascii() else unicodedata.normalize("NFC", text)
 
 
-def _idna(domain: str) -> str:
-    """A domain in its ASCII (IDNA) form; as written if it is ASCII or no valid IDN."""
+def idna_ascii(domain: str) -> str:
+    """A domain in its ASCII (IDNA 2008) form: each non-ASCII label, lower-cased in NFC, as
+    "xn--" and its Punycode; as written if it is ASCII or no valid name. Python's "idna" codec
+    (IDNA 2003) maps before encoding: straße.example became strasse.example, another domain
+    (DENIC registers xn--strae-oqa.example), and its mail went to someone else."""
     if domain.isascii():
         return domain
     try:
-        return domain.encode("idna").decode("ascii")
+        domain.encode("idna")  # only as a check: no empty label, none too long, no bad character
+        labels = [
+            label
+            if label.isascii()
+            else "xn--" + nfc(label.lower()).encode("punycode").decode("ascii")
+            for label in domain.split(".")
+        ]
+    except UnicodeError:
+        return domain
+    return ".".join(labels) if all(len(label) <= 63 for label in labels) else domain
+
+
+def idna_unicode(domain: str) -> str:
+    """The Unicode spelling of a domain with "xn--" labels; as written if it has none, or one
+    is no valid Punycode."""
+    if "xn--" not in domain.lower():
+        return domain
+    try:
+        return ".".join(
+            label[4:].encode("ascii").decode("punycode")
+            if label.lower().startswith("xn--")
+            else label
+            for label in domain.split(".")
+        )
     except UnicodeError:
         return domain
 
@@ -36,7 +62,7 @@ def ascii_domain(address: str) -> str:
     becomes support@xn--bcher-kva.example, which every relay, client and header accepts.
     jörg@bücher.example needs SMTPUTF8 (RFC 6531/6532) anyway and stays as written."""
     local, at, domain = address.rpartition("@")
-    return f"{local}@{_idna(domain)}" if at and local.isascii() else address
+    return f"{local}@{idna_ascii(domain)}" if at and local.isascii() else address
 
 
 def address_key(address: str) -> str:
@@ -44,7 +70,7 @@ def address_key(address: str) -> str:
     local part in NFC, any case; the domain in IDNA form. So tickets@bücher.example, its
     decomposed spelling and tickets@xn--bcher-kva.example are one address."""
     local, at, domain = nfc(address.strip()).rpartition("@")
-    return f"{local.lower()}{at}{_idna(domain).lower()}"
+    return f"{local.lower()}{at}{idna_ascii(domain).lower()}"
 
 
 def has_bare_line_end(data: bytes) -> bool:

@@ -277,8 +277,14 @@ async def test_an_internationalized_domain_is_sent_in_its_ascii_form(tmp_path: P
     async with serving(relay, hostname="relay.test", enable_SMTPUTF8=False) as port:
         c = RelayClient(make_settings(tmp_path, port, relay_timeout=5))
         await c.send("gw@localhost", ("support@bücher.example",), BODY)
+        # IDNA 2008, as registries use it: not Python's IDNA 2003 codec, which mapped ß to ss
+        # and sent the mail to strasse.example, someone else's domain.
+        await c.send("gw@localhost", ("info@straße.example",), BODY)
         await c.close()
-    assert [g.rcpt_tos for g in relay.got] == [["support@xn--bcher-kva.example"]]
+    assert [g.rcpt_tos for g in relay.got] == [
+        ["support@xn--bcher-kva.example"],
+        ["info@xn--strae-oqa.example"],
+    ]
 
 
 async def test_plain_envelopes_do_not_go_through_sendmail(

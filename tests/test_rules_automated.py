@@ -287,6 +287,16 @@ def test_resolve_names_the_single_contact_behind_a_value() -> None:
         "xn--mller-bau-q9a.example",
     ]
     assert automated.sender_keys("x@xn--zz.example") == (["x@xn--zz.example"], ["xn--zz.example"])
+    # The other spelling of the same name, never another name: straße.example is
+    # xn--strae-oqa.example (IDNA 2008), not strasse.example (IDNA 2003's mapping).
+    assert automated.sender_keys("info@straße.example")[1] == [
+        "straße.example",
+        "xn--strae-oqa.example",
+    ]
+    assert automated.sender_keys("info@xn--strae-oqa.example")[1] == [
+        "xn--strae-oqa.example",
+        "straße.example",
+    ]
 
 
 # --- decoding before matching (spec 2.1 with 5) -------------------------------------------------
@@ -744,3 +754,21 @@ async def test_reply_found_by_in_reply_to_is_credited_to_in_reply_to(tmp_path: P
     assert (outcome.action, outcome.ticket) == (Action.TICKET_REPLY, 1)
     assert outcome.rules_hit[-1] == "in_reply_to", outcome.rules_hit
     assert "ticket_tag" in outcome.rules_missed, outcome.rules_missed
+
+
+async def test_a_sharp_s_domain_is_not_another_customers_ss_domain(tmp_path: Path) -> None:
+    """straße.example and strasse.example are two domains, often of two owners. Looked up in
+    its IDNA 2003 spelling, mail from straße.example opened a ticket on Strasse GmbH's account
+    (a review of the change that looks up both spellings found it)."""
+    store = await Store.open(tmp_path / "smtpgate.db")
+    try:
+        await store.import_accounts(
+            [(2, {"rec_id": NEW_CO, "file_as": "Strasse GmbH", "email2": "strasse.example"})]
+        )
+        sender = "info@straße.example"
+        raw = message("Drucker", f"Info <{sender}>")
+        decision = await decide(raw, sender, parse_message(raw), spec_context(tmp_path), store)
+    finally:
+        await store.close()
+    assert decision.account is None
+    assert decision.action == Action.FORWARDED

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from smtpgate.config import AccountRule, DetectionRule, SkipRule
 from smtpgate.mail import ParsedMessage, address_domain
-from smtpgate.model import normalize_key
+from smtpgate.model import idna_ascii, idna_unicode, normalize_key
 
 # A located value rarely has more words than this; the cap bounds the probe for hostile subjects.
 MAX_CANDIDATES = 64
@@ -176,10 +176,7 @@ def sender_keys(address: str) -> tuple[list[str], list[str]]:
 
 
 def _idna_spellings(domain: str) -> tuple[str, ...]:
-    """The domain's ASCII (xn--) and Unicode spellings, those that exist."""
-    try:
-        if domain.isascii():
-            return (domain.encode("ascii").decode("idna").lower(),) if "xn--" in domain else ()
-        return (domain.encode("idna").decode("ascii").lower(),)
-    except UnicodeError:  # not a valid IDN: as given only
-        return ()
+    """The domain's other spelling, ASCII (xn--) or Unicode, of the same name: never another
+    name (straße.example is not strasse.example)."""
+    other = idna_unicode(domain) if domain.isascii() else idna_ascii(domain)
+    return (other.lower(),) if other != domain else ()
