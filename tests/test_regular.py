@@ -24,7 +24,7 @@ import pytest
 from smtpgate import outbound
 from smtpgate.app import Gateway
 from smtpgate.cli import read_rows
-from smtpgate.model import MailKind, has_bare_line_end
+from smtpgate.model import MailKind, OutboundMail, has_bare_line_end
 from tests.conftest import (
     FIXTURES,
     GatewayFactory,
@@ -868,17 +868,25 @@ async def test_ack_threads_under_a_long_message_id_as_written(
     assert all(len(line) <= 998 for line in ack.data.split(b"\r\n"))
 
 
-def test_a_long_non_ascii_rule_name_is_folded_with_crlf_in_a_forward() -> None:
-    """Header.encode() folds with a bare LF by default: the outbox holds CRLF only."""
-    fwd = outbound.forward_untouched(
+def forward_of(action: str, rule: str | None = None) -> OutboundMail:
+    """A forward of a small message to support, as the pipeline builds one."""
+    return outbound.forward_untouched(
         b"Subject: x\r\n\r\nbody\r\n",
         target=SUPPORT,
         sender=CONNECTOR,
         connector=CONNECTOR,
-        action="automated_skipped",
-        rule="Überwachungsregel für Kunden mit Störungsmeldungen aus dem Rechenzentrum",
+        action=action,
+        rule=rule,
         hostname="gateway.test",
         has_auto_submitted=False,
+    )
+
+
+def test_a_long_non_ascii_rule_name_is_folded_with_crlf_in_a_forward() -> None:
+    """Header.encode() folds with a bare LF by default: the outbox holds CRLF only."""
+    fwd = forward_of(
+        "automated_skipped",
+        rule="Überwachungsregel für Kunden mit Störungsmeldungen aus dem Rechenzentrum",
     )
     assert not has_bare_line_end(fwd.data)
     parsed = email.message_from_bytes(fwd.data, policy=email.policy.default)
@@ -889,16 +897,7 @@ def test_our_mails_carry_the_current_date_and_ids_unique_across_processes() -> N
     """The Date (worked out once a second) is now, and every message id differs, in a forked
     child too (its ids are drawn anew, not its parent's counter over again)."""
     before = datetime.now(UTC).replace(microsecond=0)
-    fwd = outbound.forward_untouched(
-        b"Subject: x\r\n\r\nbody\r\n",
-        target=SUPPORT,
-        sender=CONNECTOR,
-        connector=CONNECTOR,
-        action="forwarded",
-        rule=None,
-        hostname="gateway.test",
-        has_auto_submitted=False,
-    )
+    fwd = forward_of("forwarded")
     parsed = email.message_from_bytes(fwd.data, policy=email.policy.default)
     assert before <= email.utils.parsedate_to_datetime(parsed["Resent-Date"]) <= datetime.now(UTC)
     assert parsed["Resent-Message-ID"] == fwd.message_id

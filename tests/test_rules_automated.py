@@ -3,10 +3,11 @@ table-driven with ids, plus hypothesis properties; account-by-sender against a r
 
 from __future__ import annotations
 
+import contextlib
 import email.header
 import string
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -642,6 +643,7 @@ async def test_an_account_rule_that_finds_nothing_says_what_it_looked_for(
 
 SPEC_RULES = (Path(__file__).parent / "fixtures" / "rules.toml").read_text(encoding="utf-8")
 OLD_CO, NEW_CO = "CRDOLDCO000000000001", "CRDNEWCO000000000002"
+ACME_BY_DOMAIN = {"rec_id": OLD_CO, "file_as": "Acme Corp", "email2": "acme.example"}
 
 
 def spec_context(tmp_path: Path, rules: str = SPEC_RULES) -> Context:
@@ -654,6 +656,23 @@ def spec_context(tmp_path: Path, rules: str = SPEC_RULES) -> Context:
         ),
         parse_rules(rules),
     )
+
+
+@contextlib.asynccontextmanager
+async def store_with(tmp_path: Path, *accounts: dict[str, str]) -> AsyncIterator[Store]:
+    """A store holding these accounts (one CSV line each), closed afterwards."""
+    store = await Store.open(tmp_path / "smtpgate.db")
+    try:
+        await store.import_accounts([(n, row) for n, row in enumerate(accounts, start=2)])
+        yield store
+    finally:
+        await store.close()
+
+
+async def decide_for(store: Store, tmp_path: Path, subject: str, sender: str) -> Decision:
+    raw = message(subject, sender)
+    address = sender.rpartition("<")[2].rstrip(">")
+    return await decide(raw, address, parse_message(raw), spec_context(tmp_path), store)
 
 
 async def process(
@@ -674,38 +693,21 @@ async def process(
 async def test_contact_moved_to_another_account_is_found_on_its_new_account(
     tmp_path: Path,
 ) -> None:
-    store = await Store.open(tmp_path / "smtpgate.db")
-    try:
-        await store.import_accounts(
-            [
-                (2, {"rec_id": OLD_CO, "file_as": "Old Co"}),
-                (3, {"rec_id": NEW_CO, "file_as": "New Co"}),
-            ]
-        )
+    old, new = {"rec_id": OLD_CO, "file_as": "Old Co"}, {"rec_id": NEW_CO, "file_as": "New Co"}
+    async with store_with(tmp_path, old, new) as store:
         jo = {"rec_id": "CONJO000000000000001", "name": "Jo", "email": "jo@mail.example"}
         await store.import_contacts([(2, {**jo, "account_rec_id": OLD_CO})])
         await store.import_contacts([(2, {**jo, "account_rec_id": NEW_CO})])  # corrected
-        raw = message("Printer offline", "Jo <jo@mail.example>")
-        decision = await decide(
-            raw, "jo@mail.example", parse_message(raw), spec_context(tmp_path), store
-        )
-    finally:
-        await store.close()
+        decision = await decide_for(store, tmp_path, "Printer offline", "Jo <jo@mail.example>")
     assert (decision.action, decision.account) == (Action.TICKET_CREATED, NEW_CO), decision.notes
 
 
 # A UTF-7 encoded-word or body yields a lone surrogate that SQLite cannot store: the
 # message fails on every attempt (dead) instead of becoming a ticket or a forward.
 async def test_utf7_subject_from_a_known_sender_still_opens_a_ticket(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "smtpgate.db")
-    try:
-        await store.import_accounts(
-            [(2, {"rec_id": OLD_CO, "file_as": "Acme Corp", "email2": "acme.example"})]
-        )
+    async with store_with(tmp_path, ACME_BY_DOMAIN) as store:
         raw = message("Drucker =?utf-7?Q?+2D0-?=", "Jane <jane@acme.example>")
         _, outcome = await process(store, spec_context(tmp_path), raw, "jane@acme.example")
-    finally:
-        await store.close()
     assert outcome is not None
     assert outcome.action == Action.TICKET_CREATED
 
@@ -715,28 +717,19 @@ async def test_utf7_subject_from_a_known_sender_still_opens_a_ticket(tmp_path: P
 async def test_sender_domain_matches_an_account_domain_in_either_idna_form(
     tmp_path: Path,
 ) -> None:
-    store = await Store.open(tmp_path / "smtpgate.db")
-    try:
-        await store.import_accounts(
-            [(2, {"rec_id": OLD_CO, "file_as": "Müller Bau", "email2": "müller-bau.example"})]
-        )
-        sender = "info@xn--mller-bau-q9a.example"  # = info@müller-bau.example
-        raw = message("Drucker druckt nicht", f"Hans <{sender}>")
-        decision = await decide(raw, sender, parse_message(raw), spec_context(tmp_path), store)
-    finally:
-        await store.close()
+    muller = {"rec_id": OLD_CO, "file_as": "Müller Bau", "email2": "müller-bau.example"}
+    async with store_with(tmp_path, muller) as store:
+        # = info@müller-bau.example
+        sender = "Hans <info@xn--mller-bau-q9a.example>"
+        decision = await decide_for(store, tmp_path, "Drucker druckt nicht", sender)
     assert (decision.action, decision.account) == (Action.TICKET_CREATED, OLD_CO), decision.reason
 
 
 # A tag naming no ticket, the reply found by In-Reply-To: the outcome and the forward's
 # X-Smtpgate-Action credit "ticket_tag" (which missed) instead of "in_reply_to".
 async def test_reply_found_by_in_reply_to_is_credited_to_in_reply_to(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "smtpgate.db")
     ctx = spec_context(tmp_path)
-    try:
-        await store.import_accounts(
-            [(2, {"rec_id": OLD_CO, "file_as": "Acme Corp", "email2": "acme.example"})]
-        )
+    async with store_with(tmp_path, ACME_BY_DOMAIN) as store:
         first = message("Printer offline", "Jane <jane@acme.example>")
         first = first.replace(b"<t@rmm.example>", b"<first@acme.example>")
         _, created = await process(store, ctx, first, "jane@acme.example")
@@ -748,8 +741,6 @@ async def test_reply_found_by_in_reply_to_is_credited_to_in_reply_to(tmp_path: P
             b"Message-ID: <reply@acme.example>\r\nIn-Reply-To: <first@acme.example>",
         )
         _decision, outcome = await process(store, ctx, reply, "jane@acme.example")
-    finally:
-        await store.close()
     assert outcome is not None
     assert (outcome.action, outcome.ticket) == (Action.TICKET_REPLY, 1)
     assert outcome.rules_hit[-1] == "in_reply_to", outcome.rules_hit
@@ -760,15 +751,8 @@ async def test_a_sharp_s_domain_is_not_another_customers_ss_domain(tmp_path: Pat
     """straße.example and strasse.example are two domains, often of two owners. Looked up in
     its IDNA 2003 spelling, mail from straße.example opened a ticket on Strasse GmbH's account
     (a review of the change that looks up both spellings found it)."""
-    store = await Store.open(tmp_path / "smtpgate.db")
-    try:
-        await store.import_accounts(
-            [(2, {"rec_id": NEW_CO, "file_as": "Strasse GmbH", "email2": "strasse.example"})]
-        )
-        sender = "info@straße.example"
-        raw = message("Drucker", f"Info <{sender}>")
-        decision = await decide(raw, sender, parse_message(raw), spec_context(tmp_path), store)
-    finally:
-        await store.close()
+    strasse = {"rec_id": NEW_CO, "file_as": "Strasse GmbH", "email2": "strasse.example"}
+    async with store_with(tmp_path, strasse) as store:
+        decision = await decide_for(store, tmp_path, "Drucker", "Info <info@straße.example>")
     assert decision.account is None
     assert decision.action == Action.FORWARDED
