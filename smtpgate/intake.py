@@ -59,8 +59,9 @@ ONE_WRITE_BYTES = 64 * 1024  # a message up to this size goes to the parent with
 # The longest frame line the serve process reads from a child: an enqueue's envelope (every
 # recipient, the HELO name, the sender) as JSON. At asyncio's default of 64 KiB, a long but
 # valid envelope read as an "unreadable frame", and the child, all its sessions with it, was
-# killed.
-FRAME_LINE_LIMIT = 32 * 1024 * 1024
+# killed. (It is also the reader's flow control: it stops reading the child at twice this
+# much buffered, so it stays small next to the listener's 64 MiB of data.)
+FRAME_LINE_LIMIT = 1024 * 1024
 
 
 class IntakeProcesses:
