@@ -649,7 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except sqlite3.DatabaseError as exc:
         name = getattr(exc, "sqlite_errorname", "")
         if name in ("SQLITE_BUSY", "SQLITE_LOCKED"):
-            # Another process held the write lock past the busy timeout: nothing was changed.
+            # Another process held the write lock past the busy timeout: the transaction that
+            # waited for it was not applied.
             _run_error(
                 f"{settings.db_path} is locked by another process (a running import or"
                 " backup?): try again",
