@@ -117,41 +117,53 @@ def parse_message(raw: bytes) -> ParsedMessage:
 def strip_quotes(text: str, patterns: Sequence[re.Pattern[str]]) -> str:
     """Cut a reply at its quote header and drop '>' lines (spec 2.3: file only the new text).
 
-    The first line matching any pattern (searched line by line) and everything after it go;
-    lines starting with '>' go; trailing whitespace goes. If nothing would be left, the original
-    text is returned unchanged.
+    The first line matching any pattern (searched line by line) and everything after it go,
+    unless '>' lines follow it: then only the header goes, and the lines between the quoted
+    ones stay (answers written inline, below "On … wrote:"). Lines starting with '>' go;
+    trailing whitespace goes. If nothing would be left, the original text is returned
+    unchanged.
     """
     kept: list[str] = []
     lines = text.splitlines()
-    for i, line in enumerate(lines):
-        if len(line) <= _MAX_QUOTE_LINE_CHARS and any(p.search(line) for p in patterns):
-            break
-        if _wrapped_quote_header(lines, i, patterns):
-            break
-        if line.lstrip().startswith(">"):
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        header = (
+            1
+            if len(line) <= _MAX_QUOTE_LINE_CHARS and any(p.search(line) for p in patterns)
+            else _wrapped_quote_header(lines, i, patterns)
+        )
+        if header:
+            after = next((rest for rest in lines[i + header :] if rest.strip()), "")
+            if not after.lstrip().startswith(">"):
+                break  # the original follows unquoted (Outlook): all of it goes
+            i += header
             continue
-        kept.append(line.rstrip())
+        if not line.lstrip().startswith(">"):
+            kept.append(line.rstrip())
+        i += 1
     result = "\n".join(kept).rstrip()
     return result if result.strip() else text
 
 
-def _wrapped_quote_header(lines: list[str], i: int, patterns: Sequence[re.Pattern[str]]) -> bool:
+def _wrapped_quote_header(lines: list[str], i: int, patterns: Sequence[re.Pattern[str]]) -> int:
     """Gmail and others hard-wrap a long attribution ("On …, Name <a@b>" / "wrote:"): line i
-    starts a quote header when it matches only joined with the next one or two lines."""
+    starts a quote header when it matches only joined with the next one or two lines. The
+    header's number of lines, or 0."""
     if lines[i].lstrip().startswith(">") or not lines[i].strip():
-        return False
+        return 0
     joined = lines[i].rstrip()
-    for following in lines[i + 1 : i + 3]:
+    for n, following in enumerate(lines[i + 1 : i + 3], start=2):
         if not following.strip() or following.lstrip().startswith(">"):
-            return False
+            return 0
         if any(p.search(following) for p in patterns):
-            return False  # that line is the header on its own: keep line i
+            return 0  # that line is the header on its own: keep line i
         joined = f"{joined} {following.strip()}"
         if len(joined) > _MAX_QUOTE_LINE_CHARS:
-            return False
+            return 0
         if any(p.search(joined) for p in patterns):
-            return True
-    return False
+            return n
+    return 0
 
 
 def address_domain(address: str) -> str:

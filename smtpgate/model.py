@@ -57,6 +57,15 @@ def idna_unicode(domain: str) -> str:
         return domain
 
 
+def domain_spellings(domain: str) -> list[str]:
+    """A lower-case domain as given, then in its other IDNA spelling (ASCII xn-- or Unicode) if
+    it has one: the same name either way (straße.example is never strasse.example). A domain
+    typed with its umlauts (müller-bau.example) is what mail without SMTPUTF8 writes
+    xn--mller-bau-q9a.example; stored values keep the spelling they were typed in."""
+    other = (idna_unicode(domain) if domain.isascii() else idna_ascii(domain)).lower()
+    return [domain, other] if other != domain else [domain]
+
+
 def ascii_domain(address: str) -> str:
     """An address that needs no SMTPUTF8 if its local part is ASCII: support@bücher.example
     becomes support@xn--bcher-kva.example, which every relay, client and header accepts.

@@ -404,7 +404,12 @@ async def stage_ticket_reply(inb: Inbound, ctx: Context, directory: Directory) -
         account=account,
         reason="employee" if employee else None,
         reply=FileReply(
-            rec_id, number, note_text(inb, ctx, strip=True), _attachments(msg), msg.message_id
+            rec_id,
+            number,
+            # spec 2.3 strips the quote of a reply; a forward's "quote" is what it forwards.
+            note_text(inb, ctx, strip=not regular.is_forward(msg.subject)),
+            _attachments(msg),
+            msg.message_id,
         ),
         mails=_forward(inb, ctx, settings.internal_support_address, Action.TICKET_REPLY)
         if not employee

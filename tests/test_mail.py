@@ -1185,6 +1185,17 @@ def test_unparseable_input_is_reported_not_raised() -> None:
         ),
         pytest.param("No quote here\n", "No quote here", id="no-quote"),
         pytest.param(
+            "Answers below.\n\nOn Thu, 26 Nov 2026, Support <s@x.example> wrote:\n"
+            "> Which version?\n2021.\n> Phone too?\nYes.\n",
+            "Answers below.\n\n2021.\nYes.",
+            id="inline-answers-below-the-attribution",
+        ),
+        pytest.param(
+            "Thanks!\n\nFrom: Support <s@x.example>\nSent: Thursday\n> not ours\n",
+            "Thanks!",
+            id="outlook-header-then-the-original-goes-whatever-follows",
+        ),
+        pytest.param(
             "Prices went from: 3 to 4\nFrom: the team",
             "Prices went from: 3 to 4\nFrom: the team",
             id="no-false-outlook",

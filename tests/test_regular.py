@@ -25,6 +25,7 @@ from smtpgate import outbound
 from smtpgate.app import Gateway
 from smtpgate.cli import read_rows
 from smtpgate.model import MailKind, OutboundMail, has_bare_line_end
+from smtpgate.rules import regular
 from tests.conftest import (
     FIXTURES,
     GatewayFactory,
@@ -1280,3 +1281,82 @@ async def test_known_sender_needs_no_rules_file(
     row = await deliver(world.gw, mail("Help", sender="joe@acme.example"), "joe@acme.example")
     assert row["outcome"]["action"] == "ticket_created"
     assert row["outcome"]["account"] == ACME
+
+
+# --- found by a review of the regular branch (27 November 2026) ----------------------------
+
+
+async def test_forward_into_a_ticket_keeps_the_forwarded_text(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A technician forwards the vendor's answer into ticket #1: "FW:" is no reply, and the
+    forwarded message is the content; only "FYI" was filed (the forwarded block starts with a
+    "From: Name <address>" line, a quote header of a reply)."""
+    world = await start_world(gateway_factory, relay)
+    body = (
+        "FYI, the vendor's answer for this ticket.\n\n"
+        "---------- Forwarded message ---------\n"
+        "From: Vendor Support <help@vendor.example>\n"
+        "Date: Thu, 26 Nov 2026 at 13:05\n"
+        "Subject: License\n\n"
+        "Your license key ABC-123 expired; the renewal is on its way.\n"
+    )
+    data = mail("FW: [Ticket #1] License", sender="Dana Tech <dana@msp.example>", body=body)
+    row = await deliver(world.gw, data, "dana@msp.example")
+    assert row["outcome"]["action"] == "ticket_reply"
+    assert row["outcome"]["sent"] == []  # an employee's mail is only filed: the note is all
+    note = (await world.store.get_ticket(1))["history"][-1]["description"]
+    assert "license key ABC-123 expired" in note
+
+
+async def test_inline_answers_below_the_attribution_are_filed(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """spec 2.3 strips the quote; a customer's answers written between the quoted lines, below
+    "On … wrote:", are no quote: only "Answers below." was filed."""
+    world = await start_world(gateway_factory, relay)
+    body = (
+        "Answers below.\n\n"
+        "On Thu, Nov 26, 2026 at 1:05 PM Support <connector@localhost> wrote:\n"
+        "> Which Office version?\n"
+        "Office 2021, build 1234.\n"
+        "> Does it happen on the phone too?\n"
+        "Yes, also on the iPhone.\n"
+    )
+    row = await deliver(world.gw, mail("Re: [Ticket #1] x", body=body), "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_reply"
+    note = (await world.store.get_ticket(1))["history"][-1]["description"]
+    assert "Office 2021, build 1234." in note
+    assert "Yes, also on the iPhone." in note
+
+
+async def test_active_employee_with_an_idn_domain_is_recognised_in_its_ascii_spelling(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """Accounts match a sender's domain in either IDNA spelling (README); employees did not, so
+    an MSP on müller-it.example got every technician's reply forwarded to support."""
+    world = await start_world(gateway_factory, relay)
+    await world.store.import_employees([(2, {"name": "Uwe", "email1": "uwe@müller-it.example"})])
+    data = mail("RE: [Ticket #1] x", sender="Uwe <uwe@xn--mller-it-65a.example>", body="Done.")
+    row = await deliver(world.gw, data, "uwe@xn--mller-it-65a.example")
+    assert row["outcome"]["action"] == "ticket_reply"
+    assert row["outcome"]["reason"] == "employee"
+    assert row["outcome"]["sent"] == []
+
+
+@pytest.mark.parametrize(
+    ("subject", "forward"),
+    [
+        ("FW: [Ticket #1] License", True),
+        ("Fwd: x", True),
+        ("WG: Rechnung", True),
+        ("TR : facture", True),
+        ("Fwd[2]: x", True),
+        ("RE: FW: x", False),  # a reply to a forward: its quote is stripped
+        ("AW: x", False),
+        ("Fwd x", False),
+        ("Forwarding rules", False),
+    ],
+)
+def test_a_forward_is_told_by_its_subjects_first_prefix(subject: str, forward: bool) -> None:
+    assert regular.is_forward(subject) is forward

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from smtpgate.config import AccountRule, DetectionRule, SkipRule
 from smtpgate.mail import ParsedMessage, address_domain
-from smtpgate.model import idna_ascii, idna_unicode, normalize_key
+from smtpgate.model import domain_spellings, normalize_key
 
 # A located value rarely has more words than this; the cap bounds the probe for hostile subjects.
 MAX_CANDIDATES = 64
@@ -163,20 +163,11 @@ def resolve(values: Sequence[str], found: Found) -> Match:
 
 def sender_keys(address: str) -> tuple[list[str], list[str]]:
     """The address and domain keys for account-by-sender (spec 2.1 step 3, sender part): as
-    given, and with the domain in its other IDNA spelling. A customer's domain typed with its
-    umlauts (müller-bau.example) is what mail without SMTPUTF8 writes xn--mller-bau-q9a.example;
-    the account's value is stored as typed, either way."""
+    given, and with the domain in its other IDNA spelling (model.domain_spellings)."""
     address = address.lower()
     domain = address_domain(address)
     if not domain:
         return ([address] if address else []), []
     local = address[: address.rfind("@")]
-    domains = list(dict.fromkeys((domain, *_idna_spellings(domain))))
+    domains = domain_spellings(domain)
     return [f"{local}@{d}" for d in domains] if local else [], domains
-
-
-def _idna_spellings(domain: str) -> tuple[str, ...]:
-    """The domain's other spelling, ASCII (xn--) or Unicode, of the same name: never another
-    name (straße.example is not strasse.example)."""
-    other = idna_unicode(domain) if domain.isascii() else idna_ascii(domain)
-    return (other.lower(),) if other != domain else ()

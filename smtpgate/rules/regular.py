@@ -27,6 +27,20 @@ def tagged_numbers(word: str, subject: str) -> list[int]:
     return [int(m.group(1)) for m in tag_pattern(word).finditer(subject)]
 
 
+# The prefix a mail client puts before a forwarded message's subject (FW, Fwd; German WG,
+# French TR, Spanish RV, Portuguese ENC, Swedish VB, Finnish VL, Dutch Doorst), optionally with
+# a count ("Fwd[2]:").
+_FORWARD_PREFIX = re.compile(
+    r"^\s*(?:fwd?|wg|tr|rv|enc|vb|vl|doorst)\s*(?:\[\d+\])?\s*:", re.IGNORECASE
+)
+
+
+def is_forward(subject: str) -> bool:
+    """Whether the subject says the mail forwards another one (its first prefix): its text
+    below the forwarded message's header block is the point of it, not a quote to strip."""
+    return _FORWARD_PREFIX.match(subject) is not None
+
+
 # outbound.LOOP_HEADER, matched in the raw header section: every occurrence counts.
 _LOOP_FIELD = re.compile(
     rb"^x-smtpgate-loop[ \t]*:[ \t]*<?([^\s<>]+)>?[ \t]*\r?$", re.IGNORECASE | re.MULTILINE

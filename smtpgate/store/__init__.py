@@ -48,6 +48,7 @@ from smtpgate.model import (
     MailKind,
     OutboundMail,
     Outcome,
+    domain_spellings,
 )
 from smtpgate.status import query_status
 from smtpgate.store import crm
@@ -1542,12 +1543,16 @@ class Store:
         return await self._lookup(find)
 
     async def employee_is_active(self, address: str) -> bool:
-        address = address.lower()
+        """Whether an active employee has this address, its domain in either IDNA spelling."""
+        local, at, domain = address.lower().rpartition("@")
+        spellings = [f"{local}@{d}" for d in domain_spellings(domain)] if at else [domain]
+        marks = ", ".join("?" for _ in spellings)
 
         def active(db: sqlite3.Connection) -> bool:
             row = db.execute(
-                "SELECT 1 FROM employees WHERE active = 1 AND (email1 = ? OR email2 = ?) LIMIT 1",
-                (address, address),
+                f"SELECT 1 FROM employees WHERE active = 1"
+                f" AND (email1 IN ({marks}) OR email2 IN ({marks})) LIMIT 1",
+                (*spellings, *spellings),
             ).fetchone()
             return row is not None
 
