@@ -316,7 +316,15 @@ async def cmd_queue(settings: Settings, _: Rules | None, args: argparse.Namespac
                 print(f"no message {args.id}", file=sys.stderr)
                 return 1
             if args.raw:
-                sys.stdout.buffer.write(await store.raw_message(args.id) or b"")
+                raw = await store.raw_message(args.id)
+                if raw is None:  # an empty output read as an empty message
+                    print(
+                        f"smtpgate queue show: the raw bytes of {args.id} were removed after"
+                        " SMTPGATE_RETENTION_DAYS; its outcome is kept (without --raw)",
+                        file=sys.stderr,
+                    )
+                    return 1
+                sys.stdout.buffer.write(raw)
                 return 0
             _print_json(row)
             return 0

@@ -124,6 +124,7 @@ def compose(
     references: tuple[str, ...] = (),
     subtype: str = "plain",
     bcc: tuple[str, ...] = (),
+    reply_to: str | None = None,
 ) -> list[OutboundMail]:
     """A new mail from the gateway (ack or response); BCC copies become their own outbox rows."""
     sender, to = ascii_domain(sender), ascii_domain(to)
@@ -140,6 +141,8 @@ def compose(
     if thread and thread[-1] == in_reply_to:
         msg.set_raw("In-Reply-To", in_reply_to)
         msg.set_raw("References", "\r\n ".join(thread))  # folded between ids, never inside
+    if reply_to:
+        msg["Reply-To"] = ascii_domain(reply_to)
     msg["Auto-Submitted"] = "auto-replied"
     msg["X-Auto-Response-Suppress"] = "All"
     msg[LOOP_HEADER] = ascii_domain(connector)

@@ -457,6 +457,11 @@ async def stage_known_sender(inb: Inbound, ctx: Context, directory: Directory) -
             hostname=settings.hostname,
             in_reply_to=msg.message_id,
             references=msg.references,
+            # Sent from a mailbox that is no connector (SMTPGATE_FROM_ADDRESS), the customer's
+            # reply went there and never reached the ticket.
+            reply_to=None
+            if settings.is_connector(settings.sender_address)
+            else settings.connector_addresses[0],
         )
 
     notes = [note] if note else []

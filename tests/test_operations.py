@@ -44,6 +44,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.hostile import RawSession
+from tests.test_faults import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -633,8 +634,15 @@ async def test_retention_removes_raw_bytes_and_keeps_the_outcome(
     assert gw.store is not None
     assert await gw.store.purge(30) == 0  # younger than 30 days: kept
     assert await gw.store.raw_message(queue_id) is not None
+    code, out = await cli(gw, "queue", "show", queue_id, "--raw")
+    assert code == 0
+    assert "Message-ID: <ret@example.org>" in out
 
     assert await gw.store.purge(0) == 1
+    # Said, not an empty output that reads as an empty message (it printed nothing, exit 0).
+    code, out = await cli(gw, "queue", "show", queue_id, "--raw")
+    assert code == 1
+    assert f"the raw bytes of {queue_id} were removed after SMTPGATE_RETENTION_DAYS" in out
     row = await gw.store.get_inbound(queue_id)
     assert row is not None
     assert row["raw_kept"] is False

@@ -827,6 +827,7 @@ async def test_ack_carries_tag_and_its_message_id_threads_the_reply(
     assert ack["In-Reply-To"] == world.first_id
     assert ack["Auto-Submitted"] == "auto-replied"
     assert ack["X-Smtpgate-Loop"] == CONNECTOR
+    assert ack["Reply-To"] is None  # sent from the connector: replies come back to it anyway
     # Outlook replies without keeping the tag; only In-Reply-To names the acknowledgement.
     reply = mail(
         f"RE: {FIRST_SUBJECT}",
@@ -840,6 +841,17 @@ async def test_ack_carries_tag_and_its_message_id_threads_the_reply(
     note = (await world.store.get_ticket(1))["history"][-1]["description"]
     assert "Thanks!" in note
     assert "Thank you for your message." not in note
+
+
+async def test_an_ack_from_a_mailbox_that_is_no_connector_asks_for_replies_to_the_connector(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """SMTPGATE_FROM_ADDRESS may be a helpdesk mailbox people read: a customer's reply to the
+    acknowledgement went there, not to the connector, and never reached the ticket."""
+    world = await start_world(gateway_factory, relay, from_address="helpdesk@msp.example")
+    ack = email.message_from_bytes(world.ack_data, policy=email.policy.default)
+    assert ack["From"] == "helpdesk@msp.example"
+    assert ack["Reply-To"] == CONNECTOR
 
 
 def head_lines(data: bytes) -> list[bytes]:
