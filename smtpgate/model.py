@@ -22,19 +22,21 @@ def nfc(text: str) -> str:
 
 
 def idna_ascii(domain: str) -> str:
-    """A domain in its ASCII (IDNA 2008) form: each non-ASCII label, lower-cased in NFC, as
-    "xn--" and its Punycode; as written if it is ASCII or no valid name. Python's "idna" codec
-    (IDNA 2003) maps before encoding: straße.example became strasse.example, another domain
-    (DENIC registers xn--strae-oqa.example), and its mail went to someone else."""
+    """A domain in its ASCII (IDNA 2008) form: mapped as UTS #46 does (compatibility forms such
+    as full-width letters and the ideographic full stop, then lower case one character at a
+    time: Σ is σ, never the final ς), then each non-ASCII label as "xn--" and its Punycode;
+    as written if it is ASCII or no valid name. Python's "idna" codec (IDNA 2003) maps further
+    before encoding: straße.example became strasse.example, another domain (DENIC registers
+    xn--strae-oqa.example), and its mail went to someone else."""
     if domain.isascii():
         return domain
+    mapped = unicodedata.normalize("NFKC", domain).replace("\u3002", ".")
+    mapped = "".join(ch.lower() for ch in mapped)
     try:
-        domain.encode("idna")  # only as a check: no empty label, none too long, no bad character
+        mapped.encode("idna")  # only as a check: no empty label, none too long, no bad character
         labels = [
-            label
-            if label.isascii()
-            else "xn--" + nfc(label.lower()).encode("punycode").decode("ascii")
-            for label in domain.split(".")
+            label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+            for label in mapped.split(".")
         ]
     except UnicodeError:
         return domain
@@ -43,18 +45,22 @@ def idna_ascii(domain: str) -> str:
 
 def idna_unicode(domain: str) -> str:
     """The Unicode spelling of a domain with "xn--" labels; as written if it has none, or one
-    is no valid Punycode."""
+    is no valid Punycode of a non-ASCII label (xn--ab- decodes to "ab", another name)."""
     if "xn--" not in domain.lower():
         return domain
-    try:
-        return ".".join(
-            label[4:].encode("ascii").decode("punycode")
-            if label.lower().startswith("xn--")
-            else label
-            for label in domain.split(".")
-        )
-    except UnicodeError:
-        return domain
+    labels = []
+    for label in domain.split("."):
+        if label.lower().startswith("xn--"):
+            ace = label[4:].lower()
+            try:
+                decoded = ace.encode("ascii").decode("punycode")
+            except UnicodeError:
+                return domain
+            if decoded.isascii() or decoded.encode("punycode").decode("ascii") != ace:
+                return domain  # no round trip: not the same name
+            label = decoded
+        labels.append(label)
+    return ".".join(labels)
 
 
 def domain_spellings(domain: str) -> list[str]:

@@ -1364,6 +1364,7 @@ async def test_active_employee_with_an_idn_domain_is_recognised_in_its_ascii_spe
         ("WG: Rechnung", True),
         ("TR : facture", True),
         ("Fwd[2]: x", True),
+        ("I: [Ticket #1] Licenza", True),  # Italian Outlook
         ("RE: FW: x", False),  # a reply to a forward: its quote is stripped
         ("AW: x", False),
         ("Fwd x", False),

@@ -14,7 +14,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from smtpgate import outbound
 from smtpgate import relay as relay_module
-from smtpgate.model import MailKind
+from smtpgate.model import MailKind, address_key, ascii_domain, idna_unicode
 from smtpgate.relay import DeliveryError, RelayClient
 from tests.conftest import make_settings, serving, with_pipelining
 
@@ -285,6 +285,36 @@ async def test_an_internationalized_domain_is_sent_in_its_ascii_form(tmp_path: P
         ["support@xn--bcher-kva.example"],
         ["info@xn--strae-oqa.example"],
     ]
+
+
+@pytest.mark.parametrize(
+    ("domain", "ascii"),
+    [
+        ("bücher.example", "xn--bcher-kva.example"),
+        ("Bücher.example", "xn--bcher-kva.example"),
+        ("straße.example", "xn--strae-oqa.example"),  # not strasse.example (IDNA 2003)
+        ("bücher\u3002example", "xn--bcher-kva.example"),  # ideographic full stop (UTS #46)
+        ("bücher\uff0eexample", "xn--bcher-kva.example"),  # full-width full stop
+        ("bücher\uff61example", "xn--bcher-kva.example"),  # half-width ideographic full stop
+        ("ｂüｃｈｅｒ.example", "xn--bcher-kva.example"),  # full-width letters
+        ("ΣΑΣ.example", "xn--mxa9ab.example"),  # σασ: Σ is σ, never the final ς
+        ("example.ΣΑΣ", "example.xn--mxa9ab"),
+        ("σας.example", "xn--mxa8ab.example"),  # a final ς typed as such stays
+        ("x.example", "x.example"),
+    ],
+)
+def test_domains_are_written_in_their_idna_2008_form(domain: str, ascii: str) -> None:
+    """What the relay's envelope and the connector comparison use (a review found the IDNA
+    2008 rewrite first split on "." only and lower-cased Σ at a label's end to ς)."""
+    assert ascii_domain(f"info@{domain}") == f"info@{ascii}"
+    assert address_key(f"info@{domain}") == f"info@{ascii}"
+    assert ascii_domain(f"info@{idna_unicode(ascii)}") == f"info@{ascii}"  # and back
+
+
+@pytest.mark.parametrize("ace", ["xn--ab-.example", "xn--.example", "xn--zz.example"])
+def test_an_ace_label_that_does_not_round_trip_has_no_unicode_spelling(ace: str) -> None:
+    """xn--ab- decodes to "ab", another name: no other spelling, so no other account."""
+    assert idna_unicode(ace) == ace
 
 
 async def test_plain_envelopes_do_not_go_through_sendmail(

@@ -288,6 +288,10 @@ def test_resolve_names_the_single_contact_behind_a_value() -> None:
         "xn--mller-bau-q9a.example",
     ]
     assert automated.sender_keys("x@xn--zz.example") == (["x@xn--zz.example"], ["xn--zz.example"])
+    assert automated.sender_keys("x@xn--ab-.example") == (
+        ["x@xn--ab-.example"],
+        ["xn--ab-.example"],
+    )
     # The other spelling of the same name, never another name: straße.example is
     # xn--strae-oqa.example (IDNA 2008), not strasse.example (IDNA 2003's mapping).
     assert automated.sender_keys("info@straße.example")[1] == [

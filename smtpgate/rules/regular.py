@@ -28,10 +28,10 @@ def tagged_numbers(word: str, subject: str) -> list[int]:
 
 
 # The prefix a mail client puts before a forwarded message's subject (FW, Fwd; German WG,
-# French TR, Spanish RV, Portuguese ENC, Swedish VB, Finnish VL, Dutch Doorst), optionally with
-# a count ("Fwd[2]:").
+# French TR, Spanish RV, Portuguese ENC, Italian Outlook I, Swedish VB, Finnish VL, Dutch
+# Doorst), optionally with a count ("Fwd[2]:").
 _FORWARD_PREFIX = re.compile(
-    r"^\s*(?:fwd?|wg|tr|rv|enc|vb|vl|doorst)\s*(?:\[\d+\])?\s*:", re.IGNORECASE
+    r"^\s*(?:fwd?|wg|tr|rv|enc|i|vb|vl|doorst)\s*(?:\[\d+\])?\s*:", re.IGNORECASE
 )
 
 
