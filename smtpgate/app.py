@@ -9,10 +9,12 @@ import collections
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import IO
 
 from smtpgate import front
@@ -52,6 +54,9 @@ PARSE_IN_THREAD_BYTES = 1 << 20
 PROCESSING_BYTES = 64 << 20
 # Workers are woken by each intake commit; the poll only finds retries that became due.
 WORKER_POLL_SECONDS = 1.0
+# How long a reply waits for the message it answers when both are processed at once (a big
+# first message still parsing); then it is decided without that message's ticket.
+ANSWERED_WAIT_SECONDS = 60.0
 
 
 def dedupe_key(message_id: str | None, job: Job) -> str:
@@ -70,6 +75,14 @@ def dedupe_key(message_id: str | None, job: Job) -> str:
     # The content only, not the envelope: an MTA delivers one message to two connector
     # addresses of different domains in two transactions, and it is still one message.
     return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+@dataclass(slots=True)
+class _InProcess:
+    """A message being processed: the Message-IDs it is known by, set once it is decided."""
+
+    ids: set[str]
+    done: asyncio.Event | None = None  # made when a reply waits for it
 
 
 class Gateway:
@@ -103,6 +116,10 @@ class Gateway:
         self.data_budget = front.DataBudget(front.DATA_BUDGET_BYTES)
         self._processing_bytes = 0  # raw bytes of the claimed messages not yet processed
         self._big_parse = asyncio.Semaphore(1)
+        # Messages being processed, in the order they were taken, with the Message-IDs they
+        # are known by: a reply waits for the message it answers (`_after_answered`).
+        self._in_process: dict[int, _InProcess] = {}
+        self._taken = itertools.count()
         self._lock_file: IO[str] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -272,27 +289,59 @@ class Gateway:
 
     async def process(self, job: Job) -> None:
         assert self.store is not None
-        if len(job.raw) > PARSE_IN_THREAD_BYTES:
-            # One at a time: the parser holds the GIL, so parallel parses gain nothing, and
-            # each takes ~7 x the message in memory while it runs (25 MB: ~170 MB).
-            async with self._big_parse:
-                msg = await asyncio.to_thread(parse_message, job.raw)
-        else:
-            msg = parse_message(job.raw)
-        ctx = Context(self.settings, self.rules)
-        decision = await decide(job.raw, job.envelope.mail_from, msg, ctx, self.store)
-        outcome = await self.store.complete(
-            job,
-            decision,
-            dedupe_key=dedupe_key(msg.message_id, job),
-            auto_mail_hourly_limit=self.settings.auto_mail_hourly_limit,
-        )
+        turn = next(self._taken)
+        this = self._in_process[turn] = _InProcess({job.message_id} if job.message_id else set())
+        try:
+            if len(job.raw) > PARSE_IN_THREAD_BYTES:
+                # One at a time: the parser holds the GIL, so parallel parses gain nothing, and
+                # each takes ~7 x the message in memory while it runs (25 MB: ~170 MB).
+                async with self._big_parse:
+                    msg = await asyncio.to_thread(parse_message, job.raw)
+            else:
+                msg = parse_message(job.raw)
+            if msg.message_id:
+                this.ids.add(msg.message_id)
+            if msg.in_reply_to or msg.references:
+                await self._after_answered(turn, {*msg.in_reply_to, *msg.references})
+            ctx = Context(self.settings, self.rules)
+            decision = await decide(job.raw, job.envelope.mail_from, msg, ctx, self.store)
+            outcome = await self.store.complete(
+                job,
+                decision,
+                dedupe_key=dedupe_key(msg.message_id, job),
+                auto_mail_hourly_limit=self.settings.auto_mail_hourly_limit,
+            )
+        finally:
+            del self._in_process[turn]
+            if this.done is not None:
+                this.done.set()
         if outcome is None:
             log.warning("lost the lease of %s; another worker has it", job.id)
             return
         self._record(job, outcome)
         if outcome.sent:
             self._outbox_wake.set()
+
+    async def _after_answered(self, turn: int, answered: set[str]) -> None:
+        """Wait until the messages taken before this one that it answers are decided.
+
+        A customer's follow-up to their own mail, processed beside it, would otherwise find no
+        ticket for it yet and open a second one. Only earlier messages are waited for, so two
+        messages naming each other cannot wait for each other; the wait is bounded, and a
+        message that fails leaves its replies to be decided without it.
+        """
+        waits = []
+        for earlier, other in self._in_process.items():
+            if earlier >= turn:
+                break  # taken after this one (the dict keeps the order of taking)
+            if not other.ids.isdisjoint(answered):
+                if other.done is None:
+                    other.done = asyncio.Event()
+                waits.append(other.done.wait())
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ANSWERED_WAIT_SECONDS):
+                    await asyncio.gather(*waits)
 
     def _record(self, job: Job, outcome: Outcome) -> None:
         self.metrics.processed.labels(outcome.path, outcome.action).inc()

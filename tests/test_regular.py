@@ -32,6 +32,7 @@ from tests.conftest import (
     Received,
     RecordingRelay,
     send,
+    wait_processed,
     wait_until,
 )
 
@@ -1340,6 +1341,28 @@ async def test_inline_answers_below_the_attribution_are_filed(
     note = (await world.store.get_ticket(1))["history"][-1]["description"]
     assert "Office 2021, build 1234." in note
     assert "Yes, also on the iPhone." in note
+
+
+async def test_a_reply_processed_beside_the_message_it_answers_files_on_its_ticket(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A customer writes, then adds a line in reply to their own mail a moment later. The first
+    is big (its parse takes a while), so both are processed at once: the reply must wait for
+    the first message's ticket instead of opening a second one."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    first_id = new_id("acme.example")
+    log = ("server.log", "text/plain", b"x" * (3 << 20))  # parsed in a thread
+    first = mail("Server down", message_id=first_id, attachments=(log,))
+    reply = mail("Re: Server down", body="Also the printer.", headers={"In-Reply-To": first_id})
+    code, text = await send(world.gw.smtp_port, first, mail_from="jane@acme.example")
+    assert code == 250, text
+    second = await deliver(world.gw, reply, "jane@acme.example")
+    await wait_processed(world.gw, 2)
+    opened = await world.store.get_inbound(text.rsplit(" ", 1)[1])
+    assert opened["outcome"]["action"] == "ticket_created"
+    assert second["outcome"]["action"] == "ticket_reply"
+    assert second["outcome"]["ticket"] == opened["outcome"]["ticket"] == 1
+    assert (await world.store.status())["tickets"] == 1
 
 
 async def test_active_employee_with_an_idn_domain_is_recognised_in_its_ascii_spelling(
