@@ -270,8 +270,9 @@ def _collapse(text: str) -> str:
     return " ".join(text.translate(_DROP_CONTROLS).split())
 
 
-# RFC 2047 encoded word; '?' and whitespace cannot occur inside, which keeps matching linear.
-_ENCODED_WORD = re.compile(r"=\?([^?\s]{1,75})\?([bBqQ])\?([^?\s]*)\?=")
+# RFC 2047 encoded word. Its text may hold raw spaces, which RFC 2047 forbids but scripts write
+# and mail readers accept; '?' cannot occur inside, which keeps matching linear.
+_ENCODED_WORD = re.compile(r"=\?([^?\s]{1,75})\?([bBqQ])\?([^?]*)\?=")
 _NOT_BASE64 = bytes(c for c in range(256) if not (chr(c).isalnum() and c < 128) and c not in b"+/")
 
 
