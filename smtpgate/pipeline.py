@@ -199,21 +199,19 @@ def _sender_lookups(inb: Inbound) -> list[Lookup]:
 
 
 def _account_by_sender(
-    inb: Inbound, by_address: Found, by_domain: Found
+    lookups: Sequence[Lookup], results: Sequence[Found]
 ) -> tuple[automated.Match, str | None]:
-    """Address (account email or contact), then domain; ambiguity → not found (spec 2.1.3)."""
-    addresses, domains = automated.sender_keys(inb.sender)
+    """Address (account email or contact), then domain; ambiguity → not found (spec 2.1.3).
+    `lookups` are `_sender_lookups`, `results` what the directory found for them."""
     notes = None
-    for keys, found, what in (
-        (addresses, by_address, "sender address"),
-        (domains, by_domain, f"sender domain {domains[0] if domains else ''}"),
-    ):
+    for (search, keys), found in zip(lookups, results, strict=True):
         if not keys:
             continue
         match = automated.resolve(keys, found)
         if match.account:
             return match, notes
         if match.ambiguous:
+            what = "sender address" if search == "email" else f"sender domain {keys[0]}"
             notes = f"{what} names {match.ambiguous} accounts (ambiguous)"
     return automated.Match(None), notes
 
@@ -283,7 +281,7 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
         else:
             misses.append(f"{rule.name}: its phrases are not in the subject")
     if not match.account and rules.account_by_sender:
-        match, note = _account_by_sender(inb, *results[-2:])
+        match, note = _account_by_sender(lookups[-2:], results[-2:])
         ambiguous = ambiguous or note is not None  # the note is only about ambiguity
         if note:
             notes.append(note)
@@ -430,7 +428,8 @@ async def stage_auto_reply(inb: Inbound, ctx: Context, _: Directory) -> Decision
 
 async def stage_known_sender(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
     msg, settings = inb.msg, ctx.settings
-    match, note = _account_by_sender(inb, *await directory.find_accounts(_sender_lookups(inb)))
+    lookups = _sender_lookups(inb)
+    match, note = _account_by_sender(lookups, await directory.find_accounts(lookups))
     if match.account is None:
         if note:  # spec 2.1.3: an ambiguous sender is unknown, and the outcome says why
             inb.notes.append(note)
