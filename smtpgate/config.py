@@ -412,7 +412,9 @@ class DetectionRule(_Rule):
                 not domain_only and not _ADDRESS.match(v)
             ):
                 raise ValueError(f"{v!r} is not an address or @domain")
-            out.append(v)
+            # Compared as the gateway compares addresses (rules.automated.sender_matches):
+            # tickets@bücher.example, its decomposed spelling and its xn-- form are one.
+            out.append(address_key(v).rstrip("."))
         return tuple(out)
 
     @model_validator(mode="after")

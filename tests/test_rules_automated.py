@@ -217,6 +217,50 @@ def test_account_location(case: Loc) -> None:
     assert match.ambiguous == case.ambiguous
 
 
+def test_detection_sender_matches_in_any_spelling_of_the_same_address() -> None:
+    """A rule's sender, the From: address: IDNA forms of the domain, NFC, a trailing dot."""
+    ascii_from = parse_message(message("Disk low", "Mon <alerts@xn--bcher-kva.example>"))
+    utf8_from = parse_message(message("Disk low", "Mon <alerts@bücher.example>"))
+    assert detection_matches(DetectionRule(sender=("alerts@bücher.example",)), ascii_from)
+    assert detection_matches(DetectionRule(sender=("@bücher.example",)), ascii_from)
+    assert detection_matches(DetectionRule(sender=("@xn--bcher-kva.example",)), utf8_from)
+    nfd = unicodedata.normalize("NFD", "alerts@bücher.example")
+    assert detection_matches(DetectionRule(sender=(nfd,)), utf8_from)
+    dotted = parse_message(message("Disk low", "alerts@rmm.example."))
+    assert detection_matches(DetectionRule(sender=("alerts@rmm.example",)), dotted)
+    assert detection_matches(DetectionRule(sender=("@rmm.example",)), dotted)
+    assert not detection_matches(DetectionRule(sender=("@bücher.example",)), dotted)
+
+
+def test_account_phrase_is_as_case_insensitive_as_the_detection_phrase() -> None:
+    """Detection folds case fully (ß is SS); the account rule's phrases must find the same."""
+    rules = parse_rules(
+        '[[detection]]\nsubject = "Außenstelle"\n'
+        '[[account]]\nsearch = "file_as"\nafter = "Außenstelle"\nbefore = ","\n'
+    )
+    msg = parse_message(message("AUSSENSTELLE Acme Corp, Festplatte voll"))
+    assert detection_matches(rules.detection[0], msg)
+    assert lookup(candidates(rules.account[0], msg.subject)).account == ACMECORP
+    # Expanding folds before the phrase keep the located text where it is in the subject.
+    subject = "Straße İstanbul ﬁle: Acme Corp, x"
+    assert lookup(candidates(AccountRule(search="file_as", after="FILE:"), subject)).account == (
+        ACMECORP
+    )
+
+
+def test_the_word_occurrence_is_not_crowded_out_by_occurrences_inside_words() -> None:
+    rule = AccountRule(search="file_as", after="on")
+    subject = "[PRTG Network Monitor] Connection monitoring down on Acme Corp"
+    assert lookup(candidates(rule, subject)).account == ACMECORP
+
+
+def test_a_long_subject_keeps_the_short_pieces_of_a_later_occurrence() -> None:
+    rule = AccountRule(search="file_as", after="Site")
+    tail = " ".join(f"w{i}" for i in range(70))
+    subject = f"Site down at Site Acme Corp: {tail}"  # the shortest pieces are the last ones
+    assert lookup(candidates(rule, subject)).account == ACMECORP
+
+
 def test_long_subject_still_offers_the_short_prefix() -> None:
     # A long alert text after the phrase must not push the account name out of the probe.
     tail = " ".join(f"word{i}" for i in range(200))

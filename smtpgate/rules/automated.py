@@ -13,19 +13,21 @@ from dataclasses import dataclass
 
 from smtpgate.config import AccountRule, DetectionRule, SkipRule
 from smtpgate.mail import ParsedMessage, address_domain
-from smtpgate.model import domain_spellings, normalize_key
+from smtpgate.model import address_key, domain_spellings, normalize_key
 
 # A located value rarely has more words than this; the cap bounds the probe for hostile subjects.
-MAX_CANDIDATES = 64
+MAX_CANDIDATES = 31
 # Cut points looked at, whatever they yield: a hostile subject ("Acme" and 8,000 times " -")
 # offers thousands of cuts that all normalize to the same key, and each costs a pass over its
 # piece (quadratic: seconds of the event loop per rule).
-MAX_CUTS = 4 * MAX_CANDIDATES
-# Occurrences of a rule's phrase looked at, in order, until one names an account, and the
-# values looked up for one rule in all (the first occurrence's whole text and shorter pieces
-# come first, so a long subject cannot crowd them out).
+MAX_CUTS = 8 * MAX_CANDIDATES
+# Occurrences of a rule's phrase looked at until one names an account: those standing as words
+# first ("on" in "... Monitor] Ping down on Acme Corp" after the one inside "Monitor"), each
+# group in subject order, among the first MAX_SCANNED. Each occurrence offers its whole text and
+# at most MAX_CANDIDATES shorter pieces, so a long subject cannot crowd out a later one's.
 MAX_OCCURRENCES = 4
-MAX_VALUES = 2 * MAX_CANDIDATES
+MAX_SCANNED = 64
+MAX_VALUES = MAX_OCCURRENCES * (MAX_CANDIDATES + 1)
 # Cut points for the longest word-boundary prefix/suffix: every position that is not inside a
 # word, so "Acme Corp, Disk", "Acme Corp\SRV01" and "Acme Corp/HQ" all offer "Acme Corp".
 _CUT = re.compile(r"(?<!\w)|(?!\w)")
@@ -39,14 +41,48 @@ def phrase_in(phrase: str, text: str) -> bool:
 
 
 def _phrase_pattern(phrase: str) -> re.Pattern[str]:
-    """A located phrase, case-insensitive, any white-space run matching any other."""
-    parts = re.split(r"\s+", phrase)
-    return re.compile(r"\s+".join(re.escape(part) for part in parts), re.IGNORECASE)
+    """A located phrase, case-folded as `phrase_in` compares it (to search a `_fold`ed text),
+    any white-space run matching any other."""
+    parts = re.split(r"\s+", phrase.casefold())
+    return re.compile(r"\s+".join(re.escape(part) for part in parts))
+
+
+def _fold(text: str) -> tuple[str, list[int] | None]:
+    """`text` case-folded, and when folding changed its length (ß is "ss", ﬁ is "fi") the
+    position in `text` of each folded character, to cut `text` where the folded one matched."""
+    folded = text.casefold()
+    if len(folded) == len(text):  # each character folded to one: positions are the same
+        return folded, None
+    origin: list[int] = []
+    for i, ch in enumerate(text):
+        origin.extend(itertools.repeat(i, len(ch.casefold())))
+    origin.append(len(text))
+    return folded, origin
+
+
+def _is_word(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
+
+
+def _occurrences(pattern: re.Pattern[str], text: str, pos: int = 0) -> list[re.Match[str]]:
+    """The phrase's occurrences to try (MAX_OCCURRENCES): those standing as words first."""
+    found = list(itertools.islice(pattern.finditer(text, pos), MAX_SCANNED))
+
+    def inside_a_word(m: re.Match[str]) -> bool:
+        start, end = m.start(), m.end()
+        return (start > 0 and _is_word(text[start - 1]) and _is_word(text[start])) or (
+            end < len(text) and _is_word(text[end - 1]) and _is_word(text[end])
+        )
+
+    found.sort(key=inside_a_word)  # stable: subject order within each group
+    return found[:MAX_OCCURRENCES]
 
 
 def sender_matches(rule: DetectionRule, address: str) -> bool:
-    address = address.lower()
-    return any(address.endswith(s) if s.startswith("@") else address == s for s in rule.sender)
+    """The address, in any case and either IDNA spelling of its domain (`model.address_key`,
+    as the rule's senders are kept), is one of the rule's, or has one of its @domains."""
+    key = address_key(address).rstrip(".")
+    return any(key.endswith(s) if s.startswith("@") else key == s for s in rule.sender)
 
 
 def detection_matches(rule: DetectionRule, msg: ParsedMessage, sender: str | None = None) -> bool:
@@ -82,22 +118,27 @@ def first_skip(rules: Sequence[SkipRule], subject: str) -> tuple[SkipRule | None
 
 
 def locate(rule: AccountRule, subject: str) -> list[tuple[str, str]]:
-    """The texts the rule points at, in the order of the phrase's occurrences (at most
-    MAX_OCCURRENCES), each with its mode: 'exact' (after and before), 'prefix' (after only)
-    or 'suffix' (before only). "(Warning) Disk low on Acme Corp (SRV01)" has two texts before
-    "(": an empty one, and the one that names the account; "on" in "[PRTG Network Monitor]
-    Ping Down on Acme Corp" is first found inside "Monitor"."""
+    """The texts the rule points at, one per occurrence of its phrase (`_occurrences`), each
+    with its mode: 'exact' (after and before), 'prefix' (after only) or 'suffix' (before
+    only). "(Warning) Disk low on Acme Corp (SRV01)" has two texts before "(": an empty one,
+    and the one that names the account. Phrases are found case-folded, as detection finds
+    them; the texts are cut from the subject as written."""
+    folded, origin = _fold(subject)
+
+    def at(k: int) -> int:
+        return k if origin is None else origin[k]
+
     located: list[tuple[str, str]] = []
     if rule.after:
         before = _phrase_pattern(rule.before) if rule.before else None
-        for m in itertools.islice(_phrase_pattern(rule.after).finditer(subject), MAX_OCCURRENCES):
+        for m in _occurrences(_phrase_pattern(rule.after), folded):
             if before is None:
-                located.append(("prefix", subject[m.end() :]))
-            elif (end := before.search(subject, m.end())) is not None:
-                located.append(("exact", subject[m.end() : end.start()]))
+                located.append(("prefix", subject[at(m.end()) :]))
+            elif (end := before.search(folded, m.end())) is not None:
+                located.append(("exact", subject[at(m.end()) : at(end.start())]))
     elif rule.before:
-        for m in itertools.islice(_phrase_pattern(rule.before).finditer(subject), MAX_OCCURRENCES):
-            located.append(("suffix", subject[: m.start()]))
+        for m in _occurrences(_phrase_pattern(rule.before), folded):
+            located.append(("suffix", subject[: at(m.start())]))
     return located
 
 
