@@ -9,7 +9,9 @@ import gc
 import io
 import json
 import logging
+import os
 import re
+import signal
 import sqlite3
 import sys
 import time
@@ -129,6 +131,9 @@ async def _requeue(
         return 2
     n = await retry(None if args.dead else args.id)
     print(f"requeued {n} {noun}")
+    if not n:
+        why = "nothing is dead" if args.dead else f"{args.id} is not dead, or there is no such id"
+        print(f"smtpgate {verb} retry: {why}", file=sys.stderr)
     return 0 if n else 1
 
 
@@ -578,8 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="(always JSON)")
     s.add_argument("--raw", action="store_true", help="print the stored message bytes")
     s = q.add_parser("retry", help="dead → queued")
-    s.add_argument("id", nargs="?")
-    s.add_argument("--dead", action="store_true", help="every dead message")
+    one = s.add_mutually_exclusive_group()
+    one.add_argument("id", nargs="?")
+    one.add_argument("--dead", action="store_true", help="every dead message")
     for a in q.choices.values():
         a.set_defaults(fn=cmd_queue)
 
@@ -589,8 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--json", action="store_true")
     s = o.add_parser("retry", help="dead → queued")
-    s.add_argument("id", nargs="?", type=_outbox_id)
-    s.add_argument("--dead", action="store_true")
+    one = s.add_mutually_exclusive_group()
+    one.add_argument("id", nargs="?", type=_outbox_id)
+    one.add_argument("--dead", action="store_true", help="every dead delivery")
     for a in o.choices.values():
         a.set_defaults(fn=cmd_outbox)
 
@@ -626,6 +633,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `smtpgate queue list --json | head`: the reader is gone, which is no error of ours.
+        # Python would still flush stdout at exit into the closed pipe and print a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # as a program ended by SIGPIPE reports it
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.verb == "status":
         try:

@@ -27,7 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, DotEnvSettingsSource, NoDecode, SettingsConfigDict
 
 from smtpgate.model import address_key, nfc
 
@@ -169,6 +169,11 @@ class Settings(BaseSettings):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("log_format", "relay_tls", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("connector_addresses")
     @classmethod
     def _connectors_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -308,6 +313,16 @@ def make_data_dir(settings: Settings) -> None:
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings from the environment and overrides; ConfigError names the variable."""
     unknown = unknown_variables(os.environ)
+    env_file = overrides.get("_env_file", _SOURCES["env_file"])
+    if env_file is not None:
+        try:
+            # pydantic-settings reads only the fields from a .env file and drops the rest.
+            written = DotEnvSettingsSource(Settings, env_file=env_file).env_vars
+        except Exception:  # unreadable: Settings() below says so
+            written = {}
+        unknown += unknown_variables(
+            {k.upper(): v or "" for k, v in written.items()}, f" in {env_file}"
+        )
     if unknown:
         raise ConfigError("; ".join(unknown))
     try:
@@ -324,7 +339,7 @@ _LINK_VARIABLE = re.compile(
 )
 
 
-def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+def unknown_variables(environ: Mapping[str, str], where: str = "") -> list[str]:
     """SMTPGATE_* variables that are no setting, each with the setting it may be a typo of: a
     misspelled SMTPGATE_CONNECTOR_ADDRESS was ignored, and the gateway refused all mail."""
     names = {f"{ENV_PREFIX}{name}".upper(): name for name in Settings.model_fields}
@@ -334,7 +349,7 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
         if key.startswith(ENV_PREFIX) and key not in names and not _LINK_VARIABLE.fullmatch(key):
             near = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {near[0]}?)" if near else ""
-            found.append(f"unknown setting {variable}{hint}")
+            found.append(f"unknown setting {variable}{where}{hint}")
     return found
 
 

@@ -186,9 +186,10 @@ class StatusServer:
                 500: "Internal Server Error",
                 503: "Service Unavailable",
             }
+            allow = "Allow: GET, HEAD\r\n" if code == 405 else ""  # RFC 9110 15.5.6
             head = (
                 f"HTTP/1.1 {code} {reason.get(code, 'OK')}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{allow}"
                 "Connection: close\r\n\r\n"
             ).encode()
             writer.write(head if method == "HEAD" else head + body)

@@ -558,6 +558,35 @@ def test_a_misspelled_setting_names_the_one_it_may_mean(
     assert "unknown setting smtpgate_workerz (did you mean SMTPGATE_WORKERS?)" in err
 
 
+def test_a_misspelled_setting_in_the_env_file_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """pydantic-settings ignores a .env name that is no setting: the typo the environment
+    check catches went unnoticed there, and the gateway refused all mail."""
+    data = tmp_path / "var"
+    data.mkdir()
+    (data / ".env").write_text("SMTPGATE_CONNECTOR_ADDRESS=helpdesk@support.example\n")
+    code, _, err = run_here(monkeypatch, data, "tickets", "list")
+    assert code == 2
+    assert (
+        "unknown setting SMTPGATE_CONNECTOR_ADDRESS in .env"
+        " (did you mean SMTPGATE_CONNECTOR_ADDRESSES?)" in err
+    )
+    (data / ".env").write_text("SMTPGATE_CONNECTOR_ADDRESSES=helpdesk@support.example\n")
+    code, _, err = run_here(monkeypatch, data, "tickets", "list")
+    assert "unknown setting" not in err
+    assert code == 1  # no store here yet: the settings were taken
+    assert "no store at" in err
+
+
+def test_choices_are_taken_in_any_case(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """As SMTPGATE_LOG_LEVEL is: JSON, STARTTLS."""
+    monkeypatch.setenv("SMTPGATE_LOG_FORMAT", "JSON")
+    monkeypatch.setenv("SMTPGATE_RELAY_TLS", "StartTLS")
+    settings = load_settings(_env_file=None, data_dir=tmp_path)
+    assert (settings.log_format, settings.relay_tls) == ("json", "starttls")
+
+
 def test_variables_a_platform_sets_for_a_service_named_smtpgate_are_no_settings() -> None:
     """Kubernetes gives every pod variables for a service named smtpgate, Docker's links for
     a linked container: they must not stop start-up."""
@@ -588,6 +617,42 @@ def test_a_write_while_another_process_holds_the_lock_is_one_clear_line(tmp_path
     assert "Traceback" not in result.stderr, result.stderr[-300:]
     assert result.returncode == 1
     assert "is locked by another process" in result.stderr
+
+
+def test_a_retry_that_requeues_nothing_says_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    data = tmp_path / "var"
+    assert run_here(monkeypatch, data, "accounts", "import", str(FIXTURES / "accounts.csv"))[0] == 0
+    code, out, err = run_here(monkeypatch, data, "queue", "retry", "MSGNOSUCHONE1")
+    assert (code, out) == (1, "requeued 0 message(s)\n")
+    assert "MSGNOSUCHONE1 is not dead, or there is no such id" in err
+    code, out, err = run_here(monkeypatch, data, "outbox", "retry", "--dead")
+    assert (code, out) == (1, "requeued 0 delivery(ies)\n")
+    assert "nothing is dead" in err
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_no_error(tmp_path: Path) -> None:
+    """`smtpgate accounts list | head`: a BrokenPipeError traceback (twice: at the write and
+    at the interpreter's last flush)."""
+    data = tmp_path / "var"
+    rows = "".join(f"CRD{i:017d},Customer number {i} of a long list\n" for i in range(3000))
+    (tmp_path / "many.csv").write_text("rec_id,file_as\n" + rows)
+    assert run(data, "accounts", "import", str(tmp_path / "many.csv")).returncode == 0
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
+    environ.update(PYTHONPATH=str(ROOT), SMTPGATE_DATA_DIR=str(data))
+    result = subprocess.run(
+        f"'{sys.executable}' -m smtpgate accounts list --limit 5000 | head -c 10",
+        shell=True,
+        cwd=data,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert len(result.stdout) == 10
+    assert result.stderr == ""
 
 
 def test_a_backup_where_it_cannot_write_is_one_clear_line(tmp_path: Path) -> None:
@@ -785,6 +850,17 @@ MISTAKES = {
         "SMTPGATE_RELAY_USERNAME",
     ),
     "latin1-csv": (_latin1_csv, 1, "line 2: not UTF-8"),
+    # Both: the ID was ignored and every dead message (poison mail too) processed again.
+    "queue-retry-an-id-and-dead": (
+        lambda tmp: (("queue", "retry", "MSGAAAAAAAAAA1", "--dead"), {}),
+        2,
+        "not allowed with",
+    ),
+    "outbox-retry-an-id-and-dead": (
+        lambda tmp: (("outbox", "retry", "7", "--dead"), {}),
+        2,
+        "not allowed with",
+    ),
 }
 
 

@@ -58,9 +58,9 @@ API_PASSWORD = "Api-Pw-41c7-never-logged"
 # --- helpers -------------------------------------------------------------------------------------
 
 
-async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+async def http_get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     await writer.drain()
     data = await reader.read()
     writer.close()
@@ -72,6 +72,14 @@ async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
         key, _, value = line.partition(":")
         headers[key.strip().lower()] = value.strip()
     return int(lines[0].split()[1]), headers, body
+
+
+async def test_a_method_not_allowed_names_the_allowed_ones(gateway: Gateway) -> None:
+    """RFC 9110 15.5.6: a 405 carries Allow."""
+    code, headers, _ = await http_get(gateway.http_port, "/status", method="POST")
+    assert code == 405
+    assert headers["allow"] == "GET, HEAD"
+    assert "allow" not in (await http_get(gateway.http_port, "/status"))[1]
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
