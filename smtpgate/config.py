@@ -505,11 +505,20 @@ class Rules(BaseModel):
             for rule in getattr(self, kind):
                 if rule.name in seen:
                     raise ValueError(f"the rule name {rule.name!r} is used more than once")
+                if rule.name in BUILT_IN_STEPS:
+                    raise ValueError(
+                        f"the rule name {rule.name!r} is the name of a built-in step"
+                        f" (reported beside rule names: {', '.join(sorted(BUILT_IN_STEPS))})"
+                    )
                 seen.add(rule.name)
         return self
 
     def compiled_quote_patterns(self) -> tuple[re.Pattern[str], ...]:
         return tuple(re.compile(p, re.IGNORECASE) for p in self.quote_patterns)
+
+
+# What the pipeline reports in rules_hit/rules_missed beside the rules' own names.
+BUILT_IN_STEPS = frozenset({"account_by_sender", "in_reply_to", "known_sender", "ticket_tag"})
 
 
 def _default_quote_patterns() -> tuple[str, ...]:

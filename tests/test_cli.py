@@ -478,6 +478,12 @@ def test_rule_names_are_unique_and_a_bom_is_no_error(
     code, _, message = run_here(monkeypatch, tmp_path / "var", "rules", env=env)
     assert code == 2
     assert "'prtg' is used more than once" in message
+    # Nor may a rule take the name of a built-in step that outcomes report beside rules.
+    builtin = '[[account]]\nname = "known_sender"\nsearch = "file_as"\nafter = "Site"\n'
+    env = {"SMTPGATE_RULES_FILE": str(write(tmp_path / "rules.toml", builtin))}
+    code, _, message = run_here(monkeypatch, tmp_path / "var", "rules", env=env)
+    assert code == 2
+    assert "'known_sender' is the name of a built-in step" in message
     # Older Windows editors save UTF-8 with a byte order mark: still the same rules.
     bom = tmp_path / "bom.toml"
     bom.write_bytes(b"\xef\xbb\xbf" + (FIXTURES / "rules.toml").read_bytes())
