@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import ipaddress
 import os
 import re
 import socket
@@ -259,6 +260,14 @@ class Settings(BaseSettings):
         if (self.relay_username is None) != (self.relay_password is None):
             raise ValueError(
                 f"{ENV_PREFIX}RELAY_USERNAME and {ENV_PREFIX}RELAY_PASSWORD must be set together"
+            )
+        # AUTH PLAIN/LOGIN over a plain connection hands the password to anyone on the path
+        # (Postfix's client refuses it by default); to a relay on this host it stays here.
+        plain = self.relay_tls == "none" and not _is_loopback(self.relay_host)
+        if self.relay_username is not None and plain:
+            raise ValueError(
+                f"{ENV_PREFIX}RELAY_TLS is none, so {ENV_PREFIX}RELAY_PASSWORD would cross"
+                f" the network to {self.relay_host} readable: use starttls or tls"
             )
         return self
 
@@ -515,6 +524,15 @@ class Rules(BaseModel):
 
     def compiled_quote_patterns(self) -> tuple[re.Pattern[str], ...]:
         return tuple(re.compile(p, re.IGNORECASE) for p in self.quote_patterns)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.rstrip(".").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # What the pipeline reports in rules_hit/rules_missed beside the rules' own names.

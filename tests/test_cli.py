@@ -548,6 +548,19 @@ def test_an_empty_api_password_stops_start_up_when_the_api_is_on(tmp_path: Path)
     assert unset.api_password is None
 
 
+def test_a_relay_password_never_crosses_the_network_in_clear_text(tmp_path: Path) -> None:
+    """AUTH over SMTPGATE_RELAY_TLS=none sent the password readable to anyone on the path
+    (Postfix refuses plaintext SASL without TLS by default); a relay on this host may."""
+    auth = {"relay_username": "gw", "relay_password": "pw"}
+    with pytest.raises(ConfigError, match="SMTPGATE_RELAY_TLS"):
+        load_settings(_env_file=None, data_dir=tmp_path, relay_host="smtp.msp.example", **auth)
+    for host in ("127.0.0.1", "localhost", "::1"):
+        load_settings(_env_file=None, data_dir=tmp_path, relay_host=host, **auth)
+    load_settings(
+        _env_file=None, data_dir=tmp_path, relay_host="smtp.msp.example", relay_tls="tls", **auth
+    )
+
+
 def test_a_misspelled_setting_names_the_one_it_may_mean(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
