@@ -28,11 +28,12 @@ import socket
 import ssl
 import struct
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
 import aiosmtplib
-from aiosmtplib import SMTPResponse, SMTPStatus
+from aiosmtplib import SMTPResponse, SMTPResponseException, SMTPStatus
 
 from smtpgate.config import Settings
 from smtpgate.model import ascii_domain, has_bare_line_end
@@ -153,6 +154,32 @@ class RelayClient:
                 )
             mail = _ascii_envelope(named)
             plain = _is_plain(mail)
+        reused = self._smtp is not None and self._smtp.is_connected
+        while True:
+            try:
+                return await self._send_on(mail, plain, ahead, then)
+            except _Ended as exc:
+                self._abort()
+                if not reused:
+                    # A new connection ended at once: the relay is closing or refusing
+                    # service, and would do the same to the next mail: back off.
+                    cause = exc.cause
+                    if isinstance(cause, aiosmtplib.SMTPResponseException):
+                        refusal = _refusal(cause)
+                        refusal.connection = True
+                        raise refusal from cause
+                    raise DeliveryError(
+                        f"{type(cause).__name__}: {cause}", permanent=False, connection=True
+                    ) from cause
+                # A reused connection the relay ended (a limit of mails per connection, an
+                # idle timeout) took nothing of this mail: it goes on a new one at once.
+                log.debug("relay ended a reused connection (%s); reconnecting", exc)
+                reused, ahead = False, None
+
+    async def _send_on(
+        self, mail: Mail, plain: bool, ahead: _Ahead | None, then: Mail | None
+    ) -> str:
+        """`send` on the current connection, opened if there is none."""
         try:
             smtp = await self._connection()
         except Exception as exc:
@@ -170,10 +197,10 @@ class RelayClient:
                 errors, reply = await smtp.sendmail(
                     mail.mail_from,
                     list(mail.recipients),
-                    data,
+                    mail.data,
                     mail_options=["SMTPUTF8"]
-                    if utf8 or _utf8_headers(smtp, data)
-                    else _body_options(smtp, data),
+                    if utf8 or _utf8_headers(smtp, mail.data)
+                    else _body_options(smtp, mail.data),
                     # aiosmtplib has one timeout for every command: the end-of-data reply is
                     # awaited as long as on the lean path (SMTPGATE_RELAY_DATA_TIMEOUT), or a
                     # relay scanning the mail longer than SMTPGATE_RELAY_TIMEOUT got it again
@@ -188,6 +215,10 @@ class RelayClient:
             raise
         except aiosmtplib.SMTPTimeoutError as exc:  # the same: reset, then retried
             self._abort()
+            said = _refusal_before(exc)
+            if said is not None:
+                # sendmail's RSET after a refusal went unanswered: the refusal is the answer.
+                raise _refusal(said) from said
             raise DeliveryError(f"{type(exc).__name__}: {exc}", permanent=False) from exc
         except aiosmtplib.SMTPNotSupported as exc:  # SMTPUTF8 needed, not offered by the relay
             raise DeliveryError(f"relay: {exc}", permanent=True) from exc
@@ -258,9 +289,17 @@ class RelayClient:
                 _next(smtp, then),
                 command_timeout,
             )
-        response = await smtp.execute_command(b"MAIL", *_mail_arguments(smtp, mail, data))
+        try:
+            response = await smtp.execute_command(b"MAIL", *_mail_arguments(smtp, mail, data))
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            raise _Ended(exc) from exc
         if response.code != 250:
-            raise aiosmtplib.SMTPSenderRefused(response.code, response.message, mail.mail_from)
+            sender_refused = aiosmtplib.SMTPSenderRefused(
+                response.code, response.message, mail.mail_from
+            )
+            if response.code == 421:
+                raise _Ended(sender_refused)
+            raise sender_refused
         refused: list[aiosmtplib.SMTPRecipientRefused] = []
         for address in mail.recipients:
             reply = await smtp.execute_command(b"RCPT", b"TO:<" + address.encode() + b">")
@@ -311,28 +350,30 @@ class RelayClient:
             transport.write(commands)
         chained = False
         try:
+            group: list[SMTPResponse] = []  # the replies to MAIL, each RCPT and DATA
             try:
-                mail_reply = await replies.next(command_timeout)
-                rcpt_replies = [await replies.next(command_timeout) for _ in mail.recipients]
-                data_reply = await replies.next(command_timeout)
+                while len(group) < len(mail.recipients) + 2:
+                    group.append(await replies.next(command_timeout))
             except aiosmtplib.SMTPResponseException as exc:
                 # A reply we cannot read (malformed, too long): the relay may be waiting for
                 # data after a 354 we did not see, and would take a QUIT as data. Reset instead.
                 raise _Unusable(exc) from exc
-            refused = [
-                refusal
-                for address, reply in zip(mail.recipients, rcpt_replies, strict=True)
-                if (refusal := _rcpt_refusal(address, reply)) is not None
-            ]
-            failure: aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused | None
-            failure = None
-            if mail_reply.code != 250:
-                failure = aiosmtplib.SMTPSenderRefused(
-                    mail_reply.code, mail_reply.message, mail.mail_from
-                )
-            elif len(refused) == len(mail.recipients):
-                failure = aiosmtplib.SMTPRecipientsRefused(refused)
-            elif data_reply.code != 354:
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPReadTimeoutError) as exc:
+                # A relay that refuses and hangs up (or falls silent): what it said is the
+                # answer, not the lost connection (a 550 would otherwise be retried for days).
+                if not group or group[0].code == 421:  # closing: nothing of this mail taken
+                    raise _Ended(_group_failure(mail, group) or exc) from exc
+                said = _group_failure(mail, group)
+                if said is None:
+                    raise
+                raise _Unusable(said) from exc
+            if group[0].code == 421:  # closing: nothing of this mail was taken
+                raise _Ended(_group_failure(mail, group))
+            refused = _refused(mail, group[1:-1])
+            data_reply = group[-1]
+            failure: SMTPResponseException | aiosmtplib.SMTPRecipientsRefused | None
+            failure = _group_failure(mail, group)
+            if failure is None and data_reply.code != 354:
                 failure = aiosmtplib.SMTPDataError(data_reply.code, data_reply.message)
             if failure is not None:
                 if data_reply.code == 354:
@@ -443,6 +484,21 @@ def _commands(smtp: aiosmtplib.SMTP, mail: Mail, data: bytes) -> bytes:
     )
 
 
+def _refusal_before(
+    exc: BaseException,
+) -> aiosmtplib.SMTPRecipientsRefused | SMTPResponseException | None:
+    """The relay's refusal that `exc` was raised while handling, if any (a few links up the
+    exception's context: aiosmtplib re-raises a timeout from the TimeoutError)."""
+    seen: BaseException | None = exc.__context__
+    for _ in range(4):
+        if seen is None:
+            return None
+        if isinstance(seen, aiosmtplib.SMTPRecipientsRefused | SMTPResponseException):
+            return seen
+        seen = seen.__context__
+    return None
+
+
 def _refusal(
     exc: aiosmtplib.SMTPRecipientsRefused | aiosmtplib.SMTPResponseException,
 ) -> DeliveryError:
@@ -485,6 +541,30 @@ async def _all_sent(transport: asyncio.WriteTransport, stall_seconds: float) -> 
             raise aiosmtplib.SMTPTimeoutError("the relay stopped taking the message data")
 
 
+def _refused(
+    mail: Mail, rcpt_replies: Sequence[SMTPResponse]
+) -> list[aiosmtplib.SMTPRecipientRefused]:
+    return [
+        refusal
+        for address, reply in zip(mail.recipients, rcpt_replies, strict=False)
+        if (refusal := _rcpt_refusal(address, reply)) is not None
+    ]
+
+
+def _group_failure(
+    mail: Mail, group: Sequence[SMTPResponse]
+) -> aiosmtplib.SMTPSenderRefused | aiosmtplib.SMTPRecipientsRefused | None:
+    """The refusal the replies to a group's MAIL and RCPTs (as many as were read) decide:
+    MAIL refused, or every recipient; None while they decide nothing."""
+    if group and group[0].code != 250:
+        return aiosmtplib.SMTPSenderRefused(group[0].code, group[0].message, mail.mail_from)
+    rcpt_replies = group[1 : 1 + len(mail.recipients)]
+    refused = _refused(mail, rcpt_replies)
+    if len(rcpt_replies) == len(mail.recipients) and len(refused) == len(mail.recipients):
+        return aiosmtplib.SMTPRecipientsRefused(refused)
+    return None
+
+
 def _rcpt_refusal(address: str, reply: SMTPResponse) -> aiosmtplib.SMTPRecipientRefused | None:
     """The refusal of one recipient, or None when the relay took it."""
     if reply.code in (250, 251):
@@ -520,6 +600,16 @@ def _stuffed(data: bytes) -> bytes:
     """The data dot-stuffed (RFC 5321 4.5.2); its line ends are CRLF already."""
     stuffed = data.replace(b"\r\n.", b"\r\n..")
     return b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+class _Ended(Exception):
+    """The relay ended the connection before it took anything of this mail: MAIL answered
+    421, or the connection gone before MAIL's reply (the relay closed after the last mail, as
+    one with a limit of mails per connection does, or an idle connection timed out)."""
+
+    def __init__(self, cause: BaseException | None) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class _Unusable(Exception):

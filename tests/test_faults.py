@@ -13,7 +13,10 @@ import os
 import socket
 import sqlite3
 import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -508,3 +511,163 @@ def test_only_store_conditions_count_as_transient(tmp_path: Path) -> None:
         db.execute("SELECT no_such_column FROM t")
     assert not is_transient_error(bug.value)
     assert not is_transient_error(ValueError("not a store error"))
+
+
+# --- a relay that misbehaves in ways aiosmtpd will not (scripted replies, hang-ups) ----------
+
+
+@dataclass
+class ScriptedRelay:
+    """A raw SMTP relay. `reply(conn_mails, verb, line)` may override the reply to a command:
+    bytes to answer, None for the default. After an overriding reply to a verb in `hang_up_after`
+    (and after any 421) the connection is closed. `ehlo` lists the extensions offered."""
+
+    ehlo: list[bytes] = field(
+        default_factory=lambda: [b"PIPELINING", b"8BITMIME", b"SIZE 10000000"]
+    )
+    reply: Callable[[int, str, bytes], bytes | None] = lambda mails, verb, line: None
+    hang_up_after: set[str] = field(default_factory=set)
+    got: list[bytes] = field(default_factory=list)  # data answered 250
+    port: int = 0
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        mails = 0  # transactions this connection has completed
+        try:
+            writer.write(b"220 scripted.test ESMTP\r\n")
+            while line := await reader.readline():
+                verb = line[:4].upper().decode("latin-1")
+                custom = self.reply(mails, verb, line)
+                if custom is not None:
+                    writer.write(custom)
+                    await writer.drain()
+                    if verb in self.hang_up_after or custom.startswith(b"421"):
+                        return
+                    if not (verb == "DATA" and custom.startswith(b"354")):
+                        continue
+                elif verb == "EHLO":
+                    ext = [b"scripted.test", *self.ehlo]
+                    writer.write(b"".join(b"250-" + e + b"\r\n" for e in ext[:-1]))
+                    writer.write(b"250 " + ext[-1] + b"\r\n")
+                elif verb == "QUIT":
+                    writer.write(b"221 bye\r\n")
+                    await writer.drain()
+                    return
+                elif verb == "DATA":
+                    writer.write(b"354 go on\r\n")
+                else:  # MAIL, RCPT, RSET, NOOP, HELO
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+                if verb == "DATA":
+                    data = bytearray()
+                    while not data.endswith(b"\r\n.\r\n"):
+                        if not (chunk := await reader.readline()):
+                            return
+                        data += chunk
+                    self.got.append(bytes(data[:-3]))
+                    mails += 1
+                    writer.write(b"250 2.0.0 queued\r\n")
+                    await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedRelay]:
+    relay = ScriptedRelay()
+    server = await asyncio.start_server(relay.session, "127.0.0.1", 0)
+    relay.port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield relay
+
+
+async def settled_outbox(gw: Gateway, count: int) -> list[dict[str, Any]]:
+    """The outbox rows once each is done, dead, or queued again after a failed attempt."""
+    assert gw.store is not None
+    store = gw.store
+
+    async def settled() -> bool:
+        rows = await store.list_outbox()
+        return len(rows) == count and all(
+            r["state"] in ("done", "dead") or (r["state"] == "queued" and r["last_error"])
+            for r in rows
+        )
+
+    await wait_until(settled, what=f"{count} outbox rows settled")
+    return sorted(await store.list_outbox(), key=lambda r: r["id"])
+
+
+@pytest.mark.parametrize(
+    ("verb", "answer", "state"),
+    [
+        ("MAIL", b"550 5.7.1 sender not allowed to relay\r\n", "dead"),
+        ("RCPT", b"550 5.1.1 no such user\r\n", "dead"),
+        ("MAIL", b"421 4.3.2 service shutting down\r\n", "queued"),
+    ],
+)
+async def test_a_pipelined_refusal_followed_by_a_hang_up_keeps_the_relays_answer(
+    scripted: ScriptedRelay, gateway_to: GatewayFactory, verb: str, answer: bytes, state: str
+) -> None:
+    """The relay offers PIPELINING, answers MAIL (or RCPT) with a refusal and closes. Without
+    PIPELINING the same relay makes the mail dead with '550 5.7.1 …' (a 421: queued with the
+    421 as last_error). With it, the replies already read are dropped when the next one in the
+    group is missing: last_error is 'SMTPServerDisconnected: Unexpected EOF received', and a
+    permanent 5xx becomes transient, retried until SMTPGATE_RETRY_MAX_AGE (3 days)."""
+    scripted.reply = lambda mails, v, line: answer if v == verb else None
+    scripted.hang_up_after = {verb}
+    gw = await gateway_to(scripted.port, relay_connections=1, retry_schedule="60")
+    assert (await send(gw.smtp_port, simple_message(subject="refused")))[0] == 250
+    [row] = await settled_outbox(gw, 1)
+    assert answer.decode().split()[1] in (row["last_error"] or ""), row["last_error"]
+    assert row["state"] == state, row["last_error"]
+    assert scripted.got == []
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "lockstep"])
+async def test_a_relay_limiting_mails_per_connection_delays_no_mail(
+    scripted: ScriptedRelay, gateway_to: GatewayFactory, pipelining: bool
+) -> None:
+    """A relay that takes one mail per connection and answers the next MAIL on it with 421 and
+    closes (Exim's smtp_accept_max_per_connection; many smarthosts have such a limit). Nothing
+    of the refused mail was taken; a new connection would take it at once. Instead it is
+    charged an attempt and waits a whole SMTPGATE_RETRY_SCHEDULE step (60 s here; 60 s, 300 s,
+    900 s… by default), with last_error 'SMTPServerDisconnected: Unexpected EOF received' when
+    pipelined. Every second mail of a backlog is deferred like this."""
+    if not pipelining:
+        scripted.ehlo = [b"8BITMIME", b"SIZE 10000000"]
+    scripted.reply = lambda mails, v, line: (
+        b"421 4.7.0 too many messages in this connection\r\n" if v == "MAIL" and mails else None
+    )
+    gw = await gateway_to(scripted.port, relay_connections=1, retry_schedule="60")
+    for i in range(2):
+        assert (await send(gw.smtp_port, simple_message(subject=f"m{i}")))[0] == 250
+    await wait_processed(gw, 2)
+    rows = await settled_outbox(gw, 2)
+    assert [(r["state"], r["attempts"], r["last_error"]) for r in rows] == [("done", 1, None)] * 2
+    assert len(scripted.got) == 2
+
+
+async def test_a_refusal_stays_permanent_when_the_relay_ignores_rset(
+    scripted: ScriptedRelay, gateway_to: GatewayFactory
+) -> None:
+    """A mail whose envelope needs SMTPUTF8 goes through aiosmtplib's sendmail, which sends RSET
+    after a refusal and waits for its reply with the command timeout (SMTPGATE_RELAY_DATA_TIMEOUT,
+    600 s by default). A relay that does not answer RSET replaces the 550 by
+    'SMTPReadTimeoutError': the mail is queued again (transient) instead of dead."""
+    scripted.ehlo = [b"PIPELINING", b"8BITMIME", b"SMTPUTF8"]
+    scripted.reply = lambda mails, v, line: (
+        b"550 5.1.1 no such user\r\n" if v == "RCPT" else b"" if v == "RSET" else None
+    )
+    gw = await gateway_to(
+        scripted.port,
+        relay_connections=1,
+        retry_schedule="60",
+        internal_support_address="jörg@msp.example",  # forwards go to a UTF-8 address
+        relay_timeout=1,
+        relay_data_timeout=2,
+    )
+    assert (await send(gw.smtp_port, simple_message(subject="utf8")))[0] == 250
+    [row] = await settled_outbox(gw, 1)
+    assert row["state"] == "dead", row["last_error"]
+    assert "550" in row["last_error"]
