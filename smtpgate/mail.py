@@ -194,6 +194,22 @@ _CHARSET_SUPERSETS = {
     "x-sjis": "cp932",
     "windows-874": "cp874",
     "tis-620": "cp874",
+    # Labels mail clients write that Python does not know (WHATWG encoding standard's names).
+    "iso-8859-8-i": "iso-8859-8",  # Outlook's Hebrew default: logical order, same bytes
+    "iso-8859-8-e": "iso-8859-8",
+    "iso-8859-6-i": "iso-8859-6",
+    "iso-8859-6-e": "iso-8859-6",
+    "windows-31j": "cp932",
+    "csshiftjis": "cp932",
+    "ms_kanji": "cp932",
+    "x-gbk": "gb18030",
+    "macintosh": "mac-roman",
+    "x-mac-ce": "mac-latin2",
+    "x-euc-tw": "big5",
+    "x-x-big5": "big5",
+    "big5-hkscs": "big5hkscs",
+    "unicode-1-1-utf-8": "utf-8",
+    "x-unicode20utf8": "utf-8",
 }
 # Codecs that are text encodings to Python but must never interpret mail bytes.
 _UNSAFE_CODECS = frozenset(
@@ -209,24 +225,47 @@ def _codec_for(charset: str | None) -> str | None:
     name = name.partition("*")[0]  # RFC 2231 language suffix: utf-8*en
     if not name or len(name) > 40:
         return None
-    name = _CHARSET_SUPERSETS.get(name, name)
-    try:
-        codec = codecs.lookup(name)
-    except (LookupError, ValueError):
-        return None
-    if codec.name in _UNSAFE_CODECS:
-        return None
-    return codec.name
+    for label in (name, name.removeprefix("x-"), re.sub(r"^(cp|windows)[-_ ]?(\d)", r"cp\2", name)):
+        label = _CHARSET_SUPERSETS.get(label, label)
+        try:
+            codec = codecs.lookup(label)
+        except (LookupError, ValueError):
+            continue
+        if codec.name in _UNSAFE_CODECS:
+            return None
+        if codec.name == "utf-16":  # without a byte order mark (else _decode_bytes sniffs it)
+            return "utf-16-be"  # RFC 2781 4.3 (Python's codec reads little-endian)
+        return codec.name
+    return None
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_QP_TRAILING_SPACE = re.compile(rb"[ \t]+(?=\r?\n|$)")
+_GUESSED_BOUNDARY = re.compile(r"^--([^\s\"]{1,70})[ \t]*\r?$", re.MULTILINE)
+_MAX_PREAMBLE_CHARS = 8192  # where the first delimiter line of a boundary-less multipart is sought
+_META_CHARSET = re.compile(rb"<meta[^>]{0,200}?charset\s*=\s*[\"']?\s*([a-z0-9._:-]{1,40})", re.I)
+_META_SNIFF_BYTES = 1024
+_MAX_RECOVERED = 4
+# text/* parts that are data, not something to read as the body.
+_TEXT_DATA_TYPES = frozenset(
+    {"text/xml", "text/calendar", "text/rfc822-headers", "text/csv", "text/x-vcard", "text/vcard"}
+)
+_BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF8, "utf-8"),
+    (b"\xff\xfe", "utf-16-le"),
+    (b"\xfe\xff", "utf-16-be"),
+)
 
 
 def _decode_bytes(data: bytes, charset: str | None) -> tuple[str, bool]:
     """Decode with the declared charset, then UTF-8, cp1252, Latin-1. Returns (text, charset_ok).
 
-    charset_ok is False when a declared charset was unknown or did not fit the bytes.
+    charset_ok is False when a declared charset was unknown or did not fit the bytes. A byte
+    order mark wins over the label (as in mail readers and the WHATWG encoding standard).
     """
+    for mark, sniffed in _BYTE_ORDER_MARKS:
+        if data.startswith(mark):
+            return data[len(mark) :].decode(sniffed, "replace"), True
     codec = _codec_for(charset)
     if codec is not None:
         try:
@@ -277,8 +316,21 @@ _NOT_BASE64 = bytes(c for c in range(256) if not (chr(c).isalnum() and c < 128) 
 
 
 def _b64decode_lenient(data: bytes) -> tuple[bytes, bool]:
-    """Base64 without trust: junk and padding ignored, a dangling char dropped. (bytes, clean)."""
+    """Base64 without trust: junk ignored, a dangling char dropped. (bytes, clean). Padding in
+    the middle ends a chunk (chunks encoded one by one and put together): each is decoded."""
     core = data.translate(None, b" \t\r\n").rstrip(b"=")
+    if b"=" not in core:
+        return _b64decode_chunk(core)
+    out, ok = [], True
+    for chunk in core.split(b"="):
+        if chunk:
+            decoded, chunk_ok = _b64decode_chunk(chunk)
+            out.append(decoded)
+            ok = ok and chunk_ok
+    return b"".join(out), ok
+
+
+def _b64decode_chunk(core: bytes) -> tuple[bytes, bool]:
     clean = core.translate(None, _NOT_BASE64)
     ok = len(clean) == len(core)
     if len(clean) % 4 == 1:
@@ -547,6 +599,12 @@ _ADDR_SPEC = re.compile(
 )
 
 
+_QUOTED_LOCAL = re.compile(r'"((?:[^"\\\r\n]|\\.){1,64})"@(.+)')
+_DOT_ATOM = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+)*"
+)
+
+
 def _mailboxes(value: str) -> list[tuple[str, str]]:
     """(display name, addr-spec) pairs of an address-list header, best effort, linear.
 
@@ -582,7 +640,9 @@ def _mailboxes(value: str) -> list[tuple[str, str]]:
                     j += 1
                 buf.append(value[j])
                 j += 1
-            add_word("".join(buf))
+            # A quoted local part ("jane doe"@example.com) keeps its quotes: without them it
+            # would be another mailbox (janedoe@). A display name loses them.
+            add_word(value[i : j + 1] if value.startswith("@", j + 1) else "".join(buf))
             i = j + 1
         elif c == "(":
             depth, j = 1, i + 1
@@ -644,13 +704,29 @@ def _mailbox(words: list[str], comments: list[str], angle: str | None) -> tuple[
         # "jane@example.com (Jane)", or the broken "Jane Roe jane@example.com"
         rest = tokens[:at_index] + tokens[at_index + 1 :] if at_index >= 0 else tokens
         name = " ".join(rest) or comment
-    addr = "".join(addr.split())
-    if not _ADDR_SPEC.fullmatch(addr):
-        addr = ""
-        if angle is None:
-            name = " ".join(w for w in words if w != " ") or comment  # keep what it says
+    addr = _addr_spec(addr)
+    if not addr and angle is None:
+        name = " ".join(w for w in words if w != " ") or comment  # keep what it says
     decoded_name, _ = _decode_words(name)
     return _collapse(decoded_name), addr.lower()
+
+
+def _addr_spec(addr: str) -> str:
+    """local@domain as compared and answered, or '' if it is none. A quoted local part is
+    unquoted when it needs no quotes ("jane.doe"@ is jane.doe@, RFC 5321 4.1.2), else kept
+    quoted with its spaces ("jane doe"@)."""
+    quoted = _QUOTED_LOCAL.fullmatch(addr.strip())
+    if quoted is None:
+        addr = "".join(addr.split())
+        return addr if _ADDR_SPEC.fullmatch(addr) else ""
+    local = _QUOTED_PAIR.sub(r"\1", quoted.group(1))
+    domain = "".join(quoted.group(2).split())
+    if not local or not _ADDR_SPEC.fullmatch(f"x@{domain}"):
+        return ""
+    if _DOT_ATOM.fullmatch(local):
+        return f"{local}@{domain}"
+    escaped = local.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"@{domain}'
 
 
 def _first_sender(value: str) -> tuple[str, str]:
@@ -835,12 +911,17 @@ class _Leaf:
     nested: bool  # inside an enclosed message/rfc822
     embedded: bool = False  # a message/* part (its payload is the enclosed message)
     decoded: bytes | None = field(default=None, repr=False)
+    text: str | None = field(default=None, repr=False)  # its body text, once made (text_of)
+    parent: int = 0  # the multipart it is a part of (its number in the walk; 0: none)
+    in_alternative: bool = False  # that multipart is multipart/alternative
+    params: dict[str, str] = field(default_factory=dict, repr=False)  # of its Content-Type
 
 
 class _Parser:
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
         self.defects: list[str] = []
+        self.recovered = 0  # parts parsed again (recover): each costs a parse of its bytes
 
     def defect(self, note: str) -> None:
         if note not in self.defects and len(self.defects) < _MAX_DEFECTS:
@@ -961,10 +1042,11 @@ class _Parser:
         """Depth-first in document order, bounded in depth and part count. Report parts count
         only outside enclosed messages (a forwarded bounce is not a bounce)."""
         walked = _Walk([], False, False)
-        stack: list[tuple[Message, int, bool]] = [(root, 0, False)]
+        # (part, depth, inside an enclosed message, its multipart's number, that is alternative)
+        stack: list[tuple[Message, int, bool, int, bool]] = [(root, 0, False, 0, False)]
         seen = 0
         while stack:
-            part, depth, nested = stack.pop()
+            part, depth, nested, parent, in_alternative = stack.pop()
             seen += 1
             if seen > _MAX_PARTS:
                 self.defect("too many MIME parts: rest ignored")
@@ -981,7 +1063,14 @@ class _Parser:
                 walked.read_receipt = walked.read_receipt or not nested
                 continue
             if not isinstance(payload, list):
-                walked.leaves.append(self.leaf(part, headers, content_type, params, nested, False))
+                recovered = self.recover(content_type, headers, payload)
+                if recovered is not None:  # parsed again: its parts follow in its place
+                    nested = nested or content_type.startswith("message/")
+                    stack.append((recovered, depth + 1, nested, parent, in_alternative))
+                    continue
+                leaf = self.leaf(part, headers, content_type, params, nested, False)
+                leaf.parent, leaf.in_alternative = parent, in_alternative
+                walked.leaves.append(leaf)
                 continue
             if content_type == "multipart/report" and not nested:
                 report_type = params.get("report-type", "").lower()
@@ -990,12 +1079,57 @@ class _Parser:
             is_message = content_type.startswith("message/")
             if is_message:  # message/rfc822: the enclosed message itself may be an attachment
                 walked.leaves.append(self.leaf(part, headers, content_type, params, nested, True))
+                encoded = _encoded_message(payload, headers)
+                if encoded is not None:  # base64: the parser read its text as a headerless body
+                    recovered = self.recover(content_type, headers, encoded)
+                    if recovered is not None:
+                        stack.append((recovered, depth + 1, True, seen, False))
+                        continue
             if depth + 1 > _MAX_DEPTH:
                 self.defect("MIME nesting too deep: inner parts ignored")
                 continue
             children = [p for p in payload if isinstance(p, Message)]
-            stack.extend((p, depth + 1, nested or is_message) for p in reversed(children))
+            alternative = content_type == "multipart/alternative"
+            stack.extend(
+                (p, depth + 1, nested or is_message, seen, alternative) for p in reversed(children)
+            )
         return walked
+
+    def recover(
+        self, content_type: str, headers: dict[str, str], payload: object
+    ) -> Message | None:
+        """A part the stdlib parser left unparsed that readers still show, parsed again: a
+        multipart whose boundary parameter was lost (PHP scripts write it on an unindented
+        line, which ends the header), the first "--" line giving the boundary; an enclosed
+        message in base64 or quoted-printable (RFC 2046 forbids it; clients send it)."""
+        if not isinstance(payload, str) or not payload or self.recovered >= _MAX_RECOVERED:
+            return None
+        try:
+            return self._recover(content_type, headers, payload)
+        except Exception as exc:  # too many parts, too deep, whatever else: left as it is
+            self.defect(f"unparsed part left as it is ({type(exc).__name__})")
+            return None
+
+    def _recover(self, content_type: str, headers: dict[str, str], payload: str) -> Message | None:
+        if content_type.startswith("multipart/"):
+            found = _GUESSED_BOUNDARY.search(payload[:_MAX_PREAMBLE_CHARS])
+            if found is None:
+                return None
+            boundary = found.group(1)
+            if f"--{boundary}" not in payload[found.end() :]:
+                return None
+            self.defect("multipart boundary guessed from its first delimiter line")
+            self.recovered += 1
+            head = f'Content-Type: {content_type}; boundary="{boundary}"\r\n\r\n'
+            return _build_tree(head.encode() + _to_bytes(payload))
+        if content_type.startswith("message/"):
+            cte = _transfer_encoding(headers)
+            if cte not in ("base64", "quoted-printable"):
+                return None
+            leaf = _Leaf(Message(), content_type, None, cte, False, None, False)
+            self.recovered += 1
+            return _build_tree(self.decode_transfer(payload, leaf))
+        return None
 
     def content_type(self, part: Message, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
         value = headers.get("content-type")
@@ -1021,16 +1155,16 @@ class _Parser:
             _raw_header_text(headers.get("content-disposition", ""))
         )
         filename = _clean_filename(dparams.get("filename") or params.get("name"))
-        cte = _collapse(_raw_header_text(headers.get("content-transfer-encoding", ""))).lower()
         return _Leaf(
             part=part,
             content_type=content_type,
             charset=params.get("charset"),
-            transfer_encoding=cte.partition(";")[0].strip(),
+            transfer_encoding=_transfer_encoding(headers),
             is_attachment=disposition == "attachment" or filename is not None,
             filename=filename,
             nested=nested,
             embedded=embedded,
+            params=params,
         )
 
     def data(self, leaf: _Leaf) -> bytes:
@@ -1050,7 +1184,9 @@ class _Parser:
             return decoded
         if cte == "quoted-printable":
             try:
-                return binascii.a2b_qp(data)
+                # RFC 2045 6.7 (3): white space ending an encoded line is transport padding
+                # ("=  " is still a soft line break).
+                return binascii.a2b_qp(_QP_TRAILING_SPACE.sub(b"", data))
             except (binascii.Error, ValueError):
                 self.defect("broken quoted-printable")
                 return data
@@ -1078,36 +1214,26 @@ class _Parser:
     # body
 
     def body_fields(self, leaves: list[_Leaf]) -> _Body:
-        body: _Leaf | None = None
-        html_only = False
+        chosen: list[_Leaf] = []
         # The outer message's own text first; an enclosed message's text only if it has none.
         for nested in (False, True):
-            inline = [
-                leaf
-                for leaf in leaves
-                if leaf.nested == nested and not leaf.embedded and not leaf.is_attachment
-            ]
-            body = next((leaf for leaf in inline if leaf.content_type == "text/plain"), None)
-            if body is None:
-                body = next((leaf for leaf in inline if leaf.content_type == "text/html"), None)
-                html_only = body is not None
-            if body is not None:
+            chosen = self.body_leaves(
+                [
+                    leaf
+                    for leaf in leaves
+                    if leaf.nested == nested and not leaf.embedded and not leaf.is_attachment
+                ]
+            )
+            if chosen:
                 break
-
-        text = ""
-        if body is not None:
-            text, ok = _decode_bytes(self.data(body), body.charset)
-            if not ok:
-                self.defect("body charset did not fit")
-            if html_only:
-                if len(text) > _MAX_HTML_CHARS:
-                    self.defect("HTML body truncated")
-                text = _html_to_text(text)
-            text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_TEXT_CONTROLS)
-            text = text.removeprefix("\ufeff")
-            if len(text) > _MAX_TEXT_CHARS:
-                text = text[:_MAX_TEXT_CHARS]
-                self.defect("body text truncated")
+        body = chosen[0] if chosen else None
+        html_only = body is not None and body.content_type == "text/html"
+        texts = [self.text_of(leaf) for leaf in chosen]
+        text = "\n".join(t.rstrip("\n") for t in texts[:-1]) + ("\n" if texts[:-1] else "")
+        text += texts[-1] if texts else ""
+        if len(text) > _MAX_TEXT_CHARS:
+            text = text[:_MAX_TEXT_CHARS]
+            self.defect("body text truncated")
 
         outer = [leaf for leaf in leaves if not leaf.nested]
         attachments = tuple(
@@ -1149,6 +1275,116 @@ class _Parser:
             text_part = leaf.content_type.startswith("text/")
             xml_charsets.append(_codec_for(leaf.charset) if text_part else None)
         return _Body(text, html_only, attachments, tuple(xml_candidates), tuple(xml_charsets))
+
+    def body_leaves(self, inline: list[_Leaf]) -> list[_Leaf]:
+        """The parts that make the body text, in document order, as a mail reader shows them:
+        of each multipart/alternative its plain text (its HTML when the plain text is blank
+        or missing), then the text parts after it that are not alternatives of it (a text,
+        an inline image, more text; a footer a list or virus scanner appended). The first is
+        the body; it may be HTML, the others are plain text."""
+        units: list[list[_Leaf]] = []
+        alternatives: dict[int, list[_Leaf]] = {}
+        for leaf in inline:
+            if _text_kind(leaf.content_type) is None:
+                continue
+            if leaf.in_alternative:
+                group = alternatives.get(leaf.parent)
+                if group is None:
+                    group = alternatives[leaf.parent] = []
+                    units.append(group)
+                group.append(leaf)
+            else:
+                units.append([leaf])
+        chosen: list[_Leaf] = []
+        for unit in units:
+            plain = [leaf for leaf in unit if _text_kind(leaf.content_type) == "plain"]
+            best = next((leaf for leaf in plain if self.text_of(leaf).strip()), None)
+            if best is None and not chosen:
+                best = next((leaf for leaf in unit if leaf.content_type == "text/html"), None)
+                if best is not None and not self.text_of(best).strip():
+                    best = None
+            if best is not None:
+                chosen.append(best)
+        if not chosen and units:  # only blank text: the first part, as before
+            chosen.append(units[0][0])
+        return chosen
+
+    def text_of(self, leaf: _Leaf) -> str:
+        """A text part's text: decoded, HTML reduced to text, format=flowed unwrapped, line
+        ends as LF, control characters dropped (cached)."""
+        if leaf.text is not None:
+            return leaf.text
+        data = self.data(leaf)
+        charset = leaf.charset
+        html = leaf.content_type == "text/html"
+        if charset is None and html:  # <meta charset> when the MIME header names none
+            meta = _META_CHARSET.search(data[:_META_SNIFF_BYTES])
+            charset = meta.group(1).decode("ascii") if meta else None
+        text, ok = _decode_bytes(data, charset)
+        if not ok:
+            self.defect("body charset did not fit")
+        text = text.removeprefix("\ufeff")
+        if html:
+            if len(text) > _MAX_HTML_CHARS:
+                self.defect("HTML body truncated")
+            text = _html_to_text(text)
+        text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_TEXT_CONTROLS)
+        if not html and leaf.params.get("format", "").lower() == "flowed":
+            text = _unflow(text, delsp=leaf.params.get("delsp", "").lower() == "yes")
+        leaf.text = text
+        return text
+
+
+def _encoded_message(payload: list[Message], headers: dict[str, str]) -> str | None:
+    """The still encoded text of an enclosed message sent in base64, or None."""
+    if _transfer_encoding(headers) != "base64" or len(payload) != 1:
+        return None
+    inner = payload[0]
+    text = getattr(inner, "_payload", None)
+    return text if isinstance(text, str) and not inner.keys() else None
+
+
+def _text_kind(content_type: str) -> str | None:
+    """'html', 'plain' (text/plain and text/* subtypes that are not data, RFC 2046 4.1.4), or
+    None for a part that is no body text."""
+    if content_type == "text/html":
+        return "html"
+    if content_type.startswith("text/") and content_type not in _TEXT_DATA_TYPES:
+        return "plain"
+    return None
+
+
+def _unflow(text: str, *, delsp: bool) -> str:
+    """RFC 3676 format=flowed as plain text: a line ending in a space (a soft break) is joined
+    with the next one of the same quote depth; the space-stuffing of a line goes; with
+    delsp=yes the space of the soft break goes too (it was added inside a word)."""
+    out: list[tuple[int, str]] = []
+    pending: tuple[int, str] | None = None
+    for line in text.split("\n"):
+        depth = len(line) - len(line.lstrip(">"))
+        content = line[depth:]
+        content = content.removeprefix(" ")
+        soft = content.endswith(" ") and content != "-- "  # the signature line is no soft break
+        if soft and delsp:
+            content = content[:-1]
+        if pending is not None and pending[0] == depth:
+            pending = (depth, pending[1] + content)
+        else:
+            if pending is not None:
+                out.append(pending)
+            pending = (depth, content)
+        if not soft:
+            out.append(pending)
+            pending = None
+    if pending is not None:
+        out.append(pending)
+    return "\n".join(f"{'>' * depth} {t}" if depth else t for depth, t in out)
+
+
+def _transfer_encoding(headers: dict[str, str]) -> str:
+    """Content-Transfer-Encoding's value, lower case, without comments or parameters."""
+    value = _COMMENT.sub(" ", _raw_header_text(headers.get("content-transfer-encoding", "")))
+    return _collapse(value).lower().partition(";")[0].strip().strip('"')
 
 
 @dataclass(slots=True)

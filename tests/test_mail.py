@@ -839,7 +839,8 @@ def test_broken_base64_attachment_is_best_effort_with_defect() -> None:
         ),
     )
     msg = parse_message(raw)
-    assert msg.attachments == (Attachment("a.pdf", "application/pdf", 9),)
+    # "JVBERi0xLjQ" (8 bytes: "%PDF-1.4") ends at the padding; the "A" after it is dangling.
+    assert msg.attachments == (Attachment("a.pdf", "application/pdf", 8),)
     assert "broken base64" in msg.defects
 
 
@@ -930,6 +931,22 @@ def _nested_multipart(depth: int) -> bytes:
     return b"Subject: deep\r\n" + head + b"Content-Type: text/plain\r\n\r\ndeep text" + tail
 
 
+def _boundary_less(depth: int) -> bytes:
+    inner = b"Content-Type: text/plain\r\n\r\ndeep text\r\n"
+    for level in range(depth):
+        b = f"b{level}".encode()
+        inner = (
+            b"Content-Type: multipart/mixed\r\n\r\n--"
+            + b
+            + b"\r\n"
+            + inner
+            + b"\r\n--"
+            + b
+            + b"--\r\n"
+        )
+    return b"Subject: deep\r\n" + inner
+
+
 def _nested_rfc822(depth: int) -> bytes:
     raw = eml("Subject: innermost", body="core")
     for i in range(depth):
@@ -1004,6 +1021,13 @@ HOSTILE: list[tuple[str, Callable[[], bytes], Callable[[ParsedMessage], bool]]] 
     ("nested-multipart-40", lambda: _nested_multipart(40), _check_deep_text_reached),
     ("nested-multipart-300", lambda: _nested_multipart(300), _check_depth_limited),
     ("nested-multipart-2000", lambda: _nested_multipart(2000), _check_depth_limited),
+    (
+        # Each level a multipart without its boundary parameter: each is parsed again from its
+        # first delimiter line, a few levels only (every parse costs a pass over the bytes).
+        "boundary-less-multiparts-nested-300",
+        lambda: _boundary_less(300),
+        lambda m: "multipart boundary guessed from its first delimiter line" in m.defects,
+    ),
     (
         "nested-rfc822-100",
         lambda: _nested_rfc822(100),
@@ -1515,3 +1539,198 @@ def test_the_fast_path_agrees_on_random_header_blocks(
     raw = (head + separator).encode("utf-8") + body
     same_tree(raw)  # asserts when it takes the path
     assert parse_message(raw) == parse_message_slow(raw)
+
+
+# --- real-world MIME that mail clients and scripts send (a review against what readers show) ----
+
+FROM_JANE = "From: Jane <jane@acme.example>"
+
+
+@pytest.mark.parametrize(
+    ("label", "text", "codec"),
+    [
+        ("iso-8859-8-i", "שלום עולם", "iso-8859-8"),  # Outlook/Exchange's Hebrew default
+        ("windows-31j", "日本語のメール", "cp932"),  # Java mailers; IANA's name of cp932
+        ("x-gbk", "中文邮件", "gbk"),
+        ("x-mac-roman", "Grüße", "mac_roman"),  # older Apple Mail
+        ("x-cp1250", "Zażółć gęślą", "cp1250"),
+        ("cp-1252", "Grüße €", "cp1252"),
+    ],
+)
+def test_charset_labels_mail_clients_send_decode_the_body(
+    label: str, text: str, codec: str
+) -> None:
+    msg = parse_message(eml(f"Content-Type: text/plain; charset={label}", body=text.encode(codec)))
+    assert msg.text == text
+    assert "body charset did not fit" not in msg.defects
+
+
+def test_a_charset_label_of_a_mail_client_in_an_encoded_word() -> None:
+    word = base64.b64encode("שלום".encode("iso-8859-8"))
+    assert parse_message(b"Subject: =?iso-8859-8-i?B?" + word + b"?=\r\n\r\nx").subject == "שלום"
+
+
+def test_utf16_without_a_byte_order_mark_is_big_endian() -> None:
+    """RFC 2781 4.3; Python's utf-16 codec reads little-endian without a BOM."""
+    body = "Привет".encode("utf-16-be")
+    assert parse_message(eml("Content-Type: text/plain; charset=utf-16", body=body)).text == (
+        "Привет"
+    )
+
+
+@pytest.mark.parametrize("declared", [None, "utf-8", "iso-8859-1"])
+def test_a_byte_order_mark_wins_over_the_label(declared: str | None) -> None:
+    """As in the WHATWG encoding standard (what mail readers do)."""
+    headers = [f"Content-Type: text/plain; charset={declared}" if declared else "Subject: x"]
+    for codec in ("utf-16", "utf-16-be", "utf-8-sig"):
+        body = ("\ufeff" if codec == "utf-16-be" else "") + "hello Grüße"
+        assert parse_message(eml(*headers, body=body.encode(codec))).text == "hello Grüße"
+
+
+def test_an_html_body_after_a_byte_order_mark_starts_with_its_text() -> None:
+    body = b"\xef\xbb\xbf<p>hi</p>"
+    assert parse_message(eml("Content-Type: text/html; charset=utf-8", body=body)).text == "hi"
+
+
+@pytest.mark.parametrize("plain", ["", "\r\n", " \r\n\r\n"])
+def test_a_blank_plain_alternative_gives_way_to_the_html(plain: str) -> None:
+    raw = multipart(
+        "alternative",
+        part("Content-Type: text/plain; charset=utf-8", body=plain),
+        part("Content-Type: text/html; charset=utf-8", body="<p>Printer on floor 3 is down</p>"),
+    )
+    assert parse_message(raw).text.strip() == "Printer on floor 3 is down"
+
+
+def test_an_html_only_body_is_not_replaced_by_a_footer_part_after_it() -> None:
+    """Mailing lists and virus scanners append a text/plain footer to HTML-only mail."""
+    inner = multipart(
+        "alternative",
+        part("Content-Type: text/html", body="<p>Server backup failed on DC01</p>"),
+        boundary="IN",
+    )
+    raw = multipart("mixed", inner, part("Content-Type: text/plain", body="-- \r\nScanned by AV"))
+    text = parse_message(raw).text
+    assert text.index("Server backup failed on DC01") < text.index("Scanned by AV")
+
+
+def test_text_parts_around_an_inline_image_are_all_kept() -> None:
+    """Apple Mail: text, an inline image, more text, all in one multipart/mixed."""
+    raw = multipart(
+        "mixed",
+        part("Content-Type: text/plain; charset=utf-8", body="Screenshot of the error:"),
+        part(
+            "Content-Type: image/png; name=shot.png",
+            "Content-Disposition: inline; filename=shot.png",
+            body=b"PNG",
+        ),
+        part("Content-Type: text/plain; charset=utf-8", body="It happens every morning."),
+    )
+    msg = parse_message(raw)
+    assert msg.text == "Screenshot of the error:\nIt happens every morning."
+    assert [a.filename for a in msg.attachments] == ["shot.png"]
+
+
+def test_a_text_part_of_an_unknown_subtype_is_read_as_plain() -> None:
+    """RFC 2046 4.1.4: an unrecognised text/* subtype is treated as text/plain."""
+    body = "job 42 failed"
+    assert parse_message(eml("Content-Type: text/x-log; charset=utf-8", body=body)).text == body
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        (  # RFC 3676 4.2: a trailing space is a soft break; 4.4: space-stuffing removed
+            "This is one long paragraph that \r\nwas wrapped by the client.\r\n From here on.\r\n",
+            "This is one long paragraph that was wrapped by the client.\nFrom here on.",
+        ),
+        (  # quoted lines flow within their depth only; the signature line stays
+            "> quoted and \r\n> wrapped\r\nAnswer that \r\nflows.\r\n-- \r\nJane\r\n",
+            "> quoted and wrapped\nAnswer that flows.\n-- \nJane",
+        ),
+    ],
+)
+def test_format_flowed_text_is_unwrapped(body: str, text: str) -> None:
+    raw = eml("Content-Type: text/plain; charset=utf-8; format=flowed", body=body)
+    assert parse_message(raw).text.strip() == text
+
+
+def test_format_flowed_with_delsp_joins_the_words_it_split() -> None:
+    raw = eml(
+        "Content-Type: text/plain; charset=utf-8; format=flowed; delsp=yes",
+        body="The backup job on the file server fail \r\ned again last night.\r\n",
+    )
+    assert parse_message(raw).text.strip() == (
+        "The backup job on the file server failed again last night."
+    )
+
+
+def test_a_multipart_whose_boundary_parameter_was_lost_keeps_its_text() -> None:
+    """PHP scripts write the boundary on an unindented next line, which ends the header."""
+    raw = (
+        b'From: x@y.example\r\nContent-Type: multipart/alternative;\r\nboundary="XYZ"\r\n\r\n'
+        b"--XYZ\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        b"Disk full on host-7\r\n--XYZ--\r\n"
+    )
+    msg = parse_message(raw)
+    assert msg.text.strip() == "Disk full on host-7"
+
+
+def test_an_enclosed_message_sent_in_base64_is_read() -> None:
+    """RFC 2046 5.2.1 forbids it; some clients do it anyway."""
+    inner = (
+        b"From: orig@c.example\r\nSubject: original\r\n"
+        b"Content-Type: text/plain\r\n\r\norig body\r\n"
+    )
+    raw = multipart(
+        "mixed",
+        part(
+            "Content-Type: message/rfc822",
+            "Content-Transfer-Encoding: base64",
+            body=base64.encodebytes(inner),
+        ),
+    )
+    assert parse_message(raw).text.strip() == "orig body"
+
+
+def test_base64_in_chunks_each_with_its_padding_decodes_each_chunk() -> None:
+    body = base64.b64encode(b"hello") + b"\r\n" + base64.b64encode(b" world") + b"\r\n"
+    raw = eml("Content-Transfer-Encoding: base64", body=body)
+    msg = parse_message(raw)
+    assert msg.text == "hello world"
+    assert "broken base64" not in msg.defects
+
+
+def test_a_quoted_printable_soft_break_followed_by_spaces_is_still_soft() -> None:
+    """RFC 2045 6.7 (3): white space at the end of an encoded line is deleted when decoding."""
+    raw = eml(
+        "Content-Transfer-Encoding: quoted-printable", body=b"Disk C: is al=  \r\nmost full\r\n"
+    )
+    assert parse_message(raw).text == "Disk C: is almost full\n"
+
+
+def test_a_transfer_encoding_with_a_comment_is_understood() -> None:
+    raw = eml("Content-Transfer-Encoding: quoted-printable (Outlook)", body=b"Gr=C3=BC=C3=9Fe")
+    msg = parse_message(raw)
+    assert msg.text == "Grüße"
+    assert not any("transfer encoding" in d for d in msg.defects)
+
+
+def test_an_html_body_without_a_mime_charset_uses_its_meta_charset() -> None:
+    html = (
+        b'<html><head><meta http-equiv="Content-Type" content="text/html; charset=windows-1251">'
+        b"</head><body>" + "Сервер недоступен".encode("cp1251") + b"</body></html>"
+    )
+    assert parse_message(eml("Content-Type: text/html", body=html)).text == "Сервер недоступен"
+
+
+@pytest.mark.parametrize(
+    ("header", "address"),
+    [
+        ('From: Jane <"jane.doe"@acme.example>', "jane.doe@acme.example"),
+        ('From: "jane.doe"@acme.example', "jane.doe@acme.example"),
+        ('From: "jane doe"@acme.example', '"jane doe"@acme.example'),  # not janedoe@
+    ],
+)
+def test_a_quoted_local_part_is_the_address_it_quotes(header: str, address: str) -> None:
+    assert parse_message(eml(header, "Subject: s")).from_address == address
