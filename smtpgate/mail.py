@@ -717,7 +717,7 @@ def _addr_spec(addr: str) -> str:
     quoted with its spaces ("jane doe"@)."""
     quoted = _QUOTED_LOCAL.fullmatch(addr.strip())
     if quoted is None:
-        addr = "".join(addr.split())
+        addr = "".join(addr.split()).rstrip(".")  # a root dot on the domain (jane@acme.example.)
         return addr if _ADDR_SPEC.fullmatch(addr) else ""
     local = _QUOTED_PAIR.sub(r"\1", quoted.group(1))
     domain = "".join(quoted.group(2).split())
@@ -1137,6 +1137,8 @@ class _Parser:
             return part.get_default_type(), {}
         content_type, params = _parse_params(_raw_header_text(value))
         content_type = "".join(content_type.split())
+        if content_type == "plain/text":  # written by scripts often enough: no type of its own
+            content_type = "text/plain"
         if content_type.count("/") != 1 or not all(content_type.partition("/")[::2]):
             self.defect("malformed Content-Type")
             return part.get_default_type(), params
@@ -1414,9 +1416,15 @@ def _clean_filename(value: str | None) -> str | None:
     if value is None:
         return None
     decoded, _ = _decode_words(value)
-    name = _collapse(decoded)
+    # Bidirectional controls go: with U+202E, "\u202efdp.exe" shows as "exe.pdf" in a ticket.
+    name = _collapse(decoded.translate(_BIDI_CONTROLS))
     name = name.replace("\\", "/").rpartition("/")[2].strip()  # never a path
     return name[:255] or None
+
+
+_BIDI_CONTROLS = dict.fromkeys(
+    (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+)
 
 
 def _embedded_size(part: Message) -> int:

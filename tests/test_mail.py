@@ -1724,6 +1724,17 @@ def test_an_html_body_without_a_mime_charset_uses_its_meta_charset() -> None:
     assert parse_message(eml("Content-Type: text/html", body=html)).text == "Сервер недоступен"
 
 
+def test_an_attachment_name_cannot_hide_its_extension_with_bidi_controls() -> None:
+    raw = eml('Content-Type: application/octet-stream; name="invoice\u202efdp.exe"', body=b"MZ")
+    (attachment,) = parse_message(raw).attachments
+    assert attachment.filename == "invoicefdp.exe"
+
+
+def test_odd_forms_scripts_write_still_give_the_sender_and_text() -> None:
+    msg = parse_message(eml("From: jane@acme.example.", "Content-Type: plain/text", body="hi"))
+    assert (msg.from_address, msg.text) == ("jane@acme.example", "hi")
+
+
 @pytest.mark.parametrize(
     ("header", "address"),
     [
