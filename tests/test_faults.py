@@ -9,6 +9,7 @@ Fault injection into the store uses the gateway's private writer connection (`st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sqlite3
@@ -29,6 +30,7 @@ from smtpgate.store import Store, StoreError, new_queue_id
 from tests.conftest import (
     GatewayFactory,
     RecordingRelay,
+    http_get,
     make_settings,
     send,
     serving,
@@ -671,3 +673,31 @@ async def test_a_refusal_stays_permanent_when_the_relay_ignores_rset(
     [row] = await settled_outbox(gw, 1)
     assert row["state"] == "dead", row["last_error"]
     assert "550" in row["last_error"]
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+async def test_a_store_file_removed_or_replaced_under_the_gateway_is_never_acknowledged(
+    gateway_factory: GatewayFactory, tmp_path: Path, how: str
+) -> None:
+    """`rm -rf var/*`, or a backup copied over the live file: the open connection kept writing
+    to the old file, answering 250 and /healthz 200, and the next start lost all of it."""
+    gw = await gateway_factory()
+    assert gw.store is not None
+    path = gw.store.path
+    code, text = await send(gw.smtp_port, simple_message(message_id="<before@example.org>"))
+    assert code == 250, text
+    await wait_processed(gw, 1)
+    copy = tmp_path / "copy.db"
+    with (
+        contextlib.closing(sqlite3.connect(path)) as db,
+        contextlib.closing(sqlite3.connect(copy)) as target,
+    ):
+        db.backup(target)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    if how == "replaced":
+        os.replace(copy, path)
+    code, text = await send(gw.smtp_port, simple_message(message_id="<after@example.org>"))
+    assert code == 451, text
+    status, _, body = await http_get(gw.http_port, "/healthz")
+    assert status == 503, body

@@ -26,13 +26,14 @@ from smtpgate.store import Store
 from tests.conftest import (
     GatewayFactory,
     RecordingRelay,
+    http_get,
     send,
     simple_message,
     wait_processed,
     wait_until,
 )
 from tests.hostile import RawSession
-from tests.test_operations import http_get, metric_samples
+from tests.test_operations import metric_samples
 
 
 def alive(pid: int) -> bool:

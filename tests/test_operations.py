@@ -36,6 +36,7 @@ from smtpgate.rules.automated import candidates, first_detection, first_skip
 from tests.conftest import (
     GatewayFactory,
     RecordingRelay,
+    http_get,
     send,
     serving,
     simple_message,
@@ -56,22 +57,6 @@ API_PASSWORD = "Api-Pw-41c7-never-logged"
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-async def http_get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-    await writer.drain()
-    data = await reader.read()
-    writer.close()
-    await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        key, _, value = line.partition(":")
-        headers[key.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, body
 
 
 async def test_a_method_not_allowed_names_the_allowed_ones(gateway: Gateway) -> None:

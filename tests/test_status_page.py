@@ -17,13 +17,13 @@ from smtpgate.http import human_age
 from tests.conftest import (
     GatewayFactory,
     RecordingRelay,
+    http_get,
     send,
     simple_message,
     wait_outbox,
     wait_processed,
     wait_until,
 )
-from tests.test_operations import http_get
 
 SUBJECT = "Printer <b>jammed</b> on floor 2"
 

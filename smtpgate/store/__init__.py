@@ -404,6 +404,9 @@ class Store:
         busy_timeout: float,
     ):
         self.path = path
+        # The file this store opened: removed or replaced under it (rm, a restore copied over
+        # it), every write would go to a file no later process opens (`file_replaced`).
+        self._identity = _file_identity(path)
         self._db = writer
         self._reader = reader
         self._lookups = lookups
@@ -699,6 +702,11 @@ class Store:
         except (sqlite3.Error, ValueError) as exc:  # ValueError: text SQLite cannot encode
             log.error("intake commit of %d message(s) failed: %s", len(batch), exc)
             self._intake_ended(batch, str(exc))
+            return
+        replaced = self.file_replaced()
+        if replaced:  # committed to a file the next start will not open: not durable
+            log.error("intake commit of %d message(s) not acknowledged: %s", len(batch), replaced)
+            self._intake_ended(batch, replaced)
             return
         self._intake_ended(batch, None)
         for _, item, lease in entries:
@@ -1710,6 +1718,16 @@ class Store:
         ) as cur:
             return [dict(r) for r in await cur.fetchall()]
 
+    def file_replaced(self) -> str | None:
+        """Why the store's file is no longer the one this store writes to (removed, or another
+        file put in its place), or None. Mail committed then would be lost at the next start:
+        intake answers 451 and /healthz 503 until serve is restarted."""
+        now = _file_identity(self.path)
+        if now == self._identity:
+            return None
+        what = "was removed" if now is None else "was replaced by another file"
+        return f"the store file {self.path} {what} while serve ran: restart serve"
+
     async def can_write(self, min_free_bytes: int = 0) -> bool:
         """Health probe: the disk has `min_free_bytes` free for the store, and a write
         transaction can be begun and committed.
@@ -1719,6 +1737,11 @@ class Store:
         transaction changes no byte, so it writes no page: a full disk shows in the free space
         only.)
         """
+
+        replaced = self.file_replaced()
+        if replaced:
+            log.error("health: %s", replaced)
+            return False
 
         def probe(db: sqlite3.Connection) -> bool:
             disk = os.statvfs(self.path.parent)
@@ -1930,6 +1953,14 @@ def _kept_apart(db: sqlite3.Connection, table: str, ids: list[Any]) -> dict[Any,
     marks = ", ".join("?" for _ in ids)
     sql = f"SELECT id, {column} FROM {table} WHERE id IN ({marks})"
     return {row_id: bytes(blob) for row_id, blob in db.execute(sql, ids)}
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _held_job(item: _Intake, lease: _IntakeLease) -> Job:
