@@ -682,6 +682,15 @@ def _main(argv: Sequence[str] | None) -> int:
                 settings,
             )
             return 1
+        if name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR"):
+            # A full disk (serve cannot requeue what it had in hand), a file size limit: what
+            # the operator must mend is the disk, not the program.
+            _run_error(
+                f"cannot write the store {settings.db_path}: {exc} (disk full, or a file size"
+                " limit?)",
+                settings,
+            )
+            return 1
         if name not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
             raise
         _run_error(

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import resource
 import shutil
 import socket
 import sqlite3
@@ -649,6 +650,36 @@ def test_a_retry_that_requeues_nothing_says_why(
     code, out, err = run_here(monkeypatch, data, "outbox", "retry", "--dead")
     assert (code, out) == (1, "requeued 0 delivery(ies)\n")
     assert "nothing is dead" in err
+
+
+@pytest.mark.parametrize("limit", [300 * 1024, 1500 * 1024], ids=["at-open", "in-the-import"])
+def test_a_store_that_cannot_grow_is_one_clear_line(tmp_path: Path, limit: int) -> None:
+    """A full disk (here a file size limit) ended in a traceback, or, while the store was made,
+    in "cannot rollback - no transaction is active", which hid the cause."""
+    rows = "".join(
+        f"CRD{i:017d},Customer {i} of a long list padded out a bit\n" for i in range(20000)
+    )
+    (tmp_path / "many.csv").write_text("rec_id,file_as\n" + rows)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
+    environ.update(PYTHONPATH=str(ROOT), SMTPGATE_DATA_DIR=str(tmp_path / "var"))
+
+    def file_size_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "smtpgate", "accounts", "import", str(tmp_path / "many.csv")],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=file_size_limit,
+    )
+    assert "Traceback" not in result.stderr, result.stderr[-400:]
+    assert "disk I/O error" in result.stderr
+    assert "cannot rollback" not in result.stderr
+    assert result.returncode in (1, 2)
 
 
 def test_output_piped_into_a_reader_that_stops_early_is_no_error(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import unicodedata
 from collections.abc import Callable
@@ -426,7 +427,11 @@ async def migrate(db: aiosqlite.Connection, *, apply: bool = True) -> int:
             )
             await db.execute("COMMIT")
         except BaseException:
-            await db.execute("ROLLBACK")
+            # Not when SQLite rolled back already (an I/O error, a full disk): "cannot
+            # rollback - no transaction is active" would hide what went wrong.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
             raise
         current = version
     return current
