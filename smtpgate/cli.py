@@ -634,7 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _main(argv)
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a reader gone by then is handled below too
+        return code
     except BrokenPipeError:
         # `smtpgate queue list --json | head`: the reader is gone, which is no error of ours.
         # Python would still flush stdout at exit into the closed pipe and print a traceback.

@@ -53,7 +53,10 @@ SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"  # RFC 5
 # client sending 400,000 NOOPs held the loop for 5–10 s.
 REPLIES_PER_TURN = 64
 
-_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]{1,500}>)", re.IGNORECASE | re.MULTILINE)
+# Its value may be folded onto the next line (Exchange does).
+_MESSAGE_ID = re.compile(
+    rb"^message-id:[ \t]*(?:\r?\n[ \t]+)?(<[^>\r\n]{1,500}>)", re.IGNORECASE | re.MULTILINE
+)
 
 
 def header_message_id(data: bytes) -> str | None:

@@ -240,17 +240,24 @@ def _codec_for(charset: str | None) -> str | None:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_QP_TRAILING_SPACE = re.compile(rb"[ \t]+(?=\r?\n|$)")
+# Only from the start of a run of blanks (the lookbehind): tried from each blank of a long run
+# that ends in no line end, the match backtracked over the rest of it (quadratic).
+_QP_TRAILING_SPACE = re.compile(rb"(?<![ \t])[ \t]+(?=\r?\n|\Z)")
 _GUESSED_BOUNDARY = re.compile(r"^--([^\s\"]{1,70})[ \t]*\r?$", re.MULTILINE)
 _MAX_PREAMBLE_CHARS = 8192  # where the first delimiter line of a boundary-less multipart is sought
 _META_CHARSET = re.compile(rb"<meta[^>]{0,200}?charset\s*=\s*[\"']?\s*([a-z0-9._:-]{1,40})", re.I)
 _META_SNIFF_BYTES = 1024
 _MAX_RECOVERED = 4
+# text/* subtypes that are markup (Apple's text/watch-html, Gmail's text/x-amp-html, rich text):
+# no body as they are, and never chosen over text/html.
+_TEXT_MARKUP = ("html", "enriched", "richtext", "rtf", "xml")
 # text/* parts that are data, not something to read as the body.
 _TEXT_DATA_TYPES = frozenset(
     {"text/xml", "text/calendar", "text/rfc822-headers", "text/csv", "text/x-vcard", "text/vcard"}
 )
 _BYTE_ORDER_MARKS = (
+    (b"\xff\xfe\x00\x00", "utf-32-le"),  # before UTF-16's, which it starts with
+    (b"\x00\x00\xfe\xff", "utf-32-be"),
     (codecs.BOM_UTF8, "utf-8"),
     (b"\xff\xfe", "utf-16-le"),
     (b"\xfe\xff", "utf-16-be"),
@@ -717,10 +724,10 @@ def _addr_spec(addr: str) -> str:
     quoted with its spaces ("jane doe"@)."""
     quoted = _QUOTED_LOCAL.fullmatch(addr.strip())
     if quoted is None:
-        addr = "".join(addr.split()).rstrip(".")  # a root dot on the domain (jane@acme.example.)
+        addr = "".join(addr.split()).removesuffix(".")  # a root dot (jane@acme.example.)
         return addr if _ADDR_SPEC.fullmatch(addr) else ""
     local = _QUOTED_PAIR.sub(r"\1", quoted.group(1))
-    domain = "".join(quoted.group(2).split())
+    domain = "".join(quoted.group(2).split()).removesuffix(".")
     if not local or not _ADDR_SPEC.fullmatch(f"x@{domain}"):
         return ""
     if _DOT_ATOM.fullmatch(local):
@@ -1331,6 +1338,7 @@ class _Parser:
                 self.defect("HTML body truncated")
             text = _html_to_text(text)
         text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_TEXT_CONTROLS)
+        text = text[: _MAX_TEXT_CHARS + 1]  # the body is cut there (body_fields says so)
         if not html and leaf.params.get("format", "").lower() == "flowed":
             text = _unflow(text, delsp=leaf.params.get("delsp", "").lower() == "yes")
         leaf.text = text
@@ -1351,7 +1359,11 @@ def _text_kind(content_type: str) -> str | None:
     None for a part that is no body text."""
     if content_type == "text/html":
         return "html"
-    if content_type.startswith("text/") and content_type not in _TEXT_DATA_TYPES:
+    if (
+        content_type.startswith("text/")
+        and content_type not in _TEXT_DATA_TYPES
+        and not any(markup in content_type for markup in _TEXT_MARKUP)
+    ):
         return "plain"
     return None
 
@@ -1360,27 +1372,30 @@ def _unflow(text: str, *, delsp: bool) -> str:
     """RFC 3676 format=flowed as plain text: a line ending in a space (a soft break) is joined
     with the next one of the same quote depth; the space-stuffing of a line goes; with
     delsp=yes the space of the soft break goes too (it was added inside a word)."""
-    out: list[tuple[int, str]] = []
-    pending: tuple[int, str] | None = None
+    out: list[str] = []
+    paragraph: list[str] = []  # the pieces of the flowed line being joined (joined once)
+    depth_of = -1  # its quote depth; -1: none pending
     for line in text.split("\n"):
         depth = len(line) - len(line.lstrip(">"))
-        content = line[depth:]
-        content = content.removeprefix(" ")
+        content = line[depth:].removeprefix(" ")
         soft = content.endswith(" ") and content != "-- "  # the signature line is no soft break
         if soft and delsp:
             content = content[:-1]
-        if pending is not None and pending[0] == depth:
-            pending = (depth, pending[1] + content)
-        else:
-            if pending is not None:
-                out.append(pending)
-            pending = (depth, content)
+        if paragraph and depth != depth_of:
+            out.append(_quoted(depth_of, "".join(paragraph)))
+            paragraph = []
+        paragraph.append(content)
+        depth_of = depth
         if not soft:
-            out.append(pending)
-            pending = None
-    if pending is not None:
-        out.append(pending)
-    return "\n".join(f"{'>' * depth} {t}" if depth else t for depth, t in out)
+            out.append(_quoted(depth, "".join(paragraph)))
+            paragraph = []
+    if paragraph:
+        out.append(_quoted(depth_of, "".join(paragraph)))
+    return "\n".join(out)
+
+
+def _quoted(depth: int, text: str) -> str:
+    return f"{'>' * depth} {text}" if depth else text
 
 
 def _transfer_encoding(headers: dict[str, str]) -> str:

@@ -225,6 +225,11 @@ class RelayClient:
         except _Unusable as exc:  # refused, and the relay waits for data: reset
             self._abort()
             raise _refusal(exc.failure) from exc.failure
+        except aiosmtplib.SMTPSenderRefused as exc:
+            if exc.code == 421:  # (the sendmail path) the relay is ending this connection
+                raise _Ended(exc) from exc
+            await self.close()
+            raise _refusal(exc) from exc
         except (aiosmtplib.SMTPRecipientsRefused, aiosmtplib.SMTPResponseException) as exc:
             await self.close()
             raise _refusal(exc) from exc

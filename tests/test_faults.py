@@ -611,11 +611,10 @@ async def settled_outbox(gw: Gateway, count: int) -> list[dict[str, Any]]:
 async def test_a_pipelined_refusal_followed_by_a_hang_up_keeps_the_relays_answer(
     scripted: ScriptedRelay, gateway_to: GatewayFactory, verb: str, answer: bytes, state: str
 ) -> None:
-    """The relay offers PIPELINING, answers MAIL (or RCPT) with a refusal and closes. Without
-    PIPELINING the same relay makes the mail dead with '550 5.7.1 …' (a 421: queued with the
-    421 as last_error). With it, the replies already read are dropped when the next one in the
-    group is missing: last_error is 'SMTPServerDisconnected: Unexpected EOF received', and a
-    permanent 5xx becomes transient, retried until SMTPGATE_RETRY_MAX_AGE (3 days)."""
+    """The relay offers PIPELINING, answers MAIL (or RCPT) with a refusal and closes: its
+    answer decides, as without PIPELINING ('550 5.7.1 …': dead; a 421: queued, the 421 its
+    last_error). The replies already read were dropped when the next one in the group was
+    missing: 'SMTPServerDisconnected: Unexpected EOF received', a 5xx retried for three days."""
     scripted.reply = lambda mails, v, line: answer if v == verb else None
     scripted.hang_up_after = {verb}
     gw = await gateway_to(scripted.port, relay_connections=1, retry_schedule="60")
@@ -626,22 +625,24 @@ async def test_a_pipelined_refusal_followed_by_a_hang_up_keeps_the_relays_answer
     assert scripted.got == []
 
 
-@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "lockstep"])
+@pytest.mark.parametrize("path", ["pipelining", "lockstep", "smtputf8"])
 async def test_a_relay_limiting_mails_per_connection_delays_no_mail(
-    scripted: ScriptedRelay, gateway_to: GatewayFactory, pipelining: bool
+    scripted: ScriptedRelay, gateway_to: GatewayFactory, path: str
 ) -> None:
     """A relay that takes one mail per connection and answers the next MAIL on it with 421 and
     closes (Exim's smtp_accept_max_per_connection; many smarthosts have such a limit). Nothing
-    of the refused mail was taken; a new connection would take it at once. Instead it is
-    charged an attempt and waits a whole SMTPGATE_RETRY_SCHEDULE step (60 s here; 60 s, 300 s,
-    900 s… by default), with last_error 'SMTPServerDisconnected: Unexpected EOF received' when
-    pipelined. Every second mail of a backlog is deferred like this."""
-    if not pipelining:
+    of the refused mail was taken: it goes on a new connection at once. (It was charged an
+    attempt and waited a whole SMTPGATE_RETRY_SCHEDULE step: every second mail of a backlog.)
+    On every path: pipelined, lockstep, and aiosmtplib's sendmail for a UTF-8 address."""
+    if path == "lockstep":
         scripted.ehlo = [b"8BITMIME", b"SIZE 10000000"]
+    if path == "smtputf8":
+        scripted.ehlo = [b"PIPELINING", b"8BITMIME", b"SMTPUTF8"]
     scripted.reply = lambda mails, v, line: (
         b"421 4.7.0 too many messages in this connection\r\n" if v == "MAIL" and mails else None
     )
-    gw = await gateway_to(scripted.port, relay_connections=1, retry_schedule="60")
+    support = {"internal_support_address": "jörg@msp.example"} if path == "smtputf8" else {}
+    gw = await gateway_to(scripted.port, relay_connections=1, retry_schedule="60", **support)
     for i in range(2):
         assert (await send(gw.smtp_port, simple_message(subject=f"m{i}")))[0] == 250
     await wait_processed(gw, 2)
@@ -654,9 +655,8 @@ async def test_a_refusal_stays_permanent_when_the_relay_ignores_rset(
     scripted: ScriptedRelay, gateway_to: GatewayFactory
 ) -> None:
     """A mail whose envelope needs SMTPUTF8 goes through aiosmtplib's sendmail, which sends RSET
-    after a refusal and waits for its reply with the command timeout (SMTPGATE_RELAY_DATA_TIMEOUT,
-    600 s by default). A relay that does not answer RSET replaces the 550 by
-    'SMTPReadTimeoutError': the mail is queued again (transient) instead of dead."""
+    after a refusal and waits for its reply. A relay that does not answer RSET must not turn
+    the 550 into a (transient) 'SMTPReadTimeoutError': the mail goes dead."""
     scripted.ehlo = [b"PIPELINING", b"8BITMIME", b"SMTPUTF8"]
     scripted.reply = lambda mails, v, line: (
         b"550 5.1.1 no such user\r\n" if v == "RCPT" else b"" if v == "RSET" else None

@@ -1005,6 +1005,23 @@ HOSTILE: list[tuple[str, Callable[[], bytes], Callable[[ParsedMessage], bool]]] 
         lambda m: m.subject == "wé" * 5000,
     ),
     (
+        # Quoted-printable trailing blanks are stripped from the start of each run only: from
+        # every blank of a run that ends in no line end, the match backtracked (quadratic).
+        "qp-200k-blanks-inside-a-line",
+        lambda: (
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\nx" + b" \t" * 100_000 + b"y\r\n"
+        ),
+        lambda m: m.text.startswith("x \t") and m.text.endswith("y\n"),
+    ),
+    (
+        # One flowed paragraph of 120,000 soft breaks (joined once, not line by line).
+        "format-flowed-one-long-paragraph",
+        lambda: (
+            b"Content-Type: text/plain; format=flowed\r\n\r\n" + b"word word word \r\n" * 120_000
+        ),
+        lambda m: m.text.startswith("word word word word") and "\n" not in m.text.strip(),
+    ),
+    (
         "1mb-of-spaces-in-an-unclosed-word",
         lambda: b"Subject: =?utf-8?q?" + b"a " * 500_000 + b"\r\n\r\nx",
         lambda m: m.subject.startswith("=?utf-8?q?a a"),
@@ -1582,9 +1599,9 @@ def test_utf16_without_a_byte_order_mark_is_big_endian() -> None:
 def test_a_byte_order_mark_wins_over_the_label(declared: str | None) -> None:
     """As in the WHATWG encoding standard (what mail readers do)."""
     headers = [f"Content-Type: text/plain; charset={declared}" if declared else "Subject: x"]
-    for codec in ("utf-16", "utf-16-be", "utf-8-sig"):
-        body = ("\ufeff" if codec == "utf-16-be" else "") + "hello Grüße"
-        assert parse_message(eml(*headers, body=body.encode(codec))).text == "hello Grüße"
+    for codec in ("utf-16", "utf-16-be", "utf-8-sig", "utf-32", "utf-32-be"):
+        body = ("\ufeff" if codec.endswith("-be") else "") + "hello Grüße 😀"
+        assert parse_message(eml(*headers, body=body.encode(codec))).text == "hello Grüße 😀"
 
 
 def test_an_html_body_after_a_byte_order_mark_starts_with_its_text() -> None:
@@ -1629,6 +1646,18 @@ def test_text_parts_around_an_inline_image_are_all_kept() -> None:
     msg = parse_message(raw)
     assert msg.text == "Screenshot of the error:\nIt happens every morning."
     assert [a.filename for a in msg.attachments] == ["shot.png"]
+
+
+@pytest.mark.parametrize("markup", ["text/watch-html", "text/x-amp-html", "text/enriched"])
+def test_markup_alternatives_are_no_plain_text(markup: str) -> None:
+    """Apple's text/watch-html and Gmail's AMP part are markup, not text to file as it is."""
+    raw = multipart(
+        "alternative",
+        part("Content-Type: text/plain; charset=utf-8", body="  \r\n"),
+        part(f"Content-Type: {markup}; charset=utf-8", body="<html><b>Watch</b></html>"),
+        part("Content-Type: text/html; charset=utf-8", body="<p>Hello <b>world</b></p>"),
+    )
+    assert parse_message(raw).text.strip() == "Hello world"
 
 
 def test_a_text_part_of_an_unknown_subtype_is_read_as_plain() -> None:
@@ -1733,6 +1762,8 @@ def test_an_attachment_name_cannot_hide_its_extension_with_bidi_controls() -> No
 def test_odd_forms_scripts_write_still_give_the_sender_and_text() -> None:
     msg = parse_message(eml("From: jane@acme.example.", "Content-Type: plain/text", body="hi"))
     assert (msg.from_address, msg.text) == ("jane@acme.example", "hi")
+    msg = parse_message(eml('From: <"jane.doe"@acme.example.>', "Subject: s"))
+    assert msg.from_address == "jane.doe@acme.example"
 
 
 @pytest.mark.parametrize(
