@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import functools
 import html
 import re
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.feedparser import BytesFeedParser
 from email.message import Message
@@ -217,15 +218,17 @@ _UNSAFE_CODECS = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=256)
 def _codec_for(charset: str | None) -> str | None:
-    """A usable Python codec name for a declared MIME charset, or None."""
+    """A usable Python codec name for a declared MIME charset, or None (cached: mail names a
+    few charsets over and over)."""
     if not charset:
         return None
     name = charset.strip().strip("\"'").lower()
     name = name.partition("*")[0]  # RFC 2231 language suffix: utf-8*en
     if not name or len(name) > 40:
         return None
-    for label in (name, name.removeprefix("x-"), re.sub(r"^(cp|windows)[-_ ]?(\d)", r"cp\2", name)):
+    for label in _charset_labels(name):
         label = _CHARSET_SUPERSETS.get(label, label)
         try:
             codec = codecs.lookup(label)
@@ -239,6 +242,15 @@ def _codec_for(charset: str | None) -> str | None:
     return None
 
 
+def _charset_labels(name: str) -> Iterator[str]:
+    """The label as written, then as clients mean it: x-gbk is gbk, cp-1252 and windows_1252
+    are cp1252."""
+    yield name
+    yield name.removeprefix("x-")
+    yield _CP_LABEL.sub(r"cp\2", name)
+
+
+_CP_LABEL = re.compile(r"^(cp|windows)[-_ ]?(\d)")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Only from the start of a run of blanks (the lookbehind): tried from each blank of a long run
 # that ends in no line end, the match backtracked over the rest of it (quadratic).
@@ -1070,7 +1082,11 @@ class _Parser:
                 walked.read_receipt = walked.read_receipt or not nested
                 continue
             if not isinstance(payload, list):
-                recovered = self.recover(content_type, headers, payload)
+                recovered = (
+                    self.recover(content_type, headers, payload)
+                    if content_type.startswith(("multipart/", "message/"))
+                    else None
+                )
                 if recovered is not None:  # parsed again: its parts follow in its place
                     nested = nested or content_type.startswith("message/")
                     stack.append((recovered, depth + 1, nested, parent, in_alternative))
@@ -1307,10 +1323,10 @@ class _Parser:
         chosen: list[_Leaf] = []
         for unit in units:
             plain = [leaf for leaf in unit if _text_kind(leaf.content_type) == "plain"]
-            best = next((leaf for leaf in plain if self.text_of(leaf).strip()), None)
+            best = next((leaf for leaf in plain if _has_text(self.text_of(leaf))), None)
             if best is None and not chosen:
                 best = next((leaf for leaf in unit if leaf.content_type == "text/html"), None)
-                if best is not None and not self.text_of(best).strip():
+                if best is not None and not _has_text(self.text_of(best)):
                     best = None
             if best is not None:
                 chosen.append(best)
@@ -1354,9 +1370,15 @@ def _encoded_message(payload: list[Message], headers: dict[str, str]) -> str | N
     return text if isinstance(text, str) and not inner.keys() else None
 
 
+def _has_text(text: str) -> bool:
+    return bool(text) and not text.isspace()  # (no stripped copy of a long text)
+
+
 def _text_kind(content_type: str) -> str | None:
     """'html', 'plain' (text/plain and text/* subtypes that are not data, RFC 2046 4.1.4), or
     None for a part that is no body text."""
+    if content_type == "text/plain":  # (the common case first: once or twice a message)
+        return "plain"
     if content_type == "text/html":
         return "html"
     if (
