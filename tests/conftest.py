@@ -113,6 +113,17 @@ async def serving(
         await server.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def listening(
+    session: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """A raw TCP server on 127.0.0.1 running `session` per connection (a relay that misbehaves
+    in ways aiosmtpd will not); yields its port."""
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
 @pytest.fixture
 async def relay() -> AsyncIterator[RecordingRelay]:
     recorder = RecordingRelay()

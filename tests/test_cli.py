@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import shutil
 import socket
 import sqlite3
@@ -16,7 +17,7 @@ import stat
 import subprocess
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -49,21 +50,32 @@ TICKET_KEYS = [
 
 
 def run(
-    data_dir: Path, *args: str, env: Mapping[str, str] | None = None
+    data_dir: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    piped_into: str | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m smtpgate ARGS` in a clean environment (no inherited SMTPGATE_*, no .env)."""
+    """`python -m smtpgate ARGS` in a clean environment (no inherited SMTPGATE_*, no .env);
+    its output `piped_into` a shell command (then buffered, as in a shell)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
     environ.update(PYTHONPATH=str(ROOT), SMTPGATE_DATA_DIR=str(data_dir))
     environ.update(env or {})
     data_dir.mkdir(parents=True, exist_ok=True)
+    command: str | list[str] = [sys.executable, "-m", "smtpgate", *args]
+    if piped_into is not None:
+        environ.pop("PYTHONUNBUFFERED", None)
+        command = f"{shlex.join(command)} | {piped_into}"
     return subprocess.run(
-        [sys.executable, "-m", "smtpgate", *args],
+        command,
+        shell=piped_into is not None,
         cwd=data_dir,
         env=environ,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -660,22 +672,12 @@ def test_a_store_that_cannot_grow_is_one_clear_line(tmp_path: Path, limit: int) 
         f"CRD{i:017d},Customer {i} of a long list padded out a bit\n" for i in range(20000)
     )
     (tmp_path / "many.csv").write_text("rec_id,file_as\n" + rows)
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
-    environ.update(PYTHONPATH=str(ROOT), SMTPGATE_DATA_DIR=str(tmp_path / "var"))
 
     def file_size_limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    result = subprocess.run(
-        [sys.executable, "-m", "smtpgate", "accounts", "import", str(tmp_path / "many.csv")],
-        cwd=tmp_path,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        preexec_fn=file_size_limit,
-    )
+    many = str(tmp_path / "many.csv")
+    result = run(tmp_path / "var", "accounts", "import", many, preexec_fn=file_size_limit)
     assert "Traceback" not in result.stderr, result.stderr[-400:]
     assert "disk I/O error" in result.stderr
     assert "cannot rollback" not in result.stderr
@@ -689,19 +691,7 @@ def test_output_piped_into_a_reader_that_stops_early_is_no_error(tmp_path: Path)
     rows = "".join(f"CRD{i:017d},Customer number {i} of a long list\n" for i in range(3000))
     (tmp_path / "many.csv").write_text("rec_id,file_as\n" + rows)
     assert run(data, "accounts", "import", str(tmp_path / "many.csv")).returncode == 0
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
-    environ.update(PYTHONPATH=str(ROOT), SMTPGATE_DATA_DIR=str(data))
-    environ.pop("PYTHONUNBUFFERED", None)  # buffered, as in a shell: the last flush too
-    result = subprocess.run(
-        f"'{sys.executable}' -m smtpgate accounts list --limit 5000 | head -c 10",
-        shell=True,
-        cwd=data,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run(data, "accounts", "list", "--limit", "5000", piped_into="head -c 10")
     assert len(result.stdout) == 10
     assert result.stderr == ""
 

@@ -31,6 +31,7 @@ from tests.conftest import (
     GatewayFactory,
     RecordingRelay,
     http_get,
+    listening,
     make_settings,
     send,
     serving,
@@ -578,9 +579,7 @@ class ScriptedRelay:
 @pytest.fixture
 async def scripted() -> AsyncIterator[ScriptedRelay]:
     relay = ScriptedRelay()
-    server = await asyncio.start_server(relay.session, "127.0.0.1", 0)
-    relay.port = server.sockets[0].getsockname()[1]
-    async with server:
+    async with listening(relay.session) as relay.port:
         yield relay
 
 

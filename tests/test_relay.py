@@ -16,7 +16,7 @@ from smtpgate import outbound
 from smtpgate import relay as relay_module
 from smtpgate.model import MailKind, address_key, ascii_domain, idna_unicode
 from smtpgate.relay import DeliveryError, RelayClient
-from tests.conftest import make_settings, serving, with_pipelining
+from tests.conftest import listening, make_settings, serving, with_pipelining
 
 
 @dataclass
@@ -598,9 +598,7 @@ class PipeliningRelay:
 @pytest.fixture
 async def pipe_relay() -> AsyncIterator[PipeliningRelay]:
     relay = PipeliningRelay()
-    server = await asyncio.start_server(relay.session, "127.0.0.1", 0)
-    relay.port = server.sockets[0].getsockname()[1]
-    async with server:
+    async with listening(relay.session) as relay.port:
         yield relay
 
 
