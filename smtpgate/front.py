@@ -44,6 +44,10 @@ TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 STORE_FAILED = "451 4.3.0 Temporary storage failure, please try again later"
 QUEUED = "250 2.0.0 queued as {}"
 SMUGGLING = "550 5.5.2 Message refused: bare <CR> or <LF> in message data (RFC 5321 2.3.8)"
+BARE_LF_END = (
+    "550 5.5.2 Message refused: its data ends with a bare <LF> (lines and the end of data"
+    " must end in <CR><LF>, RFC 5321 2.3.8); closing"
+)
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"  # RFC 5321 3.8
@@ -248,6 +252,10 @@ _START_RUN = 8192  # bytes of the start-phase buffer before they are handed on
 # During DATA the idle timer restarts after every this many bytes received: a slow link that
 # keeps sending is not cut off, a client dribbling a few bytes per timeout still is.
 DATA_PROGRESS_BYTES = 64 * 1024
+# An end of data written with bare LFs ("\n.\n", as `printf … | nc` sends it) ends nothing: if
+# no proper one follows within this long, the sender is told so and the connection closed.
+BARE_LF_GRACE = 2.0
+_BARE_LF_END = re.compile(rb"(?<!\r)\n\.\r?\n|\r\n\.\n")
 # Message data the listener of one process holds at once, from the first byte of a DATA until
 # its commit is answered (see DataBudget).
 DATA_BUDGET_BYTES = 64 * 1024 * 1024
@@ -435,6 +443,11 @@ class _HalfClosableReader(asyncio.StreamReader):
         except asyncio.IncompleteReadError:
             raise ConnectionResetError("the client closed its side") from None
 
+    def unread(self) -> bytearray:
+        """What has been received and not read yet (not a copy: look, do not keep)."""
+        buffer: bytearray = getattr(self, "_buffer")  # noqa: B009  # StreamReader's own
+        return buffer
+
 
 class _SessionOver:
     """Stands for the task and the idle timer of a session that has ended
@@ -504,6 +517,8 @@ class Listener(SMTP):
         self._counted = False
         self._refused = False
         self._data_progress = -1  # bytes since the idle timer last restarted; -1: not in DATA
+        self._data_serial = 0  # DATA commands so far (which one a bare-LF timer is about)
+        self._bare_lf_timer: asyncio.TimerHandle | None = None
         self._data_size = 0  # bytes received in this DATA
         self._budget = budget or DataBudget(DATA_BUDGET_BYTES)
         self._in_message = False  # from the end of DATA's 354 to the message's answer
@@ -672,6 +687,7 @@ class Listener(SMTP):
         assert self.envelope is not None
         self._data_progress = 0
         self._data_size = 0
+        self._data_serial += 1
         try:
             data = await self._read_data()
         except asyncio.CancelledError:
@@ -681,6 +697,9 @@ class Listener(SMTP):
             raise
         finally:
             self._data_progress = -1
+            if self._bare_lf_timer is not None:
+                self._bare_lf_timer.cancel()
+                self._bare_lf_timer = None
 
         state = data.verdict()
         if state != _NOMINAL:
@@ -760,6 +779,8 @@ class Listener(SMTP):
                 data.feed(bytes(head[:-4]))
                 del head[:-4]
         data.feed(bytes(head))
+        if isinstance(reader, _HalfClosableReader):  # (always: Listener makes it)
+            self._watch_bare_lf(reader.unread())  # sent with the commands, before the 354
         # From here the end of data lies wholly in what is still unread: readuntil finds it.
         # When the reader holds more than its limit (1 MiB) without it, take that much and go on.
         while True:
@@ -770,6 +791,25 @@ class Listener(SMTP):
                 continue
             data.feed(chunk[:-3])  # the CRLF before the dot is the data's last line end
             return data
+
+    def _watch_bare_lf(self, data: bytes | bytearray) -> None:
+        """A bare-LF end of data in `data` (of this DATA): unless a proper one follows within
+        BARE_LF_GRACE (then the message is refused as any with a bare LF), refuse and close."""
+        if self._bare_lf_timer is None and _BARE_LF_END.search(data):
+            grace = min(BARE_LF_GRACE, self._timeout_duration / 2)
+            self._bare_lf_timer = self.loop.call_later(grace, self._bare_lf_due, self._data_serial)
+
+    def _bare_lf_due(self, serial: int) -> None:
+        self._bare_lf_timer = None
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if serial != self._data_serial or self._data_progress < 0 or transport is None:
+            return  # that DATA ended after all
+        _mail_log.info(
+            "%r data ended with a bare LF; refused and closed", self.session and self.session.peer
+        )
+        self._on_reply(BARE_LF_END[:3])
+        transport.write(BARE_LF_END.encode() + b"\r\n")
+        transport.close()  # nothing it sends after is read as a command
 
     async def push(self, status: str) -> None:  # type: ignore[override]
         if status.startswith("552 Error"):
@@ -908,6 +948,8 @@ class Listener(SMTP):
         if self._refused:
             return
         if self._data_progress >= 0:
+            if b".\n" in data or b"\n.\r" in data:  # (the proper end has the second too)
+                self._watch_bare_lf(data)
             self._data_size += len(data)
             if self.data_size_limit and self._data_size > self.data_size_limit:
                 # Refused whatever follows (552): the rest is read only to be thrown away, so

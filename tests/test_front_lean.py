@@ -402,6 +402,34 @@ async def test_bare_cr_or_lf_is_refused_as_before(
     assert "s@evil.example" not in await queued_senders(gateway)
 
 
+@pytest.mark.parametrize("pipelined", [True, False], ids=["all-at-once", "after-354"])
+async def test_a_client_ending_lines_in_bare_lf_gets_a_clear_refusal(
+    gateway: Gateway, pipelined: bool
+) -> None:
+    """`printf '…\\n' | nc`: a monitoring script's lines end in LF only. Its "\\n.\\n" is no
+    end of data, so the session used to wait for one until the idle timeout and close without
+    a word (nothing stored, nothing said). It is refused, and the connection closed (what it
+    sends next is never read as commands)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.smtp_port)
+    commands = (
+        b"HELO monitor\nMAIL FROM:<nagios@example.org>\nRCPT TO:<connector@localhost>\nDATA\n"
+    )
+    data = b"Subject: disk full\n\nserver1 C: 99%\n.\nQUIT\n"
+    writer.write(commands + data if pipelined else commands)
+    transcript = b""
+    async with asyncio.timeout(15):
+        if not pipelined:
+            while b"354" not in transcript:
+                transcript += await reader.read(1024)
+            writer.write(data)
+        transcript += await reader.read()
+    writer.close()
+    codes = [line[:3] for line in transcript.split(b"\r\n") if line]
+    assert codes == [b"220", b"250", b"250", b"250", b"354", b"550"], transcript
+    assert front.BARE_LF_END.encode() in transcript
+    assert "nagios@example.org" not in await queued_senders(gateway)
+
+
 # --- bytes kept exactly ----------------------------------------------------------------------
 
 
@@ -611,7 +639,8 @@ class _Stock(SMTP):
 
 OWN_STATE = {
     "_sessions", "_limit", "_on_reply", "_counted", "_refused", "_data_progress", "_data_size",
-    "_budget", "_in_message", "_closing", "_turn", "_lost", "_idle_deadline",
+    "_budget", "_in_message", "_closing", "_turn", "_lost", "_idle_deadline", "_data_serial",
+    "_bare_lf_timer",
     "command_size_limits",  # one set a session (front._CommandLimits), not one for all
 }  # fmt: skip
 
