@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
+import ipaddress
 import logging
 import re
 import socket
@@ -31,7 +33,7 @@ from aiosmtpd.smtp import (
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from smtpgate.config import ConfigError, Settings
-from smtpgate.model import Envelope, address_key, has_bare_line_end
+from smtpgate.model import Envelope, address_key, ascii_domain, has_bare_line_end
 from smtpgate.outbound import mail_date
 from smtpgate.store import StoreError, new_queue_id
 
@@ -134,11 +136,14 @@ class Handler:
         queue_id = new_queue_id()
         peer = _peer(session.peer)
         helo = _utf8(session.host_name or "")
-        tls = " (TLS)" if session.ssl else ""
+        # RFC 3848 / 6531 protocol names; RFC 5321 4.4: the TCP-info is an address literal.
+        protocol = (
+            ("UTF8SMTP" if envelope.smtp_utf8 else "ESMTP") if session.extended_smtp else "SMTP"
+        ) + ("S" if session.ssl else "")
         received = (
-            f"Received: from {_clean(helo)} ({peer})\r\n\tby {self.settings.hostname}"
-            f" (smtpgate) with ESMTP{'S' if tls else ''} id {queue_id}\r\n"
-            f"\tfor <{envelope.rcpt_tos[0]}>; {mail_date()}\r\n"
+            f"Received: from {_clean(helo)} ({_address_literal(peer)})\r\n"
+            f"\tby {self.settings.hostname} (smtpgate) with {protocol} id {queue_id}\r\n"
+            f"\tfor <{ascii_domain(envelope.rcpt_tos[0])}>; {mail_date()}\r\n"
         ).encode("ascii", "replace")
         raw = received + data
         env = Envelope(
@@ -169,6 +174,16 @@ def _peer(peer: Any) -> str:
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return str(peer or "unknown")
+
+
+@functools.lru_cache(maxsize=1024)  # senders' addresses repeat; parsing one costs ~1.5 µs
+def _address_literal(peer: str) -> str:
+    """[192.0.2.1], [IPv6:2001:db8::1]; a peer that is no IP address (a Unix socket) as is."""
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return _clean(peer)
+    return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
 
 
 def _utf8(value: str) -> str:

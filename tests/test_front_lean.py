@@ -467,6 +467,38 @@ async def test_the_received_header_names_the_queue_id_and_the_time_in_utc(
     assert before <= when <= datetime.now(UTC)
 
 
+@pytest.mark.parametrize(
+    ("greeting", "mail_from", "protocol"),
+    [
+        (b"HELO mta.example", b"MAIL FROM:<a@example.org>", "SMTP"),
+        (b"EHLO mta.example", b"MAIL FROM:<a@example.org>", "ESMTP"),
+        (b"EHLO mta.example", "MAIL FROM:<jörg@exämple.org> SMTPUTF8".encode(), "UTF8SMTP"),
+    ],
+)
+async def test_the_received_header_follows_rfc_5321_and_names_the_protocol(
+    gateway_factory: GatewayFactory, greeting: bytes, mail_from: bytes, protocol: str
+) -> None:
+    """RFC 5321 4.4: the TCP-info is an address literal ([127.0.0.1]); RFC 3848 / 6531 name
+    the protocol (SMTP after HELO, UTF8SMTP for SMTPUTF8). An internationalized connector is
+    named in its ASCII form (it was "b?cher")."""
+    gw = await gateway_factory(connector_addresses="tickets@bücher.example")
+    session = await RawSession.open(gw.smtp_port, ehlo=False)
+    assert (await session.command(greeting)).code == 250
+    assert (await session.command(mail_from)).code == 250
+    assert (await session.command(b"RCPT TO:<tickets@xn--bcher-kva.example>")).code == 250
+    assert (await session.command(b"DATA")).code == 354
+    await session.send_raw(b"Subject: trace\r\n\r\nbody\r\n" + EOD)
+    reply = await session.reply()
+    await session.close()
+    assert gw.store is not None
+    raw = await gw.store.raw_message(str(reply.queue_id))
+    assert raw is not None
+    received = " ".join(str(email.message_from_bytes(raw)["Received"]).split())
+    assert received.startswith("from mta.example ([127.0.0.1]) by "), received
+    assert f" with {protocol} id {reply.queue_id} " in received, received
+    assert " for <tickets@xn--bcher-kva.example>; " in received, received
+
+
 async def test_smtputf8_message_is_stored_byte_exact(gateway: Gateway) -> None:
     data = "Subject: grüße\r\nFrom: jörg@exämple.org\r\n\r\nÄrger ✓\r\n.ünstuffed\r\n".encode()
     session = await RawSession.open(gateway.smtp_port)
