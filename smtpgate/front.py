@@ -53,6 +53,27 @@ BARE_LF_END = (
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"  # RFC 5321 3.8
+# The RFC 3463 code given to a reply of aiosmtpd's that has none (RFC 2034 4).
+_ENHANCED_CODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_DEFAULT_ENHANCED = {
+    "220": "2.0.0",  # STARTTLS's "Ready to start TLS"
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "252": "2.5.0",
+    "421": "4.3.0",
+    "451": "4.3.0",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "550": "5.0.0",
+    "553": "5.1.3",
+    "554": "5.0.0",
+    "555": "5.5.4",
+}
 # A session that has answered this many commands without waiting for its client lets the
 # other sessions (and, in the serve process, the commits and workers) have the event loop:
 # aiosmtpd's command loop never waits while a client's pipelined commands are buffered, and a
@@ -79,6 +100,24 @@ class Queue(Protocol):
     async def enqueue(
         self, envelope: Envelope, raw: bytes, message_id: str | None, queue_id: str
     ) -> None: ...
+
+
+def with_enhanced_code(status: str, hostname: str) -> str:
+    """A reply as the listener sends it: RFC 2034 4 wants an RFC 3463 code in every reply but
+    the greeting and HELO/EHLO's once ENHANCEDSTATUSCODES is advertised, and aiosmtpd's own
+    ("250 OK", "503 Error: need MAIL command") have none; oversize is 552 5.3.4 (spec 6)."""
+    if status.startswith("552 Error"):
+        return TOO_BIG
+    if (
+        status[3:4] != " "  # a multi-line reply's first lines (EHLO's), or no reply at all
+        or status[:1] not in "245"
+        or _ENHANCED_CODE.match(status, 4)
+        or status[4:] in (hostname, "HELP")  # HELO's reply and EHLO's last line
+        or status.startswith("220 " + hostname)  # the greeting
+    ):
+        return status
+    enhanced = _DEFAULT_ENHANCED.get(status[:3])
+    return status if enhanced is None else f"{status[:3]} {enhanced} {status[4:]}"
 
 
 class Handler:
@@ -827,8 +866,7 @@ class Listener(SMTP):
         transport.close()  # nothing it sends after is read as a command
 
     async def push(self, status: str) -> None:  # type: ignore[override]
-        if status.startswith("552 Error"):
-            status = TOO_BIG  # spec 6: oversize is 552 5.3.4
+        status = with_enhanced_code(status, self.hostname)
         if status[3:4] != "-":  # count a multi-line reply (EHLO) once, by its last line
             self._on_reply(status[:3])
         await super().push(status)

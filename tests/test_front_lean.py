@@ -34,7 +34,7 @@ from tests.hostile import RawSession, Reply, dot_stuff
 
 L = front.Listener.line_length_limit  # 1 MiB, CRLF included
 EOD = b".\r\n"  # after a CRLF (the data's own last line end)
-LINE_TOO_LONG = "Line too long (see RFC5321 4.5.3.1.6)"
+LINE_TOO_LONG = "5.5.2 Line too long (see RFC5321 4.5.3.1.6)"
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -612,20 +612,52 @@ async def test_aiosmtplib_client_round_trip(gateway: Gateway) -> None:
 # --- command state around DATA ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("setup", "probe"),
+    [
+        ([], b"MAIL FROM:<a@example.org>"),
+        ([], b"RSET"),
+        ([], b"NOOP"),
+        ([], b"VRFY someone"),
+        ([], b"RCPT TO:<connector@localhost>"),
+        ([], b"MAIL FROM:<a@example.org> FOO=bar"),
+        ([b"MAIL FROM:<a@example.org>"], b"MAIL FROM:<b@example.org>"),
+        ([], b"XYZZY"),
+        ([], b"QUIT"),
+    ],
+    ids=["mail", "rset", "noop", "vrfy", "rcpt-503", "param-555", "nested-mail", "unknown", "quit"],
+)
+async def test_every_reply_carries_the_enhanced_status_code_ehlo_promised(
+    gateway: Gateway, setup: list[bytes], probe: bytes
+) -> None:
+    """RFC 2034 4: once ENHANCEDSTATUSCODES is advertised, every reply but the greeting and
+    HELO/EHLO's carries an RFC 3463 code; aiosmtpd's own ("250 OK", "503 Error: …") had none,
+    and an MTA puts a 5xx's code in its bounce."""
+    session = await RawSession.open(gateway.smtp_port)
+    try:
+        for line in setup:
+            await session.command(line)
+        reply = await session.command(probe)
+    finally:
+        await session.close()
+    assert re.match(r"[245]\.\d{1,3}\.\d{1,3} ", reply.text), (probe, reply)
+    assert reply.text[0] == str(reply.code)[0]
+
+
 async def test_data_replies_for_state_and_arguments(gateway: Gateway) -> None:
     session = await RawSession.open(gateway.smtp_port, ehlo=False)
-    assert await session.command(b"DATA") == Reply(503, "Error: send HELO first")
+    assert await session.command(b"DATA") == Reply(503, "5.5.1 Error: send HELO first")
     assert (await session.command(b"EHLO lean.test")).code == 250
-    assert await session.command(b"DATA") == Reply(503, "Error: need RCPT command")
+    assert await session.command(b"DATA") == Reply(503, "5.5.1 Error: need RCPT command")
     assert (await session.command(b"MAIL FROM:<a@example.org>")).code == 250
-    assert await session.command(b"DATA") == Reply(503, "Error: need RCPT command")
+    assert await session.command(b"DATA") == Reply(503, "5.5.1 Error: need RCPT command")
     assert (await session.command(b"RCPT TO:<connector@localhost>")).code == 250
-    assert await session.command(b"DATA now") == Reply(501, "Syntax: DATA")
+    assert await session.command(b"DATA now") == Reply(501, "5.5.4 Syntax: DATA")
     assert await session.command(b"DATA") == Reply(354, "End data with <CR><LF>.<CR><LF>")
     await session.send_raw(b"Subject: ok\r\n\r\nok\r\n" + EOD)
     assert (await session.reply()).code == 250
     # After DATA the envelope is reset.
-    assert await session.command(b"DATA") == Reply(503, "Error: need RCPT command")
+    assert await session.command(b"DATA") == Reply(503, "5.5.1 Error: need RCPT command")
     await session.close()
 
 
@@ -878,9 +910,10 @@ async def _both(pieces: list[bytes], size_limit: int) -> None:
             replies = await _session(server.sockets[0].getsockname()[1], pieces)
         finally:
             server.close()
-        # Ours says 552 with an enhanced code (spec 6); aiosmtpd's text otherwise.
+        # Ours carry enhanced codes (RFC 2034; 552 5.3.4, spec 6); aiosmtpd's text otherwise.
         replies = [
-            front.TOO_BIG.encode() + b"\r\n" if r.startswith(b"552 Error") else r for r in replies
+            front.with_enhanced_code(r.decode().removesuffix("\r\n"), "h").encode() + b"\r\n"
+            for r in replies
         ]
         results.append((replies, recorder.contents))
     assert results[0] == results[1]

@@ -668,7 +668,7 @@ async def test_a_pipelined_flood_lets_the_event_loop_serve_others_between_its_re
         answered = 0
         async with asyncio.timeout(60):
             while answered < n:
-                answered += await reader.readline() == b"250 OK\r\n"
+                answered += await reader.readline() == b"250 2.0.0 OK\r\n"
         flood_answered.set()
         await counter
     finally:
