@@ -1297,8 +1297,14 @@ class _Parser:
             if not data.strip():
                 continue
             xml_candidates.append(data)
-            text_part = leaf.content_type.startswith("text/")
-            xml_charsets.append(_codec_for(leaf.charset) if text_part else None)
+            # RFC 7303 3: the charset of text/xml, application/xml and +xml parts decides (an
+            # attachment's application/octet-stream has none that means anything).
+            labelled = (
+                leaf.content_type.startswith("text/")
+                or leaf.content_type == "application/xml"
+                or leaf.content_type.endswith("+xml")
+            )
+            xml_charsets.append(_codec_for(leaf.charset) if labelled else None)
         return _Body(text, html_only, attachments, tuple(xml_candidates), tuple(xml_charsets))
 
     def body_leaves(self, inline: list[_Leaf]) -> list[_Leaf]:

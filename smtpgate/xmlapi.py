@@ -368,7 +368,9 @@ _ISO_DATETIME = re.compile(
 )
 _DMY = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})(?:[ T](\d{1,2}):(\d{2})(?::(\d{2}))?)?", re.ASCII)
 _TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?", re.ASCII)
-_NUMBER = re.compile(r"[+-]?(?:\d{1,18}(?:\.\d{0,12})?|\.\d{1,12})", re.ASCII)
+# Up to 40 fraction digits: 20 minutes in hours is "0.3333333333333333" from JavaScript, Python
+# or .NET (xml-api 3 sets no precision); the bound keeps hostile values short.
+_NUMBER = re.compile(r"[+-]?(?:\d{1,18}(?:\.\d{0,40})?|\.\d{1,40})", re.ASCII)
 # Whole numbers; "numbers as decimals" (xml-api 3): "10.0" and "1000.00" are whole too.
 _INTEGER = re.compile(r"([+-]?\d{1,18})(?:\.0*)?", re.ASCII)
 
@@ -546,12 +548,17 @@ def _split_bom(raw: bytes) -> tuple[str | None, bytes]:
     for bom, encoding in _BOMS:
         if raw.startswith(bom):
             return encoding, raw[len(bom) :]
-    # UTF-16 without a BOM still shows "<" next to a NUL.
-    if raw[:2] == b"<\x00":
+    # UTF-16 without a BOM still shows "<" next to a NUL, after any white space (xml-api 1
+    # allows it; .NET's System.Net.Mail sends UTF-16LE without a BOM).
+    if _UTF16LE_START.match(raw):
         return "utf-16-le", raw
-    if raw[:2] == b"\x00<":
+    if _UTF16BE_START.match(raw):
         return "utf-16-be", raw
     return None, raw
+
+
+_UTF16LE_START = re.compile(rb"(?:[ \t\r\n]\x00){0,64}<\x00")
+_UTF16BE_START = re.compile(rb"(?:\x00[ \t\r\n]){0,64}\x00<")
 
 
 # Python codec names of the charsets that write non-ASCII text in ASCII bytes.

@@ -1130,3 +1130,43 @@ async def test_same_message_without_message_id_to_two_connectors_is_applied_once
     second = await deliver(world.gw, data, ENVELOPE, ("api@connector.example",))
     assert first["outcome"]["action"] == "xml_applied"
     assert second["outcome"]["action"] == "duplicate", second["outcome"]
+
+
+# --- found by a review against xml-api.md ------------------------------------------------------
+
+
+def test_a_utf16_body_labelled_by_its_charset_may_start_with_white_space() -> None:
+    """xml-api 1: leading white space is allowed. .NET's System.Net.Mail sends UTF-16LE without
+    a byte order mark: after a line break its "<" was not seen next to a NUL, the document was
+    read as UTF-8 full of NULs, and the transaction became ordinary mail (no response)."""
+    text = "\r\n" + xml("TICKET", {"FLDTKTCARDID": ACME, "FLDTKTPROBLEM": "Printer"})
+    for codec in ("utf-16-le", "utf-16-be"):
+        raw = raw_mime(
+            f"Content-Type: text/plain; charset={codec}\r\n"
+            "Content-Transfer-Encoding: base64\r\n\r\n",
+            base64.encodebytes(text.encode(codec)),
+        )
+        msg = parse_message(raw)
+        tx = find_transaction(msg.xml_candidates, charsets=msg.xml_charsets)
+        assert tx is not None, codec
+        assert tx.errors == ()
+        assert tx.fields["FLDTKTPROBLEM"] == "Printer"
+
+
+def test_the_charset_of_an_application_xml_part_is_honoured() -> None:
+    """xml-api 1 names application/xml parts; RFC 7303 3.2 makes their charset authoritative
+    too. A document without a declaration in ISO-8859-2 was stored as "dzia³a w £odzi"."""
+    problem = "Drukarka nie działa w Łodzi"
+    text = xml("TICKET", {"FLDTKTCARDID": ACME, "FLDTKTPROBLEM": problem}).split("\n", 1)[1]
+    part = base64.encodebytes(text.encode("iso-8859-2"))
+    raw = raw_mime(
+        'Content-Type: multipart/mixed; boundary="xb"\r\n\r\n',
+        b"--xb\r\nContent-Type: text/plain\r\n\r\nSee the transaction.\r\n"
+        b"--xb\r\nContent-Type: application/xml; charset=iso-8859-2\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + part + b"\r\n--xb--\r\n",
+    )
+    msg = parse_message(raw)
+    tx = find_transaction(msg.xml_candidates, charsets=msg.xml_charsets)
+    assert tx is not None
+    assert tx.errors == ()
+    assert tx.fields["FLDTKTPROBLEM"] == problem

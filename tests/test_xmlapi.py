@@ -438,7 +438,10 @@ def test_parse_date(given: str, expected: str | None) -> None:
 @pytest.mark.parametrize(
     ("given", "expected"),
     [("10", 10), ("-2", -2), ("1.5", 1.5), ("+0.25", 0.25), (".5", 0.5), ("1.", 1.0),
-     ("1,5", None), ("1e3", None), ("NaN", None), ("inf", None), ("", None), ("1 0", None)],
+     ("1,5", None), ("1e3", None), ("NaN", None), ("inf", None), ("", None), ("1 0", None),
+     # 20 minutes in hours as JavaScript, Python and .NET print it (xml-api 3: no precision)
+     ("0.3333333333333333", 0.3333333333333333), ("0.30000000000000004", 0.30000000000000004),
+     ("1.0000000000000", 1.0), ("0." + "3" * 41, None)],
 )  # fmt: skip
 def test_parse_number(given: str, expected: float | None) -> None:
     assert xmlapi.parse_number(given) == expected
