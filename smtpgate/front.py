@@ -176,9 +176,12 @@ class Handler:
         peer = _peer(session.peer)
         helo = _utf8(session.host_name or "")
         # RFC 3848 / 6531 protocol names; RFC 5321 4.4: the TCP-info is an address literal.
-        protocol = (
-            ("UTF8SMTP" if envelope.smtp_utf8 else "ESMTP") if session.extended_smtp else "SMTP"
-        ) + ("S" if session.ssl else "")
+        # TLS came by STARTTLS, an extension: ESMTPS even if HELO followed it ("SMTPS" is no
+        # registered name).
+        extended = session.extended_smtp or bool(session.ssl)
+        protocol = ("UTF8SMTP" if envelope.smtp_utf8 else "ESMTP" if extended else "SMTP") + (
+            "S" if session.ssl else ""
+        )
         received = (
             f"Received: from {_clean(helo)} ({_address_literal(peer)})\r\n"
             f"\tby {self.settings.hostname} (smtpgate) with {protocol} id {queue_id}\r\n"
@@ -309,7 +312,22 @@ DATA_PROGRESS_BYTES = 64 * 1024
 # An end of data written with bare LFs ("\n.\n", as `printf … | nc` sends it) ends nothing: if
 # no proper one follows within this long, the sender is told so and the connection closed.
 BARE_LF_GRACE = 2.0
-_BARE_LF_END = re.compile(rb"(?<!\r)\n\.\r?\n|\r\n\.\n")
+
+
+def _bare_lf_end(data: bytes | bytearray, *, at_start: bool = True) -> bool:
+    """Whether `data` holds an end of data with a bare LF: <LF>.<LF>, <LF>.<CR><LF> or
+    <CR><LF>.<LF>. Only "<LF>." is searched for (in C): in mail it starts a dot-stuffed line or
+    the proper end, so the loop runs a few times a message. `at_start`: an LF first in `data`
+    is bare (the data's start); else what came before it is not known here."""
+    i = data.find(b"\n.")
+    while i >= 0:
+        after = data[i + 2 : i + 4]
+        if after[:1] == b"\n" or (after == b"\r\n" and (data[i - 1] != 13 if i else at_start)):
+            return True
+        i = data.find(b"\n.", i + 2)
+    return False
+
+
 # Message data the listener of one process holds at once, from the first byte of a DATA until
 # its commit is answered (see DataBudget).
 DATA_BUDGET_BYTES = 64 * 1024 * 1024
@@ -573,6 +591,9 @@ class Listener(SMTP):
         self._data_progress = -1  # bytes since the idle timer last restarted; -1: not in DATA
         self._data_serial = 0  # DATA commands so far (which one a bare-LF timer is about)
         self._bare_lf_timer: asyncio.TimerHandle | None = None
+        self._data_heard = 0.0  # when data last came after a bare-LF end (loop time)
+        self._data_tail = b""  # the last bytes of this DATA seen (`_watch_bare_lf`)
+        self._held_back = False  # reading paused by the DataBudget
         self._data_size = 0  # bytes received in this DATA
         self._budget = budget or DataBudget(DATA_BUDGET_BYTES)
         self._in_message = False  # from the end of DATA's 354 to the message's answer
@@ -744,6 +765,10 @@ class Listener(SMTP):
         self._data_serial += 1
         try:
             data = await self._read_data()
+        except ConnectionResetError:
+            if self._bare_lf_timer is not None:  # half-closed (`nc -N`) after a bare-LF end:
+                self._refuse_bare_lf()  # it may still read why
+            raise
         except asyncio.CancelledError:
             # The connection got reset (or timed out) during the DATA command.
             _mail_log.info("Connection lost during DATA")
@@ -817,6 +842,9 @@ class Listener(SMTP):
         pieces it has; whatever follows (pipelined commands) stays in the reader."""
         reader = self._reader
         data = _Data(self.data_size_limit, self.line_length_limit)
+        self._data_tail = b""
+        if isinstance(reader, _HalfClosableReader):  # (always: Listener makes it)
+            self._watch_bare_lf(reader.unread())  # sent with the commands, before the 354
         # The data begins at a line start: ".\r\n" straight away ends it. readuntil cannot see
         # the CRLF before the data, so read only as many bytes as could complete the end of
         # data until what was read cannot be its beginning (for real mail: 3 bytes, once).
@@ -833,8 +861,6 @@ class Listener(SMTP):
                 data.feed(bytes(head[:-4]))
                 del head[:-4]
         data.feed(bytes(head))
-        if isinstance(reader, _HalfClosableReader):  # (always: Listener makes it)
-            self._watch_bare_lf(reader.unread())  # sent with the commands, before the 354
         # From here the end of data lies wholly in what is still unread: readuntil finds it.
         # When the reader holds more than its limit (1 MiB) without it, take that much and go on.
         while True:
@@ -847,23 +873,51 @@ class Listener(SMTP):
             return data
 
     def _watch_bare_lf(self, data: bytes | bytearray) -> None:
-        """A bare-LF end of data in `data` (of this DATA): unless a proper one follows within
-        BARE_LF_GRACE (then the message is refused as any with a bare LF), refuse and close."""
-        if self._bare_lf_timer is None and _BARE_LF_END.search(data):
-            grace = min(BARE_LF_GRACE, self._timeout_duration / 2)
-            self._bare_lf_timer = self.loop.call_later(grace, self._bare_lf_due, self._data_serial)
+        """Data of this DATA as it comes (in pieces: `_data_tail` holds the end of the last
+        one, as a piece may end inside the bare-LF end). Once a bare-LF end of data is seen,
+        the sender has BARE_LF_GRACE of silence to send a proper one (the message is then
+        refused as any with a bare LF, and the session goes on); else `_bare_lf_due`."""
+        if self._bare_lf_timer is not None:
+            self._data_heard = self.loop.time()  # still sending: not waiting for an answer
+            return
+        # The end of the last piece and the start of this one: an end of data cut between them.
+        edge = self._data_tail + bytes(data[:4])
+        starts = not self._data_tail  # the data's first bytes: an LF first is bare
+        self._data_tail = (self._data_tail + bytes(data[-4:]))[-4:]
+        if _bare_lf_end(edge, at_start=starts) or _bare_lf_end(data, at_start=starts):
+            self._data_heard = self.loop.time()
+            self._bare_lf_timer = self.loop.call_later(
+                self._bare_lf_grace(), self._bare_lf_due, self._data_serial
+            )
+
+    def _bare_lf_grace(self) -> float:
+        return min(BARE_LF_GRACE, self._timeout_duration / 2)
 
     def _bare_lf_due(self, serial: int) -> None:
         self._bare_lf_timer = None
-        transport = cast(asyncio.WriteTransport | None, self.transport)
-        if serial != self._data_serial or self._data_progress < 0 or transport is None:
+        if serial != self._data_serial or self._data_progress < 0 or self.transport is None:
             return  # that DATA ended after all
+        quiet = self.loop.time() - self._data_heard
+        grace = self._bare_lf_grace()
+        if quiet < grace or self._held_back or getattr(self._reader, "_paused", False):
+            # More data came since (a message still arriving), or we are the ones not reading.
+            self._bare_lf_timer = self.loop.call_later(
+                max(grace - quiet, 0.05), self._bare_lf_due, serial
+            )
+            return
+        self._refuse_bare_lf()
+
+    def _refuse_bare_lf(self) -> None:
+        """550 and close: nothing the client sends after is read as a command."""
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is None or transport.is_closing():
+            return
         _mail_log.info(
             "%r data ended with a bare LF; refused and closed", self.session and self.session.peer
         )
         self._on_reply(BARE_LF_END[:3])
         transport.write(BARE_LF_END.encode() + b"\r\n")
-        transport.close()  # nothing it sends after is read as a command
+        transport.close()
 
     async def push(self, status: str) -> None:  # type: ignore[override]
         status = with_enhanced_code(status, self.hostname)
@@ -1001,8 +1055,7 @@ class Listener(SMTP):
         if self._refused:
             return
         if self._data_progress >= 0:
-            if b".\n" in data or b"\n.\r" in data:  # (the proper end has the second too)
-                self._watch_bare_lf(data)
+            self._watch_bare_lf(data)
             self._data_size += len(data)
             if self.data_size_limit and self._data_size > self.data_size_limit:
                 # Refused whatever follows (552): the rest is read only to be thrown away, so
@@ -1023,6 +1076,7 @@ class Listener(SMTP):
         """DataBudget: stop (or resume) reading this session's socket."""
         # Any live transport (asyncio's, an SSL one, uvloop's) can pause; an isinstance check
         # on asyncio.ReadTransport made this do nothing under uvloop (production).
+        self._held_back = paused
         transport = cast(asyncio.ReadTransport | None, self.transport)
         if transport is not None and not transport.is_closing():
             if paused:

@@ -260,8 +260,9 @@ _MAX_PREAMBLE_CHARS = 8192  # where the first delimiter line of a boundary-less 
 _META_CHARSET = re.compile(rb"<meta[^>]{0,200}?charset\s*=\s*[\"']?\s*([a-z0-9._:-]{1,40})", re.I)
 _META_SNIFF_BYTES = 1024
 _MAX_RECOVERED = 4
-# text/* subtypes that are markup (Apple's text/watch-html, Gmail's text/x-amp-html, rich text):
-# no body as they are, and never chosen over text/html.
+# text/* subtypes that are markup no one reduces to text here (rich text): never the body as
+# they are. (Other HTML subtypes, Apple's text/watch-html and Gmail's text/x-amp-html, are
+# reduced as text/html is, and come after it.)
 _TEXT_MARKUP = ("html", "enriched", "richtext", "rtf", "xml")
 # text/* parts that are data, not something to read as the body.
 _TEXT_DATA_TYPES = frozenset(
@@ -1252,7 +1253,7 @@ class _Parser:
             if chosen:
                 break
         body = chosen[0] if chosen else None
-        html_only = body is not None and body.content_type == "text/html"
+        html_only = body is not None and _text_kind(body.content_type) == "html"
         texts = [self.text_of(leaf) for leaf in chosen]
         text = "\n".join(t.rstrip("\n") for t in texts[:-1]) + ("\n" if texts[:-1] else "")
         text += texts[-1] if texts else ""
@@ -1331,7 +1332,10 @@ class _Parser:
             plain = [leaf for leaf in unit if _text_kind(leaf.content_type) == "plain"]
             best = next((leaf for leaf in plain if _has_text(self.text_of(leaf))), None)
             if best is None and not chosen:
-                best = next((leaf for leaf in unit if leaf.content_type == "text/html"), None)
+                html = [leaf for leaf in unit if _text_kind(leaf.content_type) == "html"]
+                # text/html before Apple's watch-html or Gmail's AMP version of it
+                best = next((leaf for leaf in html if leaf.content_type == "text/html"), None)
+                best = best or next(iter(html), None)
                 if best is not None and not _has_text(self.text_of(best)):
                     best = None
             if best is not None:
@@ -1347,7 +1351,7 @@ class _Parser:
             return leaf.text
         data = self.data(leaf)
         charset = leaf.charset
-        html = leaf.content_type == "text/html"
+        html = _text_kind(leaf.content_type) == "html"
         if charset is None and html:  # <meta charset> when the MIME header names none
             meta = _META_CHARSET.search(data[:_META_SNIFF_BYTES])
             charset = meta.group(1).decode("ascii") if meta else None
@@ -1385,8 +1389,8 @@ def _text_kind(content_type: str) -> str | None:
     None for a part that is no body text."""
     if content_type == "text/plain":  # (the common case first: once or twice a message)
         return "plain"
-    if content_type == "text/html":
-        return "html"
+    if content_type == "text/html" or (content_type.startswith("text/") and "html" in content_type):
+        return "html"  # (text/watch-html, text/x-amp-html: HTML too, reduced to text alike)
     if (
         content_type.startswith("text/")
         and content_type not in _TEXT_DATA_TYPES

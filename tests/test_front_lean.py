@@ -430,6 +430,106 @@ async def test_a_client_ending_lines_in_bare_lf_gets_a_clear_refusal(
     assert "nagios@example.org" not in await queued_senders(gateway)
 
 
+COMMANDS = b"HELO monitor\nMAIL FROM:<nagios@example.org>\nRCPT TO:<connector@localhost>\nDATA\n"
+
+
+async def _until_354(reader: asyncio.StreamReader) -> bytes:
+    transcript = b""
+    while b"354" not in transcript:
+        chunk = await reader.read(1024)
+        assert chunk, transcript
+        transcript += chunk
+    return transcript
+
+
+async def _read_all(reader: asyncio.StreamReader) -> bytes:
+    out = b""
+    while chunk := await reader.read(4096):
+        out += chunk
+    return out
+
+
+async def test_bare_lf_end_sent_as_its_own_write_is_refused(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`{ echo HELO x; ...; echo "body"; echo .; echo QUIT; } | nc`: each echo is its own
+    write, so "\\n" ends one TCP segment and ".\\n" starts the next. _watch_bare_lf searches
+    each data_received chunk on its own: "\\n.\\n" split across chunks is never seen, and the
+    client waits in silence for the idle timeout again."""
+    monkeypatch.setattr(front, "BARE_LF_GRACE", 0.05)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.smtp_port)
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        writer.write(COMMANDS)
+        transcript = await _until_354(reader)
+        writer.write(b"Subject: disk full\n\nserver1 C: 99%\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # (lets the line arrive on its own, as `echo` lines do)
+        writer.write(b".\n")
+        await writer.drain()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):  # the grace is 0.05 s; the idle timeout 300 s
+                transcript += await _read_all(reader)
+    finally:
+        writer.close()
+    assert front.BARE_LF_END.encode() in transcript, transcript
+
+
+async def test_bare_lf_end_then_half_close_still_gets_the_550(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`printf '…\\n.\\n' | nc -N` (or ncat, which shuts down its write side at the end of
+    input): the client half-closes right after its bare-LF end of data. The reader's EOF ends
+    _read_data with ConnectionResetError, whose `finally` cancels the bare-LF timer: the
+    session closes without a word, exactly what the change promised to end (README: "it is
+    told so (550 5.5.2 … bare <LF> …)")."""
+    monkeypatch.setattr(front, "BARE_LF_GRACE", 0.05)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.smtp_port)
+    try:
+        writer.write(COMMANDS + b"Subject: disk full\n\nserver1 C: 99%\n.\nQUIT\n")
+        writer.write_eof()
+        async with asyncio.timeout(10):
+            transcript = await _read_all(reader)
+    finally:
+        writer.close()
+    assert b"354" in transcript, transcript
+    assert front.BARE_LF_END.encode() in transcript, transcript
+
+
+async def test_a_message_still_arriving_is_not_cut_off_by_the_bare_lf_timer(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message with a bare-LF "\\n.\\n" early in its body that takes longer than the grace
+    to arrive (a big one, a slow link) is cut off mid-transfer with "its data ends with a bare
+    <LF>" and a close, though the client is still sending and does end its data properly.
+    Before, it got SMUGGLING (550) after its end of data: a permanent refusal the client
+    reads. Now the client, still writing, gets a reset (the server closed with unread data)
+    and retries as after a lost connection."""
+    monkeypatch.setattr(front, "BARE_LF_GRACE", 0.25)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.smtp_port)
+    writer.write(b"EHLO big\r\nMAIL FROM:<big@example.org>\r\n")
+    writer.write(b"RCPT TO:<connector@localhost>\r\nDATA\r\n")
+    transcript = await _until_354(reader)
+    reset = None
+    try:
+        writer.write(b"Subject: log\r\n\r\nquoted log:\n.\nend of quote\r\n")
+        for _ in range(12):  # still sending (gaps well under the grace), well past it
+            await asyncio.sleep(0.05)
+            writer.write(b"x" * 1000 + b"\r\n")
+            await writer.drain()
+        writer.write(b".\r\nQUIT\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            transcript += await _read_all(reader)
+    except ConnectionError as exc:
+        reset = exc
+    finally:
+        writer.close()
+    assert reset is None, (reset, transcript)
+    assert front.BARE_LF_END.encode() not in transcript, transcript
+    assert front.SMUGGLING.encode() in transcript, transcript
+
+
 # --- bytes kept exactly ----------------------------------------------------------------------
 
 
@@ -704,7 +804,7 @@ class _Stock(SMTP):
 OWN_STATE = {
     "_sessions", "_limit", "_on_reply", "_counted", "_refused", "_data_progress", "_data_size",
     "_budget", "_in_message", "_closing", "_turn", "_lost", "_idle_deadline", "_data_serial",
-    "_bare_lf_timer",
+    "_bare_lf_timer", "_data_heard", "_data_tail", "_held_back",
     "command_size_limits",  # one set a session (front._CommandLimits), not one for all
 }  # fmt: skip
 

@@ -1660,6 +1660,11 @@ def test_markup_alternatives_are_no_plain_text(markup: str) -> None:
     assert parse_message(raw).text.strip() == "Hello world"
 
 
+def test_a_watch_html_only_body_is_reduced_to_text_like_html() -> None:
+    raw = eml("Content-Type: text/watch-html; charset=utf-8", body="<p>Disk <b>full</b></p>")
+    assert parse_message(raw).text.strip() == "Disk full"
+
+
 def test_a_text_part_of_an_unknown_subtype_is_read_as_plain() -> None:
     """RFC 2046 4.1.4: an unrecognised text/* subtype is treated as text/plain."""
     body = "job 42 failed"

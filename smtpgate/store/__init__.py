@@ -695,6 +695,11 @@ class Store:
                 self._intake_ended(batch, "store closed during the commit")
 
     async def _commit_intake(self, batch: list[_Intake], entries: list[_IntakeEntry]) -> None:
+        replaced = self.file_replaced()
+        if replaced:  # not written at all: this serve would process what its senders retry
+            log.error("intake commit of %d message(s) refused: %s", len(batch), replaced)
+            self._intake_ended(batch, replaced)
+            return
         try:
             inserted = await self._write(
                 functools.partial(_insert_intake, entries=entries), urgent=True, fsynced=bool
@@ -704,7 +709,7 @@ class Store:
             self._intake_ended(batch, str(exc))
             return
         replaced = self.file_replaced()
-        if replaced:  # committed to a file the next start will not open: not durable
+        if replaced:  # replaced during the commit (the check before cannot close that window)
             log.error("intake commit of %d message(s) not acknowledged: %s", len(batch), replaced)
             self._intake_ended(batch, replaced)
             return
