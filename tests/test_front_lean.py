@@ -549,6 +549,14 @@ async def test_message_is_stored_byte_exact(gateway: Gateway) -> None:
     await session.close()
 
 
+async def stored_received(gw: Gateway, reply: Reply) -> str:
+    """The Received: header smtpgate put on the message `reply` queued."""
+    assert gw.store is not None
+    raw = await gw.store.raw_message(str(reply.queue_id))
+    assert raw is not None
+    return str(email.message_from_bytes(raw)["Received"])
+
+
 async def test_the_received_header_names_the_queue_id_and_the_time_in_utc(
     gateway: Gateway,
 ) -> None:
@@ -557,10 +565,7 @@ async def test_the_received_header_names_the_queue_id_and_the_time_in_utc(
     await session.send_raw(b"Subject: when\r\n\r\nbody\r\n" + EOD)
     reply = await session.reply()
     await session.close()
-    assert gateway.store is not None
-    raw = await gateway.store.raw_message(str(reply.queue_id))
-    assert raw is not None
-    received = email.message_from_bytes(raw)["Received"]
+    received = await stored_received(gateway, reply)
     assert f" id {reply.queue_id}" in received
     when = email.utils.parsedate_to_datetime(received.rsplit(";", 1)[1].strip())
     assert when.utcoffset() is not None  # +0000: UTC, not -0000 (zone unknown)
@@ -590,10 +595,7 @@ async def test_the_received_header_follows_rfc_5321_and_names_the_protocol(
     await session.send_raw(b"Subject: trace\r\n\r\nbody\r\n" + EOD)
     reply = await session.reply()
     await session.close()
-    assert gw.store is not None
-    raw = await gw.store.raw_message(str(reply.queue_id))
-    assert raw is not None
-    received = " ".join(str(email.message_from_bytes(raw)["Received"]).split())
+    received = " ".join((await stored_received(gw, reply)).split())
     assert received.startswith("from mta.example ([127.0.0.1]) by "), received
     assert f" with {protocol} id {reply.queue_id} " in received, received
     assert " for <tickets@xn--bcher-kva.example>; " in received, received
