@@ -998,7 +998,7 @@ class _Parser:
         answers_or_automatic = bool(
             in_reply_to
             or references
-            or auto_submitted not in (None, "", "no")
+            or auto_submitted not in (None, "no")
             or precedence in BULK_PRECEDENCE
             or "x-auto-response-suppress" in headers
         )

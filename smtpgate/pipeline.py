@@ -119,8 +119,9 @@ def _forward(
                 action=str(action),
                 rule=rule,
                 hostname=ctx.settings.hostname,
-                # spec 2.4: "Auto-Submitted: no" does not mark our forward as automatic.
-                has_auto_submitted=inb.msg.auto_submitted not in (None, "no"),
+                # spec 2.4: "Auto-Submitted: no" (or an empty field, first in the forward)
+                # does not mark our forward as automatic: ours goes first then.
+                has_auto_submitted=inb.msg.auto_submitted not in (None, "", "no"),
             )
         ]
 
@@ -225,12 +226,18 @@ async def stage_loop(inb: Inbound, ctx: Context, _: Directory) -> Decision | Non
     markers = regular.loop_markers(inb.raw) | ({marker} if marker else set())
     if any(settings.is_connector(m) for m in markers):
         return Decision(Path.REGULAR, Action.IGNORED, reason="loop")
-    if inb.msg.is_delivery_report:
-        # A bounce of one of our own mails: answering it could loop forever. Our header names
-        # the connector with its domain in IDNA form (outbound); older mails as configured.
+    encloses = any(a.content_type.startswith("message/") for a in inb.msg.attachments)
+    if inb.msg.is_delivery_report or encloses:
+        # A bounce of one of our own mails, or one of our forwards sent back as an attachment
+        # (a support mailbox's rule forwarding what we forwarded): answering or forwarding it
+        # could loop for ever. (A customer sending back our acknowledgement as an attachment
+        # is no loop: only forwards carry the action header.) Our loop header names the
+        # connector with its domain in IDNA form (outbound); older mails as configured.
         raw = inb.raw.lower()
         spellings = {s for c in settings.connector_addresses for s in (c, ascii_domain(c))}
-        if any(f"{outbound.LOOP_HEADER}: {c}".lower().encode() in raw for c in spellings):
+        ours = any(f"{outbound.LOOP_HEADER}: {c}".lower().encode() in raw for c in spellings)
+        forward = f"{outbound.ACTION_HEADER}:".lower().encode() in raw
+        if ours and (inb.msg.is_delivery_report or forward):
             return Decision(Path.REGULAR, Action.IGNORED, reason="loop")
     return None
 

@@ -1370,6 +1370,74 @@ async def test_a_reply_processed_beside_the_message_it_answers_files_on_its_tick
     assert (await world.store.status())["tickets"] == 1
 
 
+@pytest.mark.parametrize("value", ["", "(no value, a comment only)"])
+async def test_an_empty_auto_submitted_field_is_automatic_mail(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, value: str
+) -> None:
+    """spec 2.4: no answer to mail with Auto-Submitted "other than no"; an empty (malformed)
+    field is no "no". It got an acknowledgement, and a forward of it kept the empty field first
+    instead of our "auto-generated"."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    headers = {"Auto-Submitted": value}
+    row = await deliver(
+        world.gw,
+        mail("Printer broken", sender="joe@acme.example", headers=headers),
+        "joe@acme.example",
+    )
+    assert row["outcome"]["action"] == "ticket_created"
+    await settled(world.gw, row["id"])
+    assert relay.to("joe@acme.example") == []
+    row = await deliver(
+        world.gw,
+        mail("Hello", sender="x@elsewhere.example", headers=headers),
+        "x@elsewhere.example",
+    )
+    await settled(world.gw, row["id"])
+    (forward,) = relay.to(SUPPORT)
+    assert forward.message["Auto-Submitted"] == "auto-generated"
+
+
+async def test_our_forward_sent_back_as_an_attachment_is_not_forwarded_again(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """spec 2.4: a message carrying our loop header is recorded, not processed again. A support
+    mailbox rule that forwards our forward back as an attachment hid it in the enclosed
+    message: each round was forwarded again, growing."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    row = await deliver(
+        world.gw,
+        mail("Partnership", sender="someone@elsewhere.example"),
+        "someone@elsewhere.example",
+    )
+    await settled(world.gw, row["id"])
+    (ours,) = relay.to(SUPPORT)
+    back = EmailMessage(policy=email.policy.SMTP)
+    back["From"], back["To"], back["Subject"] = SUPPORT, CONNECTOR, "FW: Partnership"
+    back["Message-ID"] = new_id("msp.example")
+    back.set_content("Forwarded by rule.")
+    back.add_attachment(email.message_from_bytes(ours.data, policy=email.policy.SMTP))
+    again = await deliver(world.gw, back.as_bytes(), SUPPORT)
+    await settled(world.gw, again["id"])
+    assert (again["outcome"]["action"], again["outcome"]["reason"]) == ("ignored", "loop")
+    assert len(relay.to(SUPPORT)) == 1
+
+
+async def test_our_acknowledgement_sent_back_as_an_attachment_is_filed(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A customer attaching our acknowledgement to a question is no loop (only our forwards
+    carry the action header that marks one)."""
+    world = await start_world(gateway_factory, relay)
+    reply = EmailMessage(policy=email.policy.SMTP)
+    reply["From"], reply["To"], reply["Subject"] = "jane@acme.example", CONNECTOR, "Any news?"
+    reply["Message-ID"] = new_id("acme.example")
+    reply["In-Reply-To"] = world.ack_id
+    reply.set_content("See the attached. Any news?")
+    reply.add_attachment(email.message_from_bytes(world.ack_data, policy=email.policy.SMTP))
+    row = await deliver(world.gw, reply.as_bytes(), "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_reply"
+
+
 async def test_active_employee_with_an_idn_domain_is_recognised_in_its_ascii_spelling(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:

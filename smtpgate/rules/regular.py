@@ -76,8 +76,10 @@ def no_auto_answer_reason(msg: ParsedMessage, mail_from: str) -> str | None:
     """Why no automatic response/ack may be sent for this message (spec 2.4), or None."""
     if is_null_sender(mail_from):
         return "null sender"
-    if msg.auto_submitted and msg.auto_submitted != "no":
-        return f"Auto-Submitted: {msg.auto_submitted}"
+    if msg.auto_submitted is not None and msg.auto_submitted != "no":
+        # An empty (or comment-only) field is malformed, and no "no": automatic, as RFC 3834's
+        # safe reading and spec 2.4's "other than no" have it.
+        return f"Auto-Submitted: {msg.auto_submitted or '(empty)'}"
     if msg.precedence in BULK_PRECEDENCE:
         return f"Precedence: {msg.precedence}"
     if msg.list_id:
