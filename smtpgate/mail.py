@@ -261,9 +261,9 @@ _META_CHARSET = re.compile(rb"<meta[^>]{0,200}?charset\s*=\s*[\"']?\s*([a-z0-9._
 _META_SNIFF_BYTES = 1024
 _MAX_RECOVERED = 4
 # text/* subtypes that are markup no one reduces to text here (rich text): never the body as
-# they are. (Other HTML subtypes, Apple's text/watch-html and Gmail's text/x-amp-html, are
-# reduced as text/html is, and come after it.)
-_TEXT_MARKUP = ("html", "enriched", "richtext", "rtf", "xml")
+# they are. (HTML subtypes, Apple's text/watch-html and Gmail's text/x-amp-html, are reduced
+# as text/html is, and come after it.)
+_TEXT_MARKUP = ("enriched", "richtext", "rtf", "xml")
 # text/* parts that are data, not something to read as the body.
 _TEXT_DATA_TYPES = frozenset(
     {"text/xml", "text/calendar", "text/rfc822-headers", "text/csv", "text/x-vcard", "text/vcard"}
@@ -1150,9 +1150,8 @@ class _Parser:
             cte = _transfer_encoding(headers)
             if cte not in ("base64", "quoted-printable"):
                 return None
-            leaf = _Leaf(Message(), content_type, None, cte, False, None, False)
             self.recovered += 1
-            return _build_tree(self.decode_transfer(payload, leaf))
+            return _build_tree(self.decode_transfer(payload, cte))
         return None
 
     def content_type(self, part: Message, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
@@ -1197,12 +1196,12 @@ class _Parser:
         """A leaf's payload with the transfer encoding removed (cached)."""
         if leaf.decoded is None:
             payload = getattr(leaf.part, "_payload", None)
-            leaf.decoded = self.decode_transfer(payload if isinstance(payload, str) else "", leaf)
+            text = payload if isinstance(payload, str) else ""
+            leaf.decoded = self.decode_transfer(text, leaf.transfer_encoding)
         return leaf.decoded
 
-    def decode_transfer(self, payload: str, leaf: _Leaf) -> bytes:
+    def decode_transfer(self, payload: str, cte: str) -> bytes:
         data = _to_bytes(payload)
-        cte = leaf.transfer_encoding
         if cte == "base64":
             decoded, ok = _b64decode_lenient(data)
             if not ok:
@@ -1255,8 +1254,8 @@ class _Parser:
         body = chosen[0] if chosen else None
         html_only = body is not None and _text_kind(body.content_type) == "html"
         texts = [self.text_of(leaf) for leaf in chosen]
-        text = "\n".join(t.rstrip("\n") for t in texts[:-1]) + ("\n" if texts[:-1] else "")
-        text += texts[-1] if texts else ""
+        # One line end between parts; the last keeps its own.
+        text = "\n".join([*(t.rstrip("\n") for t in texts[:-1]), *texts[-1:]])
         if len(text) > _MAX_TEXT_CHARS:
             text = text[:_MAX_TEXT_CHARS]
             self.defect("body text truncated")
@@ -1389,15 +1388,13 @@ def _text_kind(content_type: str) -> str | None:
     None for a part that is no body text."""
     if content_type == "text/plain":  # (the common case first: once or twice a message)
         return "plain"
-    if content_type == "text/html" or (content_type.startswith("text/") and "html" in content_type):
-        return "html"  # (text/watch-html, text/x-amp-html: HTML too, reduced to text alike)
-    if (
-        content_type.startswith("text/")
-        and content_type not in _TEXT_DATA_TYPES
-        and not any(markup in content_type for markup in _TEXT_MARKUP)
-    ):
-        return "plain"
-    return None
+    if not content_type.startswith("text/"):
+        return None
+    if "html" in content_type:  # text/html; text/watch-html, text/x-amp-html reduced alike
+        return "html"
+    if content_type in _TEXT_DATA_TYPES or any(m in content_type for m in _TEXT_MARKUP):
+        return None
+    return "plain"
 
 
 def _unflow(text: str, *, delsp: bool) -> str:

@@ -64,9 +64,9 @@ def _is_word(ch: str) -> bool:
     return ch.isalnum() or ch == "_"
 
 
-def _occurrences(pattern: re.Pattern[str], text: str, pos: int = 0) -> list[re.Match[str]]:
+def _occurrences(pattern: re.Pattern[str], text: str) -> list[re.Match[str]]:
     """The phrase's occurrences to try (MAX_OCCURRENCES): those standing as words first."""
-    found = list(itertools.islice(pattern.finditer(text, pos), MAX_SCANNED))
+    found = list(itertools.islice(pattern.finditer(text), MAX_SCANNED))
 
     def inside_a_word(m: re.Match[str]) -> bool:
         start, end = m.start(), m.end()
