@@ -6,11 +6,13 @@ the outcome is read back from the queue row, the mails from what the relay recei
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import email.utils
 import os
 import re
+import sqlite3
 import tomllib
 import uuid
 from collections.abc import Callable, Mapping
@@ -26,6 +28,7 @@ from smtpgate.app import Gateway
 from smtpgate.cli import read_rows
 from smtpgate.model import MailKind, OutboundMail, has_bare_line_end
 from smtpgate.rules import regular
+from smtpgate.store import CONTENT_DUPLICATE_SECONDS
 from tests.conftest import (
     FIXTURES,
     GatewayFactory,
@@ -1058,6 +1061,62 @@ async def test_duplicate_message_id_opens_one_ticket_and_sends_one_ack(
     assert (a["outcome"]["action"], b["outcome"]["action"]) == ("ticket_created", "duplicate")
     assert b["outcome"]["reason"] == "content_hash"
     assert (await world.store.status())["tickets"] == 2
+
+
+async def test_same_content_without_ids_a_day_later_is_new_mail(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A device that sends no Message-ID and no Date sends the same bytes for the same alert
+    every time: a copy a sender redelivers (our 250 lost) comes within hours, but the next
+    day's identical mail is a new event, not a duplicate to record and tell no one of."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    raw = (
+        b"From: joe@acme.example\r\nTo: connector@localhost\r\n"
+        b"Subject: UPS on battery\r\n\r\nOn battery\r\n"
+    )
+    first = await deliver(world.gw, raw, "joe@acme.example")
+    assert first["outcome"]["action"] == "ticket_created"
+    with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db, db:
+        aged = db.execute(
+            "UPDATE seen_messages SET seen_at = seen_at - ? WHERE inbound_id = ?",
+            (CONTENT_DUPLICATE_SECONDS + 60, first["id"]),
+        ).rowcount
+    assert aged == 1
+    later = await deliver(world.gw, raw, "joe@acme.example")
+    assert later["outcome"]["action"] == "ticket_created"
+    again = await deliver(world.gw, raw, "joe@acme.example")  # within the window of `later`
+    assert again["outcome"]["action"] == "duplicate"
+    assert again["outcome"]["notes"] == [f"first processed as {later['id']}"]
+    assert (await world.store.status())["tickets"] == 2
+    # A Message-ID is an identity, not a content: it never expires.
+    data = mail("Same id", sender="joe@acme.example", message_id="<once@acme.example>")
+    once = await deliver(world.gw, data, "joe@acme.example")
+    with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db, db:
+        db.execute(
+            "UPDATE seen_messages SET seen_at = seen_at - ? WHERE inbound_id = ?",
+            (100 * CONTENT_DUPLICATE_SECONDS, once["id"]),
+        )
+    assert (await deliver(world.gw, data, "joe@acme.example"))["outcome"]["action"] == "duplicate"
+
+
+async def test_retention_forgets_content_hashes_past_the_window(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    raw = b"From: joe@acme.example\r\nTo: connector@localhost\r\nSubject: no id\r\n\r\nHi\r\n"
+    first = await deliver(world.gw, raw, "joe@acme.example")
+    kept = await deliver(
+        world.gw, mail("Kept", message_id="<kept@acme.example>"), "joe@acme.example"
+    )
+    with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db, db:
+        db.execute(
+            "UPDATE seen_messages SET seen_at = seen_at - ?", (CONTENT_DUPLICATE_SECONDS + 60,)
+        )
+    await world.store.purge(30)
+    with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db:
+        left = db.execute("SELECT inbound_id FROM seen_messages").fetchall()
+    assert left == [(kept["id"],)]
+    assert first["id"] != kept["id"]
 
 
 async def test_own_forward_sent_back_is_recorded_not_processed(

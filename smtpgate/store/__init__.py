@@ -69,6 +69,12 @@ INLINE_MAX_BYTES = 256 * 1024
 # The decisions written in one shared transaction hold at most this many bytes of raw message
 # (always at least one): a bigger group would hold the loop's thread for longer.
 GROUP_MAX_BYTES = 1024 * 1024
+# spec 2.4 without a Message-ID: the same content seen within this many seconds is a duplicate
+# (a sender redelivering after a lost 250 does so within hours). A device that sends no
+# Message-ID and no Date sends the same bytes for the same event every time; the next day's is
+# new mail. A Message-ID is an identity and never expires.
+CONTENT_DUPLICATE_SECONDS = 24 * 3600
+_CONTENT_KEYS = "key >= 'sha256:' AND key < 'sha256;'"  # app.dedupe_key's hashes, by index
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -1089,9 +1095,12 @@ class Store:
         # The lease is checked by the final UPDATE (_finish): a lost lease raises _LeaseLost
         # there and rolls everything back.
         if dedupe_key is not None and decision.action != Action.IGNORED:
+            now = time.time()
             cur = db.execute(
-                "INSERT OR IGNORE INTO seen_messages (key, inbound_id, seen_at) VALUES (?, ?, ?)",
-                (dedupe_key, job.id, time.time()),
+                "INSERT INTO seen_messages (key, inbound_id, seen_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET inbound_id = excluded.inbound_id,"
+                f" seen_at = excluded.seen_at WHERE {_CONTENT_KEYS} AND seen_at < ?",
+                (dedupe_key, job.id, now, now - CONTENT_DUPLICATE_SECONDS),
             )
             if cur.rowcount == 0:
                 # spec 2.4: already processed → no ticket, no transaction, no mail.
@@ -1883,6 +1892,10 @@ class Store:
             )
             db.execute("DELETE FROM outbox WHERE state = 'done' AND created_at < ?", (cutoff,))
             db.execute("DELETE FROM auto_mail_log WHERE sent_at < ?", (now - 7200,))
+            db.execute(
+                f"DELETE FROM seen_messages WHERE {_CONTENT_KEYS} AND seen_at < ?",
+                (now - CONTENT_DUPLICATE_SECONDS,),
+            )
             return n
 
         return await self._write(drop)
