@@ -53,6 +53,7 @@ BARE_LF_END = (
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"  # RFC 5321 3.8
+IDLE_TIMEOUT = b"421 4.4.2 Idle timeout, closing connection\r\n"  # RFC 5321 4.2.2, 4.5.3.2
 # The RFC 3463 code given to a reply of aiosmtpd's that has none (RFC 2034 4).
 _ENHANCED_CODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _DEFAULT_ENHANCED = {
@@ -991,6 +992,10 @@ class Listener(SMTP):
                 if t is not None:
                     t.abort()
             return
+        if self.transport is not None and not self.transport.is_closing():
+            # the client learns why, and retries later
+            cast(asyncio.WriteTransport, self.transport).write(IDLE_TIMEOUT)
+            self._on_reply("421")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
