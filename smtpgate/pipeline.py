@@ -203,18 +203,19 @@ def _account_by_sender(
     lookups: Sequence[Lookup], results: Sequence[Found]
 ) -> tuple[automated.Match, str | None]:
     """Address (account email or contact), then domain; ambiguity → not found (spec 2.1.3).
+    An address that names several accounts stops there: the sender is someone at one of them,
+    and a third account holding the domain would be a guess, not a match.
     `lookups` are `_sender_lookups`, `results` what the directory found for them."""
-    notes = None
     for (search, keys), found in zip(lookups, results, strict=True):
         if not keys:
             continue
         match = automated.resolve(keys, found)
         if match.account:
-            return match, notes
+            return match, None
         if match.ambiguous:
             what = "sender address" if search == "email" else f"sender domain {keys[0]}"
-            notes = f"{what} names {match.ambiguous} accounts (ambiguous)"
-    return automated.Match(None), notes
+            return automated.Match(None), f"{what} names {match.ambiguous} accounts (ambiguous)"
+    return automated.Match(None), None
 
 
 # --- the stages -------------------------------------------------------------------------------

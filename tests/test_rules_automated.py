@@ -505,6 +505,9 @@ ACCOUNTS = [
      "email2": "contoso.example"},
     {"rec_id": "CRDCONTOSOB000000005", "file_as": "Contoso B", "email1": "contoso.example",
      "email2": "NOC@shared.example"},
+    # The domain of the address two accounts share: an ambiguous address is not "no address"
+    # and does not fall through to an unrelated account holding its domain.
+    {"rec_id": "CRDHOSTING0000000006", "file_as": "Shared Hosting", "email1": "shared.example"},
 ]  # fmt: skip
 
 
