@@ -954,6 +954,36 @@ def test_composed_mail_is_7bit_unless_it_needs_smtputf8_anyway() -> None:
     assert "Ihr Ticket wurde eröffnet.".encode() in utf8.data
 
 
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "[Ticket #1] Drucker kaputt – bitte Hilfe für Müller",
+        "[Ticket #12] " + "Störung im Netzwerk der Zweigstelle Süd, " * 6 + "bitte prüfen",
+        "[Ticket #3] ünïcödé two spaces, a quote \" and =?encoded?= look-alikes",
+        "[Ticket #4] 日本語 の 件名 です",
+    ],
+)
+@pytest.mark.parametrize("to", ["jane@acme.example", "jörg@acme.example"])
+def test_composed_subject_reads_back_as_written(subject: str, to: str) -> None:
+    """Python's folder (3.11–3.12) loses the space between two encoded words it folds apart:
+    "Hilfe für Müller" read "Hilfe fürMüller" in every customer's mail client."""
+    (ack,) = outbound.compose(
+        kind=MailKind.ACK,
+        sender=CONNECTOR,
+        to=to,
+        subject=subject,
+        body="Ihr Ticket wurde eröffnet.\n",
+        connector=CONNECTOR,
+        hostname="gateway.test",
+    )
+    parsed = email.message_from_bytes(ack.data, policy=email.policy.default)
+    assert parsed["Subject"] == subject
+    head = ack.data.split(b"\r\n\r\n", 1)[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 998
+    if to.isascii():
+        assert ack.data.isascii()
+
+
 async def test_ack_to_a_non_ascii_address_names_it_in_utf8(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
