@@ -1296,7 +1296,6 @@ class _Parser:
             data = self.data(leaf)[: _MAX_XML_BYTES + 1]  # bytes: no copy when shorter
             if not data.strip():
                 continue
-            xml_candidates.append(data)
             # RFC 7303 3: the charset of text/xml, application/xml and +xml parts decides (an
             # attachment's application/octet-stream has none that means anything).
             labelled = (
@@ -1304,7 +1303,14 @@ class _Parser:
                 or leaf.content_type == "application/xml"
                 or leaf.content_type.endswith("+xml")
             )
-            xml_charsets.append(_codec_for(leaf.charset) if labelled else None)
+            charset = _codec_for(leaf.charset) if labelled else None
+            if (
+                leaf.content_type == "text/plain"
+                and leaf.params.get("format", "").lower() == "flowed"
+            ):
+                data, charset = _unflowed_xml(data, charset, leaf.params)
+            xml_candidates.append(data)
+            xml_charsets.append(charset)
         return _Body(text, html_only, attachments, tuple(xml_candidates), tuple(xml_charsets))
 
     def body_leaves(self, inline: list[_Leaf]) -> list[_Leaf]:
@@ -1395,6 +1401,19 @@ def _text_kind(content_type: str) -> str | None:
     if content_type in _TEXT_DATA_TYPES or any(m in content_type for m in _TEXT_MARKUP):
         return None
     return "plain"
+
+
+def _unflowed_xml(
+    data: bytes, charset: str | None, params: dict[str, str]
+) -> tuple[bytes, str | None]:
+    """A format=flowed body as an XML candidate: its unflowed text (RFC 3676), in UTF-8.
+    Thunderbird breaks long lines after a space, Apple Mail (delsp=yes) inside a tag name too.
+    Bytes its charset does not fit stay as they are, for the XML reader to judge."""
+    text, ok = _decode_bytes(data, charset)
+    if not ok:
+        return data, charset
+    text = text.replace("\r\n", "\n")
+    return _unflow(text, delsp=params.get("delsp", "").lower() == "yes").encode(), "utf-8"
 
 
 def _unflow(text: str, *, delsp: bool) -> str:

@@ -1170,3 +1170,28 @@ def test_the_charset_of_an_application_xml_part_is_honoured() -> None:
     assert tx is not None
     assert tx.errors == ()
     assert tx.fields["FLDTKTPROBLEM"] == problem
+
+
+@pytest.mark.parametrize("delsp", [False, True])
+def test_a_format_flowed_body_is_read_unflowed(delsp: bool) -> None:
+    """RFC 3676: a flowed body's text is the unflowed one. Thunderbird breaks long lines after
+    a space (the value kept a line break mid-sentence); Apple Mail (delsp=yes) breaks inside
+    words, a tag name too (refused as unreadable, 150001, and never answered)."""
+    problem = "The printer on the second floor has not printed for a week now, since the update"
+    doc = xml("TICKET", {"FLDTKTCARDID": ACME, "FLDTKTPROBLEM": problem})
+    if delsp:
+        flowed = doc.replace("<FLDTKTPROBLEM>", "<FLDTKT \nPROBLEM>").replace("week ", "we \nek ")
+    else:
+        flowed = doc.replace("week now, ", "week now, \n")
+    assert flowed != doc
+    raw = raw_mime(
+        "Content-Type: text/plain; charset=utf-8; format=flowed"
+        + ("; delsp=yes" if delsp else "")
+        + "\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
+        flowed.replace("\n", "\r\n").encode(),
+    )
+    msg = parse_message(raw)
+    tx = find_transaction(msg.xml_candidates, charsets=msg.xml_charsets)
+    assert tx is not None
+    assert tx.errors == ()
+    assert tx.fields["FLDTKTPROBLEM"] == problem
