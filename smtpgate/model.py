@@ -88,6 +88,23 @@ def address_key(address: str) -> str:
     return f"{local.lower()}{at}{idna_ascii(domain).lower()}"
 
 
+# Characters no stored address or domain holds: what a name, a comment or a list brings.
+_NOT_IN_ADDRESS = re.compile(r'[\s<>,;()\[\]"]')
+
+
+def is_bare_address(value: str) -> bool:
+    """One local@domain and nothing else: what a sender is compared with. A CRM export's
+    "Jane Roe <jane@example.com>" or "a@x.example; b@x.example" would match no one."""
+    local, at, domain = value.rpartition("@")
+    return bool(local and at and domain) and "@" not in local and not _NOT_IN_ADDRESS.search(value)
+
+
+def is_bare_domain(value: str) -> bool:
+    """An account email value that matches by sender domain: example.com or @example.com."""
+    domain = value.removeprefix("@")
+    return "." in domain and "@" not in domain and not _NOT_IN_ADDRESS.search(domain)
+
+
 def has_bare_line_end(data: bytes) -> bool:
     """Whether a CR or an LF stands outside a CRLF (RFC 5321 2.3.8 allows only CRLF).
 

@@ -187,11 +187,20 @@ def test_reimport_updates_instead_of_duplicating(tmp_path: Path) -> None:
         ("accounts", '[\n  {"file_as": "New One"},\n  {"email1": "x@y.example"}\n]\n', 3),
         ("accounts", '[\n  {"file_as": "New One"},\n\n  {"file_as": "B", "colour": "red"}\n]', 4),
         ("contacts", '[{"account_file_as": "Acme Corp", "email": "a@acme.example"},\n 5]', 2),
+        # A CRM export's "Name <address>" or list matched no sender, silently.
+        ("accounts", 'file_as,email1\nNew One,a@new.example\nTwo,"Jane Roe <jane@a.example>"\n', 3),
+        ("accounts", 'file_as,email2\nTwo,"x@b.example; y@b.example"\n', 2),
+        ("accounts", 'file_as,email2\nTwo,b example.org\n', 2),
+        ("contacts", 'account_file_as,name,email\nAcme Corp,Bob,"Bob <bob@b2.example>"\n', 2),
+        ("employees", 'name,email1\nDana,"Dana Tech <dana@msp.example>"\n', 2),
+        ("employees", 'name,email2\nDana,"dana@msp.example, d@msp.example"\n', 2),
     ],
     ids=[
         "account-no-file_as", "account-new-rec_id-no-name", "csv-extra-value", "unknown-column",
         "contact-unknown-account", "contact-bad-email", "employee-bad-active",
         "employee-no-name", "json-no-file_as", "json-unknown-field", "json-not-object",
+        "account-address-with-name", "account-two-addresses", "account-domain-with-space",
+        "contact-address-with-name", "employee-address-with-name", "employee-two-addresses",
     ],
 )  # fmt: skip
 def test_bad_row_names_its_line_and_changes_nothing(

@@ -959,7 +959,7 @@ def test_composed_mail_is_7bit_unless_it_needs_smtputf8_anyway() -> None:
     [
         "[Ticket #1] Drucker kaputt – bitte Hilfe für Müller",
         "[Ticket #12] " + "Störung im Netzwerk der Zweigstelle Süd, " * 6 + "bitte prüfen",
-        "[Ticket #3] ünïcödé two spaces, a quote \" and =?encoded?= look-alikes",
+        '[Ticket #3] ünïcödé two spaces, a quote " and =?encoded?= look-alikes',
         "[Ticket #4] 日本語 の 件名 です",
     ],
 )

@@ -49,6 +49,8 @@ from smtpgate.model import (
     OutboundMail,
     Outcome,
     domain_spellings,
+    is_bare_address,
+    is_bare_domain,
 )
 from smtpgate.status import query_status
 from smtpgate.store import crm
@@ -1777,6 +1779,13 @@ class Store:
         def upsert(db: sqlite3.Connection) -> None:
             for line, values in rows:
                 v = _clean(values)
+                for field in ("email1", "email2"):
+                    value = str(v.get(field) or "")
+                    if value and not (is_bare_address(value) or is_bare_domain(value)):
+                        raise ValueError(
+                            f"line {line}: {field} {value!r} is not one address or domain"
+                            " (write jane@example.com or example.com, no name, no second one)"
+                        )
                 if not v.get("file_as"):
                     # An update by rec_id may leave file_as out; a new account needs it.
                     v.pop("file_as", None)
@@ -1804,8 +1813,8 @@ class Store:
                 if not account or not crm.account_exists(db, str(account)):
                     raise ValueError(f"line {line}: the contact's account does not exist")
                 email = str(v.get("email") or "").strip().lower() or None
-                if email and "@" not in email:
-                    raise ValueError(f"line {line}: email {email!r} is not an address")
+                if email and not is_bare_address(email):
+                    raise ValueError(f"line {line}: email {_not_one_address(email)}")
                 rec_id = v.get("rec_id")
                 if not rec_id and (email or v.get("name")):
                     # Without a rec_id, the same contact is the one with its address on the
@@ -1848,9 +1857,9 @@ class Store:
                 if not name:
                     raise ValueError(f"line {line}: name is required")
                 emails = [str(v.get(k) or "").strip().lower() or None for k in ("email1", "email2")]
-                for e in emails:
-                    if e and "@" not in e:
-                        raise ValueError(f"line {line}: email {e!r} is not an address")
+                for field, e in zip(("email1", "email2"), emails, strict=True):
+                    if e and not is_bare_address(e):
+                        raise ValueError(f"line {line}: {field} {_not_one_address(e)}")
                 active = _flag(v.get("active", "Y"))
                 if active is None:
                     raise ValueError(f"line {line}: active must be Y/N, true/false or 1/0")
@@ -2043,6 +2052,10 @@ async def _connect(
         await db.close()  # its thread would keep the process alive
         raise
     return db
+
+
+def _not_one_address(value: str) -> str:
+    return f"{value!r} is not one address (write jane@example.com, no name, no second one)"
 
 
 def _clean(values: Mapping[str, Any]) -> dict[str, Any]:
