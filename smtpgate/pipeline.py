@@ -221,7 +221,7 @@ def _account_by_sender(
 # --- the stages -------------------------------------------------------------------------------
 
 
-async def stage_loop(inb: Inbound, ctx: Context, _: Directory) -> Decision | None:
+async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
     settings = ctx.settings
     marker = inb.msg.loop_header  # the parser's view also catches a folded field
     markers = regular.loop_markers(inb.raw) | ({marker} if marker else set())
@@ -239,6 +239,13 @@ async def stage_loop(inb: Inbound, ctx: Context, _: Directory) -> Decision | Non
         ours = any(f"{outbound.LOOP_HEADER}: {c}".lower().encode() in raw for c in spellings)
         forward = f"{outbound.ACTION_HEADER}:".lower().encode() in raw
         if ours and (inb.msg.is_delivery_report or forward):
+            if not inb.msg.is_delivery_report and await directory.employee_is_active(inb.sender):
+                # A technician filing one of our forwards on its ticket ("FW: [Ticket #1]", the
+                # forward attached) on purpose: an active employee's reply is only filed, and
+                # sends nothing that could come back (spec 2.3.1).
+                reply = await stage_ticket_reply(inb, ctx, directory)
+                if reply is not None:
+                    return reply
             return Decision(Path.REGULAR, Action.IGNORED, reason="loop")
     return None
 

@@ -1511,6 +1511,47 @@ async def test_our_forward_sent_back_as_an_attachment_is_not_forwarded_again(
     assert len(relay.to(SUPPORT)) == 1
 
 
+@pytest.mark.parametrize(
+    ("sender", "filed"),
+    [("dana@msp.example", True), (SUPPORT, False), ("old@msp.example", False)],
+    ids=["active-employee", "mailbox-rule", "inactive-employee"],
+)
+async def test_a_technician_files_our_forward_on_its_ticket_as_an_attachment(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, sender: str, filed: bool
+) -> None:
+    """spec 2.3.1: an active employee's mail with a ticket tag is only filed. A technician
+    attaching one of our forwards to "FW: [Ticket #1] …" was taken for a mailbox rule's loop
+    and dropped without a word. Filing sends nothing, so it cannot loop; anyone else (a rule,
+    an inactive employee, who would be forwarded to support again) still can."""
+    world = await start_world(gateway_factory, relay)
+    row = await deliver(
+        world.gw,
+        mail("Invoice question", sender="someone@elsewhere.example"),
+        "someone@elsewhere.example",
+    )
+    await settled(world.gw, row["id"])
+    (ours,) = relay.to(SUPPORT)
+    back = EmailMessage(policy=email.policy.SMTP)
+    back["From"], back["To"] = sender, CONNECTOR
+    back["Subject"] = "FW: [Ticket #1] Invoice question from the customer's accountant"
+    back["Message-ID"] = new_id("msp.example")
+    back.set_content("Filing this on the ticket, see the attached.")
+    back.add_attachment(email.message_from_bytes(ours.data, policy=email.policy.SMTP))
+    again = await deliver(world.gw, back.as_bytes(), sender)
+    await settled(world.gw, again["id"])
+    outcome = again["outcome"]
+    if filed:
+        assert (outcome["action"], outcome["reason"], outcome["ticket"]) == (
+            "ticket_reply",
+            "employee",
+            1,
+        )
+    else:
+        assert (outcome["action"], outcome["reason"]) == ("ignored", "loop")
+    assert outcome["sent"] == []
+    assert len(relay.to(SUPPORT)) == 1
+
+
 async def test_our_acknowledgement_sent_back_as_an_attachment_is_filed(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
