@@ -327,6 +327,12 @@ def load_settings(**overrides: Any) -> Settings:
         try:
             # pydantic-settings reads only the fields from a .env file and drops the rest.
             written = DotEnvSettingsSource(Settings, env_file=env_file).env_vars
+        except OSError as exc:
+            # Not even whether it exists: `sudo -u smtpgate smtpgate status` from /root.
+            raise ConfigError(
+                f"{env_file}: {exc.strerror or exc} in the working directory: start smtpgate"
+                " from a directory its user can read (it reads ./.env there)"
+            ) from None
         except Exception:  # unreadable: Settings() below says so
             written = {}
         unknown += unknown_variables(

@@ -32,6 +32,7 @@ DATA_DIR_VARIABLE = "SMTPGATE_DATA_DIR"
 DEFAULT_DATA_DIR = "./var"
 DB_NAME = "smtpgate.db"  # Settings.db_path = data_dir / DB_NAME
 ENV_FILE = ".env"  # pydantic-settings reads it from the working directory
+SCHEMA_VERSION = 7  # store.schema.MIGRATIONS' last: a newer store is the full path's to refuse
 
 STATES = ("queued", "active", "done", "dead")  # model.JobState, in order
 QUEUES = ("inbound", "outbox")
@@ -87,12 +88,16 @@ def query_status(db: sqlite3.Connection) -> dict[str, Any]:
 def read_status(db_path: Path, *, busy_timeout: float = 5.0) -> dict[str, Any]:
     """The store's status, read through a read-only connection in one snapshot.
 
-    Raises sqlite3.Error when the database is missing or lacks a table or index it reads.
+    Raises sqlite3.Error when the database is missing, lacks a table or index it reads, or
+    was written by a newer smtpgate (whose counts may not mean what this version says).
     """
     uri = db_path.absolute().as_uri() + "?mode=ro"
     db = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
     try:
         db.execute("BEGIN")  # the counts and the age from the same snapshot
+        (version,) = db.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        if (version or 0) > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"schema version {version}")
         return query_status(db)
     finally:
         db.close()  # a read-only transaction: nothing to commit

@@ -967,7 +967,8 @@ def test_a_store_from_a_newer_version_is_refused(
     assert run_here(monkeypatch, data, "accounts", "import", str(FIXTURES / "accounts.csv"))[0] == 0
     with contextlib.closing(sqlite3.connect(data / "smtpgate.db")) as db, db:
         db.execute("INSERT INTO schema_migrations VALUES (999, 'from the future', 'now')")
-    for args in (("queue", "list"), ("serve",)):
+    # status too: monitoring polling it saw a healthy gateway after a failed downgrade
+    for args in (("queue", "list"), ("serve",), ("status",), ("status", "--json")):
         code, out, err = run_here(
             monkeypatch, data, *args, env={"SMTPGATE_SMTP_PORT": "0", "SMTPGATE_HTTP_PORT": "0"}
         )

@@ -24,6 +24,7 @@ from smtpgate.config import ENV_PREFIX, ConfigError, Settings, load_settings
 from smtpgate.model import Action, Decision, Envelope, JobState, MailKind, NewTicket, OutboundMail
 from smtpgate.model import Path as Branch
 from smtpgate.store import Store, new_queue_id
+from smtpgate.store.schema import MIGRATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 ACME, GLOBEX = "CRDACME0000000000001", "CRDGLOBEX00000000002"
@@ -231,6 +232,7 @@ def test_empty_queue_reports_age_0(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 def test_names_and_defaults_agree_with_config() -> None:
     assert status.ENV_PREFIX == ENV_PREFIX
+    assert MIGRATIONS[-1][0] == status.SCHEMA_VERSION
     assert tuple(s.value for s in JobState) == status.STATES
     assert Settings.model_fields["data_dir"].default == Path(status.DEFAULT_DATA_DIR)
     assert Settings.model_config.get("env_file") == status.ENV_FILE
@@ -272,6 +274,35 @@ def test_help_still_lists_every_verb(tmp_path: Path) -> None:
 
 
 # --- when the full path answers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["status"], ["queue", "list"]])
+def test_a_dot_env_that_cannot_be_read_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, clean_env: None, data_dir: Path, args: list[str]
+) -> None:
+    """`sudo -u smtpgate smtpgate status` from /root (mode 0700, where `sudo -i` leaves an
+    admin): looking for ./.env fails with EACCES, and every verb ended in a traceback."""
+    monkeypatch.setenv("SMTPGATE_DATA_DIR", str(data_dir))
+    is_file = Path.is_file
+
+    def denied(path: Path) -> bool:  # what stat(2) answers there (root itself is never denied)
+        if path.name == ".env":
+            raise PermissionError(13, "Permission denied", str(path))
+        return is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda path: denied(path) and read_bytes(path))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code, out = captured(cli.main, args)
+    assert code == 2
+    assert out == ""
+    (line,) = err.getvalue().strip().splitlines()
+    assert ".env" in line
+    assert "Permission denied" in line
+    assert "directory" in line  # what to do: start it from a directory its user can read
+
 
 
 def test_a_missing_database_is_an_error_not_an_empty_healthy_queue(
