@@ -25,6 +25,7 @@ from pydantic import (
     SecretStr,
     StrictBool,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -36,6 +37,7 @@ ENV_PREFIX = "SMTPGATE_"
 
 _ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
 _DOMAIN = re.compile(r"[^@\s<>.]+(?:\.[^@\s<>.]+)*")  # labels, no empty one ("@", "@.")
+_HOST_WITH_PORT = re.compile(r"[^:\[\]]+:\d+")  # smtp.example.com:587, not ::1 or [::1]
 
 
 class ConfigError(Exception):
@@ -214,11 +216,21 @@ class Settings(BaseSettings):
 
     @field_validator("smtp_host", "http_host", "relay_host")
     @classmethod
-    def _host_given(cls, value: str) -> str:
+    def _host_given(cls, value: str, info: ValidationInfo) -> str:
         # Empty, a listener bound every interface (asyncio's host ""), the relay was unreachable.
         if not value.strip():
             raise ValueError("is empty: give a host name or address (0.0.0.0: every interface)")
+        # host:port (one colon: an IPv6 address has several) failed only when first used.
+        if _HOST_WITH_PORT.fullmatch(value.strip()):
+            port = f"{ENV_PREFIX}{str(info.field_name).removesuffix('_host').upper()}_PORT"
+            raise ValueError(f"has a port: give the host alone and the port in {port}")
         return value.strip()
+
+    @field_validator("relay_username", "relay_password", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        # SMTPGATE_RELAY_USERNAME= (compose's ${VAR:-}) means no AUTH, not an empty login.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("data_dir", mode="before")
     @classmethod
@@ -256,10 +268,11 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}TLS_CERT_FILE and {ENV_PREFIX}TLS_KEY_FILE must be set together"
             )
         # A password without a user was ignored (no AUTH), a user without one sent an empty
-        # password: both are half a configuration.
+        # password: both are half a configuration. (Empty counts as not set.)
         if (self.relay_username is None) != (self.relay_password is None):
             raise ValueError(
                 f"{ENV_PREFIX}RELAY_USERNAME and {ENV_PREFIX}RELAY_PASSWORD must be set together"
+                " (both, not empty, or neither)"
             )
         # AUTH PLAIN/LOGIN over a plain connection hands the password to anyone on the path
         # (Postfix's client refuses it by default); to a relay on this host it stays here.

@@ -534,6 +534,9 @@ def test_rule_names_are_unique_and_a_bom_is_no_error(
         ("SMTPGATE_HTTP_HOST", ""),
         ("SMTPGATE_SMTP_HOST", " "),
         ("SMTPGATE_RELAY_HOST", ""),
+        # host:port, the commonest relay mistake: it failed at the first delivery, not here.
+        ("SMTPGATE_RELAY_HOST", "smtp.example.com:587"),
+        ("SMTPGATE_RELAY_HOST", "192.0.2.1:25"),
         # A misspelled setting was ignored (here: the gateway refused all mail).
         ("SMTPGATE_CONNECTOR_ADDRESS", "tickets@msp.example"),
     ],
@@ -568,6 +571,27 @@ def test_an_empty_api_password_stops_start_up_when_the_api_is_on(tmp_path: Path)
         load_settings(_env_file=None, data_dir=tmp_path, api_enabled=True, api_password="")
     unset = load_settings(_env_file=None, data_dir=tmp_path, api_enabled=True)
     assert unset.api_password is None
+
+
+def test_relay_credentials_are_both_given_or_neither(tmp_path: Path) -> None:
+    """A user with an empty password (compose's ${VAR:-}) started, and every delivery sent
+    AUTH PLAIN with an empty password; both empty is no AUTH, and no TLS complaint."""
+    for auth in ({"relay_username": "gw", "relay_password": ""},
+                 {"relay_username": "", "relay_password": "pw"},
+                 {"relay_username": "gw"}):  # fmt: skip
+        with pytest.raises(
+            ConfigError, match="SMTPGATE_RELAY_USERNAME and SMTPGATE_RELAY_PASSWORD"
+        ):
+            load_settings(_env_file=None, data_dir=tmp_path, relay_tls="tls", **auth)
+    none = load_settings(
+        _env_file=None,
+        data_dir=tmp_path,
+        relay_host="smtp.msp.example",
+        relay_username=" ",
+        relay_password="",
+    )
+    assert (none.relay_username, none.relay_password) == (None, None)
+    assert load_settings(_env_file=None, data_dir=tmp_path, relay_host="::1").relay_host == "::1"
 
 
 def test_a_relay_password_never_crosses_the_network_in_clear_text(tmp_path: Path) -> None:
