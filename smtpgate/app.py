@@ -94,6 +94,7 @@ class Gateway:
         self.metrics = Metrics()
         self.store: Store | None = None
         self.smtp_port = 0
+        self._serving = False  # said "listening": "stopped" is said too
         self.http_port = 0
         self._servers: list[asyncio.Server] = []
         self._pools: list[WorkerPool[Job]] = []
@@ -209,6 +210,7 @@ class Gateway:
             self.http_port,
             ", ".join(s.connector_addresses),
         )
+        self._serving = True
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, finish or release in-flight work, close the store. `grace`: how long
@@ -252,7 +254,8 @@ class Gateway:
             await self.store.close()
         if self._lock_file is not None:
             self._lock_file.close()
-        log.info("smtpgate stopped")
+        if self._serving:  # a start that failed is said once, by its error
+            log.info("smtpgate stopped")
 
     def reload_rules(self) -> bool:
         """SIGHUP: swap in a valid rules file atomically; keep the old rules if it is invalid."""

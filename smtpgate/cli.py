@@ -554,6 +554,17 @@ def _outbox_id(text: str) -> str:
     return text
 
 
+def _positive(text: str) -> int:
+    """argparse type: a count or a ticket number, 1 … 2**63 - 1 (SQLite's integers)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"not a number from 1 up: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smtpgate", description=__doc__)
     p.set_defaults(needs_rules=False)
@@ -576,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("queue", help="inbound queue").add_subparsers(dest="action", required=True)
     s = q.add_parser("list")
     s.add_argument("--state", choices=["queued", "active", "done", "dead"])
-    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--limit", type=_positive, default=50)
     s.add_argument("--json", action="store_true")
     s = q.add_parser("show")
     s.add_argument("id")
@@ -592,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("outbox", help="outgoing mail").add_subparsers(dest="action", required=True)
     s = o.add_parser("list")
     s.add_argument("--state", choices=["queued", "active", "done", "dead"])
-    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--limit", type=_positive, default=50)
     s.add_argument("--json", action="store_true")
     s = o.add_parser("retry", help="dead → queued")
     one = s.add_mutually_exclusive_group()
@@ -601,24 +612,28 @@ def build_parser() -> argparse.ArgumentParser:
     for a in o.choices.values():
         a.set_defaults(fn=cmd_outbox)
 
-    t = sub.add_parser("tickets").add_subparsers(dest="action", required=True)
+    tickets = sub.add_parser("tickets", help="tickets: list, show")
+    t = tickets.add_subparsers(dest="action", required=True)
     s = t.add_parser("list")
-    s.add_argument("--limit", type=int, default=100)
+    s.add_argument("--limit", type=_positive, default=100)
     s.add_argument("--json", action="store_true")
     s = t.add_parser("show")
-    s.add_argument("number", type=int)
+    s.add_argument("number", type=_positive)
     s.add_argument("--json", action="store_true")
     for a in t.choices.values():
         a.set_defaults(fn=cmd_tickets)
 
     for kind in ("accounts", "contacts", "employees"):
-        k = sub.add_parser(kind).add_subparsers(dest="action", required=True)
+        what = "import" + (", list" if kind == "accounts" else "")
+        k = sub.add_parser(kind, help=f"{kind}: {what}").add_subparsers(
+            dest="action", required=True
+        )
         s = k.add_parser("import", help="CSV with a header row, or a JSON list")
         s.add_argument("file")
         s.set_defaults(fn=cmd_import, kind=kind)
         if kind == "accounts":
             s = k.add_parser("list")
-            s.add_argument("--limit", type=int, default=1000)
+            s.add_argument("--limit", type=_positive, default=1000)
             s.add_argument("--json", action="store_true")
             s.set_defaults(fn=cmd_accounts_list)
 

@@ -226,10 +226,14 @@ class Settings(BaseSettings):
             raise ValueError(f"has a port: give the host alone and the port in {port}")
         return value.strip()
 
-    @field_validator("relay_username", "relay_password", mode="before")
+    @field_validator(
+        "relay_username", "relay_password", "rules_file", "tls_cert_file", "tls_key_file",
+        mode="before",
+    )  # fmt: skip
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
-        # SMTPGATE_RELAY_USERNAME= (compose's ${VAR:-}) means no AUTH, not an empty login.
+        # SMTPGATE_RELAY_USERNAME= (compose's ${VAR:-}) means no AUTH, not an empty login;
+        # SMTPGATE_RULES_FILE= no rules file, not the directory ".".
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("data_dir", mode="before")
@@ -495,6 +499,15 @@ class AccountRule(_Rule):
         return self
 
 
+class _RuleError(ValueError):
+    """A problem of the rule `kind`[`index`]'s name found across rules: parse_rules names its
+    line (a whole-model check has no location of its own)."""
+
+    def __init__(self, kind: str, index: int, message: str) -> None:
+        super().__init__(message)
+        self.loc = (kind, index, "name")
+
+
 class Rules(BaseModel):
     """The rules file: evaluated in listed order; names default to kind[index], 1-based."""
 
@@ -530,13 +543,15 @@ class Rules(BaseModel):
         # be one there.
         seen: set[str] = set()
         for kind in ("detection", "skip", "account"):
-            for rule in getattr(self, kind):
+            for i, rule in enumerate(getattr(self, kind)):
                 if rule.name in seen:
-                    raise ValueError(f"the rule name {rule.name!r} is used more than once")
+                    raise _RuleError(kind, i, f"the rule name {rule.name!r} is used more than once")
                 if rule.name in BUILT_IN_STEPS:
-                    raise ValueError(
+                    raise _RuleError(
+                        kind,
+                        i,
                         f"the rule name {rule.name!r} is the name of a built-in step"
-                        f" (reported beside rule names: {', '.join(sorted(BUILT_IN_STEPS))})"
+                        f" (reported beside rule names: {', '.join(sorted(BUILT_IN_STEPS))})",
                     )
                 seen.add(rule.name)
         return self
@@ -575,7 +590,8 @@ def parse_rules(text: str, source: str = "<rules>") -> Rules:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = err["loc"]
+            cause = err.get("ctx", {}).get("error")
+            loc = cause.loc if isinstance(cause, _RuleError) else err["loc"]
             line = _line_of(text, loc)
             where = _describe_loc(loc, data)
             msg = str(err["msg"]).removeprefix("Value error, ")

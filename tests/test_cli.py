@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -472,6 +473,10 @@ RULE_ERRORS = [
      ("account[1]", "after", "white space")),
     ("domain-without-a-name", '[[detection]]\nsender = ["@"]\n', 2, ("detection[1]", "'@'")),
     ("yes-is-not-true", 'account_by_sender = "yes"\n', 1, ("account_by_sender", "boolean")),
+    ("name-used-twice", '[[detection]]\nname = "a"\nsubject = "A"\n[[skip]]\nsubject = "B"\n'
+     'name = "a"\n', 6, ("skip[1]", "'a'", "more than once")),
+    ("built-in-step-name", '[[account]]\nsearch = "file_as"\nname = "known_sender"\n'
+     'after = "Site"\n', 3, ("account[1]", "'known_sender'", "built-in step")),
 ]  # fmt: skip
 
 
@@ -852,6 +857,18 @@ def test_serve_that_cannot_start_says_which_variable_and_exits(
     assert result.returncode == 2, result.stderr
     assert variable in result.stderr
     assert "Traceback" not in result.stderr
+    # Ending in the error: "smtpgate stopped" came after it, for a gateway never started.
+    assert variable in result.stderr.splitlines()[-1]
+    assert "smtpgate stopped" not in result.stderr
+
+
+def test_optional_paths_given_empty_are_unset(tmp_path: Path) -> None:
+    """SMTPGATE_RULES_FILE= (compose's ${VAR:-}) read "." and stopped: "cannot read .: Is a
+    directory"; so did empty TLS files. Empty is unset, as for the other optional settings."""
+    settings = load_settings(
+        _env_file=None, data_dir=tmp_path, rules_file="", tls_cert_file=" ", tls_key_file=""
+    )
+    assert (settings.rules_file, settings.tls_cert_file, settings.tls_key_file) == (None,) * 3
 
 
 def test_status_of_a_data_dir_with_no_store_is_an_error_not_an_empty_queue(
@@ -1106,3 +1123,29 @@ def test_a_store_sqlite_cannot_open_is_named_not_a_traceback(
     assert code == 2, (out, err)
     assert f"SMTPGATE_DATA_DIR: cannot open the store {data / 'smtpgate.db'}" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("tickets", "show", "99999999999999999999999"),  # was an OverflowError traceback
+        ("tickets", "show", "0"),
+        ("queue", "list", "--limit", "-1"),  # listed everything
+        ("outbox", "list", "--limit", "0"),
+        ("accounts", "list", "--limit", "-5"),
+        ("tickets", "list", "--limit", "x"),
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(tmp_path: Path, args: tuple[str, ...]) -> None:
+    result = run(tmp_path / "var", *args)
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("usage: smtpgate")
+    assert result.stdout == ""
+
+
+def test_help_says_what_every_verb_does(tmp_path: Path) -> None:
+    out = run(tmp_path / "var", "--help").stdout
+    for verb in ("serve", "status", "explain", "queue", "outbox", "tickets", "accounts",
+                 "contacts", "employees", "rules", "backup"):  # fmt: skip
+        assert re.search(rf"^ +{verb} +\S", out, re.MULTILINE), (verb, out)
