@@ -267,6 +267,12 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}API_PASSWORD has white space at its start or end, which a"
                 " transaction's <Password> cannot have"
             )
+        if self.max_connections < self.intake_processes:  # each takes a share of sessions
+            raise ValueError(
+                f"{ENV_PREFIX}MAX_CONNECTIONS ({self.max_connections}) is less than"
+                f" {ENV_PREFIX}INTAKE_PROCESSES ({self.intake_processes}): each intake process"
+                " needs one session at least"
+            )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError(
                 f"{ENV_PREFIX}TLS_CERT_FILE and {ENV_PREFIX}TLS_KEY_FILE must be set together"

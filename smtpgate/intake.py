@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -64,6 +63,12 @@ ONE_WRITE_BYTES = 64 * 1024  # a message up to this size goes to the parent with
 FRAME_LINE_LIMIT = 1024 * 1024
 
 
+def session_shares(limit: int, count: int) -> list[int]:
+    """SMTPGATE_MAX_CONNECTIONS shared out over `count` children, adding up to it exactly."""
+    base, extra = divmod(limit, count)
+    return [base + (i < extra) for i in range(count)]
+
+
 class IntakeProcesses:
     """Starts, watches, restarts and stops the intake children of one `serve`."""
 
@@ -81,11 +86,11 @@ class IntakeProcesses:
         self._on_queued = on_queued  # as front.Handler's: a message committed (for /metrics)
         self._on_reply = on_reply  # a child's replies, by code and count (for /metrics)
         count = settings.intake_processes
-        # SMTPGATE_MAX_CONNECTIONS is for the whole gateway: each child gets its share.
-        per_child = max(1, math.ceil(settings.max_connections / count))
         child = settings.model_dump(mode="json", exclude=set(SECRETS))
-        child["max_connections"] = per_child
-        self._config = json.dumps({"settings": child}).encode() + b"\n"
+        self._configs = [  # SMTPGATE_MAX_CONNECTIONS is for the whole gateway
+            json.dumps({"settings": child | {"max_connections": share}}).encode() + b"\n"
+            for share in session_shares(settings.max_connections, count)
+        ]
         self._children = [_Child(i) for i in range(count)]
         self._stopping = False
         store.on_committed = self._answer
@@ -163,7 +168,7 @@ class IntakeProcesses:
         finally:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=mine, limit=FRAME_LINE_LIMIT)
-        writer.write(self._config)
+        writer.write(self._configs[child.index])
         child.channel = writer
         child.watcher = asyncio.create_task(
             self._watch(child, reader), name=f"intake-{child.index}"

@@ -219,6 +219,20 @@ def test_the_setting_is_bounded() -> None:
 
     with pytest.raises(ValidationError, match="intake_processes"):
         Settings(intake_processes=17, _env_file=None)  # type: ignore[call-arg]
+    # Each child needs a session of its own.
+    with pytest.raises(ValidationError, match="SMTPGATE_MAX_CONNECTIONS"):
+        Settings(intake_processes=3, max_connections=2, _env_file=None)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(("limit", "count"), [(200, 3), (1, 1), (2, 2), (7, 4), (16, 16)])
+def test_the_session_limit_is_shared_out_exactly(limit: int, count: int) -> None:
+    """SMTPGATE_MAX_CONNECTIONS is for the whole gateway: each child's share was rounded up
+    (200 with 3 children allowed 201, 1 with 2 allowed 2)."""
+    shares = intake.session_shares(limit, count)
+    assert len(shares) == count
+    assert sum(shares) == limit
+    assert max(shares) - min(shares) <= 1
+    assert min(shares) >= 1
 
 
 async def test_a_large_message_reaches_the_store_byte_for_byte(
