@@ -214,6 +214,7 @@ class Applied:
 
     ticket_number: int | None = None
     ticket_rec_id: str | None = None
+    account: str | None = None  # whose record a transaction added or changed
     record_kind: str | None = None
     record_id: str | None = None
     error_code: int | None = None

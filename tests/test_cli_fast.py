@@ -304,7 +304,6 @@ def test_a_dot_env_that_cannot_be_read_is_one_line(
     assert "directory" in line  # what to do: start it from a directory its user can read
 
 
-
 def test_a_missing_database_is_an_error_not_an_empty_healthy_queue(
     monkeypatch: pytest.MonkeyPatch, clean_env: None, tmp_path: Path
 ) -> None:

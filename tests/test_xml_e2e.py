@@ -1195,3 +1195,27 @@ def test_a_format_flowed_body_is_read_unflowed(delsp: bool) -> None:
     assert tx is not None
     assert tx.errors == ()
     assert tx.fields["FLDTKTPROBLEM"] == problem
+
+
+async def test_the_outcome_names_the_account_a_transaction_touched(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """spec 5: an outcome's `account` is a rec_id or null. It was null for every transaction,
+    so monitoring and `explain` could not tell whose ticket an integration opened."""
+    world = await start_world(gateway_factory, relay)
+    cases = [
+        (xml("TICKET", {"FLDTKTCARDID": GLOBEX, "FLDTKTPROBLEM": "Toner"}), GLOBEX),
+        (xml("TICKET", {"FLDTKTRECID": world.ticket, "FLDTKTSTATUS": "200"}), ACME),
+        (xml("HISTORY-NOTE", {"FLDHISLINKRECID": world.ticket, "FLDHISDESCRIPTION": "x"}), ACME),
+        (xml("CHARGE", {"FLDSLPCARDID": GLOBEX, "FLDSLPQUANTITY": "1"}), GLOBEX),
+        (xml("ACCOUNT", {"FLDCRDRECID": ACME, "FLDCRDCOMPANY": "Acme Corporation"}), ACME),
+        (xml("ITEM", {"FLDITMITEMNO": "LAB-1H", "FLDITMNAME": "Labour"}), None),
+    ]
+    for doc, account in cases:
+        row = await deliver(world.gw, in_body(doc, subject=f"tx {account}"), ENVELOPE)
+        assert row["outcome"]["action"] == "xml_applied", row["outcome"]
+        assert row["outcome"]["account"] == account, (doc, row["outcome"])
+    added = await deliver(
+        world.gw, in_body(xml("ACCOUNT", {"FLDCRDFULLNAME": "Initech"})), ENVELOPE
+    )
+    assert added["outcome"]["account"] == added["outcome"]["record"]["rec_id"]

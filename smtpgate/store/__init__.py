@@ -1168,7 +1168,7 @@ class Store:
             path=decision.path,
             action=Action.XML_REJECTED if failed_xml else decision.action,
             reason=decision.reason,
-            account=decision.account,
+            account=decision.account or applied.account,
             ticket=applied.ticket_number,
             rules_hit=decision.rules_hit,
             rules_missed=decision.rules_missed,

@@ -9,6 +9,7 @@ every value is bound as a parameter (xml-api.md 4).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 from collections.abc import Mapping
 from typing import Any
@@ -52,13 +53,28 @@ def apply(db: sqlite3.Connection, tx: Transaction, *, inbound_id: str | None = N
         else:
             applied = _update(db, kind, tx, rec_id)
         db.execute("RELEASE xmltx")
-        return applied
+        return dataclasses.replace(applied, account=_account_of(db, kind, applied.record_id))
     except BaseException:
         # Undo our part only; the original error is what the caller must see.
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK TO xmltx")
             db.execute("RELEASE xmltx")
         raise
+
+
+# The record tables that belong to an account (items are the MSP's own catalogue).
+_ACCOUNT_COLUMN = frozenset({"tickets", "history", "charges", "events", "assets"})
+
+
+def _account_of(db: sqlite3.Connection, kind: KindSpec, rec_id: str | None) -> str | None:
+    """The account of the record a transaction added or changed, for its outcome."""
+    if kind is xmlapi.ACCOUNT:
+        return rec_id
+    if rec_id is None or kind.table not in _ACCOUNT_COLUMN:
+        return None
+    # `kind.table` comes from the static KINDS table, never from the message.
+    row = db.execute(f"SELECT account FROM {kind.table} WHERE rec_id = ?", (rec_id,)).fetchone()
+    return None if row is None or row[0] is None else str(row[0])
 
 
 def _failed(tx: Transaction, errors: list[XmlError]) -> Applied:
