@@ -172,6 +172,11 @@ LOCATE = (
     Loc("between-exact-only", "Site", ",", "Site Acme Corp West, x", None),
     Loc("between-before-after-the-after", "Site", "-", "Ping - Site Acme Corp", None),
     Loc("between-spaced-dash", "Alert:", " - ", "Alert: Acme-Bau GmbH - Node down", BAU),
+    # a phrase's outer spaces at the subject's ends, which the parser trims ("{site} - {msg}"
+    # with an empty message); inside, they are still needed
+    Loc("before-spaced-at-the-end", None, " - ", "Acme Corp -", ACMECORP),
+    Loc("after-spaced-at-the-start", " - ", None, "- Acme Corp", ACMECORP),
+    Loc("before-spaced-not-inside-a-word", None, " - ", "Acme-Bau GmbH-x -y", None),
     Loc("between-rule-spaces", "Alert  for   Site", ",", "Alert for Site Acme Corp, x",
         ACMECORP),
     Loc("between-ambiguous", "Group:", ";", "Group: CONTOSO; disk", None, ambiguous=2),

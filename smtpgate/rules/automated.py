@@ -42,9 +42,15 @@ def phrase_in(phrase: str, text: str) -> bool:
 
 def _phrase_pattern(phrase: str) -> re.Pattern[str]:
     """A located phrase, case-folded as `phrase_in` compares it (to search a `_fold`ed text),
-    any white-space run matching any other."""
+    any white-space run matching any other. Its outer white space also matches the text's
+    start or end, which the parser trims ("Acme Corp -" for "{site} - {message}")."""
     parts = re.split(r"\s+", phrase.casefold())
-    return re.compile(r"\s+".join(re.escape(part) for part in parts))
+    pattern = r"\s+".join(re.escape(part) for part in parts)
+    if len(parts) > 1 and not parts[0]:
+        pattern = r"(?:^|\s+)" + pattern.removeprefix(r"\s+")
+    if len(parts) > 1 and not parts[-1]:
+        pattern = pattern.removesuffix(r"\s+") + r"(?:\s+|$)"
+    return re.compile(pattern)
 
 
 def _fold(text: str) -> tuple[str, list[int] | None]:
