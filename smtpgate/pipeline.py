@@ -187,8 +187,10 @@ def _may_answer(inb: Inbound, ctx: Context, recipient: str | None) -> str | None
     """Why an automatic mail to `recipient` must not be sent (spec 2.4), or None if it may."""
     if not recipient:
         return "no recipient"
-    if ctx.settings.is_own_address(recipient):
+    if ctx.settings.is_connector(recipient):
         return "recipient is a connector address"
+    if ctx.settings.is_own_address(recipient):
+        return "recipient is the gateway's own sender address"
     if regular.is_robot_address(recipient):
         return "recipient is a robot address"
     return regular.no_auto_answer_reason(inb.msg, inb.mail_from)
@@ -293,8 +295,11 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
             misses.append(f"{rule.name}: no account with {rule.search} {values[0][:100]!r}")
         elif automated.locate(rule, msg.subject):
             misses.append(f"{rule.name}: no text where its phrases point")
+        elif rule.after and rule.before and automated.phrase_in(rule.after, msg.subject):
+            misses.append(f"{rule.name}: no {rule.before!r} after {rule.after!r} in the subject")
         else:
-            misses.append(f"{rule.name}: its phrases are not in the subject")
+            phrases = "its phrases are" if rule.after and rule.before else "its phrase is"
+            misses.append(f"{rule.name}: {phrases} not in the subject")
     if not match.account and rules.account_by_sender:
         match, note = _account_by_sender(lookups[-2:], results[-2:])
         ambiguous = ambiguous or note is not None  # the note is only about ambiguity

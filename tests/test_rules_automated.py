@@ -676,15 +676,18 @@ async def test_an_account_rule_that_finds_nothing_says_what_it_looked_for(
         parse_rules(SENDER_RULES),
     )
     raw = message("Alert for Site Acme Corporation, disk", "x@nowhere.example")
+    unended = message("Alert for Site Acme Corp disk", "x@nowhere.example")  # no ","
     try:
         decision = await decide(raw, "x@nowhere.example", parse_message(raw), ctx, directory)
+        other = await decide(unended, "x@nowhere.example", parse_message(unended), ctx, directory)
     finally:
         await directory.close()
     assert decision.action == Action.AUTOMATED_NO_ACCOUNT
     assert decision.notes[:2] == [
         "site: no account with file_as 'acme corporation'",
-        "group: its phrases are not in the subject",
+        "group: its phrase is not in the subject",
     ]
+    assert other.notes[0] == "site: no ',' after 'Site' in the subject"
     # A long subject is not copied whole into the outcome.
     long = message("Alert for Site " + "x" * 5000 + ", disk", "x@nowhere.example")
     store = await Store.open(tmp_path / "again.db")

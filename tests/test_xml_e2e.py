@@ -622,6 +622,15 @@ CASES: tuple[Case, ...] = (
         notes=("no response",),
     ),
     Case(
+        "response-to-the-gateways-sender-address-is-not-sent",
+        lambda w: in_body(ticket_tx(respond="Gateway@msp.example")),
+        "xml_applied",
+        kind="TICKET",
+        ticket=2,
+        notes=("no response: recipient is the gateway's own sender address",),
+        settings={"from_address": "gateway@msp.example"},
+    ),
+    Case(
         "response-to-connector-wrong-password-nothing",
         lambda w: in_body(ticket_tx(respond=CONNECTOR, password="x")),
         "xml_rejected",
