@@ -9,6 +9,7 @@ import binascii
 import codecs
 import functools
 import html
+import itertools
 import re
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
@@ -84,27 +85,50 @@ class ParsedMessage:
 # Regex sources for the lines that start a quoted reply (spec 2.3). Config compiles them with
 # re.IGNORECASE and matches each against one line with .search; lines starting with '>' are
 # dropped by strip_quotes itself. Repetitions are bounded so that a hostile line stays cheap.
+# The words of an Outlook header block, in the languages MSP customers write in: the sender's
+# field, and the field after it that dates the message ("Sent:", Outlook for Mac's "Date:").
+_FROM_WORDS = (
+    "From|Von|De|Da|Van|Från|Fra|Od|Lähettäjä|От|Від|Kimden|Feladó|De la|Από|מאת|من|"
+    "发件人|寄件者|差出人|送信者|보낸 사람"
+)
+_SENT_WORDS = (
+    "Sent|Date|Gesendet|Datum|Envoyé|Enviado el|Enviado em|Enviada em|Enviado|Fecha|Inviato|"
+    "Data|Verzonden|Skickat|Sendt|"
+    "Wysłano|Odesláno|Lähetetty|Отправлено|Дата|Надіслано|Gönderildi|Tarih|Elküldve|Dátum|"
+    "Trimis|Στάλθηκε|Ημερομηνία|נשלח|תאריך|التاريخ|تم الإرسال|发送时间|日期|寄件日期|送信日時|日付|"
+    "보낸 날짜|날짜"
+)
 DEFAULT_QUOTE_PATTERNS: tuple[str, ...] = (
-    # Outlook plain text: "-----Original Message-----" and its translations
+    # Outlook plain text: "-----Original Message-----" and its translations (Foxmail's
+    # "------------------ 原始邮件 ------------------" too)
     r"^\s*-{2,}\s*(?:Original Message|Ursprüngliche Nachricht|Message d'origine|"
     r"Messaggio originale|Mensaje original|Mensagem original|Oorspronkelijk bericht|"
     r"Originalmeddelande|Original meddelelse|Opprinnelig melding|Alkuperäinen viesti|"
-    r"Wiadomość oryginalna|Původní zpráva)\s*-{2,}\s*$",
+    r"Wiadomość oryginalna|Původní zpráva|Исходное сообщение|原始邮件|原始郵件|"
+    r"元のメッセージ|원본 메시지)\s*-{2,}\s*$",
     # Outlook HTML converted to text: the rule above the header block
     r"^\s*_{10,}\s*$",
-    # Outlook header block: "From: Name <a@b>" / "From: Name [mailto:a@b]" (and translations)
-    r"^\s*(?:From|Von|De|Da|Van|Från|Fra|Od|Lähettäjä|От)\s?:\s.{0,300}"
-    r"(?:<[^<>\s]+@[^<>\s]+>|\[mailto:[^\]\s]+\])",
-    # Gmail, Apple Mail, Thunderbird: "On Thu, 26 Nov 2026 at 13:05, Support <a@b> wrote:"
-    r"^\s*On\s.{1,300}\swrote\s?:\s*$",
-    r"^\s*Le\s.{1,300}\sa\sécrit\s?:\s*$",
-    r"^\s*Am\s.{1,300}\sschrieb\s.{0,300}:\s*$",
-    r"^\s*El\s.{1,300}\sescribió\s?:\s*$",
-    r"^\s*Il\s.{1,300}\sha\sscritto\s?:\s*$",
-    r"^\s*Em\s.{1,300}\sescreveu\s?:\s*$",
-    r"^\s*Op\s.{1,300}\sschreef\s.{0,300}:\s*$",
-    r"^\s*(?:Den|På)\s.{1,300}\sskrev\s.{0,300}:\s*$",
+    # Outlook header block: "From: Name <a@b>", "From: Name [mailto:a@b]", "From: Name" (and
+    # translations); strip_quotes takes it for one only with its Sent:/Date: line after it.
+    rf"^\s*(?:{_FROM_WORDS})\s?:\s*\S",
+    # Gmail, Apple Mail, Thunderbird: "On Thu, 26 Nov 2026 at 13:05, Support <a@b> wrote:".
+    # An attribution holds its date: "On the file server the agent wrote:" is the customer's.
+    r"^(?=.*\d)\s*On\s.{1,300}\swrote\s?:\s*$",
+    r"^(?=.*\d)\s*Le\s.{1,300}\sa\sécrit\s?:\s*$",
+    r"^(?=.*\d)\s*Am\s.{1,300}\sschrieb\s.{0,300}:\s*$",
+    r"^(?=.*\d)\s*El\s.{1,300}\sescribió\s?:\s*$",
+    r"^(?=.*\d)\s*Il\s.{1,300}\sha\sscritto\s?:\s*$",
+    r"^(?=.*\d)\s*Em\s.{1,300}\sescreveu\s?:\s*$",
+    r"^(?=.*\d)\s*Op\s.{1,300}\sschreef\s.{0,300}:\s*$",
+    r"^(?=.*\d)\s*(?:Den|På)\s.{1,300}\sskrev\s.{0,300}:\s*$",
+    # "05.01.2026 10:02, Support пишет:" and other languages' verb last
+    r"^(?=.*\d).{1,300}\s(?:пишет|написал|написала|написав|написала|kirjoitti|napisał|"
+    r"napisała|napsal|napísal|írta|έγραψε|yazdı|כתב|כתבה|كتب)\s?:\s*$",
+    # Gmail in Japanese, Chinese, Korean: "2026年1月5日(月) 10:02 Support <a@b>:"
+    r"^(?=.*\d).{1,300}<[^<>\s]+@[^<>\s]+>\s?:\s*$",
 )
+_FROM_FIELD = re.compile(rf"^\s*(?:{_FROM_WORDS})\s?:", re.IGNORECASE)
+_SENT_FIELD = re.compile(rf"^\s*(?:{_SENT_WORDS})\s?:", re.IGNORECASE)
 
 
 def parse_message(raw: bytes) -> ParsedMessage:
@@ -134,6 +158,8 @@ def strip_quotes(text: str, patterns: Sequence[re.Pattern[str]]) -> str:
             if len(line) <= _MAX_QUOTE_LINE_CHARS and any(p.search(line) for p in patterns)
             else _wrapped_quote_header(lines, i, patterns)
         )
+        if header and _FROM_FIELD.match(line) and not _dated(lines, i + header):
+            header = 0  # "From: …" without its "Sent: …": a header the customer pasted
         if header:
             after = next((rest for rest in lines[i + header :] if rest.strip()), "")
             if not after.lstrip().startswith(">"):
@@ -145,6 +171,13 @@ def strip_quotes(text: str, patterns: Sequence[re.Pattern[str]]) -> str:
         i += 1
     result = "\n".join(kept).rstrip()
     return result if result.strip() else text
+
+
+def _dated(lines: list[str], start: int) -> bool:
+    """An Outlook header block's date field ("Sent:", "Date:", "Gesendet:" …) is among the
+    three lines after its "From:" line (blank lines skipped)."""
+    following = (line for line in lines[start : start + 6] if line.strip())
+    return any(_SENT_FIELD.match(line) for line in itertools.islice(following, 3))
 
 
 def _wrapped_quote_header(lines: list[str], i: int, patterns: Sequence[re.Pattern[str]]) -> int:

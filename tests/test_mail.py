@@ -1235,9 +1235,93 @@ def test_unparseable_input_is_reported_not_raised() -> None:
             "> only quoted\n> lines", "> only quoted\n> lines", id="nothing-left-keeps-original"
         ),
         pytest.param(
-            "On Monday someone wrote:\n> all quote",
-            "On Monday someone wrote:\n> all quote",
+            "On Mon, 26 Nov 2026 someone wrote:\n> all quote",
+            "On Mon, 26 Nov 2026 someone wrote:\n> all quote",
             id="quote-at-top",
+        ),
+        # --- the customer's own words are never taken for a quote header ---
+        pytest.param(
+            "Hi Mike,\nOn the file server the Veeam agent wrote:\n  error 5\nCan you look?\n\n"
+            "On Mon, 5 Jan 2026 at 10:02, MSP <s@m.example> wrote:\n> old",
+            "Hi Mike,\nOn the file server the Veeam agent wrote:\n  error 5\nCan you look?",
+            id="words-like-an-attribution-without-a-date",
+        ),
+        pytest.param(
+            "Hallo,\nam Freitag schrieb mir Ihr Kollege Folgendes:\nZitat\nBitte melden.\n\n"
+            "Von: MSP <s@m.example>\nGesendet: Montag, 5. Januar 2026 10:02\nAn: X\n\nalt",
+            "Hallo,\nam Freitag schrieb mir Ihr Kollege Folgendes:\nZitat\nBitte melden.",
+            id="am-schrieb-in-the-customers-text",
+        ),
+        pytest.param(
+            "On the second NAS the disks are fine, but the\ntest job failed and the console"
+            " wrote:\n  failed\nCall me.\n\nOn Mon, 2026-01-05 at 10:02 +0100, MSP wrote:\n> q",
+            "On the second NAS the disks are fine, but the\ntest job failed and the console"
+            " wrote:\n  failed\nCall me.",
+            id="hard-wrapped-words-like-an-attribution",
+        ),
+        pytest.param(
+            "Two more got this:\n\nFrom: Billing <b@x.example>\nSubject: pay now\n\nReset?\n\n"
+            "From: MSP <s@m.example>\nSent: Monday, January 5, 2026 10:02 AM\nTo: Jane\n\nold",
+            "Two more got this:\n\nFrom: Billing <b@x.example>\nSubject: pay now\n\nReset?",
+            id="a-pasted-from-line-is-not-the-quote",
+        ),
+        pytest.param(
+            "Done.\n\nFrom: MSP Support Desk\nSent: Monday, January 5, 2026 10:02 AM\nTo: Jane"
+            "\nSubject: RE: x\n\nold",
+            "Done.",
+            id="outlook-sender-without-an-address",
+        ),
+        pytest.param(
+            "Ok.\n\nFrom: MSP <s@m.example>\nDate: Monday, 5 January 2026 at 10:02\nTo: Jane"
+            "\n\nold",
+            "Ok.",
+            id="outlook-for-mac",
+        ),
+        # --- more languages ---
+        pytest.param(
+            "好的\n\n发件人: MSP <s@m.example>\n发送时间: 2026年1月5日 10:02\n收件人: x\n\n旧",
+            "好的",
+            id="outlook-zh",
+        ),
+        pytest.param(
+            "好的\n\n------------------ 原始邮件 ------------------\n发件人: MSP\n\n旧",
+            "好的",
+            id="foxmail-zh",
+        ),
+        pytest.param(
+            "了解です\n\n差出人: MSP <s@m.example>\n送信日時: 2026年1月5日 10:02\n\n古い",
+            "了解です",
+            id="outlook-ja",
+        ),
+        pytest.param(
+            "תודה\n\nמאת: MSP <s@m.example>\nנשלח: יום שני 5 ינואר 2026 10:02\n\nישן",
+            "תודה",
+            id="outlook-he",
+        ),
+        pytest.param(
+            "Hola\n\nDe: MSP <s@m.example>\nEnviado el: lunes, 5 de enero de 2026 10:02\n\nold",
+            "Hola",
+            id="outlook-es",
+        ),
+        pytest.param(
+            "Tamam\n\nKimden: MSP <s@m.example>\nGönderildi: 5 Ocak 2026 10:02\n\neski",
+            "Tamam",
+            id="outlook-tr",
+        ),
+        pytest.param(
+            "네\n\n보낸 사람: MSP <s@m.example>\n보낸 날짜: 2026년 1월 5일 10:02\n\n이전",
+            "네",
+            id="outlook-ko",
+        ),
+        pytest.param(
+            "了解\n\n2026年1月5日(月) 10:02 MSP Support <support@msp.example>:\n\n> 古い",
+            "了解",
+            id="gmail-ja",
+        ),
+        pytest.param(
+            "Хорошо\n\n05.01.2026 10:02, MSP Support пишет:\n> старое",
+            "Хорошо",
+            id="thunderbird-ru",
         ),
         pytest.param("No quote here\n", "No quote here", id="no-quote"),
         pytest.param(
@@ -1265,7 +1349,7 @@ def test_strip_quotes(text: str, expected: str) -> None:
 
 def test_strip_quotes_with_patterns_compiled_like_config() -> None:
     patterns = tuple(re.compile(p, re.IGNORECASE) for p in DEFAULT_QUOTE_PATTERNS)
-    assert strip_quotes("yes\nON MON, JANE <J@X.EXAMPLE> WROTE:\n> q", patterns) == "yes"
+    assert strip_quotes("yes\nON MON, 5 JAN, JANE <J@X.EXAMPLE> WROTE:\n> q", patterns) == "yes"
 
 
 def test_strip_quotes_without_patterns_drops_only_quoted_lines() -> None:
