@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import contextlib
 import functools
 import html
 import itertools
@@ -226,6 +227,7 @@ _CHARSET_SUPERSETS = {
     "euc-kr": "cp949",
     "shift_jis": "cp932",
     "x-sjis": "cp932",
+    "big5": "cp950",  # Outlook's big5 holds cp950's € and 裏
     "windows-874": "cp874",
     "tis-620": "cp874",
     # Labels mail clients write that Python does not know (WHATWG encoding standard's names).
@@ -239,8 +241,8 @@ _CHARSET_SUPERSETS = {
     "x-gbk": "gb18030",
     "macintosh": "mac-roman",
     "x-mac-ce": "mac-latin2",
-    "x-euc-tw": "big5",
-    "x-x-big5": "big5",
+    "x-euc-tw": "cp950",
+    "x-x-big5": "cp950",
     "big5-hkscs": "big5hkscs",
     "unicode-1-1-utf-8": "utf-8",
     "x-unicode20utf8": "utf-8",
@@ -331,6 +333,14 @@ def _decode_bytes(data: bytes, charset: str | None) -> tuple[str, bool]:
         except Exception:  # UnicodeError, or any oddity of an exotic codec
             if codec == "cp1252":  # declared Latin-1 (mapped to cp1252) that uses 0x81 & co.
                 return data.decode("latin-1"), True
+            if codec.startswith("iso2022_jp"):
+                return _decode_outlook_jis(data), True
+            if codec in _EAST_ASIAN_CODECS:
+                # The rest in the declared charset, a bad byte replaced: guessed as UTF-8 (7-bit
+                # bytes "fit") or cp1252, the whole text was garbled.
+                with contextlib.suppress(UnicodeDecodeError):
+                    return data.decode("utf-8"), False  # mislabelled UTF-8, when it is that
+                return data.decode(codec, "replace"), False
     declared_ok = not charset
     for fallback in ("utf-8", "cp1252"):
         try:
@@ -338,6 +348,43 @@ def _decode_bytes(data: bytes, charset: str | None) -> tuple[str, bool]:
         except UnicodeDecodeError:
             pass
     return data.decode("latin-1"), declared_ok
+
+
+_EAST_ASIAN_CODECS = frozenset(
+    {"cp932", "euc_jp", "shift_jis", "gb18030", "gbk", "gb2312", "hz", "cp950", "big5",
+     "big5hkscs", "cp949", "euc_kr", "johab", "iso2022_kr"}
+)  # fmt: skip
+_JIS_MODE = re.compile(rb"\x1b(\$[@B]|\([BJI])")
+
+
+def _decode_outlook_jis(data: bytes) -> str:
+    """ISO-2022-JP as Outlook and Windows write it (CP50220): JIS X 0208 with Microsoft's
+    extensions (①, ㈱, ～), which Python's iso2022_jp refuses. Read as browsers read it
+    (WHATWG): each two-byte JIS character through its Shift_JIS code in cp932."""
+    parts = _JIS_MODE.split(data)  # text, mode, text, mode, …
+    sjis = bytearray(parts[0])
+    for mode, chunk in zip(parts[1::2], parts[2::2], strict=True):
+        if mode == b"(I":  # half-width katakana
+            sjis += bytes(b + 0x80 if 0x21 <= b <= 0x5F else b for b in chunk)
+            continue
+        if not mode.startswith(b"$"):  # ASCII or JIS-Roman
+            sjis += chunk
+            continue
+        i = 0
+        while i < len(chunk):
+            j1 = chunk[i]
+            if not 0x21 <= j1 <= 0x7E or i + 1 == len(chunk):  # a line end left in the mode
+                sjis.append(j1 if j1 < 0x21 else 0x3F)
+                i += 1
+                continue
+            j2 = chunk[i + 1]
+            s1 = ((j1 + 1) >> 1) + (0x70 if j1 <= 0x5E else 0xB0)
+            s2 = j2 + (0x1F if j1 & 1 else 0x7E)
+            if j1 & 1 and s2 >= 0x7F:
+                s2 += 1
+            sjis += bytes((s1, s2))
+            i += 2
+    return sjis.decode("cp932", "replace")
 
 
 def _to_bytes(value: str) -> bytes:

@@ -1666,6 +1666,30 @@ def test_charset_labels_mail_clients_send_decode_the_body(
     assert "body charset did not fit" not in msg.defects
 
 
+# ①サーバー in ISO-2022-JP as Outlook writes it (CP50220): ① is NEC's row 13, which Python's
+# iso2022_jp refuses; the whole body stayed undecoded ("$B-!%5!<…").
+OUTLOOK_JIS = b"\x1b$B-!%5!<%P!<\x1b(B (TEL\x1b$B!'\x1b(B03)"
+
+
+@pytest.mark.parametrize(
+    ("label", "body", "text"),
+    [
+        ("iso-2022-jp", OUTLOOK_JIS, "①サーバー (TEL：03)"),
+        ("ISO-2022-JP", b"\x1b$B%5!<%P!<\x1b(B", "サーバー"),  # plain JIS: as before
+        ("big5", "您好 €120 裏".encode("cp950"), "您好 €120 裏"),  # Outlook's big5 is cp950
+        # An East Asian charset with a bad byte: the rest read in it, not guessed as cp1252.
+        ("shift_jis", "あいう".encode("cp932") + b"\x82", "あいう\ufffd"),
+        ("euc-kr", "안녕".encode("cp949") + b"\xff\xff", "안녕\ufffd\ufffd"),
+    ],
+)
+def test_east_asian_mail_as_outlook_writes_it(label: str, body: bytes, text: str) -> None:
+    msg = parse_message(eml(f"Content-Type: text/plain; charset={label}", body=body))
+    assert msg.text == text
+    word = base64.b64encode(body).decode()
+    subject = parse_message(f"Subject: =?{label}?B?{word}?=\r\n\r\nx".encode()).subject
+    assert subject == text
+
+
 def test_a_charset_label_of_a_mail_client_in_an_encoded_word() -> None:
     word = base64.b64encode("שלום".encode("iso-8859-8"))
     assert parse_message(b"Subject: =?iso-8859-8-i?B?" + word + b"?=\r\n\r\nx").subject == "שלום"
