@@ -858,34 +858,71 @@ _HTML_SPACE = re.compile(r"[ \t\r\n\f]+")
 _BLANK_LINE_RUNS = re.compile(r"\n{3,}")
 
 
+class _TextOut:
+    """The text _html_to_text writes. Line breaks are owed rather than written: adjacent block
+    boundaries ("</div><div>") give one break, paragraphs a blank line, each <br> one more line;
+    a table cell's first block owes none (Word puts a paragraph in every cell). Lines inside a
+    blockquote start with "> " (so strip_quotes sees a quote, as in plain text), list items
+    with "- " or their number."""
+
+    __slots__ = ("cell_fresh", "in_pre", "line_start", "marker", "owed", "parts", "quote")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.owed = 0  # line breaks owed before the next text
+        self.quote = 0  # blockquote depth
+        self.in_pre = 0
+        self.line_start = True
+        self.cell_fresh = False  # in a table cell, no text yet
+        self.marker = ""  # a list item's "- " or "1. ", written before its first text
+
+    def owe(self, breaks: int, *, more: bool = False) -> None:
+        if not self.cell_fresh:
+            self.owed = self.owed + breaks if more else max(self.owed, breaks)
+
+    def text(self, text: str) -> None:
+        if self.owed:
+            if not self.in_pre and text.isspace():
+                return  # source indentation between blocks
+            # A blank line inside a quote is a quoted blank line (">"), as in plain text.
+            blank = ("> " * self.quote).rstrip() + "\n"
+            self.parts.append("\n" + blank * (self.owed - 1))
+            self.owed = 0
+            self.line_start = True
+        if self.line_start:
+            if text.isspace():
+                self.parts.append(text)
+                return
+            self.parts.append("> " * self.quote + self.marker)
+            self.marker = ""
+            self.line_start = False
+        self.cell_fresh = self.cell_fresh and text.isspace()
+        self.parts.append(text)
+
+
+_HREF = re.compile(r"""\shref\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", re.IGNORECASE)
+_MAX_HREF_CHARS = 500  # longer targets (tracking links) would bury the text they belong to
+
+
 def _html_to_text(source: str) -> str:
-    """Readable text from HTML: tags gone, scripts/styles dropped, blocks as line breaks.
+    """Readable text from HTML: tags gone, scripts/styles dropped, blocks as line breaks
+    (`_TextOut`), table cells apart by " | ", a link's target after its text.
 
     A single forward scan with str.find, so unclosed comments or tags cost linear time (the
-    stdlib HTMLParser of this Python is quadratic on some of them). Line breaks are owed rather
-    than written: adjacent block boundaries ("</div><div>") give one break, paragraphs a blank
-    line, each <br> one more line.
+    stdlib HTMLParser of this Python is quadratic on some of them).
     """
     source = source[:_MAX_HTML_CHARS]
-    out: list[str] = []
-    owed = 0  # line breaks owed before the next text
+    out = _TextOut()
+    lists: list[list[int]] = []  # open lists: [number of the next item, or 0 when bulleted]
+    cells = 0  # cells begun in the current table row
+    link: tuple[str, int] | None = None  # an open link's target and where its text begins
     pos, n = 0, len(source)
-    in_pre = 0
-
-    def emit(text: str) -> None:
-        nonlocal owed
-        if owed:
-            if not in_pre and text.isspace():
-                return  # source indentation between blocks
-            out.append("\n" * owed)
-            owed = 0
-        out.append(text)
 
     while pos < n:
         lt = source.find("<", pos)
         chunk = source[pos:] if lt < 0 else source[pos:lt]
         if chunk:
-            emit(html.unescape(chunk if in_pre else _HTML_SPACE.sub(" ", chunk)))
+            out.text(html.unescape(chunk if out.in_pre else _HTML_SPACE.sub(" ", chunk)))
         if lt < 0:
             break
         if source.startswith("<!--", lt):
@@ -902,7 +939,7 @@ def _html_to_text(source: str) -> str:
             continue
         m = _TAG_NAME.match(source, lt)
         if m is None:
-            emit("<")  # a literal '<'
+            out.text("<")  # a literal '<'
             pos = lt + 1
             continue
         end = source.find(">", m.end())
@@ -920,18 +957,60 @@ def _html_to_text(source: str) -> str:
             if end < 0:
                 break
             pos = end + 1
+            continue
+        if name == "a":
+            if closing and link is not None:
+                target, begin = link
+                written = "".join(out.parts[begin:])
+                if written.strip() and target not in written:
+                    out.parts.append(f" <{target}>")
+                link = None
+            elif not closing:
+                href = _HREF.search(source, m.end(), end)
+                target = (
+                    html.unescape(next(g for g in href.groups() if g is not None)) if href else ""
+                )
+                link = (
+                    (target, len(out.parts))
+                    if target.lower().startswith(("http://", "https://"))
+                    and len(target) <= _MAX_HREF_CHARS
+                    else None
+                )
         elif name == "br":
-            owed += 1
+            out.owe(1, more=True)
         elif name == "pre":
-            in_pre = max(0, in_pre - 1) if closing else in_pre + 1
-            owed = max(owed, 1)
+            out.in_pre = max(0, out.in_pre - 1) if closing else out.in_pre + 1
+            out.owe(1)
         elif name in _PARAGRAPH_TAGS:
-            owed = max(owed, 2)
+            out.owe(2)
+        elif name in _CELL_TAGS:
+            if closing:  # the cell's last paragraph owes nothing: the row goes on
+                out.cell_fresh = False
+                out.owed = 0
+            else:
+                if cells:
+                    out.owed = 0
+                    out.text(" | ")
+                cells += 1
+                out.cell_fresh = True
         elif name in _BLOCK_TAGS:
-            owed = max(owed, 1)
-        elif name in _CELL_TAGS and not closing:
-            emit(" ")
-    lines = (" ".join(line.split()) for line in "".join(out).split("\n"))
+            if name == "tr":
+                cells = 0
+                out.cell_fresh = False
+            elif name == "blockquote":
+                out.quote = max(0, out.quote - 1) if closing else out.quote + 1
+            elif name in ("ul", "ol"):
+                if closing:
+                    if lists:
+                        lists.pop()
+                else:
+                    lists.append([1 if name == "ol" else 0])
+            elif name == "li" and not closing:
+                item = lists[-1] if lists else [0]
+                out.marker = f"{item[0]}. " if item[0] else "- "
+                item[0] += 1 if item[0] else 0
+            out.owe(1)
+    lines = (" ".join(line.split()) for line in "".join(out.parts).split("\n"))
     return _BLANK_LINE_RUNS.sub("\n\n", "\n".join(lines)).strip("\n")
 
 

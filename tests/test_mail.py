@@ -651,9 +651,44 @@ def test_body_lying_charset_is_noted() -> None:
         pytest.param("a<br>b<br/>c", "a\nb\nc", id="br"),
         pytest.param("<p>one</p><p>two</p>", "one\n\ntwo", id="paragraphs"),
         pytest.param("<div>one</div><div>two</div>", "one\ntwo", id="divs"),
-        pytest.param("<ul><li>a</li><li>b</li></ul>", "a\nb", id="list"),
+        pytest.param("<ul><li>a</li><li>b</li></ul>", "- a\n- b", id="list"),
         pytest.param(
-            "<table><tr><td>a</td><td>b</td></tr><tr><td>c</td></tr></table>", "a b\nc", id="table"
+            "<ol><li>a</li><li>b<ul><li>c</li></ul></li><li>d</li></ol>",
+            "1. a\n2. b\n- c\n3. d",
+            id="numbered-list",
+        ),
+        pytest.param(
+            "<table><tr><td>a</td><td>b</td></tr><tr><td>c</td></tr></table>",
+            "a | b\nc",
+            id="table",
+        ),
+        pytest.param(  # Word puts a paragraph in every cell: rows stay rows
+            "<table><tr><td><p class=MsoNormal>Device<o:p></o:p></p></td><td><p>User</p></td>"
+            "</tr><tr><td><p>NB-014</p></td><td><p>Sarah Connor</p></td></tr></table>",
+            "Device | User\nNB-014 | Sarah Connor",
+            id="word-table",
+        ),
+        pytest.param(  # a layout table: its paragraphs stay paragraphs
+            "<table><tr><td><p>Dear customer,</p><p>your request was received.</p></td></tr>"
+            "</table>",
+            "Dear customer,\n\nyour request was received.",
+            id="layout-table",
+        ),
+        pytest.param(
+            "<div>answers inline</div><div>On 1/5/26 10:02, MSP wrote:</div>"
+            "<blockquote type=cite><p>Who?</p><blockquote>deeper</blockquote></blockquote>"
+            "<div>Tom</div><blockquote>When?<br>Monday?</blockquote><div>The 19th</div>",
+            "answers inline\nOn 1/5/26 10:02, MSP wrote:\n>\n> Who?\n> >\n> > deeper\nTom\n"
+            "> When?\n> Monday?\nThe 19th",
+            id="blockquotes-are-quoted",
+        ),
+        pytest.param(
+            'The checklist is <a href="https://acme.sharepoint.com/x?a=1&amp;b=2">here</a>, '
+            '<a href="https://example.com/">https://example.com/</a>, '
+            '<a href="mailto:j@acme.example">Jane</a>, <a href=https://e.example/i><img></a>.',
+            "The checklist is here <https://acme.sharepoint.com/x?a=1&b=2>, https://example.com/,"
+            " Jane, .",
+            id="link-targets",
         ),
         pytest.param(
             "<html><head><title>T</title><style>p{color:red}</style></head>"
