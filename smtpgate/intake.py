@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 30.0  # seconds for a child to open the store and serve
 RESTART_DELAY = 1.0  # seconds before a child that exited on its own is started again
 FLUSH_SECONDS = 0.05  # a child reports its counters at most this often
-SECRETS = frozenset({"relay_password", "api_password"})
+# Settings a child has no use for: kept from it (secrets stay in one process). The relay user
+# goes with its password, or the child's "set together" check refuses the pair.
+SECRETS = frozenset({"relay_username", "relay_password", "api_password"})
 ONE_WRITE_BYTES = 64 * 1024  # a message up to this size goes to the parent with its frame
 
 
@@ -86,8 +88,10 @@ class IntakeProcesses:
         self._on_queued = on_queued  # as front.Handler's: a message committed (for /metrics)
         self._on_reply = on_reply  # a child's replies, by code and count (for /metrics)
         count = settings.intake_processes
-        child = settings.model_dump(mode="json", exclude=set(SECRETS))
-        self._configs = [  # SMTPGATE_MAX_CONNECTIONS is for the whole gateway
+        # A child is one listener: it starts no intake processes of its own (and so its share
+        # of SMTPGATE_MAX_CONNECTIONS, which is for the whole gateway, is enough for it).
+        child = settings.model_dump(mode="json", exclude=set(SECRETS)) | {"intake_processes": 0}
+        self._configs = [
             json.dumps({"settings": child | {"max_connections": share}}).encode() + b"\n"
             for share in session_shares(settings.max_connections, count)
         ]

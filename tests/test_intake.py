@@ -16,6 +16,7 @@ import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -222,6 +223,26 @@ def test_the_setting_is_bounded() -> None:
     # Each child needs a session of its own.
     with pytest.raises(ValidationError, match="SMTPGATE_MAX_CONNECTIONS"):
         Settings(intake_processes=3, max_connections=2, _env_file=None)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        # Each child validated the parent's settings with its own share of the limit but the
+        # total count of processes: 3 over 2 ([2, 1]) crash-looped the second child.
+        {"intake_processes": 2, "max_connections": 3},
+        # The relay password is kept from the children; the user was not, and "set together"
+        # refused it (in `serve` the inherited environment happened to supply the password).
+        {"intake_processes": 1, "relay_username": "u", "relay_password": "p"},
+    ],
+    ids=["uneven-shares", "relay-login"],
+)
+async def test_children_start_with_settings_the_parent_accepted(
+    gateway_factory: GatewayFactory, settings: dict[str, Any]
+) -> None:
+    gw = await asyncio.wait_for(gateway_factory(**settings), 30)
+    code, _ = await asyncio.wait_for(send(gw.smtp_port, simple_message(subject="hi")), 20)
+    assert code == 250
 
 
 @pytest.mark.parametrize(("limit", "count"), [(200, 3), (1, 1), (2, 2), (7, 4), (16, 16)])
