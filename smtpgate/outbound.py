@@ -138,7 +138,8 @@ def compose(
     else:
         # Encoded words of our own: Python's folder (3.11, 3.12) drops the space between two
         # encoded words it folds apart ("Hilfe für Müller" read "Hilfe fürMüller").
-        msg.set_raw("Subject", Header(subject, "utf-8").encode(linesep="\r\n"))
+        encoded = Header(subject, "utf-8", maxlinelen=76, header_name="Subject")
+        msg.set_raw("Subject", encoded.encode(linesep="\r\n"))
     msg["Date"] = mail_date()
     message_id = new_message_id(hostname)
     msg["Message-ID"] = message_id
