@@ -1466,6 +1466,7 @@ class _Parser:
             if (
                 leaf.content_type == "text/plain"
                 and leaf.params.get("format", "").lower() == "flowed"
+                and data.lstrip().removeprefix(b"\xef\xbb\xbf")[:1] == b"<"  # not for every mail
             ):
                 data, charset = _unflowed_xml(data, charset, leaf.params)
             xml_candidates.append(data)

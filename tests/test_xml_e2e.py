@@ -1228,3 +1228,31 @@ async def test_the_outcome_names_the_account_a_transaction_touched(
         world.gw, in_body(xml("ACCOUNT", {"FLDCRDFULLNAME": "Initech"})), ENVELOPE
     )
     assert added["outcome"]["account"] == added["outcome"]["record"]["rec_id"]
+
+
+def test_the_same_transaction_in_a_flowed_body_and_attached_is_one() -> None:
+    """A form mailer that puts the XML in the body and attaches the same file: one transaction
+    and no "others" note. Unflowed, the body's bytes (LF line ends, space-stuffing gone) no
+    longer equal the attachment's, and the copy was counted as another transaction."""
+    doc = xml("TICKET", {"FLDTKTCARDID": ACME, "FLDTKTPROBLEM": "Printer down"})
+    msg = EmailMessage(policy=email.policy.SMTP)
+    envelope_headers(msg, "xml", "forms@globex.example")
+    msg.set_content(doc, cte="7bit")
+    msg.replace_header("Content-Type", 'text/plain; charset="utf-8"; format=flowed')
+    msg.add_attachment(
+        doc.replace("\n", "\r\n").encode(), "application", "octet-stream", filename="tx.xml"
+    )
+    parsed = parse_message(msg.as_bytes())
+    tx = find_transaction(parsed.xml_candidates, charsets=parsed.xml_charsets)
+    assert tx is not None
+    assert tx.errors == ()
+    assert tx.others == 0
+    # A different transaction attached is still counted.
+    other = xml("TICKET", {"FLDTKTCARDID": ACME, "FLDTKTPROBLEM": "Scanner down"})
+    msg.get_payload()[1].set_content(
+        other.encode(), "application", "octet-stream", filename="b.xml"
+    )
+    parsed = parse_message(msg.as_bytes())
+    tx = find_transaction(parsed.xml_candidates, charsets=parsed.xml_charsets)
+    assert tx is not None
+    assert tx.others == 1
