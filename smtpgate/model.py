@@ -88,21 +88,28 @@ def address_key(address: str) -> str:
     return f"{local.lower()}{at}{idna_ascii(domain).lower()}"
 
 
-# Characters no stored address or domain holds: what a name, a comment or a list brings.
-_NOT_IN_ADDRESS = re.compile(r'[\s<>,;()\[\]"]')
+# What a stored address or domain is made of (RFC 5321 4.1.2): a name, a comment or a list
+# brings the rest (spaces, <>, commas, semicolons, parentheses).
+_ATOMS = re.compile(r'[^\s<>(),;:"\[\]@\\]+')
+_QUOTED_LOCAL = re.compile(r'"(?:[^"\\\r\n]|\\.)*"')  # "john smith"
+_ADDRESS_LITERAL = re.compile(r"\[[^\[\]\s\\]+\]")  # [192.0.2.1]
 
 
 def is_bare_address(value: str) -> bool:
     """One local@domain and nothing else: what a sender is compared with. A CRM export's
     "Jane Roe <jane@example.com>" or "a@x.example; b@x.example" would match no one."""
     local, at, domain = value.rpartition("@")
-    return bool(local and at and domain) and "@" not in local and not _NOT_IN_ADDRESS.search(value)
+    return bool(
+        at
+        and (_ATOMS.fullmatch(local) or _QUOTED_LOCAL.fullmatch(local))
+        and (_ATOMS.fullmatch(domain) or _ADDRESS_LITERAL.fullmatch(domain))
+    )
 
 
 def is_bare_domain(value: str) -> bool:
     """An account email value that matches by sender domain: example.com or @example.com."""
     domain = value.removeprefix("@")
-    return "." in domain and "@" not in domain and not _NOT_IN_ADDRESS.search(domain)
+    return "." in domain and _ATOMS.fullmatch(domain) is not None
 
 
 def has_bare_line_end(data: bytes) -> bool:

@@ -27,6 +27,8 @@ import pytest
 
 from smtpgate.cli import main
 from smtpgate.config import ConfigError, load_settings, unknown_variables
+from smtpgate.mail import parse_message
+from smtpgate.model import is_bare_address
 from smtpgate.store.schema import MIGRATIONS
 from tests.conftest import FIXTURES, GatewayFactory, RecordingRelay, send, wait_processed
 
@@ -1149,3 +1151,28 @@ def test_help_says_what_every_verb_does(tmp_path: Path) -> None:
     for verb in ("serve", "status", "explain", "queue", "outbox", "tickets", "accounts",
                  "contacts", "employees", "rules", "backup"):  # fmt: skip
         assert re.search(rf"^ +{verb} +\S", out, re.MULTILINE), (verb, out)
+
+
+@pytest.mark.parametrize(
+    ("value", "one"),
+    [
+        ("jane@acme.example", True),
+        ('"john smith"@example.com', True),  # a quoted local part is one address (RFC 5321)
+        ('"a@b"@example.com', True),
+        ("postmaster@[192.0.2.1]", True),  # an address literal
+        ("Jane Roe <jane@acme.example>", False),
+        ("a@x.example; b@x.example", False),
+        ("a@x.example, b@x.example", False),
+        ("jane @acme.example", False),
+        ('"unclosed@example.com', False),
+        ("@acme.example", False),
+        ("jane@", False),
+    ],
+)
+def test_an_import_takes_one_bare_address_as_the_parser_gives_a_sender(
+    value: str, one: bool
+) -> None:
+    assert is_bare_address(value) is one
+    if one:  # what the parser gives as the sender of mail from that address matches it
+        msg = parse_message(f"From: {value}\r\nSubject: x\r\n\r\nhi\r\n".encode())
+        assert msg.from_address == value
