@@ -815,3 +815,48 @@ async def test_a_sharp_s_domain_is_not_another_customers_ss_domain(tmp_path: Pat
         decision = await decide_for(store, tmp_path, "Drucker", "Info <info@straße.example>")
     assert decision.account is None
     assert decision.action == Action.FORWARDED
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # The support mailbox's out-of-office answering one of our forwarded alerts
+        (
+            b"From: Support <support@msp.example>\r\nTo: connector@localhost\r\n"
+            b"Subject: Automatic reply: Alert for Site Globex, disk C: low\r\n"
+            b"Auto-Submitted: auto-replied\r\nMessage-ID: <ooo@msp.example>\r\n\r\n"
+            b"I am out of the office.\r\n"
+        ),
+        # A delivery report about an alert
+        (
+            b"From: Mail Delivery System <MAILER-DAEMON@mx.example>\r\nTo: connector@localhost"
+            b"\r\nSubject: Undeliverable: Alert for Site Globex, disk C: low\r\n"
+            b"Message-ID: <dsn@mx.example>\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+            b"--b\r\nContent-Type: text/plain\r\n\r\nCould not deliver.\r\n"
+            b"--b\r\nContent-Type: message/delivery-status\r\n\r\nAction: failed\r\n--b--\r\n"
+        ),
+    ],
+    ids=["out-of-office", "delivery-report"],
+)
+async def test_an_auto_reply_is_never_an_alert(
+    raw: bytes, directory: Store, tmp_path: Path
+) -> None:
+    """A subject-only detection rule ("Alert") took an out-of-office or a bounce about an alert
+    for the alert itself and opened a ticket for Globex. They are answers to mail: spec 2.3.2
+    forwards them to support (auto_reply) unless they reply to a ticket."""
+    ctx = Context(
+        load_settings(_env_file=None, data_dir=tmp_path, internal_support_address="s@msp.example"),
+        parse_rules(SENDER_RULES),
+    )
+    msg = parse_message(raw)
+    try:
+        decision = await decide(raw, "support@msp.example", msg, ctx, directory)
+    finally:
+        await directory.close()
+    assert (decision.path, decision.action, decision.reason) == (
+        "regular",
+        Action.FORWARDED,
+        "auto_reply",
+    )
+    assert decision.new_ticket is None
