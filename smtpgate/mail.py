@@ -10,7 +10,6 @@ import codecs
 import contextlib
 import functools
 import html
-import itertools
 import re
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
@@ -83,22 +82,29 @@ class ParsedMessage:
     xml_charsets: tuple[str | None, ...] = ()
 
 
-# Regex sources for the lines that start a quoted reply (spec 2.3). Config compiles them with
-# re.IGNORECASE and matches each against one line with .search; lines starting with '>' are
-# dropped by strip_quotes itself. Repetitions are bounded so that a hostile line stays cheap.
 # The words of an Outlook header block, in the languages MSP customers write in: the sender's
-# field, and the field after it that dates the message ("Sent:", Outlook for Mac's "Date:").
+# field, the field after it that dates the message ("Sent:"; Outlook for Mac writes "Date:"),
+# and the subject's, which every real block holds.
 _FROM_WORDS = (
     "From|Von|De|Da|Van|Från|Fra|Od|Lähettäjä|От|Від|Kimden|Feladó|De la|Από|מאת|من|"
     "发件人|寄件者|差出人|送信者|보낸 사람"
 )
 _SENT_WORDS = (
-    "Sent|Date|Gesendet|Datum|Envoyé|Enviado el|Enviado em|Enviada em|Enviado|Fecha|Inviato|"
-    "Data|Verzonden|Skickat|Sendt|"
-    "Wysłano|Odesláno|Lähetetty|Отправлено|Дата|Надіслано|Gönderildi|Tarih|Elküldve|Dátum|"
-    "Trimis|Στάλθηκε|Ημερομηνία|נשלח|תאריך|التاريخ|تم الإرسال|发送时间|日期|寄件日期|送信日時|日付|"
-    "보낸 날짜|날짜"
+    "Sent|Gesendet|Envoyé|Enviado el|Enviado em|Enviada em|Enviado|Inviato|Verzonden|Skickat|"
+    "Sendt|Wysłano|Odesláno|Odoslané|Poslano|Poslato|Lähetetty|Отправлено|Надіслано|Изпратено|"
+    "Gönderildi|Elküldve|Trimis|Στάλθηκε|נשלח|تم الإرسال|发送时间|寄件日期|送信日時|보낸 날짜"
 )
+_DATE_WORDS = "Date|Datum|Fecha|Data|Дата|Tarih|Dátum|Ημερομηνία|תאריך|التاريخ|日期|日付|날짜"
+_SUBJECT_WORDS = (
+    "Subject|Betreff|Objet|Asunto|Oggetto|Assunto|Onderwerp|Ämne|Emne|Temat|Předmět|Predmet|"
+    "Zadeva|Aihe|Тема|Konu|Tárgy|Subiect|Θέμα|נושא|الموضوع|主题|主旨|件名|제목"
+)
+# An attribution holds a time, a year or an address ("On Thu, 26 Nov 2026 at 13:05, Support
+# <a@b> wrote:"); "On SRV01 the agent wrote:" or "При входе в 1С пишет:" is the customer's.
+_DATED = r"(?=.*(?:\d:\d\d|\b(?:19|20)\d\d\b|@))"
+# Regex sources for the lines that start a quoted reply (spec 2.3). Config compiles them with
+# re.IGNORECASE and matches each against one line with .search; lines starting with '>' are
+# dropped by strip_quotes itself. Repetitions are bounded so that a hostile line stays cheap.
 DEFAULT_QUOTE_PATTERNS: tuple[str, ...] = (
     # Outlook plain text: "-----Original Message-----" and its translations (Foxmail's
     # "------------------ 原始邮件 ------------------" too)
@@ -110,26 +116,31 @@ DEFAULT_QUOTE_PATTERNS: tuple[str, ...] = (
     # Outlook HTML converted to text: the rule above the header block
     r"^\s*_{10,}\s*$",
     # Outlook header block: "From: Name <a@b>", "From: Name [mailto:a@b]", "From: Name" (and
-    # translations); strip_quotes takes it for one only with its Sent:/Date: line after it.
+    # translations); strip_quotes takes it for one only with the block's other fields after it.
     rf"^\s*(?:{_FROM_WORDS})\s?:\s*\S",
-    # Gmail, Apple Mail, Thunderbird: "On Thu, 26 Nov 2026 at 13:05, Support <a@b> wrote:".
-    # An attribution holds its date: "On the file server the agent wrote:" is the customer's.
-    r"^(?=.*\d)\s*On\s.{1,300}\swrote\s?:\s*$",
-    r"^(?=.*\d)\s*Le\s.{1,300}\sa\sécrit\s?:\s*$",
-    r"^(?=.*\d)\s*Am\s.{1,300}\sschrieb\s.{0,300}:\s*$",
-    r"^(?=.*\d)\s*El\s.{1,300}\sescribió\s?:\s*$",
-    r"^(?=.*\d)\s*Il\s.{1,300}\sha\sscritto\s?:\s*$",
-    r"^(?=.*\d)\s*Em\s.{1,300}\sescreveu\s?:\s*$",
-    r"^(?=.*\d)\s*Op\s.{1,300}\sschreef\s.{0,300}:\s*$",
-    r"^(?=.*\d)\s*(?:Den|På)\s.{1,300}\sskrev\s.{0,300}:\s*$",
+    # Gmail, Apple Mail, Thunderbird: "On Thu, 26 Nov 2026 at 13:05, Support <a@b> wrote:"
+    rf"^{_DATED}\s*On\s.{{1,300}}\swrote\s?:\s*$",
+    rf"^{_DATED}\s*Le\s.{{1,300}}\sa\sécrit\s?:\s*$",
+    rf"^{_DATED}\s*Am\s.{{1,300}}\sschrieb\s.{{0,300}}:\s*$",
+    rf"^{_DATED}\s*El\s.{{1,300}}\sescribió\s?:\s*$",
+    rf"^{_DATED}\s*Il\s.{{1,300}}\sha\sscritto\s?:\s*$",
+    rf"^{_DATED}\s*Em\s.{{1,300}}\sescreveu\s?:\s*$",
+    rf"^{_DATED}\s*Op\s.{{1,300}}\sschreef\s.{{0,300}}:\s*$",
+    rf"^{_DATED}\s*(?:Den|På)\s.{{1,300}}\sskrev\s.{{0,300}}:\s*$",
     # "05.01.2026 10:02, Support пишет:" and other languages' verb last
-    r"^(?=.*\d).{1,300}\s(?:пишет|написал|написала|написав|написала|kirjoitti|napisał|"
+    rf"^{_DATED}.{{1,300}}\s(?:пишет|написал|написала|написав|kirjoitti|napisał\(a\)|napisał|"
     r"napisała|napsal|napísal|írta|έγραψε|yazdı|כתב|כתבה|كتب)\s?:\s*$",
-    # Gmail in Japanese, Chinese, Korean: "2026年1月5日(月) 10:02 Support <a@b>:"
-    r"^(?=.*\d).{1,300}<[^<>\s]+@[^<>\s]+>\s?:\s*$",
+    # Gmail in Japanese, Chinese, Korean: "2026年1月5日(月) 10:02 Support <a@b>:", "… <a@b> 于
+    # 2026年1月5日周一 10:02写道：", "… <a@b>님이 작성:"
+    rf"^{_DATED}.{{1,300}}<[^<>\s]+@[^<>\s]+>\s?:\s*$",
+    rf"^{_DATED}.{{1,300}}(?:写道|寫道)\s?[:：]\s*$",
+    rf"^{_DATED}.{{1,300}}>\s?님이 작성\s?:\s*$",
 )
 _FROM_FIELD = re.compile(rf"^\s*(?:{_FROM_WORDS})\s?:", re.IGNORECASE)
+_FROM_WITH_ADDRESS = re.compile(r"<[^<>\s]+@[^<>\s]+>|\[mailto:[^\]\s]+\]")
 _SENT_FIELD = re.compile(rf"^\s*(?:{_SENT_WORDS})\s?:", re.IGNORECASE)
+_DATE_FIELD = re.compile(rf"^\s*(?:{_SENT_WORDS}|{_DATE_WORDS})\s?:", re.IGNORECASE)
+_SUBJECT_FIELD = re.compile(rf"^\s*(?:{_SUBJECT_WORDS})\s?:", re.IGNORECASE)
 
 
 def parse_message(raw: bytes) -> ParsedMessage:
@@ -159,8 +170,8 @@ def strip_quotes(text: str, patterns: Sequence[re.Pattern[str]]) -> str:
             if len(line) <= _MAX_QUOTE_LINE_CHARS and any(p.search(line) for p in patterns)
             else _wrapped_quote_header(lines, i, patterns)
         )
-        if header and _FROM_FIELD.match(line) and not _dated(lines, i + header):
-            header = 0  # "From: …" without its "Sent: …": a header the customer pasted
+        if header and _FROM_FIELD.match(line) and not _header_block(lines, i, header):
+            header = 0  # "From: …" without the block's other fields: the customer's own
         if header:
             after = next((rest for rest in lines[i + header :] if rest.strip()), "")
             if not after.lstrip().startswith(">"):
@@ -174,11 +185,17 @@ def strip_quotes(text: str, patterns: Sequence[re.Pattern[str]]) -> str:
     return result if result.strip() else text
 
 
-def _dated(lines: list[str], start: int) -> bool:
-    """An Outlook header block's date field ("Sent:", "Date:", "Gesendet:" …) is among the
-    three lines after its "From:" line (blank lines skipped)."""
-    following = (line for line in lines[start : start + 6] if line.strip())
-    return any(_SENT_FIELD.match(line) for line in itertools.islice(following, 3))
+def _header_block(lines: list[str], i: int, header: int) -> bool:
+    """Whether the "From:" line i starts an Outlook header block: its date field among the next
+    three lines ("Sent:", or "Date:" after a sender with an address), and without an address
+    its subject field among the next six too ("From: Room 2.14 / To: … / Date: …" is a desk
+    move, "From: Billing <…> / Subject: …" a header the customer pasted)."""
+    following = [line for line in lines[i + header : i + header + 8] if line.strip()]
+    if _FROM_WITH_ADDRESS.search(lines[i]):
+        return any(_DATE_FIELD.match(line) for line in following[:3])
+    return any(_SENT_FIELD.match(line) for line in following[:3]) and any(
+        _SUBJECT_FIELD.match(line) for line in following[:6]
+    )
 
 
 def _wrapped_quote_header(lines: list[str], i: int, patterns: Sequence[re.Pattern[str]]) -> int:
@@ -334,7 +351,10 @@ def _decode_bytes(data: bytes, charset: str | None) -> tuple[str, bool]:
             if codec == "cp1252":  # declared Latin-1 (mapped to cp1252) that uses 0x81 & co.
                 return data.decode("latin-1"), True
             if codec.startswith("iso2022_jp"):
-                return _decode_outlook_jis(data), True
+                if not data.isascii():  # 8-bit: mislabelled UTF-8, as it usually is
+                    with contextlib.suppress(UnicodeDecodeError):
+                        return data.decode("utf-8"), False
+                return _decode_outlook_jis(data)
             if codec in _EAST_ASIAN_CODECS:
                 # The rest in the declared charset, a bad byte replaced: guessed as UTF-8 (7-bit
                 # bytes "fit") or cp1252, the whole text was garbled.
@@ -354,37 +374,73 @@ _EAST_ASIAN_CODECS = frozenset(
     {"cp932", "euc_jp", "shift_jis", "gb18030", "gbk", "gb2312", "hz", "cp950", "big5",
      "big5hkscs", "cp949", "euc_kr", "johab", "iso2022_kr"}
 )  # fmt: skip
-_JIS_MODE = re.compile(rb"\x1b(\$[@B]|\([BJI])")
+# The modes of ISO-2022-JP; JIS X 0212 (ESC $ ( D), which cp932 has not, reads as "?".
+_JIS_MODE = re.compile(rb"\x1b(\$[@B]|\$\(D|\([BJI])")
 
 
-def _decode_outlook_jis(data: bytes) -> str:
+def _decode_outlook_jis(data: bytes) -> tuple[str, bool]:
     """ISO-2022-JP as Outlook and Windows write it (CP50220): JIS X 0208 with Microsoft's
     extensions (①, ㈱, ～), which Python's iso2022_jp refuses. Read as browsers read it
-    (WHATWG): each two-byte JIS character through its Shift_JIS code in cp932."""
+    (WHATWG): each two-byte JIS character through its Shift_JIS code in cp932. False with
+    the text when something did not fit (a stray byte, JIS X 0212, an unknown escape)."""
     parts = _JIS_MODE.split(data)  # text, mode, text, mode, …
-    sjis = bytearray(parts[0])
+    out: list[str] = []
+    ok = True
+
+    def single(chunk: bytes) -> None:
+        nonlocal ok
+        ok = ok and b"\x1b" not in chunk
+        out.append(chunk.decode("ascii", "replace"))
+
+    single(parts[0])
     for mode, chunk in zip(parts[1::2], parts[2::2], strict=True):
         if mode == b"(I":  # half-width katakana
-            sjis += bytes(b + 0x80 if 0x21 <= b <= 0x5F else b for b in chunk)
-            continue
-        if not mode.startswith(b"$"):  # ASCII or JIS-Roman
-            sjis += chunk
-            continue
-        i = 0
-        while i < len(chunk):
-            j1 = chunk[i]
-            if not 0x21 <= j1 <= 0x7E or i + 1 == len(chunk):  # a line end left in the mode
-                sjis.append(j1 if j1 < 0x21 else 0x3F)
-                i += 1
-                continue
-            j2 = chunk[i + 1]
+            out.append(
+                bytes(b + 0x80 if 0x21 <= b <= 0x5F else b for b in chunk).decode(
+                    "cp932", "replace"
+                )
+            )
+        elif not mode.startswith(b"$"):  # ASCII or JIS-Roman
+            single(chunk)
+        else:
+            # Two bytes a character, up to a line end, which returns to ASCII (WHATWG).
+            line, nl, rest = chunk.partition(b"\n")
+            if mode == b"$(D":  # JIS X 0212: not in cp932
+                ok = False
+                out.append("\ufffd" * ((len(line) + 1) // 2))
+            else:
+                ok = _jis_to_text(line, out) and ok
+            if nl:
+                out.append("\n")
+                single(rest)
+    text = "".join(out)
+    return text, ok and "\ufffd" not in text
+
+
+def _jis_to_text(line: bytes, out: list[str]) -> bool:
+    """JIS X 0208 bytes (with NEC's and IBM's rows) as text, through Shift_JIS and cp932;
+    False when a byte did not fit (it reads as U+FFFD)."""
+    sjis = bytearray()
+    ok = True
+    i = 0
+    while i < len(line):
+        j1 = line[i]
+        j2 = line[i + 1] if i + 1 < len(line) else 0
+        if 0x21 <= j1 <= 0x7E and 0x21 <= j2 <= 0x7E:
             s1 = ((j1 + 1) >> 1) + (0x70 if j1 <= 0x5E else 0xB0)
             s2 = j2 + (0x1F if j1 & 1 else 0x7E)
-            if j1 & 1 and s2 >= 0x7F:
-                s2 += 1
-            sjis += bytes((s1, s2))
+            sjis += bytes((s1, s2 + (1 if j1 & 1 and s2 >= 0x7F else 0)))
             i += 2
-    return sjis.decode("cp932", "replace")
+        elif j1 == 0x0D:  # a CR before the line end
+            sjis.append(j1)
+            i += 1
+        else:
+            out.append(sjis.decode("cp932", "replace") + "\ufffd")
+            sjis.clear()
+            ok = False
+            i += 1
+    out.append(sjis.decode("cp932", "replace"))
+    return ok
 
 
 def _to_bytes(value: str) -> bytes:
@@ -880,27 +936,39 @@ class _TextOut:
         if not self.cell_fresh:
             self.owed = self.owed + breaks if more else max(self.owed, breaks)
 
+    @property
+    def prefix(self) -> str:
+        return "> " * min(self.quote, _MAX_QUOTE_MARKS)
+
     def text(self, text: str) -> None:
         if self.owed:
             if not self.in_pre and text.isspace():
                 return  # source indentation between blocks
-            # A blank line inside a quote is a quoted blank line (">"), as in plain text.
-            blank = ("> " * self.quote).rstrip() + "\n"
-            self.parts.append("\n" + blank * (self.owed - 1))
+            # A blank line inside a quote is a quoted blank line (">"), as in plain text; runs
+            # of them are cut like blank lines outside (by _BLANK_LINE_RUNS).
+            blank = self.prefix.rstrip() + "\n"
+            self.parts.append("\n" + blank * (min(self.owed, 3 if self.quote else 1 << 20) - 1))
             self.owed = 0
             self.line_start = True
         if self.line_start:
             if text.isspace():
                 self.parts.append(text)
                 return
-            self.parts.append("> " * self.quote + self.marker)
+            self.parts.append(self.prefix + self.marker)
             self.marker = ""
             self.line_start = False
         self.cell_fresh = self.cell_fresh and text.isspace()
+        if self.quote and self.in_pre and "\n" in text:  # Thunderbird quotes plain text so
+            text = text.replace("\n", "\n" + self.prefix)
         self.parts.append(text)
 
 
+_MAX_QUOTE_MARKS = 8  # "> " a quote level, up to this many: nested quotes cost linear text
+# A <blockquote> that quotes (a reply's citation) rather than indents (Gmail's and Apple Mail's
+# "Indent" is a blockquote with no border).
+_CITATION = re.compile(r"""type\s*=\s*["']?cite|class\s*=\s*["'][^"']*quote|border-left""", re.I)
 _HREF = re.compile(r"""\shref\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", re.IGNORECASE)
+_URL_SPACE = {ord(c): None for c in "\t\r\n"}
 _MAX_HREF_CHARS = 500  # longer targets (tracking links) would bury the text they belong to
 
 
@@ -916,6 +984,7 @@ def _html_to_text(source: str) -> str:
     lists: list[list[int]] = []  # open lists: [number of the next item, or 0 when bulleted]
     cells = 0  # cells begun in the current table row
     link: tuple[str, int] | None = None  # an open link's target and where its text begins
+    quoting: list[bool] = []  # open blockquotes: whether each quotes (else it indents)
     pos, n = 0, len(source)
 
     while pos < n:
@@ -970,6 +1039,7 @@ def _html_to_text(source: str) -> str:
                 target = (
                     html.unescape(next(g for g in href.groups() if g is not None)) if href else ""
                 )
+                target = target.strip().translate(_URL_SPACE)  # as a browser reads it
                 link = (
                     (target, len(out.parts))
                     if target.lower().startswith(("http://", "https://"))
@@ -998,7 +1068,11 @@ def _html_to_text(source: str) -> str:
                 cells = 0
                 out.cell_fresh = False
             elif name == "blockquote":
-                out.quote = max(0, out.quote - 1) if closing else out.quote + 1
+                if not closing:
+                    quoting.append(_CITATION.search(source, m.end(), end) is not None)
+                    out.quote += quoting[-1]
+                elif quoting:
+                    out.quote -= quoting.pop()
             elif name in ("ul", "ol"):
                 if closing:
                     if lists:
@@ -1466,7 +1540,7 @@ class _Parser:
             if (
                 leaf.content_type == "text/plain"
                 and leaf.params.get("format", "").lower() == "flowed"
-                and data.lstrip().removeprefix(b"\xef\xbb\xbf")[:1] == b"<"  # not for every mail
+                and data.lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"<"  # not any mail
             ):
                 data, charset = _unflowed_xml(data, charset, leaf.params)
             xml_candidates.append(data)

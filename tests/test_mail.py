@@ -676,8 +676,9 @@ def test_body_lying_charset_is_noted() -> None:
         ),
         pytest.param(
             "<div>answers inline</div><div>On 1/5/26 10:02, MSP wrote:</div>"
-            "<blockquote type=cite><p>Who?</p><blockquote>deeper</blockquote></blockquote>"
-            "<div>Tom</div><blockquote>When?<br>Monday?</blockquote><div>The 19th</div>",
+            "<blockquote type=cite><p>Who?</p><blockquote type=cite>deeper</blockquote>"
+            "</blockquote><div>Tom</div><blockquote class='gmail_quote'>When?<br>Monday?"
+            "</blockquote><div>The 19th</div>",
             "answers inline\nOn 1/5/26 10:02, MSP wrote:\n>\n> Who?\n> >\n> > deeper\nTom\n"
             "> When?\n> Monday?\nThe 19th",
             id="blockquotes-are-quoted",
@@ -1924,3 +1925,112 @@ def test_odd_forms_scripts_write_still_give_the_sender_and_text() -> None:
 )
 def test_a_quoted_local_part_is_the_address_it_quotes(header: str, address: str) -> None:
     assert parse_message(eml(header, "Subject: s")).from_address == address
+
+
+# --- found by a review of the text changes (blockquotes, quote headers, JIS) --------------------
+
+
+def test_nested_blockquotes_cost_linear_text() -> None:
+    """Each line in a quote got "> " per level, and every break in a quote a ">" line that no
+    blank-line collapse reduced: 320 KB of HTML (20,000 <blockquote>, 20,000 <br>) made 800 M
+    characters, a MemoryError (the whole message "unparseable")."""
+    source = "<blockquote>" * 20_000 + "<br>" * 20_000 + "x"
+    assert len(mail._html_to_text(source)) < len(source)
+    assert mail._html_to_text("<blockquote>a" + "<br>" * 1000 + "b</blockquote>").count("\n") <= 3
+
+
+def test_thunderbird_html_reply_quoting_a_plain_text_mail_is_stripped() -> None:
+    """Thunderbird quotes our plain-text mail in <pre class=moz-quote-pre>: only its first line
+    got "> ", so the rest read as answers written inline, and the history stayed in the note."""
+    html = (
+        "<html><body><p>Hi Mike,</p><p>it still fails.</p><p>Jane</p>"
+        '<div class="moz-cite-prefix">On 1/5/26 10:02, MSP Support wrote:<br></div>'
+        '<blockquote type="cite" cite="mid:x@msp.example"><pre class="moz-quote-pre" wrap="">'
+        "Hi Jane,\n\nplease restart the printer and tell us whether\nthe status changes.\n\nMike"
+        "\n</pre></blockquote></body></html>"
+    )
+    text = parse_message(eml("Content-Type: text/html; charset=utf-8", body=html)).text
+    assert strip_quotes(text, QUOTE_PATTERNS) == "Hi Mike,\n\nit still fails.\n\nJane"
+
+
+def test_an_indent_is_not_a_quote() -> None:
+    """Gmail's and Apple Mail's "Indent" is a <blockquote> too, with no border: the customer's
+    indented error message was cut from the note as quoted text."""
+    html = (
+        '<div dir="ltr">Hi Mike,<div>the error is still there:</div>'
+        '<blockquote style="margin:0 0 0 40px;border:none;padding:0px">'
+        "<div>Error 0x80070005: Access is denied.</div></blockquote><div>Jane</div></div>"
+    )
+    text = parse_message(eml("Content-Type: text/html; charset=utf-8", body=html)).text
+    assert text == "Hi Mike,\nthe error is still there:\nError 0x80070005: Access is denied.\nJane"
+    quoted = '<blockquote class="gmail_quote" style="border-left:1px solid #ccc">old</blockquote>'
+    assert mail._html_to_text("new" + quoted) == "new\n> old"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a desk move: "From:" and "Date:" lines of the customer's own
+        "Hallo,\n\nbitte umziehen:\n\nVon: Raum 2.14\nNach: Raum 3.01\nDatum: 12.01.2026\n\n"
+        "Bitte PC und Drucker mitnehmen.",
+        "Hi,\n\nplease move Tom's desk:\nFrom: Room 2.14\nTo: Room 3.01\nDate: Friday 16 Jan\n\n"
+        "PC, phone and dock need to go too.",
+        # an error message introduced by a verb, with digits that are no date
+        "Добрый день!\n\nПри входе в 1С пишет:\n\nОшибка базы\n\nПомогите срочно.",
+        "Merhaba,\n\nEkranda 0x80070005 hatası yazdı:\n\nErişim engellendi\n\nYardım edin.",
+        "Hi,\nOn SRV01 the backup agent wrote:\n  job failed\nPlease check.",
+        "Hallo,\nAm 3. OG schrieb der Drucker:\n  Papierstau\nBitte kommen.",
+    ],
+)
+def test_the_customers_own_from_lines_and_verbs_stay(text: str) -> None:
+    assert strip_quotes(text, QUOTE_PATTERNS) == text
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Od: MSP Support <support@msp.example>\nOdoslané: pondelok 5. januára 2026 10:02",
+        "Od: MSP Support <support@msp.example>\nPoslano: ponedeljek, 05. januar 2026 10:02",
+        "От: MSP Support <support@msp.example>\nИзпратено: понеделник, 5 януари 2026 г. 10:02",
+        "MSP Support <support@msp.example> 于2026年1月5日周一 10:02写道：",
+        "2026년 1월 5일 (월) 오전 10:02, MSP Support <support@msp.example>님이 작성:",
+        "pon., 5 sty 2026 o 10:02 MSP Support <support@msp.example> napisał(a):",
+    ],
+    ids=["sk", "sl", "bg", "gmail-zh", "gmail-ko", "gmail-pl"],
+)
+def test_more_quote_headers(header: str) -> None:
+    text = f"Customer text.\n\n{header}\nKomu: X <x@acme.example>\n\nOur quoted answer."
+    assert strip_quotes(text, QUOTE_PATTERNS) == "Customer text."
+
+
+@pytest.mark.parametrize(
+    ("data", "text", "ok"),
+    [
+        # UTF-8 labelled ISO-2022-JP: UTF-8, as before (it went through cp932, unnoticed)
+        ("お世話になっております。".encode(), "お世話になっております。", False),
+        # an odd JIS byte before a line end: the line end stays
+        (b"\x1b$B-!$3$\nline two\n", "①こ\ufffd\nline two\n", False),
+        # JIS X 0212 (ESC $ ( D), which cp932 has not: not claimed to fit
+        (b"\x1b$B-!\x1b(B a \x1b$(D\x22\x2f\x1b(B b", "① a \ufffd b", False),
+    ],
+    ids=["utf8-labelled-jis", "odd-byte", "jis-x-0212"],
+)
+def test_odd_iso_2022_jp(data: bytes, text: str, ok: bool) -> None:
+    assert mail._decode_bytes(data, "iso-2022-jp") == (text, ok)
+
+
+def test_flowed_xml_after_a_byte_order_mark_and_a_line_end_is_unflowed() -> None:
+    body = (
+        b"\xef\xbb\xbf\r\n<CommitCRMTransaction><F>a long \r\nvalue</F></CommitCRMTransaction>\r\n"
+    )
+    msg = parse_message(eml("Content-Type: text/plain; charset=utf-8; format=flowed", body=body))
+    assert b"a long value" in msg.xml_candidates[0]
+
+
+def test_a_link_target_is_read_as_a_browser_reads_it() -> None:
+    assert mail._html_to_text('See <a href="https://ex.example/a\n/b">list</a> ok') == (
+        "See list <https://ex.example/a/b> ok"
+    )
+    assert mail._html_to_text('<a href=" https://ex.example/x ">list</a>') == (
+        "list <https://ex.example/x>"
+    )
