@@ -374,7 +374,7 @@ _EAST_ASIAN_CODECS = frozenset(
     {"cp932", "euc_jp", "shift_jis", "gb18030", "gbk", "gb2312", "hz", "cp950", "big5",
      "big5hkscs", "cp949", "euc_kr", "johab", "iso2022_kr"}
 )  # fmt: skip
-# The modes of ISO-2022-JP; JIS X 0212 (ESC $ ( D), which cp932 has not, reads as "?".
+# The modes of ISO-2022-JP; JIS X 0212 (ESC $ ( D), which cp932 has not, reads as U+FFFD.
 _JIS_MODE = re.compile(rb"\x1b(\$[@B]|\$\(D|\([BJI])")
 
 
@@ -918,8 +918,8 @@ class _TextOut:
     """The text _html_to_text writes. Line breaks are owed rather than written: adjacent block
     boundaries ("</div><div>") give one break, paragraphs a blank line, each <br> one more line;
     a table cell's first block owes none (Word puts a paragraph in every cell). Lines inside a
-    blockquote start with "> " (so strip_quotes sees a quote, as in plain text), list items
-    with "- " or their number."""
+    citing blockquote start with "> " (so strip_quotes sees a quote, as in plain text), list
+    items with "- " or their number."""
 
     __slots__ = ("cell_fresh", "in_pre", "line_start", "marker", "owed", "parts", "quote")
 
@@ -946,8 +946,8 @@ class _TextOut:
                 return  # source indentation between blocks
             # A blank line inside a quote is a quoted blank line (">"), as in plain text; runs
             # of them are cut like blank lines outside (by _BLANK_LINE_RUNS).
-            blank = self.prefix.rstrip() + "\n"
-            self.parts.append("\n" + blank * (min(self.owed, 3 if self.quote else 1 << 20) - 1))
+            owed = min(self.owed, 3) if self.quote else self.owed
+            self.parts.append("\n" + (self.prefix.rstrip() + "\n") * (owed - 1))
             self.owed = 0
             self.line_start = True
         if self.line_start:
@@ -958,7 +958,8 @@ class _TextOut:
             self.marker = ""
             self.line_start = False
         self.cell_fresh = self.cell_fresh and text.isspace()
-        if self.quote and self.in_pre and "\n" in text:  # Thunderbird quotes plain text so
+        if self.quote and self.in_pre and "\n" in text:
+            # a <pre> in a quote (Thunderbird's quote of a plain-text mail): every line quoted
             text = text.replace("\n", "\n" + self.prefix)
         self.parts.append(text)
 
