@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 
 from lxml import etree
 
+from smtpgate.model import is_bare_address, is_bare_domain
+
 # xml-api.md section 2: result codes.
 OK = 1
 DB_ERROR = 1100
@@ -47,6 +49,7 @@ class ValueType(StrEnum):
     NUMBER = "number"  # a decimal: 10, 1.5, -2
     INTEGER = "integer"
     FLAG = "flag"  # Y / N
+    EMAIL = "email"  # one address, or a domain (an account's, matched by sender domain)
     CHOICE = "choice"  # one of FieldSpec.choices (single letters, case-insensitive)
     ACCOUNT_REF = "account-ref"
     TICKET_REF = "ticket-ref"
@@ -122,8 +125,8 @@ ACCOUNT = KindSpec(
         FLDCRDUSER3="field2",
         FLDCRDUSER4="field3",
         FLDCRDUSER5="field4",
-        FLDCRDEMAIL1="email1",
-        FLDCRDEMAIL2="email2",
+        FLDCRDEMAIL1=FieldSpec("email1", ValueType.EMAIL),
+        FLDCRDEMAIL2=FieldSpec("email2", ValueType.EMAIL),
         FLDCRDADDRESS1="address1",
         FLDCRDADDRESS2="address2",
         FLDCRDADDRESS3="address3",
@@ -450,6 +453,14 @@ def convert(spec: FieldSpec, text: str) -> tuple[Value, str | None]:
             if flag not in ("Y", "N"):
                 return None, f"invalid flag {text[:40]!r}: use Y or N"
             return flag, None
+        case ValueType.EMAIL:
+            # What senders are matched with: "Name <address>" or a list would match no one.
+            if not (is_bare_address(text) or is_bare_domain(text)):
+                return None, (
+                    f"invalid email value {text[:40]!r}: give one address (jane@example.com)"
+                    " or a domain (example.com)"
+                )
+            return text, None
         case ValueType.CHOICE:
             choice = text.upper()
             if choice not in spec.choices:

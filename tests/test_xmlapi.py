@@ -876,3 +876,22 @@ def test_guide_lists_every_field() -> None:
         for name, spec in kind.fields.items():
             assert f"| `{name}`" in guide, name
             assert f"`{spec.column}`" in guide, spec.column
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("jane@acme.example", False),
+        ("acme.example", False),  # a domain: matches its senders (spec 2.1)
+        ("@acme.example", False),
+        ('"john smith"@acme.example', False),
+        ("Jane Roe <jane@acme.example>", True),  # matched no sender, silently
+        ("a@acme.example; b@acme.example", True),
+        ("not an address", True),
+    ],
+)
+def test_account_email_values_are_one_address_or_a_domain(value: str, error: bool) -> None:
+    """As `accounts import` refuses them: an account's email value is what senders are
+    matched with, and "Name <address>" or two addresses in one field match no one."""
+    tx = parse(doc("ACCOUNT", {"FLDCRDFULLNAME": "Acme Corp", "FLDCRDEMAIL2": value}))
+    assert codes(tx) == ([(150010, "FLDCRDEMAIL2")] if error else [])
