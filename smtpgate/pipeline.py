@@ -254,10 +254,11 @@ async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decisi
 
 async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
     rules, msg, settings = ctx.rules, inb.msg, ctx.settings
-    if msg.is_auto_reply or msg.is_delivery_report:
+    if msg.auto_submitted == "auto-replied" or msg.report_structure:
         # An out-of-office or a bounce about an alert ("Automatic reply: Alert for Site …") is
         # an answer to mail, not the alert: a subject rule would open a ticket for it. Spec
-        # 2.3 files it on its ticket, or forwards it to support.
+        # 2.3 files it on its ticket, or forwards it to support. Only the sure signs count: an
+        # alert may well say "Auto: …" with Precedence: bulk, or come from postmaster@.
         return None
     detected, missed = automated.first_detection(rules.detection, msg, inb.sender)
     inb.missed += missed

@@ -2034,3 +2034,9 @@ def test_a_link_target_is_read_as_a_browser_reads_it() -> None:
     assert mail._html_to_text('<a href=" https://ex.example/x ">list</a>') == (
         "list <https://ex.example/x>"
     )
+
+
+@pytest.mark.parametrize(("value", "auto"), [("yes", True), ("", True), ("no", False)])
+def test_x_autoreply_no_is_no_auto_reply(value: str, auto: bool) -> None:
+    raw = f"From: a@b.example\r\nSubject: Printer\r\nX-Autoreply: {value}\r\n\r\nx\r\n".encode()
+    assert parse_message(raw).is_auto_reply is auto

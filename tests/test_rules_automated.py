@@ -860,3 +860,48 @@ async def test_an_auto_reply_is_never_an_alert(
         "auto_reply",
     )
     assert decision.new_ticket is None
+
+
+ALERT_RULES = """
+[[detection]]
+sender = ["alerts@rmm.example", "postmaster@exch01.acme.example"]
+[[account]]
+name = "site"
+search = "file_as"
+after = "Site"
+before = ","
+"""
+
+
+@pytest.mark.parametrize(
+    ("sender", "subject", "extra"),
+    [
+        # an "Auto:" subject with the Auto-Submitted every monitoring tool sends
+        ("alerts@rmm.example", "Auto: Backup failed for Site Globex, nightly",
+         "Auto-Submitted: auto-generated\r\n"),
+        ("alerts@rmm.example", "Auto Response - service restarted for Site Globex, SRV01",
+         "Precedence: bulk\r\n"),
+        # a mail server's queue monitor mailing as postmaster@, a bounce word in the subject
+        ("postmaster@exch01.acme.example", "Alert for Site Globex, 250 undelivered in queue", ""),
+        ("alerts@rmm.example", "Alert for Site Globex, disk C: low", "X-Autoreply: no\r\n"),
+    ],
+)  # fmt: skip
+async def test_an_alert_that_looks_automatic_is_still_an_alert(
+    sender: str, subject: str, extra: str, directory: Store, tmp_path: Path
+) -> None:
+    """Only what surely answers mail (Auto-Submitted: auto-replied, an RFC 3464 delivery
+    report) skips the automated branch: the guesses (a subject prefix with Precedence: bulk, a
+    daemon sender with a bounce word) took these alerts for auto-replies, and no ticket."""
+    ctx = Context(
+        load_settings(_env_file=None, data_dir=tmp_path, internal_support_address="s@msp.example"),
+        parse_rules(ALERT_RULES),
+    )
+    raw = (
+        f"From: {sender}\r\nTo: connector@localhost\r\nSubject: {subject}\r\n{extra}"
+        "Message-ID: <a1@rmm.example>\r\n\r\nalert body\r\n"
+    ).encode()
+    try:
+        decision = await decide(raw, sender, parse_message(raw), ctx, directory)
+    finally:
+        await directory.close()
+    assert (decision.action, decision.new_ticket is not None) == (Action.AUTOMATED_TICKET, True)
