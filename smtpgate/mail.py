@@ -140,7 +140,10 @@ DEFAULT_QUOTE_PATTERNS: tuple[str, ...] = (
     rf"^{_DATED}.{{1,300}}>\s?님이 작성\s?:\s*$",
 )
 _FROM_FIELD = re.compile(rf"^\s*(?:{_FROM_WORDS})\s?:", re.IGNORECASE)
-_FROM_WITH_ADDRESS = re.compile(r"<[^<>\s]+@[^<>\s]+>|\[mailto:[^\]\s]+\]")
+# "Name <a@b>", "Name [mailto:a@b]", or the address alone (Outlook for Mac, Apple Mail)
+_FROM_WITH_ADDRESS = re.compile(
+    r"<[^<>\s]+@[^<>\s]+>|\[mailto:[^\]\s]+\]|:\s*[^\s<>@:]+@[^\s<>@]+\s*$"
+)
 _SENT_FIELD = re.compile(rf"^\s*(?:{_SENT_WORDS})\s?:", re.IGNORECASE)
 _DATE_FIELD = re.compile(rf"^\s*(?:{_SENT_WORDS}|{_DATE_WORDS})\s?:", re.IGNORECASE)
 _SUBJECT_FIELD = re.compile(rf"^\s*(?:{_SUBJECT_WORDS})\s?:", re.IGNORECASE)
@@ -176,7 +179,8 @@ def strip_quotes(text: str, patterns: Sequence[re.Pattern[str]]) -> str:
         if header and _FROM_FIELD.match(line) and not _header_block(lines, i, header):
             header = 0  # "From: …" without the block's other fields: the customer's own
         if header:
-            after = next((rest for rest in lines[i + header :] if rest.strip()), "")
+            # the next line with text (no slice of the rest: headers can follow each other)
+            after = next((lines[j] for j in range(i + header, len(lines)) if lines[j].strip()), "")
             if not after.lstrip().startswith(">"):
                 break  # the original follows unquoted (Outlook): all of it goes
             i += header
@@ -354,9 +358,10 @@ def _decode_bytes(data: bytes, charset: str | None) -> tuple[str, bool]:
             if codec == "cp1252":  # declared Latin-1 (mapped to cp1252) that uses 0x81 & co.
                 return data.decode("latin-1"), True
             if codec.startswith("iso2022_jp"):
-                if not data.isascii():  # 8-bit: mislabelled UTF-8, as it usually is
+                # 8-bit: mislabelled UTF-8, or Shift_JIS or EUC-JP (old CGI mailers, devices)
+                for guess in ("utf-8", "cp932", "euc_jp") if not data.isascii() else ():
                     with contextlib.suppress(UnicodeDecodeError):
-                        return data.decode("utf-8"), False
+                        return data.decode(guess), False
                 return _decode_outlook_jis(data)
             if codec in _EAST_ASIAN_CODECS:
                 # The rest in the declared charset, a bad byte replaced: guessed as UTF-8 (7-bit

@@ -2040,3 +2040,30 @@ def test_a_link_target_is_read_as_a_browser_reads_it() -> None:
 def test_x_autoreply_no_is_no_auto_reply(value: str, auto: bool) -> None:
     raw = f"From: a@b.example\r\nSubject: Printer\r\nX-Autoreply: {value}\r\n\r\nx\r\n".encode()
     assert parse_message(raw).is_auto_reply is auto
+
+
+def test_shift_jis_labelled_iso_2022_jp_is_read() -> None:
+    """Old CGI mailers and devices send Shift_JIS labelled ISO-2022-JP: read through cp932 as
+    before the Outlook-JIS decoder (which made every 8-bit byte U+FFFD)."""
+    text = "お世話になっております。サーバーが停止しました。①"
+    body = text.encode("cp932")
+    msg = parse_message(eml("Content-Type: text/plain; charset=ISO-2022-JP", body=body))
+    assert msg.text == text
+
+
+def test_a_bare_address_sender_then_date_is_a_header_block() -> None:
+    """Outlook for Mac and Apple Mail write "From: jane@acme.example" (no name, no <>), then
+    "Date:": the block was no longer cut, and the whole quoted mail stayed in the note."""
+    text = (
+        "Done.\n\nFrom: jane@acme.example\nDate: Thursday, 26 November 2026 at 13:05\n"
+        "To: Support <support@msp.example>\nSubject: RE: printer\n\nold text"
+    )
+    assert strip_quotes(text, QUOTE_PATTERNS) == "Done."
+
+
+@pytest.mark.timeout(10)  # a guard against hanging, like the hostile-line test above
+def test_strip_quotes_stays_cheap_on_headers_followed_by_quotes() -> None:
+    """Each quote header followed by a '>' line copied the rest of the lines to find it: 1 M
+    characters of "__________" and ">" lines took ~11 s, 2 M ~45 s (now well under one)."""
+    text = "__________\n>\n" * (2_000_000 // 13)
+    assert strip_quotes(text, QUOTE_PATTERNS) == text

@@ -905,3 +905,32 @@ async def test_an_alert_that_looks_automatic_is_still_an_alert(
     finally:
         await directory.close()
     assert (decision.action, decision.new_ticket is not None) == (Action.AUTOMATED_TICKET, True)
+
+
+@pytest.mark.parametrize(
+    ("value", "sender"),
+    [
+        ("acme.example.", "it@acme.example"),  # a root dot: the sender's is dropped too
+        ("it@acme.example.", "it@acme.example"),
+        (unicodedata.normalize("NFD", "bücher.example"), "it@bücher.example"),  # decomposed
+        (unicodedata.normalize("NFD", "jörg@bücher.example"), "jörg@bücher.example"),
+    ],
+)
+async def test_an_account_email_value_matches_its_sender_however_spelled(
+    value: str, sender: str, tmp_path: Path
+) -> None:
+    """Values the import takes must match: stored with a root dot or decomposed, they never
+    did (the sender's address is compared without the dot, composed)."""
+    store = await Store.open(tmp_path / "s.db")
+    account = {"rec_id": "CRDACME0000000000001", "file_as": "Acme", "email1": value}
+    await store.import_accounts([(2, account)])
+    ctx = Context(
+        load_settings(_env_file=None, data_dir=tmp_path, internal_support_address="s@msp.example"),
+        parse_rules(""),
+    )
+    raw = f"From: {sender}\r\nTo: connector@localhost\r\nSubject: printer\r\n\r\nhelp\r\n"
+    try:
+        decision = await decide(raw.encode(), sender, parse_message(raw.encode()), ctx, store)
+    finally:
+        await store.close()
+    assert (decision.action, decision.account) == (Action.TICKET_CREATED, account["rec_id"])

@@ -1856,7 +1856,7 @@ class Store:
                 name = str(v.get("name") or "").strip()
                 if not name:
                     raise ValueError(f"line {line}: name is required")
-                emails = [str(v.get(k) or "").strip().lower() or None for k in ("email1", "email2")]
+                emails = [crm.address_value(v.get(k)) or None for k in ("email1", "email2")]
                 for field, e in zip(("email1", "email2"), emails, strict=True):
                     if e and not is_bare_address(e):
                         raise ValueError(f"line {line}: {field} {_not_one_address(e)}")

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from smtpgate.model import normalize_key
+from smtpgate.model import nfc, normalize_key
 
 _ALPHABET = string.ascii_uppercase + string.digits
 
@@ -56,13 +56,19 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def address_value(value: Any) -> str:
+    """An address or domain as a sender's is looked up: lower case, composed (NFC), without a
+    root dot ("acme.example." and a decomposed "bücher.example" matched no sender)."""
+    return nfc(str(value or "").strip().lower()).rstrip(".")
+
+
 def _account_keys(row: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
     for field in SEARCH_FIELDS:
         value = row.get(field)
         if value:
             yield field, normalize_key(str(value))
     for field in ("email1", "email2"):
-        value = str(row.get(field) or "").strip().lower()
+        value = address_value(row.get(field))
         if "@" in value.lstrip("@"):  # "@example.com" is a domain, not an address
             yield "email", value
         elif value and "." in value:
@@ -80,7 +86,7 @@ def refresh_account_keys(db: sqlite3.Connection, rec_id: str) -> None:
     for contact_id, email in db.execute(
         "SELECT rec_id, email FROM contacts WHERE account = ? AND email IS NOT NULL", (rec_id,)
     ).fetchall():
-        email = str(email).strip().lower()
+        email = address_value(email)
         if "@" in email:
             keys.append(("email", email, rec_id, contact_id))
     db.executemany(
