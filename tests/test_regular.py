@@ -1491,6 +1491,22 @@ async def test_an_empty_auto_submitted_field_is_automatic_mail(
     assert forward.message["Auto-Submitted"] == "auto-generated"
 
 
+async def our_forward_attached(world: World, sender: str, subject: str, text: str) -> bytes:
+    """An unknown sender's mail is forwarded to support; `sender` then mails the connector
+    `text` with that forward attached (a mailbox rule, or a technician filing it)."""
+    row = await deliver(
+        world.gw, mail("Partnership", sender="someone@elsewhere.example"), "someone@x.example"
+    )
+    await settled(world.gw, row["id"])
+    (ours,) = world.relay.to(SUPPORT)
+    back = EmailMessage(policy=email.policy.SMTP)
+    back["From"], back["To"], back["Subject"] = sender, CONNECTOR, subject
+    back["Message-ID"] = new_id("msp.example")
+    back.set_content(text)
+    back.add_attachment(email.message_from_bytes(ours.data, policy=email.policy.SMTP))
+    return back.as_bytes()
+
+
 async def test_our_forward_sent_back_as_an_attachment_is_not_forwarded_again(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
@@ -1498,19 +1514,8 @@ async def test_our_forward_sent_back_as_an_attachment_is_not_forwarded_again(
     mailbox rule that forwards our forward back as an attachment hid it in the enclosed
     message: each round was forwarded again, growing."""
     world = await start_world(gateway_factory, relay, open_ticket=False)
-    row = await deliver(
-        world.gw,
-        mail("Partnership", sender="someone@elsewhere.example"),
-        "someone@elsewhere.example",
-    )
-    await settled(world.gw, row["id"])
-    (ours,) = relay.to(SUPPORT)
-    back = EmailMessage(policy=email.policy.SMTP)
-    back["From"], back["To"], back["Subject"] = SUPPORT, CONNECTOR, "FW: Partnership"
-    back["Message-ID"] = new_id("msp.example")
-    back.set_content("Forwarded by rule.")
-    back.add_attachment(email.message_from_bytes(ours.data, policy=email.policy.SMTP))
-    again = await deliver(world.gw, back.as_bytes(), SUPPORT)
+    back = await our_forward_attached(world, SUPPORT, "FW: Partnership", "Forwarded by rule.")
+    again = await deliver(world.gw, back, SUPPORT)
     await settled(world.gw, again["id"])
     assert (again["outcome"]["action"], again["outcome"]["reason"]) == ("ignored", "loop")
     assert len(relay.to(SUPPORT)) == 1
@@ -1529,20 +1534,9 @@ async def test_a_technician_files_our_forward_on_its_ticket_as_an_attachment(
     and dropped without a word. Filing sends nothing, so it cannot loop; anyone else (a rule,
     an inactive employee, who would be forwarded to support again) still can."""
     world = await start_world(gateway_factory, relay)
-    row = await deliver(
-        world.gw,
-        mail("Invoice question", sender="someone@elsewhere.example"),
-        "someone@elsewhere.example",
-    )
-    await settled(world.gw, row["id"])
-    (ours,) = relay.to(SUPPORT)
-    back = EmailMessage(policy=email.policy.SMTP)
-    back["From"], back["To"] = sender, CONNECTOR
-    back["Subject"] = "FW: [Ticket #1] Invoice question from the customer's accountant"
-    back["Message-ID"] = new_id("msp.example")
-    back.set_content("Filing this on the ticket, see the attached.")
-    back.add_attachment(email.message_from_bytes(ours.data, policy=email.policy.SMTP))
-    again = await deliver(world.gw, back.as_bytes(), sender)
+    subject = "FW: [Ticket #1] Invoice question from the customer's accountant"
+    back = await our_forward_attached(world, sender, subject, "Filing this, see the attached.")
+    again = await deliver(world.gw, back, sender)
     await settled(world.gw, again["id"])
     outcome = again["outcome"]
     if filed:

@@ -32,7 +32,7 @@ from smtpgate.cli import read_rows
 from smtpgate.config import ConfigError, Rules, load_settings
 from smtpgate.mail import parse_message
 from smtpgate.model import Applied
-from smtpgate.xmlapi import find_transaction
+from smtpgate.xmlapi import Transaction, find_transaction
 from tests.conftest import FIXTURES, GatewayFactory, Received, RecordingRelay, make_settings
 from tests.test_regular import RULES, deliver, settled
 
@@ -186,6 +186,15 @@ def text_of(root: etree._Element, tag: str) -> str | None:
     el = root.find(tag)
     assert el is not None, tag
     return el.text
+
+
+def transaction_in(raw: bytes) -> Transaction:
+    """The transaction the parser finds in a raw message, read without errors."""
+    msg = parse_message(raw)
+    tx = find_transaction(msg.xml_candidates, charsets=msg.xml_charsets)
+    assert tx is not None
+    assert tx.errors == ()
+    return tx
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -1113,11 +1122,7 @@ def test_seven_bit_mime_charset_is_honoured(charset: str, codec: str) -> None:
     """docs/xml-api.md 2: the MIME charset before the declaration. It was consulted for
     non-ASCII bytes only, and these charsets write Japanese in ASCII: ISO-2022-JP (Japanese
     mail's usual charset) was refused (150001, its ESC bytes), UTF-7 stored undecoded."""
-    msg = parse_message(_body_in(charset, codec))
-    tx = find_transaction(msg.xml_candidates, charsets=msg.xml_charsets)
-    assert tx is not None
-    assert tx.errors == ()
-    assert tx.fields["FLDTKTPROBLEM"] == JA
+    assert transaction_in(_body_in(charset, codec)).fields["FLDTKTPROBLEM"] == JA
 
 
 async def test_same_message_without_message_id_to_two_connectors_is_applied_once(
@@ -1155,11 +1160,7 @@ def test_a_utf16_body_labelled_by_its_charset_may_start_with_white_space() -> No
             "Content-Transfer-Encoding: base64\r\n\r\n",
             base64.encodebytes(text.encode(codec)),
         )
-        msg = parse_message(raw)
-        tx = find_transaction(msg.xml_candidates, charsets=msg.xml_charsets)
-        assert tx is not None, codec
-        assert tx.errors == ()
-        assert tx.fields["FLDTKTPROBLEM"] == "Printer"
+        assert transaction_in(raw).fields["FLDTKTPROBLEM"] == "Printer", codec
 
 
 def test_the_charset_of_an_application_xml_part_is_honoured() -> None:
@@ -1174,11 +1175,7 @@ def test_the_charset_of_an_application_xml_part_is_honoured() -> None:
         b"--xb\r\nContent-Type: application/xml; charset=iso-8859-2\r\n"
         b"Content-Transfer-Encoding: base64\r\n\r\n" + part + b"\r\n--xb--\r\n",
     )
-    msg = parse_message(raw)
-    tx = find_transaction(msg.xml_candidates, charsets=msg.xml_charsets)
-    assert tx is not None
-    assert tx.errors == ()
-    assert tx.fields["FLDTKTPROBLEM"] == problem
+    assert transaction_in(raw).fields["FLDTKTPROBLEM"] == problem
 
 
 @pytest.mark.parametrize("delsp", [False, True])
@@ -1199,11 +1196,7 @@ def test_a_format_flowed_body_is_read_unflowed(delsp: bool) -> None:
         + "\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
         flowed.replace("\n", "\r\n").encode(),
     )
-    msg = parse_message(raw)
-    tx = find_transaction(msg.xml_candidates, charsets=msg.xml_charsets)
-    assert tx is not None
-    assert tx.errors == ()
-    assert tx.fields["FLDTKTPROBLEM"] == problem
+    assert transaction_in(raw).fields["FLDTKTPROBLEM"] == problem
 
 
 async def test_the_outcome_names_the_account_a_transaction_touched(
@@ -1242,17 +1235,10 @@ def test_the_same_transaction_in_a_flowed_body_and_attached_is_one() -> None:
     msg.add_attachment(
         doc.replace("\n", "\r\n").encode(), "application", "octet-stream", filename="tx.xml"
     )
-    parsed = parse_message(msg.as_bytes())
-    tx = find_transaction(parsed.xml_candidates, charsets=parsed.xml_charsets)
-    assert tx is not None
-    assert tx.errors == ()
-    assert tx.others == 0
+    assert transaction_in(msg.as_bytes()).others == 0
     # A different transaction attached is still counted.
     other = xml("TICKET", {"FLDTKTCARDID": ACME, "FLDTKTPROBLEM": "Scanner down"})
     msg.get_payload()[1].set_content(
         other.encode(), "application", "octet-stream", filename="b.xml"
     )
-    parsed = parse_message(msg.as_bytes())
-    tx = find_transaction(parsed.xml_candidates, charsets=parsed.xml_charsets)
-    assert tx is not None
-    assert tx.others == 1
+    assert transaction_in(msg.as_bytes()).others == 1
