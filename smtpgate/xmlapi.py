@@ -918,7 +918,9 @@ def find_transaction(
                 for j in range(i + 1, len(candidates))
                 if bytes(candidates[j]).strip() != applied
                 and _names_ours(bytes(candidates[j]))
-                and not _same_transaction(tx, candidates[j], charsets[j : j + 1], max_bytes)
+                and not _same_transaction(
+                    tx, candidates[j], charsets[j] if j < len(charsets) else None, max_bytes
+                )
             )
             return replace(tx, others=others) if others else tx
         if refused is None:
@@ -926,13 +928,11 @@ def find_transaction(
     return refused
 
 
-def _same_transaction(
-    tx: Transaction, raw: bytes, charset: Sequence[str | None], max_bytes: int
-) -> bool:
+def _same_transaction(tx: Transaction, raw: bytes, charset: str | None, max_bytes: int) -> bool:
     """Whether another part holds this very transaction, read (a body a mail client re-wrapped
     or re-encoded and the same document attached are one transaction, not two)."""
     try:
-        found = _examine(bytes(raw), max_bytes, charset[0] if charset else None)
+        found = _examine(bytes(raw), max_bytes, charset)
     except (ValueError, LookupError, etree.LxmlError):
         return False
     return found is not None and found[0] == tx
