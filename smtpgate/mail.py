@@ -1517,9 +1517,10 @@ class _Parser:
             if leaf.is_attachment and leaf is not body
         )
 
-        xml_leaves: list[_Leaf] = []
-        if body is not None and not html_only and not body.nested:
-            xml_leaves.append(body)
+        # The body's plain parts first (a script's cover note, then the XML as a second one).
+        xml_leaves = [
+            leaf for leaf in chosen if not leaf.nested and _text_kind(leaf.content_type) == "plain"
+        ]
         xml_leaves += [
             leaf
             for leaf in outer

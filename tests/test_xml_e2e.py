@@ -1242,3 +1242,17 @@ def test_the_same_transaction_in_a_flowed_body_and_attached_is_one() -> None:
         other.encode(), "application", "octet-stream", filename="b.xml"
     )
     assert transaction_in(msg.as_bytes()).others == 1
+
+
+def test_a_transaction_in_a_second_inline_text_part_is_read() -> None:
+    """A script's shape: a cover note, then the XML as a second text/plain part without a file
+    name. Only the first body part was a candidate: the transaction went to support as mail."""
+    doc = xml("TICKET", {"FLDTKTCARDID": ACME, "FLDTKTPROBLEM": "Printer"})
+    raw = raw_mime(
+        'Content-Type: multipart/mixed; boundary="xb"\r\n\r\n',
+        b"--xb\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nSee the transaction.\r\n"
+        b"--xb\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        + doc.replace("\n", "\r\n").encode()
+        + b"\r\n--xb--\r\n",
+    )
+    assert transaction_in(raw).fields["FLDTKTPROBLEM"] == "Printer"
