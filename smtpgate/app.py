@@ -77,6 +77,22 @@ def dedupe_key(message_id: str | None, job: Job) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
+def _dedupe_keys(message_id: str | None, job: Job) -> tuple[str, str | None]:
+    return dedupe_key(message_id, job), body_key(message_id, job.raw)
+
+
+def body_key(message_id: str | None, raw: bytes) -> str | None:
+    """A fingerprint of the body under its Message-ID: a copy of the message by another route
+    (other headers) has the same, the next alert of a device that reuses one fixed Message-ID
+    another (Store._complete: a duplicate, but support is told)."""
+    if not message_id:
+        return None
+    start = raw.find(b"\r\n\r\n")
+    body = raw[start + 4 :] if start >= 0 else b""
+    id_hash = hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"body:{id_hash}:{hashlib.sha256(body).hexdigest()}"
+
+
 @dataclass(slots=True)
 class _InProcess:
     """A message being processed: the Message-IDs it is known by, set once it is decided."""
@@ -308,10 +324,15 @@ class Gateway:
                 await self._after_answered(turn, {*msg.in_reply_to, *msg.references})
             ctx = Context(self.settings, self.rules)
             decision = await decide(job.raw, job.envelope.mail_from, msg, ctx, self.store)
+            if len(job.raw) > PARSE_IN_THREAD_BYTES:  # hashing 25 MB would hold the loop
+                keys = await asyncio.to_thread(_dedupe_keys, msg.message_id, job)
+            else:
+                keys = _dedupe_keys(msg.message_id, job)
             outcome = await self.store.complete(
                 job,
                 decision,
-                dedupe_key=dedupe_key(msg.message_id, job),
+                dedupe_key=keys[0],
+                body_key=keys[1],
                 auto_mail_hourly_limit=self.settings.auto_mail_hourly_limit,
             )
         finally:

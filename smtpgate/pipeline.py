@@ -16,6 +16,7 @@ from smtpgate import outbound, xmlapi
 from smtpgate.config import Rules, Settings
 from smtpgate.mail import ParsedMessage, strip_quotes
 from smtpgate.model import (
+    REUSED_ID,
     Action,
     Applied,
     Decision,
@@ -550,5 +551,8 @@ async def decide(
             decision.notes[:0] = inb.notes
             if msg.defects:
                 decision.notes.extend(f"parse: {d}" for d in msg.defects[:5])
+            decision.reused_id_mails = _forward(
+                inb, ctx, ctx.settings.internal_support_address, Action.DUPLICATE, REUSED_ID
+            )
             return decision
     raise AssertionError("the last stage always decides")  # pragma: no cover

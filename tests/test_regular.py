@@ -1098,6 +1098,66 @@ async def test_duplicate_message_id_opens_one_ticket_and_sends_one_ack(
     assert (await world.store.status())["tickets"] == 2
 
 
+async def test_a_message_id_reused_with_other_content_goes_to_support(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """spec 2.4 keys duplicates on the Message-ID. A device or script that sends every alert
+    with one fixed Message-ID had each later alert recorded as a `duplicate` and seen by no
+    one. Another body under a known Message-ID is still no second ticket, but it is forwarded
+    to support untouched, once; a copy of the same body (other headers: another route) stays
+    a plain duplicate."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    fixed = "<alert@ups.acme.example>"
+    first = mail("UPS on battery", sender="joe@acme.example", message_id=fixed, body="Battery.")
+    row = await deliver(world.gw, first, "joe@acme.example")
+    assert row["outcome"]["action"] == "ticket_created"
+    await settled(world.gw, row["id"])
+    # The same message by another route: a header more, the same body.
+    again = await deliver(world.gw, b"X-Relayed-By: backup-mx\r\n" + first, "joe@acme.example")
+    assert (again["outcome"]["action"], again["outcome"]["reason"]) == ("duplicate", "message_id")
+    assert again["outcome"]["sent"] == []
+    # The next alert under the same Message-ID.
+    later = mail("UPS back on mains", sender="joe@acme.example", message_id=fixed, body="Mains.")
+    reused = await deliver(world.gw, later, "joe@acme.example")
+    outcome = reused["outcome"]
+    assert (outcome["action"], outcome["reason"]) == ("duplicate", "message_id_reused")
+    assert outcome["sent"] == [{"kind": "forward", "to": [SUPPORT]}]
+    assert outcome["notes"] == [
+        f"Message-ID {fixed} was first processed as {row['id']} with other content: forwarded"
+        " to support"
+    ]
+    await settled(world.gw, reused["id"])
+    (forward,) = [m for m in relay.to(SUPPORT) if m.message["Subject"] == "UPS back on mains"]
+    assert forward.message["X-Smtpgate-Action"] == "duplicate; rule=message_id_reused"
+    assert forward.data.endswith(later)  # untouched
+    # That copy again: a plain duplicate now.
+    last = await deliver(world.gw, later, "joe@acme.example")
+    assert (last["outcome"]["action"], last["outcome"]["reason"]) == ("duplicate", "message_id")
+    assert (await world.store.status())["tickets"] == 1
+
+
+async def test_a_message_id_seen_before_bodies_were_kept_is_a_plain_duplicate(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A Message-ID processed before this version kept no body fingerprint: its next copy is a
+    duplicate as before (a sender's redelivery after the upgrade is not sent to support); from
+    then on a copy with another body is told."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    fixed = "<old@acme.example>"
+    first = mail("Printer", sender="joe@acme.example", message_id=fixed, body="One.")
+    row = await deliver(world.gw, first, "joe@acme.example")
+    with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db, db:
+        gone = db.execute("DELETE FROM seen_messages WHERE key LIKE 'body:%'").rowcount
+    assert gone == 1
+    other = mail("Printer", sender="joe@acme.example", message_id=fixed, body="Two.")
+    copy = await deliver(world.gw, other, "joe@acme.example")
+    assert (copy["outcome"]["action"], copy["outcome"]["reason"]) == ("duplicate", "message_id")
+    third = mail("Printer", sender="joe@acme.example", message_id=fixed, body="Three.")
+    told = await deliver(world.gw, third, "joe@acme.example")
+    assert told["outcome"]["reason"] == "message_id_reused"
+    assert row["id"] != told["id"]
+
+
 async def test_same_content_without_ids_a_day_later_is_new_mail(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
@@ -1149,9 +1209,18 @@ async def test_retention_forgets_content_hashes_past_the_window(
         )
     await world.store.purge(30)
     with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db:
-        left = db.execute("SELECT inbound_id FROM seen_messages").fetchall()
-    assert left == [(kept["id"],)]
+        left = db.execute("SELECT key, inbound_id FROM seen_messages ORDER BY key").fetchall()
+    assert [(key.partition(":")[0], inbound) for key, inbound in left] == [
+        ("<kept@acme.example>", kept["id"]),
+        ("body", kept["id"]),  # a Message-ID's body fingerprint: kept for the retention
+    ]
     assert first["id"] != kept["id"]
+    with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db, db:
+        db.execute("UPDATE seen_messages SET seen_at = seen_at - ?", (31 * 86400,))
+    await world.store.purge(30)
+    with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db:
+        left = db.execute("SELECT key FROM seen_messages").fetchall()
+    assert left == [("<kept@acme.example>",)]  # a Message-ID never expires
 
 
 async def test_own_forward_sent_back_is_recorded_not_processed(

@@ -40,6 +40,7 @@ import aiosqlite
 from smtpgate.config import ConfigError
 from smtpgate.model import (
     AUTOMATIC_KINDS,
+    REUSED_ID,
     Action,
     Applied,
     Decision,
@@ -77,6 +78,22 @@ GROUP_MAX_BYTES = 1024 * 1024
 # new mail. A Message-ID is an identity and never expires.
 CONTENT_DUPLICATE_SECONDS = 24 * 3600
 _CONTENT_KEYS = "key >= 'sha256:' AND key < 'sha256;'"  # app.dedupe_key's hashes, by index
+# app.body_key's fingerprints (a Message-ID's bodies), kept for SMTPGATE_RETENTION_DAYS
+_BODY_KEYS = "key >= 'body:' AND key < 'body;'"
+_REMEMBER = "INSERT OR IGNORE INTO seen_messages (key, inbound_id, seen_at) VALUES (?, ?, ?)"
+
+
+def _other_body(db: sqlite3.Connection, body_key: str, inbound_id: str, now: float) -> bool:
+    """Whether a duplicate Message-ID came before with another body (its bodies are known and
+    this is none of them); the body is remembered either way. A Message-ID first processed by
+    a version that kept no bodies counts as the same (a redelivery after the upgrade)."""
+    prefix = body_key[: body_key.rindex(":") + 1]  # "body:<the id's hash>:"
+    known = db.execute(
+        "SELECT 1 FROM seen_messages WHERE key >= ? AND key < ? LIMIT 1",
+        (prefix, prefix[:-1] + ";"),
+    ).fetchone()
+    new = db.execute(_REMEMBER, (body_key, inbound_id, now)).rowcount == 1
+    return known is not None and new
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -349,6 +366,7 @@ class _Completion:
     job: Job
     decision: Decision
     dedupe_key: str | None
+    body_key: str | None
     hourly_limit: int
     future: asyncio.Future[Outcome | None]
 
@@ -946,6 +964,7 @@ class Store:
         decision: Decision,
         *,
         dedupe_key: str | None,
+        body_key: str | None = None,
         auto_mail_hourly_limit: int,
     ) -> Outcome | None:
         """Apply a decision exactly once: records, outbox rows and the outcome in one transaction.
@@ -968,6 +987,7 @@ class Store:
                         job=job,
                         decision=decision,
                         dedupe_key=dedupe_key,
+                        body_key=body_key,
                         hourly_limit=auto_mail_hourly_limit,
                     ),
                     inline=False,
@@ -976,7 +996,7 @@ class Store:
                 return None
         future: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
         self._completions.append(
-            _Completion(job, decision, dedupe_key, auto_mail_hourly_limit, future)
+            _Completion(job, decision, dedupe_key, body_key, auto_mail_hourly_limit, future)
         )
         if self._completer is None or self._completer.done():
             self._completer = asyncio.create_task(self._complete_loop(), name="group-complete")
@@ -1067,7 +1087,7 @@ class Store:
             staged = len(self._staged_mail)
             try:
                 outcome = self._complete(
-                    db, item.job, item.decision, item.dedupe_key, item.hourly_limit
+                    db, item.job, item.decision, item.dedupe_key, item.hourly_limit, item.body_key
                 )
             except Exception as exc:
                 if not db.in_transaction:
@@ -1092,6 +1112,7 @@ class Store:
         decision: Decision,
         dedupe_key: str | None,
         hourly_limit: int,
+        body_key: str | None = None,
     ) -> Outcome:
         """One decision's part of a transaction (see `complete`)."""
         # The lease is checked by the final UPDATE (_finish): a lost lease raises _LeaseLost
@@ -1109,20 +1130,40 @@ class Store:
                 first = db.execute(
                     "SELECT inbound_id FROM seen_messages WHERE key = ?", (dedupe_key,)
                 ).fetchone()
+                first_id = first[0] if first else None
+                notes = [f"first processed as {first_id}" if first_id else "seen before"]
+                reason = "message_id" if dedupe_key.startswith("<") else "content_hash"
+                sent: list[dict[str, Any]] = []
+                if body_key is not None and _other_body(db, body_key, job.id, now):
+                    # The same Message-ID with another body: a device reusing one fixed id, whose
+                    # later alerts were recorded and seen by no one. Support gets it untouched.
+                    sent, notes = self._queue_mails(
+                        db, job.id, decision.reused_id_mails(Applied()), Applied(), hourly_limit
+                    )
+                    if sent:
+                        self._outbox_unsynced = True
+                    reason = REUSED_ID
+                    notes.insert(
+                        0,
+                        f"Message-ID {dedupe_key} was first processed as {first_id} with other"
+                        " content: forwarded to support",
+                    )
                 outcome = Outcome(
                     path=decision.path,
                     action=Action.DUPLICATE,
-                    reason="message_id" if dedupe_key.startswith("<") else "content_hash",
+                    reason=reason,
                     account=None,
                     ticket=None,
                     rules_hit=[],
                     rules_missed=[],
                     error_code=None,
-                    sent=[],
-                    notes=[f"first processed as {first[0]}" if first else "seen before"],
+                    sent=sent,
+                    notes=notes,
                 )
                 self._finish(db, job, outcome)
                 return outcome
+            if body_key is not None:
+                db.execute(_REMEMBER, (body_key, job.id, now))
         applied = self._apply(db, job, decision)
         mails = decision.mails(applied)
         sent, suppressed = self._queue_mails(db, job.id, mails, applied, hourly_limit)
@@ -1905,6 +1946,7 @@ class Store:
                 f"DELETE FROM seen_messages WHERE {_CONTENT_KEYS} AND seen_at < ?",
                 (now - CONTENT_DUPLICATE_SECONDS,),
             )
+            db.execute(f"DELETE FROM seen_messages WHERE {_BODY_KEYS} AND seen_at < ?", (cutoff,))
             return n
 
         return await self._write(drop)
