@@ -23,7 +23,7 @@ from smtpgate.http import Metrics, StatusServer
 from smtpgate.intake import IntakeProcesses
 from smtpgate.mail import parse_message
 from smtpgate.model import Outcome
-from smtpgate.pipeline import Context, decide
+from smtpgate.pipeline import Context, decide, fingerprint
 from smtpgate.relay import DeliveryError, Mail, RelayClient, relay_tls_context
 from smtpgate.store import Delivery, Job, Store, is_transient_error
 from smtpgate.worker import WorkerPool, backoff, scheduled_delay
@@ -75,22 +75,6 @@ def dedupe_key(message_id: str | None, job: Job) -> str:
     # The content only, not the envelope: an MTA delivers one message to two connector
     # addresses of different domains in two transactions, and it is still one message.
     return "sha256:" + hashlib.sha256(body).hexdigest()
-
-
-def _dedupe_keys(message_id: str | None, job: Job) -> tuple[str, str | None]:
-    return dedupe_key(message_id, job), body_key(message_id, job.raw)
-
-
-def body_key(message_id: str | None, raw: bytes) -> str | None:
-    """A fingerprint of the body under its Message-ID: a copy of the message by another route
-    (other headers) has the same, the next alert of a device that reuses one fixed Message-ID
-    another (Store._complete: a duplicate, but support is told)."""
-    if not message_id:
-        return None
-    start = raw.find(b"\r\n\r\n")
-    body = raw[start + 4 :] if start >= 0 else b""
-    id_hash = hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"body:{id_hash}:{hashlib.sha256(body).hexdigest()}"
 
 
 @dataclass(slots=True)
@@ -325,14 +309,14 @@ class Gateway:
             ctx = Context(self.settings, self.rules)
             decision = await decide(job.raw, job.envelope.mail_from, msg, ctx, self.store)
             if len(job.raw) > PARSE_IN_THREAD_BYTES:  # hashing 25 MB would hold the loop
-                keys = await asyncio.to_thread(_dedupe_keys, msg.message_id, job)
+                key = await asyncio.to_thread(dedupe_key, msg.message_id, job)
             else:
-                keys = _dedupe_keys(msg.message_id, job)
+                key = dedupe_key(msg.message_id, job)
             outcome = await self.store.complete(
                 job,
                 decision,
-                dedupe_key=keys[0],
-                body_key=keys[1],
+                dedupe_key=key,
+                fingerprint=fingerprint(msg.message_id, msg),
                 auto_mail_hourly_limit=self.settings.auto_mail_hourly_limit,
             )
         finally:

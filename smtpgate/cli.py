@@ -219,7 +219,7 @@ async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace
     import asyncio
 
     from smtpgate.mail import parse_message
-    from smtpgate.pipeline import Context, decide
+    from smtpgate.pipeline import Context, decide, fingerprint
 
     try:
         raw = await asyncio.to_thread(Path(args.file).read_bytes)
@@ -233,7 +233,7 @@ async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace
 
     async def run(store: Store) -> int:
         decision = await decide(raw, mail_from, msg, Context(settings, rules), store)
-        outcome = await store.simulate(decision, msg.message_id)
+        outcome = await store.simulate(decision, msg.message_id, fingerprint(msg.message_id, msg))
         result = outcome.to_json()
         result["rules_missed"] = decision.rules_missed
         if args.json:

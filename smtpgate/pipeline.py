@@ -7,6 +7,7 @@ is applied by the store in one transaction, which is why `explain` can run the s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -536,6 +537,21 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+def fingerprint(message_id: str | None, msg: ParsedMessage) -> str | None:
+    """What tells two messages under one Message-ID apart (spec 2.4 keys duplicates on it): the
+    Subject, the From address and the text as read. A copy by another route has them all,
+    whatever a hop did to its bytes (8bit to quoted-printable or base64, a new MIME boundary,
+    other headers and Date, as N-central's re-sent notifications); the next alert of a device
+    that reuses one fixed Message-ID says something else. "fp:<id>:<fingerprint>", 64 and 128
+    bits of SHA-256. (A banner a filter adds to the text makes a copy look new.)"""
+    if not message_id:
+        return None
+    seen = "\0".join((msg.subject, msg.from_address, " ".join(msg.text.split())))
+    id_hash = hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    digest = hashlib.sha256(seen.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"fp:{id_hash}:{digest}"
+
+
 async def decide(
     raw: bytes, mail_from: str, msg: ParsedMessage, ctx: Context, directory: Directory
 ) -> Decision:
@@ -551,8 +567,13 @@ async def decide(
             decision.notes[:0] = inb.notes
             if msg.defects:
                 decision.notes.extend(f"parse: {d}" for d in msg.defects[:5])
-            decision.reused_id_mails = _forward(
-                inb, ctx, ctx.settings.internal_support_address, Action.DUPLICATE, REUSED_ID
+            # Where a copy goes if its Message-ID came before with another Date/Subject/text:
+            # where this decision would forward it (a skipped alert to the skip target).
+            target = (
+                ctx.settings.skip_target
+                if decision.action == Action.AUTOMATED_SKIPPED
+                else ctx.settings.internal_support_address
             )
+            decision.reused_id_mails = _forward(inb, ctx, target, Action.DUPLICATE, REUSED_ID)
             return decision
     raise AssertionError("the last stage always decides")  # pragma: no cover

@@ -6,6 +6,8 @@ the outcome is read back from the queue row, the mails from what the relay recei
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import email
 import email.policy
@@ -27,7 +29,9 @@ import pytest
 from smtpgate import outbound
 from smtpgate.app import Gateway
 from smtpgate.cli import read_rows
+from smtpgate.mail import parse_message
 from smtpgate.model import MailKind, OutboundMail, has_bare_line_end
+from smtpgate.pipeline import Context, decide, fingerprint
 from smtpgate.rules import regular
 from smtpgate.store import CONTENT_DUPLICATE_SECONDS
 from tests.conftest import (
@@ -1123,8 +1127,8 @@ async def test_a_message_id_reused_with_other_content_goes_to_support(
     assert (outcome["action"], outcome["reason"]) == ("duplicate", "message_id_reused")
     assert outcome["sent"] == [{"kind": "forward", "to": [SUPPORT]}]
     assert outcome["notes"] == [
-        f"Message-ID {fixed} was first processed as {row['id']} with other content: forwarded"
-        " to support"
+        f"Message-ID {fixed} was first processed as {row['id']} with another Subject, sender or"
+        " text: forwarded untouched"
     ]
     await settled(world.gw, reused["id"])
     (forward,) = [m for m in relay.to(SUPPORT) if m.message["Subject"] == "UPS back on mains"]
@@ -1147,12 +1151,12 @@ async def test_a_message_id_seen_before_bodies_were_kept_is_a_plain_duplicate(
     first = mail("Printer", sender="joe@acme.example", message_id=fixed, body="One.")
     row = await deliver(world.gw, first, "joe@acme.example")
     with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db, db:
-        gone = db.execute("DELETE FROM seen_messages WHERE key LIKE 'body:%'").rowcount
-    assert gone == 1
-    other = mail("Printer", sender="joe@acme.example", message_id=fixed, body="Two.")
+        gone = db.execute("DELETE FROM seen_messages WHERE key LIKE 'fp%'").rowcount
+    assert gone == 2  # the fingerprint and the mark that the Message-ID's are kept
+    other = mail("Printer again", sender="joe@acme.example", message_id=fixed, body="Two.")
     copy = await deliver(world.gw, other, "joe@acme.example")
     assert (copy["outcome"]["action"], copy["outcome"]["reason"]) == ("duplicate", "message_id")
-    third = mail("Printer", sender="joe@acme.example", message_id=fixed, body="Three.")
+    third = mail("Printer still", sender="joe@acme.example", message_id=fixed, body="Three.")
     told = await deliver(world.gw, third, "joe@acme.example")
     assert told["outcome"]["reason"] == "message_id_reused"
     assert row["id"] != told["id"]
@@ -1212,7 +1216,8 @@ async def test_retention_forgets_content_hashes_past_the_window(
         left = db.execute("SELECT key, inbound_id FROM seen_messages ORDER BY key").fetchall()
     assert [(key.partition(":")[0], inbound) for key, inbound in left] == [
         ("<kept@acme.example>", kept["id"]),
-        ("body", kept["id"]),  # a Message-ID's body fingerprint: kept for the retention
+        ("fp-id", kept["id"]),  # the mark that its fingerprints are kept: kept for ever
+        ("fp", kept["id"]),  # a Message-ID's fingerprint: kept for the retention
     ]
     assert first["id"] != kept["id"]
     with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db, db:
@@ -1220,7 +1225,7 @@ async def test_retention_forgets_content_hashes_past_the_window(
     await world.store.purge(30)
     with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db:
         left = db.execute("SELECT key FROM seen_messages").fetchall()
-    assert left == [("<kept@acme.example>",)]  # a Message-ID never expires
+    assert sorted(key.partition(":")[0] for (key,) in left) == ["<kept@acme.example>", "fp-id"]
 
 
 async def test_own_forward_sent_back_is_recorded_not_processed(
@@ -1667,3 +1672,226 @@ async def test_active_employee_with_an_idn_domain_is_recognised_in_its_ascii_spe
 )
 def test_a_forward_is_told_by_its_subjects_first_prefix(subject: str, forward: bool) -> None:
     assert regular.is_forward(subject) is forward
+
+
+# --- a Message-ID reused: what tells two messages apart (a review of the first fingerprint) ---
+
+FIXED = "<fixed-id@ups.acme.example>"
+HEAD = (
+    "From: Joe <joe@acme.example>\r\n"
+    "To: connector@localhost\r\n"
+    "Subject: Printer on 3rd floor jams\r\n"
+    "Date: Thu, 26 Nov 2026 14:00:00 +0000\r\n"
+    f"Message-ID: {FIXED}\r\n"
+    "MIME-Version: 1.0\r\n"
+    "Content-Type: text/plain; charset=utf-8\r\n"
+)
+TEXT = "Grüße, the printer in Müller's office jams on every page.\r\n"
+
+
+def original_8bit() -> bytes:
+    return (HEAD + "Content-Transfer-Encoding: 8bit\r\n\r\n" + TEXT).encode()
+
+
+def via_backup_mx_qp() -> bytes:
+    """The same message after a hop without 8BITMIME (RFC 6152 3: downgraded to QP), as a
+    backup MX or a filtering relay hands it on: a trace header more, the body re-encoded."""
+    qp = binascii.b2a_qp(TEXT.encode(), istext=True).replace(b"\n", b"\r\n")
+    return (
+        b"Received: from mx2.msp.example (backup MX) by relay; Thu, 26 Nov 2026 14:05:00 +0000\r\n"
+        + (HEAD + "Content-Transfer-Encoding: quoted-printable\r\n\r\n").encode()
+        + qp
+    )
+
+
+def via_base64_rewrap() -> bytes:
+    """The same message re-encoded by a relay that rewrites MIME (8bit -> base64)."""
+    b64 = base64.encodebytes(TEXT.encode()).replace(b"\n", b"\r\n")
+    return (
+        b"Received: from smarthost.msp.example by relay; Thu, 26 Nov 2026 14:05:00 +0000\r\n"
+        + (HEAD + "Content-Transfer-Encoding: base64\r\n\r\n").encode()
+        + b64
+    )
+
+
+# --- 1. a genuine redelivery whose body bytes changed en route is sent to support ----------
+
+
+@pytest.mark.parametrize("copy", [via_backup_mx_qp, via_base64_rewrap], ids=lambda f: f.__name__)
+async def test_a_redelivery_re_encoded_en_route_is_a_plain_duplicate(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, copy
+) -> None:
+    """spec 2.4: a copy of a processed message is a `duplicate`: nothing created, nothing sent.
+    The commit says 'a copy with the same body by another route stays a plain duplicate', but
+    the fingerprint is of the raw body bytes: a copy whose transfer encoding a hop changed
+    (8bit -> QP for a next hop without 8BITMIME, a MIME-rewriting smarthost) or whose body a
+    filter tagged is forwarded to support as `message_id_reused`."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    first = await deliver(world.gw, original_8bit(), "joe@acme.example")
+    assert first["outcome"]["action"] == "ticket_created"
+    again = await deliver(world.gw, copy(), "joe@acme.example")
+    # the text is the same message: the parser reads both the same way
+    assert parse_message(copy()).text.strip().endswith(TEXT.strip())
+    assert (again["outcome"]["action"], again["outcome"]["reason"]) == ("duplicate", "message_id")
+    assert again["outcome"]["sent"] == []
+
+
+async def test_a_scripts_retry_that_rebuilds_its_multipart_is_a_plain_duplicate(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A script retrying after a lost 250 with the same Message-ID (xml-api.md: 'Send a new
+    message (new Message-ID) to retry' — so the same id is the same message) that builds its
+    MIME message again gets a new random boundary from the email package: the copy is
+    forwarded to support as `message_id_reused` (for a script's XML mail: the transaction
+    with its <Password>)."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+
+    def build() -> bytes:
+        msg = EmailMessage(policy=email.policy.SMTP)
+        msg["From"] = "joe@acme.example"
+        msg["To"] = "connector@localhost"
+        msg["Subject"] = "report"
+        msg["Message-ID"] = "<script-run-42@acme.example>"
+        msg.set_content("Nightly report attached.")
+        msg.add_attachment(
+            b"col1,col2\r\n1,2\r\n", maintype="text", subtype="csv", filename="r.csv"
+        )
+        return msg.as_bytes()
+
+    a, b = build(), build()
+    assert a != b  # another boundary each time
+    first = await deliver(world.gw, a, "joe@acme.example")
+    assert first["outcome"]["action"] == "ticket_created"
+    again = await deliver(world.gw, b, "joe@acme.example")
+    assert (again["outcome"]["action"], again["outcome"]["reason"]) == ("duplicate", "message_id")
+    assert again["outcome"]["sent"] == []
+
+
+# --- 2. the retention purge re-creates "no body known": the next alert is seen by no one ---
+
+
+async def test_a_fixed_id_device_quiet_past_the_retention_is_still_told(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """The commit's case: a device sending every alert under one fixed Message-ID. Its body rows
+    are purged after SMTPGATE_RETENTION_DAYS but the Message-ID row never is, so the first alert
+    after a quiet month finds 'no body known' (the pre-upgrade rule) and is a plain duplicate:
+    recorded and seen by no one — exactly what the commit set out to stop."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    first = mail("UPS on battery", sender="joe@acme.example", message_id=FIXED, body="Battery.")
+    row = await deliver(world.gw, first, "joe@acme.example")
+    assert row["outcome"]["action"] == "ticket_created"
+    await settled(world.gw, row["id"])
+    # a month and a day later (what the hourly retention sweep sees then)
+    with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db, db:
+        db.execute("UPDATE seen_messages SET seen_at = seen_at - ?", (31 * 86400,))
+    await world.store.purge(30)
+    later = mail("UPS overload", sender="joe@acme.example", message_id=FIXED, body="Overload!")
+    told = await deliver(world.gw, later, "joe@acme.example")
+    assert (told["outcome"]["action"], told["outcome"]["reason"]) == (
+        "duplicate",
+        "message_id_reused",
+    )
+    assert told["outcome"]["sent"] == [{"kind": "forward", "to": [SUPPORT]}]
+
+
+async def test_retention_days_zero_forgets_every_body_each_hour(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """SMTPGATE_RETENTION_DAYS=0 is allowed (ge=0): each sweep deletes every body row, so the
+    first other body after each sweep is swallowed."""
+    world = await start_world(gateway_factory, relay, open_ticket=False, retention_days=0)
+    first = mail("UPS on battery", sender="joe@acme.example", message_id=FIXED, body="Battery.")
+    await deliver(world.gw, first, "joe@acme.example")
+    await world.store.purge(world.gw.settings.retention_days)
+    later = mail("UPS overload", sender="joe@acme.example", message_id=FIXED, body="Overload!")
+    told = await deliver(world.gw, later, "joe@acme.example")
+    assert told["outcome"]["reason"] == "message_id_reused"
+
+
+# --- 3. skip-rule alerts under a reused id go to internal support, not the skip target -----
+
+
+async def test_a_skipped_alert_under_a_reused_id_goes_to_the_skip_forward_address(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """spec 2.1.2: a skip-rule alert is forwarded to the skip-forward address. The reused-id
+    forward is always built for internal support (pipeline.decide), so a device's later
+    'Alert Self Healed' mails land in the support queue the operator routed them away from."""
+    skip_to = "noise@msp.example"
+    world = await start_world(
+        gateway_factory, relay, open_ticket=False, skip_forward_address=skip_to
+    )
+
+    def healed(time: str) -> bytes:
+        return (
+            "From: Monitoring <alerts@externalsystem.com>\r\nTo: connector@localhost\r\n"
+            "Subject: Alert Self Healed for Site Acme Corp, Disk C: low on free space\r\n"
+            f"Date: Thu, 26 Nov 2026 {time}:00 +0000\r\nMessage-ID: {FIXED}\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+            f"Cleared at {time}.\r\n"
+        ).encode()
+
+    first = await deliver(world.gw, healed("10:30"), "alerts@externalsystem.com")
+    assert first["outcome"]["action"] == "automated_skipped"
+    assert first["outcome"]["sent"] == [{"kind": "forward", "to": [skip_to]}]
+    later = await deliver(world.gw, healed("11:30"), "alerts@externalsystem.com")
+    assert later["outcome"]["reason"] == "message_id_reused"
+    assert later["outcome"]["sent"] == [{"kind": "forward", "to": [skip_to]}]
+
+
+# --- 4. explain does not say that a reused id would be forwarded -------------------------
+
+
+async def test_explain_says_a_reused_id_with_another_body_goes_to_support(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """spec 5: explain shows the action and the mails that would be sent. For a known
+    Message-ID with another body it says only 'a new copy would be a duplicate' and lists the
+    ticket/ack of a first copy; the forward to support is not mentioned."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    first = mail("UPS on battery", sender="joe@acme.example", message_id=FIXED, body="Battery.")
+    await deliver(world.gw, first, "joe@acme.example")
+    later = mail("UPS overload", sender="joe@acme.example", message_id=FIXED, body="Overload!")
+    msg = parse_message(later)
+    ctx = Context(world.gw.settings, world.gw.rules)
+    decision = await decide(later, "joe@acme.example", msg, ctx, world.store)
+    outcome = (
+        await world.store.simulate(decision, msg.message_id, fingerprint(msg.message_id, msg))
+    ).to_json()
+    text = " ".join(outcome["notes"])
+    assert "support" in text or {"kind": "forward", "to": [SUPPORT]} in outcome["sent"], outcome
+
+
+# --- 5. the fingerprint ignores the header: an alert that differs only in Subject/Date -----
+
+
+async def test_a_fixed_id_alert_that_differs_only_in_its_subject_is_told(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """Alert devices often put the event in the Subject (spec 2.1's own example: 'Alert for
+    Site Acme Corp, Disk C: low') with a constant body. Under one fixed Message-ID the next
+    alert — another site, another time, same body text — has the same body fingerprint and is a
+    plain duplicate: seen by no one, the case the commit set out to fix."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+
+    def alert(subject: str, date: str) -> bytes:
+        return (
+            "From: Monitoring <alerts@externalsystem.com>\r\nTo: connector@localhost\r\n"
+            f"Subject: {subject}\r\nDate: {date}\r\nMessage-ID: {FIXED}\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+            "This alert was generated by the monitoring system.\r\n"
+        ).encode()
+
+    first = await deliver(
+        world.gw,
+        alert("Alert for Site Acme Corp, Disk C: low", "Thu, 26 Nov 2026 10:30:00 +0000"),
+        "alerts@externalsystem.com",
+    )
+    assert first["outcome"]["action"] == "automated_ticket"
+    later = await deliver(
+        world.gw,
+        alert("Alert for Site Globex, Disk D: low", "Fri, 27 Nov 2026 08:00:00 +0000"),
+        "alerts@externalsystem.com",
+    )
+    assert later["outcome"]["reason"] == "message_id_reused", later["outcome"]

@@ -78,22 +78,30 @@ GROUP_MAX_BYTES = 1024 * 1024
 # new mail. A Message-ID is an identity and never expires.
 CONTENT_DUPLICATE_SECONDS = 24 * 3600
 _CONTENT_KEYS = "key >= 'sha256:' AND key < 'sha256;'"  # app.dedupe_key's hashes, by index
-# app.body_key's fingerprints (a Message-ID's bodies), kept for SMTPGATE_RETENTION_DAYS
-_BODY_KEYS = "key >= 'body:' AND key < 'body;'"
+# pipeline.fingerprint's rows ("fp:<id>:<fingerprint>"), kept for SMTPGATE_RETENTION_DAYS, and
+# the mark that a Message-ID's fingerprints are kept ("fp-id:<id>", kept like the Message-ID)
+_FINGERPRINTS = "key >= 'fp:' AND key < 'fp;'"
 _REMEMBER = "INSERT OR IGNORE INTO seen_messages (key, inbound_id, seen_at) VALUES (?, ?, ?)"
 
 
-def _other_body(db: sqlite3.Connection, body_key: str, inbound_id: str, now: float) -> bool:
-    """Whether a duplicate Message-ID came before with another body (its bodies are known and
-    this is none of them); the body is remembered either way. A Message-ID first processed by
-    a version that kept no bodies counts as the same (a redelivery after the upgrade)."""
-    prefix = body_key[: body_key.rindex(":") + 1]  # "body:<the id's hash>:"
-    known = db.execute(
-        "SELECT 1 FROM seen_messages WHERE key >= ? AND key < ? LIMIT 1",
-        (prefix, prefix[:-1] + ";"),
-    ).fetchone()
-    new = db.execute(_REMEMBER, (body_key, inbound_id, now)).rowcount == 1
-    return known is not None and new
+def _reused_id(db: sqlite3.Connection, fingerprint: str) -> bool:
+    """Whether a copy would count as its Message-ID reused (`_remember_fingerprint`), read only."""
+    mark = "fp-id:" + fingerprint.split(":")[1]
+    query = "SELECT key FROM seen_messages WHERE key IN (?, ?)"
+    return {key for (key,) in db.execute(query, (mark, fingerprint))} == {mark}
+
+
+def _remember_fingerprint(
+    db: sqlite3.Connection, fingerprint: str, inbound_id: str, now: float
+) -> bool:
+    """Keep a message's fingerprint under its Message-ID; whether the Message-ID came before
+    with another one (its fingerprints were kept, and this is none of them). A Message-ID
+    first processed by a version that kept none counts its next copy as the same message (a
+    redelivery after the upgrade)."""
+    mark = "fp-id:" + fingerprint.split(":")[1]
+    known = db.execute(_REMEMBER, (mark, inbound_id, now)).rowcount == 0
+    new = db.execute(_REMEMBER, (fingerprint, inbound_id, now)).rowcount == 1
+    return known and new
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -366,7 +374,7 @@ class _Completion:
     job: Job
     decision: Decision
     dedupe_key: str | None
-    body_key: str | None
+    fingerprint: str | None
     hourly_limit: int
     future: asyncio.Future[Outcome | None]
 
@@ -964,7 +972,7 @@ class Store:
         decision: Decision,
         *,
         dedupe_key: str | None,
-        body_key: str | None = None,
+        fingerprint: str | None = None,
         auto_mail_hourly_limit: int,
     ) -> Outcome | None:
         """Apply a decision exactly once: records, outbox rows and the outcome in one transaction.
@@ -987,7 +995,7 @@ class Store:
                         job=job,
                         decision=decision,
                         dedupe_key=dedupe_key,
-                        body_key=body_key,
+                        fingerprint=fingerprint,
                         hourly_limit=auto_mail_hourly_limit,
                     ),
                     inline=False,
@@ -996,7 +1004,7 @@ class Store:
                 return None
         future: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
         self._completions.append(
-            _Completion(job, decision, dedupe_key, body_key, auto_mail_hourly_limit, future)
+            _Completion(job, decision, dedupe_key, fingerprint, auto_mail_hourly_limit, future)
         )
         if self._completer is None or self._completer.done():
             self._completer = asyncio.create_task(self._complete_loop(), name="group-complete")
@@ -1087,7 +1095,12 @@ class Store:
             staged = len(self._staged_mail)
             try:
                 outcome = self._complete(
-                    db, item.job, item.decision, item.dedupe_key, item.hourly_limit, item.body_key
+                    db,
+                    item.job,
+                    item.decision,
+                    item.dedupe_key,
+                    item.hourly_limit,
+                    item.fingerprint,
                 )
             except Exception as exc:
                 if not db.in_transaction:
@@ -1112,7 +1125,7 @@ class Store:
         decision: Decision,
         dedupe_key: str | None,
         hourly_limit: int,
-        body_key: str | None = None,
+        fingerprint: str | None = None,
     ) -> Outcome:
         """One decision's part of a transaction (see `complete`)."""
         # The lease is checked by the final UPDATE (_finish): a lost lease raises _LeaseLost
@@ -1134,9 +1147,10 @@ class Store:
                 notes = [f"first processed as {first_id}" if first_id else "seen before"]
                 reason = "message_id" if dedupe_key.startswith("<") else "content_hash"
                 sent: list[dict[str, Any]] = []
-                if body_key is not None and _other_body(db, body_key, job.id, now):
-                    # The same Message-ID with another body: a device reusing one fixed id, whose
-                    # later alerts were recorded and seen by no one. Support gets it untouched.
+                if fingerprint is not None and _remember_fingerprint(db, fingerprint, job.id, now):
+                    # The Message-ID came before with another Subject, sender or text: a device
+                    # reusing one fixed id, whose later alerts were recorded and seen by no one.
+                    # It is forwarded untouched, where this decision would forward it.
                     sent, notes = self._queue_mails(
                         db, job.id, decision.reused_id_mails(Applied()), Applied(), hourly_limit
                     )
@@ -1145,8 +1159,8 @@ class Store:
                     reason = REUSED_ID
                     notes.insert(
                         0,
-                        f"Message-ID {dedupe_key} was first processed as {first_id} with other"
-                        " content: forwarded to support",
+                        f"Message-ID {dedupe_key} was first processed as {first_id} with"
+                        " another Subject, sender or text: forwarded untouched",
                     )
                 outcome = Outcome(
                     path=decision.path,
@@ -1162,8 +1176,8 @@ class Store:
                 )
                 self._finish(db, job, outcome)
                 return outcome
-            if body_key is not None:
-                db.execute(_REMEMBER, (body_key, job.id, now))
+            if fingerprint is not None:
+                _remember_fingerprint(db, fingerprint, job.id, now)
         applied = self._apply(db, job, decision)
         mails = decision.mails(applied)
         sent, suppressed = self._queue_mails(db, job.id, mails, applied, hourly_limit)
@@ -1173,7 +1187,9 @@ class Store:
         self._finish(db, job, outcome)
         return outcome
 
-    async def simulate(self, decision: Decision, message_id: str | None) -> Outcome:
+    async def simulate(
+        self, decision: Decision, message_id: str | None, fingerprint: str | None = None
+    ) -> Outcome:
         """What `complete` would do, inside a transaction that is rolled back (explain)."""
         job = Job("explain", "", b"", Envelope("", "", "", ()), time.time(), 0, message_id)
 
@@ -1188,7 +1204,15 @@ class Store:
                 seen = db.execute(
                     "SELECT inbound_id FROM seen_messages WHERE key = ?", (message_id,)
                 ).fetchone()
-                if seen:
+                if seen and fingerprint is not None and _reused_id(db, fingerprint):
+                    to = ", ".join(
+                        r for m in decision.reused_id_mails(applied) for r in m.recipients
+                    )
+                    notes.append(
+                        f"already processed as {seen[0]} with another Subject, sender or text: a"
+                        f" new copy would be a duplicate forwarded untouched to {to} ({REUSED_ID})"
+                    )
+                elif seen:
                     notes.append(f"already processed as {seen[0]}: a new copy would be a duplicate")
             return applied, mails, notes
 
@@ -1946,7 +1970,9 @@ class Store:
                 f"DELETE FROM seen_messages WHERE {_CONTENT_KEYS} AND seen_at < ?",
                 (now - CONTENT_DUPLICATE_SECONDS,),
             )
-            db.execute(f"DELETE FROM seen_messages WHERE {_BODY_KEYS} AND seen_at < ?", (cutoff,))
+            db.execute(
+                f"DELETE FROM seen_messages WHERE {_FINGERPRINTS} AND seen_at < ?", (cutoff,)
+            )
             return n
 
         return await self._write(drop)
