@@ -1140,10 +1140,10 @@ async def test_a_message_id_reused_with_other_content_goes_to_support(
     assert (await world.store.status())["tickets"] == 1
 
 
-async def test_a_message_id_seen_before_bodies_were_kept_is_a_plain_duplicate(
+async def test_a_message_id_seen_before_fingerprints_were_kept_is_a_plain_duplicate(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
-    """A Message-ID processed before this version kept no body fingerprint: its next copy is a
+    """A Message-ID processed before this version kept no fingerprint: its next copy is a
     duplicate as before (a sender's redelivery after the upgrade is not sent to support); from
     then on a copy with another body is told."""
     world = await start_world(gateway_factory, relay, open_ticket=False)
@@ -1152,7 +1152,7 @@ async def test_a_message_id_seen_before_bodies_were_kept_is_a_plain_duplicate(
     row = await deliver(world.gw, first, "joe@acme.example")
     with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db, db:
         gone = db.execute("DELETE FROM seen_messages WHERE key LIKE 'fp%'").rowcount
-    assert gone == 2  # the fingerprint and the mark that the Message-ID's are kept
+    assert gone == 1  # the first copy's fingerprint
     other = mail("Printer again", sender="joe@acme.example", message_id=fixed, body="Two.")
     copy = await deliver(world.gw, other, "joe@acme.example")
     assert (copy["outcome"]["action"], copy["outcome"]["reason"]) == ("duplicate", "message_id")
@@ -1216,8 +1216,7 @@ async def test_retention_forgets_content_hashes_past_the_window(
         left = db.execute("SELECT key, inbound_id FROM seen_messages ORDER BY key").fetchall()
     assert [(key.partition(":")[0], inbound) for key, inbound in left] == [
         ("<kept@acme.example>", kept["id"]),
-        ("fp-id", kept["id"]),  # the mark that its fingerprints are kept: kept for ever
-        ("fp", kept["id"]),  # a Message-ID's fingerprint: kept for the retention
+        ("fp", kept["id"]),  # its fingerprint (a Message-ID reused for other content)
     ]
     assert first["id"] != kept["id"]
     with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db, db:
@@ -1225,7 +1224,7 @@ async def test_retention_forgets_content_hashes_past_the_window(
     await world.store.purge(30)
     with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db:
         left = db.execute("SELECT key FROM seen_messages").fetchall()
-    assert sorted(key.partition(":")[0] for (key,) in left) == ["<kept@acme.example>", "fp-id"]
+    assert sorted(key.partition(":")[0] for (key,) in left) == ["<kept@acme.example>", "fp"]
 
 
 async def test_own_forward_sent_back_is_recorded_not_processed(

@@ -78,30 +78,25 @@ GROUP_MAX_BYTES = 1024 * 1024
 # new mail. A Message-ID is an identity and never expires.
 CONTENT_DUPLICATE_SECONDS = 24 * 3600
 _CONTENT_KEYS = "key >= 'sha256:' AND key < 'sha256;'"  # app.dedupe_key's hashes, by index
-# pipeline.fingerprint's rows ("fp:<id>:<fingerprint>"), kept for SMTPGATE_RETENTION_DAYS, and
-# the mark that a Message-ID's fingerprints are kept ("fp-id:<id>", kept like the Message-ID)
-_FINGERPRINTS = "key >= 'fp:' AND key < 'fp;'"
+# pipeline.fingerprint's rows, "fp:<the Message-ID's hash>:<fingerprint>": kept like the
+# Message-ID they belong to
 _REMEMBER = "INSERT OR IGNORE INTO seen_messages (key, inbound_id, seen_at) VALUES (?, ?, ?)"
 
 
 def _reused_id(db: sqlite3.Connection, fingerprint: str) -> bool:
-    """Whether a copy would count as its Message-ID reused (`_remember_fingerprint`), read only."""
-    mark = "fp-id:" + fingerprint.split(":")[1]
-    query = "SELECT key FROM seen_messages WHERE key IN (?, ?)"
-    return {key for (key,) in db.execute(query, (mark, fingerprint))} == {mark}
-
-
-def _remember_fingerprint(
-    db: sqlite3.Connection, fingerprint: str, inbound_id: str, now: float
-) -> bool:
-    """Keep a message's fingerprint under its Message-ID; whether the Message-ID came before
-    with another one (its fingerprints were kept, and this is none of them). A Message-ID
-    first processed by a version that kept none counts its next copy as the same message (a
-    redelivery after the upgrade)."""
-    mark = "fp-id:" + fingerprint.split(":")[1]
-    known = db.execute(_REMEMBER, (mark, inbound_id, now)).rowcount == 0
-    new = db.execute(_REMEMBER, (fingerprint, inbound_id, now)).rowcount == 1
-    return known and new
+    """Whether a copy of a duplicate Message-ID came with another Subject, sender or text: its
+    Message-ID has fingerprints, and this is none of them. One first processed by a version
+    that kept none counts its next copy as the same message (a redelivery after the upgrade)."""
+    prefix = fingerprint[: fingerprint.rindex(":") + 1]  # "fp:<the Message-ID's hash>:"
+    known = db.execute(
+        "SELECT 1 FROM seen_messages WHERE key >= ? AND key < ? LIMIT 1",
+        (prefix, prefix[:-1] + ";"),
+    ).fetchone()
+    if known is None:
+        return False
+    return (
+        db.execute("SELECT 1 FROM seen_messages WHERE key = ?", (fingerprint,)).fetchone() is None
+    )
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -1147,7 +1142,10 @@ class Store:
                 notes = [f"first processed as {first_id}" if first_id else "seen before"]
                 reason = "message_id" if dedupe_key.startswith("<") else "content_hash"
                 sent: list[dict[str, Any]] = []
-                if fingerprint is not None and _remember_fingerprint(db, fingerprint, job.id, now):
+                reused = fingerprint is not None and _reused_id(db, fingerprint)
+                if fingerprint is not None:  # this content's next copy is the same message
+                    db.execute(_REMEMBER, (fingerprint, job.id, now))
+                if reused:
                     # The Message-ID came before with another Subject, sender or text: a device
                     # reusing one fixed id, whose later alerts were recorded and seen by no one.
                     # It is forwarded untouched, where this decision would forward it.
@@ -1177,7 +1175,7 @@ class Store:
                 self._finish(db, job, outcome)
                 return outcome
             if fingerprint is not None:
-                _remember_fingerprint(db, fingerprint, job.id, now)
+                db.execute(_REMEMBER, (fingerprint, job.id, now))
         applied = self._apply(db, job, decision)
         mails = decision.mails(applied)
         sent, suppressed = self._queue_mails(db, job.id, mails, applied, hourly_limit)
@@ -1969,9 +1967,6 @@ class Store:
             db.execute(
                 f"DELETE FROM seen_messages WHERE {_CONTENT_KEYS} AND seen_at < ?",
                 (now - CONTENT_DUPLICATE_SECONDS,),
-            )
-            db.execute(
-                f"DELETE FROM seen_messages WHERE {_FINGERPRINTS} AND seen_at < ?", (cutoff,)
             )
             return n
 
