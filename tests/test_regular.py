@@ -1673,7 +1673,7 @@ def test_a_forward_is_told_by_its_subjects_first_prefix(subject: str, forward: b
     assert regular.is_forward(subject) is forward
 
 
-# --- a Message-ID reused: what tells two messages apart (a review of the first fingerprint) ---
+# --- a Message-ID reused: what tells two messages under it apart ---------------------------
 
 FIXED = "<fixed-id@ups.acme.example>"
 HEAD = (
@@ -1721,10 +1721,9 @@ async def test_a_redelivery_re_encoded_en_route_is_a_plain_duplicate(
     gateway_factory: GatewayFactory, relay: RecordingRelay, copy
 ) -> None:
     """spec 2.4: a copy of a processed message is a `duplicate`: nothing created, nothing sent.
-    The commit says 'a copy with the same body by another route stays a plain duplicate', but
-    the fingerprint is of the raw body bytes: a copy whose transfer encoding a hop changed
-    (8bit -> QP for a next hop without 8BITMIME, a MIME-rewriting smarthost) or whose body a
-    filter tagged is forwarded to support as `message_id_reused`."""
+    A hop may re-encode it (8bit to quoted-printable for a next hop without 8BITMIME, a
+    MIME-rewriting smarthost): a fingerprint of the raw body sent such a copy to support as
+    `message_id_reused`; the text as read is the same."""
     world = await start_world(gateway_factory, relay, open_ticket=False)
     first = await deliver(world.gw, original_8bit(), "joe@acme.example")
     assert first["outcome"]["action"] == "ticket_created"
@@ -1738,11 +1737,10 @@ async def test_a_redelivery_re_encoded_en_route_is_a_plain_duplicate(
 async def test_a_scripts_retry_that_rebuilds_its_multipart_is_a_plain_duplicate(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
-    """A script retrying after a lost 250 with the same Message-ID (xml-api.md: 'Send a new
-    message (new Message-ID) to retry' — so the same id is the same message) that builds its
-    MIME message again gets a new random boundary from the email package: the copy is
-    forwarded to support as `message_id_reused` (for a script's XML mail: the transaction
-    with its <Password>)."""
+    """A script retrying after a lost 250 with the same Message-ID (the same message, xml-api.md)
+    that builds its MIME message again gets a new random boundary from the email package; a
+    fingerprint of the raw body forwarded the copy to support (a script's XML mail with its
+    <Password>)."""
     world = await start_world(gateway_factory, relay, open_ticket=False)
 
     def build() -> bytes:
@@ -1772,10 +1770,9 @@ async def test_a_scripts_retry_that_rebuilds_its_multipart_is_a_plain_duplicate(
 async def test_a_fixed_id_device_quiet_past_the_retention_is_still_told(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
-    """The commit's case: a device sending every alert under one fixed Message-ID. Its body rows
-    are purged after SMTPGATE_RETENTION_DAYS but the Message-ID row never is, so the first alert
-    after a quiet month finds 'no body known' (the pre-upgrade rule) and is a plain duplicate:
-    recorded and seen by no one — exactly what the commit set out to stop."""
+    """A device sending every alert under one fixed Message-ID, quiet for a month: purging its
+    fingerprints with the retention made the next alert look like a Message-ID from before
+    fingerprints were kept, a plain duplicate seen by no one. They are kept like the id."""
     world = await start_world(gateway_factory, relay, open_ticket=False)
     first = mail("UPS on battery", sender="joe@acme.example", message_id=FIXED, body="Battery.")
     row = await deliver(world.gw, first, "joe@acme.example")
@@ -1797,8 +1794,8 @@ async def test_a_fixed_id_device_quiet_past_the_retention_is_still_told(
 async def test_retention_days_zero_forgets_every_body_each_hour(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
-    """SMTPGATE_RETENTION_DAYS=0 is allowed (ge=0): each sweep deletes every body row, so the
-    first other body after each sweep is swallowed."""
+    """SMTPGATE_RETENTION_DAYS=0 is allowed: a sweep must not forget a Message-ID's
+    fingerprints (the first other content after each sweep was swallowed)."""
     world = await start_world(gateway_factory, relay, open_ticket=False, retention_days=0)
     first = mail("UPS on battery", sender="joe@acme.example", message_id=FIXED, body="Battery.")
     await deliver(world.gw, first, "joe@acme.example")
@@ -1814,9 +1811,8 @@ async def test_retention_days_zero_forgets_every_body_each_hour(
 async def test_a_skipped_alert_under_a_reused_id_goes_to_the_skip_forward_address(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
-    """spec 2.1.2: a skip-rule alert is forwarded to the skip-forward address. The reused-id
-    forward is always built for internal support (pipeline.decide), so a device's later
-    'Alert Self Healed' mails land in the support queue the operator routed them away from."""
+    """spec 2.1.2: a skipped alert goes to the skip-forward address. Under a reused Message-ID
+    the forward went to internal support, the queue the operator routed such mail away from."""
     skip_to = "noise@msp.example"
     world = await start_world(
         gateway_factory, relay, open_ticket=False, skip_forward_address=skip_to
@@ -1845,9 +1841,8 @@ async def test_a_skipped_alert_under_a_reused_id_goes_to_the_skip_forward_addres
 async def test_explain_says_a_reused_id_with_another_body_goes_to_support(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
-    """spec 5: explain shows the action and the mails that would be sent. For a known
-    Message-ID with another body it says only 'a new copy would be a duplicate' and lists the
-    ticket/ack of a first copy; the forward to support is not mentioned."""
+    """spec 5: explain shows what would happen. For a known Message-ID with other content it
+    said only that a copy would be a duplicate, not that it would go to support."""
     world = await start_world(gateway_factory, relay, open_ticket=False)
     first = mail("UPS on battery", sender="joe@acme.example", message_id=FIXED, body="Battery.")
     await deliver(world.gw, first, "joe@acme.example")
@@ -1868,10 +1863,9 @@ async def test_explain_says_a_reused_id_with_another_body_goes_to_support(
 async def test_a_fixed_id_alert_that_differs_only_in_its_subject_is_told(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
-    """Alert devices often put the event in the Subject (spec 2.1's own example: 'Alert for
-    Site Acme Corp, Disk C: low') with a constant body. Under one fixed Message-ID the next
-    alert — another site, another time, same body text — has the same body fingerprint and is a
-    plain duplicate: seen by no one, the case the commit set out to fix."""
+    """Alert devices often put the event in the Subject (spec 2.1's example: "Alert for Site
+    Acme Corp, Disk C: low") with a constant body: under one fixed Message-ID, a fingerprint
+    of the body alone made the next alert (another site, the same text) a plain duplicate."""
     world = await start_world(gateway_factory, relay, open_ticket=False)
 
     def alert(subject: str, date: str) -> bytes:
