@@ -972,6 +972,10 @@ class _TextOut:
         self.parts.append(text)
 
 
+# Spaces and tabs inside <pre> stand in for themselves as private-use characters until the
+# white-space collapse is done.
+_PRE_SPACE = {0x20: "\ue000", 0x09: "\ue001", 0x0D: None}
+_PRE_SPACE_BACK = {0xE000: " ", 0xE001: "\t"}
 _MAX_QUOTE_MARKS = 8  # "> " a quote level, up to this many: nested quotes cost linear text
 # A <blockquote> that quotes (a reply's citation) rather than indents (Gmail's and Apple Mail's
 # "Indent" is a blockquote with no border).
@@ -1000,7 +1004,10 @@ def _html_to_text(source: str) -> str:
         lt = source.find("<", pos)
         chunk = source[pos:] if lt < 0 else source[pos:lt]
         if chunk:
-            out.text(html.unescape(chunk if out.in_pre else _HTML_SPACE.sub(" ", chunk)))
+            if out.in_pre:  # its spaces survive the collapse below (console output's columns)
+                out.text(html.unescape(chunk).translate(_PRE_SPACE))
+            else:
+                out.text(html.unescape(_HTML_SPACE.sub(" ", chunk)))
         if lt < 0:
             break
         if source.startswith("<!--", lt):
@@ -1094,7 +1101,8 @@ def _html_to_text(source: str) -> str:
                 item[0] += 1 if item[0] else 0
             out.owe(1)
     lines = (" ".join(line.split()) for line in "".join(out.parts).split("\n"))
-    return _BLANK_LINE_RUNS.sub("\n\n", "\n".join(lines)).strip("\n")
+    text = _BLANK_LINE_RUNS.sub("\n\n", "\n".join(lines)).strip("\n")
+    return text.translate(_PRE_SPACE_BACK) if "\ue000" in text or "\ue001" in text else text
 
 
 # --- auto-reply and delivery-report recognition (spec 2.3.2) ------------------------------------

@@ -699,7 +699,12 @@ def test_body_lying_charset_is_noted() -> None:
         ),
         pytest.param("before<!-- hidden -->after", "beforeafter", id="comment"),
         pytest.param("a<p></p><p></p><p></p><br><br><br>b", "a\n\nb", id="blank-runs-collapsed"),
-        pytest.param("<pre>x  =\n  1</pre>", "x =\n1", id="pre-keeps-lines"),
+        # console output pasted into a mail keeps its columns
+        pytest.param(
+            "<p>ipconfig says:</p><pre>   IPv4 . . : 10.0.0.5\n   Gateway  : 10.0.0.1\n</pre>ok",
+            "ipconfig says:\n\n   IPv4 . . : 10.0.0.5\n   Gateway  : 10.0.0.1\n\nok",
+            id="pre-keeps-lines-and-columns",
+        ),
         pytest.param("1 < 2 and 3 > 2", "1 < 2 and 3 > 2", id="literal-lt"),
         pytest.param("<P CLASS=x>Upper</P><SCRIPT>bad()</SCRIPT>", "Upper", id="uppercase"),
         pytest.param("text<!-- never closed", "text", id="unclosed-comment"),
