@@ -21,7 +21,7 @@ from smtpgate import front
 from smtpgate.config import ConfigError, Rules, Settings, load_rules, make_data_dir
 from smtpgate.http import Metrics, StatusServer
 from smtpgate.intake import IntakeProcesses
-from smtpgate.mail import parse_message
+from smtpgate.mail import ParsedMessage, parse_message
 from smtpgate.model import Outcome
 from smtpgate.pipeline import Context, decide, fingerprint
 from smtpgate.relay import DeliveryError, Mail, RelayClient, relay_tls_context
@@ -75,6 +75,11 @@ def dedupe_key(message_id: str | None, job: Job) -> str:
     # The content only, not the envelope: an MTA delivers one message to two connector
     # addresses of different domains in two transactions, and it is still one message.
     return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def _dedupe_keys(msg: ParsedMessage, job: Job) -> tuple[str, str | None]:
+    """The duplicate key and the content fingerprint under it (Store.complete)."""
+    return dedupe_key(msg.message_id, job), fingerprint(msg.message_id, msg)
 
 
 @dataclass(slots=True)
@@ -309,14 +314,14 @@ class Gateway:
             ctx = Context(self.settings, self.rules)
             decision = await decide(job.raw, job.envelope.mail_from, msg, ctx, self.store)
             if len(job.raw) > PARSE_IN_THREAD_BYTES:  # hashing 25 MB would hold the loop
-                key = await asyncio.to_thread(dedupe_key, msg.message_id, job)
+                key, seen = await asyncio.to_thread(_dedupe_keys, msg, job)
             else:
-                key = dedupe_key(msg.message_id, job)
+                key, seen = _dedupe_keys(msg, job)
             outcome = await self.store.complete(
                 job,
                 decision,
                 dedupe_key=key,
-                fingerprint=fingerprint(msg.message_id, msg),
+                fingerprint=seen,
                 auto_mail_hourly_limit=self.settings.auto_mail_hourly_limit,
             )
         finally:

@@ -9,6 +9,7 @@ import binascii
 import codecs
 import contextlib
 import functools
+import hashlib
 import html
 import re
 import urllib.parse
@@ -55,6 +56,9 @@ class Attachment:
     filename: str | None
     content_type: str  # lower-case, e.g. "application/pdf"
     size: int  # decoded payload size in bytes (for an enclosed message/*: its approximate size)
+    # 64 bits of the decoded payload's SHA-256 ("" for an enclosed message): what tells two
+    # scans a copier sends under one fixed Message-ID apart (pipeline.fingerprint)
+    digest: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -972,10 +976,11 @@ class _TextOut:
         self.parts.append(text)
 
 
-# Spaces and tabs inside <pre> stand in for themselves as private-use characters until the
-# white-space collapse is done.
-_PRE_SPACE = {0x20: "\ue000", 0x09: "\ue001", 0x0D: None}
-_PRE_SPACE_BACK = {0xE000: " ", 0xE001: "\t"}
+# Spaces, tabs and no-break spaces inside <pre> stand in as Unicode noncharacters (which no
+# text may hold: any in the source is replaced first) until the white-space collapse is done.
+_PRE_SPACE = {0x20: "\ufdd0", 0x09: "\ufdd1", 0xA0: "\ufdd2", 0x0D: None}
+_PRE_SPACE_BACK = {0xFDD0: " ", 0xFDD1: "\t", 0xFDD2: "\xa0"}
+_STAND_INS = re.compile("[\ufdd0-\ufdd2]")
 _MAX_QUOTE_MARKS = 8  # "> " a quote level, up to this many: nested quotes cost linear text
 # A <blockquote> that quotes (a reply's citation) rather than indents (Gmail's and Apple Mail's
 # "Indent" is a blockquote with no border).
@@ -993,6 +998,9 @@ def _html_to_text(source: str) -> str:
     stdlib HTMLParser of this Python is quadratic on some of them).
     """
     source = source[:_MAX_HTML_CHARS]
+    if _STAND_INS.search(source):  # noncharacters: never text, and <pre>'s stand-ins here
+        source = _STAND_INS.sub("\ufffd", source)
+    stand_ins = False  # whether a <pre> put any in
     out = _TextOut()
     lists: list[list[int]] = []  # open lists: [number of the next item, or 0 when bulleted]
     cells = 0  # cells begun in the current table row
@@ -1006,6 +1014,7 @@ def _html_to_text(source: str) -> str:
         if chunk:
             if out.in_pre:  # its spaces survive the collapse below (console output's columns)
                 out.text(html.unescape(chunk).translate(_PRE_SPACE))
+                stand_ins = True
             else:
                 out.text(html.unescape(_HTML_SPACE.sub(" ", chunk)))
         if lt < 0:
@@ -1102,7 +1111,7 @@ def _html_to_text(source: str) -> str:
             out.owe(1)
     lines = (" ".join(line.split()) for line in "".join(out.parts).split("\n"))
     text = _BLANK_LINE_RUNS.sub("\n\n", "\n".join(lines)).strip("\n")
-    return text.translate(_PRE_SPACE_BACK) if "\ue000" in text or "\ue001" in text else text
+    return text.translate(_PRE_SPACE_BACK) if stand_ins else text
 
 
 # --- auto-reply and delivery-report recognition (spec 2.3.2) ------------------------------------
@@ -1520,6 +1529,7 @@ class _Parser:
                 filename=leaf.filename,
                 content_type=leaf.content_type,
                 size=_embedded_size(leaf.part) if leaf.embedded else len(self.data(leaf)),
+                digest="" if leaf.embedded else hashlib.sha256(self.data(leaf)).hexdigest()[:16],
             )
             for leaf in outer
             if leaf.is_attachment and leaf is not body

@@ -235,7 +235,7 @@ def no_mail(_: Applied) -> list[OutboundMail]:
     return []
 
 
-# A duplicate's reason when its Message-ID came before with another body (support is told).
+# A duplicate's reason when its Message-ID came before with other content (support is told).
 REUSED_ID = "message_id_reused"
 
 
@@ -255,7 +255,7 @@ class Decision:
     transaction: Any = None  # xmlapi.Transaction when path is xml
     mails: MailBuilder = no_mail
     notes: list[str] = field(default_factory=list)
-    # What goes out instead when the Message-ID was processed before with another body (spec
+    # What goes out instead when the Message-ID was processed before with other content (spec
     # 2.4 makes it a duplicate; support is told): the message forwarded untouched.
     reused_id_mails: MailBuilder = no_mail
 

@@ -539,17 +539,19 @@ STAGES: tuple[Stage, ...] = (
 
 def fingerprint(message_id: str | None, msg: ParsedMessage) -> str | None:
     """What tells two messages under one Message-ID apart (spec 2.4 keys duplicates on it): the
-    Subject, the From address and the text as read. A copy by another route has them all,
-    whatever a hop did to its bytes (8bit to quoted-printable or base64, a new MIME boundary,
-    other headers and Date, as N-central's re-sent notifications); the next alert of a device
-    that reuses one fixed Message-ID says something else. "fp:<id>:<fingerprint>", 64 and 128
-    bits of SHA-256. (A banner a filter adds to the text makes a copy look new.)"""
+    Subject, the From address, the text as read and the attachments (name, type, size and a
+    hash of the decoded bytes). A copy by another route has them all, whatever a hop did to
+    its bytes (8bit to quoted-printable or base64, a new MIME boundary, other headers and Date,
+    as N-central's re-sent notifications); the next alert of a device that reuses one fixed
+    Message-ID, or a copier's next scan, has something else. "fp:<id>:<fingerprint>", 64 and
+    128 bits of SHA-256. (A banner a filter adds to the text makes a copy look new.)"""
     if not message_id:
         return None
-    seen = "\0".join((msg.subject, msg.from_address, " ".join(msg.text.split())))
+    parts = [msg.subject, msg.from_address, " ".join(msg.text.split())]
+    parts += (f"{a.filename}|{a.content_type}|{a.size}|{a.digest}" for a in msg.attachments)
+    seen = "\0".join(parts).encode("utf-8", "surrogatepass")
     id_hash = hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    digest = hashlib.sha256(seen.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    return f"fp:{id_hash}:{digest}"
+    return f"fp:{id_hash}:{hashlib.sha256(seen).hexdigest()[:32]}"
 
 
 async def decide(
@@ -567,13 +569,15 @@ async def decide(
             decision.notes[:0] = inb.notes
             if msg.defects:
                 decision.notes.extend(f"parse: {d}" for d in msg.defects[:5])
-            # Where a copy goes if its Message-ID came before with another Date/Subject/text:
-            # where this decision would forward it (a skipped alert to the skip target).
+            # Where a copy goes if its Message-ID came before with other content (fingerprint):
+            # where this decision would forward it (a skipped alert to the skip target). An XML
+            # transaction is never forwarded: it holds the API password.
             target = (
                 ctx.settings.skip_target
                 if decision.action == Action.AUTOMATED_SKIPPED
                 else ctx.settings.internal_support_address
             )
-            decision.reused_id_mails = _forward(inb, ctx, target, Action.DUPLICATE, REUSED_ID)
+            if decision.path != Path.XML:
+                decision.reused_id_mails = _forward(inb, ctx, target, Action.DUPLICATE, REUSED_ID)
             return decision
     raise AssertionError("the last stage always decides")  # pragma: no cover

@@ -2072,3 +2072,12 @@ def test_strip_quotes_stays_cheap_on_headers_followed_by_quotes() -> None:
     characters of "__________" and ">" lines took ~11 s, 2 M ~45 s (now well under one)."""
     text = "__________\n>\n" * (2_000_000 // 13)
     assert strip_quotes(text, QUOTE_PATTERNS) == text
+
+
+def test_private_use_characters_outside_pre_are_kept() -> None:
+    """<pre>'s spaces stood in as U+E000/U+E001 until the collapse, and turned real ones (CP932
+    user-defined characters, GB18030) into a space and a tab anywhere in an HTML mail."""
+    assert mail._html_to_text("<p>株式会社\ue000山田\ue001様</p>") == "株式会社\ue000山田\ue001様"
+    assert mail._html_to_text("<pre>Name&nbsp;&nbsp;Size\n  c.txt\t12</pre>") == (
+        "Name\xa0\xa0Size\n  c.txt\t12"  # no-break spaces are columns too
+    )

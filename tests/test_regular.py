@@ -6,6 +6,7 @@ the outcome is read back from the queue row, the mails from what the relay recei
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -1127,8 +1128,8 @@ async def test_a_message_id_reused_with_other_content_goes_to_support(
     assert (outcome["action"], outcome["reason"]) == ("duplicate", "message_id_reused")
     assert outcome["sent"] == [{"kind": "forward", "to": [SUPPORT]}]
     assert outcome["notes"] == [
-        f"Message-ID {fixed} was first processed as {row['id']} with another Subject, sender or"
-        " text: forwarded untouched"
+        f"Message-ID {fixed} was first processed as {row['id']} with other content: forwarded"
+        " untouched"
     ]
     await settled(world.gw, reused["id"])
     (forward,) = [m for m in relay.to(SUPPORT) if m.message["Subject"] == "UPS back on mains"]
@@ -1888,3 +1889,109 @@ async def test_a_fixed_id_alert_that_differs_only_in_its_subject_is_told(
         "alerts@externalsystem.com",
     )
     assert later["outcome"]["reason"] == "message_id_reused", later["outcome"]
+
+
+def ups(subject: str, body: str) -> bytes:
+    return mail(subject, sender="joe@acme.example", message_id=FIXED, body=body)
+
+
+async def test_a_recurring_alert_under_a_fixed_id_is_told_again_after_a_day(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A UPS reusing one Message-ID: on battery (ticket), back on mains (told), on battery
+    again a week later: same Subject, sender and text as the first -> plain duplicate,
+    nothing sent, seen by no one (exactly what the feature was meant to stop)."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    first = await deliver(world.gw, ups("UPS on battery", "Battery."), "joe@acme.example")
+    assert first["outcome"]["action"] == "ticket_created"
+    mains = await deliver(world.gw, ups("UPS back on mains", "Mains."), "joe@acme.example")
+    assert mains["outcome"]["reason"] == "message_id_reused"
+    await settled(world.gw, mains["id"])
+    # a week passes
+    with contextlib.closing(sqlite3.connect(world.gw.settings.db_path, timeout=10)) as db, db:
+        db.execute("UPDATE seen_messages SET seen_at = seen_at - ?", (7 * 86400,))
+    again = await deliver(world.gw, ups("UPS on battery", "Battery."), "joe@acme.example")
+    assert again["outcome"]["reason"] == "message_id_reused", again["outcome"]
+    assert again["outcome"]["sent"] == [{"kind": "forward", "to": [SUPPORT]}]
+
+
+async def test_a_scan_under_a_fixed_id_with_another_attachment_is_told(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A scan-to-email copier with a fixed Message-ID: constant Subject and text, a new PDF
+    each time. The fingerprint has no part of the attachments: every later scan is a plain
+    duplicate, nothing sent."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+
+    def scan(pdf: bytes) -> bytes:
+        return mail(
+            "Scanned from MFP-3F",
+            sender="joe@acme.example",
+            message_id=FIXED,
+            body="Please find the scanned document attached.",
+            attachments=(("scan.pdf", "application/pdf", pdf),),
+        )
+
+    first = await deliver(world.gw, scan(b"%PDF-1.4 invoice " + os.urandom(64)), "joe@acme.example")
+    assert first["outcome"]["action"] == "ticket_created"
+    later = await deliver(
+        world.gw, scan(b"%PDF-1.4 contract " + os.urandom(999)), "joe@acme.example"
+    )
+    assert later["outcome"]["reason"] == "message_id_reused", later["outcome"]
+
+
+async def test_big_messages_under_a_reused_id_are_told_and_their_copies_not(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    big = "x" * 400_000
+    first = await deliver(world.gw, ups("Big one", "A " + big), "joe@acme.example")
+    assert first["outcome"]["action"] == "ticket_created"
+    again = await deliver(
+        world.gw, b"X-Hop: 2\r\n" + ups("Big one", "A " + big), "joe@acme.example"
+    )
+    assert (again["outcome"]["reason"], again["outcome"]["sent"]) == ("message_id", [])
+    other = await deliver(world.gw, ups("Big one", "B " + big), "joe@acme.example")
+    assert other["outcome"]["reason"] == "message_id_reused"
+
+
+async def test_a_transaction_under_a_reused_id_is_not_forwarded_with_its_password(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """xml-api: a transaction is never forwarded to anyone (a wrong password is logged, not
+    answered). Under a reused Message-ID the next transaction goes to internal support
+    untouched, API password in clear."""
+    from tests import test_xml_e2e as x  # its world: the API on
+
+    world = await x.start_world(gateway_factory, relay)
+    fixed = "<run@forms.globex.example>"
+    first = x.xml("TICKET", {"FLDTKTCARDID": x.ACME, "FLDTKTPROBLEM": "One"}, respond=None)
+    a = await deliver(world.gw, _with_id(x.in_body(first), fixed), x.ENVELOPE)
+    assert a["outcome"]["action"] == "xml_applied"
+    second = x.xml("TICKET", {"FLDTKTCARDID": x.ACME, "FLDTKTPROBLEM": "Two"}, respond=None)
+    b = await deliver(world.gw, _with_id(x.in_body(second), fixed), x.ENVELOPE)
+    await settled(world.gw, b["id"])
+    leaked = [m for m in relay.messages if b"<Password>s3cret</Password>" in m.data]
+    assert not leaked, (b["outcome"]["reason"], [m.rcpt_tos for m in leaked])
+
+
+def _with_id(raw: bytes, mid: str) -> bytes:
+    return re.sub(rb"Message-ID: <[^>]*>", b"Message-ID: " + mid.encode(), raw, count=1)
+
+
+async def test_copies_under_one_id_decided_together_tell_one(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    same = ups("UPS on battery", "Battery.")
+    rows = await asyncio.gather(
+        deliver(world.gw, same, "joe@acme.example"),
+        deliver(world.gw, b"X-Hop: 1\r\n" + same, "joe@acme.example"),
+        deliver(world.gw, ups("UPS back on mains", "Mains."), "joe@acme.example"),
+    )
+    reasons = sorted(str(r["outcome"]["reason"]) for r in rows)
+    actions = sorted(r["outcome"]["action"] for r in rows)
+    assert (await world.store.status())["tickets"] == 1
+    assert actions.count("duplicate") == 2
+    # whichever came first, exactly one of the other two is told
+    assert reasons.count("message_id_reused") == 1, reasons

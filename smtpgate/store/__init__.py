@@ -81,22 +81,27 @@ _CONTENT_KEYS = "key >= 'sha256:' AND key < 'sha256;'"  # app.dedupe_key's hashe
 # pipeline.fingerprint's rows, "fp:<the Message-ID's hash>:<fingerprint>": kept like the
 # Message-ID they belong to
 _REMEMBER = "INSERT OR IGNORE INTO seen_messages (key, inbound_id, seen_at) VALUES (?, ?, ?)"
+_TOLD = (  # a fingerprint told again: its window starts anew
+    "INSERT INTO seen_messages (key, inbound_id, seen_at) VALUES (?, ?, ?) ON CONFLICT (key)"
+    " DO UPDATE SET inbound_id = excluded.inbound_id, seen_at = excluded.seen_at"
+)
 
 
-def _reused_id(db: sqlite3.Connection, fingerprint: str) -> bool:
-    """Whether a copy of a duplicate Message-ID came with another Subject, sender or text: its
-    Message-ID has fingerprints, and this is none of them. One first processed by a version
-    that kept none counts its next copy as the same message (a redelivery after the upgrade)."""
+def _reused_id(db: sqlite3.Connection, fingerprint: str, now: float) -> bool:
+    """Whether a copy of a duplicate Message-ID is other content: its Message-ID has
+    fingerprints and this is none of them, or the Message-ID is known to be reused (another
+    fingerprint beside this one) and this content was last told over CONTENT_DUPLICATE_SECONDS
+    ago (a UPS on battery again next week). One first processed by a version that kept no
+    fingerprints counts its next copy as the same message (a redelivery after the upgrade)."""
     prefix = fingerprint[: fingerprint.rindex(":") + 1]  # "fp:<the Message-ID's hash>:"
-    known = db.execute(
-        "SELECT 1 FROM seen_messages WHERE key >= ? AND key < ? LIMIT 1",
-        (prefix, prefix[:-1] + ";"),
+    others = db.execute(
+        "SELECT 1 FROM seen_messages WHERE key >= ? AND key < ? AND key != ? LIMIT 1",
+        (prefix, prefix[:-1] + ";", fingerprint),
     ).fetchone()
-    if known is None:
-        return False
-    return (
-        db.execute("SELECT 1 FROM seen_messages WHERE key = ?", (fingerprint,)).fetchone() is None
-    )
+    mine = db.execute("SELECT seen_at FROM seen_messages WHERE key = ?", (fingerprint,)).fetchone()
+    if mine is None:
+        return others is not None
+    return others is not None and mine[0] < now - CONTENT_DUPLICATE_SECONDS
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -1142,11 +1147,11 @@ class Store:
                 notes = [f"first processed as {first_id}" if first_id else "seen before"]
                 reason = "message_id" if dedupe_key.startswith("<") else "content_hash"
                 sent: list[dict[str, Any]] = []
-                reused = fingerprint is not None and _reused_id(db, fingerprint)
+                reused = fingerprint is not None and _reused_id(db, fingerprint, now)
                 if fingerprint is not None:  # this content's next copy is the same message
-                    db.execute(_REMEMBER, (fingerprint, job.id, now))
+                    db.execute(_TOLD if reused else _REMEMBER, (fingerprint, job.id, now))
                 if reused:
-                    # The Message-ID came before with another Subject, sender or text: a device
+                    # The Message-ID came before with other content (pipeline.fingerprint): a device
                     # reusing one fixed id, whose later alerts were recorded and seen by no one.
                     # It is forwarded untouched, where this decision would forward it.
                     sent, notes = self._queue_mails(
@@ -1155,10 +1160,15 @@ class Store:
                     if sent:
                         self._outbox_unsynced = True
                     reason = REUSED_ID
+                    done = (
+                        "forwarded untouched"
+                        if sent
+                        else "recorded only (an XML transaction is never forwarded: its password)"
+                    )
                     notes.insert(
                         0,
-                        f"Message-ID {dedupe_key} was first processed as {first_id} with"
-                        " another Subject, sender or text: forwarded untouched",
+                        f"Message-ID {dedupe_key} was first processed as {first_id} with other"
+                        f" content: {done}",
                     )
                 outcome = Outcome(
                     path=decision.path,
@@ -1202,12 +1212,12 @@ class Store:
                 seen = db.execute(
                     "SELECT inbound_id FROM seen_messages WHERE key = ?", (message_id,)
                 ).fetchone()
-                if seen and fingerprint is not None and _reused_id(db, fingerprint):
+                if seen and fingerprint is not None and _reused_id(db, fingerprint, time.time()):
                     to = ", ".join(
                         r for m in decision.reused_id_mails(applied) for r in m.recipients
                     )
                     notes.append(
-                        f"already processed as {seen[0]} with another Subject, sender or text: a"
+                        f"already processed as {seen[0]} with other content: a"
                         f" new copy would be a duplicate forwarded untouched to {to} ({REUSED_ID})"
                     )
                 elif seen:
