@@ -106,10 +106,11 @@ def is_bare_address(value: str) -> bool:
     )
 
 
-def is_bare_domain(value: str) -> bool:
-    """An account email value that matches by sender domain: example.com or @example.com."""
+def is_account_email(value: str) -> bool:
+    """An account's email value (email1/email2, imported or set by XML): one bare address, or a
+    domain that matches by sender domain (example.com or @example.com)."""
     domain = value.removeprefix("@")
-    return "." in domain and _ATOMS.fullmatch(domain) is not None
+    return is_bare_address(value) or ("." in domain and _ATOMS.fullmatch(domain) is not None)
 
 
 def has_bare_line_end(data: bytes) -> bool:

@@ -50,8 +50,8 @@ from smtpgate.model import (
     OutboundMail,
     Outcome,
     domain_spellings,
+    is_account_email,
     is_bare_address,
-    is_bare_domain,
 )
 from smtpgate.status import query_status
 from smtpgate.store import crm
@@ -1854,7 +1854,7 @@ class Store:
                 v = _clean(values)
                 for field in ("email1", "email2"):
                     value = str(v.get(field) or "")
-                    if value and not (is_bare_address(value) or is_bare_domain(value)):
+                    if value and not is_account_email(value):
                         raise ValueError(
                             f"line {line}: {field} {value!r} is not one address or domain"
                             " (write jane@example.com or example.com, no name, no second one)"
