@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from lxml import etree
 
-from smtpgate.model import is_bare_address, is_bare_domain
+from smtpgate.model import is_account_email
 
 # xml-api.md section 2: result codes.
 OK = 1
@@ -455,7 +455,7 @@ def convert(spec: FieldSpec, text: str) -> tuple[Value, str | None]:
             return flag, None
         case ValueType.EMAIL:
             # What senders are matched with: "Name <address>" or a list would match no one.
-            if not (is_bare_address(text) or is_bare_domain(text)):
+            if not is_account_email(text):
                 return None, (
                     f"invalid email value {text[:40]!r}: give one address (jane@example.com)"
                     " or a domain (example.com)"
@@ -902,12 +902,9 @@ def find_transaction(
     mail client does not hide the same transaction attached as a file.
     """
     refused: Transaction | None = None
+    labels = (*charsets, *(None,) * len(candidates))[: len(candidates)]  # one a candidate
     for i, raw in enumerate(candidates):
-        charset = charsets[i] if i < len(charsets) else None
-        try:
-            found = _examine(bytes(raw), max_bytes, charset)
-        except (ValueError, LookupError, etree.LxmlError) as exc:  # belt and braces: never raise
-            found = _refused(ERR_MALFORMED, f"unreadable XML: {type(exc).__name__}"), False
+        found = _read(raw, max_bytes, labels[i])
         if found is None:
             continue
         tx, parsed = found
@@ -915,12 +912,12 @@ def find_transaction(
             applied = bytes(raw).strip()
             others = sum(
                 1
-                for j in range(i + 1, len(candidates))
-                if bytes(candidates[j]).strip() != applied
-                and _names_ours(bytes(candidates[j]))
-                and not _same_transaction(
-                    tx, candidates[j], charsets[j] if j < len(charsets) else None, max_bytes
-                )
+                for later, label in zip(candidates[i + 1 :], labels[i + 1 :], strict=True)
+                if bytes(later).strip() != applied
+                and _names_ours(bytes(later))
+                # a body a mail client re-wrapped or re-encoded and the same document attached
+                # are one transaction, not two: compared as read
+                and _read(later, max_bytes, label) != (tx, True)
             )
             return replace(tx, others=others) if others else tx
         if refused is None:
@@ -928,14 +925,12 @@ def find_transaction(
     return refused
 
 
-def _same_transaction(tx: Transaction, raw: bytes, charset: str | None, max_bytes: int) -> bool:
-    """Whether another part holds this very transaction, read (a body a mail client re-wrapped
-    or re-encoded and the same document attached are one transaction, not two)."""
+def _read(raw: bytes, max_bytes: int, charset: str | None) -> tuple[Transaction, bool] | None:
+    """`_examine`, never raising (belt and braces): what cannot be read is refused (150001)."""
     try:
-        found = _examine(bytes(raw), max_bytes, charset)
-    except (ValueError, LookupError, etree.LxmlError):
-        return False
-    return found is not None and found[0] == tx
+        return _examine(bytes(raw), max_bytes, charset)
+    except (ValueError, LookupError, etree.LxmlError) as exc:
+        return _refused(ERR_MALFORMED, f"unreadable XML: {type(exc).__name__}"), False
 
 
 # ---------------------------------------------------------------------------------------------
