@@ -274,10 +274,13 @@ def start_bare(loop: str, workdir: Path, port: int | None = None) -> tuple[Proc,
     return proc, port
 
 
-def queue_counts(db: Path) -> dict[tuple[str, str], int]:
-    """The trigger-maintained counters (a read-only look at the live store)."""
+def queue_counts(db: Path | sqlite3.Connection) -> dict[tuple[str, str], int]:
+    """The trigger-maintained counters (a read-only look at the live store): through `db` when
+    it is an open connection (cheap enough to poll every few milliseconds), else a new one."""
+    if isinstance(db, sqlite3.Connection):
+        return {(t, s): n for t, s, n in db.execute("SELECT tbl, state, n FROM queue_counts")}
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as c:
-        return {(t, s): n for t, s, n in c.execute("SELECT tbl, state, n FROM queue_counts")}
+        return queue_counts(c)
 
 
 def wait_for(predicate: object, timeout: float, what: str, poll: float = 0.05) -> float:
