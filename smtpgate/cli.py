@@ -110,22 +110,39 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
 
 
+def _one_more(args: argparse.Namespace) -> int:
+    """The rows a list verb reads: one more than `--limit`, to tell a list cut at it."""
+    return min(int(args.limit) + 1, 2**63 - 1)
+
+
 def _print_rows(
-    rows: list[dict[str, Any]], as_json: bool, line: Callable[[dict[str, Any]], str]
+    rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+    noun: str,
+    line: Callable[[dict[str, Any]], str],
 ) -> int:
-    """What a `list` verb prints: the rows as one JSON array, or one `line(row)` a row."""
-    if as_json:
-        _print_json(rows)
+    """What a `list` verb prints: the rows as one JSON array, or one `line(row)` a row. The
+    rows were read with one more than `args.limit`: a list cut at its limit says so on stderr
+    (`accounts list --json > export.json` stopped at 1,000 accounts without a word)."""
+    shown = rows[: args.limit]
+    if args.json:
+        _print_json(shown)
     else:
-        for row in rows:
+        for row in shown:
             print(line(row))
+    if len(rows) > args.limit:
+        sys.stdout.flush()
+        print(
+            f"smtpgate: the first {args.limit} {noun} shown; --limit N shows more",
+            file=sys.stderr,
+        )
     return 0
 
 
 async def _requeue(
     args: argparse.Namespace, verb: str, noun: str, retry: Callable[[str | None], Awaitable[int]]
 ) -> int:
-    """`VERB retry ID` or `VERB retry --dead`: dead rows back to queued; 1 when there were none."""
+    """`VERB retry ID` or `VERB retry --dead`: dead rows back to queued; 1 when ID was not."""
     if args.id is None and not args.dead:
         print(f"{verb} retry: give an ID or --dead", file=sys.stderr)
         return 2
@@ -134,7 +151,9 @@ async def _requeue(
     if not n:
         why = "nothing is dead" if args.dead else f"{args.id} is not dead, or there is no such id"
         print(f"smtpgate {verb} retry: {why}", file=sys.stderr)
-    return 0 if n else 1
+    # Nothing dead is no failure of `--dead` (a nightly job must not alert on a healthy queue);
+    # a named one that was not requeued is.
+    return 0 if n or args.dead else 1
 
 
 def _say_no_store(settings: Settings) -> None:
@@ -147,6 +166,15 @@ def _say_no_store(settings: Settings) -> None:
         " (serve has not run with this data directory)",
         file=sys.stderr,
     )
+
+
+def _store_exists(settings: Settings) -> bool:
+    """Whether SMTPGATE_DATA_DIR holds a store. An empty file is none: a `touch` or a copy
+    that failed (serve writes the schema into a new store before anything else)."""
+    try:
+        return settings.db_path.stat().st_size > 0
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 async def _with_store(
@@ -162,7 +190,7 @@ async def _with_store(
     from smtpgate.config import make_data_dir
     from smtpgate.store import Store
 
-    exists = settings.db_path.exists()
+    exists = _store_exists(settings)
     if not exists and not create:
         _say_no_store(settings)
         return 1
@@ -256,7 +284,7 @@ async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace
             print(f"note: {guessed}")
         return 0
 
-    if settings.db_path.exists():
+    if _store_exists(settings):
         return await _with_store(settings, run)
     # Rules can be tried out before serve ever ran: against an empty directory then, in a
     # store of its own that is thrown away (a mistyped SMTPGATE_DATA_DIR gets no store).
@@ -308,8 +336,9 @@ async def cmd_queue(settings: Settings, _: Rules | None, args: argparse.Namespac
     async def run(store: Store) -> int:
         if args.action == "list":
             return _print_rows(
-                await store.list_inbound(args.state, args.limit),
-                args.json,
+                await store.list_inbound(args.state, _one_more(args)),
+                args,
+                "messages",
                 lambda r: (
                     f"{r['id']}  {r['received_at']}  {r['state']:<6}  <{r['mail_from']}>  "
                     f"{_outcome_line(r['outcome']) or (r['last_error'] or '')}"
@@ -342,8 +371,9 @@ async def cmd_outbox(settings: Settings, _: Rules | None, args: argparse.Namespa
     async def run(store: Store) -> int:
         if args.action == "list":
             return _print_rows(
-                await store.list_outbox(args.state, args.limit),
-                args.json,
+                await store.list_outbox(args.state, _one_more(args)),
+                args,
+                "deliveries",
                 lambda r: (
                     f"{r['id']:>6}  {r['kind']:<8} {r['state']:<6} attempts={r['attempts']}  "
                     f"to={','.join(r['recipients'])}  {r['last_error'] or ''}"
@@ -363,8 +393,9 @@ async def cmd_tickets(settings: Settings, _: Rules | None, args: argparse.Namesp
     async def run(store: Store) -> int:
         if args.action == "list":
             return _print_rows(
-                await store.list_tickets(args.limit),
-                args.json,
+                await store.list_tickets(_one_more(args)),
+                args,
+                "tickets",
                 lambda t: (
                     f"#{t['number']:<6} {t['created_at']}  {t['account_name'] or t['account']}"
                     f"  {t['description']}"
@@ -483,8 +514,9 @@ async def cmd_import(settings: Settings, _: Rules | None, args: argparse.Namespa
 async def cmd_accounts_list(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
         return _print_rows(
-            await store.list_accounts(args.limit),
-            args.json,
+            await store.list_accounts(_one_more(args)),
+            args,
+            "accounts",
             lambda a: f"{a['rec_id']}  {a['file_as']}  {a['email1'] or ''} {a['email2'] or ''}",
         )
 
@@ -506,6 +538,9 @@ async def cmd_rules(settings: Settings, rules: Rules, args: argparse.Namespace) 
     for i, s in enumerate(stages, 1):
         print(f"  {i}. {s['stage']:<15} {'on ' if s['enabled'] else 'off'}  {s['description']}")
     print(f"account_by_sender = {str(rules.account_by_sender).lower()}")
+    print(f"ticket_tag = {json.dumps(rules.ticket_tag)}")
+    for i, pattern in enumerate(rules.quote_patterns):
+        print(f"quote_patterns[{i}] = {json.dumps(pattern)}")
     for kind in ("detection", "skip", "account"):
         for rule in getattr(rules, kind):
             fields = {k: v for k, v in rule.model_dump().items() if v and k != "name"}

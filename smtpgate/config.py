@@ -190,7 +190,10 @@ class Settings(BaseSettings):
         # It goes into EHLO and Received: lines as it is: ASCII letters, digits, "-", "." and
         # "_" (container host names), or an address literal.
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]", value):
-            raise ValueError(f"{value!r} is not a host name (ASCII letters, digits, '-', '.')")
+            raise ValueError(
+                f"{value!r} is not a host name (ASCII letters, digits, '-', '.', '_';"
+                " or an address literal such as [192.0.2.1])"
+            )
         return value
 
     @field_validator("retry_schedule")

@@ -449,6 +449,10 @@ def test_rules_json_in_evaluation_order(tmp_path: Path) -> None:
     assert [ln.split(":")[0].strip() for ln in lines if ln.startswith("  n-central")] == [
         "n-central", "n-central-normal", "n-central-customer",
     ]  # fmt: skip
+    # Every setting of the file is shown, not only the rules (ticket_tag and the quote patterns
+    # were in --json alone).
+    assert 'ticket_tag = "Ticket"' in lines
+    assert sum(ln.startswith("quote_patterns[") for ln in lines) == len(spec["quote_patterns"])
 
 
 RULE_ERRORS = [
@@ -694,14 +698,42 @@ def test_a_write_while_another_process_holds_the_lock_is_one_clear_line(tmp_path
 def test_a_retry_that_requeues_nothing_says_why(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """A named message that is not dead is an error (1). `retry --dead` with nothing dead did
+    all it was asked (a nightly job must not alert on a healthy queue): 0, and said."""
     data = tmp_path / "var"
     assert run_here(monkeypatch, data, "accounts", "import", str(FIXTURES / "accounts.csv"))[0] == 0
     code, out, err = run_here(monkeypatch, data, "queue", "retry", "MSGNOSUCHONE1")
     assert (code, out) == (1, "requeued 0 message(s)\n")
     assert "MSGNOSUCHONE1 is not dead, or there is no such id" in err
-    code, out, err = run_here(monkeypatch, data, "outbox", "retry", "--dead")
-    assert (code, out) == (1, "requeued 0 delivery(ies)\n")
-    assert "nothing is dead" in err
+    for verb, noun in (("outbox", "delivery(ies)"), ("queue", "message(s)")):
+        code, out, err = run_here(monkeypatch, data, verb, "retry", "--dead")
+        assert (code, out) == (0, f"requeued 0 {noun}\n")
+        assert "nothing is dead" in err
+
+
+def test_a_list_cut_at_its_limit_says_so_on_stderr(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`accounts list --json > export.json` silently stopped at 1,000 accounts: a list cut at
+    its --limit says so on stderr (stdout stays the rows, one JSON array with --json)."""
+    data = tmp_path / "var"
+    csv = tmp_path / "accounts.csv"
+    csv.write_text(
+        "rec_id,file_as\n" + "".join(f"ACC{n:04},Account {n}\n" for n in range(5)),
+        encoding="utf-8",
+    )
+    assert run_here(monkeypatch, data, "accounts", "import", str(csv))[0] == 0
+    code, out, err = run_here(monkeypatch, data, "accounts", "list", "--limit", "3", "--json")
+    assert code == 0
+    assert len(json.loads(out)) == 3
+    assert "the first 3 accounts shown; --limit N shows more" in err
+    code, out, err = run_here(monkeypatch, data, "accounts", "list", "--limit", "5", "--json")
+    assert (code, len(json.loads(out)), err) == (0, 5, "")
+    code, out, err = run_here(monkeypatch, data, "accounts", "list", "--limit", str(2**63 - 1))
+    assert (code, len(out.splitlines()), err) == (0, 5, "")
+    for verb in (("queue", "list"), ("outbox", "list"), ("tickets", "list")):
+        code, out, err = run_here(monkeypatch, data, *verb, "--limit", "1")
+        assert (code, out, err) == (0, "", ""), verb  # nothing there: nothing cut
 
 
 @pytest.mark.parametrize("limit", [300 * 1024, 1500 * 1024], ids=["at-open", "in-the-import"])
@@ -980,6 +1012,21 @@ def test_commands_without_a_store_make_none(
         assert f"no store at {data / 'smtpgate.db'}" in err
     assert list(data.iterdir()) == []
     assert not target.parent.exists()
+
+
+def test_an_empty_store_file_is_no_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A zero-byte smtpgate.db (a `touch`, a copy that failed) was taken for a store and given
+    the schema by `status`, `queue list` and `backup`, which never change the store."""
+    data = tmp_path / "var"
+    data.mkdir()
+    (data / "smtpgate.db").touch()
+    target = tmp_path / "backup.db"
+    for args in (("status",), ("queue", "list"), ("backup", str(target))):
+        code, out, err = run_here(monkeypatch, data, *args)
+        assert code == 1, (args, out, err)
+        assert f"no store at {data / 'smtpgate.db'}" in err
+    assert (data / "smtpgate.db").stat().st_size == 0
+    assert not target.exists()
 
 
 def test_a_backup_is_private_and_replaces_the_last_one_whole(

@@ -318,17 +318,19 @@ def test_a_missing_database_is_an_error_not_an_empty_healthy_queue(
     assert not (data / "smtpgate.db").exists()  # nor does the full path
 
 
-def test_an_empty_database_file_is_migrated_as_before(
+def test_an_empty_database_file_is_no_store(
     monkeypatch: pytest.MonkeyPatch, clean_env: None, tmp_path: Path
 ) -> None:
+    """An empty file was given the schema by `status` (which only reads): now it is reported
+    as no store, as a missing one is (test_cli.test_an_empty_store_file_is_no_store)."""
     data = tmp_path / "var"
     data.mkdir()
     sqlite3.connect(data / "smtpgate.db").close()
     monkeypatch.setenv("SMTPGATE_DATA_DIR", str(data))
     assert status.fast_status(as_json=True) is None
     code, out = captured(cli.main, ["status", "--json"])
-    assert code == 0
-    assert json.loads(out)["outbox"] == {"queued": 0, "active": 0, "done": 0, "dead": 0}
+    assert (code, out) == (1, "")
+    assert (data / "smtpgate.db").stat().st_size == 0
 
 
 @pytest.mark.parametrize(
