@@ -54,6 +54,9 @@ TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"  # RFC 5321 3.8
 IDLE_TIMEOUT = b"421 4.4.2 Idle timeout, closing connection\r\n"  # RFC 5321 4.2.2, 4.5.3.2
+# Refusals (4xx/5xx replies) logged a session: relay probes pipelined by the thousand are not
+# a thousand log lines.
+REFUSALS_LOGGED = 20
 # The RFC 3463 code given to a reply of aiosmtpd's that has none (RFC 2034 4).
 _ENHANCED_CODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _DEFAULT_ENHANCED = {
@@ -163,6 +166,15 @@ class Handler:
         envelope.rcpt_tos.append(connector)
         return OK_RCPT
 
+    async def handle_VRFY(
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str
+    ) -> str:
+        """252 (RFC 5321 3.5.3: "will accept message and attempt delivery") only for what RCPT
+        accepts; aiosmtpd promised it for any address, and relay scanners read that as open."""
+        if address_key(address) in self.settings.connector_keys:
+            return "252 Cannot VRFY user, but will accept message and attempt delivery"
+        return NOT_RELAY.format(address)
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         data: bytes = envelope.original_content or b""
         # RFC 5321 2.3.8: lines end in CRLF only. A bare CR or LF is how SMTP smuggling hides a
@@ -199,7 +211,12 @@ class Handler:
             async with asyncio.timeout(self.settings.store_timeout):
                 await self.store.enqueue(env, raw, header_message_id(data), queue_id)
         except (StoreError, TimeoutError) as exc:
-            log.error("could not store a message from %s: %s", peer, exc or "timeout")
+            why = (
+                f"timed out after {self.settings.store_timeout:g} s (SMTPGATE_STORE_TIMEOUT)"
+                if isinstance(exc, TimeoutError)
+                else str(exc)
+            )
+            log.error("could not store a message from %s: %s", peer, why)
             return STORE_FAILED
         self._on_queued()
         log.info(
@@ -602,6 +619,7 @@ class Listener(SMTP):
         self._turn = 0  # replies since this session last let the loop go to others
         self._idle_deadline = 0.0  # loop time at which the idle timeout ends the session
         self._lost = False  # connection_lost has run
+        self._refusals = 0  # 4xx/5xx replies of this session so far (REFUSALS_LOGGED)
 
     def _lean_init(
         self,
@@ -913,10 +931,8 @@ class Listener(SMTP):
         transport = cast(asyncio.WriteTransport | None, self.transport)
         if transport is None or transport.is_closing():
             return
-        _mail_log.info(
-            "%r data ended with a bare LF; refused and closed", self.session and self.session.peer
-        )
         self._on_reply(BARE_LF_END[:3])
+        self._log_refusal(BARE_LF_END)
         transport.write(BARE_LF_END.encode() + b"\r\n")
         transport.close()
 
@@ -924,11 +940,33 @@ class Listener(SMTP):
         status = with_enhanced_code(status, self.hostname)
         if status[3:4] != "-":  # count a multi-line reply (EHLO) once, by its last line
             self._on_reply(status[:3])
+            if status[0] in "45":
+                self._log_refusal(status)
         await super().push(status)
         self._turn += 1
         if self._turn >= REPLIES_PER_TURN:
             self._turn = 0
             await asyncio.sleep(0)
+
+    def _log_refusal(self, status: str, peer: object = None) -> None:
+        """One INFO line a refusal, as an MTA logs its rejects: relay probing and senders that
+        hit the limits show in the log. A session's first REFUSALS_LOGGED only: a thousand
+        pipelined probes are not a thousand lines."""
+        self._refusals += 1
+        if self._refusals > REFUSALS_LOGGED:
+            return
+        if peer is None and self.session is not None:
+            peer = self.session.peer
+        sender = self.envelope.mail_from if self.envelope is not None else None
+        log.info(
+            "refused %s%s: %s%s",
+            _peer(peer),
+            "" if sender is None else f" from=<{_utf8(sender)}>",
+            status.rstrip("\r\n"),
+            " (further refusals in this session not logged)"
+            if self._refusals == REFUSALS_LOGGED
+            else "",
+        )
 
     def shut_down(self) -> None:
         """Sessions.shut_down: 421 4.3.2 and close, between commands at once; with a message
@@ -996,6 +1034,7 @@ class Listener(SMTP):
             # the client learns why, and retries later
             cast(asyncio.WriteTransport, self.transport).write(IDLE_TIMEOUT)
             self._on_reply("421")
+            self._log_refusal(IDLE_TIMEOUT.decode())
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -1010,6 +1049,8 @@ class Listener(SMTP):
             if refusal is not None:
                 self._refused = True
                 self._on_reply("421")
+                if refusal is TOO_MANY_CONNECTIONS:  # (a shutdown is logged once, not a session)
+                    self._log_refusal(refusal.decode(), transport.get_extra_info("peername"))
                 # Not isinstance(…, asyncio.WriteTransport): uvloop's transports are not
                 # asyncio's classes, and the 421 went unsent there.
                 cast(asyncio.WriteTransport, transport).write(refusal)

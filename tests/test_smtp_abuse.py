@@ -677,3 +677,76 @@ async def test_a_pipelined_flood_lets_the_event_loop_serve_others_between_its_re
         writer.close()
     assert passes >= n // front.REPLIES_PER_TURN // 2, passes
     await still_serving(gateway)
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "smtpgate.front"]
+
+
+async def test_every_refusal_is_one_log_line_naming_the_peer_and_a_flood_is_capped(
+    gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Relay probes (550), oversize senders (552), the connection cap and the idle timeout (421)
+    were answered without a word in the log (aiosmtpd's logger is held at WARNING): relay
+    probing and the senders hitting the limits could not be seen. Each refusal is now one INFO
+    line; a session that pipelines a thousand probes logs a bounded number of them."""
+    caplog.set_level("INFO", logger="smtpgate.front")
+    gw = await gateway_factory(max_connections=1, max_message_bytes=2000, smtp_timeout=1.0)
+    session = await RawSession.open(gw.smtp_port)
+    assert (await session.command(b"MAIL FROM:<big@example.org> SIZE=5000")).code == 552
+    assert (await session.command(b"MAIL FROM:<prober@example.org>")).code == 250
+    assert (await session.command(b"RCPT TO:<victim@example.com>")).code == 550
+    blocked = await RawSession.open(gw.smtp_port, ehlo=False)
+    assert blocked.greeting is not None
+    assert blocked.greeting.code == 421
+    await blocked.close()
+    async with asyncio.timeout(15):
+        assert await session.reader.read() == IDLE_TIMEOUT
+    await session.close()
+    lines = refusal_lines(caplog)
+    for reply in ("552 5.3.4", "550 5.1.1 <victim@example.com>", "421 4.7.0", "421 4.4.2"):
+        said = [ln for ln in lines if reply in ln]
+        assert len(said) == 1, (reply, lines)
+        assert "127.0.0.1" in said[0]
+
+    caplog.clear()
+    prober = await RawSession.open(gw.smtp_port)
+    assert (await prober.command(b"MAIL FROM:<prober@example.org>")).code == 250
+    await prober.send_raw(b"".join(b"RCPT TO:<v%d@example.com>\r\n" % i for i in range(1000)))
+    assert {(await prober.reply()).code for _ in range(1000)} == {550}
+    await prober.close()
+    lines = refusal_lines(caplog)
+    assert 10 <= len(lines) <= front.REFUSALS_LOGGED + 1, lines
+    assert "not logged" in lines[-1]
+    await still_serving(gw, "after the probes")
+
+
+async def test_a_store_timeout_is_logged_as_such(
+    gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`could not store a message from 127.0.0.1: ` ended in nothing: str(TimeoutError()) is
+    empty, and `exc or "timeout"` took the exception."""
+    gw = await gateway_factory(store_timeout=0.2)
+    assert gw.store is not None
+    lock = gw.store._write_lock
+    async with lock.hold(urgent=True):  # the store cannot commit: every intake waits
+        code, _ = await send(gw.smtp_port, simple_message(subject="waits"))
+    assert code == 451
+    said = [ln for ln in refusal_lines(caplog) if "could not store" in ln]
+    assert len(said) == 1
+    assert said[0].endswith("timed out after 0.2 s (SMTPGATE_STORE_TIMEOUT)"), said
+
+
+async def test_vrfy_promises_nothing_for_an_address_that_would_be_refused(
+    gateway: Gateway,
+) -> None:
+    """VRFY answered 252 "will accept message and attempt delivery" for any address (RFC 5321
+    3.5.3), while RCPT refuses all but the connectors: relay scanners read it as open."""
+    session = await RawSession.open(gateway.smtp_port)
+    connector = gateway.settings.connector_addresses[0]
+    assert (await session.command(f"VRFY <{connector}>".encode())).code == 252
+    for probe in (b"VRFY <someone@evil.example>", b"VRFY postmaster"):
+        reply = await session.command(probe)
+        assert reply.code == 550, reply
+    await session.close()
+    await still_serving(gateway)
