@@ -244,6 +244,10 @@ class StatusServer:
     async def healthz(self) -> tuple[int, str, bytes]:
         if not self._listening():
             return 503, "text/plain", b"SMTP intake process down (restarting)\n"
+        failing = self.store.intake_failing()
+        if failing is not None:
+            why = f"store cannot commit incoming mail (answered 451): {failing}\n"
+            return 503, "text/plain", why.encode("utf-8", "replace")
         # One probe at a time, shielded: a probe must never be cancelled mid-statement (see
         # Store.can_write); a slow one answers 503 here and finishes in the background.
         if self._probe is None or self._probe.done():

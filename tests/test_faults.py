@@ -111,10 +111,14 @@ async def test_store_full_answers_451_and_recovers_without_restart(
     assert "4.3.0" in text
     assert gw.store is not None
     assert (await gw.store.status())["inbound"]["queued"] == 0
+    # The health probe writes no page, so it went on saying 200 (a quota, a file size limit,
+    # EIO: free space looks fine) while every message was deferred.
+    assert await healthz(gw) == 503
     # Space again (the operator freed the disk): the same message is taken, no restart.
     await pragma(gw, f"PRAGMA max_page_count = {UNLIMITED_PAGES}")
     code, text = await send(gw.smtp_port, big)
     assert code == 250, text
+    assert await healthz(gw) == 200
     await wait_processed(gw, 1)
     assert await row_state(gw, text.rsplit(" ", 1)[1]) == "done"
     await relay.wait_for(1)

@@ -203,13 +203,15 @@ class WriteLock:
     A sender's 250 waits for its intake commit; a decision or an outbox update can wait. With an
     ordinary FIFO lock an intake commit queued behind every worker's and relay sender's
     transaction, so under load the senders' latency (and the accept rate) paid for processing.
-    Within each lane the order is first come, first served.
+    The record of relayed mail shares the fast lane: it is small (inline, no fsync) and every
+    relay connection waits for it (RELAYED_UNRECORDED); behind the intake commits of a storm it
+    let the outbox fall hundreds of mails behind. Within each lane: first come, first served.
     """
 
     def __init__(self) -> None:
         self._locked = False
         self._lanes: tuple[collections.deque[asyncio.Future[None]], ...] = (
-            collections.deque(),  # urgent: intake
+            collections.deque(),  # urgent: intake, and the record of relayed mail
             collections.deque(),  # everything else
         )
 
@@ -459,6 +461,8 @@ class Store:
         self._pending: list[_Intake] = []
         self._pending_event = asyncio.Event()
         self._committing: asyncio.Future[None] | None = None  # the intake batch being written
+        # (monotonic time, error) of the last intake commit that failed, until one succeeds.
+        self._intake_failed: tuple[float, str] | None = None
         self._committer: asyncio.Task[None] | None = None
         self._completions: list[_Completion] = []
         self._completions_event = asyncio.Event()
@@ -759,6 +763,8 @@ class Store:
         """Resolve the futures of a batch whose senders still wait (StoreError(error) if it
         failed), then tell `on_committed`."""
         waiting = [item for item in batch if not item.future.done()]
+        if waiting:
+            self._intake_failed = None if error is None else (time.monotonic(), error)
         for item in waiting:
             if error is None:
                 item.future.set_result(None)
@@ -1553,7 +1559,8 @@ class Store:
                 params,
             )
 
-        await self._write(done, durable=False, inline=True)
+        # Urgent (WriteLock): every relay connection waits for this record.
+        await self._write(done, durable=False, inline=True, urgent=True)
 
     async def delivery_failed(self, delivery_id: int, error: str, retry_at: float | None) -> None:
         """A failed attempt: retry at `retry_at`, or dead when it is None."""
