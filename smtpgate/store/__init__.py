@@ -67,6 +67,9 @@ _TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQ
 T = TypeVar("T")
 U = TypeVar("U")
 
+# A failed intake commit makes /healthz 503 until one succeeds, for at most this many seconds
+# after it (Store.intake_failing).
+INTAKE_FAILURE_SHOWN = 300.0
 # Decisions of messages up to this size are written in the loop's thread (see Store._write).
 INLINE_MAX_BYTES = 256 * 1024
 # The decisions written in one shared transaction hold at most this many bytes of raw message
@@ -1823,6 +1826,16 @@ class Store:
             return None
         what = "was removed" if now is None else "was replaced by another file"
         return f"the store file {self.path} {what} while serve ran: restart serve"
+
+    def intake_failing(self) -> str | None:
+        """Why incoming mail is being deferred: the error of the last intake commit when it
+        failed, no commit has succeeded since, and it was at most INTAKE_FAILURE_SHOWN seconds
+        ago (mail would have come and shown a repair by then). `can_write`'s probe writes no
+        page, so a quota, a file size limit or an I/O error shows only here."""
+        failed = self._intake_failed
+        if failed is None or time.monotonic() - failed[0] > INTAKE_FAILURE_SHOWN:
+            return None
+        return failed[1]
 
     async def can_write(self, min_free_bytes: int = 0) -> bool:
         """Health probe: the disk has `min_free_bytes` free for the store, and a write
