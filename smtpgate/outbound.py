@@ -78,6 +78,46 @@ def _threading_ids(ids: tuple[str, ...]) -> list[str]:
     return [i for i in ids if i.isascii() and i.isprintable() and " " not in i and len(i) <= 985]
 
 
+# RFC 5321's limit of a line's octets without its CRLF (4.5.3.1.6).
+LINE_LIMIT = 998
+
+
+def _has_long_line(data: bytes) -> bool:
+    """Whether a line of `data` is over LINE_LIMIT. A split is the cheapest test of a small mail
+    (~3 µs for 2 KB; a regex took 9–180 µs), a walk over the line ends spares a big one a copy."""
+    if len(data) <= LINE_LIMIT:
+        return False
+    if len(data) < 1 << 20:
+        return max(map(len, data.split(b"\r\n"))) > LINE_LIMIT
+    start, end = 0, len(data)
+    while start < end:
+        stop = data.find(b"\r\n", start)
+        if stop == -1:
+            stop = end
+        if stop - start > LINE_LIMIT:
+            return True
+        start = stop + 2
+    return False
+
+
+def within_line_limit(data: bytes) -> bytes:
+    """`data` with every line over LINE_LIMIT octets broken as Postfix's smtp_line_length_limit
+    does: <CR><LF><SPACE> after each LINE_LIMIT octets (in a header that is folding; in a body
+    a line break, the least damage to MIME). The listener takes lines up to 1 MiB (real alert
+    mail has long HTML lines), but a relay that holds to the limit refused such a forward
+    (`500 Line too long`) and it went dead, never reaching support. Other data is returned as
+    it is."""
+    if not _has_long_line(data):
+        return data
+    broken = []
+    for line in data.split(b"\r\n"):
+        while len(line) > LINE_LIMIT:
+            broken.append(line[:LINE_LIMIT])
+            line = b" " + line[LINE_LIMIT:]
+        broken.append(line)
+    return b"\r\n".join(broken)
+
+
 def forward_untouched(
     raw: bytes,
     *,
@@ -89,7 +129,8 @@ def forward_untouched(
     hostname: str,
     has_auto_submitted: bool,
 ) -> OutboundMail:
-    """spec 2.4: the original bytes unchanged, with Resent-* and our headers prepended."""
+    """spec 2.4: the original bytes unchanged, with Resent-* and our headers prepended (and
+    lines over 998 octets broken, `within_line_limit`)."""
     message_id = new_message_id(hostname)
     detail = f"{action}; rule={rule}" if rule else action
     detail = _header_value(detail)
@@ -108,7 +149,8 @@ def forward_untouched(
     if not has_auto_submitted:
         lines.append("Auto-Submitted: auto-generated")
     head = ("\r\n".join(lines) + "\r\n").encode()
-    return OutboundMail(MailKind.FORWARD, sender, (target,), head + raw, message_id)
+    data = head + within_line_limit(raw)
+    return OutboundMail(MailKind.FORWARD, sender, (target,), data, message_id)
 
 
 def compose(

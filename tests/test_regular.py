@@ -905,6 +905,17 @@ def forward_of(action: str, rule: str | None = None) -> OutboundMail:
     )
 
 
+@pytest.mark.parametrize("size", [2_000, 2 << 20], ids=["small", "over-1MiB"])
+def test_long_lines_are_broken_as_postfix_does_and_short_ones_left_alone(size: int) -> None:
+    short = b"x" * 76 + b"\r\n"
+    body = short * (size // len(short))
+    assert outbound.within_line_limit(body) is body  # nothing to do: not even a copy
+    long = body + b"y" * 2000 + b"\r\n" + short
+    broken = outbound.within_line_limit(long)
+    assert max(len(line) for line in broken.split(b"\r\n")) == outbound.LINE_LIMIT
+    assert broken == body + b"y" * 998 + b"\r\n " + b"y" * 997 + b"\r\n yyyyy\r\n" + short
+
+
 def test_a_long_non_ascii_rule_name_is_folded_with_crlf_in_a_forward() -> None:
     """Header.encode() folds with a bare LF by default: the outbox holds CRLF only."""
     fwd = forward_of(
@@ -1101,6 +1112,28 @@ async def test_duplicate_message_id_opens_one_ticket_and_sends_one_ack(
     assert (a["outcome"]["action"], b["outcome"]["action"]) == ("ticket_created", "duplicate")
     assert b["outcome"]["reason"] == "content_hash"
     assert (await world.store.status())["tickets"] == 2
+
+
+async def test_a_forward_with_lines_over_998_octets_reaches_a_relay_that_enforces_them(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """The listener takes lines up to 1 MiB (real alert mail has long HTML lines), but a
+    forward sent as it was got `500 Line too long` from a relay that holds to RFC 5321's 998
+    octets (as the recording relay, aiosmtpd, does) and went dead: the alert never reached
+    support. Long lines are broken as Postfix's smtp_line_length_limit does (<CR><LF><SPACE>
+    after 998 octets); nothing else changes."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    raw = (
+        b"From: stranger@nowhere.example\r\nTo: connector@localhost\r\nSubject: long\r\n"
+        b"X-Long: " + b"h" * 1500 + b"\r\nMessage-ID: <long-1@nowhere.example>\r\n"
+        b"Content-Type: text/html\r\n\r\n<p>" + b"word " * 1000 + b"</p>\r\nshort\r\n"
+    )
+    row = await deliver(world.gw, raw, "stranger@nowhere.example")
+    assert row["outcome"]["action"] == "forwarded"
+    assert [r["state"] for r in await settled(world.gw, row["id"])] == ["done"]
+    [forward] = relay.to(world.gw.settings.internal_support_address)
+    assert max(len(line) for line in forward.data.split(b"\r\n")) <= 998
+    assert forward.data.replace(b"\r\n ", b"").endswith(raw)
 
 
 async def test_a_message_id_reused_with_other_content_goes_to_support(
