@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -177,7 +178,12 @@ class Gateway:
         self.smtp_port = smtp.sockets[0].getsockname()[1]
         # Unhealthy once the disk cannot take one more message of the largest size accepted.
         status = StatusServer(
-            store, self.metrics, sessions, self._intake_running, s.max_message_bytes
+            store,
+            self.metrics,
+            sessions,
+            self._intake_running,
+            s.max_message_bytes,
+            names=(s.hostname, socket.gethostname()),
         )
         with _listening("SMTPGATE_HTTP_HOST / SMTPGATE_HTTP_PORT", s.http_host, s.http_port):
             http = await asyncio.start_server(status.handle, host=s.http_host, port=s.http_port)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import ipaddress
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from email.utils import formatdate
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,6 +27,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from smtpgate.mail import BIDI_CONTROLS
 from smtpgate.store import Store
 
 log = logging.getLogger(__name__)
@@ -92,17 +96,42 @@ Route = Callable[[], Awaitable[tuple[int, str, bytes]]]
 
 # The answer to a request over StatusServer.MAX_CONNECTIONS that is not for /healthz.
 _CROWDED = (503, "text/plain", b"too many connections\n")
+_BAD_REQUEST = (400, "text/plain", b"bad request\n")
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    421: "Misdirected Request",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+# Every answer: the page shows hostile mail data (escaped); no sniffing, no framing, nothing
+# loaded or run whatever escaping might miss (the page has inline style only).
+_HARDENING = (
+    "X-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\n"
+    "Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline';"
+    " frame-ancestors 'none'; base-uri 'none'; form-action 'none'\r\n"
+    "Referrer-Policy: no-referrer\r\n"
+)
+# Bidi controls in a cell are shown, not obeyed: "\u202emoc.elgoog@example.com" read as
+# "moc.elpmaxe@google.com".
+_BIDI_SHOWN = {code: "\ufffd" for code in BIDI_CONTROLS}
 
 
 class _HeadTooLarge(Exception):
     pass
 
 
-async def _read_head(reader: asyncio.StreamReader) -> bytes:
-    """The request line and headers, up to the empty line that ends them (CRLF or a bare LF:
-    a hand-typed or sloppy request is answered at once instead of after the timeout)."""
+async def _read_head(reader: asyncio.StreamReader) -> tuple[bytes, list[bytes]]:
+    """The request line, without its line end, and the values of its Host header fields, up to
+    the empty line that ends the head (CRLF or a bare LF: a hand-typed or sloppy request is
+    answered at once instead of after the timeout). Empty lines before the request line are
+    skipped (RFC 9112 2.2)."""
     size = 0
     first = b""
+    hosts: list[bytes] = []
     while True:
         try:
             line = await reader.readline()
@@ -113,9 +142,39 @@ async def _read_head(reader: asyncio.StreamReader) -> bytes:
         size += len(line)
         if size > StatusServer.MAX_HEAD_BYTES:
             raise _HeadTooLarge
-        if line in (b"\r\n", b"\n"):
-            return first
-        first = first or line
+        line = line.removesuffix(b"\n").removesuffix(b"\r")
+        if not line:
+            if first:
+                return first, hosts
+        elif not first:
+            first = line
+        elif line[:5].lower() == b"host:":
+            hosts.append(line[5:].strip(b" \t"))
+
+
+def _request_target(request_line: bytes) -> tuple[str, str] | None:
+    """(method, path) of `METHOD SP target SP HTTP/1.x` (RFC 9112 3), or None: split on single
+    spaces only (a TAB, NBSP or NEL read as one served `/status\\xa0/../healthz` as /status,
+    where a proxy in front may read another path); an absolute-form target gives its path."""
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or parts[2] not in (b"HTTP/1.0", b"HTTP/1.1"):
+        return None
+    method, target = parts[0], parts[1]
+    if not target.isascii() or not all(32 < c < 127 for c in target):
+        return None
+    text = target.decode("ascii")
+    if text.startswith(("http://", "https://")):  # absolute-form (RFC 9112 3.2.2)
+        text = urlsplit(text).path or "/"
+    return method.decode("latin-1"), text.split("?", 1)[0]
+
+
+def _host_name(value: bytes) -> str:
+    """The name (or address) of a Host field value, without port, brackets or root dot."""
+    text = value.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1:].partition("]")[0]
+    name, colon, port = text.rpartition(":")
+    return (name if colon and port.isdigit() else text).rstrip(".")
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -151,8 +210,11 @@ class StatusServer:
         sessions: Callable[[], int],
         listening: Callable[[], bool] = lambda: True,
         min_free_bytes: int = 0,
+        names: Collection[str] = (),
     ) -> None:
         self.store = store
+        # The Host names the page answers to (besides localhost and IP addresses).
+        self._names = frozenset({"localhost", *(n.lower().rstrip(".") for n in names)})
         self._min_free_bytes = min_free_bytes
         self.metrics = metrics
         self._sessions = sessions
@@ -178,28 +240,27 @@ class StatusServer:
             code, ctype, body, method = await self._answer(
                 reader, crowded=self._open > self.MAX_CONNECTIONS
             )
-            reason = {
-                200: "OK",
-                404: "Not Found",
-                405: "Method Not Allowed",
-                431: "Request Header Fields Too Large",
-                500: "Internal Server Error",
-                503: "Service Unavailable",
-            }
             allow = "Allow: GET, HEAD\r\n" if code == 405 else ""  # RFC 9110 15.5.6
             head = (
-                f"HTTP/1.1 {code} {reason.get(code, 'OK')}\r\nContent-Type: {ctype}\r\n"
+                f"HTTP/1.1 {code} {_REASONS.get(code, 'OK')}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{allow}"
-                "Connection: close\r\n\r\n"
+                f"{_HARDENING}Date: {formatdate(usegmt=True)}\r\nConnection: close\r\n\r\n"
             ).encode()
+            if writer.is_closing():  # the client is gone (a reset while its answer was made)
+                return
             writer.write(head if method == "HEAD" else head + body)
             await writer.drain()
-            if code in (431, 503) and writer.can_write_eof():
+            if code in (400, 431, 503) and writer.can_write_eof():
                 await _linger(reader, writer)
         except (TimeoutError, asyncio.IncompleteReadError):
             pass
         except ConnectionError:
             pass
+        except RuntimeError:
+            # uvloop's transport, reset under the write: "unable to perform operation on
+            # <TCPTransport closed=True …>; the handler is closed" — no error of ours.
+            if not writer.is_closing():
+                log.exception("HTTP request failed")
         except Exception:
             log.exception("HTTP request failed")
         finally:
@@ -215,16 +276,17 @@ class StatusServer:
         second (idle connections must not make a healthy gateway look down to its probe)."""
         try:
             async with asyncio.timeout(1.0 if crowded else self.REQUEST_TIMEOUT):
-                request_line = await _read_head(reader)
+                request_line, hosts = await _read_head(reader)
         except _HeadTooLarge:
             return 431, "text/plain", b"request header fields too large\n", ""
         except TimeoutError:
             if crowded:
                 return (*_CROWDED, "")
             raise
-        parts = request_line.decode("latin-1").split()
-        method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
-        path = target.split("?", 1)[0]
+        request = _request_target(request_line)
+        if request is None or len(hosts) > 1:  # RFC 9112 3.2: one Host at most
+            return (*_BAD_REQUEST, "")
+        method, path = request
         route = self.routes.get(path)
         if crowded and path != "/healthz":
             code, ctype, body = _CROWDED
@@ -232,6 +294,8 @@ class StatusServer:
             code, ctype, body = 405, "text/plain", b"method not allowed\n"
         elif route is None:
             code, ctype, body = 404, "text/plain", b"not found\n"
+        elif route == self.page and hosts and not self._ours(hosts[0]):
+            code, ctype, body = 421, "text/plain", self._misdirected(hosts[0])
         else:
             try:
                 code, ctype, body = await route()
@@ -241,13 +305,31 @@ class StatusServer:
                 body = f"internal error ({type(exc).__name__}); see the log\n".encode()
         return code, ctype, body, method
 
+    def _ours(self, host: bytes) -> bool:
+        """Whether the page may answer to this Host: an IP address, localhost or a name of
+        this gateway. A web page whose name resolves to the gateway (DNS rebinding) read the
+        page, with its senders, subjects and relay errors, through a visitor's browser."""
+        name = _host_name(host)
+        if name in self._names:
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
+    def _misdirected(self, host: bytes) -> bytes:
+        names = ", ".join(sorted(self._names))
+        return (
+            f"the status page answers to its IP address or to {names} (SMTPGATE_HOSTNAME),"
+            f" not to {_host_name(host)!r}: open it by one of those\n"
+        ).encode("utf-8", "replace")
+
     async def healthz(self) -> tuple[int, str, bytes]:
         if not self._listening():
             return 503, "text/plain", b"SMTP intake process down (restarting)\n"
-        failing = self.store.intake_failing()
-        if failing is not None:
-            why = f"store cannot commit incoming mail (answered 451): {failing}\n"
-            return 503, "text/plain", why.encode("utf-8", "replace")
+        if self.store.intake_failing() is not None:  # why is in the log (paths stay there)
+            return 503, "text/plain", b"store cannot commit incoming mail (answered 451)\n"
         # One probe at a time, shielded: a probe must never be cancelled mid-statement (see
         # Store.can_write); a slow one answers 503 here and finishes in the background.
         if self._probe is None or self._probe.done():
@@ -299,7 +381,10 @@ def _table(headers: list[str], rows: list[list[Any]], empty: str) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join(
         "<tr>"
-        + "".join(f"<td>{html.escape(str(c if c is not None else ''))}</td>" for c in r)
+        + "".join(
+            f"<td>{html.escape(str(c if c is not None else '').translate(_BIDI_SHOWN))}</td>"
+            for c in r
+        )
         + "</tr>"
         for r in rows
     )

@@ -1746,12 +1746,12 @@ def _clean_filename(value: str | None) -> str | None:
         return None
     decoded, _ = _decode_words(value)
     # Bidirectional controls go: with U+202E, "\u202efdp.exe" shows as "exe.pdf" in a ticket.
-    name = _collapse(decoded.translate(_BIDI_CONTROLS))
+    name = _collapse(decoded.translate(BIDI_CONTROLS))
     name = name.replace("\\", "/").rpartition("/")[2].strip()  # never a path
     return name[:255] or None
 
 
-_BIDI_CONTROLS = dict.fromkeys(
+BIDI_CONTROLS = dict.fromkeys(
     (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
 )
 

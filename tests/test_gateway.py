@@ -252,7 +252,7 @@ async def test_status_and_metrics_over_http(gateway: Gateway, relay: RecordingRe
 
     async def get(path: str) -> tuple[int, bytes]:
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.http_port)
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         data = await reader.read()
         writer.close()
         head, _, body = data.partition(b"\r\n\r\n")

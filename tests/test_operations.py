@@ -16,6 +16,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -312,6 +313,82 @@ async def test_a_request_with_bare_line_feeds_is_answered(gateway_factory: Gatew
     answer = await http_raw(gw.http_port, b"GET /healthz HTTP/1.1\nHost: x\n\n")
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert answer.endswith(b"\r\n\r\nok\n")
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status"),
+    [
+        (b"GET /healthz HTTP/1.1", b"200 OK"),
+        (b"\r\nGET /healthz HTTP/1.1", b"200 OK"),  # RFC 9112 2.2: an empty line before it
+        (b"GET http://127.0.0.1:8025/healthz?x=1 HTTP/1.1", b"200 OK"),  # absolute-form, 3.2.2
+        (b"GET /status\xa0/../healthz HTTP/1.1", b"400 Bad Request"),
+        (b"GET /metrics\x85x HTTP/1.1", b"400 Bad Request"),
+        (b"GET\x1c/status\x1cHTTP/1.1", b"400 Bad Request"),
+        (b"GET\t/status HTTP/1.1", b"400 Bad Request"),
+        (b"GET /status", b"400 Bad Request"),
+        (b"GET /status HTTP/9.9 extra", b"400 Bad Request"),
+        (b"GET /status HTTP/2.0", b"400 Bad Request"),
+    ],
+)
+async def test_the_request_line_is_read_as_rfc_9112_writes_it(
+    gateway_factory: GatewayFactory, request_line: bytes, status: bytes
+) -> None:
+    """`split()` took TAB, VT, \\x1c–\\x1f, NEL and NBSP for separators and ignored the version:
+    `GET /status\\xa0/../healthz` served /status, where a proxy in front may read another path."""
+    gw = await gateway_factory()
+    answer = await http_raw(gw.http_port, request_line + b"\r\nHost: 127.0.0.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 " + status + b"\r\n"), answer[:80]
+
+
+async def test_the_status_page_answers_only_to_names_of_this_gateway(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """DNS rebinding: a web page of attacker.example whose name then resolves to 127.0.0.1
+    read the status page (senders, subjects, relay errors) through the visitor's browser. The
+    page now answers only to a Host that is an IP address, localhost or this gateway's name;
+    the routes without mail data (health, status counts, metrics) to any."""
+    gw = await gateway_factory(hostname="gw.example.net")
+    for host in (b"127.0.0.1:8025", b"[::1]", b"localhost", b"GW.example.net.:8025", None):
+        line = b"" if host is None else b"Host: " + host + b"\r\n"
+        answer = await http_raw(gw.http_port, b"GET / HTTP/1.1\r\n" + line + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), (host, answer[:80])
+    for host in (b"attacker.example:8025", b"127.0.0.1.attacker.example"):
+        answer = await http_raw(gw.http_port, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 421 Misdirected Request\r\n"), (host, answer[:80])
+        assert b"<td>" not in answer
+        for path in (b"/healthz", b"/status", b"/metrics"):
+            request = b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+            assert (await http_raw(gw.http_port, request)).startswith(b"HTTP/1.1 200 OK\r\n")
+    two = b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: attacker.example\r\n\r\n"
+    assert (await http_raw(gw.http_port, two)).startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+async def test_every_answer_carries_hardening_headers(gateway: Gateway) -> None:
+    """The page shows hostile mail data (escaped): defence in depth against what escaping
+    might miss, sniffing and framing."""
+    for path in ("/", "/healthz", "/nowhere"):
+        _, headers, _ = await http_get(gateway.http_port, path)
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert "default-src 'none'" in headers["content-security-policy"]
+        assert headers["date"].endswith(" GMT")
+
+
+@pytest.mark.both_loops
+async def test_a_client_that_resets_after_its_request_leaves_no_traceback(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On uvloop a write to a reset connection raises RuntimeError ("the handler is closed"),
+    which reached log.exception: anyone could write a 9-line ERROR traceback per connection."""
+    for path in (b"/status", b"/healthz", b"/"):
+        sock = socket.create_connection(("127.0.0.1", gateway.http_port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        sock.close()  # a reset, before the answer
+    assert (await http_get(gateway.http_port, "/healthz"))[0] == 200
+    await asyncio.sleep(0.2)  # the answers to the reset connections are written by now
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 @pytest.mark.parametrize("size", [20_000, 100_000])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from smtpgate.app import Gateway
-from smtpgate.http import human_age
+from smtpgate.http import human_age, render_page
 from tests.conftest import (
     GatewayFactory,
     RecordingRelay,
@@ -187,3 +187,35 @@ async def test_status_page_is_self_contained_and_refreshes(
 )  # fmt: skip
 def test_ages_are_shown_in_human_units(seconds: float, shown: str) -> None:
     assert human_age(seconds) == shown
+
+
+def test_direction_overrides_from_mail_are_shown_not_obeyed() -> None:
+    """A sender `<U+202E>moc.elgoog@example.com` read `moc.elpmaxe@google.com` in its cell, a
+    subject "…<U+202E>gnp.exe" read "….exe.png": the page's cells keep no bidi control (each
+    shows as U+FFFD, as attachment names lose them)."""
+    status = {
+        "inbound": {"queued": 0, "active": 0, "done": 1, "dead": 0, "oldest_queued_age_s": 0},
+        "outbox": {"queued": 0, "active": 0, "done": 0, "dead": 0},
+        "accounts": 1,
+        "tickets": 1,
+    }
+    message = {
+        "id": "MSG1",
+        "received_at": "2026-11-27T10:00:00Z",
+        "mail_from": "\u202emoc.elgoog@example.com",
+        "state": "done",
+        "outcome": None,
+    }
+    ticket = {
+        "number": 1,
+        "description": "invoice\u2067\u202egnp.exe",
+        "account_name": "Acme",
+        "account": "ACC1",
+        "source": "email",
+        "created_at": "2026-11-27T10:00:00Z",
+    }
+    page = render_page(status, [message], [], [], [ticket]).decode()
+    for control in ("\u202e", "\u2067"):
+        assert control not in page
+    assert "<td>\ufffdmoc.elgoog@example.com</td>" in page
+    assert "<td>invoice\ufffd\ufffdgnp.exe</td>" in page
