@@ -33,7 +33,7 @@ from smtpgate.app import Gateway
 from smtpgate.config import ENV_PREFIX, Settings, parse_rules
 from smtpgate.http import StatusServer
 from smtpgate.mail import parse_message
-from smtpgate.rules.automated import candidates, first_detection, first_skip
+from smtpgate.rules.automated import candidates, first_detection, first_skip, resolve
 from tests.conftest import (
     GatewayFactory,
     RecordingRelay,
@@ -1048,9 +1048,9 @@ def test_example_rules_file_loads(path: Path) -> None:
 # The subjects quoted in each example's comments: (file, sender, subject, skip rule, account).
 EXAMPLE_SUBJECTS = [
     ("n-central", "alerts@ncentral.msp.example",
-     "N-central: Customer Acme Corp, ACME-DC01 - Disk Space is Failed", None, "acme corp"),
+     "N-central: Customer Acme Corp | ACME-DC01 - Disk Space is Failed", None, "acme corp"),
     ("n-central", "alerts@ncentral.msp.example",
-     "N-central: Customer Acme Corp, ACME-DC01 - Disk Space is Normal", "n-central-normal", None),
+     "N-central: Customer Acme Corp | ACME-DC01 - Disk Space is Normal", "n-central-normal", None),
     ("datto-rmm", "noreply@centrastage.net",
      "[Datto RMM] Alert - Site: Acme Corp - Device: ACME-PC17 - Disk C: below 10% free",
      None, "acme corp"),
@@ -1059,9 +1059,17 @@ EXAMPLE_SUBJECTS = [
     ("connectwise-automate", "automate@msp.example",
      "Automate SUCCESS: Disk - C: Free Space [Client: Acme Corp] ACME-SRV02",
      "automate-success", None),
+    ("connectwise-automate", "automate@msp.example",  # Automate's default message
+     "Disk - C: Free Space FAILED on Acme Corp\\ACME-SRV02 at Main Office for C: result 3%.",
+     None, "acme corp"),
+    ("connectwise-automate", "automate@msp.example",
+     "Disk - C: Free Space SUCCESS on Acme Corp\\ACME-SRV02 at Main Office for C: result 30%.",
+     "automate-default-success", None),
     ("prtg", "prtg@msp.example", "[PRTG] Acme Corp: acme-fw01 Ping Down  (5 m)", None, "acme corp"),
     ("prtg", "prtg@msp.example", "[PRTG] Acme Corp: acme-fw01 Ping Down ended (now: Up)",
      "prtg-back-up", None),
+    ("prtg", "prtg@msp.example",  # PRTG's default subject: an alert, forwarded (no customer)
+     "[PRTG Network Monitor (PRTG01)] acme-fw01 Ping Down (No such host is known)", None, None),
     ("veeam", "veeam@msp.example", "[Failed] Acme Corp Daily (3 machines) 1 failed",
      None, "acme corp"),
     ("veeam", "veeam@msp.example", "[Success] Acme Corp Daily (3 machines)",
@@ -1089,6 +1097,46 @@ def test_example_rules_handle_their_documented_subjects(
     if account is not None:
         found = [rule.name for rule in rules.account if account in candidates(rule, msg.subject)]
         assert found, f"no account rule offers {account!r}"
+
+
+# Account rules apply to every detected alert, whichever system sent it (spec 2.1.3): in a rules
+# file made of all the examples' blocks (docs/operations.md), each subject finds its own
+# customer and no other. Veeam's `after = "]"` filed an unknown "[PRTG] Baker & Sons Bakery: …"
+# under the account "Baker & Sons"; N-central's `before = ","` cut "Smith, Jones & Partners LLP".
+COMBINED_CASES = [
+    ("N-central: Customer Smith, Jones & Partners LLP | SJP-FS01 - Backup Status is Warning",
+     "smith, jones & partners llp"),
+    ("[PRTG] Baker & Sons Bakery: bsb-fw01 Ping Down  (5 m)", None),
+    ("[PRTG] Baker & Sons: bs-fw01 Ping Down  (5 m)", "baker & sons"),
+    ("[Failed] Baker & Sons Nightly (2 machines) 1 failed", "baker & sons"),
+    ("[Warning] Smith, Jones & Partners LLP Daily (3 machines)", "smith, jones & partners llp"),
+    ("Disk - C: Free Space FAILED on Baker & Sons\\BS-SRV01 at Bakery for C: result 3%.",
+     "baker & sons"),
+    ("[Datto RMM] Alert - Site: Acme Corp - Device: ACME-PC17 - Disk C: below 10% free",
+     "acme corp"),
+    ("NinjaOne Alert | Organization: Smith, Jones & Partners LLP | SJP-LT1 | Disk C: low",
+     "smith, jones & partners llp"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("subject", "account"), COMBINED_CASES)
+def test_the_examples_combined_find_each_customer_and_no_other(
+    subject: str, account: str | None
+) -> None:
+    blocks = [
+        "\n".join(ln for ln in path.read_text().splitlines() if not ln.startswith("account_by"))
+        for path in sorted((DEPLOY / "rules").glob("*.toml"))
+    ]
+    rules = parse_rules("\n".join(blocks))
+    accounts = {"acme corp", "baker & sons", "smith, jones & partners llp"}
+    found = None
+    for rule in rules.account:  # the first rule that finds one account wins
+        values = candidates(rule, subject)
+        match = resolve(values, {v: [(v, None)] for v in values if v in accounts})
+        if match.account is not None:
+            found = match.account
+            break
+    assert found == account
 
 
 def test_dockerfile_runs_unprivileged_with_a_volume_and_a_healthcheck() -> None:
