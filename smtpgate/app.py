@@ -103,6 +103,7 @@ class Gateway:
         self._serving = False  # said "listening": "stopped" is said too
         self.http_port = 0
         self._servers: list[asyncio.Server] = []
+        self.status_server: StatusServer | None = None  # the HTTP endpoint, once started
         self._pools: list[WorkerPool[Job]] = []
         self._senders: list[asyncio.Task[None]] = []
         self._background: list[asyncio.Task[None]] = []
@@ -183,8 +184,9 @@ class Gateway:
             sessions,
             self._intake_running,
             s.max_message_bytes,
-            names=(s.hostname, socket.gethostname()),
+            names=(s.hostname, socket.gethostname(), *s.http_names),
         )
+        self.status_server = status
         with _listening("SMTPGATE_HTTP_HOST / SMTPGATE_HTTP_PORT", s.http_host, s.http_port):
             http = await asyncio.start_server(status.handle, host=s.http_host, port=s.http_port)
         self._servers.append(http)

@@ -44,12 +44,32 @@ def import_columns(kind: str) -> frozenset[str]:
     return _IMPORT_COLUMNS[kind]
 
 
+class _Shown(dict[int, str]):
+    """str.translate table: a character that is not printable as its escape (\\r, \\x1b,
+    \\u202e), the rest as they are."""
+
+    def __missing__(self, code: int) -> str:
+        char = chr(code)
+        shown = self[code] = char if char.isprintable() else repr(char)[1:-1]
+        return shown
+
+
+_SHOWN = _Shown()
+
+
 class TextFormatter(logging.Formatter):
     """The text lines' time in UTC, as logging writes it ("2026-11-27 12:00:00,123"), its
     strftime done once a second instead of on every line (several lines a message)."""
 
     _second = -1
     _text = ""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line, its control characters escaped: what a client sends (a CR in a quoted
+        local part, an ESC in a VRFY argument) must not forge a log line or drive a terminal.
+        (JSON lines escape them as JSON does.)"""
+        line = super().formatMessage(record)
+        return line if line.isprintable() else line.translate(_SHOWN)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
@@ -148,12 +168,15 @@ async def _requeue(
         return 2
     n = await retry(None if args.dead else args.id)
     print(f"requeued {n} {noun}")
+    if args.dead:
+        # Nothing dead is no failure (a job's failure alert must not fire on a healthy queue).
+        return 0
     if not n:
-        why = "nothing is dead" if args.dead else f"{args.id} is not dead, or there is no such id"
-        print(f"smtpgate {verb} retry: {why}", file=sys.stderr)
-    # Nothing dead is no failure of `--dead` (a nightly job must not alert on a healthy queue);
-    # a named one that was not requeued is.
-    return 0 if n or args.dead else 1
+        print(
+            f"smtpgate {verb} retry: {args.id} is not dead, or there is no such id", file=sys.stderr
+        )
+        return 1
+    return 0
 
 
 def _say_no_store(settings: Settings) -> None:

@@ -81,6 +81,10 @@ class Settings(BaseSettings):
         default_factory=socket.gethostname,
         description="name used in the SMTP greeting and Received: headers",
     )
+    http_names: CsvTuple = Field(
+        (),
+        description="more host names the status page answers to (DNS rebinding); * for any",
+    )
     connector_addresses: CsvTuple = Field(
         ("connector@localhost",),
         description="comma-separated; the only accepted recipients",
@@ -157,7 +161,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="text or json logs")
 
-    @field_validator("connector_addresses", mode="before")
+    @field_validator("connector_addresses", "http_names", mode="before")
     @classmethod
     def _connectors(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -183,6 +187,14 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("at least one connector address is required")
         return tuple(_check_address(v) for v in value)
+
+    @field_validator("http_names")
+    @classmethod
+    def _http_names_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if name != "*" and not re.fullmatch(r"[A-Za-z0-9_.-]{1,253}", name):
+                raise ValueError(f"{name!r} is not a host name (or * for any)")
+        return tuple(name.lower().rstrip(".") for name in value)
 
     @field_validator("hostname")
     @classmethod

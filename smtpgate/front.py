@@ -55,8 +55,10 @@ TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"  # RFC 5321 3.8
 IDLE_TIMEOUT = b"421 4.4.2 Idle timeout, closing connection\r\n"  # RFC 5321 4.2.2, 4.5.3.2
 # Refusals (4xx/5xx replies) logged a session: relay probes pipelined by the thousand are not
-# a thousand log lines.
+# a thousand log lines. And a second, whatever the sessions: each connection of a flood over
+# SMTPGATE_MAX_CONNECTIONS is a session of its own.
 REFUSALS_LOGGED = 20
+REFUSALS_PER_SECOND = 50
 # The RFC 3463 code given to a reply of aiosmtpd's that has none (RFC 2034 4).
 _ENHANCED_CODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _DEFAULT_ENHANCED = {
@@ -182,8 +184,7 @@ class Handler:
         # smtpd_forbid_bare_newline, any message holding one is refused. aiosmtpd ends DATA on
         # <CR><LF>.<CR><LF> only, but its dot-unstuffing can hide a smuggled dot: hence the
         # whole message is checked.
-        if has_bare_line_end(data):
-            log.warning("refused a smuggling attempt from %s", session.peer)
+        if has_bare_line_end(data):  # (logged with the other refusals: Listener._log_refusal)
             return SMUGGLING
         queue_id = new_queue_id()
         peer = _peer(session.peer)
@@ -620,6 +621,7 @@ class Listener(SMTP):
         self._idle_deadline = 0.0  # loop time at which the idle timeout ends the session
         self._lost = False  # connection_lost has run
         self._refusals = 0  # 4xx/5xx replies of this session so far (REFUSALS_LOGGED)
+        self._data_sender: str | None = None  # the sender of the message whose reply is pushed
 
     def _lean_init(
         self,
@@ -853,8 +855,13 @@ class Listener(SMTP):
                     status = self.event_handler.process_message(*args)
                 if status is None:
                     status = MISSING
+        # The envelope is reset before the reply: a refusal's log line still names the sender.
+        self._data_sender = self.envelope.mail_from
         self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push("250 OK" if status is MISSING else status)
+        try:
+            await self.push("250 OK" if status is MISSING else status)
+        finally:
+            self._data_sender = None
 
     async def _read_data(self) -> _Data:
         """The data up to <CR><LF>.<CR><LF> (not included), taken off the stream reader in the
@@ -955,16 +962,24 @@ class Listener(SMTP):
         self._refusals += 1
         if self._refusals > REFUSALS_LOGGED:
             return
+        unlogged = self._sessions.refusal_lines.take(self.loop.time())
+        if unlogged is None:
+            return
         if peer is None and self.session is not None:
             peer = self.session.peer
         sender = self.envelope.mail_from if self.envelope is not None else None
+        if sender is None:
+            sender = self._data_sender
         log.info(
-            "refused %s%s: %s%s",
+            "refused %s%s: %s%s%s",
             _peer(peer),
             "" if sender is None else f" from=<{_utf8(sender)}>",
             status.rstrip("\r\n"),
             " (further refusals in this session not logged)"
             if self._refusals == REFUSALS_LOGGED
+            else "",
+            f" ({unlogged} refusals before it not logged: over {REFUSALS_PER_SECOND} a second)"
+            if unlogged
             else "",
         )
 
@@ -1158,11 +1173,34 @@ class Listener(SMTP):
         return bool(super().eof_received())
 
 
+class _LineBudget:
+    """At most `per_second` log lines a second (loop time); `take` says how many were left
+    out since the last one logged, or None to leave this one out."""
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
+        self._second = -1
+        self._used = 0
+        self._unlogged = 0
+
+    def take(self, now: float) -> int | None:
+        second = int(now)
+        if second != self._second:
+            self._second, self._used = second, 0
+        if self._used >= self.per_second:
+            self._unlogged += 1
+            return None
+        self._used += 1
+        unlogged, self._unlogged = self._unlogged, 0
+        return unlogged
+
+
 class Sessions:
     """The listener's live sessions: how many (the cap of SMTPGATE_MAX_CONNECTIONS, /metrics),
     and which, so that a shutdown can tell each of them (RFC 5321 3.8)."""
 
     def __init__(self) -> None:
+        self.refusal_lines = _LineBudget(REFUSALS_PER_SECOND)  # Listener._log_refusal
         self.live: set[Listener] = set()
         self.closing = False  # shut_down began: a connection accepted just before is told too
         self._all_gone: asyncio.Event | None = None

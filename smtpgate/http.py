@@ -12,6 +12,7 @@ import html
 import ipaddress
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Collection
 from email.utils import formatdate
@@ -97,6 +98,10 @@ Route = Callable[[], Awaitable[tuple[int, str, bytes]]]
 # The answer to a request over StatusServer.MAX_CONNECTIONS that is not for /healthz.
 _CROWDED = (503, "text/plain", b"too many connections\n")
 _BAD_REQUEST = (400, "text/plain", b"bad request\n")
+_MISDIRECTED = (
+    b"the status page does not answer to this host name (DNS rebinding): open it by the"
+    b" gateway's IP address or name, or add the name to SMTPGATE_HTTP_NAMES\n"
+)
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -152,29 +157,43 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[bytes, list[bytes]]:
             hosts.append(line[5:].strip(b" \t"))
 
 
-def _request_target(request_line: bytes) -> tuple[str, str] | None:
-    """(method, path) of `METHOD SP target SP HTTP/1.x` (RFC 9112 3), or None: split on single
-    spaces only (a TAB, NBSP or NEL read as one served `/status\\xa0/../healthz` as /status,
-    where a proxy in front may read another path); an absolute-form target gives its path."""
+def _request_target(request_line: bytes) -> tuple[str, str, bytes | None] | None:
+    """(method, path, authority) of `METHOD SP target SP HTTP/1.x` (RFC 9112 3), or None:
+    split on single spaces only (a TAB, NBSP or NEL read as one served
+    `/status\\xa0/../healthz` as /status, where a proxy in front may read another path). A
+    line without its version (`printf 'GET /healthz\\n\\n' | nc`) is taken as HTTP/1.0. An
+    absolute-form target gives its path, and its authority stands for the Host field."""
     parts = request_line.split(b" ")
+    if len(parts) == 2:
+        parts.append(b"HTTP/1.0")
     if len(parts) != 3 or parts[2] not in (b"HTTP/1.0", b"HTTP/1.1"):
         return None
     method, target = parts[0], parts[1]
-    if not target.isascii() or not all(32 < c < 127 for c in target):
+    if _TOKEN.fullmatch(method) is None or _TARGET.fullmatch(target) is None:
         return None
     text = target.decode("ascii")
-    if text.startswith(("http://", "https://")):  # absolute-form (RFC 9112 3.2.2)
-        text = urlsplit(text).path or "/"
-    return method.decode("latin-1"), text.split("?", 1)[0]
+    authority = None
+    if text[:8].lower().startswith(("http://", "https://")):  # absolute-form (RFC 9112 3.2.2)
+        split = urlsplit(text)
+        text, authority = split.path or "/", split.netloc.encode("ascii")
+    return method.decode("latin-1"), text.split("?", 1)[0], authority
 
 
 def _host_name(value: bytes) -> str:
-    """The name (or address) of a Host field value, without port, brackets or root dot."""
+    """The name (or address) of a Host field value, without port, brackets or root dot; ""
+    when it is none (`[::1]evil.example`)."""
     text = value.decode("latin-1").strip().lower()
     if text.startswith("["):
-        return text[1:].partition("]")[0]
+        address, bracket, rest = text[1:].partition("]")
+        return address if bracket and (not rest or _PORT.fullmatch(rest)) else ""
     name, colon, port = text.rpartition(":")
     return (name if colon and port.isdigit() else text).rstrip(".")
+
+
+_PORT = re.compile(r":[0-9]{1,5}")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2
+# origin-form, or absolute-form for http(s) (RFC 9112 3.2), printable ASCII
+_TARGET = re.compile(rb"(?:/|(?i:https?://))[\x21-\x7e]*")
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -213,8 +232,10 @@ class StatusServer:
         names: Collection[str] = (),
     ) -> None:
         self.store = store
-        # The Host names the page answers to (besides localhost and IP addresses).
-        self._names = frozenset({"localhost", *(n.lower().rstrip(".") for n in names)})
+        # The Host names the page answers to (besides IP addresses), each also by its first
+        # label ("gw1" for gw1.corp.example); "*": any.
+        names = {"localhost", *(n.lower().rstrip(".") for n in names)}
+        self._names = frozenset(names | {n.partition(".")[0] for n in names})
         self._min_free_bytes = min_free_bytes
         self.metrics = metrics
         self._sessions = sessions
@@ -227,6 +248,11 @@ class StatusServer:
             "/metrics": self.prometheus,
             "/": self.page,
         }
+
+    @property
+    def serving(self) -> int:
+        """Connections being served now."""
+        return self._open
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._open += 1
@@ -286,7 +312,9 @@ class StatusServer:
         request = _request_target(request_line)
         if request is None or len(hosts) > 1:  # RFC 9112 3.2: one Host at most
             return (*_BAD_REQUEST, "")
-        method, path = request
+        method, path, authority = request
+        if authority is not None:
+            hosts = [authority]
         route = self.routes.get(path)
         if crowded and path != "/healthz":
             code, ctype, body = _CROWDED
@@ -295,7 +323,7 @@ class StatusServer:
         elif route is None:
             code, ctype, body = 404, "text/plain", b"not found\n"
         elif route == self.page and hosts and not self._ours(hosts[0]):
-            code, ctype, body = 421, "text/plain", self._misdirected(hosts[0])
+            code, ctype, body = 421, "text/plain", _MISDIRECTED
         else:
             try:
                 code, ctype, body = await route()
@@ -310,20 +338,13 @@ class StatusServer:
         this gateway. A web page whose name resolves to the gateway (DNS rebinding) read the
         page, with its senders, subjects and relay errors, through a visitor's browser."""
         name = _host_name(host)
-        if name in self._names:
+        if name in self._names or "*" in self._names:
             return True
         try:
             ipaddress.ip_address(name)
         except ValueError:
             return False
         return True
-
-    def _misdirected(self, host: bytes) -> bytes:
-        names = ", ".join(sorted(self._names))
-        return (
-            f"the status page answers to its IP address or to {names} (SMTPGATE_HOSTNAME),"
-            f" not to {_host_name(host)!r}: open it by one of those\n"
-        ).encode("utf-8", "replace")
 
     async def healthz(self) -> tuple[int, str, bytes]:
         if not self._listening():

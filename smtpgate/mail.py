@@ -21,7 +21,7 @@ from email.parser import BytesParser
 from email.policy import compat32
 from typing import Any
 
-from smtpgate.model import has_bare_line_end, nfc
+from smtpgate.model import has_bare_line_end, has_long_line, nfc
 
 __all__ = [
     "DEFAULT_QUOTE_PATTERNS",
@@ -87,6 +87,9 @@ class ParsedMessage:
     # An RFC 3464 delivery report or RFC 8098 read receipt by its MIME structure: surely an
     # answer to mail (is_delivery_report and is_auto_reply also guess from words and senders).
     report_structure: bool = False
+    # A line over RFC 5321's 998 octets (the listener takes up to 1 MiB): a forward breaks it
+    # (outbound.break_long_lines). Told here, where a big message is read in a thread.
+    long_lines: bool = False
 
 
 # The words of an Outlook header block, in the languages MSP customers write in: the sender's
@@ -158,7 +161,11 @@ def parse_message(raw: bytes) -> ParsedMessage:
     try:
         return _Parser(raw).run()
     except Exception as exc:  # last line of defence: parsing must be total
-        return _empty_message((f"unparseable message ({type(exc).__name__})",))
+        defects = (f"unparseable message ({type(exc).__name__})",)
+    try:
+        return _empty_message(defects, long_lines=has_long_line(raw))
+    except Exception:  # not even bytes
+        return _empty_message(defects)
 
 
 def strip_quotes(text: str, patterns: Sequence[re.Pattern[str]]) -> str:
@@ -1293,6 +1300,7 @@ class _Parser:
             defects=tuple(self.defects),
             xml_charsets=body.xml_charsets,
             report_structure=walked.delivery_report or walked.read_receipt,
+            long_lines=has_long_line(raw),
         )
 
     # headers
@@ -1780,7 +1788,7 @@ def _embedded_size(part: Message) -> int:
     return total
 
 
-def _empty_message(defects: tuple[str, ...]) -> ParsedMessage:
+def _empty_message(defects: tuple[str, ...], *, long_lines: bool = False) -> ParsedMessage:
     return ParsedMessage(
         subject="",
         from_address="",
@@ -1800,4 +1808,5 @@ def _empty_message(defects: tuple[str, ...]) -> ParsedMessage:
         attachments=(),
         xml_candidates=(),
         defects=defects,
+        long_lines=long_lines,
     )

@@ -124,6 +124,7 @@ def _forward(
                 # spec 2.4: "Auto-Submitted: no" (or an empty field, first in the forward)
                 # does not mark our forward as automatic: ours goes first then.
                 has_auto_submitted=inb.msg.auto_submitted not in (None, "", "no"),
+                long_lines=inb.msg.long_lines,
             )
         ]
 

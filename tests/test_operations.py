@@ -325,7 +325,9 @@ async def test_a_request_with_bare_line_feeds_is_answered(gateway_factory: Gatew
         (b"GET /metrics\x85x HTTP/1.1", b"400 Bad Request"),
         (b"GET\x1c/status\x1cHTTP/1.1", b"400 Bad Request"),
         (b"GET\t/status HTTP/1.1", b"400 Bad Request"),
-        (b"GET /status", b"400 Bad Request"),
+        (b"GET /healthz", b"200 OK"),  # a hand-typed check (`printf 'GET /healthz\\n\\n' | nc`)
+        (b"GET HTTP://127.0.0.1/healthz HTTP/1.1", b"200 OK"),
+        (b"GET  /status HTTP/1.1", b"400 Bad Request"),
         (b"GET /status HTTP/9.9 extra", b"400 Bad Request"),
         (b"GET /status HTTP/2.0", b"400 Bad Request"),
     ],
@@ -347,20 +349,33 @@ async def test_the_status_page_answers_only_to_names_of_this_gateway(
     read the status page (senders, subjects, relay errors) through the visitor's browser. The
     page now answers only to a Host that is an IP address, localhost or this gateway's name;
     the routes without mail data (health, status counts, metrics) to any."""
-    gw = await gateway_factory(hostname="gw.example.net")
-    for host in (b"127.0.0.1:8025", b"[::1]", b"localhost", b"GW.example.net.:8025", None):
+    gw = await gateway_factory(hostname="gw.example.net", http_names="status.corp.example")
+    allowed = (b"127.0.0.1:8025", b"[::1]", b"[::1]:8025", b"localhost", b"GW.example.net.:8025")
+    for host in (*allowed, b"gw", b"status.corp.example:443", None):
         line = b"" if host is None else b"Host: " + host + b"\r\n"
         answer = await http_raw(gw.http_port, b"GET / HTTP/1.1\r\n" + line + b"\r\n")
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), (host, answer[:80])
-    for host in (b"attacker.example:8025", b"127.0.0.1.attacker.example"):
+    for host in (b"attacker.example:8025", b"127.0.0.1.attacker.example", b"[::1]evil.example"):
         answer = await http_raw(gw.http_port, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 421 Misdirected Request\r\n"), (host, answer[:80])
         assert b"<td>" not in answer
+        assert b"gw.example.net" not in answer  # no internal names told to whoever asks
         for path in (b"/healthz", b"/status", b"/metrics"):
             request = b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
             assert (await http_raw(gw.http_port, request)).startswith(b"HTTP/1.1 200 OK\r\n")
     two = b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: attacker.example\r\n\r\n"
     assert (await http_raw(gw.http_port, two)).startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    # RFC 9112 3.2.2: an absolute-form target's authority stands for the Host field.
+    absolute = b"GET http://attacker.example/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    assert (await http_raw(gw.http_port, absolute)).startswith(b"HTTP/1.1 421 ")
+
+
+async def test_the_status_page_answers_to_any_name_when_told_so(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory(http_names="*")
+    request = b"GET / HTTP/1.1\r\nHost: attacker.example\r\n\r\n"
+    assert (await http_raw(gw.http_port, request)).startswith(b"HTTP/1.1 200 OK\r\n")
 
 
 async def test_every_answer_carries_hardening_headers(gateway: Gateway) -> None:
@@ -387,7 +402,13 @@ async def test_a_client_that_resets_after_its_request_leaves_no_traceback(
         sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         sock.close()  # a reset, before the answer
     assert (await http_get(gateway.http_port, "/healthz"))[0] == 200
-    await asyncio.sleep(0.2)  # the answers to the reset connections are written by now
+    status_server = gateway.status_server
+    assert status_server is not None
+
+    async def all_answered() -> bool:
+        return status_server.serving == 0
+
+    await wait_until(all_answered, what="the reset connections' answers written")
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 

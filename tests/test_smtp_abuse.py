@@ -16,6 +16,7 @@ import pytest
 
 from smtpgate import front
 from smtpgate.app import Gateway
+from smtpgate.cli import TextFormatter
 from tests.conftest import GatewayFactory, RecordingRelay, send, simple_message, wait_until
 from tests.hostile import RawSession, Reply, SessionClosed, dot_stuff
 
@@ -716,9 +717,54 @@ async def test_every_refusal_is_one_log_line_naming_the_peer_and_a_flood_is_capp
     assert {(await prober.reply()).code for _ in range(1000)} == {550}
     await prober.close()
     lines = refusal_lines(caplog)
-    assert 10 <= len(lines) <= front.REFUSALS_LOGGED + 1, lines
+    assert len(lines) == front.REFUSALS_LOGGED, lines
     assert "not logged" in lines[-1]
     await still_serving(gw, "after the probes")
+
+
+async def test_refusals_of_a_message_name_its_sender_and_floods_are_rate_limited(
+    gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reply to the data comes after aiosmtpd has reset the envelope: a 451 or the
+    smuggling 550 was logged without its sender. A connection flood is a new session each
+    time, so the per-session cap did not bound it: 200 refused connections, 200 lines."""
+    caplog.set_level("INFO", logger="smtpgate.front")
+    gw = await gateway_factory(max_connections=1)
+    session = await RawSession.open(gw.smtp_port)
+    await session.start_data("smuggler@example.org")
+    await session.send_raw(b"Subject: s\r\n\r\nhello\n.\nmore\r\n.\r\n")
+    assert (await session.reply()).code == 550
+    said = [ln for ln in refusal_lines(caplog) if "550 5.5.2" in ln]
+    assert len(said) == 1
+    assert "from=<smuggler@example.org>" in said[0]
+    caplog.clear()
+    flood = await asyncio.gather(
+        *(RawSession.open(gw.smtp_port, ehlo=False) for _ in range(3 * front.REFUSALS_PER_SECOND))
+    )
+    await asyncio.gather(*(s.close() for s in flood))
+    await session.close()
+    lines = [ln for ln in refusal_lines(caplog) if "421 4.7.0" in ln]
+    assert len(lines) <= front.REFUSALS_PER_SECOND * 2  # the burst may span two seconds
+    await still_serving(gw, "after the flood")
+
+
+async def test_what_a_client_sends_cannot_forge_log_lines(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A quoted local part may hold a CR (`"x\\<CR>INFO fake"@x.com`), a VRFY argument an ESC:
+    written as they were, they forged a log line or drove the terminal of `docker logs`."""
+    caplog.set_level("INFO", logger="smtpgate.front")
+    session = await RawSession.open(gateway.smtp_port)
+    assert (await session.command(b"MAIL FROM:<a@example.org>")).code == 250
+    await session.command(b'RCPT TO:<"x\\\rINFO smtpgate: forged"@x.example>')
+    await session.command(b"VRFY x\x1b[2J@x.example")
+    await session.close()
+    formatter = TextFormatter("%(levelname)s %(name)s: %(message)s")
+    text = "\n".join(formatter.format(r) for r in caplog.records if r.name == "smtpgate.front")
+    assert "refused" in text
+    assert "\r" not in text
+    assert "\x1b" not in text
+    assert "\\r" in text  # shown escaped
 
 
 async def test_a_store_timeout_is_logged_as_such(

@@ -25,7 +25,7 @@ from smtpgate.model import (
     normalize_key,
 )
 from smtpgate.model import Path as Branch
-from smtpgate.store import Store, new_queue_id
+from smtpgate.store import Store, StoreError, new_queue_id
 from tests.test_store_hops import alert, enqueue, numbered_decision, open_with_accounts
 
 
@@ -371,3 +371,33 @@ async def test_a_store_locked_by_another_process_at_open_says_so(tmp_path: Path)
         db.execute("ROLLBACK")
     store = await Store.open(tmp_path / "smtpgate.db")  # and opens once the lock is gone
     await store.close()
+
+
+async def test_a_lock_held_elsewhere_is_no_lasting_intake_failure(tmp_path: Path) -> None:
+    """An intake commit that found the store locked (a big import in another process) set the
+    flag that makes /healthz 503, and only a later intake commit cleared it: taken out of a
+    load balancer, the gateway got no mail and stayed 503. A lock is what the health probe's
+    own write sees; a store that cannot grow (full, quota, file size limit) is what only intake
+    shows, and that flag stays until a commit succeeds."""
+    store = await Store.open(tmp_path / "s.db", busy_timeout=0.2)
+    try:
+        env = Envelope("127.0.0.1", "h", "a@example.org", ("connector@localhost",))
+        other = sqlite3.connect(tmp_path / "s.db", timeout=0.1, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError, match="locked"):
+            await store.enqueue(env, b"Subject: x\r\n\r\nbody\r\n", None, new_queue_id())
+        other.execute("ROLLBACK")
+        other.close()
+        assert store.intake_failing() is None
+        assert await store.can_write()
+
+        pages = (await (await store._db.execute("PRAGMA page_count")).fetchone())[0]
+        await store._db.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(StoreError, match="full"):
+            await store.enqueue(env, b"x" * 300_000, None, new_queue_id())
+        assert store.intake_failing() is not None
+        await store._db.execute("PRAGMA max_page_count = 1073741823")
+        await store.enqueue(env, b"Subject: y\r\n\r\nbody\r\n", None, new_queue_id())
+        assert store.intake_failing() is None
+    finally:
+        await store.close()

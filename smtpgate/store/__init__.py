@@ -464,7 +464,8 @@ class Store:
         self._pending: list[_Intake] = []
         self._pending_event = asyncio.Event()
         self._committing: asyncio.Future[None] | None = None  # the intake batch being written
-        # (monotonic time, error) of the last intake commit that failed, until one succeeds.
+        # (monotonic time, error) of the last intake commit the store could not write (not
+        # for a lock held elsewhere), until one succeeds.
         self._intake_failed: tuple[float, str] | None = None
         self._committer: asyncio.Task[None] | None = None
         self._completions: list[_Completion] = []
@@ -747,6 +748,10 @@ class Store:
             )
         except (sqlite3.Error, ValueError) as exc:  # ValueError: text SQLite cannot encode
             log.error("intake commit of %d message(s) failed: %s", len(batch), exc)
+            if isinstance(exc, sqlite3.Error) and not _is_busy(exc):
+                # The store cannot take mail (full, a quota, a file size limit, I/O): only
+                # intake shows it (intake_failing). A lock held elsewhere the probe sees itself.
+                self._intake_failed = (time.monotonic(), str(exc))
             self._intake_ended(batch, str(exc))
             return
         replaced = self.file_replaced()
@@ -766,8 +771,8 @@ class Store:
         """Resolve the futures of a batch whose senders still wait (StoreError(error) if it
         failed), then tell `on_committed`."""
         waiting = [item for item in batch if not item.future.done()]
-        if waiting:
-            self._intake_failed = None if error is None else (time.monotonic(), error)
+        if waiting and error is None:
+            self._intake_failed = None
         for item in waiting:
             if error is None:
                 item.future.set_result(None)
@@ -1828,9 +1833,10 @@ class Store:
         return f"the store file {self.path} {what} while serve ran: restart serve"
 
     def intake_failing(self) -> str | None:
-        """Why incoming mail is being deferred: the error of the last intake commit when it
-        failed, no commit has succeeded since, and it was at most INTAKE_FAILURE_SHOWN seconds
-        ago (mail would have come and shown a repair by then). `can_write`'s probe writes no
+        """Why incoming mail is being deferred: the error of the last intake commit the store
+        could not write (not a lock held elsewhere), when no intake commit has succeeded since
+        and it was at most INTAKE_FAILURE_SHOWN seconds ago (mail would have come and shown a
+        repair by then). `can_write`'s probe writes no
         page, so a quota, a file size limit or an I/O error shows only here."""
         failed = self._intake_failed
         if failed is None or time.monotonic() - failed[0] > INTAKE_FAILURE_SHOWN:
