@@ -116,11 +116,15 @@ def forward_untouched(
     hostname: str,
     has_auto_submitted: bool,
     long_lines: bool = False,
+    reason: str | None = None,
 ) -> OutboundMail:
     """spec 2.4: the original bytes unchanged, with Resent-* and our headers prepended (and,
     when the parser found `long_lines`, lines over 998 octets broken: `break_long_lines`)."""
     message_id = new_message_id(hostname)
-    detail = f"{action}; rule={rule}" if rule else action
+    # spec 2.4: the outcome (its action and reason) and the rule that decided it.
+    detail = "; ".join(
+        [action, *([f"reason={reason}"] if reason else []), *([f"rule={rule}"] if rule else [])]
+    )
     detail = _header_value(detail)
     if not detail.isascii():  # a rule's name may be in any language
         detail = Header(detail, "utf-8").encode(linesep="\r\n")  # outbox rows: CRLF only

@@ -44,6 +44,12 @@ Lookup = tuple[str, Sequence[str]]  # (search field, normalized candidate values
 Found = dict[str, list[tuple[str, str | None]]]
 
 
+# A ticket as the directory finds it: (rec_id, number, account rec_id).
+TicketRef = tuple[str, int, str]
+# Ticket tags of one subject looked up at most: a reply quoting a thread of tickets names a few.
+MAX_TAGS = 5
+
+
 class Directory(Protocol):
     """The read-only facts a stage may look up (implemented by the store)."""
 
@@ -53,11 +59,9 @@ class Directory(Protocol):
 
     async def employee_is_active(self, address: str) -> bool: ...
 
-    async def ticket_by_number(self, number: int) -> tuple[str, int, str] | None: ...
+    async def ticket_by_number(self, number: int) -> TicketRef | None: ...
 
-    async def ticket_by_message_ids(
-        self, message_ids: Sequence[str]
-    ) -> tuple[str, int, str] | None: ...
+    async def ticket_by_message_ids(self, message_ids: Sequence[str]) -> TicketRef | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +108,17 @@ def _always(_: Settings) -> bool:
 
 
 def _forward(
-    inb: Inbound, ctx: Context, target: str, action: Action, rule: str | None = None
+    inb: Inbound,
+    ctx: Context,
+    target: str,
+    action: Action,
+    rule: str | None = None,
+    *,
+    reason: str | None = None,
 ) -> MailBuilder:
-    """Forward untouched; X-Smtpgate-Action names the outcome and the rule that decided it
-    (spec 2.4): `rule`, or else the last rule the message hit so far (the outcome's last
-    `rules_hit`)."""
+    """Forward untouched; X-Smtpgate-Action names the outcome (action and `reason`: support
+    tells an out-of-office from a stranger's mail) and the rule that decided it (spec 2.4):
+    `rule`, or else the last rule the message hit so far (the outcome's last `rules_hit`)."""
     rule = rule or (inb.hit[-1] if inb.hit else None)
 
     def build(_: Applied) -> list[OutboundMail]:
@@ -125,6 +135,7 @@ def _forward(
                 # does not mark our forward as automatic: ours goes first then.
                 has_auto_submitted=inb.msg.auto_submitted not in (None, "", "no"),
                 long_lines=inb.msg.long_lines,
+                reason=reason,
             )
         ]
 
@@ -232,17 +243,36 @@ async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decisi
     markers = regular.loop_markers(inb.raw) | ({marker} if marker else set())
     if any(settings.is_connector(m) for m in markers):
         return Decision(Path.REGULAR, Action.IGNORED, reason="loop")
+    if regular.is_own_message_id(inb.msg.message_id, settings.hostname):
+        # One of our acknowledgements or responses, back under its own Message-ID (a redirect
+        # that dropped our headers): never the customer's reply.
+        return Decision(
+            Path.REGULAR, Action.IGNORED, reason="loop", notes=["our own Message-ID came back"]
+        )
+    targets = (settings.internal_support_address, settings.skip_target)
+    if inb.msg.is_delivery_report and regular.reports_failure_to(inb.raw, targets):
+        # A bounce of a forward to support (its mailbox full): forwarded there, it bounced
+        # back to us again, for ever.
+        return Decision(
+            Path.REGULAR,
+            Action.IGNORED,
+            reason="loop",
+            notes=["a delivery report about the address we forward to: not sent back there"],
+        )
     encloses = any(a.content_type.startswith("message/") for a in inb.msg.attachments)
     if inb.msg.is_delivery_report or encloses:
         # A bounce of one of our own mails, or one of our forwards sent back as an attachment
         # (a support mailbox's rule forwarding what we forwarded): answering or forwarding it
         # could loop for ever. (A customer sending back our acknowledgement as an attachment
         # is no loop: only forwards carry the action header.) Our loop header names the
-        # connector with its domain in IDNA form (outbound); older mails as configured.
-        raw = inb.raw.lower()
+        # connector with its domain in IDNA form (outbound); older mails as configured. An
+        # enclosed message encoded in base64 (Domino) is read decoded.
+        texts = [inb.raw.lower(), *(d.lower() for d in regular.encoded_enclosures(inb.raw))]
         spellings = {s for c in settings.connector_addresses for s in (c, ascii_domain(c))}
-        ours = any(f"{outbound.LOOP_HEADER}: {c}".lower().encode() in raw for c in spellings)
-        forward = f"{outbound.ACTION_HEADER}:".lower().encode() in raw
+        loop_fields = [f"{outbound.LOOP_HEADER}: {c}".lower().encode() for c in spellings]
+        ours = any(field in text for text in texts for field in loop_fields)
+        action_field = f"{outbound.ACTION_HEADER}:".lower().encode()
+        forward = any(action_field in text for text in texts)
         if ours and (inb.msg.is_delivery_report or forward):
             if not inb.msg.is_delivery_report and await directory.employee_is_active(inb.sender):
                 # A technician filing one of our forwards on its ticket ("FW: [Ticket #1]", the
@@ -327,7 +357,11 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
             reason="ambiguous" if ambiguous else None,
             notes=misses + notes,
             mails=_forward(
-                inb, ctx, settings.internal_support_address, Action.AUTOMATED_NO_ACCOUNT
+                inb,
+                ctx,
+                settings.internal_support_address,
+                Action.AUTOMATED_NO_ACCOUNT,
+                reason="ambiguous" if ambiguous else None,
             ),
         )
     return Decision(
@@ -409,18 +443,28 @@ async def stage_xml(inb: Inbound, ctx: Context, _: Directory) -> Decision | None
 async def stage_ticket_reply(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
     msg, settings = inb.msg, ctx.settings
     numbers = regular.tagged_numbers(ctx.rules.ticket_tag, msg.subject)
-    ticket = None
-    for number in numbers:
-        ticket = await directory.ticket_by_number(number)
-        if ticket:
-            break
-    by = "ticket_tag"
-    if ticket is None and numbers:
+    tagged: list[TicketRef] = []
+    for number in dict.fromkeys(numbers[:MAX_TAGS]):
+        found = await directory.ticket_by_number(number)
+        if found and found not in tagged:
+            tagged.append(found)
+    if numbers and not tagged:
         inb.missed.append("ticket_tag")  # a tag naming no ticket
-    if ticket is None and (msg.in_reply_to or msg.references):
-        ticket = await directory.ticket_by_message_ids((*msg.in_reply_to, *msg.references[::-1]))
-        by = "in_reply_to"
-    if ticket is None:
+    threaded = None
+    if msg.in_reply_to or msg.references:
+        threaded = await directory.ticket_by_message_ids((*msg.in_reply_to, *msg.references[::-1]))
+    notes: list[str] = []
+    if tagged:
+        ticket, by = tagged[0], "ticket_tag"
+        others = [t for t in (*tagged[1:], threaded) if t is not None and t != ticket]
+        if others:
+            ticket, why = await _one_of(inb, [*tagged, *others], tagged, threaded, directory)
+            named = ", ".join(f"#{t[1]}" for t in dict.fromkeys([*tagged, *others]))
+            notes.append(f"tickets {named} named: filed on #{ticket[1]}, {why}")
+            by = "ticket_tag" if ticket in tagged else "in_reply_to"
+    elif threaded is not None:
+        ticket, by = threaded, "in_reply_to"
+    else:
         return None
     inb.hit.append(by)
     rec_id, number, account = ticket
@@ -430,6 +474,7 @@ async def stage_ticket_reply(inb: Inbound, ctx: Context, directory: Directory) -
         Action.TICKET_REPLY,
         account=account,
         reason="employee" if employee else None,
+        notes=notes,
         reply=FileReply(
             rec_id,
             number,
@@ -444,6 +489,27 @@ async def stage_ticket_reply(inb: Inbound, ctx: Context, directory: Directory) -
     )
 
 
+async def _one_of(
+    inb: Inbound,
+    named: Sequence[TicketRef],
+    tagged: Sequence[TicketRef],
+    threaded: TicketRef | None,
+    directory: Directory,
+) -> tuple[TicketRef, str]:
+    """The ticket a reply naming several (by tags, or a tag and its threading headers) is filed
+    on, and why: the one both a tag and the thread name; else the first of the sender's own
+    account (a customer's help desk numbering as "[Ticket #N]" too named another customer's
+    ticket first); else the first tag (a tag names its ticket whoever sends it)."""
+    if threaded is not None and threaded in tagged:
+        return threaded, "the ticket its tag and its threading headers both name"
+    lookups = _sender_lookups(inb)
+    match, _ = _account_by_sender(lookups, await directory.find_accounts(lookups))
+    for ticket in named:
+        if match.account is not None and ticket[2] == match.account:
+            return ticket, "the ticket of the sender's account"
+    return tagged[0], "the first tag"
+
+
 async def stage_auto_reply(inb: Inbound, ctx: Context, _: Directory) -> Decision | None:
     if not regular.is_auto_reply(inb.msg, inb.mail_from):
         return None
@@ -451,7 +517,9 @@ async def stage_auto_reply(inb: Inbound, ctx: Context, _: Directory) -> Decision
         Path.REGULAR,
         Action.FORWARDED,
         reason="auto_reply",
-        mails=_forward(inb, ctx, ctx.settings.internal_support_address, Action.FORWARDED),
+        mails=_forward(
+            inb, ctx, ctx.settings.internal_support_address, Action.FORWARDED, reason="auto_reply"
+        ),
     )
 
 
@@ -510,7 +578,13 @@ async def stage_unknown_sender(inb: Inbound, ctx: Context, _: Directory) -> Deci
         Path.REGULAR,
         Action.FORWARDED,
         reason="unknown_sender",
-        mails=_forward(inb, ctx, ctx.settings.internal_support_address, Action.FORWARDED),
+        mails=_forward(
+            inb,
+            ctx,
+            ctx.settings.internal_support_address,
+            Action.FORWARDED,
+            reason="unknown_sender",
+        ),
     )
 
 
@@ -579,6 +653,8 @@ async def decide(
                 else ctx.settings.internal_support_address
             )
             if decision.path != Path.XML:
-                decision.reused_id_mails = _forward(inb, ctx, target, Action.DUPLICATE, REUSED_ID)
+                decision.reused_id_mails = _forward(
+                    inb, ctx, target, Action.DUPLICATE, reason=REUSED_ID
+                )
             return decision
     raise AssertionError("the last stage always decides")  # pragma: no cover

@@ -126,9 +126,10 @@ def check_relayed(
         fwd = forwards[0].message
         assert fwd["Resent-To"] == target
         assert fwd["X-Smtpgate-Action"].startswith(row["action"])
-        # spec 2.4: "(outcome and rule)": the last rule the outcome hit
+        # spec 2.4: "(outcome and rule)": the action and its reason, the last rule it hit
+        reason = f"; reason={outcome['reason']}" if outcome["reason"] else ""
         rule = f"; rule={outcome['rules_hit'][-1]}" if outcome["rules_hit"] else ""
-        assert fwd["X-Smtpgate-Action"] == row["action"] + rule, name
+        assert fwd["X-Smtpgate-Action"] == row["action"] + reason + rule, name
         assert fwd["X-Smtpgate-Loop"] == "connector@localhost"
     if "response_to" in row:
         (response,) = relay.to(row["response_to"])

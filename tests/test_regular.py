@@ -34,7 +34,7 @@ from smtpgate.mail import parse_message
 from smtpgate.model import MailKind, OutboundMail, has_bare_line_end
 from smtpgate.pipeline import Context, decide, fingerprint
 from smtpgate.rules import regular
-from smtpgate.store import CONTENT_DUPLICATE_SECONDS
+from smtpgate.store import ACK_BURST, CONTENT_DUPLICATE_SECONDS
 from tests.conftest import (
     FIXTURES,
     GatewayFactory,
@@ -1191,7 +1191,10 @@ async def test_a_message_id_reused_with_other_content_goes_to_support(
     ]
     await settled(world.gw, reused["id"])
     (forward,) = [m for m in relay.to(SUPPORT) if m.message["Subject"] == "UPS back on mains"]
-    assert forward.message["X-Smtpgate-Action"] == "duplicate; rule=message_id_reused"
+    assert (
+        forward.message["X-Smtpgate-Action"]
+        == "duplicate; reason=message_id_reused; rule=known_sender"
+    )
     assert forward.data.endswith(later)  # untouched
     # That copy again: a plain duplicate now.
     last = await deliver(world.gw, later, "joe@acme.example")
@@ -2053,3 +2056,136 @@ async def test_copies_under_one_id_decided_together_tell_one(
     assert actions.count("duplicate") == 2
     # whichever came first, exactly one of the other two is told
     assert reasons.count("message_id_reused") == 1, reasons
+
+
+# --- loops, bounces and answers of answers (a review of round trips) ---------------------------
+
+
+def bounce(
+    final_recipient: str, enclosed: bytes | None = None, *, base64_enclosed: bool = False
+) -> bytes:
+    """An RFC 3464 delivery report, from MAILER-DAEMON, about `final_recipient`; the failed
+    mail enclosed as message/rfc822 (base64-encoded as Domino sends it) or left out."""
+    parts = [
+        b"--R\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n",
+        b"--R\r\nContent-Type: message/delivery-status\r\n\r\n"
+        b"Reporting-MTA: dns; mx.msp.example\r\n\r\nFinal-Recipient: rfc822; "
+        + final_recipient.encode()
+        + b"\r\nAction: failed\r\n"
+        b"Status: 5.2.2\r\n",
+    ]
+    if enclosed is not None:
+        if base64_enclosed:
+            body = base64.encodebytes(enclosed).replace(b"\n", b"\r\n")
+            parts.append(
+                b"--R\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                + body
+            )
+        else:
+            parts.append(b"--R\r\nContent-Type: message/rfc822\r\n\r\n" + enclosed + b"\r\n")
+    return (
+        b"From: Mail Delivery System <MAILER-DAEMON@mx.msp.example>\r\nTo: "
+        + CONNECTOR.encode()
+        + b"\r\nSubject: Undelivered Mail Returned to Sender\r\nMessage-ID: "
+        + new_id("mx.msp.example").encode()
+        + b"\r\nAuto-Submitted: auto-replied\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status;"
+        b' boundary="R"\r\n\r\n' + b"".join(parts) + b"--R--\r\n"
+    )
+
+
+async def test_a_bounce_about_the_support_mailbox_is_not_sent_back_to_it(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """Support's mailbox full: its bounce came to us (the envelope sender of our forwards) and
+    was forwarded to support again, whose bounce came back, and so on for ever. A delivery
+    report about the address a forward would go to is recorded, not forwarded; so is one that
+    encloses our forward base64-encoded (Domino), where the raw bytes hide our loop header."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    row = await deliver(world.gw, bounce(SUPPORT), "")
+    assert (row["outcome"]["action"], row["outcome"]["reason"]) == ("ignored", "loop")
+    assert row["outcome"]["sent"] == []
+    forward = outbound.forward_untouched(
+        mail("Printer jammed", sender="stranger@nowhere.example"),
+        target=SUPPORT, sender=CONNECTOR, connector=CONNECTOR, action="forwarded",
+        rule=None, hostname="gw.example", has_auto_submitted=False,
+    )  # fmt: skip
+    row = await deliver(world.gw, bounce("x@full.example", forward.data, base64_enclosed=True), "")
+    assert (row["outcome"]["action"], row["outcome"]["reason"]) == ("ignored", "loop")
+    # A report about someone else, with nothing of ours in it, still reaches support.
+    row = await deliver(world.gw, bounce("someone@elsewhere.example"), "")
+    assert row["outcome"]["action"] == "forwarded"
+    await settled(world.gw, row["id"])
+    assert len(relay.to(SUPPORT)) == 1
+
+
+async def test_tags_of_two_tickets_file_the_reply_where_its_thread_and_sender_are(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A customer's own help desk numbering as "[Ticket #N]" too: "[Ticket #2] RE: [Ticket
+    #1] …" from Acme, in reply to our acknowledgement of Acme's ticket 1, was filed on ticket 2
+    (the first tag), another customer's."""
+    world = await start_world(gateway_factory, relay)
+    row = await deliver(
+        world.gw, mail("VPN down", sender="helpdesk@globex.example"), "helpdesk@globex.example"
+    )
+    assert (row["outcome"]["action"], row["outcome"]["ticket"]) == ("ticket_created", 2)
+    reply = mail(
+        f"[Ticket #2] RE: [Ticket #1] {FIRST_SUBJECT}",
+        sender="it@acme.example",
+        headers={"In-Reply-To": world.ack_id},
+    )
+    row = await deliver(world.gw, reply, "it@acme.example")
+    assert (row["outcome"]["action"], row["outcome"]["ticket"]) == ("ticket_reply", 1)
+    assert any("#2" in note and "#1" in note for note in row["outcome"]["notes"])
+    # Without a thread, the ticket of the sender's account among the tags.
+    plain = mail("[Ticket #2] Your request [Ticket #1] was received", sender="it@acme.example")
+    row = await deliver(world.gw, plain, "it@acme.example")
+    assert (row["outcome"]["action"], row["outcome"]["ticket"]) == ("ticket_reply", 1)
+
+
+async def test_forwards_say_why_they_were_forwarded(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """Support could not tell an out-of-office from a stranger's mail: both said only
+    `X-Smtpgate-Action: forwarded` (spec 2.4 asks for outcome and rule)."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    ooo = mail("Automatic reply: holiday", sender="stranger@nowhere.example",
+               headers={"Auto-Submitted": "auto-replied"})  # fmt: skip
+    first = await deliver(world.gw, ooo, "stranger@nowhere.example")
+    second = await deliver(
+        world.gw, mail("Hello", sender="other@nowhere.example"), "other@nowhere.example"
+    )
+    await settled(world.gw, first["id"])
+    await settled(world.gw, second["id"])
+    actions = sorted(str(m.message["X-Smtpgate-Action"]) for m in relay.to(SUPPORT))
+    assert actions == ["forwarded; reason=auto_reply", "forwarded; reason=unknown_sender"]
+
+
+async def test_our_own_mail_back_under_its_message_id_is_recorded_not_filed(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """An Exchange redirect that dropped our X- headers sent our acknowledgement back under its
+    own Message-ID: it was filed on the ticket as the customer's reply and forwarded."""
+    world = await start_world(gateway_factory, relay)
+    back = world.ack_data.replace(b"X-Smtpgate-Loop", b"X-Dropped-Loop")
+    row = await deliver(world.gw, back, "jane@acme.example")
+    assert (row["outcome"]["action"], row["outcome"]["reason"]) == ("ignored", "loop")
+    assert row["outcome"]["sent"] == []
+
+
+async def test_a_responder_answering_each_acknowledgement_is_braked_within_minutes(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A customer's ticket system that answers every mail with a fresh subject and no
+    automatic headers: our ack, its answer (a new ticket), our ack, … — 21 tickets until the
+    hourly cap. After ACK_BURST automatic mails to an address within ACK_BURST_SECONDS its
+    next acknowledgement is not sent (the ticket is still opened), and the ping-pong ends."""
+    world = await start_world(gateway_factory, relay)  # ticket 1, acknowledged to jane
+    rows = []
+    for n in range(ACK_BURST):  # the responder's answers, each to the ack before it
+        answer = mail(f"Request #{4711 + n} received", sender="Jane Roe <jane@acme.example>")
+        rows.append(await deliver(world.gw, answer, "jane@acme.example"))
+    assert [r["outcome"]["action"] for r in rows] == ["ticket_created"] * ACK_BURST
+    assert [len(r["outcome"]["sent"]) for r in rows] == [1] * (ACK_BURST - 1) + [0]
+    assert any("suppressed" in note for note in rows[-1]["outcome"]["notes"]), rows[-1]

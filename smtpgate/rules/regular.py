@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import email
+import email.message
+import email.policy
+import quopri
 import re
+from collections.abc import Iterable
 from functools import lru_cache
 
 from smtpgate.mail import BULK_PRECEDENCE, ParsedMessage
+from smtpgate.model import address_key
 
 # spec 2.4: senders and headers that never get an automatic answer.
 _ROBOT_LOCALPARTS = ("mailer-daemon", "postmaster")
@@ -60,6 +68,75 @@ def loop_markers(raw: bytes) -> frozenset[str]:
     return frozenset(
         m.group(1).decode("utf-8", "replace").lower() for m in _LOOP_FIELD.finditer(raw, 0, end)
     )
+
+
+# The Message-IDs the gateway writes (outbound.new_message_id): <ns.pid.counter.token@host>.
+_OWN_ID = re.compile(r"<[0-9]{16,}\.[0-9]+\.[0-9]+\.[0-9a-f]{8}@([^<>@\s]+)>")
+
+
+def is_own_message_id(message_id: str | None, hostname: str) -> bool:
+    """Whether `message_id` is one the gateway wrote (an acknowledgement or XML response of
+    ours, come back under its own id)."""
+    m = _OWN_ID.fullmatch(message_id or "")
+    return m is not None and m.group(1).lower() == (hostname or "smtpgate.invalid").lower()
+
+
+# RFC 3464 2.3.2/2.3.1: the recipient a delivery report is about.
+_REPORTED = re.compile(
+    rb"^(?:final|original)-recipient[ \t]*:[ \t]*rfc822[ \t]*;[ \t]*<?([^\s<>]+)>?",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def reports_failure_to(raw: bytes, addresses: Iterable[str]) -> bool:
+    """Whether a delivery report is about one of `addresses` (its Final- or
+    Original-Recipient field)."""
+    keys = {address_key(a) for a in addresses}
+    return any(
+        address_key(m.group(1).decode("utf-8", "replace")) in keys
+        for m in _REPORTED.finditer(raw[:_ENCLOSURE_SCAN_BYTES])
+    )
+
+
+# A report or a message enclosing others is read this far for encoded enclosures (bounces are
+# small; a big one is not parsed again for them).
+_ENCLOSURE_SCAN_BYTES = 2 << 20
+_ENCLOSURE_TYPES = frozenset(
+    {"message/rfc822", "message/global", "text/rfc822-headers", "message/global-headers"}
+)
+
+
+def encoded_enclosures(raw: bytes) -> list[bytes]:
+    """The decoded bytes of enclosed messages (and returned headers) sent base64- or
+    quoted-printable-encoded, as Domino returns a bounced mail: the raw bytes hide what they
+    hold (our loop header). Plain enclosures are in the raw bytes already."""
+    if len(raw) > _ENCLOSURE_SCAN_BYTES:
+        return []
+    found: list[bytes] = []
+    try:
+        parts = list(email.message_from_bytes(raw, policy=email.policy.compat32).walk())
+    except Exception:  # what the email package cannot parse holds nothing we can read
+        return found
+    for part in parts:
+        if part.get_content_type() not in _ENCLOSURE_TYPES:
+            continue
+        encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+        if encoding not in ("base64", "quoted-printable"):
+            continue
+        payload = part.get_payload()
+        if isinstance(payload, list):  # message/*: parsed as a message whose body is the text
+            first = payload[0] if payload else None
+            payload = first.get_payload() if isinstance(first, email.message.Message) else ""
+        if not isinstance(payload, str):
+            continue
+        data = payload.encode("ascii", "replace")
+        try:
+            found.append(
+                base64.b64decode(data) if encoding == "base64" else quopri.decodestring(data)
+            )
+        except (binascii.Error, ValueError):
+            continue
+    return found
 
 
 def is_robot_address(address: str) -> bool:

@@ -67,6 +67,12 @@ _TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQ
 T = TypeVar("T")
 U = TypeVar("U")
 
+# An acknowledgement to an address that got ACK_BURST automatic mails in the last
+# ACK_BURST_SECONDS is not sent (its ticket is still opened): the brake on a responder that
+# answers each acknowledgement with fresh mail (a ticket system, a challenge), a round every
+# few seconds; the hourly cap alone let 20 such rounds open 20 tickets.
+ACK_BURST = 3
+ACK_BURST_SECONDS = 600.0
 # A failed intake commit makes /healthz 503 until one succeeds, for at most this many seconds
 # after it (Store.intake_failing).
 INTAKE_FAILURE_SHOWN = 300.0
@@ -1336,16 +1342,26 @@ class Store:
                 # Per-recipient cap on automatic mail: a runaway peer cannot make us a flood.
                 # Counted per address whatever its case: Victim@ and vIctim@ are one mailbox
                 # almost everywhere, though the mail goes out as addressed.
-                over = []
+                over, burst = [], []
                 for rcpt in mail.recipients:
-                    row = db.execute(
-                        "SELECT count(*) FROM auto_mail_log WHERE recipient = ? AND sent_at > ?",
-                        (rcpt.lower(), now - 3600),
+                    hour, recent = db.execute(
+                        "SELECT count(*), count(*) FILTER (WHERE sent_at > ?) FROM auto_mail_log"
+                        " WHERE recipient = ? AND sent_at > ?",
+                        (now - ACK_BURST_SECONDS, rcpt.lower(), now - 3600),
                     ).fetchone()
-                    if row and row[0] >= hourly_limit:
+                    if hour >= hourly_limit:
                         over.append(rcpt)
+                    elif mail.kind is MailKind.ACK and recent >= ACK_BURST:
+                        burst.append(rcpt)
                 if over:
                     suppressed.append(f"{mail.kind} to {', '.join(over)} suppressed: hourly cap")
+                    sent_before = False
+                    continue
+                if burst:
+                    suppressed.append(
+                        f"{mail.kind} to {', '.join(burst)} suppressed: {ACK_BURST} automatic"
+                        f" mails to it in the last {ACK_BURST_SECONDS / 60:.0f} min"
+                    )
                     sent_before = False
                     continue
                 db.executemany(
