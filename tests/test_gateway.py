@@ -59,7 +59,7 @@ async def test_accepted_message_is_stored_before_250_and_forwarded_once(
     msg = fwd.message
     assert msg["Resent-From"] == "connector@localhost"
     assert msg["Resent-To"] == "support@msp.example"
-    assert msg["X-Smtpgate-Action"] == "forwarded"
+    assert msg["X-Smtpgate-Action"] == "forwarded; reason=unknown_sender"
     assert msg["X-Smtpgate-Loop"] == "connector@localhost"
     assert msg["Received"] is not None
     assert queue_id in msg["Received"]
