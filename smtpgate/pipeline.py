@@ -265,12 +265,16 @@ async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decisi
         # (a support mailbox's rule forwarding what we forwarded): answering or forwarding it
         # could loop for ever. (A customer sending back our acknowledgement as an attachment
         # is no loop: only forwards carry the action header.) Our loop header names the
-        # connector with its domain in IDNA form (outbound); older mails as configured. An
-        # enclosed message encoded in base64 (Domino) is read decoded.
-        texts = [inb.raw.lower(), *(d.lower() for d in regular.encoded_enclosures(inb.raw))]
+        # connector with its domain in IDNA form (outbound); older mails as configured. A
+        # bounce returning the mail base64-encoded (Domino) is read decoded too (only a
+        # report: a customer's mail with an enclosed message would be parsed again for it).
+        texts = [inb.raw.lower()]
         spellings = {s for c in settings.connector_addresses for s in (c, ascii_domain(c))}
         loop_fields = [f"{outbound.LOOP_HEADER}: {c}".lower().encode() for c in spellings]
-        ours = any(field in text for text in texts for field in loop_fields)
+        ours = any(field in texts[0] for field in loop_fields)
+        if not ours and inb.msg.is_delivery_report:
+            texts += [d.lower() for d in regular.encoded_enclosures(inb.raw)]
+            ours = any(field in text for text in texts[1:] for field in loop_fields)
         action_field = f"{outbound.ACTION_HEADER}:".lower().encode()
         forward = any(action_field in text for text in texts)
         if ours and (inb.msg.is_delivery_report or forward):

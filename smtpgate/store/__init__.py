@@ -1852,8 +1852,8 @@ class Store:
         """Why incoming mail is being deferred: the error of the last intake commit the store
         could not write (not a lock held elsewhere), when no intake commit has succeeded since
         and it was at most INTAKE_FAILURE_SHOWN seconds ago (mail would have come and shown a
-        repair by then). `can_write`'s probe writes no
-        page, so a quota, a file size limit or an I/O error shows only here."""
+        repair by then). `can_write`'s probe writes no page, so a quota, a file size limit or
+        an I/O error shows only here."""
         failed = self._intake_failed
         if failed is None or time.monotonic() - failed[0] > INTAKE_FAILURE_SHOWN:
             return None
