@@ -44,17 +44,13 @@ def import_columns(kind: str) -> frozenset[str]:
     return _IMPORT_COLUMNS[kind]
 
 
-class _Shown(dict[int, str]):
-    """str.translate table: a character that is not printable as its escape (\\r, \\x1b,
-    \\u202e), the rest as they are."""
-
-    def __missing__(self, code: int) -> str:
-        char = chr(code)
-        shown = self[code] = char if char.isprintable() else repr(char)[1:-1]
-        return shown
+# What a log line shows escaped: C0 and C1 controls, DEL, line and paragraph separators, and
+# the format characters that reorder or hide text (bidi controls, zero-width ones, BOM).
+_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
 
 
-_SHOWN = _Shown()
+def _escaped(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]
 
 
 class TextFormatter(logging.Formatter):
@@ -69,7 +65,7 @@ class TextFormatter(logging.Formatter):
         local part, an ESC in a VRFY argument) must not forge a log line or drive a terminal.
         (JSON lines escape them as JSON does.)"""
         line = super().formatMessage(record)
-        return line if line.isprintable() else line.translate(_SHOWN)
+        return line if line.isprintable() else _UNSHOWN.sub(_escaped, line)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)

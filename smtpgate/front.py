@@ -126,6 +126,11 @@ def with_enhanced_code(status: str, hostname: str) -> str:
     return status if enhanced is None else f"{status[:3]} {enhanced} {status[4:]}"
 
 
+# Refusals logged where they happen, above the capped refusal lines: a smuggling attempt (a
+# warning) and a commit that failed (an error, with its reason).
+_LOGGED_ELSEWHERE = frozenset({SMUGGLING, STORE_FAILED})
+
+
 class Handler:
     """aiosmtpd handler: the hooks return the SMTP reply string."""
 
@@ -184,7 +189,13 @@ class Handler:
         # smtpd_forbid_bare_newline, any message holding one is refused. aiosmtpd ends DATA on
         # <CR><LF>.<CR><LF> only, but its dot-unstuffing can hide a smuggled dot: hence the
         # whole message is checked.
-        if has_bare_line_end(data):  # (logged with the other refusals: Listener._log_refusal)
+        if has_bare_line_end(data):
+            # A warning whatever the refusal log's caps (an attack, not a misconfigured client).
+            log.warning(
+                "refused a smuggling attempt from %s from=<%s>",
+                _peer(session.peer),
+                _utf8(envelope.mail_from or ""),
+            )
             return SMUGGLING
         queue_id = new_queue_id()
         peer = _peer(session.peer)
@@ -621,7 +632,6 @@ class Listener(SMTP):
         self._idle_deadline = 0.0  # loop time at which the idle timeout ends the session
         self._lost = False  # connection_lost has run
         self._refusals = 0  # 4xx/5xx replies of this session so far (REFUSALS_LOGGED)
-        self._data_sender: str | None = None  # the sender of the message whose reply is pushed
 
     def _lean_init(
         self,
@@ -855,13 +865,8 @@ class Listener(SMTP):
                     status = self.event_handler.process_message(*args)
                 if status is None:
                     status = MISSING
-        # The envelope is reset before the reply: a refusal's log line still names the sender.
-        self._data_sender = self.envelope.mail_from
         self._set_post_data_state()  # type: ignore[no-untyped-call]
-        try:
-            await self.push("250 OK" if status is MISSING else status)
-        finally:
-            self._data_sender = None
+        await self.push("250 OK" if status is MISSING else status)
 
     async def _read_data(self) -> _Data:
         """The data up to <CR><LF>.<CR><LF> (not included), taken off the stream reader in the
@@ -947,7 +952,7 @@ class Listener(SMTP):
         status = with_enhanced_code(status, self.hostname)
         if status[3:4] != "-":  # count a multi-line reply (EHLO) once, by its last line
             self._on_reply(status[:3])
-            if status[0] in "45":
+            if status[0] in "45" and status not in _LOGGED_ELSEWHERE:
                 self._log_refusal(status)
         await super().push(status)
         self._turn += 1
@@ -968,8 +973,6 @@ class Listener(SMTP):
         if peer is None and self.session is not None:
             peer = self.session.peer
         sender = self.envelope.mail_from if self.envelope is not None else None
-        if sender is None:
-            sender = self._data_sender
         log.info(
             "refused %s%s: %s%s%s",
             _peer(peer),

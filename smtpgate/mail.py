@@ -87,6 +87,9 @@ class ParsedMessage:
     # An RFC 3464 delivery report or RFC 8098 read receipt by its MIME structure: surely an
     # answer to mail (is_delivery_report and is_auto_reply also guess from words and senders).
     report_structure: bool = False
+    # The X-Smtpgate-Loop values of enclosed messages sent base64-encoded (a Domino bounce of
+    # our mail): hidden from a search of the raw bytes.
+    enclosed_loop_markers: frozenset[str] = frozenset()
     # A line over RFC 5321's 998 octets (the listener takes up to 1 MiB): a forward breaks it
     # (outbound.break_long_lines). Told here, where a big message is read in a thread.
     long_lines: bool = False
@@ -1211,6 +1214,7 @@ class _Parser:
         self.raw = raw
         self.defects: list[str] = []
         self.recovered = 0  # parts parsed again (recover): each costs a parse of its bytes
+        self.enclosed_loops: set[str] = set()  # X-Smtpgate-Loop values of base64 enclosures
 
     def defect(self, note: str) -> None:
         if note not in self.defects and len(self.defects) < _MAX_DEFECTS:
@@ -1301,6 +1305,7 @@ class _Parser:
             xml_charsets=body.xml_charsets,
             report_structure=walked.delivery_report or walked.read_receipt,
             long_lines=has_long_line(raw),
+            enclosed_loop_markers=frozenset(self.enclosed_loops),
         )
 
     # headers
@@ -1378,6 +1383,11 @@ class _Parser:
                 if encoded is not None:  # base64: the parser read its text as a headerless body
                     recovered = self.recover(content_type, headers, encoded)
                     if recovered is not None:
+                        # Hidden from a search of the raw bytes (a Domino bounce of our mail).
+                        self.enclosed_loops.update(
+                            str(v).strip().strip("<>").lower()
+                            for v in recovered.get_all("x-smtpgate-loop", [])
+                        )
                         stack.append((recovered, depth + 1, True, seen, False))
                         continue
             if depth + 1 > _MAX_DEPTH:

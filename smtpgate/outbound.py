@@ -97,7 +97,9 @@ def break_long_lines(data: bytes) -> bytes:
                 pos, lead = cut, b""
                 continue
             cut = end
-            while cut > pos + 1 and 0x80 <= line[cut] < 0xC0:  # a UTF-8 continuation byte
+            # Not inside a UTF-8 character: back over its continuation bytes, 3 at most (bytes
+            # that only look like them would else cut the line into 1-byte pieces).
+            while cut > max(pos + 1, end - 3) and 0x80 <= line[cut] < 0xC0:
                 cut -= 1
             out.append(lead + line[pos:cut])
             pos, lead = cut, b" "

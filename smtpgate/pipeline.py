@@ -249,7 +249,8 @@ async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decisi
         return Decision(
             Path.REGULAR, Action.IGNORED, reason="loop", notes=["our own Message-ID came back"]
         )
-    targets = (settings.internal_support_address, settings.skip_target)
+    # (A report goes the regular path: forwarded, if at all, to internal support.)
+    targets = (settings.internal_support_address,)
     if inb.msg.is_delivery_report and regular.reports_failure_to(inb.raw, targets):
         # A bounce of a forward to support (its mailbox full): forwarded there, it bounced
         # back to us again, for ever.
@@ -266,17 +267,13 @@ async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decisi
         # could loop for ever. (A customer sending back our acknowledgement as an attachment
         # is no loop: only forwards carry the action header.) Our loop header names the
         # connector with its domain in IDNA form (outbound); older mails as configured. A
-        # bounce returning the mail base64-encoded (Domino) is read decoded too (only a
-        # report: a customer's mail with an enclosed message would be parsed again for it).
-        texts = [inb.raw.lower()]
+        # bounce returning the mail base64-encoded (Domino) hides it from the raw bytes: the
+        # parser tells its loop header.
+        raw = inb.raw.lower()
         spellings = {s for c in settings.connector_addresses for s in (c, ascii_domain(c))}
-        loop_fields = [f"{outbound.LOOP_HEADER}: {c}".lower().encode() for c in spellings]
-        ours = any(field in texts[0] for field in loop_fields)
-        if not ours and inb.msg.is_delivery_report:
-            texts += [d.lower() for d in regular.encoded_enclosures(inb.raw)]
-            ours = any(field in text for text in texts[1:] for field in loop_fields)
-        action_field = f"{outbound.ACTION_HEADER}:".lower().encode()
-        forward = any(action_field in text for text in texts)
+        ours = any(f"{outbound.LOOP_HEADER}: {c}".lower().encode() in raw for c in spellings)
+        ours = ours or any(settings.is_connector(m) for m in inb.msg.enclosed_loop_markers)
+        forward = f"{outbound.ACTION_HEADER}:".lower().encode() in raw
         if ours and (inb.msg.is_delivery_report or forward):
             if not inb.msg.is_delivery_report and await directory.employee_is_active(inb.sender):
                 # A technician filing one of our forwards on its ticket ("FW: [Ticket #1]", the
@@ -503,7 +500,8 @@ async def _one_of(
     """The ticket a reply naming several (by tags, or a tag and its threading headers) is filed
     on, and why: the one both a tag and the thread name; else the first of the sender's own
     account (a customer's help desk numbering as "[Ticket #N]" too named another customer's
-    ticket first); else the first tag (a tag names its ticket whoever sends it)."""
+    ticket first); else, unless an employee sent it, the thread's; else the first tag (a tag
+    names its ticket whoever sends it)."""
     if threaded is not None and threaded in tagged:
         return threaded, "the ticket its tag and its threading headers both name"
     lookups = _sender_lookups(inb)
@@ -511,6 +509,10 @@ async def _one_of(
     for ticket in named:
         if match.account is not None and ticket[2] == match.account:
             return ticket, "the ticket of the sender's account"
+    if threaded is not None and not await directory.employee_is_active(inb.sender):
+        # Our own Message-ID is surer than a tag, which may be another help desk's number (a
+        # technician retagging a reply on purpose is an employee: the tag wins there).
+        return threaded, "the ticket its threading headers name"
     return tagged[0], "the first tag"
 
 

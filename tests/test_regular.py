@@ -936,6 +936,12 @@ def test_long_lines_break_before_white_space_or_between_characters() -> None:
     assert outbound.break_long_lines(solid) == b"y" * 998 + b"\r\n " + b"y" * 997 + b"\r\n yyyyy"
     huge = (b"z" * 5_000 + b" ") * 400  # 2 MB on one line: linear, not a copy per piece
     assert max(len(line) for line in outbound.break_long_lines(huge).split(b"\r\n")) <= limit
+    # Bytes that all look like UTF-8 continuations (no character to keep whole): the cut steps
+    # back at most 3 bytes, so pieces stay ~998 long (it stepped back to 1-byte pieces: 80 s
+    # and 4x the size for a 1 MiB line, in the decision's transaction).
+    hostile = outbound.break_long_lines(b"\x80" * 100_000).split(b"\r\n")
+    assert len(hostile) < 110
+    assert all(len(line) <= limit for line in hostile)
 
 
 def test_a_long_non_ascii_rule_name_is_folded_with_crlf_in_a_forward() -> None:
@@ -2101,7 +2107,9 @@ async def test_a_bounce_about_the_support_mailbox_is_not_sent_back_to_it(
     was forwarded to support again, whose bounce came back, and so on for ever. A delivery
     report about the address a forward would go to is recorded, not forwarded; so is one that
     encloses our forward base64-encoded (Domino), where the raw bytes hide our loop header."""
-    world = await start_world(gateway_factory, relay, open_ticket=False)
+    world = await start_world(
+        gateway_factory, relay, open_ticket=False, skip_forward_address="skipped@archive.example"
+    )
     row = await deliver(world.gw, bounce(SUPPORT), "")
     assert (row["outcome"]["action"], row["outcome"]["reason"]) == ("ignored", "loop")
     assert row["outcome"]["sent"] == []
@@ -2112,11 +2120,14 @@ async def test_a_bounce_about_the_support_mailbox_is_not_sent_back_to_it(
     )  # fmt: skip
     row = await deliver(world.gw, bounce("x@full.example", forward.data, base64_enclosed=True), "")
     assert (row["outcome"]["action"], row["outcome"]["reason"]) == ("ignored", "loop")
+    # The skip address's bounce would go to support, another mailbox: no loop, support told.
+    row = await deliver(world.gw, bounce("skipped@archive.example"), "")
+    assert row["outcome"]["action"] == "forwarded"
     # A report about someone else, with nothing of ours in it, still reaches support.
     row = await deliver(world.gw, bounce("someone@elsewhere.example"), "")
     assert row["outcome"]["action"] == "forwarded"
     await settled(world.gw, row["id"])
-    assert len(relay.to(SUPPORT)) == 1
+    assert len(relay.to(SUPPORT)) == 2
 
 
 async def test_tags_of_two_tickets_file_the_reply_where_its_thread_and_sender_are(
@@ -2141,6 +2152,15 @@ async def test_tags_of_two_tickets_file_the_reply_where_its_thread_and_sender_ar
     # Without a thread, the ticket of the sender's account among the tags.
     plain = mail("[Ticket #2] Your request [Ticket #1] was received", sender="it@acme.example")
     row = await deliver(world.gw, plain, "it@acme.example")
+    assert (row["outcome"]["action"], row["outcome"]["ticket"]) == ("ticket_reply", 1)
+    # A sender of no account (Acme's outsourced help desk) in the thread of ticket 1: the
+    # thread, our own Message-ID, over a tag that may be another help desk's number.
+    outsourced = mail(
+        f"[Ticket #2] RE: {FIRST_SUBJECT}",
+        sender="desk@outsourced.example",
+        headers={"In-Reply-To": world.ack_id},
+    )
+    row = await deliver(world.gw, outsourced, "desk@outsourced.example")
     assert (row["outcome"]["action"], row["outcome"]["ticket"]) == ("ticket_reply", 1)
 
 
@@ -2182,10 +2202,19 @@ async def test_a_responder_answering_each_acknowledgement_is_braked_within_minut
     hourly cap. After ACK_BURST automatic mails to an address within ACK_BURST_SECONDS its
     next acknowledgement is not sent (the ticket is still opened), and the ping-pong ends."""
     world = await start_world(gateway_factory, relay)  # ticket 1, acknowledged to jane
+    # XML responses to the same address are no acknowledgements: they do not count.
+    from tests import test_xml_e2e as x
+
+    for n in range(ACK_BURST):
+        request = x.xml("TICKET", {"FLDTKTCARDID": x.ACME, "FLDTKTPROBLEM": f"P{n}"},
+                        respond="jane@acme.example", return_id=f"WEB-{n}")  # fmt: skip
+        row = await deliver(world.gw, x.in_body(request), x.ENVELOPE)
+        assert [m["to"] for m in row["outcome"]["sent"]] == [["jane@acme.example"]]
     rows = []
     for n in range(ACK_BURST):  # the responder's answers, each to the ack before it
         answer = mail(f"Request #{4711 + n} received", sender="Jane Roe <jane@acme.example>")
         rows.append(await deliver(world.gw, answer, "jane@acme.example"))
     assert [r["outcome"]["action"] for r in rows] == ["ticket_created"] * ACK_BURST
+    assert [r["outcome"]["ticket"] for r in rows] == [2 + ACK_BURST + n for n in range(ACK_BURST)]
     assert [len(r["outcome"]["sent"]) for r in rows] == [1] * (ACK_BURST - 1) + [0]
     assert any("suppressed" in note for note in rows[-1]["outcome"]["notes"]), rows[-1]

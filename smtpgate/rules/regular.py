@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import email
-import email.message
-import email.policy
-import quopri
 import re
 from collections.abc import Iterable
 from functools import lru_cache
@@ -88,55 +82,17 @@ _REPORTED = re.compile(
 )
 
 
+_REPORT_SCAN_BYTES = 2 << 20  # a report's fields are near its start; a big one is not read on
+
+
 def reports_failure_to(raw: bytes, addresses: Iterable[str]) -> bool:
     """Whether a delivery report is about one of `addresses` (its Final- or
     Original-Recipient field)."""
     keys = {address_key(a) for a in addresses}
     return any(
         address_key(m.group(1).decode("utf-8", "replace")) in keys
-        for m in _REPORTED.finditer(raw[:_ENCLOSURE_SCAN_BYTES])
+        for m in _REPORTED.finditer(raw, 0, _REPORT_SCAN_BYTES)
     )
-
-
-# A report or a message enclosing others is read this far for encoded enclosures (bounces are
-# small; a big one is not parsed again for them).
-_ENCLOSURE_SCAN_BYTES = 2 << 20
-_ENCLOSURE_TYPES = frozenset(
-    {"message/rfc822", "message/global", "text/rfc822-headers", "message/global-headers"}
-)
-
-
-def encoded_enclosures(raw: bytes) -> list[bytes]:
-    """The decoded bytes of enclosed messages (and returned headers) sent base64- or
-    quoted-printable-encoded, as Domino returns a bounced mail: the raw bytes hide what they
-    hold (our loop header). Plain enclosures are in the raw bytes already."""
-    if len(raw) > _ENCLOSURE_SCAN_BYTES:
-        return []
-    found: list[bytes] = []
-    try:
-        parts = list(email.message_from_bytes(raw, policy=email.policy.compat32).walk())
-    except Exception:  # what the email package cannot parse holds nothing we can read
-        return found
-    for part in parts:
-        if part.get_content_type() not in _ENCLOSURE_TYPES:
-            continue
-        encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
-        if encoding not in ("base64", "quoted-printable"):
-            continue
-        payload = part.get_payload()
-        if isinstance(payload, list):  # message/*: parsed as a message whose body is the text
-            first = payload[0] if payload else None
-            payload = first.get_payload() if isinstance(first, email.message.Message) else ""
-        if not isinstance(payload, str):
-            continue
-        data = payload.encode("ascii", "replace")
-        try:
-            found.append(
-                base64.b64decode(data) if encoding == "base64" else quopri.decodestring(data)
-            )
-        except (binascii.Error, ValueError):
-            continue
-    return found
 
 
 def is_robot_address(address: str) -> bool:

@@ -73,6 +73,7 @@ U = TypeVar("U")
 # few seconds; the hourly cap alone let 20 such rounds open 20 tickets.
 ACK_BURST = 3
 ACK_BURST_SECONDS = 600.0
+ACK_LOG_PREFIX = "ack:"  # auto_mail_log rows that count acknowledgements (no address starts so)
 # A failed intake commit makes /healthz 503 until one succeeds, for at most this many seconds
 # after it (Store.intake_failing).
 INTAKE_FAILURE_SHOWN = 300.0
@@ -1344,15 +1345,22 @@ class Store:
                 # almost everywhere, though the mail goes out as addressed.
                 over, burst = [], []
                 for rcpt in mail.recipients:
-                    hour, recent = db.execute(
-                        "SELECT count(*), count(*) FILTER (WHERE sent_at > ?) FROM auto_mail_log"
-                        " WHERE recipient = ? AND sent_at > ?",
-                        (now - ACK_BURST_SECONDS, rcpt.lower(), now - 3600),
-                    ).fetchone()
+                    hour = db.execute(
+                        "SELECT count(*) FROM auto_mail_log WHERE recipient = ? AND sent_at > ?",
+                        (rcpt.lower(), now - 3600),
+                    ).fetchone()[0]
                     if hour >= hourly_limit:
                         over.append(rcpt)
-                    elif mail.kind is MailKind.ACK and recent >= ACK_BURST:
-                        burst.append(rcpt)
+                    elif mail.kind is MailKind.ACK and hour >= ACK_BURST:
+                        # Acknowledgements alone (an XML integration's responses are none):
+                        # logged a second time under "ack:" + the address.
+                        acks = db.execute(
+                            "SELECT count(*) FROM auto_mail_log WHERE recipient = ?"
+                            " AND sent_at > ?",
+                            (ACK_LOG_PREFIX + rcpt.lower(), now - ACK_BURST_SECONDS),
+                        ).fetchone()[0]
+                        if acks >= ACK_BURST:
+                            burst.append(rcpt)
                 if over:
                     suppressed.append(f"{mail.kind} to {', '.join(over)} suppressed: hourly cap")
                     sent_before = False
@@ -1366,7 +1374,12 @@ class Store:
                     continue
                 db.executemany(
                     "INSERT INTO auto_mail_log (recipient, sent_at) VALUES (?, ?)",
-                    [(r.lower(), now) for r in mail.recipients],
+                    [(r.lower(), now) for r in mail.recipients]
+                    + (
+                        [(ACK_LOG_PREFIX + r.lower(), now) for r in mail.recipients]
+                        if mail.kind is MailKind.ACK
+                        else []
+                    ),
                 )
             held = self._held_mail
             claimed = (
