@@ -44,13 +44,10 @@ def import_columns(kind: str) -> frozenset[str]:
     return _IMPORT_COLUMNS[kind]
 
 
-# What a log line shows escaped: C0 and C1 controls, DEL, line and paragraph separators, and
-# the format characters that reorder or hide text (bidi controls, zero-width ones, BOM).
-_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
-
-
-def _escaped(match: re.Match[str]) -> str:
-    return repr(match.group())[1:-1]
+def _shown(line: str) -> str:
+    """`line` with every character that is not printable escaped (controls, separators, the
+    format characters that reorder or hide text); no table kept (a sender could grow one)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
 class TextFormatter(logging.Formatter):
@@ -65,7 +62,7 @@ class TextFormatter(logging.Formatter):
         local part, an ESC in a VRFY argument) must not forge a log line or drive a terminal.
         (JSON lines escape them as JSON does.)"""
         line = super().formatMessage(record)
-        return line if line.isprintable() else _UNSHOWN.sub(_escaped, line)
+        return line if line.isprintable() else _shown(line)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)

@@ -15,6 +15,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 import types
 import warnings
 from collections.abc import Callable
@@ -190,12 +191,18 @@ class Handler:
         # <CR><LF>.<CR><LF> only, but its dot-unstuffing can hide a smuggled dot: hence the
         # whole message is checked.
         if has_bare_line_end(data):
-            # A warning whatever the refusal log's caps (an attack, not a misconfigured client).
-            log.warning(
-                "refused a smuggling attempt from %s from=<%s>",
-                _peer(session.peer),
-                _utf8(envelope.mail_from or ""),
-            )
+            # A warning (an attack, not a misconfigured client): the first of a session, at
+            # most REFUSALS_PER_SECOND a second (300 pipelined attempts wrote 300 lines).
+            if not getattr(session, "smuggling_told", False):
+                session.smuggling_told = True  # type: ignore[attr-defined]
+                unlogged = _SMUGGLING_LINES.take(time.monotonic())
+                if unlogged is not None:
+                    log.warning(
+                        "refused a smuggling attempt from %s from=<%s>%s",
+                        _peer(session.peer),
+                        _utf8(envelope.mail_from or ""),
+                        f" ({unlogged} attempts before it not logged)" if unlogged else "",
+                    )
             return SMUGGLING
         queue_id = new_queue_id()
         peer = _peer(session.peer)
@@ -228,7 +235,7 @@ class Handler:
                 if isinstance(exc, TimeoutError)
                 else str(exc)
             )
-            log.error("could not store a message from %s: %s", peer, why)
+            log.error("could not store a message from %s from=<%s>: %s", peer, env.mail_from, why)
             return STORE_FAILED
         self._on_queued()
         log.info(
@@ -1196,6 +1203,9 @@ class _LineBudget:
         self._used += 1
         unlogged, self._unlogged = self._unlogged, 0
         return unlogged
+
+
+_SMUGGLING_LINES = _LineBudget(REFUSALS_PER_SECOND)  # Handler.handle_DATA's warnings
 
 
 class Sessions:

@@ -159,6 +159,12 @@ _DATE_FIELD = re.compile(rf"^\s*(?:{_SENT_WORDS}|{_DATE_WORDS})\s?:", re.IGNOREC
 _SUBJECT_FIELD = re.compile(rf"^\s*(?:{_SUBJECT_WORDS})\s?:", re.IGNORECASE)
 
 
+# An X-Smtpgate-Loop field anywhere in decoded bytes (outbound.LOOP_HEADER).
+_LOOP_VALUE = re.compile(
+    rb"^x-smtpgate-loop[ \t]*:[ \t]*<?([^\s<>]+)>?", re.IGNORECASE | re.MULTILINE
+)
+
+
 def parse_message(raw: bytes) -> ParsedMessage:
     """Parse raw message bytes. Never raises: what cannot be read is listed in `defects`."""
     try:
@@ -1371,6 +1377,11 @@ class _Parser:
                 leaf = self.leaf(part, headers, content_type, params, nested, False)
                 leaf.parent, leaf.in_alternative = parent, in_alternative
                 walked.leaves.append(leaf)
+                if content_type == "text/rfc822-headers" and leaf.transfer_encoding in (
+                    "base64",
+                    "quoted-printable",
+                ):  # returned headers, encoded (RFC 6522)
+                    self.note_loops(self.data(leaf))
                 continue
             if content_type == "multipart/report" and not nested:
                 report_type = params.get("report-type", "").lower()
@@ -1383,11 +1394,6 @@ class _Parser:
                 if encoded is not None:  # base64: the parser read its text as a headerless body
                     recovered = self.recover(content_type, headers, encoded)
                     if recovered is not None:
-                        # Hidden from a search of the raw bytes (a Domino bounce of our mail).
-                        self.enclosed_loops.update(
-                            str(v).strip().strip("<>").lower()
-                            for v in recovered.get_all("x-smtpgate-loop", [])
-                        )
                         stack.append((recovered, depth + 1, True, seen, False))
                         continue
             if depth + 1 > _MAX_DEPTH:
@@ -1432,8 +1438,17 @@ class _Parser:
             if cte not in ("base64", "quoted-printable"):
                 return None
             self.recovered += 1
-            return _build_tree(self.decode_transfer(payload, cte))
+            data = self.decode_transfer(payload, cte)
+            self.note_loops(data)
+            return _build_tree(data)
         return None
+
+    def note_loops(self, data: bytes) -> None:
+        """The X-Smtpgate-Loop values anywhere in decoded enclosed bytes (a message, returned
+        headers, a message enclosing ours): a search of the raw bytes cannot see them."""
+        self.enclosed_loops.update(
+            m.group(1).decode("utf-8", "replace").lower() for m in _LOOP_VALUE.finditer(data)
+        )
 
     def content_type(self, part: Message, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
         value = headers.get("content-type")

@@ -2120,14 +2120,50 @@ async def test_a_bounce_about_the_support_mailbox_is_not_sent_back_to_it(
     )  # fmt: skip
     row = await deliver(world.gw, bounce("x@full.example", forward.data, base64_enclosed=True), "")
     assert (row["outcome"]["action"], row["outcome"]["reason"]) == ("ignored", "loop")
-    # The skip address's bounce would go to support, another mailbox: no loop, support told.
+    # The skip address's bounce would go to support, another mailbox: no loop, support told,
+    # also when it returns our skip forward (as real bounces do).
     row = await deliver(world.gw, bounce("skipped@archive.example"), "")
     assert row["outcome"]["action"] == "forwarded"
+    await settled(world.gw, row["id"])
+    skipped = outbound.forward_untouched(
+        mail("Alert Self Healed", sender="alerts@rmm.example"),
+        target="skipped@archive.example", sender=CONNECTOR, connector=CONNECTOR,
+        action="automated_skipped", rule="skip[1]", hostname="gw.example",
+        has_auto_submitted=False,
+    ).data  # fmt: skip
+    row = await deliver(world.gw, bounce("skipped@archive.example", skipped), "")
+    assert row["outcome"]["action"] == "forwarded"
+    await settled(world.gw, row["id"])
     # A report about someone else, with nothing of ours in it, still reaches support.
     row = await deliver(world.gw, bounce("someone@elsewhere.example"), "")
     assert row["outcome"]["action"] == "forwarded"
     await settled(world.gw, row["id"])
-    assert len(relay.to(SUPPORT)) == 2
+    assert len(relay.to(SUPPORT)) == 3
+
+
+def test_our_loop_header_is_found_in_any_encoded_enclosure_of_a_report() -> None:
+    """Returned headers sent base64-encoded (RFC 6522 text/rfc822-headers) and a base64
+    message enclosing our forward as an attachment hid our loop header from the raw bytes."""
+    forward = outbound.forward_untouched(
+        mail("Printer jammed", sender="stranger@nowhere.example"),
+        target=SUPPORT, sender=CONNECTOR, connector=CONNECTOR, action="forwarded",
+        rule=None, hostname="gw.example", has_auto_submitted=False,
+    ).data  # fmt: skip
+    head = forward.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    wrapper = (
+        b"From: desk@elsewhere.example\r\nSubject: FW\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="W"\r\n\r\n--W\r\n'
+        b"Content-Type: text/plain\r\n\r\nsee attached\r\n--W\r\n"
+        b"Content-Type: message/rfc822\r\n\r\n" + forward + b"\r\n--W--\r\n"
+    )
+    for part_type, enclosed in (("text/rfc822-headers", head), ("message/rfc822", wrapper)):
+        body = base64.encodebytes(enclosed).replace(b"\n", b"\r\n")
+        raw = bounce("x@full.example").replace(
+            b"--R--\r\n",
+            b"--R\r\nContent-Type: " + part_type.encode() + b"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + body + b"--R--\r\n",
+        )
+        assert CONNECTOR in parse_message(raw).enclosed_loop_markers, part_type
 
 
 async def test_tags_of_two_tickets_file_the_reply_where_its_thread_and_sender_are(

@@ -738,7 +738,12 @@ async def test_refusals_of_a_message_name_its_sender_and_floods_are_rate_limited
     await session.start_data("smuggler@example.org")
     await session.send_raw(b"Subject: s\r\n\r\nhello\n.\nmore\r\n.\r\n")
     assert (await session.reply()).code == 550
-    # An attack is a warning whatever the caps, and names its sender.
+    # An attack is a warning whatever the caps, and names its sender; once a session (a
+    # session pipelining 300 attempts wrote 300 warnings).
+    for _ in range(5):
+        await session.start_data("smuggler@example.org")
+        await session.send_raw(b"Subject: s\r\n\r\nhello\n.\nmore\r\n.\r\n")
+        assert (await session.reply()).code == 550
     said = [r for r in caplog.records if "smuggling" in r.getMessage()]
     assert [r.levelname for r in said] == ["WARNING"]
     assert "from=<smuggler@example.org>" in said[0].getMessage()
@@ -763,12 +768,16 @@ async def test_what_a_client_sends_cannot_forge_log_lines(
     assert (await session.command(b"MAIL FROM:<a@example.org>")).code == 250
     await session.command(b'RCPT TO:<"x\\\rINFO smtpgate: forged"@x.example>')
     await session.command(b"VRFY x\x1b[2J@x.example")
+    # Invisible format characters too (a soft hyphen, a tag character).
+    await session.command("RCPT TO:<a\u00adb\U000e0041@x.example>".encode())
     await session.close()
     formatter = TextFormatter("%(levelname)s %(name)s: %(message)s")
     text = "\n".join(formatter.format(r) for r in caplog.records if r.name == "smtpgate.front")
     assert "refused" in text
     assert "\r" not in text
     assert "\x1b" not in text
+    assert "\u00ad" not in text
+    assert "\U000e0041" not in text
     assert "\\r" in text  # shown escaped
 
 
@@ -786,6 +795,7 @@ async def test_a_store_timeout_is_logged_as_such(
     said = [ln for ln in refusal_lines(caplog) if "could not store" in ln]
     assert len(said) == 1
     assert said[0].endswith("timed out after 0.2 s (SMTPGATE_STORE_TIMEOUT)"), said
+    assert "from=<" in said[0]
 
 
 async def test_vrfy_promises_nothing_for_an_address_that_would_be_refused(
