@@ -18,6 +18,7 @@ import os
 import re
 import sqlite3
 import tomllib
+import unicodedata
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -2254,3 +2255,31 @@ async def test_a_responder_answering_each_acknowledgement_is_braked_within_minut
     assert [r["outcome"]["ticket"] for r in rows] == [2 + ACK_BURST + n for n in range(ACK_BURST)]
     assert [len(r["outcome"]["sent"]) for r in rows] == [1] * (ACK_BURST - 1) + [0]
     assert any("suppressed" in note for note in rows[-1]["outcome"]["notes"]), rows[-1]
+
+
+async def test_automatic_mail_caps_count_an_address_in_any_spelling(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """The caps counted an address by its lower case: jane@bücher.example in NFC, NFD and its
+    xn-- form were three addresses, each with caps of its own."""
+    world = await start_world(
+        gateway_factory,
+        relay,
+        open_ticket=False,
+        extra_accounts=({"file_as": "Bücher GmbH", "email1": "jane@bücher.example"},),
+    )
+    spellings = (
+        "jane@bücher.example",
+        unicodedata.normalize("NFD", "jane@bücher.example"),
+        "jane@xn--bcher-kva.example",
+        "JANE@BÜCHER.example",
+    )
+    rows = []
+    for n, address in enumerate(spellings):
+        data = (  # as an SMTPUTF8 client writes it (the test client's envelope stays ASCII)
+            f"From: {address}\r\nTo: {CONNECTOR}\r\nSubject: Problem {n}\r\n"
+            f"Message-ID: {new_id()}\r\n\r\nHello.\r\n"
+        ).encode()
+        rows.append(await deliver(world.gw, data, "jane@xn--bcher-kva.example"))
+    assert [r["outcome"]["action"] for r in rows] == ["ticket_created"] * len(spellings)
+    assert [len(r["outcome"]["sent"]) for r in rows] == [1] * ACK_BURST + [0]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from smtpgate.config import AccountRule, DetectionRule, SkipRule
 from smtpgate.mail import ParsedMessage, address_domain
-from smtpgate.model import address_key, domain_spellings, normalize_key
+from smtpgate.model import address_key, domain_spellings, nfc, normalize_key
 
 # A located value rarely has more words than this; the cap bounds the probe for hostile subjects.
 MAX_CANDIDATES = 31
@@ -210,8 +210,9 @@ def resolve(values: Sequence[str], found: Found) -> Match:
 
 def sender_keys(address: str) -> tuple[list[str], list[str]]:
     """The address and domain keys for account-by-sender (spec 2.1 step 3, sender part): as
-    given, and with the domain in its other IDNA spelling (model.domain_spellings)."""
-    address = address.lower()
+    given (composed: a decomposed ü matched no stored address), and with the domain in its
+    other IDNA spelling (model.domain_spellings)."""
+    address = nfc(address).lower()
     domain = address_domain(address)
     if not domain:
         return ([address] if address else []), []

@@ -49,6 +49,7 @@ from smtpgate.model import (
     MailKind,
     OutboundMail,
     Outcome,
+    address_key,
     domain_spellings,
     is_account_email,
     is_bare_address,
@@ -1341,13 +1342,14 @@ class Store:
                     continue
             elif mail.kind in AUTOMATIC_KINDS:
                 # Per-recipient cap on automatic mail: a runaway peer cannot make us a flood.
-                # Counted per address whatever its case: Victim@ and vIctim@ are one mailbox
-                # almost everywhere, though the mail goes out as addressed.
+                # Counted per address whatever its case and spelling (address_key: Victim@ and
+                # vIctim@, bücher.example composed, decomposed or xn--, are one mailbox), though
+                # the mail goes out as addressed.
                 over, burst = [], []
                 for rcpt in mail.recipients:
                     hour = db.execute(
                         "SELECT count(*) FROM auto_mail_log WHERE recipient = ? AND sent_at > ?",
-                        (rcpt.lower(), now - 3600),
+                        (address_key(rcpt), now - 3600),
                     ).fetchone()[0]
                     if hour >= hourly_limit:
                         over.append(rcpt)
@@ -1357,7 +1359,7 @@ class Store:
                         acks = db.execute(
                             "SELECT count(*) FROM auto_mail_log WHERE recipient = ?"
                             " AND sent_at > ?",
-                            (ACK_LOG_PREFIX + rcpt.lower(), now - ACK_BURST_SECONDS),
+                            (ACK_LOG_PREFIX + address_key(rcpt), now - ACK_BURST_SECONDS),
                         ).fetchone()[0]
                         if acks >= ACK_BURST:
                             burst.append(rcpt)
@@ -1374,9 +1376,9 @@ class Store:
                     continue
                 db.executemany(
                     "INSERT INTO auto_mail_log (recipient, sent_at) VALUES (?, ?)",
-                    [(r.lower(), now) for r in mail.recipients]
+                    [(address_key(r), now) for r in mail.recipients]
                     + (
-                        [(ACK_LOG_PREFIX + r.lower(), now) for r in mail.recipients]
+                        [(ACK_LOG_PREFIX + address_key(r), now) for r in mail.recipients]
                         if mail.kind is MailKind.ACK
                         else []
                     ),
