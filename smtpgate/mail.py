@@ -159,10 +159,12 @@ _DATE_FIELD = re.compile(rf"^\s*(?:{_SENT_WORDS}|{_DATE_WORDS})\s?:", re.IGNOREC
 _SUBJECT_FIELD = re.compile(rf"^\s*(?:{_SUBJECT_WORDS})\s?:", re.IGNORECASE)
 
 
-# An X-Smtpgate-Loop field anywhere in decoded bytes (outbound.LOOP_HEADER).
+# An X-Smtpgate-Loop field anywhere in decoded bytes (outbound.LOOP_HEADER), and how many
+# distinct values a message's enclosures are read for.
 _LOOP_VALUE = re.compile(
-    rb"^x-smtpgate-loop[ \t]*:[ \t]*<?([^\s<>]+)>?", re.IGNORECASE | re.MULTILINE
+    rb"^x-smtpgate-loop[ \t]*:[ \t]*<?([^\s<>]{1,320})>?", re.IGNORECASE | re.MULTILINE
 )
+_MAX_LOOP_VALUES = 16
 
 
 def parse_message(raw: bytes) -> ParsedMessage:
@@ -1377,10 +1379,11 @@ class _Parser:
                 leaf = self.leaf(part, headers, content_type, params, nested, False)
                 leaf.parent, leaf.in_alternative = parent, in_alternative
                 walked.leaves.append(leaf)
-                if content_type == "text/rfc822-headers" and leaf.transfer_encoding in (
-                    "base64",
-                    "quoted-printable",
-                ):  # returned headers, encoded (RFC 6522)
+                if (
+                    content_type == "text/rfc822-headers"
+                    and walked.delivery_report
+                    and leaf.transfer_encoding in ("base64", "quoted-printable")
+                ):  # a report's returned headers, encoded (RFC 6522)
                     self.note_loops(self.data(leaf))
                 continue
             if content_type == "multipart/report" and not nested:
@@ -1445,10 +1448,12 @@ class _Parser:
 
     def note_loops(self, data: bytes) -> None:
         """The X-Smtpgate-Loop values anywhere in decoded enclosed bytes (a message, returned
-        headers, a message enclosing ours): a search of the raw bytes cannot see them."""
-        self.enclosed_loops.update(
-            m.group(1).decode("utf-8", "replace").lower() for m in _LOOP_VALUE.finditer(data)
-        )
+        headers, a message enclosing ours): a search of the raw bytes cannot see them. At most
+        _MAX_LOOP_VALUES (a hostile report held 670,000, each then checked on the loop)."""
+        for m in _LOOP_VALUE.finditer(data):
+            if len(self.enclosed_loops) >= _MAX_LOOP_VALUES:
+                return
+            self.enclosed_loops.add(m.group(1).decode("utf-8", "replace").lower())
 
     def content_type(self, part: Message, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
         value = headers.get("content-type")

@@ -27,7 +27,6 @@ from smtpgate.model import (
     NewTicket,
     OutboundMail,
     Path,
-    address_key,
     ascii_domain,
     no_mail,
 )
@@ -261,15 +260,6 @@ async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decisi
             reason="loop",
             notes=["a delivery report about the address we forward to: not sent back there"],
         )
-    skip = settings.skip_target
-    if (
-        inb.msg.is_delivery_report
-        and address_key(skip) != address_key(settings.internal_support_address)
-        and regular.reports_failure_to(inb.raw, (skip,))
-    ):
-        # A bounce of a skipped alert's forward (the skip address failing), enclosing it: it
-        # goes to support, another mailbox — no loop, and support learns of it.
-        return None
     encloses = any(a.content_type.startswith("message/") for a in inb.msg.attachments)
     if inb.msg.is_delivery_report or encloses:
         # A bounce of one of our own mails, or one of our forwards sent back as an attachment

@@ -2121,25 +2121,17 @@ async def test_a_bounce_about_the_support_mailbox_is_not_sent_back_to_it(
     )  # fmt: skip
     row = await deliver(world.gw, bounce("x@full.example", forward.data, base64_enclosed=True), "")
     assert (row["outcome"]["action"], row["outcome"]["reason"]) == ("ignored", "loop")
-    # The skip address's bounce would go to support, another mailbox: no loop, support told,
-    # also when it returns our skip forward (as real bounces do).
+    # The skip address's bounce would go to support, another mailbox: no loop, support told.
+    # (One that returns our skip forward is taken for a loop: it may be a forward to support
+    # that support's mailbox redirected there.)
     row = await deliver(world.gw, bounce("skipped@archive.example"), "")
-    assert row["outcome"]["action"] == "forwarded"
-    await settled(world.gw, row["id"])
-    skipped = outbound.forward_untouched(
-        mail("Alert Self Healed", sender="alerts@rmm.example"),
-        target="skipped@archive.example", sender=CONNECTOR, connector=CONNECTOR,
-        action="automated_skipped", rule="skip[1]", hostname="gw.example",
-        has_auto_submitted=False,
-    ).data  # fmt: skip
-    row = await deliver(world.gw, bounce("skipped@archive.example", skipped), "")
     assert row["outcome"]["action"] == "forwarded"
     await settled(world.gw, row["id"])
     # A report about someone else, with nothing of ours in it, still reaches support.
     row = await deliver(world.gw, bounce("someone@elsewhere.example"), "")
     assert row["outcome"]["action"] == "forwarded"
     await settled(world.gw, row["id"])
-    assert len(relay.to(SUPPORT)) == 3
+    assert len(relay.to(SUPPORT)) == 2
 
 
 def test_our_loop_header_is_found_in_any_encoded_enclosure_of_a_report() -> None:
@@ -2165,6 +2157,19 @@ def test_our_loop_header_is_found_in_any_encoded_enclosure_of_a_report() -> None
             b"Content-Transfer-Encoding: base64\r\n\r\n" + body + b"--R--\r\n",
         )
         assert CONNECTOR in parse_message(raw).enclosed_loop_markers, part_type
+
+
+def test_enclosed_loop_values_are_bounded() -> None:
+    """A hostile report of returned headers holding thousands of loop fields: each value was
+    kept and then checked on the event loop (9.8 s for 670,000)."""
+    fields = b"".join(b"X-Smtpgate-Loop: a%d@x%d.example\r\n" % (n, n) for n in range(5000))
+    body = base64.encodebytes(fields).replace(b"\n", b"\r\n")
+    raw = bounce("x@full.example").replace(
+        b"--R--\r\n",
+        b"--R\r\nContent-Type: text/rfc822-headers\r\nContent-Transfer-Encoding: base64\r\n"
+        b"\r\n" + body + b"--R--\r\n",
+    )
+    assert 0 < len(parse_message(raw).enclosed_loop_markers) <= 16
 
 
 async def test_tags_of_two_tickets_file_the_reply_where_its_thread_and_sender_are(
