@@ -87,8 +87,9 @@ class ParsedMessage:
     # An RFC 3464 delivery report or RFC 8098 read receipt by its MIME structure: surely an
     # answer to mail (is_delivery_report and is_auto_reply also guess from words and senders).
     report_structure: bool = False
-    # The X-Smtpgate-Loop values of enclosed messages sent base64-encoded (a Domino bounce of
-    # our mail): hidden from a search of the raw bytes.
+    # The X-Smtpgate-Loop values in enclosed messages sent encoded (a Domino bounce of our
+    # mail) and in a report's encoded returned headers, at most 16: hidden from a search of
+    # the raw bytes.
     enclosed_loop_markers: frozenset[str] = frozenset()
     # A line over RFC 5321's 998 octets (the listener takes up to 1 MiB): a forward breaks it
     # (outbound.break_long_lines). Told here, where a big message is read in a thread.
@@ -1222,7 +1223,7 @@ class _Parser:
         self.raw = raw
         self.defects: list[str] = []
         self.recovered = 0  # parts parsed again (recover): each costs a parse of its bytes
-        self.enclosed_loops: set[str] = set()  # X-Smtpgate-Loop values of base64 enclosures
+        self.enclosed_loops: set[str] = set()  # loop values in encoded enclosures (note_loops)
 
     def defect(self, note: str) -> None:
         if note not in self.defects and len(self.defects) < _MAX_DEFECTS:
