@@ -215,6 +215,12 @@ def _sender_lookups(inb: Inbound) -> list[Lookup]:
     return [("email", addresses), ("domain", domains)]
 
 
+async def _sender_account(inb: Inbound, directory: Directory) -> tuple[automated.Match, str | None]:
+    """The account of the message's sender (`_account_by_sender` of its lookups)."""
+    lookups = _sender_lookups(inb)
+    return _account_by_sender(lookups, await directory.find_accounts(lookups))
+
+
 def _account_by_sender(
     lookups: Sequence[Lookup], results: Sequence[Found]
 ) -> tuple[automated.Match, str | None]:
@@ -445,31 +451,27 @@ async def stage_ticket_reply(inb: Inbound, ctx: Context, directory: Directory) -
     msg, settings = inb.msg, ctx.settings
     numbers = regular.tagged_numbers(ctx.rules.ticket_tag, msg.subject)
     tagged: list[TicketRef] = []
-    for number in dict.fromkeys(numbers[:MAX_TAGS]):
+    for number in dict.fromkeys(numbers[:MAX_TAGS]):  # (each number its own ticket)
         found = await directory.ticket_by_number(number)
-        if found and found not in tagged:
+        if found:
             tagged.append(found)
     if numbers and not tagged:
         inb.missed.append("ticket_tag")  # a tag naming no ticket
     threaded = None
     if msg.in_reply_to or msg.references:
         threaded = await directory.ticket_by_message_ids((*msg.in_reply_to, *msg.references[::-1]))
-    notes: list[str] = []
-    if tagged:
-        ticket, by = tagged[0], "ticket_tag"
-        others = [t for t in (*tagged[1:], threaded) if t is not None and t != ticket]
-        if others:
-            ticket, why = await _one_of(inb, [*tagged, *others], tagged, threaded, directory)
-            named = ", ".join(f"#{t[1]}" for t in dict.fromkeys([*tagged, *others]))
-            notes.append(f"tickets {named} named: filed on #{ticket[1]}, {why}")
-            by = "ticket_tag" if ticket in tagged else "in_reply_to"
-    elif threaded is not None:
-        ticket, by = threaded, "in_reply_to"
-    else:
+    named = list(dict.fromkeys(t for t in (*tagged, threaded) if t is not None))
+    if not named:
         return None
-    inb.hit.append(by)
-    rec_id, number, account = ticket
     employee = await directory.employee_is_active(inb.sender)
+    notes: list[str] = []
+    ticket = named[0]
+    if len(named) > 1:
+        ticket, why = await _one_of(inb, named, tagged, threaded, employee, directory)
+        listed = ", ".join(f"#{t[1]}" for t in named)
+        notes.append(f"tickets {listed} named: filed on #{ticket[1]}, {why}")
+    inb.hit.append("ticket_tag" if ticket in tagged else "in_reply_to")
+    rec_id, number, account = ticket
     return Decision(
         Path.REGULAR,
         Action.TICKET_REPLY,
@@ -495,6 +497,7 @@ async def _one_of(
     named: Sequence[TicketRef],
     tagged: Sequence[TicketRef],
     threaded: TicketRef | None,
+    employee: bool,
     directory: Directory,
 ) -> tuple[TicketRef, str]:
     """The ticket a reply naming several (by tags, or a tag and its threading headers) is filed
@@ -504,12 +507,11 @@ async def _one_of(
     names its ticket whoever sends it)."""
     if threaded is not None and threaded in tagged:
         return threaded, "the ticket its tag and its threading headers both name"
-    lookups = _sender_lookups(inb)
-    match, _ = _account_by_sender(lookups, await directory.find_accounts(lookups))
+    match, _ = await _sender_account(inb, directory)
     for ticket in named:
         if match.account is not None and ticket[2] == match.account:
             return ticket, "the ticket of the sender's account"
-    if threaded is not None and not await directory.employee_is_active(inb.sender):
+    if threaded is not None and not employee:
         # Our own Message-ID is surer than a tag, which may be another help desk's number (a
         # technician retagging a reply on purpose is an employee: the tag wins there).
         return threaded, "the ticket its threading headers name"
@@ -531,8 +533,7 @@ async def stage_auto_reply(inb: Inbound, ctx: Context, _: Directory) -> Decision
 
 async def stage_known_sender(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
     msg, settings = inb.msg, ctx.settings
-    lookups = _sender_lookups(inb)
-    match, note = _account_by_sender(lookups, await directory.find_accounts(lookups))
+    match, note = await _sender_account(inb, directory)
     if match.account is None:
         if note:  # spec 2.1.3: an ambiguous sender is unknown, and the outcome says why
             inb.notes.append(note)
