@@ -57,6 +57,9 @@ def _check_address(value: str) -> str:
     return value
 
 
+# A host name as the gateway writes it into EHLO and Received: lines, and as it takes it for the
+# status page's Host: ASCII letters, digits, "-", "." and "_" (container host names).
+_HOST_NAME = r"[A-Za-z0-9_.-]{1,253}"
 CsvTuple = Annotated[tuple[str, ...], NoDecode]
 CsvInts = Annotated[tuple[int, ...], NoDecode]
 
@@ -192,7 +195,7 @@ class Settings(BaseSettings):
     @classmethod
     def _http_names_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for name in value:
-            if name != "*" and not re.fullmatch(r"[A-Za-z0-9_.-]{1,253}", name):
+            if name != "*" and not re.fullmatch(_HOST_NAME, name):
                 raise ValueError(f"{name!r} is not a host name (or * for any)")
         return tuple(name.lower().rstrip(".") for name in value)
 
@@ -201,7 +204,7 @@ class Settings(BaseSettings):
     def _hostname_valid(cls, value: str) -> str:
         # It goes into EHLO and Received: lines as it is: ASCII letters, digits, "-", "." and
         # "_" (container host names), or an address literal.
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]", value):
+        if not re.fullmatch(rf"{_HOST_NAME}|\[[0-9A-Fa-f:.]{{2,45}}\]", value):
             raise ValueError(
                 f"{value!r} is not a host name (ASCII letters, digits, '-', '.', '_';"
                 " or an address literal such as [192.0.2.1])"
