@@ -30,6 +30,7 @@ from aiosmtpd.smtp import (
     Session,
     _AuthMechAttr,
     login_always_fail,
+    syntax,
 )
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
@@ -41,6 +42,7 @@ from smtpgate.store import StoreError, new_queue_id
 log = logging.getLogger(__name__)
 
 # Replies (RFC 5321 codes with RFC 3463 enhanced status codes).
+OK_MAIL = "250 2.1.0 OK"  # RFC 3463 X.1.0, as MTAs answer a sender
 OK_RCPT = "250 2.1.5 OK"
 NOT_RELAY = "550 5.1.1 <{}>: recipient not accepted here (not a connector address)"
 TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
@@ -64,6 +66,7 @@ REFUSALS_PER_SECOND = 50
 _ENHANCED_CODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _DEFAULT_ENHANCED = {
     "220": "2.0.0",  # STARTTLS's "Ready to start TLS"
+    "214": "2.0.0",  # HELP
     "221": "2.0.0",
     "250": "2.0.0",
     "252": "2.5.0",
@@ -155,6 +158,18 @@ class Handler:
         extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
         rest = [line for line in responses[1:] if not line.startswith("250-AUTH")]
         return [responses[0], *extra, *rest]
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        envelope.mail_from = address  # what aiosmtpd does without this hook
+        envelope.mail_options.extend(mail_options)
+        return OK_MAIL
 
     async def handle_RCPT(
         self,
@@ -763,6 +778,28 @@ class Listener(SMTP):
             return None, None
         return address, rest
 
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str | None) -> None:
+        """RFC 5321 4.1.1.8's 214, listing the commands a client can use: aiosmtpd's HELP
+        (250) also lists AUTH, which EHLO does not offer here."""
+        topic = (arg or "").upper()
+        method = self._smtp_methods.get(topic) if topic != "AUTH" else None
+        if method is not None and self._syntax_available(method):
+            help_str = method.__smtp_syntax__
+            if self.session is not None and self.session.extended_smtp:
+                help_str += method.__smtp_syntax_extended__ or ""
+            await self.push(f"214 Syntax: {help_str}")
+            return
+        commands = " ".join(
+            sorted(
+                name
+                for name, method in self._smtp_methods.items()
+                if name != "AUTH" and self._syntax_available(method)
+            )
+        )
+        await self.push(f"{501 if topic else 214} Supported commands: {commands}")
+
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's smtp_DATA (same checks, replies, limits and hooks), reading the data in
         large pieces: readuntil(<CR><LF>.<CR><LF>) instead of a readuntil(<CR><LF>) per line."""

@@ -933,8 +933,8 @@ def test_listener_is_set_up_like_aiosmtpd_does() -> None:
     for key, value in theirs.items():
         if key == "_smtp_methods":
             assert list(ours[key]) == list(value)
-            # Our smtp_DATA and smtp_STARTTLS (and nothing else) may override theirs.
-            own = ("DATA", "STARTTLS")
+            # Our smtp_DATA, smtp_HELP and smtp_STARTTLS (and nothing else) may override theirs.
+            own = ("DATA", "HELP", "STARTTLS")
             assert {k: _shape(v) for k, v in ours[key].items() if k not in own} == {
                 k: _shape(v) for k, v in value.items() if k not in own
             }

@@ -811,3 +811,35 @@ async def test_vrfy_promises_nothing_for_an_address_that_would_be_refused(
         assert reply.code == 550, reply
     await session.close()
     await still_serving(gateway)
+
+
+async def test_mail_from_is_answered_with_an_address_status_code(gateway: Gateway) -> None:
+    """RFC 3463 3.2: X.1.0 is "other address status" — what MTAs (Postfix: "250 2.1.0 Ok")
+    answer a MAIL FROM with; RCPT's 2.1.5 likewise. A generic 2.0.0 said nothing."""
+    session = await RawSession.open(gateway.smtp_port)
+    assert (await session.command(b"EHLO client.example")).code == 250
+    reply = await session.command(b"MAIL FROM:<someone@example.com>")
+    assert (reply.code, reply.text) == (250, "2.1.0 OK"), reply
+    reply = await session.command(f"RCPT TO:<{gateway.settings.connector_addresses[0]}>".encode())
+    assert (reply.code, reply.text.split()[0]) == (250, "2.1.5"), reply
+    await session.close()
+
+
+async def test_help_lists_only_the_commands_a_client_can_use(gateway: Gateway) -> None:
+    """HELP listed AUTH (aiosmtpd's list), which EHLO does not offer and which would only be
+    refused: a client reading HELP would try it."""
+    session = await RawSession.open(gateway.smtp_port, ehlo=False)
+    reply = await session.command(b"HELP")
+    assert reply.code == 214, reply
+    assert "AUTH" not in reply.text.split(), reply
+    for command in ("EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY"):
+        assert command in reply.text.split(), (command, reply)
+    reply = await session.command(b"HELP mail")
+    assert (reply.code, reply.text) == (214, "2.0.0 Syntax: MAIL FROM: <address>"), reply
+    assert (await session.command(b"EHLO client.example")).code == 250
+    reply = await session.command(b"HELP mail")
+    assert reply.text == "2.0.0 Syntax: MAIL FROM: <address> [SP <mail-parameters>]", reply
+    for topic in (b"HELP AUTH", b"HELP BOGUS"):
+        reply = await session.command(topic)
+        assert reply.code == 501 and "AUTH" not in reply.text.split(), reply
+    await session.close()
