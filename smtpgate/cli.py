@@ -50,6 +50,12 @@ def _shown(line: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
+def _shown_text(text: str) -> str:
+    """Stored text (a ticket's details, a note) as the text output prints it: as `_shown`,
+    its lines and tabs kept."""
+    return "\n".join("\t".join(map(_shown, line.split("\t"))) for line in text.split("\n"))
+
+
 class TextFormatter(logging.Formatter):
     """The text lines' time in UTC, as logging writes it ("2026-11-27 12:00:00,123"), its
     strftime done once a second instead of on every line (several lines a message)."""
@@ -136,13 +142,15 @@ def _print_rows(
 ) -> int:
     """What a `list` verb prints: the rows as one JSON array, or one `line(row)` a row. The
     rows were read with one more than `args.limit`: a list cut at its limit says so on stderr
-    (`accounts list --json > export.json` stopped at 1,000 accounts without a word)."""
+    (`accounts list --json > export.json` stopped at 1,000 accounts without a word). A line's
+    characters that are not printable are escaped: senders chose many of the values, and an
+    ESC or BEL in one would drive the operator's terminal."""
     shown = rows[: args.limit]
     if args.json:
         _print_json(shown)
     else:
         for row in shown:
-            print(line(row))
+            print(_shown(line(row)))
     if len(rows) > args.limit:
         sys.stdout.flush()
         print(
@@ -283,21 +291,20 @@ async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace
         if args.json:
             _print_json(result)
             return 0
-        print(f"path:    {result['path']}")
-        print(
-            f"action:  {result['action']}" + (f" ({result['reason']})" if result["reason"] else "")
-        )
-        print(f"rules hit:    {', '.join(result['rules_hit']) or '-'}")
-        print(f"rules missed: {', '.join(result['rules_missed']) or '-'}")
-        print(f"account: {result['account'] or '-'}   ticket: {result['ticket'] or '-'}")
+        reason = f" ({result['reason']})" if result["reason"] else ""
+        lines = [
+            f"path:    {result['path']}",
+            f"action:  {result['action']}{reason}",
+            f"rules hit:    {', '.join(result['rules_hit']) or '-'}",
+            f"rules missed: {', '.join(result['rules_missed']) or '-'}",
+            f"account: {result['account'] or '-'}   ticket: {result['ticket'] or '-'}",
+        ]
         if result["error_code"]:
-            print(f"error code: {result['error_code']}")
-        for mail in result["sent"]:
-            print(f"would send {mail['kind']} to {', '.join(mail['to'])}")
-        for note in result["notes"]:
-            print(f"note: {note}")
-        if guessed:
-            print(f"note: {guessed}")
+            lines.append(f"error code: {result['error_code']}")
+        lines += [f"would send {m['kind']} to {', '.join(m['to'])}" for m in result["sent"]]
+        lines += [f"note: {note}" for note in [*result["notes"], guessed] if note]
+        for line in lines:  # the message's values, escaped as the lists' are
+            print(_shown(line))
         return 0
 
     if _store_exists(settings):
@@ -426,10 +433,12 @@ async def cmd_tickets(settings: Settings, _: Rules | None, args: argparse.Namesp
             return 0
         print(f"Ticket #{ticket['number']} ({ticket['rec_id']}) status {ticket['status']}")
         account = ticket["account_name"] or ticket["account"]
-        print(f"account: {account}  source: {ticket['source']}")
-        print(f"description: {ticket['description']}\n\n{ticket['details']}\n")
+        print(_shown(f"account: {account}  source: {ticket['source']}"))
+        print(_shown(f"description: {ticket['description']}"))
+        print(f"\n{_shown_text(ticket['details'])}\n")
         for note in ticket["history"]:
-            print(f"--- note {note['rec_id']} at {note['note_at']}\n{note['description']}\n")
+            print(_shown(f"--- note {note['rec_id']} at {note['note_at']}"))
+            print(f"{_shown_text(note['description'])}\n")
         return 0
 
     return await _with_store(settings, run)
@@ -554,9 +563,9 @@ async def cmd_rules(settings: Settings, rules: Rules, args: argparse.Namespace) 
     for i, s in enumerate(stages, 1):
         print(f"  {i}. {s['stage']:<15} {'on ' if s['enabled'] else 'off'}  {s['description']}")
     print(f"account_by_sender = {str(rules.account_by_sender).lower()}")
-    print(f"ticket_tag = {json.dumps(rules.ticket_tag)}")
+    print(f"ticket_tag = {json.dumps(rules.ticket_tag, ensure_ascii=False)}")
     for i, pattern in enumerate(rules.quote_patterns):
-        print(f"quote_patterns[{i}] = {json.dumps(pattern)}")
+        print(f"quote_patterns[{i}] = {json.dumps(pattern, ensure_ascii=False)}")
     for kind in ("detection", "skip", "account"):
         for rule in getattr(rules, kind):
             fields = {k: v for k, v in rule.model_dump().items() if v and k != "name"}

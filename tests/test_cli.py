@@ -32,6 +32,7 @@ from smtpgate.model import Envelope, is_bare_address
 from smtpgate.store import Store, new_queue_id
 from smtpgate.store.schema import MIGRATIONS
 from tests.conftest import FIXTURES, GatewayFactory, RecordingRelay, send, wait_processed
+from tests.hostile import RawSession, crlf
 
 ROOT = Path(__file__).resolve().parent.parent
 RMM = FIXTURES / "rmm"
@@ -317,6 +318,46 @@ async def test_tickets_list_and_show_json(
     assert len(await cli_async(data, "tickets", "list")) == 2
 
 
+async def test_text_output_does_not_print_control_characters_a_sender_chose(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, tmp_path: Path
+) -> None:
+    """The list and show verbs printed stored values raw: an ESC or BEL in a quoted local part
+    of MAIL FROM, an encoded subject or a body cleared the operator's screen and retitled the
+    terminal (logs escape them: cli.TextFormatter). Escaped as the logs do; lines and tabs of a
+    ticket's text kept."""
+    data = tmp_path / "data"
+    gw = await gateway_factory(
+        rules=(FIXTURES / "rules.toml").read_text(), internal_support_address="support@msp.example"
+    )
+    assert (
+        await asyncio.to_thread(run, data, "accounts", "import", str(FIXTURES / "accounts.csv"))
+    ).returncode == 0
+    raw = (FIXTURES / "01-alert-ticket.eml").read_bytes()
+    raw = raw.replace(b"free space\n", b"free space =?utf-8?q?=1B]0;pwned=07?=\n", 1)
+    raw = crlf(raw.replace(b"left.", "left.\x1b[2J\n\tsecond\x9b1m line".encode(), 1))
+    session = await RawSession.open(gw.smtp_port)
+    reply = await session.send_message(raw, mail_from='"\x1b]0;pwned\x07"@x.example')
+    await session.close()
+    assert reply.code == 250, reply
+    await wait_processed(gw, 1)
+    outputs = {}
+    for verb in (
+        ("queue", "list"),
+        ("tickets", "list"),
+        ("tickets", "show", "1"),
+        ("outbox", "list"),
+    ):
+        result = await asyncio.to_thread(run, data, *verb)
+        assert result.returncode == 0, result.stderr
+        outputs[verb] = result.stdout
+    assert "pwned" in outputs["queue", "list"]
+    assert "pwned" in outputs["tickets", "list"]
+    for verb, text in outputs.items():
+        assert not any(c in text for c in "\x1b\x07\x9b"), (verb, text)
+    shown = outputs["tickets", "show", "1"]
+    assert "left.[2J\n\tsecond\\x9b1m line" in shown, shown  # (the parser drops C0 controls)
+
+
 def test_explain_json_writes_nothing_and_matches_the_spec_table(tmp_path: Path) -> None:
     data = tmp_path / "var"
     for kind in ("accounts", "employees"):
@@ -501,6 +542,22 @@ def test_rules_file_errors_name_rule_key_and_line(
     assert f"rules.toml:{line}" in message or f"line {line}" in message
     for word in words:
         assert word in message
+
+
+def test_rules_text_shows_the_tag_and_quote_patterns_as_written(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """They were printed as JSON's ASCII escapes ("\\u0417\\u0430…"), which an operator
+    checking what is in force cannot read."""
+    rules = write(
+        tmp_path / "rules.toml",
+        'ticket_tag = "Заявка"\nquote_patterns = ["^Ursprüngliche Nachricht$"]\n',
+    )
+    env = {"SMTPGATE_RULES_FILE": str(rules)}
+    code, out, err = run_here(monkeypatch, tmp_path / "var", "rules", env=env)
+    assert code == 0, err
+    assert 'ticket_tag = "Заявка"' in out, out
+    assert 'quote_patterns[0] = "^Ursprüngliche Nachricht$"' in out, out
 
 
 def test_rule_names_are_unique_and_a_bom_is_no_error(
