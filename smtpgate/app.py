@@ -24,7 +24,7 @@ from smtpgate.http import Metrics, StatusServer
 from smtpgate.intake import IntakeProcesses
 from smtpgate.mail import ParsedMessage, parse_message
 from smtpgate.model import Outcome
-from smtpgate.pipeline import Context, decide, fingerprint
+from smtpgate.pipeline import SUPPORT_BOUNCED, Context, decide, fingerprint
 from smtpgate.relay import DeliveryError, Mail, RelayClient, relay_tls_context
 from smtpgate.store import Delivery, Job, Store, is_transient_error
 from smtpgate.worker import WorkerPool, backoff, scheduled_delay
@@ -381,6 +381,15 @@ class Gateway:
             ";".join(f"{m['kind']}:{','.join(m['to'])}" for m in outcome.sent) or "-",
             extra={"queue_id": job.id, "outcome": outcome.to_json()},
         )
+        if outcome.reason == SUPPORT_BOUNCED:
+            self.metrics.support_bounces.inc()
+            log.warning(
+                "the internal support address %s bounced a forward (delivery report %s): "
+                "forwards to it may be lost; see its mailbox",
+                self.settings.internal_support_address,
+                job.id,
+                extra={"queue_id": job.id},
+            )
 
     async def _process_failed(self, job: Job, exc: BaseException) -> None:
         assert self.store is not None

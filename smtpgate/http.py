@@ -52,6 +52,11 @@ class Metrics:
         self.rule_hits = Counter(
             "smtpgate_rule_hits", "Rules that matched, by rule name", ["rule"], registry=r
         )
+        self.support_bounces = Counter(
+            "smtpgate_support_bounces",
+            "Delivery reports saying the internal support address refused a forward",
+            registry=r,
+        )
         self.processing_failures = Counter(
             "smtpgate_processing_failures", "Processing attempts that raised", registry=r
         )

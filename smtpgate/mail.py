@@ -91,6 +91,8 @@ class ParsedMessage:
     # mail) and in a report's encoded returned headers, at most 16: hidden from a search of
     # the raw bytes.
     enclosed_loop_markers: frozenset[str] = frozenset()
+    # Whether such an enclosure also holds an X-Smtpgate-Action field: one of our forwards.
+    encloses_forward: bool = False
     # A line over RFC 5321's 998 octets (the listener takes up to 1 MiB): a forward breaks it
     # (outbound.break_long_lines). Told here, where a big message is read in a thread.
     long_lines: bool = False
@@ -166,6 +168,7 @@ _LOOP_VALUE = re.compile(
     rb"^x-smtpgate-loop[ \t]*:[ \t]*<?([^\s<>]{1,320})>?", re.IGNORECASE | re.MULTILINE
 )
 _MAX_LOOP_VALUES = 16
+_ACTION_FIELD = re.compile(rb"^x-smtpgate-action[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
 def parse_message(raw: bytes) -> ParsedMessage:
@@ -1224,6 +1227,7 @@ class _Parser:
         self.defects: list[str] = []
         self.recovered = 0  # parts parsed again (recover): each costs a parse of its bytes
         self.enclosed_loops: set[str] = set()  # loop values in encoded enclosures (note_loops)
+        self.encloses_forward = False  # an action field there too (note_loops)
 
     def defect(self, note: str) -> None:
         if note not in self.defects and len(self.defects) < _MAX_DEFECTS:
@@ -1315,6 +1319,7 @@ class _Parser:
             report_structure=walked.delivery_report or walked.read_receipt,
             long_lines=has_long_line(raw),
             enclosed_loop_markers=frozenset(self.enclosed_loops),
+            encloses_forward=self.encloses_forward,
         )
 
     # headers
@@ -1450,7 +1455,10 @@ class _Parser:
     def note_loops(self, data: bytes) -> None:
         """The X-Smtpgate-Loop values anywhere in decoded enclosed bytes (a message, returned
         headers, a message enclosing ours): a search of the raw bytes cannot see them. At most
-        _MAX_LOOP_VALUES (a hostile report held 670,000, each then checked on the loop)."""
+        _MAX_LOOP_VALUES (a hostile report held 670,000, each then checked on the loop); and
+        whether an X-Smtpgate-Action field is there too (a forward of ours, bounced)."""
+        if not self.encloses_forward and _LOOP_VALUE.search(data):
+            self.encloses_forward = _ACTION_FIELD.search(data) is not None
         for m in _LOOP_VALUE.finditer(data):
             if len(self.enclosed_loops) >= _MAX_LOOP_VALUES:
                 return

@@ -243,6 +243,11 @@ def _account_by_sender(
 # --- the stages -------------------------------------------------------------------------------
 
 
+# A reason the operator must hear of (a WARNING and a metric, Gateway._record): the support
+# mailbox refused one of our forwards, and may be refusing every one.
+SUPPORT_BOUNCED = "support_bounced"
+
+
 async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
     settings = ctx.settings
     marker = inb.msg.loop_header  # the parser's view also catches a folded field
@@ -259,11 +264,12 @@ async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decisi
     targets = (settings.internal_support_address,)
     if inb.msg.is_delivery_report and regular.reports_failure_to(inb.raw, targets):
         # A bounce of a forward to support (its mailbox full): forwarded there, it bounced
-        # back to us again, for ever.
+        # back to us again, for ever. Not sent, but told (SUPPORT_BOUNCED): it may be the one
+        # trace of a support mailbox that loses every forward.
         return Decision(
             Path.REGULAR,
             Action.IGNORED,
-            reason="loop",
+            reason=SUPPORT_BOUNCED,
             notes=["a delivery report about the address we forward to: not sent back there"],
         )
     encloses = any(a.content_type.startswith("message/") for a in inb.msg.attachments)
@@ -280,6 +286,7 @@ async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decisi
         ours = any(f"{outbound.LOOP_HEADER}: {c}".lower().encode() in raw for c in spellings)
         ours = ours or any(settings.is_connector(m) for m in inb.msg.enclosed_loop_markers)
         forward = f"{outbound.ACTION_HEADER}:".lower().encode() in raw
+        forward = forward or inb.msg.encloses_forward
         if ours and (inb.msg.is_delivery_report or forward):
             if not inb.msg.is_delivery_report and await directory.employee_is_active(inb.sender):
                 # A technician filing one of our forwards on its ticket ("FW: [Ticket #1]", the
@@ -288,7 +295,11 @@ async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decisi
                 reply = await stage_ticket_reply(inb, ctx, directory)
                 if reply is not None:
                     return reply
-            return Decision(Path.REGULAR, Action.IGNORED, reason="loop")
+            # A bounce of our forward: support's mailbox (or a redirect of it) refused it.
+            bounced = inb.msg.is_delivery_report and forward
+            return Decision(
+                Path.REGULAR, Action.IGNORED, reason=SUPPORT_BOUNCED if bounced else "loop"
+            )
     return None
 
 
