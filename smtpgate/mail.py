@@ -72,6 +72,7 @@ class ParsedMessage:
     auto_submitted: str | None
     precedence: str | None
     list_id: bool
+    list_unsubscribe: bool  # bulk mail (RFC 2369/8058), often without Precedence or List-Id
     auto_response_suppress: bool
     loop_header: str | None
     is_auto_reply: bool
@@ -1306,6 +1307,7 @@ class _Parser:
             auto_submitted=auto_submitted,
             precedence=precedence,
             list_id="list-id" in headers,
+            list_unsubscribe="list-unsubscribe" in headers,
             auto_response_suppress="x-auto-response-suppress" in headers,
             loop_header=self.keyword(headers, "x-smtpgate-loop", whole=True),
             is_auto_reply=is_auto,
@@ -1838,6 +1840,7 @@ def _empty_message(defects: tuple[str, ...], *, long_lines: bool = False) -> Par
         auto_submitted=None,
         precedence=None,
         list_id=False,
+        list_unsubscribe=False,
         auto_response_suppress=False,
         loop_header=None,
         is_auto_reply=False,

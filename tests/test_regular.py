@@ -548,6 +548,22 @@ CASES: tuple[Case, ...] = (
         notes=("no acknowledgement",),
     ),
     Case(
+        # Bulk senders (ESPs, RFC 8058 one-click unsubscribe) often set no Precedence/List-Id.
+        "known-list-unsubscribe-no-ack",
+        lambda w: mail(
+            "Acme November newsletter",
+            sender="news@acme.example",
+            headers={
+                "List-Unsubscribe": "<https://acme.example/unsub?u=1>",
+                "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+            },
+        ),
+        "ticket_created",
+        ticket=2,
+        account=ACME,
+        notes=("no acknowledgement: List-Unsubscribe",),
+    ),
+    Case(
         "known-x-auto-response-suppress-no-ack",
         lambda w: mail(
             "Meeting notes",

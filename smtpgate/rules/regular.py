@@ -117,6 +117,8 @@ def no_auto_answer_reason(msg: ParsedMessage, mail_from: str) -> str | None:
         return f"Precedence: {msg.precedence}"
     if msg.list_id:
         return "List-Id"
+    if msg.list_unsubscribe:
+        return "List-Unsubscribe"
     if msg.auto_response_suppress:
         return "X-Auto-Response-Suppress"
     if is_robot_address(mail_from) or is_robot_address(msg.from_address):
