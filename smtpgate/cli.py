@@ -285,7 +285,12 @@ async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace
 
     async def run(store: Store) -> int:
         decision = await decide(raw, mail_from, msg, Context(settings, rules), store)
-        outcome = await store.simulate(decision, msg.message_id, fingerprint(msg.message_id, msg))
+        outcome = await store.simulate(
+            decision,
+            msg.message_id,
+            fingerprint(msg.message_id, msg),
+            hourly_limit=settings.auto_mail_hourly_limit,
+        )
         result = outcome.to_json()
         result["rules_missed"] = decision.rules_missed
         if args.json:

@@ -43,6 +43,7 @@ from tests.conftest import (
     Received,
     RecordingRelay,
     send,
+    simple_message,
     wait_processed,
     wait_until,
 )
@@ -1937,7 +1938,9 @@ async def test_explain_says_a_reused_id_with_another_body_goes_to_support(
     ctx = Context(world.gw.settings, world.gw.rules)
     decision = await decide(later, "joe@acme.example", msg, ctx, world.store)
     outcome = (
-        await world.store.simulate(decision, msg.message_id, fingerprint(msg.message_id, msg))
+        await world.store.simulate(
+            decision, msg.message_id, fingerprint(msg.message_id, msg), hourly_limit=20
+        )
     ).to_json()
     text = " ".join(outcome["notes"])
     assert "support" in text or {"kind": "forward", "to": [SUPPORT]} in outcome["sent"], outcome
@@ -2313,3 +2316,34 @@ async def test_automatic_mail_caps_count_an_address_in_any_spelling(
         rows.append(await deliver(world.gw, data, "jane@xn--bcher-kva.example"))
     assert [r["outcome"]["action"] for r in rows] == ["ticket_created"] * len(spellings)
     assert [len(r["outcome"]["sent"]) for r in rows] == [1] * ACK_BURST + [0]
+
+
+async def test_explain_agrees_with_processing_when_a_cap_suppresses_the_ack(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """`explain` ran the decision's mail builder but not the caps: with
+    SMTPGATE_AUTO_MAIL_HOURLY_LIMIT=0 it said `would send ack` for what processing suppresses,
+    to an operator asking why a customer got no acknowledgement."""
+    gw = await gateway_factory(acknowledge=True, auto_mail_hourly_limit=0)
+    assert gw.store is not None
+    await gw.store.import_accounts([(2, {"file_as": "Acme", "email1": "acme.example"})])
+    raw = simple_message(
+        "Printer broken", "Jane <jane@acme.example>", message_id="<p1@acme.example>"
+    )
+    assert (await send(gw.smtp_port, raw, mail_from="jane@acme.example"))[0] == 250
+    await wait_processed(gw, 1)
+    (row,) = await gw.store.list_inbound()
+    assert (row["outcome"]["action"], row["outcome"]["sent"]) == ("ticket_created", [])
+    other = simple_message(
+        "Scanner broken", "Jane <jane@acme.example>", message_id="<p2@acme.example>"
+    )
+    msg = parse_message(other)
+    decision = await decide(
+        other, "jane@acme.example", msg, Context(gw.settings, gw.rules), gw.store
+    )
+    explained = await gw.store.simulate(
+        decision, msg.message_id, fingerprint(msg.message_id, msg), hourly_limit=0
+    )
+    assert (explained.action, explained.sent) == ("ticket_created", [])
+    assert any("suppressed: hourly cap" in n for n in explained.notes), explained.notes
+    assert [r["state"] for r in await gw.store.list_outbox()] == []  # explain wrote nothing

@@ -575,7 +575,7 @@ async def test_automated_stage(case: Flow, directory: Store, tmp_path: Path) -> 
     raw = message(case.subject, case.sender)
     try:
         decision = await decide(raw, case.sender, parse_message(raw), ctx, directory)
-        outcome = await directory.simulate(decision, "<t@rmm.example>")
+        outcome = await directory.simulate(decision, "<t@rmm.example>", hourly_limit=20)
     finally:
         await directory.close()
     assert (outcome.path, outcome.action) == ("automated", case.action)

@@ -304,7 +304,7 @@ async def test_every_bookkeeping_transaction_is_one_hop(
         (lambda: store.fail(second, "boom", max_attempts=5, backoff=0), "inline"),
         (lambda: store.delivery_failed(delivery.id, "451 later", 0.0), "inline"),
         (lambda: store.release_expired(), "writer"),
-        (lambda: store.simulate(ticket_decision(), "<a1@x>"), "writer"),
+        (lambda: store.simulate(ticket_decision(), "<a1@x>", hourly_limit=20), "writer"),
         (lambda: store.can_write(), "writer"),
     ]
     for call, where in calls:
@@ -410,7 +410,7 @@ async def test_a_lock_held_by_another_process_never_stops_the_loop(
     await enqueue(store, alert("Acme Corp", 2), "<a2@x>")
     assert writer_pragma(store, "busy_timeout") == 5000  # an intake commit waits again
     await store.delivery_done([])
-    await store.simulate(ticket_decision(), None)
+    await store.simulate(ticket_decision(), None, hourly_limit=20)
     assert writer_pragma(store, "busy_timeout") == 5000  # so does explain's rehearsal
 
 
@@ -626,7 +626,7 @@ async def test_a_decision_cancelled_mid_transaction_commits_whole_and_holds_the_
 async def test_explain_rolls_back_in_one_hop(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     hops = Hops(store, monkeypatch)
     with hops.measure() as seen:
-        outcome = await store.simulate(ticket_decision(), None)
+        outcome = await store.simulate(ticket_decision(), None, hourly_limit=20)
     assert seen["total"] == 1
     assert outcome.ticket == 1
     assert outcome.sent == [{"kind": "forward", "to": ["s@msp.example"]}]

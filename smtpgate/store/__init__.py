@@ -423,6 +423,68 @@ def _base36(n: int) -> str:
 _BASE36 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
+def _capped(
+    db: sqlite3.Connection, mails: Sequence[OutboundMail], hourly_limit: int, now: float
+) -> tuple[list[OutboundMail], list[str]]:
+    """The mails of a decision that go, and notes on those the caps on automatic mail hold
+    back; the ones that go are logged in auto_mail_log (the caps' count). Processing and
+    explain's rolled-back rehearsal alike."""
+    going: list[OutboundMail] = []
+    suppressed: list[str] = []
+    sent_before = True  # whether the mail before this one goes
+    for mail in mails:
+        if mail.kind is MailKind.BCC:
+            # The operator's audit copy of the mail before it: it goes when that one goes,
+            # and is not counted (its address is our own setting, not one a sender chose).
+            if not sent_before:
+                continue
+        elif mail.kind in AUTOMATIC_KINDS:
+            # Per-recipient cap on automatic mail: a runaway peer cannot make us a flood.
+            # Counted per address whatever its case and spelling (address_key: Victim@ and
+            # vIctim@, bücher.example composed, decomposed or xn--, are one mailbox), though
+            # the mail goes out as addressed.
+            over, burst = [], []
+            for rcpt in mail.recipients:
+                hour = db.execute(
+                    "SELECT count(*) FROM auto_mail_log WHERE recipient = ? AND sent_at > ?",
+                    (address_key(rcpt), now - 3600),
+                ).fetchone()[0]
+                if hour >= hourly_limit:
+                    over.append(rcpt)
+                elif mail.kind is MailKind.ACK and hour >= ACK_BURST:
+                    # Acknowledgements alone (an XML integration's responses are none):
+                    # logged a second time under "ack:" + the address.
+                    acks = db.execute(
+                        "SELECT count(*) FROM auto_mail_log WHERE recipient = ? AND sent_at > ?",
+                        (ACK_LOG_PREFIX + address_key(rcpt), now - ACK_BURST_SECONDS),
+                    ).fetchone()[0]
+                    if acks >= ACK_BURST:
+                        burst.append(rcpt)
+            if over:
+                suppressed.append(f"{mail.kind} to {', '.join(over)} suppressed: hourly cap")
+                sent_before = False
+                continue
+            if burst:
+                suppressed.append(
+                    f"{mail.kind} to {', '.join(burst)} suppressed: {ACK_BURST} automatic"
+                    f" mails to it in the last {ACK_BURST_SECONDS / 60:.0f} min"
+                )
+                sent_before = False
+                continue
+            db.executemany(
+                "INSERT INTO auto_mail_log (recipient, sent_at) VALUES (?, ?)",
+                [(address_key(r), now) for r in mail.recipients]
+                + (
+                    [(ACK_LOG_PREFIX + address_key(r), now) for r in mail.recipients]
+                    if mail.kind is MailKind.ACK
+                    else []
+                ),
+            )
+        going.append(mail)
+        sent_before = True
+    return going, suppressed
+
+
 def mails_sent(mails: Iterable[OutboundMail]) -> list[dict[str, Any]]:
     """The outcome's `sent` entries: kind and recipients of each mail queued."""
     return [{"kind": str(m.kind), "to": list(m.recipients)} for m in mails]
@@ -1218,18 +1280,28 @@ class Store:
         return outcome
 
     async def simulate(
-        self, decision: Decision, message_id: str | None, fingerprint: str | None = None
+        self,
+        decision: Decision,
+        message_id: str | None,
+        fingerprint: str | None = None,
+        *,
+        hourly_limit: int,
     ) -> Outcome:
-        """What `complete` would do, inside a transaction that is rolled back (explain)."""
+        """What `complete` would do, inside a transaction that is rolled back (explain): the
+        mails the caps on automatic mail (`hourly_limit`, the acknowledgement brake) would
+        hold back are noted, not said to be sent."""
         job = Job("explain", "", b"", Envelope("", "", "", ()), time.time(), 0, message_id)
 
         def explain(db: sqlite3.Connection) -> tuple[Applied, list[OutboundMail], list[str]]:
-            def rehearse(db: sqlite3.Connection) -> tuple[Applied, list[OutboundMail]]:
+            def rehearse(
+                db: sqlite3.Connection,
+            ) -> tuple[Applied, list[OutboundMail], list[str]]:
                 applied = self._apply(db, job, decision)
-                return applied, list(decision.mails(applied))
+                going, suppressed = _capped(db, decision.mails(applied), hourly_limit, time.time())
+                return applied, going, suppressed
 
-            applied, mails = _transaction(db, rehearse, pragmas=pragmas, commit=False)
-            notes = list(decision.notes)
+            applied, mails, suppressed = _transaction(db, rehearse, pragmas=pragmas, commit=False)
+            notes = list(decision.notes) + suppressed
             if message_id:  # spec 2.4: say so when this message would now be a duplicate
                 seen = db.execute(
                     "SELECT inbound_id FROM seen_messages WHERE key = ?", (message_id,)
@@ -1332,57 +1404,8 @@ class Store:
     ) -> tuple[list[dict[str, Any]], list[str]]:
         now = time.time()
         sent: list[dict[str, Any]] = []
-        suppressed: list[str] = []
-        sent_before = True  # whether the mail before this one was queued
-        for mail in mails:
-            if mail.kind is MailKind.BCC:
-                # The operator's audit copy of the mail before it: it goes when that one goes,
-                # and is not counted (its address is our own setting, not one a sender chose).
-                if not sent_before:
-                    continue
-            elif mail.kind in AUTOMATIC_KINDS:
-                # Per-recipient cap on automatic mail: a runaway peer cannot make us a flood.
-                # Counted per address whatever its case and spelling (address_key: Victim@ and
-                # vIctim@, bücher.example composed, decomposed or xn--, are one mailbox), though
-                # the mail goes out as addressed.
-                over, burst = [], []
-                for rcpt in mail.recipients:
-                    hour = db.execute(
-                        "SELECT count(*) FROM auto_mail_log WHERE recipient = ? AND sent_at > ?",
-                        (address_key(rcpt), now - 3600),
-                    ).fetchone()[0]
-                    if hour >= hourly_limit:
-                        over.append(rcpt)
-                    elif mail.kind is MailKind.ACK and hour >= ACK_BURST:
-                        # Acknowledgements alone (an XML integration's responses are none):
-                        # logged a second time under "ack:" + the address.
-                        acks = db.execute(
-                            "SELECT count(*) FROM auto_mail_log WHERE recipient = ?"
-                            " AND sent_at > ?",
-                            (ACK_LOG_PREFIX + address_key(rcpt), now - ACK_BURST_SECONDS),
-                        ).fetchone()[0]
-                        if acks >= ACK_BURST:
-                            burst.append(rcpt)
-                if over:
-                    suppressed.append(f"{mail.kind} to {', '.join(over)} suppressed: hourly cap")
-                    sent_before = False
-                    continue
-                if burst:
-                    suppressed.append(
-                        f"{mail.kind} to {', '.join(burst)} suppressed: {ACK_BURST} automatic"
-                        f" mails to it in the last {ACK_BURST_SECONDS / 60:.0f} min"
-                    )
-                    sent_before = False
-                    continue
-                db.executemany(
-                    "INSERT INTO auto_mail_log (recipient, sent_at) VALUES (?, ?)",
-                    [(address_key(r), now) for r in mail.recipients]
-                    + (
-                        [(ACK_LOG_PREFIX + address_key(r), now) for r in mail.recipients]
-                        if mail.kind is MailKind.ACK
-                        else []
-                    ),
-                )
+        going, suppressed = _capped(db, mails, hourly_limit, now)
+        for mail in going:
             held = self._held_mail
             claimed = (
                 held.clear
@@ -1429,7 +1452,6 @@ class Store:
             if applied.ticket_rec_id:
                 self._link(db, mail.message_id, applied.ticket_rec_id)
             sent.extend(mails_sent([mail]))
-            sent_before = True
         return sent, suppressed
 
     def _finish(self, db: sqlite3.Connection, job: Job, outcome: Outcome) -> None:
