@@ -8,11 +8,13 @@ import ctypes
 import ctypes.util
 import sqlite3
 import unicodedata
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import smtpgate.store as store_module
 from smtpgate.config import ConfigError
 from smtpgate.model import (
     Action,
@@ -26,6 +28,7 @@ from smtpgate.model import (
 )
 from smtpgate.model import Path as Branch
 from smtpgate.store import Store, StoreError, new_queue_id
+from tests.conftest import wait_until
 from tests.test_store_hops import alert, enqueue, numbered_decision, open_with_accounts
 
 
@@ -401,3 +404,36 @@ async def test_a_lock_held_elsewhere_is_no_lasting_intake_failure(tmp_path: Path
         assert store.intake_failing() is None
     finally:
         await store.close()
+
+
+async def test_the_retention_purge_lets_intake_commit_between_its_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The purge deleted every expired raw message in one transaction under the write lock:
+    700,000 (a lowered SMTPGATE_RETENTION_DAYS, a first start after a long stop) held intake
+    for longer than SMTPGATE_STORE_TIMEOUT, and every sender meanwhile got 451. It deletes in
+    batches, and a message arriving meanwhile is committed between two of them."""
+    monkeypatch.setattr(store_module, "PURGE_BATCH", 5)
+    store = await Store.open(tmp_path / "s.db")
+    try:
+        for n in range(100):
+            await enqueue(store, alert("Acme", n))
+        with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db, db:
+            db.execute("UPDATE inbound SET state = 'done', received_at = received_at - 86400")
+
+        async def raw_rows() -> int:
+            rows = await store._reader.execute_fetchall("SELECT count(*) FROM inbound_raw")
+            return int(next(iter(rows))[0])
+
+        purge = asyncio.create_task(store.purge(retention_days=0))
+        await wait_until(lambda: _fewer(raw_rows, 100), what="the purge's first batch")
+        await enqueue(store, alert("Acme", 100))  # waits for one batch at most
+        assert not purge.done()
+        assert await purge == 100
+        assert await raw_rows() == 1  # the new one
+    finally:
+        await store.close()
+
+
+async def _fewer(count: Callable[[], Awaitable[int]], than: int) -> bool:
+    return await count() < than

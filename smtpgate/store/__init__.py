@@ -423,6 +423,46 @@ def _base36(n: int) -> str:
 _BASE36 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
+PURGE_BATCH = 1000  # rows of a table a retention transaction reads and deletes at most
+
+# Per table: the rows a batch looks at (by rowid, oldest first), the delete of those expired,
+# and the age of a row (a batch whose last row is younger than the cutoff ends the sweep).
+_PURGE_SQL = {
+    "inbound_raw": (
+        "SELECT rowid FROM inbound_raw WHERE rowid > ? ORDER BY rowid LIMIT 1 OFFSET ?",
+        (
+            "DELETE FROM inbound_raw WHERE rowid > ? AND rowid <= ? AND EXISTS (SELECT 1 FROM"
+            " inbound i WHERE i.id = inbound_raw.id AND i.state = 'done' AND i.received_at < ?)",
+        ),
+        "SELECT i.received_at FROM inbound_raw r JOIN inbound i ON i.id = r.id WHERE r.rowid = ?",
+    ),
+    "outbox": (
+        "SELECT id FROM outbox WHERE id > ? ORDER BY id LIMIT 1 OFFSET ?",
+        (
+            "DELETE FROM outbox_data WHERE id > ? AND id <= ? AND EXISTS (SELECT 1 FROM outbox o"
+            " WHERE o.id = outbox_data.id AND o.state = 'done' AND o.created_at < ?)",
+            "DELETE FROM outbox WHERE id > ? AND id <= ? AND state = 'done' AND created_at < ?",
+        ),
+        "SELECT created_at FROM outbox WHERE id = ?",
+    ),
+}
+
+
+def _purge_batch(
+    db: sqlite3.Connection, table: str, after: int, cutoff: float
+) -> tuple[int, int, bool]:
+    """One retention batch of `table` after rowid `after`: how many rows of it it deleted, the
+    last rowid it looked at, and whether the sweep goes on."""
+    last_sql, deletes, age_sql = _PURGE_SQL[table]
+    last = db.execute(last_sql, (after, PURGE_BATCH - 1)).fetchone()
+    upto = last[0] if last else 2**63 - 1
+    counts = [db.execute(sql, (after, upto, cutoff)).rowcount for sql in deletes]
+    if last is None:
+        return counts[0], upto, False
+    age = db.execute(age_sql, (upto,)).fetchone()
+    return counts[0], upto, age is None or age[0] < cutoff
+
+
 def _capped(
     db: sqlite3.Connection, mails: Sequence[OutboundMail], hourly_limit: int, now: float
 ) -> tuple[list[OutboundMail], list[str]]:
@@ -2036,30 +2076,32 @@ class Store:
     # --- retention ---------------------------------------------------------------------------
 
     async def purge(self, retention_days: int) -> int:
-        """Drop raw bytes of done messages older than the retention; outcomes stay."""
+        """Drop raw bytes of done messages older than the retention, and done outbox mails;
+        outcomes stay. In transactions of PURGE_BATCH rows, oldest first: intake commits
+        between two (one transaction of 700,000 held the write lock past SMTPGATE_STORE_TIMEOUT,
+        and every sender got 451). Rows are read in the order they were written, which is the
+        order they were received in: a batch ending at a row still kept ends the sweep."""
         now = time.time()
         cutoff = now - retention_days * 86400
+        removed = 0
+        for table in ("inbound_raw", "outbox"):
+            after = 0
+            while True:
+                batch = functools.partial(_purge_batch, table=table, after=after, cutoff=cutoff)
+                n, after, more = await self._write(batch)
+                removed += n if table == "inbound_raw" else 0
+                if not more:
+                    break
 
-        def drop(db: sqlite3.Connection) -> int:
-            n = db.execute(
-                "DELETE FROM inbound_raw WHERE id IN (SELECT id FROM inbound"
-                " WHERE state = 'done' AND received_at < ?)",
-                (cutoff,),
-            ).rowcount
-            db.execute(
-                "DELETE FROM outbox_data WHERE id IN (SELECT id FROM outbox"
-                " WHERE state = 'done' AND created_at < ?)",
-                (cutoff,),
-            )
-            db.execute("DELETE FROM outbox WHERE state = 'done' AND created_at < ?", (cutoff,))
+        def drop_logs(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM auto_mail_log WHERE sent_at < ?", (now - 7200,))
             db.execute(
                 f"DELETE FROM seen_messages WHERE {_CONTENT_KEYS} AND seen_at < ?",
                 (now - CONTENT_DUPLICATE_SECONDS,),
             )
-            return n
 
-        return await self._write(drop)
+        await self._write(drop_logs)
+        return removed
 
     async def backup(self, target: Path) -> None:
         """A consistent online copy of the store (SQLite backup API).
