@@ -656,9 +656,10 @@ class Gateway:
             await asyncio.sleep(RETENTION_SWEEP_SECONDS)
 
     def _count_reply(self, code: str, n: int = 1) -> None:
-        self.metrics.smtp_replies.labels(code).inc(n)
-        if code == "220":
+        if code == front.GREETING:
             self.metrics.connections.inc(n)
+            code = "220"
+        self.metrics.smtp_replies.labels(code).inc(n)
 
     def _intake_running(self) -> bool:
         return self.intake is None or self.intake.running()

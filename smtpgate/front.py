@@ -42,6 +42,9 @@ from smtpgate.store import StoreError, new_queue_id
 log = logging.getLogger(__name__)
 
 # Replies (RFC 5321 codes with RFC 3463 enhanced status codes).
+# What the listener's reply callback is told for the 220 that opens a session (a session for
+# /metrics); every other reply by its code.
+GREETING = "greeting"
 OK_MAIL = "250 2.1.0 OK"  # RFC 3463 X.1.0, as MTAs answer a sender
 OK_RCPT = "250 2.1.5 OK"
 NOT_RELAY = "550 5.1.1 <{}>: recipient not accepted here (not a connector address)"
@@ -995,7 +998,8 @@ class Listener(SMTP):
     async def push(self, status: str) -> None:  # type: ignore[override]
         status = with_enhanced_code(status, self.hostname)
         if status[3:4] != "-":  # count a multi-line reply (EHLO) once, by its last line
-            self._on_reply(status[:3])
+            greeting = status.startswith(f"220 {self.hostname} ")  # not STARTTLS's 220
+            self._on_reply(GREETING if greeting else status[:3])
             if status[0] in "45" and status not in _LOGGED_ELSEWHERE:
                 self._log_refusal(status)
         await super().push(status)

@@ -599,6 +599,11 @@ async def test_starttls_on_the_listener_delivers(
     (forwarded,) = await relay.wait_for(1)
     assert forwarded.message["Subject"] == "over TLS"
     assert "with ESMTPS id" in forwarded.data.decode("ascii", "replace")
+    # STARTTLS's "220 Ready to start TLS" is a reply, not a second session.
+    _, _, body = await http_get(gw.http_port, "/metrics")
+    m = metric_samples(body.decode())
+    assert m[("smtpgate_smtp_connections_total", ())] == 1
+    assert m[("smtpgate_smtp_replies_total", (("code", "220"),))] == 2
 
 
 async def test_no_starttls_without_a_certificate(gateway_factory: GatewayFactory) -> None:
