@@ -14,7 +14,9 @@ import re
 import socket
 import tempfile
 import tomllib
+import zoneinfo
 from collections.abc import Mapping, Sequence
+from datetime import tzinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -160,6 +162,9 @@ class Settings(BaseSettings):
     api_max_xml_bytes: int = Field(
         1048576, ge=1024, le=4194304, description="larger XML: 150012 (at most 4 MiB)"
     )
+    api_time_zone: str | None = Field(
+        None, description="zone of XML dates and times given without one; unset: the machine's"
+    )
     rules_file: Path | None = Field(None, description="TOML rules file")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="text or json logs")
@@ -246,13 +251,26 @@ class Settings(BaseSettings):
 
     @field_validator(
         "relay_username", "relay_password", "rules_file", "tls_cert_file", "tls_key_file",
-        mode="before",
+        "api_time_zone", mode="before",
     )  # fmt: skip
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         # SMTPGATE_RELAY_USERNAME= (compose's ${VAR:-}) means no AUTH, not an empty login;
         # SMTPGATE_RULES_FILE= no rules file, not the directory ".".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_time_zone")
+    @classmethod
+    def _zone_known(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"{value!r} is not a time zone: give an IANA name such as Europe/Berlin"
+            ) from None
+        return value
 
     @field_validator("data_dir", mode="before")
     @classmethod
@@ -324,6 +342,11 @@ class Settings(BaseSettings):
     @property
     def skip_target(self) -> str:
         return self.skip_forward_address or self.internal_support_address
+
+    @property
+    def api_zone(self) -> tzinfo | None:
+        """The zone of XML dates and times given without one; None: the machine's."""
+        return None if self.api_time_zone is None else zoneinfo.ZoneInfo(self.api_time_zone)
 
     @functools.cached_property
     def connector_keys(self) -> dict[str, str]:

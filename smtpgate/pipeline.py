@@ -7,6 +7,7 @@ is applied by the store in one transaction, which is why `explain` can run the s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -400,6 +401,7 @@ async def stage_xml(inb: Inbound, ctx: Context, _: Directory) -> Decision | None
     )
     if tx is None:
         return None
+    tx = dataclasses.replace(tx, zone=settings.api_zone)
     unreadable = [e for e in tx.errors if e.code in UNREADABLE_CODES]
     if unreadable:
         # Malformed or refused for safety: nothing was read, not even the password or the

@@ -12,7 +12,7 @@ import hmac
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime
+from datetime import UTC, date, datetime, tzinfo
 from decimal import Decimal, InvalidOperation
 from email.utils import getaddresses
 from enum import StrEnum
@@ -338,6 +338,9 @@ class Transaction:
     others: int = 0
     # SendResponseToEmail as given when it is not one usable address (for the outcome's notes)
     unusable_response_to: str | None = None
+    # The zone of a date and time given without one (SMTPGATE_API_TIME_ZONE, set by the
+    # pipeline); None: the machine's.
+    zone: tzinfo | None = UTC
 
     @property
     def kind(self) -> KindSpec | None:
@@ -380,32 +383,39 @@ _INTEGER = re.compile(r"([+-]?\d{1,18})(?:\.0*)?", re.ASCII)
 Value = str | int | float | None
 
 
-def parse_date(text: str) -> str | None:
-    """Normalize an accepted date (xml-api.md 3) to ISO; None when invalid."""
+def parse_date(text: str, zone: tzinfo | None) -> str | None:
+    """Normalize an accepted date (xml-api.md 3) to ISO; None when invalid. A date and time
+    is taken in `zone` (None: the machine's) and kept in UTC ("…Z"), as every time the gateway
+    records; a date alone is a day, in no zone."""
     try:
         if m := _ISO_DATE.fullmatch(text):
             return date(int(m[1]), int(m[2]), int(m[3])).isoformat()
         if m := _ISO_DATETIME.fullmatch(text):
             y, mo, d, h, mi, s = (int(g or 0) for g in m.groups())
-            return datetime(y, mo, d, h, mi, s).isoformat()
+            return _in_utc(datetime(y, mo, d, h, mi, s), zone)
         if m := _DMY.fullmatch(text):
             d, mo, y = int(m[1]), int(m[2]), int(m[3])
             if m[4] is None:
                 return date(y, mo, d).isoformat()
             h, mi, s = int(m[4]), int(m[5]), int(m[6] or 0)
-            return datetime(y, mo, d, h, mi, s).isoformat()
-    except ValueError:
+            return _in_utc(datetime(y, mo, d, h, mi, s), zone)
+    except (ValueError, OverflowError):
         return None
     return None
 
 
-def parse_time(text: str) -> str | None:
+def _in_utc(wall: datetime, zone: tzinfo | None) -> str:
+    local = wall.astimezone() if zone is None else wall.replace(tzinfo=zone)
+    return local.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str, zone: tzinfo | None) -> str | None:
     if m := _TIME.fullmatch(text):
         h, mi, s = int(m[1]), int(m[2]), int(m[3] or 0)
         if h < 24 and mi < 60 and s < 60:
             return f"{h:02d}:{mi:02d}:{s:02d}"
         return None
-    return parse_date(text)
+    return parse_date(text, zone)
 
 
 def parse_number(text: str) -> int | float | None:
@@ -418,15 +428,16 @@ def parse_number(text: str) -> int | float | None:
     return int(value) if "." not in text else float(value)
 
 
-def convert(spec: FieldSpec, text: str) -> tuple[Value, str | None]:
-    """The value to store for `text`, or an error message. Empty text stores NULL."""
+def convert(spec: FieldSpec, text: str, zone: tzinfo | None = UTC) -> tuple[Value, str | None]:
+    """The value to store for `text`, or an error message. Empty text stores NULL; a date and
+    time is taken in `zone` (see parse_date)."""
     if spec.type is ValueType.READONLY:
         return None, "read-only field: assigned by smtpgate"
     if text == "":
         return None, None
     match spec.type:
         case ValueType.DATE:
-            iso = parse_date(text)
+            iso = parse_date(text, zone)
             if iso is None:
                 return None, (
                     f"invalid date {text[:40]!r}: use YYYY-MM-DD, YYYY-MM-DD HH:MM[:SS]"
@@ -434,7 +445,7 @@ def convert(spec: FieldSpec, text: str) -> tuple[Value, str | None]:
                 )
             return iso, None
         case ValueType.TIME:
-            iso = parse_time(text)
+            iso = parse_time(text, zone)
             if iso is None:
                 return None, f"invalid time {text[:40]!r}: use HH:MM[:SS] or a date and time"
             return iso, None
@@ -484,7 +495,7 @@ def column_values(tx: Transaction) -> dict[str, Value]:
         spec = kind.fields.get(name)
         if spec is None or spec.type is ValueType.READONLY:
             continue
-        value, problem = convert(spec, text)
+        value, problem = convert(spec, text, tx.zone)
         if problem is None:
             out[spec.column] = value
     return out

@@ -188,7 +188,7 @@ async def test_ticket_add_then_update(db: aiosqlite.Connection) -> None:
     assert ticket["source"] == "API by Email"
     assert ticket["status"] == 100
     assert ticket["priority"] == 10
-    assert ticket["due_at"] == "2026-11-27T09:00:00"
+    assert ticket["due_at"] == "2026-11-27T09:00:00Z"
     assert ticket["field1"] == "f1"
     assert ticket["inbound_id"] == "IN-7"
     assert ticket["created_by"] == "Web form"
@@ -246,7 +246,7 @@ async def test_history_note_on_ticket_then_update(db: aiosqlite.Connection) -> N
     assert note["ticket"] == ticket
     assert note["link_rec_id"] == ticket
     assert note["account"] == ACC  # taken from the ticket
-    assert note["note_at"] == "2026-11-26T10:15:00"
+    assert note["note_at"] == "2026-11-26T10:15:00Z"
     assert note["inbound_id"] == "IN-9"
     assert note["created_by"] == "Web form"
 

@@ -19,6 +19,7 @@ import sys
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -1256,3 +1257,29 @@ def test_a_transaction_in_a_second_inline_text_part_is_read() -> None:
         + b"\r\n--xb--\r\n",
     )
     assert transaction_in(raw).fields["FLDTKTPROBLEM"] == "Printer"
+
+
+async def test_note_times_given_without_a_zone_are_in_the_api_zone_and_sort_with_ours(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A note's FLDHISNOTEDATETIME was stored as given (wall time, no zone) beside the times
+    the gateway writes (UTC): at UTC+2 a note written an hour earlier was listed after one
+    written now. Taken in SMTPGATE_API_TIME_ZONE and kept in UTC, they sort as written."""
+    world = await start_world(gateway_factory, relay, api_time_zone="Etc/GMT-2")  # UTC+2
+    hour_ago = datetime.now(UTC) + timedelta(hours=2) - timedelta(hours=1)  # UTC+2 wall time
+    for text, at in (("an hour ago", hour_ago.strftime("%Y-%m-%d %H:%M")), ("now", None)):
+        fields = {"FLDHISLINKRECID": world.ticket, "FLDHISDESCRIPTION": text}
+        if at:
+            fields["FLDHISNOTEDATETIME"] = at
+        row = await deliver(world.gw, in_body(xml("HISTORY-NOTE", fields), subject=text), ENVELOPE)
+        assert row["outcome"]["action"] == "xml_applied", row["outcome"]
+    ticket = await world.store.get_ticket(1)
+    notes = [(n["description"], n["note_at"]) for n in ticket["history"]]
+    assert [d for d, _ in notes][-2:] == ["an hour ago", "now"], notes
+    assert notes[-2][1] == (hour_ago - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:00Z")
+    assert all(at.endswith("Z") for _, at in notes), notes
+
+
+def test_an_unknown_api_time_zone_stops_start_up_naming_it() -> None:
+    with pytest.raises(ConfigError, match="SMTPGATE_API_TIME_ZONE"):
+        load_settings(_env_file=None, api_time_zone="Mars/Olympus_Mons")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import codecs
+import time
+from datetime import UTC
 from pathlib import Path
 from xml.sax.saxutils import escape
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given, settings
@@ -415,12 +418,12 @@ def test_a_data_kind_of_non_ascii_digits_is_unknown(kind: str) -> None:
     [
         ("2026-11-26", "2026-11-26"),
         ("2026-1-6", "2026-01-06"),
-        ("2026-11-26 09:30", "2026-11-26T09:30:00"),
-        ("2026-11-26 09:30:15", "2026-11-26T09:30:15"),
-        ("2026-11-26T09:30:15", "2026-11-26T09:30:15"),
+        ("2026-11-26 09:30", "2026-11-26T09:30:00Z"),
+        ("2026-11-26 09:30:15", "2026-11-26T09:30:15Z"),
+        ("2026-11-26T09:30:15", "2026-11-26T09:30:15Z"),
         ("26/11/2026", "2026-11-26"),
-        ("26/11/2026 17:05", "2026-11-26T17:05:00"),
-        ("31/12/2026 23:59:59", "2026-12-31T23:59:59"),
+        ("26/11/2026 17:05", "2026-11-26T17:05:00Z"),
+        ("31/12/2026 23:59:59", "2026-12-31T23:59:59Z"),
         ("2026-13-01", None),
         ("32/01/2026", None),
         ("2026-11-26 24:00", None),
@@ -432,7 +435,24 @@ def test_a_data_kind_of_non_ascii_digits_is_unknown(kind: str) -> None:
     ],
 )
 def test_parse_date(given: str, expected: str | None) -> None:
-    assert xmlapi.parse_date(given) == expected
+    assert xmlapi.parse_date(given, UTC) == expected
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("2026-11-26 09:30", "2026-11-26T08:30:00Z"),  # CET
+        ("2026-07-01 09:30", "2026-07-01T07:30:00Z"),  # CEST
+        ("31/12/2026 00:30", "2026-12-30T23:30:00Z"),
+        ("2026-11-26", "2026-11-26"),  # a date alone is a day, in no zone
+    ],
+)
+def test_a_date_and_time_without_a_zone_is_taken_in_the_api_zone_and_kept_in_utc(
+    given: str, expected: str
+) -> None:
+    """They were stored as given, beside the gateway's own times in UTC: a ticket's history,
+    ordered by its notes' times, listed a note an hour old after one written now (UTC+1)."""
+    assert xmlapi.parse_date(given, ZoneInfo("Europe/Berlin")) == expected
 
 
 @pytest.mark.parametrize(
@@ -467,7 +487,7 @@ def test_column_values_normalize() -> None:
         "account": ACC,
         "quantity": 2,
         "price": 9.95,
-        "slip_date": "2026-11-26T10:00:00",
+        "slip_date": "2026-11-26T10:00:00Z",
         "start_time": "09:05:00",
         "bill_kind": "B",
         "description": None,
@@ -895,3 +915,15 @@ def test_account_email_values_are_one_address_or_a_domain(value: str, error: boo
     matched with, and "Name <address>" or two addresses in one field match no one."""
     tx = parse(doc("ACCOUNT", {"FLDCRDFULLNAME": "Acme Corp", "FLDCRDEMAIL2": value}))
     assert codes(tx) == ([(150010, "FLDCRDEMAIL2")] if error else [])
+
+
+def test_without_an_api_zone_a_date_and_time_is_taken_in_the_machines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "Etc/GMT-2")  # UTC+2
+    time.tzset()
+    try:
+        assert xmlapi.parse_date("2026-11-26 09:30", None) == "2026-11-26T07:30:00Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
