@@ -116,6 +116,7 @@ class Gateway:
         # sweeper leaves them alone, however long the store takes to record them.
         self._sending: set[int] = set()
         self._recorder: asyncio.Task[None] | None = None
+        self._alone: asyncio.Task[None] | None = None  # messages a crash left (_process_alone)
         self._senders_stopped = False
         self._stopping = asyncio.Event()
         self.intake: IntakeProcesses | None = None
@@ -147,9 +148,22 @@ class Gateway:
         make_data_dir(s)
         self._lock_file = _single_server_lock(s)
         self.store = store = await Store.open(s.db_path)
-        requeued = await store.recover()
-        if any(requeued):
-            log.info("requeued %d message(s) and %d delivery(ies) after a restart", *requeued)
+        recovered = await store.recover(max_crashes=s.process_max_attempts)
+        if recovered.inbound or recovered.outbox:
+            log.info(
+                "requeued %d message(s) and %d delivery(ies) after a restart",
+                len(recovered.inbound),
+                recovered.outbox,
+            )
+        for queue_id, message_id in recovered.dead:
+            log.warning(
+                "message %s (Message-ID %s) set aside as dead: the serve process stopped %d"
+                " times while processing it alone",
+                queue_id,
+                message_id or "none",
+                s.process_max_attempts,
+                extra={"queue_id": queue_id},
+            )
         tls_context = front.listener_tls_context(s)  # fails here, in the parent, if misconfigured
         loop = asyncio.get_running_loop()
         if s.intake_processes:
@@ -203,8 +217,14 @@ class Gateway:
         )
         # New messages and mails claimed by the transactions that queue them.
         store.hand_over(s.workers, FRESH_MAILS * s.relay_connections, LEASE_SECONDS)
-        pool.start()
         self._pools.append(pool)
+        if recovered.inbound:
+            # The process before stopped with these in processing: one may have killed it.
+            self._alone = asyncio.create_task(
+                self._process_alone(recovered.inbound, pool), name="recovered-alone"
+            )
+        else:
+            pool.start()
         tls = relay_tls_context(s)
         self._senders = [
             asyncio.create_task(self._send_loop(RelayClient(s, tls)), name=f"relay-{i}")
@@ -240,6 +260,12 @@ class Gateway:
             server.close()
         if self._smtp_sessions is not None:
             await self._smtp_sessions.shut_down(session_grace)
+        if self._alone is not None:  # the message in hand may finish, as the workers' may
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await asyncio.gather(asyncio.shield(self._alone), return_exceptions=True)
+            self._alone.cancel()
+            await asyncio.gather(self._alone, return_exceptions=True)
         for pool in self._pools:
             await pool.stop(grace)
         self._outbox_wake.set()
@@ -287,6 +313,28 @@ class Gateway:
         return True
 
     # --- processing ------------------------------------------------------------------------------
+
+    async def _process_alone(self, queue_ids: list[str], pool: WorkerPool[Job]) -> None:
+        """The messages the last process stopped with, one at a time, before the workers start:
+        a crash now is the one message's (Store.recover counts it), not the others' beside it.
+        New mail is accepted meanwhile, and waits for the workers."""
+        assert self.store is not None
+        for queue_id in queue_ids:
+            if self._stopping.is_set():
+                return
+            job = await self.store.claim_alone(queue_id, LEASE_SECONDS)
+            if job is None:
+                continue  # done or retried since
+            try:
+                await self.process(job)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await self.store.release_alone(job)
+                raise
+            except Exception as exc:
+                await self._process_failed(job, exc)
+        if not self._stopping.is_set():
+            pool.start()
 
     async def _claim(self, n: int) -> list[Job]:
         assert self.store is not None

@@ -32,7 +32,7 @@ DATA_DIR_VARIABLE = "SMTPGATE_DATA_DIR"
 DEFAULT_DATA_DIR = "./var"
 DB_NAME = "smtpgate.db"  # Settings.db_path = data_dir / DB_NAME
 ENV_FILE = ".env"  # pydantic-settings reads it from the working directory
-SCHEMA_VERSION = 7  # store.schema.MIGRATIONS' last: a newer store is the full path's to refuse
+SCHEMA_VERSION = 8  # store.schema.MIGRATIONS' last: a newer store is the full path's to refuse
 
 STATES = ("queued", "active", "done", "dead")  # model.JobState, in order
 QUEUES = ("inbound", "outbox")

@@ -436,3 +436,94 @@ def test_reliability_doc_states_what_the_crash_test_asserts() -> None:
     assert f"kills × `SMTPGATE_RELAY_CONNECTIONS` × {per_connection} (= {bound} in the test)" in doc
     # The duplicate bound rests on how far a relay sender may run ahead of the store's record.
     assert "RELAYED_UNRECORDED" in inspect.getsource(Gateway._deliver)
+
+
+# --- a message that kills the process ----------------------------------------------------------
+
+# Injected with a sitecustomize on PYTHONPATH (nothing of smtpgate changed): the serve process
+# SIGKILLs itself when it parses a message holding the marker, as the OOM killer or a segfault
+# in a C extension would.
+POISON_HOOK = """
+import os, signal
+import smtpgate.mail as _mail
+_parse = _mail.parse_message
+def parse_message(raw, *a, **k):
+    if b"POISON-PILL" in raw:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _parse(raw, *a, **k)
+_mail.parse_message = parse_message
+"""
+
+
+def _plain(key: str, body: str = "hello") -> bytes:
+    return (
+        f"From: <s@elsewhere.example>\r\nTo: connector@localhost\r\nSubject: {key}\r\n"
+        f"Message-ID: <{key}@poison.test>\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+async def test_a_message_that_kills_the_process_goes_dead_and_the_rest_is_processed(
+    tmp_path: Path,
+) -> None:
+    """Each claim counted an attempt, but only a processing *exception* compared it with
+    SMTPGATE_PROCESS_MAX_ATTEMPTS: a message that killed the process was requeued at every
+    start and claimed first, so serve crash-looped for ever (Restart=on-failure) and took no
+    mail. The messages a crash interrupts are processed one at a time at the next start, so a
+    crash there is the message's own: after SMTPGATE_PROCESS_MAX_ATTEMPTS of them it is dead,
+    and messages beside it at the first crash are not charged (tests/test_store.py)."""
+    max_attempts = 2
+    relay = HoldingRelay()
+    async with serving(relay, hostname="relay.test") as relay_port:
+        hook = tmp_path / "hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(POISON_HOOK)
+        server = Server(tmp_path, relay_port, intake_processes=1)
+        server.env.update(PYTHONPATH=str(hook), SMTPGATE_PROCESS_MAX_ATTEMPTS=str(max_attempts))
+        try:
+            await server.start()
+            session = await RawSession.open(server.port)
+            for key, body in (("before-1", "x"), ("before-2", "y"), ("poison", "POISON-PILL")):
+                assert (await session.send_message(_plain(key, body))).code == 250
+            await session.close()
+            crashes = 0
+            for _ in range(max_attempts + 3):  # bounded: more than it may take
+                assert server.proc is not None
+                try:
+                    async with asyncio.timeout(6):
+                        await server.proc.wait()
+                except TimeoutError:
+                    break  # serving on: the message was set aside
+                crashes += 1
+                with contextlib.suppress(AssertionError):  # it may die before it greets
+                    await server.start()
+            # The first crash, among others, is no one's for sure; each after it is its own.
+            assert crashes == max_attempts + 1, server.log.read_text()[-3000:]
+            ((state, error),) = await server.query(
+                "SELECT state, last_error FROM inbound WHERE message_id = ?",
+                "<poison@poison.test>",
+            )
+            assert state == "dead"
+            assert f"stopped {max_attempts} times while processing it" in str(error)
+            if server.proc is None or server.proc.returncode is not None:
+                await server.start()
+            session = await RawSession.open(server.port)
+            assert (await session.send_message(_plain("after"))).code == 250
+            await session.close()
+            deadline = time.monotonic() + 15
+            states: list[tuple[object, ...]] = []
+            while time.monotonic() < deadline:
+                states = await server.query(
+                    "SELECT message_id, state FROM inbound WHERE message_id != ? ORDER BY 1",
+                    "<poison@poison.test>",
+                )
+                if [s for _, s in states] == ["done"] * 3:
+                    break
+                await asyncio.sleep(0.1)
+            assert [s for _, s in states] == ["done"] * 3, states
+            log = server.log.read_text()
+            assert "set aside as dead" in log, log[-3000:]
+            assert "<poison@poison.test>" in log, log[-3000:]
+        finally:
+            if server.proc is not None and server.proc.returncode is None:
+                server.proc.kill()
+                await server.proc.wait()

@@ -8,7 +8,6 @@ import ctypes
 import ctypes.util
 import sqlite3
 import unicodedata
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,8 @@ from smtpgate.model import (
     normalize_key,
 )
 from smtpgate.model import Path as Branch
-from smtpgate.store import Store, StoreError, new_queue_id
-from tests.conftest import wait_until
-from tests.test_store_hops import alert, enqueue, numbered_decision, open_with_accounts
+from smtpgate.store import Recovered, Store, StoreError, new_queue_id
+from tests.test_store_hops import ENV, alert, enqueue, numbered_decision, open_with_accounts
 
 
 async def test_a_completion_after_the_lease_was_taken_over_applies_nothing(tmp_path: Path) -> None:
@@ -141,7 +139,7 @@ async def test_requeueing_big_mails_does_not_hold_their_bytes(tmp_path: Path) ->
         del claimed, got
         lib.sqlite3_memory_highwater(1)  # reset
         before = lib.sqlite3_memory_used()
-        assert await store.recover() == (0, 8)
+        assert await store.recover(max_crashes=5) == ([], 8, [])
         grown = lib.sqlite3_memory_highwater(1) - before
     finally:
         await store.close()
@@ -233,8 +231,16 @@ async def test_an_unclaimed_mail_is_queued_again_unless_claimed_anew(tmp_path: P
         await store.close()
 
 
+def undo_migration_8(db: sqlite3.Connection) -> None:
+    """The inbound table before migration 8: no crash count."""
+    db.execute("DELETE FROM schema_migrations WHERE version = 8")
+    db.execute("ALTER TABLE inbound DROP COLUMN crashes")
+
+
 def undo_migration_7(db: sqlite3.Connection) -> None:
-    """The outbox as versions before migration 7 kept it: the data in the row."""
+    """The outbox as versions before migration 7 kept it: the data in the row (and what came
+    after undone first)."""
+    undo_migration_8(db)
     db.execute("DELETE FROM schema_migrations WHERE version = 7")
     db.execute("ALTER TABLE outbox ADD COLUMN data BLOB NOT NULL DEFAULT x''")
     db.execute("UPDATE outbox SET data = (SELECT d.data FROM outbox_data d WHERE d.id = outbox.id)")
@@ -412,28 +418,79 @@ async def test_the_retention_purge_lets_intake_commit_between_its_batches(
     """The purge deleted every expired raw message in one transaction under the write lock:
     700,000 (a lowered SMTPGATE_RETENTION_DAYS, a first start after a long stop) held intake
     for longer than SMTPGATE_STORE_TIMEOUT, and every sender meanwhile got 451. It deletes in
-    batches, and a message arriving meanwhile is committed between two of them."""
+    batches, and a message that arrives meanwhile is committed between two of them: each batch
+    notes whether it sees that message's row."""
     monkeypatch.setattr(store_module, "PURGE_BATCH", 5)
+    new_id = new_queue_id()
+    seen: list[bool] = []
+    batch = store_module._purge_batch
+
+    def noting(db: sqlite3.Connection, **kw: Any) -> tuple[int, int, bool]:
+        if kw["table"] == "inbound_raw":
+            seen.append(
+                bool(db.execute("SELECT 1 FROM inbound WHERE id = ?", (new_id,)).fetchone())
+            )
+        return batch(db, **kw)
+
+    monkeypatch.setattr(store_module, "_purge_batch", noting)
     store = await Store.open(tmp_path / "s.db")
     try:
         for n in range(100):
             await enqueue(store, alert("Acme", n))
         with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db, db:
             db.execute("UPDATE inbound SET state = 'done', received_at = received_at - 86400")
-
-        async def raw_rows() -> int:
-            rows = await store._reader.execute_fetchall("SELECT count(*) FROM inbound_raw")
-            return int(next(iter(rows))[0])
-
-        purge = asyncio.create_task(store.purge(retention_days=0))
-        await wait_until(lambda: _fewer(raw_rows, 100), what="the purge's first batch")
-        await enqueue(store, alert("Acme", 100))  # waits for one batch at most
-        assert not purge.done()
+        purge = asyncio.create_task(store.purge(retention_days=0))  # takes the lock first
+        arriving = asyncio.create_task(store.enqueue(ENV, alert("Acme", 100), None, new_id))
         assert await purge == 100
-        assert await raw_rows() == 1  # the new one
+        await arriving
+        assert len(seen) == 21  # 20 batches of 5, and the one that finds no more
+        assert seen[0] is False
+        assert seen[-1] is True  # committed before the purge's last batch, not after it
     finally:
         await store.close()
 
 
-async def _fewer(count: Callable[[], Awaitable[int]], than: int) -> bool:
-    return await count() < than
+async def test_only_a_message_processed_alone_is_charged_the_crash_it_was_in(
+    tmp_path: Path,
+) -> None:
+    """Store.recover after a crash: the messages leased beside others are requeued (to be
+    processed alone, oldest first) and charged nothing; one claimed alone is charged, and goes
+    dead at the limit. A shutdown's release and a processing error take the charge back."""
+    path = tmp_path / "s.db"
+    store = await Store.open(path)
+
+    async def restart(max_crashes: int) -> Recovered:  # as the next `serve` after a crash
+        nonlocal store
+        await store.close()
+        store = await Store.open(path)
+        return await store.recover(max_crashes=max_crashes)
+
+    try:
+        for n in range(3):
+            await enqueue(store, alert("Acme", n))
+        first = await store.claim(3, 300)
+        recovered = await restart(max_crashes=1)
+        assert recovered.inbound == [job.id for job in first]  # oldest first
+        assert recovered.dead == []
+        poison, other, third = recovered.inbound
+        assert await store.claim_alone(poison, 300) is not None
+        assert len(await store.claim(3, 300)) == 2  # the others, claimed beside it meanwhile
+        recovered = await restart(max_crashes=1)
+        assert recovered.dead == [(poison, None)]  # (enqueued without its Message-ID)
+        assert sorted(recovered.inbound) == sorted([other, third])
+        row = await store.get_inbound(poison)
+        assert row is not None
+        assert row["state"] == "dead"
+        assert "stopped 1 times while processing it" in row["last_error"]
+        job = await store.claim_alone(other, 300)
+        assert job is not None
+        await store.release_alone(job)  # a shutdown came first: no crash counted
+        job = await store.claim_alone(other, 300)
+        assert job is not None
+        await store.fail(job, "ValueError: x", max_attempts=5, backoff=0)  # an error, no crash
+        assert (await restart(max_crashes=1)).dead == []
+        assert await store.retry_inbound(poison) == 1
+        assert (await store.claim_alone(poison, 300)) is not None  # its count starts again
+        assert (await restart(max_crashes=2)).dead == []
+    finally:
+        await store.close()

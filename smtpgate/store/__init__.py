@@ -463,6 +463,28 @@ def _purge_batch(
     return counts[0], upto, age is None or age[0] < cutoff
 
 
+class Recovered(NamedTuple):
+    """What `recover` found leased by a process that is gone."""
+
+    inbound: list[str]  # the messages requeued, oldest first: to be processed one at a time
+    outbox: int  # the mails requeued
+    dead: list[tuple[str, str | None]]  # (id, Message-ID) of those set aside: crashes of theirs
+
+
+def _job(row: sqlite3.Row, token: str, raw: bytes) -> Job:
+    return Job(
+        id=row["id"],
+        token=token,
+        raw=raw,
+        envelope=Envelope(
+            row["peer"], row["helo"], row["mail_from"], tuple(json.loads(row["rcpt_tos"]))
+        ),
+        received_at=row["received_at"],
+        attempts=row["attempts"],
+        message_id=row["message_id"],
+    )
+
+
 def _capped(
     db: sqlite3.Connection, mails: Sequence[OutboundMail], hourly_limit: int, now: float
 ) -> tuple[list[OutboundMail], list[str]]:
@@ -912,20 +934,74 @@ class Store:
 
     # --- inbound queue -----------------------------------------------------------------------
 
-    async def recover(self) -> tuple[int, int]:
-        """At start-up of the only server: every lease belongs to a dead process; requeue it."""
+    async def recover(self, max_crashes: int) -> Recovered:
+        """At start-up of the only server: every lease belongs to a dead process; requeue it.
 
-        def requeue(db: sqlite3.Connection) -> tuple[int, int]:
+        A message claimed alone (`claim_alone`) and still active was being processed when the
+        process died, and by nothing else: the crash is its own. After `max_crashes` of them it
+        goes dead instead, so a message that kills the process (the OOM killer, a crash in a C
+        extension) cannot keep it in a crash loop. The messages requeued otherwise are the ones
+        to process alone before the rest (`Recovered.inbound`)."""
+
+        def requeue(db: sqlite3.Connection) -> Recovered:
+            dead = db.execute(
+                "UPDATE inbound SET state = 'dead', lease_until = NULL, lease_token = NULL,"
+                " last_error = 'the serve process stopped ' || crashes || ' times while"
+                " processing it (a crash, the OOM killer): set aside; smtpgate queue retry ID"
+                " once the cause is fixed' WHERE state = 'active' AND crashes >= ?"
+                " RETURNING id, message_id",
+                (max_crashes,),
+            ).fetchall()
             inbound = db.execute(
                 "UPDATE inbound SET state = 'queued', lease_until = NULL, lease_token = NULL"
-                " WHERE state = 'active'"
-            ).rowcount
+                " WHERE state = 'active' RETURNING id, received_at"
+            ).fetchall()
             outbox = db.execute(
                 "UPDATE outbox SET state = 'queued', lease_until = NULL WHERE state = 'active'"
             ).rowcount
-            return inbound, outbox
+            return Recovered(
+                [row[0] for row in sorted(inbound, key=lambda row: row[1])],
+                outbox,
+                [(row[0], row[1]) for row in dead],
+            )
 
-        return await self._write(requeue, fsynced=any)
+        return await self._write(requeue, fsynced=lambda r: bool(r.inbound or r.outbox or r.dead))
+
+    async def claim_alone(self, queue_id: str, lease_seconds: float) -> Job | None:
+        """Lease one queued message to be processed with nothing else in flight, its crash
+        counted before it starts (durably: it must survive the crash it counts); `fail` and
+        `release_alone` take the count back, and a message done needs it no more."""
+        token = secrets.token_hex(8)
+
+        def take(db: sqlite3.Connection) -> Job | None:
+            row = db.execute(
+                "UPDATE inbound SET state = 'active', attempts = attempts + 1,"
+                " crashes = crashes + 1, lease_until = ?, lease_token = ?"
+                " WHERE id = ? AND state = 'queued'"
+                " RETURNING id, peer, helo, mail_from, rcpt_tos, received_at, attempts,"
+                " message_id",
+                (time.time() + lease_seconds, token, queue_id),
+            ).fetchone()
+            if row is None:
+                return None
+            raws = _kept_apart(db, "inbound_raw", [queue_id])
+            return _job(row, token, raws.get(queue_id, b""))
+
+        return await self._write(take)
+
+    async def release_alone(self, job: Job) -> None:
+        """Queue again a message claimed alone and not processed (a shutdown came first): no
+        attempt and no crash counted."""
+
+        def release(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE inbound SET state = 'queued', attempts = attempts - 1,"
+                " crashes = crashes - 1, lease_until = NULL, lease_token = NULL"
+                " WHERE id = ? AND lease_token = ? AND state = 'active'",
+                (job.id, job.token),
+            )
+
+        await self._write(release)
 
     async def release_expired(self, keep_outbox: Collection[int] = ()) -> int:
         """Queue again the messages and mails whose lease has lapsed, except the outbox mails
@@ -1003,23 +1079,7 @@ class Store:
             if inline_bytes is not None and sum(row["size"] for row in rows) > inline_bytes:
                 raise _TooBigHere  # rolled back; claimed again in the writer's thread
             raws = _kept_apart(db, "inbound_raw", [row["id"] for row in rows])
-            return [
-                Job(
-                    id=row["id"],
-                    token=token,
-                    raw=raws.get(row["id"], b""),
-                    envelope=Envelope(
-                        row["peer"],
-                        row["helo"],
-                        row["mail_from"],
-                        tuple(json.loads(row["rcpt_tos"])),
-                    ),
-                    received_at=row["received_at"],
-                    attempts=row["attempts"],
-                    message_id=row["message_id"],
-                )
-                for row in rows
-            ], clear
+            return [_job(row, token, raws.get(row["id"], b"")) for row in rows], clear
 
         here = GROUP_MAX_BYTES if budget < 0 else min(budget, GROUP_MAX_BYTES)
         try:
@@ -1082,7 +1142,7 @@ class Store:
         def record(db: sqlite3.Connection) -> None:
             db.execute(
                 "UPDATE inbound SET state = ?, last_error = ?, next_attempt_at = ?,"
-                " attempts = attempts - ?, lease_until = NULL, lease_token = NULL"
+                " attempts = attempts - ?, crashes = 0, lease_until = NULL, lease_token = NULL"
                 " WHERE id = ? AND lease_token = ?",
                 params,
             )
@@ -1508,7 +1568,8 @@ class Store:
         """Operator retry: dead messages (one, or all) whose bytes are kept go back to queued."""
         sql = (
             "UPDATE inbound SET state = 'queued', next_attempt_at = ?, attempts = 0,"
-            " last_error = NULL WHERE state = 'dead' AND id IN (SELECT id FROM inbound_raw)"
+            " crashes = 0, last_error = NULL"
+            " WHERE state = 'dead' AND id IN (SELECT id FROM inbound_raw)"
         )
         now = time.time()
         if queue_id is not None:

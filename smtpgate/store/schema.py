@@ -378,6 +378,15 @@ MIGRATIONS: list[tuple[int, str, str | Callable[[sqlite3.Connection], None]]] = 
         ALTER TABLE outbox DROP COLUMN data;
         """,
     ),
+    (
+        8,
+        "crashes of a message processed alone",
+        """
+        -- Store.recover: a message processed alone (claim_alone) when the process died is
+        -- charged the crash; after SMTPGATE_PROCESS_MAX_ATTEMPTS of them it goes dead.
+        ALTER TABLE inbound ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+        """,
+    ),
 ]
 
 
