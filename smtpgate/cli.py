@@ -236,6 +236,10 @@ async def cmd_serve(settings: Settings, rules: Rules, _: argparse.Namespace) -> 
 
     from smtpgate.app import Gateway
 
+    # SIGHUP (`systemctl reload`) kills by default: one while the gateway starts (a migration
+    # may take a while) is kept, and the rules are read again once it is up.
+    reload_asked: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, _: reload_asked.append(signum))
     gateway = Gateway(settings, rules)
     await gateway.start()
     freeze_start_up_objects()
@@ -244,6 +248,8 @@ async def cmd_serve(settings: Settings, rules: Rules, _: argparse.Namespace) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gateway.reload_rules)
+    if reload_asked:
+        gateway.reload_rules()
     ready = (
         f"smtpgate: SMTP on {settings.smtp_host}:{gateway.smtp_port}, "
         f"HTTP on http://{settings.http_host}:{gateway.http_port}/"

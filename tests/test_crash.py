@@ -527,3 +527,40 @@ async def test_a_message_that_kills_the_process_goes_dead_and_the_rest_is_proces
             if server.proc is not None and server.proc.returncode is None:
                 server.proc.kill()
                 await server.proc.wait()
+
+
+async def test_a_reload_signal_while_serve_starts_is_kept_for_after_it(tmp_path: Path) -> None:
+    """SIGHUP (`systemctl reload`) before serve had installed its handler, while it was still
+    starting (a migration on a big store takes a while), ended the process: systemd counts
+    that as a clean exit, so `Restart=on-failure` left the gateway down. It is kept, and the
+    rules are read again once serve is up (they may have changed after they were read)."""
+    relay = HoldingRelay()
+    async with serving(relay, hostname="relay.test") as relay_port:
+        server = Server(tmp_path, relay_port, intake_processes=1)
+        server.env["SMTPGATE_LOG_LEVEL"] = "INFO"
+        (tmp_path / "data").mkdir()
+        lock = tmp_path / "data" / "smtpgate.lock"
+        with server.log.open("ab") as log:
+            server.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "smtpgate", "serve", env=server.env, cwd=tmp_path,
+                stdout=asyncio.subprocess.DEVNULL, stderr=log,
+            )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not lock.exists():  # serve has begun its start-up
+                assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+                assert server.proc.returncode is None, server.log.read_text()[-3000:]
+                await asyncio.sleep(0.01)
+            server.proc.send_signal(signal.SIGHUP)
+            while "rules reloaded" not in server.log.read_text():
+                assert server.proc.returncode is None, server.log.read_text()[-3000:]
+                assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+                await asyncio.sleep(0.05)
+            session = await RawSession.open(server.port)
+            assert (await session.send_message(_plain("after-reload"))).code == 250
+            await session.close()
+            assert await server.terminate() == 0
+        finally:
+            if server.proc.returncode is None:
+                server.proc.kill()
+                await server.proc.wait()
