@@ -46,6 +46,9 @@ RELAY_BACKOFF = 5.0
 RELAY_BACKOFF_MAX = 300.0
 SWEEP_SECONDS = 30.0
 RETENTION_SWEEP_SECONDS = 3600.0
+# How much longer a stop waits for the relay's answer to mails it has whole (see stop): within
+# the unit's TimeoutStopSec=45 and the compose file's stop_grace_period with the rest of a stop.
+STOP_ANSWER_SECONDS = 8.0
 # Parsing costs ~30 ms per MB and holds the loop: a 25 MB message held it 0.7 s, long enough
 # for concurrent intake commits to miss SMTPGATE_STORE_TIMEOUT (451). Big ones go to a thread
 # (docs/performance.md); small ones stay inline, where a thread hop would cost more than it saves.
@@ -106,6 +109,7 @@ class Gateway:
         self.status_server: StatusServer | None = None  # the HTTP endpoint, once started
         self._pools: list[WorkerPool[Job]] = []
         self._senders: list[asyncio.Task[None]] = []
+        self._relay_clients: list[RelayClient] = []
         self._background: list[asyncio.Task[None]] = []
         self._outbox_wake = asyncio.Event()
         # (outbox id, kind) of mail taken by the relay, not yet recorded done; each future is
@@ -226,9 +230,10 @@ class Gateway:
         else:
             pool.start()
         tls = relay_tls_context(s)
+        self._relay_clients = [RelayClient(s, tls) for _ in range(s.relay_connections)]
         self._senders = [
-            asyncio.create_task(self._send_loop(RelayClient(s, tls)), name=f"relay-{i}")
-            for i in range(s.relay_connections)
+            asyncio.create_task(self._send_loop(client), name=f"relay-{i}")
+            for i, client in enumerate(self._relay_clients)
         ]
         self._start_recorder()
         self._background = [
@@ -271,9 +276,22 @@ class Gateway:
         self._outbox_wake.set()
         for task in self._background:
             task.cancel()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
-                await asyncio.gather(*self._senders, return_exceptions=True)
+        if self._senders:  # (asyncio.wait: a timeout must not cancel them yet)
+            await asyncio.wait(self._senders, timeout=grace)
+        answering = [
+            task
+            for task, client in zip(self._senders, self._relay_clients, strict=True)
+            if client.answer_due and not task.done()
+        ]
+        if answering:
+            # The relay has these mails whole: cut off now, they would count as unsent and go
+            # again at the next start (a content filter, a busy Exchange take seconds).
+            log.info(
+                "stopping: waiting up to %.0f s for the relay's answer to %d mail(s) it has",
+                STOP_ANSWER_SECONDS,
+                len(answering),
+            )
+            await asyncio.wait(answering, timeout=STOP_ANSWER_SECONDS)
         for task in self._senders:
             task.cancel()
         await asyncio.gather(*self._senders, *self._background, return_exceptions=True)

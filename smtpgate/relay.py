@@ -101,6 +101,9 @@ class RelayClient:
         self._tls_context = tls_context
         self._smtp: aiosmtplib.SMTP | None = None
         self._ahead: _Ahead | None = None
+        # The relay has a mail whole (its end of data sent) and its answer is awaited: a stop
+        # waits for it (Gateway.stop), or the mail, counted unsent, would go again.
+        self.answer_due = False
 
     async def _connection(self) -> aiosmtplib.SMTP:
         if self._smtp is not None and self._smtp.is_connected:
@@ -194,6 +197,7 @@ class RelayClient:
                 errors, reply = await self._send_plain(smtp, mail, ahead, then)
             else:
                 utf8 = not (mail.mail_from.isascii() and all(a.isascii() for a in mail.recipients))
+                self.answer_due = True  # (aiosmtplib's whole transaction: its dot is not told)
                 errors, reply = await smtp.sendmail(
                     mail.mail_from,
                     list(mail.recipients),
@@ -239,6 +243,8 @@ class RelayClient:
         except (ValueError, UnicodeError) as exc:  # an address aiosmtplib cannot put in a command
             await self.close()
             raise DeliveryError(f"unsendable envelope: {exc}", permanent=True) from exc
+        finally:
+            self.answer_due = False
         if errors:
             # Some recipients refused: our rows have one recipient each, so this is rare.
             log.warning("relay refused some recipients: %s", errors)
@@ -324,11 +330,20 @@ class RelayClient:
         transport.set_protocol(replies)
         try:
             await _write_data(transport, _stuffed(data), command_timeout)
-            end_reply = await replies.next(reply_timeout)
+            end_reply = await self._answer(replies, reply_timeout)
         finally:
             if not transport.is_closing():
                 transport.set_protocol(protocol)
         return _delivered(end_reply, refused)
+
+    async def _answer(self, replies: _Replies, seconds: float) -> SMTPResponse:
+        """The relay's answer to a mail's end of data: the mail is the relay's now, so a stop
+        waits for it (`answer_due`)."""
+        self.answer_due = True
+        try:
+            return await replies.next(seconds)
+        finally:
+            self.answer_due = False
 
     async def _send_pipelined(
         self,
@@ -396,7 +411,7 @@ class RelayClient:
                 await _all_sent(transport, command_timeout)
             else:
                 await _write_data(transport, stuffed, command_timeout)
-            end_reply = await replies.next(self._settings.relay_data_timeout)
+            end_reply = await self._answer(replies, self._settings.relay_data_timeout)
         finally:
             if not chained and not transport.is_closing():
                 transport.set_protocol(protocol)

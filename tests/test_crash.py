@@ -564,3 +564,48 @@ async def test_a_reload_signal_while_serve_starts_is_kept_for_after_it(tmp_path:
             if server.proc.returncode is None:
                 server.proc.kill()
                 await server.proc.wait()
+
+
+async def test_a_stop_waits_for_the_relays_answer_to_a_mail_it_has_whole(tmp_path: Path) -> None:
+    """A graceful stop (`systemctl restart`) while the relay was still answering a mail's end of
+    data (a content filter, a busy Exchange) cut the connection after 5 s and left the mail
+    counted unsent: the relay had it, and the next start sent it again. The stop now waits for
+    that answer (up to STOP_ANSWER_SECONDS more), and the mail is sent once."""
+    relay = HoldingRelay()
+    async with serving(relay, hostname="relay.test") as relay_port:
+        server = Server(tmp_path, relay_port, intake_processes=0)
+        server.env["SMTPGATE_LOG_LEVEL"] = "INFO"
+        try:
+            await server.start()
+            relay.hold = True  # the relay answers the end of data only when released
+            mail = make_mail("slow-relay", "stranger")
+            session = await RawSession.open(server.port)
+            assert (await session.send_message(mail.data, mail_from=mail.mail_from)).code == 250
+            await session.close()
+            async with asyncio.timeout(15):
+                await relay.held.wait()  # the relay has the whole mail, end of data included
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while "for the relay's answer to 1 mail" not in server.log.read_text():
+                assert server.proc.returncode is None, server.log.read_text()[-3000:]
+                assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+                await asyncio.sleep(0.05)
+            relay.unhold()  # it answers now: the stop records the mail as sent
+            async with asyncio.timeout(30):
+                assert await server.proc.wait() == 0
+            await server.start()
+            left: list[tuple[object, ...]] = []
+            while time.monotonic() < deadline:
+                left = await server.query("SELECT state, attempts FROM outbox")
+                if left == [("done", 1)]:
+                    break
+                await asyncio.sleep(0.1)
+            assert left == [("done", 1)]
+            forwards = [d for _, d in relay.deliveries if b"<slow-relay@crash.test>" in d]
+            assert len(forwards) == 1, f"the relay got the forward {len(forwards)} times"
+        finally:
+            relay.unhold()
+            if server.proc is not None and server.proc.returncode is None:
+                server.proc.kill()
+                await server.proc.wait()
