@@ -413,6 +413,9 @@ async def serve_child(channel_fd: int, listen_fds: Sequence[int]) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     # Ctrl-C reaches the whole process group: the parent stops its children in order.
     loop.add_signal_handler(signal.SIGINT, lambda: None)
+    # SIGHUP to the whole service (`systemctl kill -s HUP`, a closed terminal) reloads the
+    # parent's rules; a listener has none, and ending would cut its sessions off.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
     freeze_start_up_objects()
     writer.write(json.dumps({"ready": os.getpid()}).encode() + b"\n")
     answers = asyncio.create_task(_read_answers(reader, queue), name="answers")  # ends at EOF

@@ -137,6 +137,24 @@ async def test_a_child_that_dies_is_restarted_and_health_says_so_meanwhile(
     assert relay.messages[0].message["Subject"] == "after restart"
 
 
+async def test_a_hangup_signal_to_the_whole_service_leaves_the_children_serving(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """SIGHUP to every process of the service (`systemctl kill -s HUP`, the terminal of the
+    README's first command closed) ended the intake child, which has no rules to reload: its
+    open sessions were cut without an answer."""
+    gw = await gateway_factory(intake_processes=1)
+    assert gw.intake is not None
+    (pid,) = gw.intake.pids()
+    session = await RawSession.open(gw.smtp_port)
+    os.kill(pid, signal.SIGHUP)
+    reply = await session.send_message(simple_message(subject="across a hangup"))
+    await session.close()
+    assert reply.code == 250, reply
+    assert gw.intake.pids() == [pid]
+    await relay.wait_for(1)
+
+
 async def test_stop_ends_the_children(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory(intake_processes=2)
     assert gw.intake is not None
