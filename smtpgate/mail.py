@@ -124,19 +124,25 @@ _DATED = r"(?=.*(?:\d:\d\d|\b(?:19|20)\d\d\b|@))"
 # dropped by strip_quotes itself. Repetitions are bounded so that a hostile line stays cheap.
 DEFAULT_QUOTE_PATTERNS: tuple[str, ...] = (
     # Outlook plain text: "-----Original Message-----" and its translations (Foxmail's
-    # "------------------ 原始邮件 ------------------" too)
+    # "------------------ 原始邮件 ------------------" too); Zimbra's "----- Ursprüngliche Mail
+    # -----" / "----- Mail original -----" and Telekom webmail's "-----Original-Nachricht-----"
     r"^\s*-{2,}\s*(?:Original Message|Ursprüngliche Nachricht|Message d'origine|"
     r"Messaggio originale|Mensaje original|Mensagem original|Oorspronkelijk bericht|"
     r"Originalmeddelande|Original meddelelse|Opprinnelig melding|Alkuperäinen viesti|"
     r"Wiadomość oryginalna|Původní zpráva|Исходное сообщение|原始邮件|原始郵件|"
-    r"元のメッセージ|원본 메시지)\s*-{2,}\s*$",
+    r"元のメッセージ|원본 메시지|Ursprüngliche Mail|Mail original|Original-Nachricht)\s*-{2,}\s*$",
     # Outlook HTML converted to text: the rule above the header block
     r"^\s*_{10,}\s*$",
     # Outlook header block: "From: Name <a@b>", "From: Name [mailto:a@b]", "From: Name" (and
     # translations); strip_quotes takes it for one only with the block's other fields after it.
     rf"^\s*(?:{_FROM_WORDS})\s?:\s*\S",
+    # GMX / WEB.DE / mail.com: the date first ("Gesendet: … / Von: … / An: … / Betreff: …");
+    # strip_quotes takes it for a header block only with the sender and subject fields after it.
+    rf"^\s*(?:{_SENT_WORDS})\s?:\s*\S",
     # Gmail, Apple Mail, Thunderbird: "On Thu, 26 Nov 2026 at 13:05, Support <a@b> wrote:"
     rf"^{_DATED}\s*On\s.{{1,300}}\swrote\s?:\s*$",
+    # Zoho: "---- On Thu, 26 Nov 2026 13:05:00 +0100 Support <a@b> wrote ----"
+    rf"^{_DATED}\s*-{{2,}}\s*On\s.{{1,300}}\swrote\s*-{{2,}}\s*$",
     rf"^{_DATED}\s*Le\s.{{1,300}}\sa\sécrit\s?:\s*$",
     rf"^{_DATED}\s*Am\s.{{1,300}}\sschrieb\s.{{0,300}}:\s*$",
     rf"^{_DATED}\s*El\s.{{1,300}}\sescribió\s?:\s*$",
@@ -203,8 +209,12 @@ def strip_quotes(text: str, patterns: Sequence[re.Pattern[str]]) -> str:
             if len(line) <= _MAX_QUOTE_LINE_CHARS and any(p.search(line) for p in patterns)
             else _wrapped_quote_header(lines, i, patterns)
         )
-        if header and _FROM_FIELD.match(line) and not _header_block(lines, i, header):
-            header = 0  # "From: …" without the block's other fields: the customer's own
+        if (
+            header
+            and (_FROM_FIELD.match(line) or _SENT_FIELD.match(line))
+            and not _header_block(lines, i, header)
+        ):
+            header = 0  # "From: …" or "Sent: …" without the block's other fields: the customer's
         if header:
             # the next line with text (no slice of the rest: headers can follow each other)
             after = next((lines[j] for j in range(i + header, len(lines)) if lines[j].strip()), "")
@@ -223,8 +233,15 @@ def _header_block(lines: list[str], i: int, header: int) -> bool:
     """Whether the "From:" line i starts an Outlook header block: its date field among the next
     three lines ("Sent:", or "Date:" after a sender with an address), and without an address
     its subject field among the next six too ("From: Room 2.14 / To: … / Date: …" is a desk
-    move, "From: Billing <…> / Subject: …" a header the customer pasted)."""
+    move, "From: Billing <…> / Subject: …" a header the customer pasted). A "Sent:" line i
+    starts one (GMX, WEB.DE and mail.com write the date first) with the sender's field right
+    after it and the subject's among the next six ("Sent: Monday by DHL / From: our
+    warehouse" is the customer's)."""
     following = [line for line in lines[i + header : i + header + 8] if line.strip()]
+    if _SENT_FIELD.match(lines[i]):
+        return any(_FROM_FIELD.match(line) for line in following[:1]) and any(
+            _SUBJECT_FIELD.match(line) for line in following[:6]
+        )
     if _FROM_WITH_ADDRESS.search(lines[i]):
         return any(_DATE_FIELD.match(line) for line in following[:3])
     return any(_SENT_FIELD.match(line) for line in following[:3]) and any(
@@ -1008,6 +1025,10 @@ _MAX_QUOTE_MARKS = 8  # "> " a quote level, up to this many: nested quotes cost 
 # A <blockquote> that quotes (a reply's citation) rather than indents (Gmail's and Apple Mail's
 # "Indent" is a blockquote with no border).
 _CITATION = re.compile(r"""type\s*=\s*["']?cite|class\s*=\s*["'][^"']*quote|border-left""", re.I)
+# GMX, WEB.DE and mail.com quote in <div name="quote" style="border-left:…">, no <blockquote>.
+# Only that name makes a <div> cite: Gmail's <div class="gmail_quote"> also holds a forwarded
+# message, and a signature may have a left border.
+_CITING_DIV = re.compile(r"""\sname\s*=\s*["']?quote\b""", re.I)
 _HREF = re.compile(r"""\shref\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", re.IGNORECASE)
 _URL_SPACE = {ord(c): None for c in "\t\r\n"}
 _MAX_HREF_CHARS = 500  # longer targets (tracking links) would bury the text they belong to
@@ -1029,6 +1050,7 @@ def _html_to_text(source: str) -> str:
     cells = 0  # cells begun in the current table row
     link: tuple[str, int] | None = None  # an open link's target and where its text begins
     quoting: list[bool] = []  # open blockquotes: whether each quotes (else it indents)
+    divs: list[bool] = []  # open <div>s: whether each cites (_CITING_DIV)
     pos, n = 0, len(source)
 
     while pos < n:
@@ -1121,6 +1143,12 @@ def _html_to_text(source: str) -> str:
                     out.quote += quoting[-1]
                 elif quoting:
                     out.quote -= quoting.pop()
+            elif name == "div":
+                if not closing:
+                    divs.append(_CITING_DIV.search(source, m.end(), end) is not None)
+                    out.quote += divs[-1]
+                elif divs:
+                    out.quote -= divs.pop()
             elif name in ("ul", "ol"):
                 if closing:
                     if lists:

@@ -1364,6 +1364,42 @@ def test_unparseable_input_is_reported_not_raised() -> None:
             "Хорошо",
             id="thunderbird-ru",
         ),
+        pytest.param(
+            "Danke\n\nGesendet: Donnerstag, 26. November 2026 um 14:05 Uhr\n"
+            'Von: "MSP" <s@m.example>\nAn: x\nBetreff: Aw: y\n\nalt',
+            "Danke",
+            id="gmx-date-first",
+        ),
+        pytest.param(
+            "Ok\n\nSent: Thursday, November 26, 2026 at 2:05 PM\nFrom: MSP Support\nTo: x\n"
+            "Subject: y\n\nold",
+            "Ok",
+            id="mailcom-date-first-without-an-address",
+        ),
+        pytest.param(
+            "Hallo, es geht wieder.\n\n-----Original-Nachricht-----\nBetreff: y\n"
+            'Datum: 2026-11-26T14:05:00+0100\nVon: "MSP" <s@m.example>\n\nalt',
+            "Hallo, es geht wieder.",
+            id="telekom",
+        ),
+        pytest.param(
+            'Geht.\n\n----- Ursprüngliche Mail -----\nVon: "MSP" <s@m.example>\nAn: x\n'
+            "Gesendet: Donnerstag, 26. November 2026 14:05:00\nBetreff: y\n\nalt",
+            "Geht.",
+            id="zimbra-de",
+        ),
+        pytest.param(
+            'C\'est bon.\n\n----- Mail original -----\nDe: "MSP" <s@m.example>\nÀ: x\n'
+            "Envoyé: Jeudi 26 Novembre 2026 14:05:00\nObjet: y\n\nancien",
+            "C'est bon.",
+            id="zimbra-fr",
+        ),
+        pytest.param(
+            "Fine now.\n\n---- On Thu, 26 Nov 2026 13:05:00 +0100 MSP <s@m.example> wrote ----\n"
+            "\n> old\n",
+            "Fine now.",
+            id="zoho",
+        ),
         pytest.param("No quote here\n", "No quote here", id="no-quote"),
         pytest.param(
             "Answers below.\n\nOn Thu, 26 Nov 2026, Support <s@x.example> wrote:\n"
@@ -1972,6 +2008,27 @@ def test_an_indent_is_not_a_quote() -> None:
     assert mail._html_to_text("new" + quoted) == "new\n> old"
 
 
+def test_a_gmx_quote_div_cites() -> None:
+    """GMX, WEB.DE and mail.com quote a reply in <div name="quote"> (no <blockquote>): its
+    lines are quoted lines. A <div> that is no quote (Gmail's "gmail_quote" around a forwarded
+    message, a signature's left border) stays text."""
+    html = (
+        '<div>Works again.</div><div name="quote" style="border-left:2px solid #C3D9E5">'
+        "<div><b>Gesendet:</b>&nbsp;Donnerstag<br/><b>Von:</b>&nbsp;MSP</div>"
+        '<div name="quoted-content">old</div></div><div>Jane</div>'
+    )
+    assert mail._html_to_text(html) == (
+        "Works again.\n> Gesendet: Donnerstag\n> Von: MSP\n> old\nJane"
+    )
+    forward = (
+        '<div>FYI</div><div class="gmail_quote">---------- Forwarded message ---------<br>'
+        '<div name="quoted-content" style="border-left:1px solid #ccc">vendor text</div></div>'
+    )
+    assert mail._html_to_text(forward) == (
+        "FYI\n---------- Forwarded message ---------\nvendor text"
+    )
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -1985,6 +2042,10 @@ def test_an_indent_is_not_a_quote() -> None:
         "Merhaba,\n\nEkranda 0x80070005 hatası yazdı:\n\nErişim engellendi\n\nYardım edin.",
         "Hi,\nOn SRV01 the backup agent wrote:\n  job failed\nPlease check.",
         "Hallo,\nAm 3. OG schrieb der Drucker:\n  Papierstau\nBitte kommen.",
+        # "Sent:" and "From:" lines of the customer's own, without a subject: no header block
+        "Hi,\n\nthe parcel:\nSent: Monday by DHL\nFrom: our warehouse <store@acme.example>\n\n"
+        "It has not arrived.",
+        "Hallo,\nGesendet: 3 Pakete\nVon: Lager Nord\nBitte prüfen.",
     ],
 )
 def test_the_customers_own_from_lines_and_verbs_stay(text: str) -> None:

@@ -1400,6 +1400,27 @@ QUOTES: tuple[tuple[str, str], ...] = (
         "Le jeu. 26 nov. 2026 à 13:05, Support <connector@localhost> a écrit :\n\n> QUOTED",
     ),
     ("angle-quoting-only", "> QUOTED\n> more QUOTED"),
+    (
+        "telekom-original-nachricht",
+        "-----Original-Nachricht-----\nBetreff: [Ticket #1] x\nDatum: 2026-11-26T14:05:00+0100\n"
+        'Von: "Support" <connector@localhost>\nAn: "Jane Roe" <jane@acme.example>\n\nQUOTED',
+    ),
+    (
+        "zimbra-german",
+        '----- Ursprüngliche Mail -----\nVon: "Support" <connector@localhost>\nAn: Jane\n'
+        "Gesendet: Donnerstag, 26. November 2026 14:05:00\nBetreff: [Ticket #1] x\n\nQUOTED",
+    ),
+    (
+        "zoho",
+        "---- On Thu, 26 Nov 2026 13:05:00 +0100 Support <connector@localhost> wrote ----\n\n"
+        "> QUOTED",
+    ),
+    (
+        "gmx-plain-text-date-first",
+        "Gesendet: Donnerstag, 26. November 2026 um 14:05 Uhr\n"
+        'Von: "Support" <connector@localhost>\nAn: "Jane Roe" <jane@acme.example>\n'
+        "Betreff: [Ticket #1] x\n\nQUOTED",
+    ),
 )
 
 
@@ -1412,7 +1433,7 @@ async def test_quote_stripping_files_new_text_and_keeps_raw(
     row = await deliver(world.gw, mail("RE: [Ticket #1] x", body=body), "jane@acme.example")
     assert row["outcome"]["action"] == "ticket_reply", shape
     note = (await world.store.get_ticket(1))["history"][-1]["description"]
-    assert "NEWTEXT line one.\nSecond line." in note
+    assert note.endswith("\n\nNEWTEXT line one.\nSecond line.")  # no separator left over
     assert "QUOTED" not in note
     assert "connector@localhost" not in note.split("\n\n", 1)[1]  # no attribution residue
     assert "wrote:" not in note
@@ -1500,6 +1521,22 @@ async def test_html_only_mail_filed_as_text_with_attachments_listed(
     assert "Summe" not in ticket["details"]  # a text attachment is not the body
 
 
+def gmx_reply(sent: str, date: str, sender: str, to: str, subject: str) -> str:
+    """A GMX / WEB.DE (German) or mail.com (English) HTML reply: the quote in a <div
+    name="quote"> (no <blockquote>), its header block with the date before the sender."""
+    return (
+        '<html><body><div style="font-family: Verdana;font-size: 12.0px;"><div>Works again, '
+        'thank you!</div>\n<div>&nbsp;\n<div>&nbsp;\n<div name="quote" style="margin:10px '
+        '5px 5px 10px; padding: 10px 0 10px 10px; border-left:2px solid #C3D9E5;">\n'
+        f'<div style="margin:0 0 10px 0;"><b>{sent}:</b>&nbsp;{date}<br/>\n'
+        f"<b>{sender}:</b>&nbsp;&quot;Support&quot; &lt;connector@localhost&gt;<br/>\n"
+        f"<b>{to}:</b>&nbsp;&quot;Jane Roe&quot; &lt;jane@acme.example&gt;<br/>\n"
+        f"<b>{subject}:</b>&nbsp;[Ticket #1] x</div>\n\n"
+        '<div name="quoted-content">OLD QUOTED TEXT<br/>\n<br/>\nMore of it.</div>\n'
+        "</div>\n</div>\n</div></div></body></html>"
+    )
+
+
 HTML_REPLIES: tuple[tuple[str, str], ...] = (
     (
         "gmail",
@@ -1521,6 +1558,14 @@ HTML_REPLIES: tuple[tuple[str, str], ...] = (
         "<b><span lang=DE>Von:</span></b><span lang=DE> Support &lt;connector@localhost&gt;"
         "<br><b>Gesendet:</b> Donnerstag</span></p></div><p>OLD QUOTED TEXT</p></body></html>",
     ),
+    (
+        "gmx-de",
+        gmx_reply("Gesendet", "Donnerstag, 26. November 2026 um 14:05 Uhr", "Von", "An", "Betreff"),
+    ),
+    (
+        "mailcom-en",
+        gmx_reply("Sent", "Thursday, November 26, 2026 at 2:05 PM", "From", "To", "Subject"),
+    ),
 )
 
 
@@ -1535,6 +1580,7 @@ async def test_html_only_reply_is_filed_as_stripped_text(
     note = (await world.store.get_ticket(1))["history"][-1]["description"]
     assert "Works again, thank you!" in note
     assert "OLD QUOTED TEXT" not in note
+    assert "connector@localhost" not in note.split("\n\n", 1)[1]  # nor the header block
     assert "<div" not in note
     assert "<b>" not in note
 
