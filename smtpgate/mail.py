@@ -40,6 +40,7 @@ _MAX_PARTS = 1000  # parts we look at
 _MAX_DEPTH = 50  # multipart / message nesting we follow
 _MAX_TEXT_CHARS = 1_000_000
 _MAX_HTML_CHARS = 2_000_000  # HTML source reduced to text (a Python loop per tag: keep it short)
+_MIN_SKIPPED_DATA_URI = 1000  # a data: URI payload this long is left out of HTML past the cut
 # XML candidates are cut here: a transaction can be at most SMTPGATE_API_MAX_XML_BYTES, which
 # is capped at this.
 _MAX_XML_BYTES = 4 * 1024 * 1024
@@ -1034,6 +1035,43 @@ _URL_SPACE = {ord(c): None for c in "\t\r\n"}
 _MAX_HREF_CHARS = 500  # longer targets (tracking links) would bury the text they belong to
 
 
+# A data: URI (an image pasted into the mail) in an attribute or a style's url(), with at least
+# _MIN_SKIPPED_DATA_URI characters of payload before any "=" (base64 has it only as padding at
+# its end) or "(": a try from "=" or "url(" reads no further than the next "=" or "(", where
+# the next try starts, so a hostile source costs one linear scan; no backtracking (possessive
+# quantifiers).
+_DATA_URI = re.compile(
+    rf"""(?:=|url\()\s*+(?:["']|&quot;)?+data:[^"'<>()&\s=]{{{_MIN_SKIPPED_DATA_URI}}}""",
+    re.IGNORECASE,
+)
+_DATA_URI_REST = re.compile(r"""[^"'<>)&\s]*+""")  # the rest of its payload, padding too
+
+
+def _without_data_uris(source: str, limit: int) -> str:
+    """The HTML source with the payloads of its long data: URIs left out ("data:" stays), cut
+    at `limit` characters of what is left. A screenshot pasted as a data URI is megabytes of
+    base64 in one tag, which _html_to_text skips with one str.find: counted in its cut, it
+    pushed the text below the picture out. Memory stays within `limit`; time is a scan of
+    the source (in C) up to the cut."""
+    kept: list[str] = []
+    size = pos = 0
+    while True:
+        # a data URI whose payload starts before the cut (its first characters are in reach)
+        end = pos + (limit - size) + _MIN_SKIPPED_DATA_URI + 64
+        found = _DATA_URI.search(source, pos, end)
+        if found is None:
+            break
+        payload = found.end() - _MIN_SKIPPED_DATA_URI
+        if payload - pos > limit - size:
+            break  # past the cut
+        kept.append(source[pos:payload])
+        size += payload - pos
+        rest = _DATA_URI_REST.match(source, found.end())
+        pos = found.end() if rest is None else rest.end()
+    kept.append(source[pos : pos + limit - size])
+    return "".join(kept)
+
+
 def _html_to_text(source: str) -> str:
     """Readable text from HTML: tags gone, scripts/styles dropped, blocks as line breaks
     (`_TextOut`), table cells apart by " | ", a link's target after its text.
@@ -1708,8 +1746,10 @@ class _Parser:
             self.defect("body charset did not fit")
         text = text.removeprefix("\ufeff")
         if html:
-            if len(text) > _MAX_HTML_CHARS:
-                self.defect("HTML body truncated")
+            if len(text) > _MAX_HTML_CHARS:  # pasted images (data: URIs) are no work to skip
+                text = _without_data_uris(text, _MAX_HTML_CHARS + 1)
+                if len(text) > _MAX_HTML_CHARS:
+                    self.defect("HTML body truncated")
             text = _html_to_text(text)
         text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_TEXT_CONTROLS)
         text = text[: _MAX_TEXT_CHARS + 1]  # the body is cut there (body_fields says so)

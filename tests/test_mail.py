@@ -1176,6 +1176,30 @@ HOSTILE: list[tuple[str, Callable[[], bytes], Callable[[ParsedMessage], bool]]] 
         lambda m: m.html_only and "<" not in m.text,
     ),
     (
+        # A data: URI is one tag, however long: the cut bounds the rest, the text after it stays.
+        "html-data-uris-past-the-cut",
+        lambda: (
+            b"Content-Type: text/html\r\n\r\n"
+            + (b'<img src="data:image/png;base64,' + b"QUJD" * 300_000 + b'"> <p>a</p>') * 4
+        ),
+        lambda m: m.text == "a\n\na\n\na\n\na" and m.defects == (),
+    ),
+    (
+        # short ones (and text) stay; an unclosed one runs to the end, and is left out
+        "html-data-uris-short-and-unclosed",
+        lambda: (
+            b"Content-Type: text/html\r\n\r\n"
+            + b"<p>x=data:y</p><img src=data:AAAA>" * 20_000
+            + b"<p>z</p><img src='DATA:"
+            + b"A" * 3_000_000
+        ),
+        lambda m: (
+            m.text.startswith("x=data:y\n\nx=data:y")
+            and m.text.endswith("x=data:y\n\nz")
+            and m.defects == ()
+        ),
+    ),
+    (
         "mbox-from-line",
         lambda: b"From jane@acme.example Thu Nov 26 10:00:00 2026\r\nSubject: mbox\r\n\r\nbody",
         lambda m: m.subject == "mbox" and m.text == "body",
@@ -1978,6 +2002,55 @@ def test_nested_blockquotes_cost_linear_text() -> None:
     source = "<blockquote>" * 20_000 + "<br>" * 20_000 + "x"
     assert len(mail._html_to_text(source)) < len(source)
     assert mail._html_to_text("<blockquote>a" + "<br>" * 1000 + "b</blockquote>").count("\n") <= 3
+
+
+def test_the_text_after_a_pasted_screenshot_is_kept() -> None:
+    """An HTML-only mail (a web mailer or form) with a ~3 MB screenshot pasted as a data: URI:
+    the source was cut at 2,000,000 characters, inside the <img> tag, and what the customer
+    wrote below the picture was lost. The cut bounds the work per tag; a data URI costs none."""
+    picture = base64.b64encode(bytes(range(256)) * 9000).decode()
+    html = (
+        "<html><body><p>Hello, the printer shows this error:</p>"
+        f'<p><img src="data:image/png;base64,{picture}"></p>'
+        f"<div style=\"background:url('data:image/gif;base64,{picture[:4000]}')\">Room 2.14</div>"
+        "<p>It started after the Windows update yesterday. Please call me on 555-0100.</p>"
+        "</body></html>"
+    )
+    body = base64.encodebytes(html.encode())
+    msg = parse_message(
+        eml(
+            "Content-Type: text/html; charset=utf-8", "Content-Transfer-Encoding: base64", body=body
+        )
+    )
+    assert msg.text == (
+        "Hello, the printer shows this error:\n\nRoom 2.14\n\n"
+        "It started after the Windows update yesterday. Please call me on 555-0100."
+    )
+    assert msg.defects == ()
+    # past the cut with its data URIs left out, the source is still cut, and says so
+    cut = parse_message(eml("Content-Type: text/html", body=html + "<b></b>" * 300_000 + "cut"))
+    assert cut.text.endswith("555-0100.")
+    assert "HTML body truncated" in cut.defects
+
+
+def test_data_uris_are_left_out_of_the_cut_exactly() -> None:
+    source = '<img src="data:image/png;base64,' + "QUJD" * 500 + '=="><p>after</p>'
+    assert mail._without_data_uris(source, 100) == '<img src="data:"><p>after</p>'
+    assert mail._without_data_uris(source, 20) == '<img src="data:"><p>'
+    assert mail._without_data_uris(source, 10) == '<img src="'  # the URI starts past the cut
+
+
+@PROPERTY
+@given(
+    st.lists(st.sampled_from(['src="data:', "A" * 1200, "=", "url(", '"', " ", "x", "<p>"])),
+    st.integers(0, 3000),
+)
+def test_data_uris_left_out_keep_the_cut(atoms: list[str], limit: int) -> None:
+    source = "".join(atoms)
+    out = mail._without_data_uris(source, limit)
+    assert len(out) <= limit
+    if "data:" not in source:
+        assert out == source[:limit]
 
 
 def test_thunderbird_html_reply_quoting_a_plain_text_mail_is_stripped() -> None:

@@ -1521,6 +1521,30 @@ async def test_html_only_mail_filed_as_text_with_attachments_listed(
     assert "Summe" not in ticket["details"]  # a text attachment is not the body
 
 
+async def test_the_text_below_a_pasted_screenshot_reaches_the_ticket(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A web mailer sends a pasted screenshot as a ~3 MB data: URI in an HTML-only mail: the
+    HTML source was cut at 2,000,000 characters, inside the <img> tag, and everything written
+    below the picture was missing from the ticket."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    picture = base64.b64encode(bytes(range(256)) * 9000).decode()
+    html = (
+        "<html><body><p>Hello, the printer shows this error:</p>"
+        f'<p><img src="data:image/png;base64,{picture}"></p>'
+        "<p>It started after the Windows update yesterday. Please call me on 555-0100.</p>"
+        "</body></html>"
+    )
+    data = mail("Printer error after update", body=None, html=html)
+    row = await deliver(world.gw, data, "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_created"
+    ticket = await world.store.get_ticket(row["outcome"]["ticket"])
+    assert ticket["details"] == (
+        "Hello, the printer shows this error:\n\n"
+        "It started after the Windows update yesterday. Please call me on 555-0100."
+    )
+
+
 def gmx_reply(sent: str, date: str, sender: str, to: str, subject: str) -> str:
     """A GMX / WEB.DE (German) or mail.com (English) HTML reply: the quote in a <div
     name="quote"> (no <blockquote>), its header block with the date before the sender."""
