@@ -1646,6 +1646,32 @@ async def test_forward_into_a_ticket_keeps_the_forwarded_text(
     assert "license key ABC-123 expired" in note
 
 
+@pytest.mark.parametrize(
+    "prefix", ["PD:", "转发:", "轉寄:", "전달:", "İLT:", "ΠΡΘ:", "Továbbítás:", "PŘ:"]
+)
+async def test_a_localized_forward_into_a_ticket_keeps_the_forwarded_text(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, prefix: str
+) -> None:
+    """Outlook's forward prefix in Polish, Chinese, Korean, Turkish, Greek, Hungarian or Czech
+    was taken for a reply's: a technician forwarding the vendor's answer onto the ticket got
+    the note cut at the vendor mail's header block, and the vendor's text was lost."""
+    world = await start_world(gateway_factory, relay)
+    body = (
+        "Vendor's answer below.\n\n"
+        "From: Vendor Support <support@vendor.example>\n"
+        "Sent: Thursday, November 26, 2026 12:00 PM\n"
+        "To: Dana Tech <dana@msp.example>\n"
+        "Subject: Case 12345 - licence\n\n"
+        "Your licence for the backup agent expired on 20 November; renew it in the portal.\n"
+    )
+    subject = f"{prefix} [Ticket #1] {FIRST_SUBJECT}"
+    data = mail(subject, sender="Dana Tech <dana@msp.example>", body=body)
+    row = await deliver(world.gw, data, "dana@msp.example")
+    assert (row["outcome"]["action"], row["outcome"]["reason"]) == ("ticket_reply", "employee")
+    note = (await world.store.get_ticket(1))["history"][-1]["description"]
+    assert "licence for the backup agent expired" in note
+
+
 async def test_inline_answers_below_the_attribution_are_filed(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
@@ -1820,8 +1846,24 @@ async def test_active_employee_with_an_idn_domain_is_recognised_in_its_ascii_spe
         ("TR : facture", True),
         ("Fwd[2]: x", True),
         ("I: [Ticket #1] Licenza", True),  # Italian Outlook
+        # Outlook in Polish, Czech, Chinese, Korean, Turkish, Greek, Hungarian
+        ("PD: [Ticket #1] Licencja", True),
+        ("PŘ: Licence", True),
+        ("转发: 许可证", True),
+        ("转发：许可证", True),  # a full-width colon
+        ("轉寄: 授權", True),
+        ("轉發: 授權", True),
+        ("전달: 라이선스", True),
+        ("İLT: Lisans", True),
+        ("ΠΡΘ: Άδεια", True),
+        ("Továbbítás: Licenc", True),
         ("RE: FW: x", False),  # a reply to a forward: its quote is stripped
         ("AW: x", False),
+        # their replies are no forwards: "VS:" is Finnish for a reply (Danish and Norwegian for
+        # a forward), "SV:" a Scandinavian reply
+        *((f"{reply} x", False) for reply in ("Odp:", "ODP:", "回复:", "答复:", "回覆:", "회신:")),
+        *((f"{reply} x", False) for reply in ("YNT:", "ΑΠ:", "ΣΧΕΤ:", "Válasz:", "השב:", "VS:")),
+        *((f"{reply} x", False) for reply in ("SV:", "Antw:", "RES:", "R:", "RIF:")),
         ("Fwd x", False),
         ("Forwarding rules", False),
     ],

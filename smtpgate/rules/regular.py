@@ -31,9 +31,14 @@ def tagged_numbers(word: str, subject: str) -> list[int]:
 
 # The prefix a mail client puts before a forwarded message's subject (FW, Fwd; German WG,
 # French TR, Spanish RV, Portuguese ENC, Italian Outlook I, Swedish VB, Finnish VL, Dutch
-# Doorst), optionally with a count ("Fwd[2]:").
+# Doorst; Outlook's Polish PD, Czech PŘ, Chinese 转发 / 轉寄 (and 轉發), Korean 전달, Turkish
+# İLT (İ folds to i), Greek ΠΡΘ, Hungarian Továbbítás), optionally with a count
+# ("Fwd[2]:"), the colon also full-width. Not Danish and Norwegian VS: it is the Finnish reply's
+# prefix.
 _FORWARD_PREFIX = re.compile(
-    r"^\s*(?:fwd?|wg|tr|rv|enc|i|vb|vl|doorst)\s*(?:\[\d+\])?\s*:", re.IGNORECASE
+    r"^\s*(?:fwd?|wg|tr|rv|enc|i|vb|vl|doorst|pd|př|转发|轉寄|轉發|전달|ilt|πρθ|továbbítás)"
+    r"\s*(?:\[\d+\])?\s*[:：]",
+    re.IGNORECASE,
 )
 
 
