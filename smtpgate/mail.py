@@ -197,8 +197,8 @@ def strip_quotes(text: str, patterns: Sequence[re.Pattern[str]]) -> str:
     The first line matching any pattern (searched line by line) and everything after it go,
     unless '>' lines follow it: then only the header goes, and the lines between the quoted
     ones stay (answers written inline, below "On … wrote:"). Lines starting with '>' go;
-    trailing whitespace goes. If nothing would be left, the original text is returned
-    unchanged.
+    trailing whitespace goes. What is left may be nothing (a reply that brings only an
+    attachment): the caller knows whether the whole text is the better note then.
     """
     kept: list[str] = []
     lines = text.splitlines()
@@ -226,8 +226,7 @@ def strip_quotes(text: str, patterns: Sequence[re.Pattern[str]]) -> str:
         if not line.lstrip().startswith(">"):
             kept.append(line.rstrip())
         i += 1
-    result = "\n".join(kept).rstrip()
-    return result if result.strip() else text
+    return "\n".join(kept).rstrip()
 
 
 def _header_block(lines: list[str], i: int, header: int) -> bool:

@@ -153,11 +153,18 @@ def _subject_id(return_id: str | None) -> str:
 
 
 def note_text(inb: Inbound, ctx: Context, *, strip: bool) -> str:
-    """The text filed on a ticket: a short header block and the (quote-stripped) body."""
+    """The text filed on a ticket: a short header block and the (quote-stripped) body.
+
+    A mail that is all quote keeps its whole text, unless it answers a mail and brings
+    attachments: a reply whose only new content is a screenshot is filed with its attachment
+    line (its "quote" is our acknowledgement or the earlier thread). Otherwise the quote is
+    all there is to file: answers written into it unmarked, a forward without a prefix."""
     msg = inb.msg
     text = msg.text
     if strip:
-        text = strip_quotes(text, ctx.rules.compiled_quote_patterns())
+        stripped = strip_quotes(text, ctx.rules.compiled_quote_patterns())
+        if stripped.strip() or (msg.attachments and (msg.in_reply_to or msg.references)):
+            text = stripped
     who = f"{msg.from_name} <{inb.sender}>" if msg.from_name else inb.sender
     head = [f"From: {who or '(unknown)'}", f"Subject: {msg.subject or '(no subject)'}"]
     if msg.attachments:
@@ -168,7 +175,8 @@ def note_text(inb: Inbound, ctx: Context, *, strip: bool) -> str:
                 for a in msg.attachments
             )
         )
-    return "\n".join(head) + "\n\n" + text.strip()
+    text = text.strip()
+    return "\n".join(head) + ("\n\n" + text if text else "")
 
 
 def _new_ticket(

@@ -1672,6 +1672,80 @@ async def test_a_localized_forward_into_a_ticket_keeps_the_forwarded_text(
     assert "licence for the backup agent expired" in note
 
 
+SCREENSHOT = ("screenshot.png", "image/png", b"\x89PNG\r\n\x1a\n" + b"\0" * 60)
+ALL_QUOTE = (
+    "\n\n\nFrom: Support <connector@localhost>\nSent: Thursday, November 26, 2026 2:05 PM\n"
+    "To: Jane Roe <jane@acme.example>\nSubject: [Ticket #1] Outlook keeps asking for my password"
+    "\n\nThank you for your message. We have opened ticket 1 and will be in touch.\n"
+)
+
+
+async def test_a_reply_that_brings_only_an_attachment_files_no_quote(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A customer answers "here is the screenshot" with the attachment alone (Outlook, nothing
+    typed above the quote): with nothing left once the quote was cut, the whole text was filed,
+    our acknowledgement again as if it were the customer's words."""
+    world = await start_world(gateway_factory, relay)
+    data = mail(
+        "RE: [Ticket #1] Outlook keeps asking for my password",
+        body=ALL_QUOTE,
+        headers={"In-Reply-To": world.ack_id},
+        attachments=(SCREENSHOT,),
+    )
+    row = await deliver(world.gw, data, "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_reply"
+    note = (await world.store.get_ticket(1))["history"][-1]["description"]
+    assert note == (
+        "From: Jane Roe <jane@acme.example>\n"
+        "Subject: RE: [Ticket #1] Outlook keeps asking for my password\n"
+        "Attachments: screenshot.png (image/png, 68 bytes)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("subject", "answers", "attachments"),
+    [
+        # an answer with nothing but the quote (answers written into it unmarked, a slip)
+        ("RE: [Ticket #1] x", True, ()),
+        # a mail put onto the ticket by its tag alone, all of it a forwarded block
+        ("[Ticket #1] the vendor's answer", False, (SCREENSHOT,)),
+    ],
+    ids=["answer-without-attachments", "no-answer-with-attachments"],
+)
+async def test_a_mail_that_is_all_quote_otherwise_files_its_whole_text(
+    gateway_factory: GatewayFactory,
+    relay: RecordingRelay,
+    subject: str,
+    answers: bool,
+    attachments: tuple[tuple[str, str, bytes], ...],
+) -> None:
+    """Only an answer to a mail that brings attachments is filed without its all-quote text:
+    without them the note would say nothing, and a mail that answers none (no In-Reply-To or
+    References) is more likely a forward without a prefix, whose "quote" is its content."""
+    world = await start_world(gateway_factory, relay)
+    headers = {"In-Reply-To": world.ack_id} if answers else {}
+    data = mail(subject, body=ALL_QUOTE, headers=headers, attachments=attachments)
+    row = await deliver(world.gw, data, "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_reply"
+    note = (await world.store.get_ticket(1))["history"][-1]["description"]
+    assert note.endswith("We have opened ticket 1 and will be in touch.")
+
+
+async def test_a_new_ticket_without_text_has_a_note_without_blank_lines(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A scan sent with an empty body opens a ticket whose note ends with its attachments."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    data = mail("Scan", body="\n", attachments=(SCREENSHOT,))
+    row = await deliver(world.gw, data, "jane@acme.example")
+    note = (await world.store.get_ticket(row["outcome"]["ticket"]))["history"][0]["description"]
+    assert note == (
+        "From: Jane Roe <jane@acme.example>\nSubject: Scan\n"
+        "Attachments: screenshot.png (image/png, 68 bytes)"
+    )
+
+
 async def test_inline_answers_below_the_attribution_are_filed(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
