@@ -1214,11 +1214,26 @@ _AUTO_REPLY_SUBJECT = re.compile(
     r"|(?:automatic reply|auto(?:matic)?[ -]?(?:reply|response|responder)|autoreply|"
     r"out of (?:the )?office(?:\s+auto[ -]?reply|\s+reply)?|abwesenheitsnotiz|"
     r"automatische antwort|r[ée]ponse automatique|autosvar|automatisk svar|"
-    r"automatisch antwoord|respuesta autom[áa]tica|risposta automatica|resposta autom[áa]tica|"
+    r"automatisch antwoord|respuesta autom[áa]tica|risposta automatica|resposta autom[áàa]tica|"
     r"automaattinen vastaus|automatick[áa] odpov[ěe]ď|odpowied[źz] automatyczna|"
     r"automatikus v[áa]lasz|otomatik yan[ıi]t|r[ăa]spuns automat|"
-    r"автоматический ответ|αυτόματη απάντηση|自動回覆|自动回复|自動応答|自動返信|자동 회신)"
+    r"automatski odgovor|samodejni odgovor|trả lời tự động|"
+    r"автоматический ответ|автоматична відповідь|автоматичен отговор|"
+    r"αυτόματη απάντηση|自動回覆|自动回复|自動応答|自動返信|자동 회신)"
     r"\s*(?:[:：\-–—(\[（]|[.!]*\s*$))",
+    re.IGNORECASE,
+)
+
+# The prefix a mail client puts before a forwarded message's subject (FW, Fwd; German WG,
+# French TR, Spanish RV, Portuguese ENC, Italian Outlook I, Swedish VB, Finnish VL, Dutch
+# Doorst; Outlook's Polish PD, Czech PŘ, Chinese 转发 / 轉寄 (and 轉發), Korean 전달, Turkish
+# İLT (İ folds to i), Greek ΠΡΘ, Hungarian Továbbítás), optionally with a count
+# ("Fwd[2]:"), the colon also full-width. Not Danish and Norwegian VS: it is the Finnish reply's
+# prefix. (rules.regular.is_forward tells a forward by it; here a mailbox rule's forward is told
+# from Exchange's automatic answers.)
+FORWARD_PREFIX = re.compile(
+    r"^\s*(?:fwd?|wg|tr|rv|enc|i|vb|vl|doorst|pd|př|转发|轉寄|轉發|전달|ilt|πρθ|továbbítás)"
+    r"\s*(?:\[\d+\])?\s*[:：]",
     re.IGNORECASE,
 )
 _BOUNCE_SUBJECT = re.compile(
@@ -1253,6 +1268,21 @@ def _auto_reply_header(headers: dict[str, str]) -> bool:
         or value("x-precedence") == "auto_reply"
         or "autoresponder" in value("x-post-messageclass")
         or value("delivered-to") == "autoresponder"
+    )
+
+
+def _exchange_rules_answer(headers: dict[str, str], subject: str) -> bool:
+    """Whether a mail marked `Auto-Submitted: auto-generated` that has an In-Reply-To is an
+    Exchange out-of-office (or a rule's reply with a template), whatever language its subject
+    is in: Exchange marks them so (not RFC 3834's auto-replied) and says that the mailbox's
+    rules wrote them (X-MS-Exchange-Generated-Message-Source: Mailbox Rules Agent, or
+    X-MS-Exchange-Inbox-Rules-Loop). Those rules also forward ("FW: …") and redirect
+    (Resent-From) a person's mail, its In-Reply-To and all: that is no answer."""
+    source = _collapse(_raw_header_text(headers.get("x-ms-exchange-generated-message-source", "")))
+    return (
+        (source.lower() == "mailbox rules agent" or "x-ms-exchange-inbox-rules-loop" in headers)
+        and "resent-from" not in headers
+        and FORWARD_PREFIX.match(subject) is None
     )
 
 
@@ -1360,6 +1390,11 @@ class _Parser:
             or auto_submitted == "auto-replied"  # RFC 3834
             or _auto_reply_header(headers)
             or (answers_or_automatic and _AUTO_REPLY_SUBJECT.match(subject) is not None)
+            or (
+                auto_submitted == "auto-generated"
+                and bool(in_reply_to)
+                and _exchange_rules_answer(headers, subject)
+            )
         )
         message_id = headers.get("message-id")
         return ParsedMessage(

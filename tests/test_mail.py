@@ -476,6 +476,62 @@ def test_auto_reply_subject_alone_is_a_request(subject: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "subject",
+    [
+        "Automatski odgovor: Račun za studeni",  # Croatian, Serbian, Bosnian
+        "Автоматична відповідь: Рахунок за листопад",  # Ukrainian
+        "Samodejni odgovor: Račun za november",  # Slovenian
+        "Resposta automàtica: Factura de novembre",  # Catalan
+        "Автоматичен отговор: Фактура за ноември",  # Bulgarian
+        "Trả lời tự động: Hóa đơn tháng 11",  # Vietnamese
+    ],
+)
+def test_more_auto_reply_subjects(subject: str) -> None:
+    assert parse_message(eml(f"Subject: {subject}", ANSWER)).is_auto_reply
+    assert not parse_message(eml(f"Subject: {subject}")).is_auto_reply  # a request
+
+
+EXCHANGE_RULES = (
+    "Auto-Submitted: auto-generated",
+    "X-Auto-Response-Suppress: All",
+    "X-MS-Exchange-Inbox-Rules-Loop: jane@acme.example",
+    "X-MS-Exchange-Generated-Message-Source: Mailbox Rules Agent",
+)
+
+
+@pytest.mark.parametrize(
+    ("headers", "auto"),
+    [
+        pytest.param(EXCHANGE_RULES, True, id="out-of-office"),
+        pytest.param(EXCHANGE_RULES[:3], True, id="rules-loop-alone"),
+        pytest.param((*EXCHANGE_RULES[:2], EXCHANGE_RULES[3]), True, id="rules-agent-alone"),
+        pytest.param(EXCHANGE_RULES[:2], False, id="no-rules-mark"),
+        pytest.param(EXCHANGE_RULES[1:], False, id="not-auto-generated"),
+        pytest.param(("Auto-Submitted: no", *EXCHANGE_RULES[1:]), False, id="auto-submitted-no"),
+        pytest.param(
+            (*EXCHANGE_RULES, "Resent-From: jane@acme.example"), False, id="redirected-by-a-rule"
+        ),
+    ],
+)
+def test_an_exchange_out_of_office_is_known_by_its_headers(
+    headers: tuple[str, ...], auto: bool
+) -> None:
+    """Exchange marks its out-of-office "auto-generated" and names the mailbox rules that wrote
+    it: with In-Reply-To an automatic answer, in any language ("Automaatne vastus" is in no
+    list). A person's reply a rule redirected keeps its In-Reply-To and gets the marks: no
+    automatic answer."""
+    subject = "Subject: Automaatne vastus: Arve"
+    assert parse_message(eml(subject, ANSWER, *headers)).is_auto_reply is auto
+    assert not parse_message(eml(subject, *headers)).is_auto_reply  # it answers no mail
+
+
+def test_an_exchange_rules_forward_is_no_automatic_answer() -> None:
+    """A mailbox rule's forward of a reply carries the rules' marks and its In-Reply-To."""
+    for subject in ("FW: RE: printer", "WG: AW: Drucker", "PD: Odp: drukarka"):
+        assert not parse_message(eml(f"Subject: {subject}", ANSWER, *EXCHANGE_RULES)).is_auto_reply
+
+
+@pytest.mark.parametrize(
     ("value", "keyword"),
     [
         ("auto-replied (vacation)", "auto-replied"),  # Dovecot Pigeonhole, Cyrus

@@ -2533,3 +2533,36 @@ async def test_explain_agrees_with_processing_when_a_cap_suppresses_the_ack(
     assert (explained.action, explained.sent) == ("ticket_created", [])
     assert any("suppressed: hourly cap" in n for n in explained.notes), explained.notes
     assert [r["state"] for r in await gw.store.list_outbox()] == []  # explain wrote nothing
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "Automatski odgovor: Račun za studeni",
+        "Автоматична відповідь: Рахунок за листопад",
+        "Samodejni odgovor: Račun za november",
+        "Resposta automàtica: Factura de novembre",
+        "Automaatne vastus: Arve novembri eest",  # in no list: Exchange's headers tell
+    ],
+)
+async def test_an_exchange_out_of_office_in_any_language_opens_no_ticket(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, subject: str
+) -> None:
+    """spec 2.3.2: a recognisable out-of-office never opens a ticket. Exchange's, in a language
+    outside the list, answering a mail the MSP sent from the connector address (its
+    In-Reply-To unknown to the gateway), opened one for the customer."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    data = mail(
+        subject,
+        body="Out of the office until Monday.",
+        headers={
+            "In-Reply-To": "<psa-123@msp.example>",
+            "References": "<psa-123@msp.example>",
+            "X-Auto-Response-Suppress": "All",
+            "X-MS-Exchange-Inbox-Rules-Loop": "jane@acme.example",
+            "Auto-Submitted": "auto-generated",
+            "X-MS-Exchange-Generated-Message-Source": "Mailbox Rules Agent",
+        },
+    )
+    row = await deliver(world.gw, data, "jane@acme.example")
+    assert (row["outcome"]["action"], row["outcome"]["reason"]) == ("forwarded", "auto_reply")

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 
-from smtpgate.mail import BULK_PRECEDENCE, ParsedMessage
+from smtpgate.mail import BULK_PRECEDENCE, FORWARD_PREFIX, ParsedMessage
 from smtpgate.model import address_key
 
 # spec 2.4: senders and headers that never get an automatic answer.
@@ -29,23 +29,10 @@ def tagged_numbers(word: str, subject: str) -> list[int]:
     return [int(m.group(1)) for m in tag_pattern(word).finditer(subject)]
 
 
-# The prefix a mail client puts before a forwarded message's subject (FW, Fwd; German WG,
-# French TR, Spanish RV, Portuguese ENC, Italian Outlook I, Swedish VB, Finnish VL, Dutch
-# Doorst; Outlook's Polish PD, Czech PŘ, Chinese 转发 / 轉寄 (and 轉發), Korean 전달, Turkish
-# İLT (İ folds to i), Greek ΠΡΘ, Hungarian Továbbítás), optionally with a count
-# ("Fwd[2]:"), the colon also full-width. Not Danish and Norwegian VS: it is the Finnish reply's
-# prefix.
-_FORWARD_PREFIX = re.compile(
-    r"^\s*(?:fwd?|wg|tr|rv|enc|i|vb|vl|doorst|pd|př|转发|轉寄|轉發|전달|ilt|πρθ|továbbítás)"
-    r"\s*(?:\[\d+\])?\s*[:：]",
-    re.IGNORECASE,
-)
-
-
 def is_forward(subject: str) -> bool:
     """Whether the subject says the mail forwards another one (its first prefix): its text
     below the forwarded message's header block is the point of it, not a quote to strip."""
-    return _FORWARD_PREFIX.match(subject) is not None
+    return FORWARD_PREFIX.match(subject) is not None
 
 
 # outbound.LOOP_HEADER, matched in the raw header section: every occurrence counts.
