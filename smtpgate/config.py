@@ -368,7 +368,8 @@ def make_data_dir(settings: Settings) -> None:
     """SMTPGATE_DATA_DIR, created if missing; ConfigError naming it if that cannot be, or if
     files cannot be made in it (SQLite needs its -wal and -shm files beside the store)."""
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # Not readable by other users: the store holds customer mail (0750 before the umask).
+        settings.data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(
             f"{ENV_PREFIX}DATA_DIR: cannot create {settings.data_dir}: {exc.strerror or exc}"

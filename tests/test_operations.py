@@ -16,6 +16,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import stat
 import struct
 import subprocess
 import sys
@@ -1216,3 +1217,31 @@ def test_operations_doc_covers_the_topics() -> None:
         "retention",
     ):
         assert topic in text, topic
+
+
+async def test_the_store_and_its_directory_are_not_readable_by_other_users(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """The live store holds every customer mail, yet the README's first command made ./var
+    0755 and smtpgate.db, -wal and -shm 0644 under the usual umask: readable by every local
+    user (backups are made 0600 for that reason). Only the systemd unit's UMask hid them."""
+    old = os.umask(0o022)
+    try:
+        gw = await gateway_factory()
+        code, _ = await send(gw.smtp_port, simple_message(message_id="<mode@example.org>"))
+        assert code == 250
+        await wait_processed(gw, 1)
+        assert gw.store is not None
+        path = gw.store.path
+        modes = {
+            p.name: stat.S_IMODE(p.stat().st_mode)
+            for p in (path.parent, path, Path(f"{path}-wal"), Path(f"{path}-shm"))
+        }
+    finally:
+        os.umask(old)
+    assert modes == {
+        "data": 0o750,
+        "smtpgate.db": 0o640,
+        "smtpgate.db-wal": 0o640,
+        "smtpgate.db-shm": 0o640,
+    }, {name: oct(mode) for name, mode in modes.items()}

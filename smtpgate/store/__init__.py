@@ -633,7 +633,12 @@ class Store:
         """`schema`: "upgrade" applies pending migrations (serve, a new store); "current"
         refuses a store that needs one (ConfigError); "any" takes the schema as it is (backup).
         A store written by a newer version is refused unless "any"."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        # A new store is made 0640 (before the umask), not readable by other users: it holds
+        # customer mail. SQLite gives its -wal and -shm files the store's mode. (There already,
+        # a directory, no permission: said below, by SQLite's open.)
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
         try:
             # aiosqlite, when the open fails, leaves its thread to stop by itself and to tell
             # the event loop later (an error in that thread once the loop is gone): fail here.
