@@ -1243,7 +1243,9 @@ _BOUNCE_SUBJECT = re.compile(
     r"nicht zugestellt",
     re.IGNORECASE,
 )
-_ROBOT_LOCALPARTS = frozenset({"mailer-daemon", "postmaster", "mailerdaemon", "mail-daemon"})
+# Local parts of the senders of bounces: their mail is a report (here) and never acknowledged
+# (rules.regular.is_robot_address).
+ROBOT_LOCALPARTS = frozenset({"mailer-daemon", "postmaster", "mailerdaemon", "mail-daemon"})
 _DELIVERY_STATUS_TYPES = frozenset({"message/delivery-status", "message/global-delivery-status"})
 _DISPOSITION_TYPES = frozenset(
     {"message/disposition-notification", "message/global-disposition-notification"}
@@ -1445,7 +1447,7 @@ class _Parser:
     @staticmethod
     def daemon_sender(address: str, raw_from: str) -> bool:
         if address:
-            return address.partition("@")[0] in _ROBOT_LOCALPARTS
+            return address.partition("@")[0] in ROBOT_LOCALPARTS
         return "mailer-daemon" in raw_from.lower()
 
     # structure

@@ -595,6 +595,15 @@ CASES: tuple[Case, ...] = (
         notes=("no acknowledgement",),
     ),
     Case(
+        # The parser's robot names and the acknowledgement's were two lists, apart.
+        "known-mail-daemon-no-ack",
+        lambda w: mail("Delivery problem", sender="mail-daemon@acme.example"),
+        "ticket_created",
+        ticket=2,
+        account=ACME,
+        notes=("no acknowledgement",),
+    ),
+    Case(
         "known-own-from-address-no-ack",
         lambda w: mail("Test from the gateway address", sender="gateway@msp.example"),
         "ticket_created",

@@ -6,11 +6,8 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 
-from smtpgate.mail import BULK_PRECEDENCE, FORWARD_PREFIX, ParsedMessage
+from smtpgate.mail import BULK_PRECEDENCE, FORWARD_PREFIX, ROBOT_LOCALPARTS, ParsedMessage
 from smtpgate.model import address_key
-
-# spec 2.4: senders and headers that never get an automatic answer.
-_ROBOT_LOCALPARTS = ("mailer-daemon", "postmaster")
 
 
 @lru_cache(maxsize=8)
@@ -89,7 +86,7 @@ def reports_failure_to(raw: bytes, addresses: Iterable[str]) -> bool:
 
 def is_robot_address(address: str) -> bool:
     local = address.lower().partition("@")[0]
-    return local in _ROBOT_LOCALPARTS
+    return local in ROBOT_LOCALPARTS
 
 
 def is_null_sender(mail_from: str) -> bool:
