@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO
 
-from smtpgate import front
+from smtpgate import __version__, front
 from smtpgate.config import ConfigError, Rules, Settings, load_rules, make_data_dir
 from smtpgate.http import Metrics, StatusServer
 from smtpgate.intake import IntakeProcesses
@@ -241,7 +241,8 @@ class Gateway:
             asyncio.create_task(self._retention(), name="retention"),
         ]
         log.info(
-            "smtpgate listening on %s:%d (SMTP) and %s:%d (HTTP); connectors: %s",
+            "smtpgate %s listening on %s:%d (SMTP) and %s:%d (HTTP); connectors: %s",
+            __version__,
             s.smtp_host,
             self.smtp_port,
             s.http_host,

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from smtpgate import __version__
 from smtpgate.status import fast_status, render_status
 
 # pydantic(-settings), asyncio and aiosqlite are imported by the verbs that use them, not here:
@@ -638,6 +639,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smtpgate", description=__doc__)
+    p.add_argument("--version", action="version", version=f"smtpgate {__version__}")
     p.set_defaults(needs_rules=False)
     sub = p.add_subparsers(dest="verb", required=True)
 

@@ -25,9 +25,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     generate_latest,
 )
 
+from smtpgate import __version__
 from smtpgate.mail import BIDI_CONTROLS
 from smtpgate.store import Store
 
@@ -40,6 +42,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        Info("smtpgate_build", "The smtpgate version serving", registry=r).info(
+            {"version": __version__}
+        )
         self.received = Counter(
             "smtpgate_messages_received", "Messages accepted and queued (250)", registry=r
         )

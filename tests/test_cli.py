@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import io
 import json
 import logging
@@ -25,6 +26,7 @@ from typing import Any
 
 import pytest
 
+import smtpgate
 from smtpgate.cli import main
 from smtpgate.config import ConfigError, load_settings, unknown_variables
 from smtpgate.mail import parse_message
@@ -1259,6 +1261,13 @@ def test_numbers_out_of_range_are_usage_errors(tmp_path: Path, args: tuple[str, 
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("usage: smtpgate")
     assert result.stdout == ""
+
+
+def test_the_version_is_told_and_is_the_installed_ones(tmp_path: Path) -> None:
+    """An operator checking an upgrade (docs/operations.md) could not tell which version ran."""
+    result = run(tmp_path / "var", "--version")
+    assert (result.returncode, result.stdout) == (0, f"smtpgate {smtpgate.__version__}\n")
+    assert importlib.metadata.version("smtpgate") == smtpgate.__version__
 
 
 def test_help_says_what_every_verb_does(tmp_path: Path) -> None:

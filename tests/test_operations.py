@@ -30,6 +30,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from prometheus_client.parser import text_string_to_metric_families
 
+import smtpgate
 from smtpgate.app import Gateway
 from smtpgate.config import ENV_PREFIX, Settings, parse_rules
 from smtpgate.http import StatusServer
@@ -527,6 +528,7 @@ subject = "Alert"
     assert m[("smtpgate_processing_seconds_count", ())] == 2
     assert ("smtpgate_processing_seconds_bucket", (("le", "+Inf"),)) in m
     assert m[("smtpgate_smtp_connections_total", ())] == 2
+    assert m[("smtpgate_build_info", (("version", smtpgate.__version__),))] == 1
     # Per session: 220 greeting; 250 for EHLO (multi-line, counted once), MAIL, RCPT, end of DATA.
     assert m[("smtpgate_smtp_replies_total", (("code", "220"),))] == 2
     assert m[("smtpgate_smtp_replies_total", (("code", "354"),))] == 2
