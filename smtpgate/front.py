@@ -35,7 +35,13 @@ from aiosmtpd.smtp import (
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from smtpgate.config import ConfigError, Settings
-from smtpgate.model import Envelope, address_key, ascii_domain, has_bare_line_end
+from smtpgate.model import (
+    Envelope,
+    LineBudget,
+    address_key,
+    ascii_domain,
+    has_bare_line_end,
+)
 from smtpgate.outbound import mail_date
 from smtpgate.store import StoreError, new_queue_id
 
@@ -253,7 +259,15 @@ class Handler:
                 if isinstance(exc, TimeoutError)
                 else str(exc)
             )
-            log.error("could not store a message from %s from=<%s>: %s", peer, env.mail_from, why)
+            unlogged = _STORE_FAILURE_LINES.take(time.monotonic())
+            if unlogged is not None:
+                log.error(
+                    "could not store a message from %s from=<%s>: %s%s",
+                    peer,
+                    env.mail_from,
+                    why,
+                    f" ({unlogged} more refused before it, not logged)" if unlogged else "",
+                )
             return STORE_FAILED
         self._on_queued()
         log.info(
@@ -1224,29 +1238,10 @@ class Listener(SMTP):
         return bool(super().eof_received())
 
 
-class _LineBudget:
-    """At most `per_second` log lines a second (loop time); `take` says how many were left
-    out since the last one logged, or None to leave this one out."""
-
-    def __init__(self, per_second: int) -> None:
-        self.per_second = per_second
-        self._second = -1
-        self._used = 0
-        self._unlogged = 0
-
-    def take(self, now: float) -> int | None:
-        second = int(now)
-        if second != self._second:
-            self._second, self._used = second, 0
-        if self._used >= self.per_second:
-            self._unlogged += 1
-            return None
-        self._used += 1
-        unlogged, self._unlogged = self._unlogged, 0
-        return unlogged
-
-
-_SMUGGLING_LINES = _LineBudget(REFUSALS_PER_SECOND)  # Handler.handle_DATA's warnings
+_SMUGGLING_LINES = LineBudget(REFUSALS_PER_SECOND)  # Handler.handle_DATA's warnings
+# Handler.handle_DATA's errors when a commit fails: a full disk refuses a burst of mail, and
+# each refusal was a line, onto that disk.
+_STORE_FAILURE_LINES = LineBudget(5)
 
 
 class Sessions:
@@ -1254,7 +1249,7 @@ class Sessions:
     and which, so that a shutdown can tell each of them (RFC 5321 3.8)."""
 
     def __init__(self) -> None:
-        self.refusal_lines = _LineBudget(REFUSALS_PER_SECOND)  # Listener._log_refusal
+        self.refusal_lines = LineBudget(REFUSALS_PER_SECOND)  # Listener._log_refusal
         self.live: set[Listener] = set()
         self.closing = False  # shut_down began: a connection accepted just before is told too
         self._all_gone: asyncio.Event | None = None

@@ -307,3 +307,25 @@ class Outcome:
         # A shallow dict: every value is already JSON (dataclasses.asdict deep-copies, and this
         # runs twice per processed message).
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class LineBudget:
+    """At most `per_second` log lines a second (loop time); `take` says how many were left
+    out since the last one logged, or None to leave this one out."""
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
+        self._second = -1
+        self._used = 0
+        self._unlogged = 0
+
+    def take(self, now: float) -> int | None:
+        second = int(now)
+        if second != self._second:
+            self._second, self._used = second, 0
+        if self._used >= self.per_second:
+            self._unlogged += 1
+            return None
+        self._used += 1
+        unlogged, self._unlogged = self._unlogged, 0
+        return unlogged

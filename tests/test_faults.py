@@ -14,6 +14,7 @@ import os
 import socket
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,11 @@ from typing import Any
 
 import pytest
 
-from smtpgate import app
+import smtpgate.store as store_module
+from smtpgate import app, front
 from smtpgate.app import Gateway
 from smtpgate.config import Rules
-from smtpgate.model import Action, Applied, Decision, Envelope, MailKind, OutboundMail
+from smtpgate.model import Action, Applied, Decision, Envelope, LineBudget, MailKind, OutboundMail
 from smtpgate.model import Path as Branch
 from smtpgate.store import Store, StoreError, new_queue_id
 from tests.conftest import (
@@ -122,6 +124,30 @@ async def test_store_full_answers_451_and_recovers_without_restart(
     await wait_processed(gw, 1)
     assert await row_state(gw, text.rsplit(" ", 1)[1]) == "done"
     await relay.wait_for(1)
+
+
+async def test_a_full_store_refusing_a_burst_logs_a_few_lines_not_two_a_message(
+    gateway_factory: GatewayFactory,
+    relay: RecordingRelay,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every 451 of a full disk wrote two ERROR lines (the listener's, the commit's): 273 and
+    255 in one second of a burst, onto the disk that was full. At most a few a second now."""
+    monkeypatch.setattr(front, "_STORE_FAILURE_LINES", LineBudget(2))
+    monkeypatch.setattr(store_module, "_INTAKE_FAILURE_LINES", LineBudget(2))
+    gw = await gateway_factory(store_timeout=5.0)
+    pages = await pragma(gw, "PRAGMA page_count")
+    assert await pragma(gw, f"PRAGMA max_page_count = {pages}") == pages
+    started = time.monotonic()
+    for n in range(12):
+        big = simple_message(subject=f"full {n}", body="z" * 300_000, message_id=f"<f{n}@x>")
+        assert (await send(gw.smtp_port, big))[0] == 451
+    seconds = time.monotonic() - started
+    for said in ("could not store", "intake commit"):
+        lines = [r for r in caplog.records if said in r.getMessage()]
+        assert 1 <= len(lines) <= 2 * (int(seconds) + 2), (said, seconds, len(lines))
+        assert len(lines) < 12, (said, len(lines))
 
 
 async def test_store_full_after_intake_stalls_processing_which_resumes_with_space(

@@ -46,6 +46,7 @@ from smtpgate.model import (
     Decision,
     Envelope,
     JobState,
+    LineBudget,
     MailKind,
     OutboundMail,
     Outcome,
@@ -463,6 +464,22 @@ def _purge_batch(
     return counts[0], upto, age is None or age[0] < cutoff
 
 
+# The intake commit's error lines: a full disk fails a burst of commits, each a line onto it.
+_INTAKE_FAILURE_LINES = LineBudget(5)
+
+
+def _intake_failure_line(what: str, messages: int, why: str) -> None:
+    unlogged = _INTAKE_FAILURE_LINES.take(time.monotonic())
+    if unlogged is not None:
+        log.error(
+            "intake commit of %d message(s) %s: %s%s",
+            messages,
+            what,
+            why,
+            f" ({unlogged} more failed before it, not logged)" if unlogged else "",
+        )
+
+
 class Recovered(NamedTuple):
     """What `recover` found leased by a process that is gone."""
 
@@ -876,7 +893,7 @@ class Store:
     async def _commit_intake(self, batch: list[_Intake], entries: list[_IntakeEntry]) -> None:
         replaced = self.file_replaced()
         if replaced:  # not written at all: this serve would process what its senders retry
-            log.error("intake commit of %d message(s) refused: %s", len(batch), replaced)
+            _intake_failure_line("refused", len(batch), replaced)
             self._intake_ended(batch, replaced)
             return
         try:
@@ -884,7 +901,7 @@ class Store:
                 functools.partial(_insert_intake, entries=entries), urgent=True, fsynced=bool
             )
         except (sqlite3.Error, ValueError) as exc:  # ValueError: text SQLite cannot encode
-            log.error("intake commit of %d message(s) failed: %s", len(batch), exc)
+            _intake_failure_line("failed", len(batch), str(exc))
             if isinstance(exc, sqlite3.Error) and not _is_busy(exc):
                 # The store cannot take mail (full, a quota, a file size limit, I/O): only
                 # intake shows it (intake_failing). A lock held elsewhere the probe sees itself.
@@ -893,7 +910,7 @@ class Store:
             return
         replaced = self.file_replaced()
         if replaced:  # replaced during the commit (the check before cannot close that window)
-            log.error("intake commit of %d message(s) not acknowledged: %s", len(batch), replaced)
+            _intake_failure_line("not acknowledged", len(batch), replaced)
             self._intake_ended(batch, replaced)
             return
         self._intake_ended(batch, None)
