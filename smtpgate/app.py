@@ -463,19 +463,25 @@ class Gateway:
         self.metrics.processing_failures.inc()
         error = f"{type(exc).__name__}: {exc}"
         transient = is_transient_error(exc)
-        dead = await self.store.fail(
-            job,
-            error,
-            max_attempts=self.settings.process_max_attempts,
-            backoff=backoff(2 if transient else job.attempts),
-            transient=transient,
-        )
+        try:
+            dead = await self.store.fail(
+                job,
+                error,
+                max_attempts=self.settings.process_max_attempts,
+                backoff=backoff(2 if transient else job.attempts),
+                transient=transient,
+            )
+        except Exception as failure:  # the store cannot take this write either (a full disk)
+            outcome = f", not recorded ({failure}): queued again when its lease ends"
+        else:
+            outcome = ", now dead" if dead else ", will retry"
         log.error(
             "processing %s failed (attempt %d)%s: %s",
             job.id,
             job.attempts,
-            ", now dead" if dead else ", will retry",
+            outcome,
             error,
+            exc_info=exc,
             extra={"queue_id": job.id},
         )
 

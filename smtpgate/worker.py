@@ -1,7 +1,6 @@
-"""Generic queue workers: claim with a lease → run → complete, retry with backoff, or dead.
-
-Knows nothing about mail: the caller supplies the claim, run and fail coroutines.
-"""
+"""Queue workers: claim → run, `concurrency` at a time; a failure goes to the caller's
+`on_error` (which retries with `backoff`, or sets the item aside). Knows nothing about mail:
+the caller supplies the claim, run and error coroutines."""
 
 from __future__ import annotations
 
@@ -52,7 +51,6 @@ class WorkerPool(Generic[T]):
         self._queue: asyncio.Queue[T] = asyncio.Queue(maxsize=concurrency)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._idle = asyncio.Event()
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._claimer(), name=f"{self.name}-claimer"))
@@ -89,11 +87,10 @@ class WorkerPool(Generic[T]):
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:
-                log.exception("%s: processing failed", self.name)
                 try:
-                    await self._on_error(item, exc)
+                    await self._on_error(item, exc)  # logs the failure, naming the item
                 except Exception:
-                    log.exception("%s: could not record the failure (lease will expire)", self.name)
+                    log.exception("%s: a failure could not be handled", self.name)
             finally:
                 self._queue.task_done()
                 self._wake.set()  # a slot is free: let the claimer look for more

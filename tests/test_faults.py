@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import sqlite3
@@ -174,7 +175,7 @@ async def test_store_full_after_intake_stalls_processing_which_resumes_with_spac
 
 
 async def test_processing_failure_goes_dead_and_cli_retry_finishes_it(
-    gateway_factory: GatewayFactory, relay: RecordingRelay
+    gateway_factory: GatewayFactory, relay: RecordingRelay, caplog: pytest.LogCaptureFixture
 ) -> None:
     gw = await gateway_factory(process_max_attempts=1)
     assert gw.store is not None
@@ -195,6 +196,10 @@ async def test_processing_failure_goes_dead_and_cli_retry_finishes_it(
     assert "injected write fault" in str(row["last_error"])
     assert row["outcome"] is None
     assert relay.messages == []
+    # One ERROR line, naming the message, with the traceback (the pool's own line named none).
+    (error,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert queue_id in error.getMessage()
+    assert error.exc_info is not None
 
     await store._db.execute("DROP TRIGGER temp.fail_outbox")
     code, out = await cli(gw, "queue", "retry", "--dead")
