@@ -193,7 +193,7 @@ class Gateway:
             with _listening("SMTPGATE_SMTP_HOST / SMTPGATE_SMTP_PORT", s.smtp_host, s.smtp_port):
                 smtp = await loop.create_server(factory, host=s.smtp_host, port=s.smtp_port)
             self._servers.append(smtp)
-            sessions = lambda: len(listeners)  # noqa: E731
+            sessions = listeners.__len__
         self.smtp_port = smtp.sockets[0].getsockname()[1]
         # Unhealthy once the disk cannot take one more message of the largest size accepted.
         status = StatusServer(

@@ -287,9 +287,6 @@ class Settings(BaseSettings):
             address = getattr(self, name)
             if address is not None and self.is_connector(address):  # in any spelling
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} is a connector address (mail loop)")
-        # A transaction's <Password> is read without its surrounding white space: a password
-        # configured with it (a secret with a trailing newline) could never match, and every
-        # transaction would be refused without an answer.
         if self.api_enabled and self.api_password is not None and not self.api_password:
             # "SMTPGATE_API_PASSWORD=" (a blank line, a compose variable that is not set)
             # meant no password: anyone could change records by mail.
@@ -297,6 +294,9 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}API_PASSWORD is empty: give the password, or remove the variable"
                 " to take transactions without one"
             )
+        # A transaction's <Password> is read without its surrounding white space: a password
+        # configured with it (a secret with a trailing newline) could never match, and every
+        # transaction would be refused without an answer.
         password = self.api_password.get_secret_value() if self.api_password else ""
         if self.api_enabled and password != password.strip():
             raise ValueError(

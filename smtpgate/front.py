@@ -17,7 +17,6 @@ import socket
 import ssl
 import time
 import types
-import warnings
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -759,22 +758,10 @@ class Listener(SMTP):
         ehlo_hook = self._handle_hooks.get("EHLO")
         if ehlo_hook is None:
             self._ehlo_hook_ver = None
-        else:
-            count = _param_count(ehlo_hook)
-            if count == 4:
-                self._ehlo_hook_ver = "old"
-                warnings.warn(
-                    "Use the 5-argument handle_EHLO() hook instead of "
-                    "the 4-argument handle_EHLO() hook; "
-                    "support for the 4-argument handle_EHLO() hook will be "
-                    "removed in version 2.0",
-                    DeprecationWarning,
-                    stacklevel=1,
-                )
-            elif count == 5:
-                self._ehlo_hook_ver = "new"
-            else:
-                raise RuntimeError("Unsupported EHLO Hook")
+        elif _param_count(ehlo_hook) == 5:
+            self._ehlo_hook_ver = "new"
+        else:  # (aiosmtpd's deprecated 4-argument hook: our Handler has none)
+            raise RuntimeError("Unsupported EHLO Hook")
         self._smtp_methods = {
             m.replace("smtp_", ""): getattr(self, m) for m in _names(self, "smtp_", False)
         }
@@ -888,44 +875,10 @@ class Listener(SMTP):
             original_content = original_content[1:]
         original_content = original_content.replace(b"\r\n.", b"\r\n")
 
-        content: str | bytes
-        if self._decode_data:
-            if self.enable_SMTPUTF8:
-                content = original_content.decode("utf-8", errors="surrogateescape")
-            else:
-                try:
-                    content = original_content.decode("ascii", errors="strict")
-                except UnicodeDecodeError:
-                    await self.push("500 Error: strict ASCII mode")
-                    return
-        else:
-            content = original_content
-        self.envelope.content = content
-        self.envelope.original_content = original_content
-
-        if "DATA" in self._handle_hooks:
-            status = await self._call_handler_hook("DATA")
-        else:
-            status = MISSING
-            if hasattr(self.event_handler, "process_message"):
-                warnings.warn(
-                    "Use handler.handle_DATA() instead of .process_message()",
-                    DeprecationWarning,
-                    stacklevel=1,
-                )
-                assert self.session is not None
-                args = (
-                    self.session.peer,
-                    self.envelope.mail_from,
-                    self.envelope.rcpt_tos,
-                    self.envelope.content,
-                )
-                if asyncio.iscoroutinefunction(self.event_handler.process_message):
-                    status = await self.event_handler.process_message(*args)
-                else:
-                    status = self.event_handler.process_message(*args)
-                if status is None:
-                    status = MISSING
+        # The bytes as they came (listener_factory never asks aiosmtpd to decode them), and the
+        # handler's handle_DATA (aiosmtpd's deprecated process_message: our Handler has none).
+        self.envelope.content = self.envelope.original_content = original_content
+        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
 

@@ -45,7 +45,7 @@ from smtpgate.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT = 30.0  # seconds for a child to open the store and serve
+READY_TIMEOUT = 30.0  # seconds for a child to start and serve
 RESTART_DELAY = 1.0  # seconds before a child that exited on its own is started again
 FLUSH_SECONDS = 0.05  # a child reports its counters at most this often
 # Settings a child has no use for: kept from it (secrets stay in one process). The relay user

@@ -214,14 +214,6 @@ class OutboundMail:
 
 
 @dataclass(frozen=True, slots=True)
-class Lookup:
-    """How an account was found, for the outcome."""
-
-    account: str
-    contact: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class NewTicket:
     account: str
     contact: str | None

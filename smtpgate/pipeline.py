@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 SOURCE_AUTOMATED = "Email Connector (automated)"
 SOURCE_EMAIL = "Email"
 # xml-api 2: the document could not be read (150001) or was refused for safety (150012).
-UNREADABLE_CODES = frozenset({150001, 150012})
+UNREADABLE_CODES = frozenset({xmlapi.ERR_MALFORMED, xmlapi.ERR_UNSAFE})
 
 
 Lookup = tuple[str, Sequence[str]]  # (search field, normalized candidate values)
@@ -425,7 +425,9 @@ async def stage_xml(inb: Inbound, ctx: Context, _: Directory) -> Decision | None
     if not xmlapi.password_ok(tx, password):
         # xml-api 2: logged, never answered — a wrong password must not make us a reflector.
         log.warning("XML transaction with a wrong or missing password from %s", inb.sender)
-        return Decision(Path.XML, Action.XML_REJECTED, reason="password", error_code=150011)
+        return Decision(
+            Path.XML, Action.XML_REJECTED, reason="password", error_code=xmlapi.ERR_PASSWORD
+        )
     why_not = _may_answer(inb, ctx, tx.response_to)
     notes: list[str] = []
     if tx.others:

@@ -11,8 +11,8 @@ module therefore uses only the standard library:
   `SMTPGATE_DATA_DIR` (any text is a valid path) and does not judge the other settings: a typo in
   a relay setting must not blind the monitoring; `serve` and every other verb validate them all
   and exit 2 naming an invalid one. When the database does not exist yet (or lacks the tables
-  and index it reads) it returns None and the CLI takes the full path, which creates (or
-  migrates) the database as it always has.
+  and index it reads) it returns None and the CLI takes the full path, which says so (exit 1
+  without a store, exit 2 for one that needs `serve` to migrate it).
 """
 
 from __future__ import annotations
@@ -142,6 +142,6 @@ def fast_status(as_json: bool) -> int | None:
     try:
         status = read_status(db_path)
     except sqlite3.Error:
-        return None  # missing, older or locked: the full path opens (and creates) it as always
+        return None  # missing, older or locked: the full path says which
     sys.stdout.write(render_status(status, as_json) + "\n")
     return 0

@@ -25,7 +25,6 @@ from smtpgate.model import is_account_email
 
 # xml-api.md section 2: result codes.
 OK = 1
-DB_ERROR = 1100
 ERR_MALFORMED = 150001
 ERR_UNKNOWN_FIELD = 150002
 ERR_NO_RECORD = 150003

@@ -2464,7 +2464,7 @@ async def test_a_responder_answering_each_acknowledgement_is_braked_within_minut
 ) -> None:
     """A customer's ticket system that answers every mail with a fresh subject and no
     automatic headers: our ack, its answer (a new ticket), our ack, … — 21 tickets until the
-    hourly cap. After ACK_BURST automatic mails to an address within ACK_BURST_SECONDS its
+    hourly cap. After ACK_BURST acknowledgements to an address within ACK_BURST_SECONDS its
     next acknowledgement is not sent (the ticket is still opened), and the ping-pong ends."""
     world = await start_world(gateway_factory, relay)  # ticket 1, acknowledged to jane
     # XML responses to the same address are no acknowledgements: they do not count.

@@ -69,7 +69,7 @@ _TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQ
 T = TypeVar("T")
 U = TypeVar("U")
 
-# An acknowledgement to an address that got ACK_BURST automatic mails in the last
+# An acknowledgement to an address that got ACK_BURST acknowledgements in the last
 # ACK_BURST_SECONDS is not sent (its ticket is still opened): the brake on a responder that
 # answers each acknowledgement with fresh mail (a ticket system, a challenge), a round every
 # few seconds; the hourly cap alone let 20 such rounds open 20 tickets.
@@ -545,8 +545,8 @@ def _capped(
                 continue
             if burst:
                 suppressed.append(
-                    f"{mail.kind} to {', '.join(burst)} suppressed: {ACK_BURST} automatic"
-                    f" mails to it in the last {ACK_BURST_SECONDS / 60:.0f} min"
+                    f"{mail.kind} to {', '.join(burst)} suppressed: {ACK_BURST}"
+                    f" acknowledgements to it in the last {ACK_BURST_SECONDS / 60:.0f} min"
                 )
                 sent_before = False
                 continue
@@ -2078,7 +2078,7 @@ class Store:
         def upsert(db: sqlite3.Connection) -> None:
             for line, values in rows:
                 v = _clean(values)
-                account = v.get("account_rec_id") or v.get("account")
+                account = v.get("account_rec_id")
                 if not account and v.get("account_file_as"):
                     found = db.execute(
                         "SELECT rec_id FROM accounts WHERE file_as = ? COLLATE NOCASE",
