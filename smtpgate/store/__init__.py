@@ -1,4 +1,5 @@
-"""All SQL lives here: the durable inbound queue (with group commit), the outbox, the CRM records.
+"""All SQL lives here (but status.py's read-only counts): the durable inbound queue (with group
+commit), the outbox, the CRM records.
 
 One write connection serialises every write (SQLite has one writer anyway); a second connection
 serves reads. Intake requests are batched into shared commits so durability costs little. The
