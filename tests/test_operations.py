@@ -36,6 +36,7 @@ from smtpgate.config import ENV_PREFIX, Settings, parse_rules
 from smtpgate.http import StatusServer
 from smtpgate.mail import parse_message
 from smtpgate.rules.automated import candidates, first_detection, first_skip, resolve
+from smtpgate.store import Store
 from tests.conftest import (
     GatewayFactory,
     RecordingRelay,
@@ -1247,3 +1248,33 @@ async def test_the_store_and_its_directory_are_not_readable_by_other_users(
         "smtpgate.db-wal": 0o640,
         "smtpgate.db-shm": 0o640,
     }, {name: oct(mode) for name, mode in modes.items()}
+
+
+def _on_disk(path: Path) -> int:
+    return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+
+
+async def test_retention_frees_space_without_first_taking_as_much_more(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """Debian's SQLite (and the slim image's) overwrites every freed page (SECURE_DELETE), so
+    the purge wrote as much to the WAL as it freed, which a nearly full disk (when an operator
+    lowers SMTPGATE_RETENTION_DAYS) could not take: "database or disk is full", nothing
+    freed. Freed pages are overwritten only where that costs no more writing."""
+    gw = await gateway_factory()
+    body = ("x" * 76 + "\n") * 13_000  # ~1 MB a message
+    for i in range(12):
+        assert (await send(gw.smtp_port, simple_message(f"big {i}", body=body)))[0] == 250
+    await wait_processed(gw, 12)
+    await relay.wait_for(12)
+    assert gw.store is not None
+    path = gw.store.path
+    await gw.stop()  # the WAL checkpointed and removed: the store file alone
+    store = await Store.open(path)
+    try:
+        before = _on_disk(path)
+        assert await store.purge(0) == 12  # ~24 MB: raw bytes and the forwards' data
+        grown = _on_disk(path) - before
+    finally:
+        await store.close()
+    assert grown < 4_000_000, f"purging ~24 MB took {grown / 1e6:.1f} MB more disk first"

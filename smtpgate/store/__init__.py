@@ -425,6 +425,7 @@ def _base36(n: int) -> str:
 _BASE36 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file keeps once reset (journal_size_limit)
 PURGE_BATCH = 1000  # rows of a table a retention transaction reads and deletes at most
 
 # Per table: the rows a batch looks at (by rowid, oldest first), the delete of those expired,
@@ -668,6 +669,13 @@ class Store:
         try:
             await writer.execute("PRAGMA journal_mode = WAL")
             await writer.execute("PRAGMA wal_autocheckpoint = 0")  # see CHECKPOINT_COMMITS
+            # Freed pages overwritten only where that writes nothing more: Debian's SQLite
+            # overwrites every one (SECURE_DELETE), so a purge or a migration wrote as much to
+            # the WAL as it freed, which a nearly full disk cannot take. (Freed bytes stay in
+            # free pages until reused, or until a VACUUM: docs/operations.md.) And the WAL is
+            # cut back to 64 MiB when reset, not kept at the size of its biggest transaction.
+            await writer.execute("PRAGMA secure_delete = FAST")
+            await writer.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             if schema != "any":
                 await migrate(writer, apply=schema == "upgrade")
             # After the migrations (a table rebuilt keeps its old pages in a statement journal):
