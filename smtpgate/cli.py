@@ -208,10 +208,13 @@ async def _with_store(
     *,
     create: bool = False,
     any_schema: bool = False,
+    reads: bool = False,
 ) -> int:
     """fn(the store); 1 without calling it when there is no store, unless `create` (the
     imports, which may run before serve ever did, make one). Only `serve` migrates an existing
-    store: these commands refuse one that needs it (exit 2), except with `any_schema`."""
+    store: these commands refuse one that needs it (exit 2), except with `any_schema`. A
+    command that only `reads` also works where the data directory cannot be written (a disk
+    remounted read-only after errors): to look at the queue and back the store up from it."""
     from smtpgate.config import make_data_dir
     from smtpgate.store import Store
 
@@ -219,6 +222,12 @@ async def _with_store(
     if not exists and not create:
         _say_no_store(settings)
         return 1
+    if reads and not os.access(settings.data_dir, os.W_OK):
+        store = await Store.open_read_only(settings.db_path, any_schema=any_schema)
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
     make_data_dir(settings)
     schema: SchemaMode = "any" if any_schema else "current" if exists else "upgrade"
     store = await Store.open(settings.db_path, schema=schema)
@@ -271,7 +280,7 @@ async def cmd_status(settings: Settings, _: Rules | None, args: argparse.Namespa
         print(render_status(await store.status(), args.json))
         return 0
 
-    return await _with_store(settings, run)
+    return await _with_store(settings, run, reads=True)
 
 
 async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace) -> int:
@@ -399,7 +408,7 @@ async def cmd_queue(settings: Settings, _: Rules | None, args: argparse.Namespac
             return 0
         return await _requeue(args, "queue", "message(s)", store.retry_inbound)
 
-    return await _with_store(settings, run)
+    return await _with_store(settings, run, reads=args.action != "retry")
 
 
 async def cmd_outbox(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
@@ -421,7 +430,7 @@ async def cmd_outbox(settings: Settings, _: Rules | None, args: argparse.Namespa
             lambda delivery: store.retry_outbox(None if delivery is None else int(delivery)),
         )
 
-    return await _with_store(settings, run)
+    return await _with_store(settings, run, reads=args.action != "retry")
 
 
 async def cmd_tickets(settings: Settings, _: Rules | None, args: argparse.Namespace) -> int:
@@ -453,7 +462,7 @@ async def cmd_tickets(settings: Settings, _: Rules | None, args: argparse.Namesp
             print(f"{_shown_text(note['description'])}\n")
         return 0
 
-    return await _with_store(settings, run)
+    return await _with_store(settings, run, reads=True)
 
 
 def read_rows(path: Path, kind: str) -> list[tuple[int, dict[str, Any]]]:
@@ -557,7 +566,7 @@ async def cmd_accounts_list(settings: Settings, _: Rules | None, args: argparse.
             lambda a: f"{a['rec_id']}  {a['file_as']}  {a['email1'] or ''} {a['email2'] or ''}",
         )
 
-    return await _with_store(settings, run)
+    return await _with_store(settings, run, reads=True)
 
 
 async def cmd_rules(settings: Settings, rules: Rules, args: argparse.Namespace) -> int:
@@ -613,7 +622,7 @@ async def cmd_backup(settings: Settings, _: Rules | None, args: argparse.Namespa
 
     # A copy whatever its schema: a backup timer keeps working between an upgrade's install
     # and the restart of serve, and before a downgrade.
-    return await _with_store(settings, run, any_schema=True)
+    return await _with_store(settings, run, any_schema=True, reads=True)
 
 
 # --- parser --------------------------------------------------------------------------------------

@@ -85,14 +85,26 @@ def query_status(db: sqlite3.Connection) -> dict[str, Any]:
     return build_status(counts, oldest, totals, time.time())
 
 
+def read_only_uri(db_path: Path) -> str:
+    """The store opened for reading only. In a directory that cannot be written (a disk
+    remounted read-only after errors, a snapshot), SQLite cannot make the -shm file a WAL
+    reader needs: without one there, the file is read as immutable (no writer can be at work
+    in such a directory; a WAL left beside it by a crash is not read)."""
+    uri = db_path.absolute().as_uri() + "?mode=ro"
+    if not os.access(db_path.parent, os.W_OK) and not Path(f"{db_path}-shm").exists():
+        uri += "&immutable=1"
+    return uri
+
+
 def read_status(db_path: Path, *, busy_timeout: float = 5.0) -> dict[str, Any]:
     """The store's status, read through a read-only connection in one snapshot.
 
     Raises sqlite3.Error when the database is missing, lacks a table or index it reads, or
     was written by a newer smtpgate (whose counts may not mean what this version says).
     """
-    uri = db_path.absolute().as_uri() + "?mode=ro"
-    db = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+    db = sqlite3.connect(
+        read_only_uri(db_path), uri=True, timeout=busy_timeout, isolation_level=None
+    )
     try:
         db.execute("BEGIN")  # the counts and the age from the same snapshot
         (version,) = db.execute("SELECT max(version) FROM schema_migrations").fetchone()

@@ -1278,3 +1278,55 @@ async def test_retention_frees_space_without_first_taking_as_much_more(
     finally:
         await store.close()
     assert grown < 4_000_000, f"purging ~24 MB took {grown / 1e6:.1f} MB more disk first"
+
+
+def _on_a_read_only_mount(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`smtpgate ARGS` with `data` bind-mounted read-only over itself, in a mount namespace of
+    its own (nothing leaks out of it)."""
+    script = (
+        f'mount --bind "{data}" "{data}" && mount -o remount,bind,ro "{data}" && '
+        f'exec "{sys.executable}" -m smtpgate "$@"'
+    )
+    return subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *args],
+        env=clean_env(SMTPGATE_DATA_DIR=str(data)),
+        cwd=data.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare"
+)
+async def test_status_the_queue_and_a_backup_read_a_read_only_data_directory(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, tmp_path: Path
+) -> None:
+    """A data directory that became read-only (a disk remounted read-only after errors, a
+    snapshot mounted to look at) could not be read by any command ("cannot write in …", exit
+    2): just when an operator needs to see the queue and copy the store off the disk."""
+    gw = await gateway_factory()
+    assert (await send(gw.smtp_port, simple_message(message_id="<ro@example.org>")))[0] == 250
+    await wait_processed(gw, 1)
+    data = gw.settings.data_dir
+    await gw.stop()  # as after `systemctl stop`: the store file alone
+    copy = tmp_path / "rescue.db"
+    results = {
+        "status": _on_a_read_only_mount(data, "status"),
+        "list": _on_a_read_only_mount(data, "queue", "list"),
+        "backup": _on_a_read_only_mount(data, "backup", str(copy)),
+        "retry": _on_a_read_only_mount(data, "queue", "retry", "--dead"),
+    }
+    if "Operation not permitted" in results["status"].stderr:
+        pytest.skip("no mount namespaces here")
+    for verb in ("status", "list", "backup"):
+        assert results[verb].returncode == 0, (verb, results[verb].stderr)
+    assert "1 done" in results["status"].stdout
+    assert "regular/forwarded" in results["list"].stdout
+    with contextlib.closing(sqlite3.connect(copy)) as db:
+        assert db.execute("SELECT count(*) FROM inbound").fetchone() == (1,)
+    # A command that writes says why it cannot, naming the variable.
+    assert results["retry"].returncode == 2
+    assert "SMTPGATE_DATA_DIR: cannot write in" in results["retry"].stderr

@@ -56,9 +56,9 @@ from smtpgate.model import (
     is_account_email,
     is_bare_address,
 )
-from smtpgate.status import query_status
+from smtpgate.status import query_status, read_only_uri
 from smtpgate.store import crm
-from smtpgate.store.schema import migrate
+from smtpgate.store.schema import check_version, migrate
 
 log = logging.getLogger(__name__)
 
@@ -695,6 +695,35 @@ class Store:
                 raise _cannot_open(path, exc, busy_timeout) from exc
             raise
 
+    @classmethod
+    async def open_read_only(
+        cls, path: Path, *, busy_timeout: float = 5.0, any_schema: bool = False
+    ) -> Store:
+        """The store of a data directory that cannot be written (a disk remounted read-only
+        after errors, a snapshot mounted to look at): for the commands that only read, and
+        `backup`, which is when an operator needs them most. Every write fails."""
+        uri = read_only_uri(path)
+        try:
+            reader = await aiosqlite.connect(
+                uri, uri=True, isolation_level=None, timeout=busy_timeout
+            )
+        except sqlite3.Error as exc:
+            raise _cannot_open(path, exc, busy_timeout) from exc
+        reader.row_factory = aiosqlite.Row
+        try:
+            rows = await reader.execute_fetchall("SELECT max(version) FROM schema_migrations")
+            version = next(iter(rows))[0] or 0
+            if not any_schema:
+                check_version(int(version), apply=False)
+            lookups = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=0)
+        except sqlite3.Error as exc:
+            await reader.close()
+            raise _cannot_open(path, exc, busy_timeout) from exc
+        except BaseException:
+            await reader.close()
+            raise
+        return cls(path, reader, reader, lookups, busy_timeout)
+
     async def close(self) -> None:
         self._closed = True  # no new checkpoint from here
         writing = [f for f in (self._committing, self._completing) if f is not None]
@@ -723,6 +752,8 @@ class Store:
             await self._release(jobs, mails)
         self._lookups.close()
         await self._reader.close()
+        if self._db is self._reader:  # opened read-only: one connection
+            return
         # Under the write lock: a transaction still running (in the thread or waiting for the
         # lock) ends before the connection closes.
         async with self._write_lock.hold(urgent=True):

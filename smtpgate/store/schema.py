@@ -390,20 +390,9 @@ MIGRATIONS: list[tuple[int, str, str | Callable[[sqlite3.Connection], None]]] = 
 ]
 
 
-async def migrate(db: aiosqlite.Connection, *, apply: bool = True) -> int:
-    """Apply pending migrations in order, each in its own transaction; return the version.
-
-    With `apply` False, a store that needs a migration is refused instead: only `serve` (and a
-    command that makes a new store) migrates. A backup timer or an operator's command run
-    between installing a new version and restarting `serve` would otherwise change the schema
-    under the old `serve`, which still writes the old way."""
-    await db.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations "
-        "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
-    )
-    async with db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations") as cur:
-        row = await cur.fetchone()
-    current = int(row[0]) if row else 0
+def check_version(current: int, *, apply: bool) -> None:
+    """ConfigError for a store this smtpgate must not use as it is: one that needs a migration
+    when `apply` is False, one written by a newer smtpgate always."""
     known = MIGRATIONS[-1][0]
     if 0 < current < known and not apply:  # 0: an empty file, no schema to write the old way
         raise ConfigError(
@@ -419,6 +408,23 @@ async def migrate(db: aiosqlite.Connection, *, apply: bool = True) -> int:
             f" {current}; this version knows up to {known}): run that version, or restore a"
             " backup made with this one"
         )
+
+
+async def migrate(db: aiosqlite.Connection, *, apply: bool = True) -> int:
+    """Apply pending migrations in order, each in its own transaction; return the version.
+
+    With `apply` False, a store that needs a migration is refused instead: only `serve` (and a
+    command that makes a new store) migrates. A backup timer or an operator's command run
+    between installing a new version and restarting `serve` would otherwise change the schema
+    under the old `serve`, which still writes the old way."""
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations "
+        "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+    )
+    async with db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations") as cur:
+        row = await cur.fetchone()
+    current = int(row[0]) if row else 0
+    check_version(current, apply=apply)
     for version, name, step in MIGRATIONS:
         if version <= current:
             continue
