@@ -583,6 +583,10 @@ async def cmd_rules(settings: Settings, rules: Rules, args: argparse.Namespace) 
     print("Precedence (first stage that decides wins):")
     for i, s in enumerate(stages, 1):
         print(f"  {i}. {s['stage']:<15} {'on ' if s['enabled'] else 'off'}  {s['description']}")
+    print(
+        "  The decision is not applied to a message processed before (its Message-ID, or the"
+        " same content within 24 h): that one is a duplicate (spec 2.4)."
+    )
     print(f"account_by_sender = {str(rules.account_by_sender).lower()}")
     print(f"ticket_tag = {json.dumps(rules.ticket_tag, ensure_ascii=False)}")
     for i, pattern in enumerate(rules.quote_patterns):

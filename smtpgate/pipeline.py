@@ -620,8 +620,9 @@ async def stage_unknown_sender(inb: Inbound, ctx: Context, _: Directory) -> Deci
 
 # The precedence (spec 2), in order. One row per stage; the first that returns a decision wins.
 STAGES: tuple[Stage, ...] = (
-    # spec 2.4: our loop header came back — record it, send nothing, create nothing.
-    Stage("loop", "own loop header: recorded, not processed", _always, stage_loop),
+    # spec 2.4: our own mail came back (loop header, our Message-ID, a bounce of ours): record
+    # it and send nothing (an active employee filing our forward on its ticket: filed only).
+    Stage("loop", "our own mail come back: recorded, not answered", _always, stage_loop),
     # spec 2.1: detection → skip → account detection → ticket or forward.
     Stage(
         "automated",

@@ -560,6 +560,8 @@ def test_rules_text_shows_the_tag_and_quote_patterns_as_written(
     assert code == 0, err
     assert 'ticket_tag = "Заявка"' in out, out
     assert 'quote_patterns[0] = "^Ursprüngliche Nachricht$"' in out, out
+    # The step before the stages, which the table does not hold, is said too (spec 2.4).
+    assert "processed before" in out.split("1. loop")[1].split("account_by_sender")[0], out
 
 
 def test_rule_names_are_unique_and_a_bom_is_no_error(
