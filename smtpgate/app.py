@@ -338,22 +338,28 @@ class Gateway:
         a crash now is the one message's (Store.recover counts it), not the others' beside it.
         New mail is accepted meanwhile, and waits for the workers."""
         assert self.store is not None
-        for queue_id in queue_ids:
-            if self._stopping.is_set():
-                return
-            job = await self.store.claim_alone(queue_id, LEASE_SECONDS)
-            if job is None:
-                continue  # done or retried since
-            try:
-                await self.process(job)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await self.store.release_alone(job)
-                raise
-            except Exception as exc:
-                await self._process_failed(job, exc)
-        if not self._stopping.is_set():
-            pool.start()
+        try:
+            for queue_id in queue_ids:
+                if self._stopping.is_set():
+                    return
+                try:
+                    job = await self.store.claim_alone(queue_id, LEASE_SECONDS)
+                except Exception as exc:  # (a full disk): the workers will take it as any other
+                    log.warning("could not claim %s to process it alone: %s", queue_id, exc)
+                    continue
+                if job is None:
+                    continue  # done or retried since
+                try:
+                    await self.process(job)
+                except asyncio.CancelledError:
+                    with contextlib.suppress(Exception):
+                        await self.store.release_alone(job)
+                    raise
+                except Exception as exc:
+                    await self._process_failed(job, exc)
+        finally:
+            if not self._stopping.is_set():
+                pool.start()  # whatever happened above: the rest of the mail must go on
 
     async def _claim(self, n: int) -> list[Job]:
         assert self.store is not None

@@ -743,3 +743,36 @@ async def test_a_store_file_removed_or_replaced_under_the_gateway_is_never_ackno
     # the sender's retry after the restart a second time, the new file knowing nothing of it.
     rows = await gw.store.list_inbound(limit=100)
     assert "after@example.org" not in [r["mail_from"] for r in rows]
+
+
+async def test_messages_a_crash_left_are_processed_even_if_one_cannot_be_claimed_alone(
+    gateway_factory: GatewayFactory,
+    relay: RecordingRelay,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a crash the messages it left are processed one at a time, and only then do the
+    workers start: a claim that failed there (a full disk) ended that task, and the workers
+    never started; nothing more was processed until a restart."""
+    store = await Store.open(tmp_path / "data" / "smtpgate.db")
+    for n in range(2):
+        raw = simple_message(subject=f"left {n}", message_id=f"<left{n}@x>")
+        await store.enqueue(
+            Envelope("127.0.0.1", "h", "a@example.org", ("connector@localhost",)),
+            raw,
+            f"<left{n}@x>",
+            new_queue_id(),
+        )
+    assert len(await store.claim(2, 300)) == 2  # in processing when the process died
+    await store.close()
+    failed: list[str] = []
+
+    async def cannot(self: Store, queue_id: str, lease_seconds: float) -> None:
+        failed.append(queue_id)
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Store, "claim_alone", cannot)
+    gw = await gateway_factory()
+    await wait_processed(gw, 2)
+    assert len(failed) == 2
+    await relay.wait_for(2)
