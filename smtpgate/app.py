@@ -24,7 +24,7 @@ from smtpgate.http import Metrics, StatusServer
 from smtpgate.intake import IntakeProcesses
 from smtpgate.mail import ParsedMessage, parse_message
 from smtpgate.model import Outcome
-from smtpgate.pipeline import SUPPORT_BOUNCED, Context, decide, fingerprint
+from smtpgate.pipeline import FORWARD_BOUNCED, Context, decide, fingerprint
 from smtpgate.relay import DeliveryError, Mail, RelayClient, relay_tls_context
 from smtpgate.store import Delivery, Job, Store, is_transient_error
 from smtpgate.worker import WorkerPool, backoff, scheduled_delay
@@ -454,13 +454,13 @@ class Gateway:
             ";".join(f"{m['kind']}:{','.join(m['to'])}" for m in outcome.sent) or "-",
             extra={"queue_id": job.id, "outcome": outcome.to_json()},
         )
-        if outcome.reason == SUPPORT_BOUNCED:
-            self.metrics.support_bounces.inc()
+        if outcome.reason == FORWARD_BOUNCED:
+            self.metrics.forward_bounces.inc()
             log.warning(
-                "the internal support address %s bounced a forward (delivery report %s): "
-                "forwards to it may be lost; see its mailbox",
-                self.settings.internal_support_address,
+                "a forward of ours bounced (delivery report %s): the mailbox it went to (the"
+                " internal support address %s, or the skip address) may be losing forwards",
                 job.id,
+                self.settings.internal_support_address,
                 extra={"queue_id": job.id},
             )
 

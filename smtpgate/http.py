@@ -57,9 +57,9 @@ class Metrics:
         self.rule_hits = Counter(
             "smtpgate_rule_hits", "Rules that matched, by rule name", ["rule"], registry=r
         )
-        self.support_bounces = Counter(
-            "smtpgate_support_bounces",
-            "Delivery reports saying the internal support address refused a forward",
+        self.forward_bounces = Counter(
+            "smtpgate_forward_bounces",
+            "Delivery reports of forwards refused (by support's or the skip address's mailbox)",
             registry=r,
         )
         self.processing_failures = Counter(

@@ -252,9 +252,9 @@ def _account_by_sender(
 # --- the stages -------------------------------------------------------------------------------
 
 
-# A reason the operator must hear of (a WARNING and a metric, Gateway._record): the support
-# mailbox refused one of our forwards, and may be refusing every one.
-SUPPORT_BOUNCED = "support_bounced"
+# A reason the operator must hear of (a WARNING and a metric, Gateway._record): the mailbox a
+# forward went to (support's, or the skip address's) refused it, and may be refusing every one.
+FORWARD_BOUNCED = "forward_bounced"
 
 
 async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
@@ -273,12 +273,12 @@ async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decisi
     targets = (settings.internal_support_address,)
     if inb.msg.is_delivery_report and regular.reports_failure_to(inb.raw, targets):
         # A bounce of a forward to support (its mailbox full): forwarded there, it bounced
-        # back to us again, for ever. Not sent, but told (SUPPORT_BOUNCED): it may be the one
+        # back to us again, for ever. Not sent, but told (FORWARD_BOUNCED): it may be the one
         # trace of a support mailbox that loses every forward.
         return Decision(
             Path.REGULAR,
             Action.IGNORED,
-            reason=SUPPORT_BOUNCED,
+            reason=FORWARD_BOUNCED,
             notes=["a delivery report about the address we forward to: not sent back there"],
         )
     encloses = any(a.content_type.startswith("message/") for a in inb.msg.attachments)
@@ -307,7 +307,7 @@ async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decisi
             # A bounce of our forward: support's mailbox (or a redirect of it) refused it.
             bounced = inb.msg.is_delivery_report and forward
             return Decision(
-                Path.REGULAR, Action.IGNORED, reason=SUPPORT_BOUNCED if bounced else "loop"
+                Path.REGULAR, Action.IGNORED, reason=FORWARD_BOUNCED if bounced else "loop"
             )
     return None
 

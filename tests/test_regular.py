@@ -2324,26 +2324,27 @@ async def test_a_bounce_about_the_support_mailbox_is_not_sent_back_to_it_but_tol
     report about the address a forward would go to is recorded, not forwarded; so is one that
     encloses our forward base64-encoded (Domino), where the raw bytes hide our loop header.
     Recorded as a plain `loop` at INFO, it was the only trace of a support mailbox that lost
-    every forward from then on: its reason is `support_bounced`, with a WARNING and a metric."""
+    every forward from then on: its reason is `forward_bounced`, with a WARNING and a metric."""
     world = await start_world(
         gateway_factory, relay, open_ticket=False, skip_forward_address="skipped@archive.example"
     )
     with caplog.at_level(logging.INFO, logger="smtpgate"):
         row = await deliver(world.gw, bounce(SUPPORT), "")
-    assert (row["outcome"]["action"], row["outcome"]["reason"]) == ("ignored", "support_bounced")
+    assert (row["outcome"]["action"], row["outcome"]["reason"]) == ("ignored", "forward_bounced")
     assert row["outcome"]["sent"] == []
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert f"internal support address {SUPPORT} bounced" in warning.getMessage(), warning
+    assert f"internal support address {SUPPORT}" in warning.getMessage(), warning
+    assert "forward of ours bounced" in warning.getMessage(), warning
     assert row["id"] in warning.getMessage()
-    assert world.gw.metrics.support_bounces._value.get() == 1
+    assert world.gw.metrics.forward_bounces._value.get() == 1
     forward = outbound.forward_untouched(
         mail("Printer jammed", sender="stranger@nowhere.example"),
         target=SUPPORT, sender=CONNECTOR, connector=CONNECTOR, action="forwarded",
         rule=None, hostname="gw.example", has_auto_submitted=False,
     )  # fmt: skip
     row = await deliver(world.gw, bounce("x@full.example", forward.data, base64_enclosed=True), "")
-    assert (row["outcome"]["action"], row["outcome"]["reason"]) == ("ignored", "support_bounced")
-    assert world.gw.metrics.support_bounces._value.get() == 2
+    assert (row["outcome"]["action"], row["outcome"]["reason"]) == ("ignored", "forward_bounced")
+    assert world.gw.metrics.forward_bounces._value.get() == 2
     # The skip address's bounce would go to support, another mailbox: no loop, support told.
     # (One that returns our skip forward is taken for a loop: it may be a forward to support
     # that support's mailbox redirected there.)
