@@ -1257,10 +1257,10 @@ def _on_disk(path: Path) -> int:
 async def test_retention_frees_space_without_first_taking_as_much_more(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:
-    """Debian's SQLite (and the slim image's) overwrites every freed page (SECURE_DELETE), so
-    the purge wrote as much to the WAL as it freed, which a nearly full disk (when an operator
-    lowers SMTPGATE_RETENTION_DAYS) could not take: "database or disk is full", nothing
-    freed. Freed pages are overwritten only where that costs no more writing."""
+    """Freed pages are overwritten (secure_delete: purged mail must be gone), through the WAL:
+    one purge transaction wrote as much to the WAL as it freed, which a nearly full disk (when
+    an operator lowers SMTPGATE_RETENTION_DAYS) could not take: "database or disk is full",
+    nothing freed. Batches of a few MiB, each checkpointed, need room for one batch only."""
     gw = await gateway_factory()
     body = ("x" * 76 + "\n") * 13_000  # ~1 MB a message
     for i in range(12):
@@ -1277,7 +1277,7 @@ async def test_retention_frees_space_without_first_taking_as_much_more(
         grown = _on_disk(path) - before
     finally:
         await store.close()
-    assert grown < 4_000_000, f"purging ~24 MB took {grown / 1e6:.1f} MB more disk first"
+    assert grown < 10_000_000, f"purging ~24 MB took {grown / 1e6:.1f} MB more disk first"
 
 
 def _on_a_read_only_mount(data: Path, *args: str) -> subprocess.CompletedProcess[str]:

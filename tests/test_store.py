@@ -494,3 +494,23 @@ async def test_only_a_message_processed_alone_is_charged_the_crash_it_was_in(
         assert (await restart(max_crashes=2)).dead == []
     finally:
         await store.close()
+
+
+async def test_mail_the_retention_purge_removed_is_not_in_a_backup_taken_after_it(
+    tmp_path: Path,
+) -> None:
+    """With freed pages left as they were (secure_delete FAST), a purged message's bytes stayed
+    in the file's free pages and the backup API copied them into every later backup, shipped
+    off-site by an operator who set SMTPGATE_RETENTION_DAYS to be rid of them."""
+    mark = b"CUSTOMER-SECRET-" * 4000  # 64 KB: overflow pages, as every real message has
+    store = await Store.open(tmp_path / "s.db")
+    try:
+        await store.enqueue(ENV, b"Subject: x\r\n\r\n" + mark + b"\r\n", "<x@x>", new_queue_id())
+        with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db, db:
+            db.execute("UPDATE inbound SET state = 'done', received_at = received_at - 86400")
+        assert await store.purge(retention_days=0) == 1
+        await store.backup(tmp_path / "backup.db")
+    finally:
+        await store.close()
+    assert b"CUSTOMER-SECRET-" not in (tmp_path / "backup.db").read_bytes()
+    assert b"CUSTOMER-SECRET-" not in (tmp_path / "s.db").read_bytes()

@@ -427,12 +427,15 @@ _BASE36 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file keeps once reset (journal_size_limit)
 PURGE_BATCH = 1000  # rows of a table a retention transaction reads and deletes at most
+PURGE_BATCH_BYTES = 4 * 1024 * 1024  # and bytes of mail (always at least one row)
 
-# Per table: the rows a batch looks at (by rowid, oldest first), the delete of those expired,
-# and the age of a row (a batch whose last row is younger than the cutoff ends the sweep).
+# Per table: the rows a batch looks at with their sizes (by rowid, oldest first), the delete of
+# those expired, and the age of a row (a batch whose last row is younger than the cutoff ends
+# the sweep).
 _PURGE_SQL = {
     "inbound_raw": (
-        "SELECT rowid FROM inbound_raw WHERE rowid > ? ORDER BY rowid LIMIT 1 OFFSET ?",
+        "SELECT r.rowid, i.size FROM inbound_raw r LEFT JOIN inbound i ON i.id = r.id"
+        " WHERE r.rowid > ? ORDER BY r.rowid LIMIT ?",
         (
             "DELETE FROM inbound_raw WHERE rowid > ? AND rowid <= ? AND EXISTS (SELECT 1 FROM"
             " inbound i WHERE i.id = inbound_raw.id AND i.state = 'done' AND i.received_at < ?)",
@@ -440,7 +443,7 @@ _PURGE_SQL = {
         "SELECT i.received_at FROM inbound_raw r JOIN inbound i ON i.id = r.id WHERE r.rowid = ?",
     ),
     "outbox": (
-        "SELECT id FROM outbox WHERE id > ? ORDER BY id LIMIT 1 OFFSET ?",
+        "SELECT id, size FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
         (
             "DELETE FROM outbox_data WHERE id > ? AND id <= ? AND EXISTS (SELECT 1 FROM outbox o"
             " WHERE o.id = outbox_data.id AND o.state = 'done' AND o.created_at < ?)",
@@ -456,12 +459,17 @@ def _purge_batch(
 ) -> tuple[int, int, bool]:
     """One retention batch of `table` after rowid `after`: how many rows of it it deleted, the
     last rowid it looked at, and whether the sweep goes on."""
-    last_sql, deletes, age_sql = _PURGE_SQL[table]
-    last = db.execute(last_sql, (after, PURGE_BATCH - 1)).fetchone()
-    upto = last[0] if last else 2**63 - 1
+    rows_sql, deletes, age_sql = _PURGE_SQL[table]
+    rows = db.execute(rows_sql, (after, PURGE_BATCH)).fetchall()
+    if not rows:
+        return 0, after, False
+    upto, total = rows[0][0], 0
+    for rowid, size in rows:  # up to PURGE_BATCH_BYTES of mail, at least one row
+        total += size or 0
+        if total > PURGE_BATCH_BYTES and rowid != rows[0][0]:
+            break
+        upto = rowid
     counts = [db.execute(sql, (after, upto, cutoff)).rowcount for sql in deletes]
-    if last is None:
-        return counts[0], upto, False
     age = db.execute(age_sql, (upto,)).fetchone()
     return counts[0], upto, age is None or age[0] < cutoff
 
@@ -669,12 +677,11 @@ class Store:
         try:
             await writer.execute("PRAGMA journal_mode = WAL")
             await writer.execute("PRAGMA wal_autocheckpoint = 0")  # see CHECKPOINT_COMMITS
-            # Freed pages overwritten only where that writes nothing more: Debian's SQLite
-            # overwrites every one (SECURE_DELETE), so a purge or a migration wrote as much to
-            # the WAL as it freed, which a nearly full disk cannot take. (Freed bytes stay in
-            # free pages until reused, or until a VACUUM: docs/operations.md.) And the WAL is
+            # Freed pages are overwritten, whatever the platform's default: mail the retention
+            # purge removed must not stay in free pages, nor in the backups copied from them
+            # (the purge goes in small batches for that reason, see `purge`). And the WAL is
             # cut back to 64 MiB when reset, not kept at the size of its biggest transaction.
-            await writer.execute("PRAGMA secure_delete = FAST")
+            await writer.execute("PRAGMA secure_delete = ON")
             await writer.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             if schema != "any":
                 await migrate(writer, apply=schema == "upgrade")
@@ -2200,9 +2207,11 @@ class Store:
 
     async def purge(self, retention_days: int) -> int:
         """Drop raw bytes of done messages older than the retention, and done outbox mails;
-        outcomes stay. In transactions of PURGE_BATCH rows, oldest first: intake commits
-        between two (one transaction of 700,000 held the write lock past SMTPGATE_STORE_TIMEOUT,
-        and every sender got 451). Rows are read in the order they were written, which is the
+        outcomes stay. In transactions of at most PURGE_BATCH rows and PURGE_BATCH_BYTES of
+        mail, oldest first, each checkpointed: intake commits between two (one transaction of
+        700,000 held the write lock past SMTPGATE_STORE_TIMEOUT, and every sender got 451),
+        and the freed pages, overwritten through the WAL, need free disk for one batch, not
+        for all that is removed. Rows are read in the order they were written, which is the
         order they were received in: a batch ending at a row still kept ends the sweep."""
         now = time.time()
         cutoff = now - retention_days * 86400
@@ -2213,6 +2222,8 @@ class Store:
                 batch = functools.partial(_purge_batch, table=table, after=after, cutoff=cutoff)
                 n, after, more = await self._write(batch)
                 removed += n if table == "inbound_raw" else 0
+                if n:
+                    await self._checkpoint()  # the WAL starts again from its beginning
                 if not more:
                     break
 
