@@ -404,8 +404,15 @@ def parse_date(text: str, zone: tzinfo | None) -> str | None:
 
 
 def _in_utc(wall: datetime, zone: tzinfo | None) -> str:
-    local = wall.astimezone() if zone is None else wall.replace(tzinfo=zone)
-    return local.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """`wall` in `zone`, as UTC. One that cannot be moved there lies at an end of the calendar
+    ("9999-12-31 23:59", the usual "no end date", is past the last UTC time west of UTC): it
+    is kept at that end, not dropped from the transaction."""
+    try:
+        local = wall.astimezone() if zone is None else wall.replace(tzinfo=zone)
+        # (isoformat, not strftime: glibc writes year 1 as "1", not "0001")
+        return local.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
+    except (OverflowError, ValueError, OSError):
+        return "9999-12-31T23:59:59Z" if wall.year == 9999 else "0001-01-01T00:00:00Z"
 
 
 def parse_time(text: str, zone: tzinfo | None) -> str | None:

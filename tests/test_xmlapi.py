@@ -917,6 +917,24 @@ def test_account_email_values_are_one_address_or_a_domain(value: str, error: boo
     assert codes(tx) == ([(150010, "FLDCRDEMAIL2")] if error else [])
 
 
+@pytest.mark.parametrize(
+    ("given", "zone", "expected"),
+    [
+        ("9999-12-31 23:59", "America/New_York", "9999-12-31T23:59:59Z"),
+        ("9999-12-31 23:59", "Europe/Berlin", "9999-12-31T22:59:00Z"),
+        ("0001-01-01 00:30", "Europe/Berlin", "0001-01-01T00:00:00Z"),
+        ("0001-01-01 10:00", "America/New_York", "0001-01-01T14:56:02Z"),
+    ],
+)
+def test_a_date_and_time_at_the_ends_of_the_calendar_stays_at_that_end(
+    given: str, zone: str, expected: str
+) -> None:
+    """The usual "no end date", 9999-12-31 23:59, is past the last UTC time west of UTC:
+    the conversion failed and the field was left out of a transaction answered as applied."""
+    assert xmlapi.parse_date(given, ZoneInfo(zone)) == expected
+    assert xmlapi.parse_date(given, None) is not None  # the machine's zone: converted or kept
+
+
 def test_without_an_api_zone_a_date_and_time_is_taken_in_the_machines(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
