@@ -60,6 +60,8 @@ class Attachment:
     # 64 bits of the decoded payload's SHA-256 ("" for an enclosed message): what tells two
     # scans a copier sends under one fixed Message-ID apart (pipeline.fingerprint)
     digest: str = field(default="", compare=False)
+    # An image the HTML body shows (a Content-ID: a signature's logo), not something sent
+    inline: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1273,6 +1275,12 @@ def _auto_reply_header(headers: dict[str, str]) -> bool:
     )
 
 
+# Forward prefixes that FORWARD_PREFIX leaves out as it must ("VS:" answers in Finnish) but
+# that a mailbox rule's forward may carry: Danish/Norwegian, Icelandic, Estonian, Latvian and
+# Lithuanian, Hebrew. Where the rule's marks are there, no answer has them.
+_RULES_FORWARD_PREFIX = re.compile(r"^\s*(?:vs|fs|edasi|prs|הועבר)\s*[:：]", re.IGNORECASE)
+
+
 def _exchange_rules_answer(headers: dict[str, str], subject: str) -> bool:
     """Whether a mail marked `Auto-Submitted: auto-generated` that has an In-Reply-To is an
     Exchange out-of-office (or a rule's reply with a template), whatever language its subject
@@ -1285,6 +1293,7 @@ def _exchange_rules_answer(headers: dict[str, str], subject: str) -> bool:
         (source.lower() == "mailbox rules agent" or "x-ms-exchange-inbox-rules-loop" in headers)
         and "resent-from" not in headers
         and FORWARD_PREFIX.match(subject) is None
+        and _RULES_FORWARD_PREFIX.match(subject) is None
     )
 
 
@@ -1681,6 +1690,7 @@ class _Parser:
                 content_type=leaf.content_type,
                 size=_embedded_size(leaf.part) if leaf.embedded else len(self.data(leaf)),
                 digest="" if leaf.embedded else hashlib.sha256(self.data(leaf)).hexdigest()[:16],
+                inline=leaf.content_type.startswith("image/") and "content-id" in leaf.part,
             )
             for leaf in outer
             if leaf.is_attachment and leaf is not body

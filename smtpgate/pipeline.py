@@ -158,12 +158,14 @@ def note_text(inb: Inbound, ctx: Context, *, strip: bool) -> str:
     A mail that is all quote keeps its whole text, unless it answers a mail and brings
     attachments: a reply whose only new content is a screenshot is filed with its attachment
     line (its "quote" is our acknowledgement or the earlier thread). Otherwise the quote is
-    all there is to file: answers written into it unmarked, a forward without a prefix."""
+    all there is to file: answers written into it unmarked, a forward without a prefix. (The
+    images the HTML shows, a signature's logo, bring nothing.)"""
     msg = inb.msg
     text = msg.text
     if strip:
         stripped = strip_quotes(text, ctx.rules.compiled_quote_patterns())
-        if stripped.strip() or (msg.attachments and (msg.in_reply_to or msg.references)):
+        brings = any(not a.inline for a in msg.attachments)
+        if stripped.strip() or (brings and (msg.in_reply_to or msg.references)):
             text = stripped
     who = f"{msg.from_name} <{inb.sender}>" if msg.from_name else inb.sender
     head = [f"From: {who or '(unknown)'}", f"Subject: {msg.subject or '(no subject)'}"]

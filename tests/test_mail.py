@@ -527,7 +527,12 @@ def test_an_exchange_out_of_office_is_known_by_its_headers(
 
 def test_an_exchange_rules_forward_is_no_automatic_answer() -> None:
     """A mailbox rule's forward of a reply carries the rules' marks and its In-Reply-To."""
-    for subject in ("FW: RE: printer", "WG: AW: Drucker", "PD: Odp: drukarka"):
+    # (Danish/Norwegian "VS:", Icelandic "FS:", Estonian "Edasi:", Latvian/Lithuanian "PRS:",
+    # Hebrew "הועבר:": forwards there, though "VS:" answers in Finnish.)
+    for subject in (
+        "FW: RE: printer", "WG: AW: Drucker", "PD: Odp: drukarka", "VS: SV: printer",
+        "FS: SV: prentari", "Edasi: VS: printer", "PRS: RE: printeris", "הועבר: RE: מדפסת",
+    ):  # fmt: skip
         assert not parse_message(eml(f"Subject: {subject}", ANSWER, *EXCHANGE_RULES)).is_auto_reply
 
 

@@ -2514,6 +2514,41 @@ async def test_automatic_mail_caps_count_an_address_in_any_spelling(
     assert [len(r["outcome"]["sent"]) for r in rows] == [1] * ACK_BURST + [0]
 
 
+async def test_answers_typed_into_the_quote_survive_a_signature_logo(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """A reply that is all quote and answers a mail is filed without that text only when it
+    brings attachments (a screenshot as the whole answer): an HTML signature's inline logo
+    (image001.png, a related part with a Content-ID) counted as one, and a customer's answers
+    typed into the quoted mail were lost."""
+    world = await start_world(gateway_factory, relay)
+    quote = (
+        "From: Support <connector@localhost>\nSent: Thursday, November 26, 2026 2:05 PM\n"
+        "To: Jane Roe <jane@acme.example>\n"
+        "Subject: [Ticket #1] Outlook keeps asking for my password\n\n"
+        "Which Outlook version do you use?\nANSWER: Outlook 2021, build 2311\n"
+    )
+    msg = EmailMessage(policy=email.policy.SMTP)
+    msg["From"] = "Jane Roe <jane@acme.example>"
+    msg["To"] = CONNECTOR
+    msg["Subject"] = "RE: [Ticket #1] Outlook keeps asking for my password"
+    msg["Message-ID"] = new_id()
+    msg["In-Reply-To"] = world.ack_id
+    msg.set_content(quote)
+    msg.add_alternative(
+        "<html><body><p>" + quote.replace("\n", "<br>") + '</p><img src="cid:logo1"></body></html>',
+        subtype="html",
+    )
+    logo = b"\x89PNG\r\n\x1a\n" + b"\0" * 60
+    msg.get_payload()[1].add_related(
+        logo, maintype="image", subtype="png", cid="<logo1>", filename="image001.png"
+    )
+    row = await deliver(world.gw, msg.as_bytes(), "jane@acme.example")
+    assert row["outcome"]["action"] == "ticket_reply"
+    note = (await world.store.get_ticket(1))["history"][-1]["description"]
+    assert "Outlook 2021" in note, note
+
+
 async def test_explain_agrees_with_processing_when_a_cap_suppresses_the_ack(
     gateway_factory: GatewayFactory,
 ) -> None:
