@@ -1283,3 +1283,23 @@ async def test_note_times_given_without_a_zone_are_in_the_api_zone_and_sort_with
 def test_an_unknown_api_time_zone_stops_start_up_naming_it() -> None:
     with pytest.raises(ConfigError, match="SMTPGATE_API_TIME_ZONE"):
         load_settings(_env_file=None, api_time_zone="Mars/Olympus_Mons")
+
+
+async def test_a_transactions_password_is_not_filed_when_an_alert_rule_takes_it(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """An RMM sending alerts and API transactions from one address with an alert's subject:
+    spec 2 checks the automated branch first, so the transaction is filed as an alert (not
+    applied; docs/xml-api.md says so), and its <Password> went into the ticket's details and
+    its note, which every technician reads. Filed text shows it masked."""
+    world = await start_world(gateway_factory, relay)
+    rmm = "alerts@externalsystem.com"  # the spec's detection rule: this sender and "Alert"
+    doc = xml("TICKET", {"FLDTKTCARDID": ACME, "FLDTKTPROBLEM": "Disk full"}, return_id="R1")
+    row = await deliver(
+        world.gw, in_body(doc, subject="Alert for Site Acme Corp, disk", sender=rmm), rmm
+    )
+    assert row["outcome"]["action"] == "automated_ticket", row["outcome"]
+    ticket = await world.store.get_ticket(row["outcome"]["ticket"])
+    filed = [ticket["details"], *(n["description"] for n in ticket["history"])]
+    assert all("s3cret" not in text for text in filed), filed
+    assert all("<Password>********</Password>" in text for text in filed), filed
