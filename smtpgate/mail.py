@@ -60,7 +60,8 @@ class Attachment:
     # 64 bits of the decoded payload's SHA-256 ("" for an enclosed message): what tells two
     # scans a copier sends under one fixed Message-ID apart (pipeline.fingerprint)
     digest: str = field(default="", compare=False)
-    # An image the HTML body shows (a Content-ID: a signature's logo), not something sent
+    # An image the HTML body shows (a Content-ID, not disposed as an attachment: a signature's
+    # logo), not something sent
     inline: bool = field(default=False, compare=False)
 
 
@@ -1690,7 +1691,10 @@ class _Parser:
                 content_type=leaf.content_type,
                 size=_embedded_size(leaf.part) if leaf.embedded else len(self.data(leaf)),
                 digest="" if leaf.embedded else hashlib.sha256(self.data(leaf)).hexdigest()[:16],
-                inline=leaf.content_type.startswith("image/") and "content-id" in leaf.part,
+                # (Gmail gives attached files a Content-ID too: their disposition tells.)
+                inline=leaf.content_type.startswith("image/")
+                and "content-id" in leaf.part
+                and leaf.part.get_content_disposition() != "attachment",
             )
             for leaf in outer
             if leaf.is_attachment and leaf is not body

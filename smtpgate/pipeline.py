@@ -178,19 +178,42 @@ def note_text(inb: Inbound, ctx: Context, *, strip: bool) -> str:
                 for a in msg.attachments
             )
         )
-    text = _masked(text.strip())
+    text = masked(text.strip(), _password_in(inb, ctx))
     return "\n".join(head) + ("\n\n" + text if text else "")
 
 
-# An XML transaction's <Password> (any case, spaces in the tags) in text filed on a ticket.
+# An XML transaction's <Password> element in its plain form (any case, spaces in the tags).
 _PASSWORD_ELEMENT = re.compile(r"(<\s*password\s*>)[^<]*(<\s*/\s*password\s*>)", re.IGNORECASE)
+_MASK = "********"
 
 
-def _masked(text: str) -> str:
-    """`text` with an XML transaction's password masked: a transaction an alert rule detects
-    (spec 2 checks the automated branch first) is filed as an alert, and every technician
-    reads its ticket. (A forward goes untouched, as the spec has it: to support.)"""
-    return _PASSWORD_ELEMENT.sub(r"\1********\2", text)
+def masked(text: str, password: str | None) -> str:
+    """`text` filed on a ticket with an XML transaction's password masked: a transaction an
+    alert rule detects (spec 2 checks the automated branch first) is filed as an alert, and
+    every technician reads its ticket. The password the parser read is masked wherever it
+    stands (CDATA, a namespace prefix, attributes, a comment beside it), and the plain
+    element's content whatever it holds. (A forward goes untouched, as the spec has it.)"""
+    text = _PASSWORD_ELEMENT.sub(rf"\1{_MASK}\2", text)
+    if password and len(password) >= 4:  # (a shorter one would mask ordinary words)
+        text = text.replace(password, _MASK)
+    return text
+
+
+def _transaction_of(inb: Inbound, settings: Settings) -> xmlapi.Transaction | None:
+    """The XML transaction the message holds (spec 2.2), or None for ordinary mail."""
+    return xmlapi.find_transaction(
+        inb.msg.xml_candidates,
+        max_bytes=settings.api_max_xml_bytes,
+        charsets=inb.msg.xml_charsets,
+    )
+
+
+def _password_in(inb: Inbound, ctx: Context) -> str | None:
+    """The <Password> of the transaction the message holds, if it holds one."""
+    if "commitcrmtransaction" not in inb.msg.text.lower():
+        return None
+    tx = _transaction_of(inb, ctx.settings)
+    return None if tx is None else tx.password
 
 
 def _new_ticket(
@@ -205,7 +228,7 @@ def _new_ticket(
         account=account,
         contact=contact,
         description=msg.subject or "(no subject)",
-        details=_masked(msg.text.strip()),
+        details=masked(msg.text.strip(), _password_in(inb, ctx)),
         source=source,
         note=note_text(inb, ctx, strip=False),
         attachments=_attachments(msg),
@@ -416,11 +439,7 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
 
 async def stage_xml(inb: Inbound, ctx: Context, _: Directory) -> Decision | None:
     settings = ctx.settings
-    tx = xmlapi.find_transaction(
-        inb.msg.xml_candidates,
-        max_bytes=settings.api_max_xml_bytes,
-        charsets=inb.msg.xml_charsets,
-    )
+    tx = _transaction_of(inb, settings)
     if tx is None:
         return None
     tx = dataclasses.replace(tx, zone=settings.api_zone)

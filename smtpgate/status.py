@@ -86,14 +86,28 @@ def query_status(db: sqlite3.Connection) -> dict[str, Any]:
 
 
 def read_only_uri(db_path: Path) -> str:
-    """The store opened for reading only. In a directory that cannot be written (a disk
-    remounted read-only after errors, a snapshot), SQLite cannot make the -shm file a WAL
-    reader needs: without one there, the file is read as immutable (no writer can be at work
-    in such a directory; a WAL left beside it by a crash is not read)."""
+    """The store opened for reading only. On a file system mounted read-only (a disk
+    remounted so after errors, a snapshot) SQLite cannot make the -shm file a WAL reader
+    needs: without one there, the file is read as immutable, which it is there. Not merely
+    where this user cannot write: a `serve` that can may change it meanwhile. A WAL without
+    its -shm there could not be read: sqlite3.OperationalError says so."""
     uri = db_path.absolute().as_uri() + "?mode=ro"
-    if not os.access(db_path.parent, os.W_OK) and not Path(f"{db_path}-shm").exists():
+    if _read_only_file_system(db_path.parent) and not Path(f"{db_path}-shm").exists():
+        wal = Path(f"{db_path}-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise sqlite3.OperationalError(
+                f"{wal} holds changes, but its -shm file is missing on this read-only file"
+                " system: copy the store with both files to a writable place to read it"
+            )
         uri += "&immutable=1"
     return uri
+
+
+def _read_only_file_system(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def read_status(db_path: Path, *, busy_timeout: float = 5.0) -> dict[str, Any]:

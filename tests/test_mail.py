@@ -525,6 +525,26 @@ def test_an_exchange_out_of_office_is_known_by_its_headers(
     assert not parse_message(eml(subject, *headers)).is_auto_reply  # it answers no mail
 
 
+def test_an_attached_screenshot_with_a_content_id_is_no_inline_image() -> None:
+    """Gmail gives every attached file a Content-ID: only its disposition tells a file sent
+    from a signature's logo the HTML shows."""
+    raw = (
+        b"From: jane@acme.example\r\nSubject: Re: x\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+        b"Content-Type: text/plain\r\n\r\nsee\r\n--b\r\n"
+        b'Content-Type: image/png; name="shot.png"\r\n'
+        b'Content-Disposition: attachment; filename="shot.png"\r\n'
+        b"Content-ID: <f_lx1abc0>\r\nContent-Transfer-Encoding: base64\r\n\r\niVBORw0KGgo=\r\n"
+        b'--b\r\nContent-Type: image/png; name="logo.png"\r\nContent-ID: <logo>\r\n'
+        b'Content-Disposition: inline; filename="logo.png"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\niVBORw0KGgo=\r\n--b--\r\n"
+    )
+    assert [(a.filename, a.inline) for a in parse_message(raw).attachments] == [
+        ("shot.png", False),
+        ("logo.png", True),
+    ]
+
+
 def test_an_exchange_rules_forward_is_no_automatic_answer() -> None:
     """A mailbox rule's forward of a reply carries the rules' marks and its In-Reply-To."""
     # (Danish/Norwegian "VS:", Icelandic "FS:", Estonian "Edasi:", Latvian/Lithuanian "PRS:",

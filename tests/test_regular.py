@@ -2541,8 +2541,9 @@ async def test_answers_typed_into_the_quote_survive_a_signature_logo(
     )
     logo = b"\x89PNG\r\n\x1a\n" + b"\0" * 60
     msg.get_payload()[1].add_related(
-        logo, maintype="image", subtype="png", cid="<logo1>", filename="image001.png"
-    )
+        logo, maintype="image", subtype="png", cid="<logo1>", filename="image001.png",
+        disposition="inline",  # as Outlook sends it
+    )  # fmt: skip
     row = await deliver(world.gw, msg.as_bytes(), "jane@acme.example")
     assert row["outcome"]["action"] == "ticket_reply"
     note = (await world.store.get_ticket(1))["history"][-1]["description"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import smtpgate.status as status_module
 import smtpgate.store as store_module
 from smtpgate.config import ConfigError
 from smtpgate.model import (
@@ -514,3 +515,24 @@ async def test_mail_the_retention_purge_removed_is_not_in_a_backup_taken_after_i
         await store.close()
     assert b"CUSTOMER-SECRET-" not in (tmp_path / "backup.db").read_bytes()
     assert b"CUSTOMER-SECRET-" not in (tmp_path / "s.db").read_bytes()
+
+
+async def test_a_store_is_read_as_immutable_only_on_a_read_only_file_system(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`immutable=1` was used wherever this user could not write the directory: for an operator
+    in the service's group, whenever serve had stopped, so a serve started meanwhile changed a
+    file SQLite read without locks (stale counts, a torn backup). And a WAL without its -shm
+    was then ignored: committed mail missing from `status` and from a backup."""
+    store = await Store.open(tmp_path / "s.db")
+    await store.close()
+    db = tmp_path / "s.db"
+    monkeypatch.setattr(status_module, "_read_only_file_system", lambda path: False)
+    assert "immutable" not in status_module.read_only_uri(db)
+    monkeypatch.setattr(status_module, "_read_only_file_system", lambda path: True)
+    assert status_module.read_only_uri(db).endswith("&immutable=1")
+    Path(f"{db}-wal").write_bytes(b"\0" * 32)  # a WAL left without its -shm
+    with pytest.raises(sqlite3.OperationalError, match="its -shm file is missing"):
+        status_module.read_only_uri(db)
+    with pytest.raises(ConfigError, match="its -shm file is missing"):
+        await Store.open_read_only(db)

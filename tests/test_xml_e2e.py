@@ -1303,3 +1303,28 @@ async def test_a_transactions_password_is_not_filed_when_an_alert_rule_takes_it(
     filed = [ticket["details"], *(n["description"] for n in ticket["history"])]
     assert all("s3cret" not in text for text in filed), filed
     assert all("<Password>********</Password>" in text for text in filed), filed
+
+
+@pytest.mark.parametrize(
+    "element",
+    [
+        "<Password><![CDATA[s3cret]]></Password>",
+        '<c:Password xmlns:c="urn:x">s3cret</c:Password>',
+        '<Password type="plain">s3cret</Password>',
+        "<Password><!-- api -->s3cret</Password>",
+        "<Password>s3cret</Password>",
+    ],
+)
+def test_the_password_the_parser_reads_is_masked_in_every_form(element: str) -> None:
+    """The mask matched the plain element only, but the parser also reads a password in CDATA,
+    with a namespace prefix, with attributes or beside a comment."""
+    doc = (
+        '<CommitCRMTransaction xmlns:c="urn:x"><ExternalApplicationName>x'
+        f"</ExternalApplicationName>{element}<DataKind>TICKET</DataKind><RecordData>"
+        "<FLDTKTPROBLEM>p</FLDTKTPROBLEM></RecordData></CommitCRMTransaction>"
+    )
+    tx = find_transaction([doc.encode()])
+    assert tx is not None
+    assert tx.password == "s3cret"
+    assert "s3cret" not in pipeline.masked(doc, tx.password)
+    assert pipeline.masked("a word is no password", "a") == "a word is no password"

@@ -709,8 +709,8 @@ class Store:
         """The store of a data directory that cannot be written (a disk remounted read-only
         after errors, a snapshot mounted to look at): for the commands that only read, and
         `backup`, which is when an operator needs them most. Every write fails."""
-        uri = read_only_uri(path)
         try:
+            uri = read_only_uri(path)
             reader = await aiosqlite.connect(
                 uri, uri=True, isolation_level=None, timeout=busy_timeout
             )
