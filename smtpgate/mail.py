@@ -1032,6 +1032,8 @@ _CITATION = re.compile(r"""type\s*=\s*["']?cite|class\s*=\s*["'][^"']*quote|bord
 # Only that name makes a <div> cite: Gmail's <div class="gmail_quote"> also holds a forwarded
 # message, and a signature may have a left border.
 _CITING_DIV = re.compile(r"""\sname\s*=\s*["']?quote\b""", re.I)
+# The elements that may quote, and what in an opening tag says that one does.
+_QUOTING_TAGS = {"blockquote": _CITATION, "div": _CITING_DIV}
 _HREF = re.compile(r"""\shref\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", re.IGNORECASE)
 _URL_SPACE = {ord(c): None for c in "\t\r\n"}
 _MAX_HREF_CHARS = 500  # longer targets (tracking links) would bury the text they belong to
@@ -1089,8 +1091,9 @@ def _html_to_text(source: str) -> str:
     lists: list[list[int]] = []  # open lists: [number of the next item, or 0 when bulleted]
     cells = 0  # cells begun in the current table row
     link: tuple[str, int] | None = None  # an open link's target and where its text begins
-    quoting: list[bool] = []  # open blockquotes: whether each quotes (else it indents)
-    divs: list[bool] = []  # open <div>s: whether each cites (_CITING_DIV)
+    # Per _QUOTING_TAGS name, its open elements: whether each quotes (a blockquote that does
+    # not indents; a div that does not is any div).
+    quoting: dict[str, list[bool]] = {name: [] for name in _QUOTING_TAGS}
     pos, n = 0, len(source)
 
     while pos < n:
@@ -1177,18 +1180,13 @@ def _html_to_text(source: str) -> str:
             if name == "tr":
                 cells = 0
                 out.cell_fresh = False
-            elif name == "blockquote":
+            elif name in _QUOTING_TAGS:
+                opened = quoting[name]
                 if not closing:
-                    quoting.append(_CITATION.search(source, m.end(), end) is not None)
-                    out.quote += quoting[-1]
-                elif quoting:
-                    out.quote -= quoting.pop()
-            elif name == "div":
-                if not closing:
-                    divs.append(_CITING_DIV.search(source, m.end(), end) is not None)
-                    out.quote += divs[-1]
-                elif divs:
-                    out.quote -= divs.pop()
+                    opened.append(_QUOTING_TAGS[name].search(source, m.end(), end) is not None)
+                    out.quote += opened[-1]
+                elif opened:
+                    out.quote -= opened.pop()
             elif name in ("ul", "ol"):
                 if closing:
                     if lists:
