@@ -168,6 +168,12 @@ def note_text(inb: Inbound, ctx: Context, *, strip: bool) -> str:
         brings = any(not a.inline for a in msg.attachments)
         if stripped.strip() or (brings and (msg.in_reply_to or msg.references)):
             text = stripped
+    return _note(inb, masked(text.strip(), _password_in(inb, ctx)))
+
+
+def _note(inb: Inbound, text: str) -> str:
+    """A short header block and `text` (stripped and masked by the caller)."""
+    msg = inb.msg
     who = f"{msg.from_name} <{inb.sender}>" if msg.from_name else inb.sender
     head = [f"From: {who or '(unknown)'}", f"Subject: {msg.subject or '(no subject)'}"]
     if msg.attachments:
@@ -178,12 +184,13 @@ def note_text(inb: Inbound, ctx: Context, *, strip: bool) -> str:
                 for a in msg.attachments
             )
         )
-    text = masked(text.strip(), _password_in(inb, ctx))
     return "\n".join(head) + ("\n\n" + text if text else "")
 
 
-# An XML transaction's <Password> element in its plain form (any case, spaces in the tags).
+# An XML transaction's <Password> element in its plain form (any case, spaces in the tags),
+# and the root element's name, which text holding a transaction has.
 _PASSWORD_ELEMENT = re.compile(r"(<\s*password\s*>)[^<]*(<\s*/\s*password\s*>)", re.IGNORECASE)
+_TRANSACTION_NAME = re.compile("commitcrmtransaction", re.IGNORECASE)
 _MASK = "********"
 
 
@@ -210,7 +217,7 @@ def _transaction_of(inb: Inbound, settings: Settings) -> xmlapi.Transaction | No
 
 def _password_in(inb: Inbound, ctx: Context) -> str | None:
     """The <Password> of the transaction the message holds, if it holds one."""
-    if "commitcrmtransaction" not in inb.msg.text.lower():
+    if _TRANSACTION_NAME.search(inb.msg.text) is None:  # (no lowered copy of the text)
         return None
     tx = _transaction_of(inb, ctx.settings)
     return None if tx is None else tx.password
@@ -224,13 +231,14 @@ def _new_ticket(
     already holds what they quote (spec 2.3), while a new ticket has no history, and the text
     below "Forwarded message" or "Original Message" is often the request itself."""
     msg = inb.msg
+    body = masked(msg.text.strip(), _password_in(inb, ctx))  # the details, and the note's text
     return NewTicket(
         account=account,
         contact=contact,
         description=msg.subject or "(no subject)",
-        details=masked(msg.text.strip(), _password_in(inb, ctx)),
+        details=body,
         source=source,
-        note=note_text(inb, ctx, strip=False),
+        note=_note(inb, body),
         attachments=_attachments(msg),
         message_id=msg.message_id,
     )
