@@ -249,6 +249,37 @@ class Applied:
 
 MailBuilder = Callable[[Applied], list[OutboundMail]]
 
+# A ticket as the directory finds it: (rec_id, number, account rec_id).
+TicketRef = tuple[str, int, str]
+# An account search: (field, normalized candidate values), and what it found: value →
+# [(account rec_id, contact rec_id or None)].
+Lookup = tuple[str, tuple[str, ...]]
+Found = dict[str, list[tuple[str, str | None]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Needs:
+    """What deciding one message may look up, known from the message and the rules before any
+    stage runs (`pipeline.needs`): the store answers it all in one round trip (`Facts`)."""
+
+    by_rule: tuple[Lookup, ...] = ()  # an alert's account rules, in their order
+    by_sender: tuple[Lookup, ...] = ()  # the sender's address, then its domain
+    employee: str = ""  # the address whose active-employee standing matters ("": none)
+    ticket_numbers: tuple[int, ...] = ()  # the subject's ticket tags
+    message_ids: tuple[str, ...] = ()  # In-Reply-To, then References nearest first
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """The directory's answers to `needs`: all the pure precedence decides with."""
+
+    needs: Needs = field(default_factory=Needs)
+    by_rule: tuple[Found, ...] = ()  # one per needs.by_rule
+    by_sender: tuple[Found, ...] = ()  # one per needs.by_sender
+    employee: bool = False
+    tickets: tuple[TicketRef, ...] = ()  # the tagged tickets that exist, in the tags' order
+    threaded: TicketRef | None = None  # the ticket the first known message id belongs to
+
 
 def no_mail(_: Applied) -> list[OutboundMail]:
     return []

@@ -1,8 +1,10 @@
 """The processing precedence (spec 2) as one ordered table of stages; the first that decides wins.
 
-Each stage looks up what it needs through a read-only `Directory` (the store) and leaves the
-deciding to the pure functions in `smtpgate.rules`. Nothing here writes: the returned `Decision`
-is applied by the store in one transaction, which is why `explain` can run the same code.
+Decided purely, looked up at the edge: `needs` says what any stage may want from the directory
+(accounts, the sender's employee standing, tickets), the store answers it all in one round trip
+(`Facts`), and the stages are plain functions over the message, the configuration and those
+facts, deciding with the pure rules of `smtpgate.rules`. Nothing here writes: the `Decision` is
+applied by the store in one transaction, which is why `explain` can run the same code.
 """
 
 from __future__ import annotations
@@ -11,24 +13,28 @@ import dataclasses
 import hashlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from smtpgate import outbound, xmlapi
-from smtpgate.config import Rules, Settings
+from smtpgate.config import DetectionRule, Rules, Settings, SkipRule
 from smtpgate.mail import ParsedMessage, strip_quotes
 from smtpgate.model import (
     REUSED_ID,
     Action,
     Applied,
     Decision,
+    Facts,
     FileReply,
+    Lookup,
     MailBuilder,
     MailKind,
+    Needs,
     NewTicket,
     OutboundMail,
     Path,
+    TicketRef,
     ascii_domain,
     no_mail,
 )
@@ -42,28 +48,16 @@ SOURCE_EMAIL = "Email"
 UNREADABLE_CODES = frozenset({xmlapi.ERR_MALFORMED, xmlapi.ERR_UNSAFE})
 
 
-Lookup = tuple[str, Sequence[str]]  # (search field, normalized candidate values)
-Found = dict[str, list[tuple[str, str | None]]]
-
-
-# A ticket as the directory finds it: (rec_id, number, account rec_id).
-TicketRef = tuple[str, int, str]
 # Ticket tags of one subject looked up at most: a reply quoting a thread of tickets names a few.
 MAX_TAGS = 5
 
 
 class Directory(Protocol):
-    """The read-only facts a stage may look up (implemented by the store)."""
+    """Where the facts a decision needs are looked up (implemented by the store)."""
 
-    async def find_accounts(self, lookups: Sequence[Lookup]) -> list[Found]:
-        """For each (field, values) lookup: normalized value → [(account, contact)], at once."""
+    async def look_up(self, needs: Needs) -> Facts:
+        """All of `needs` answered, in one round trip."""
         ...
-
-    async def employee_is_active(self, address: str) -> bool: ...
-
-    async def ticket_by_number(self, number: int) -> TicketRef | None: ...
-
-    async def ticket_by_message_ids(self, message_ids: Sequence[str]) -> TicketRef | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +76,7 @@ class Inbound:
     hit: list[str] = field(default_factory=list)
     missed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # from stages that passed, for the outcome
+    _caught: Caught | None = field(default=None, repr=False)
 
     @property
     def sender(self) -> str:
@@ -90,8 +85,30 @@ class Inbound:
             return self.msg.from_address
         return self.mail_from.lower()
 
+    def caught(self, rules: Rules) -> Caught:
+        """The detection and skip rules that catch the message (asked by `needs` and by the
+        automated stage: worked out once)."""
+        if self._caught is None:
+            detected, missed = automated.first_detection(rules.detection, self.msg, self.sender)
+            skip: SkipRule | None = None
+            skipped_by: list[str] = []
+            if detected is not None:
+                skip, skipped_by = automated.first_skip(rules.skip, self.msg.subject)
+            self._caught = Caught(detected, skip, (*missed, *skipped_by))
+        return self._caught
 
-StageFn = Callable[[Inbound, Context, Directory], Awaitable[Decision | None]]
+
+@dataclass(frozen=True, slots=True)
+class Caught:
+    """spec 2.1 steps 1 and 2: the first detection rule that catches a message, the first
+    skip rule that then does, and the names of the rules tried before them."""
+
+    detected: DetectionRule | None
+    skip: SkipRule | None
+    missed: tuple[str, ...]
+
+
+StageFn = Callable[[Inbound, Context, Facts], Decision | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,25 +281,16 @@ def _may_answer(inb: Inbound, ctx: Context, recipient: str | None) -> str | None
     return regular.no_auto_answer_reason(inb.msg, inb.mail_from)
 
 
-def _sender_lookups(inb: Inbound) -> list[Lookup]:
+def _sender_lookups(inb: Inbound) -> tuple[Lookup, ...]:
     addresses, domains = automated.sender_keys(inb.sender)
-    return [("email", addresses), ("domain", domains)]
+    return ("email", tuple(addresses)), ("domain", tuple(domains))
 
 
-async def _sender_account(inb: Inbound, directory: Directory) -> tuple[automated.Match, str | None]:
-    """The account of the message's sender (`_account_by_sender` of its lookups)."""
-    lookups = _sender_lookups(inb)
-    return _account_by_sender(lookups, await directory.find_accounts(lookups))
-
-
-def _account_by_sender(
-    lookups: Sequence[Lookup], results: Sequence[Found]
-) -> tuple[automated.Match, str | None]:
-    """Address (account email or contact), then domain; ambiguity → not found (spec 2.1.3).
-    An address that names several accounts stops there: the sender is someone at one of them,
-    and a third account holding the domain would be a guess, not a match.
-    `lookups` are `_sender_lookups`, `results` what the directory found for them."""
-    for (search, keys), found in zip(lookups, results, strict=True):
+def _account_by_sender(facts: Facts) -> tuple[automated.Match, str | None]:
+    """The sender's account: by address (account email or contact), then domain; ambiguity →
+    not found (spec 2.1.3). An address that names several accounts stops there: the sender is
+    someone at one of them, and a third account holding the domain would be a guess."""
+    for (search, keys), found in zip(facts.needs.by_sender, facts.by_sender, strict=True):
         if not keys:
             continue
         match = automated.resolve(keys, found)
@@ -302,7 +310,7 @@ def _account_by_sender(
 FORWARD_BOUNCED = "forward_bounced"
 
 
-async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
+def stage_loop(inb: Inbound, ctx: Context, facts: Facts) -> Decision | None:
     settings = ctx.settings
     marker = inb.msg.loop_header  # the parser's view also catches a folded field
     markers = regular.loop_markers(inb.raw) | ({marker} if marker else set())
@@ -326,8 +334,7 @@ async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decisi
             reason=FORWARD_BOUNCED,
             notes=["a delivery report about the address we forward to: not sent back there"],
         )
-    encloses = any(a.content_type.startswith("message/") for a in inb.msg.attachments)
-    if inb.msg.is_delivery_report or encloses:
+    if inb.msg.is_delivery_report or _encloses_message(inb.msg):
         # A bounce of one of our own mails, or one of our forwards sent back as an attachment
         # (a support mailbox's rule forwarding what we forwarded): answering or forwarding it
         # could loop for ever. (A customer sending back our acknowledgement as an attachment
@@ -342,11 +349,11 @@ async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decisi
         forward = f"{outbound.ACTION_HEADER}:".lower().encode() in raw
         forward = forward or inb.msg.encloses_forward
         if ours and (inb.msg.is_delivery_report or forward):
-            if not inb.msg.is_delivery_report and await directory.employee_is_active(inb.sender):
+            if not inb.msg.is_delivery_report and facts.employee:
                 # A technician filing one of our forwards on its ticket ("FW: [Ticket #1]", the
                 # forward attached) on purpose: an active employee's reply is only filed, and
                 # sends nothing that could come back (spec 2.3.1).
-                reply = await stage_ticket_reply(inb, ctx, directory)
+                reply = stage_ticket_reply(inb, ctx, facts)
                 if reply is not None:
                     return reply
             # A bounce of our forward: support's mailbox (or a redirect of it) refused it.
@@ -357,22 +364,28 @@ async def stage_loop(inb: Inbound, ctx: Context, directory: Directory) -> Decisi
     return None
 
 
-async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
+def _answers_mail(msg: ParsedMessage) -> bool:
+    """An out-of-office or a bounce about an alert ("Automatic reply: Alert for Site …") is an
+    answer to mail, not the alert: a subject rule would open a ticket for it. Spec 2.3 files it
+    on its ticket, or forwards it to support. Only the sure signs count: an alert may well say
+    "Auto: …" with Precedence: bulk, or come from postmaster@."""
+    return msg.auto_submitted == "auto-replied" or bool(msg.report_structure)
+
+
+def _encloses_message(msg: ParsedMessage) -> bool:
+    return any(a.content_type.startswith("message/") for a in msg.attachments)
+
+
+def stage_automated(inb: Inbound, ctx: Context, facts: Facts) -> Decision | None:
     rules, msg, settings = ctx.rules, inb.msg, ctx.settings
-    if msg.auto_submitted == "auto-replied" or msg.report_structure:
-        # An out-of-office or a bounce about an alert ("Automatic reply: Alert for Site …") is
-        # an answer to mail, not the alert: a subject rule would open a ticket for it. Spec
-        # 2.3 files it on its ticket, or forwards it to support. Only the sure signs count: an
-        # alert may well say "Auto: …" with Precedence: bulk, or come from postmaster@.
+    if _answers_mail(msg):
         return None
-    detected, missed = automated.first_detection(rules.detection, msg, inb.sender)
-    inb.missed += missed
-    if detected is None:
+    caught = inb.caught(rules)
+    inb.missed += caught.missed
+    if caught.detected is None:
         return None
-    inb.hit.append(str(detected.name))
-    skip, missed = automated.first_skip(rules.skip, msg.subject)
-    inb.missed += missed
-    if skip is not None:
+    inb.hit.append(str(caught.detected.name))
+    if (skip := caught.skip) is not None:
         inb.hit.append(str(skip.name))
         return Decision(
             Path.AUTOMATED,
@@ -381,16 +394,11 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
         )
     notes: list[str] = []
     match = automated.Match(None)
-    # Every lookup the rules may need, in one round trip to the store; resolved in rule order.
-    lookups: list[Lookup] = [
-        (rule.search, automated.candidates(rule, msg.subject)) for rule in rules.account
-    ]
-    if rules.account_by_sender:
-        lookups += _sender_lookups(inb)
-    results = await directory.find_accounts(lookups)
     misses: list[str] = []  # what each rule that found nothing looked for (for the operator)
     ambiguous = False
-    for rule, (_, values), found in zip(rules.account, lookups, results, strict=False):
+    # The rules' lookups (`needs`), resolved in rule order.
+    looked_up = zip(rules.account, facts.needs.by_rule, facts.by_rule, strict=True)
+    for rule, (_, values), found in looked_up:
         match = automated.resolve(values, found)
         if match.account:
             inb.hit.append(str(rule.name))
@@ -412,7 +420,7 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
             phrases = "its phrases are" if rule.after and rule.before else "its phrase is"
             misses.append(f"{rule.name}: {phrases} not in the subject")
     if not match.account and rules.account_by_sender:
-        match, note = _account_by_sender(lookups[-2:], results[-2:])
+        match, note = _account_by_sender(facts)
         ambiguous = ambiguous or note is not None  # the note is only about ambiguity
         if note:
             notes.append(note)
@@ -445,7 +453,7 @@ async def stage_automated(inb: Inbound, ctx: Context, directory: Directory) -> D
     )
 
 
-async def stage_xml(inb: Inbound, ctx: Context, _: Directory) -> Decision | None:
+def stage_xml(inb: Inbound, ctx: Context, _: Facts) -> Decision | None:
     settings = ctx.settings
     tx = _transaction_of(inb, settings)
     if tx is None:
@@ -511,27 +519,18 @@ async def stage_xml(inb: Inbound, ctx: Context, _: Directory) -> Decision | None
     return Decision(Path.XML, Action.XML_APPLIED, transaction=tx, mails=respond, notes=notes)
 
 
-async def stage_ticket_reply(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
+def stage_ticket_reply(inb: Inbound, ctx: Context, facts: Facts) -> Decision | None:
     msg, settings = inb.msg, ctx.settings
-    numbers = regular.tagged_numbers(ctx.rules.ticket_tag, msg.subject)
-    tagged: list[TicketRef] = []
-    for number in dict.fromkeys(numbers[:MAX_TAGS]):  # (each number its own ticket)
-        found = await directory.ticket_by_number(number)
-        if found:
-            tagged.append(found)
-    if numbers and not tagged:
+    tagged, threaded, employee = facts.tickets, facts.threaded, facts.employee
+    if facts.needs.ticket_numbers and not tagged:
         inb.missed.append("ticket_tag")  # a tag naming no ticket
-    threaded = None
-    if msg.in_reply_to or msg.references:
-        threaded = await directory.ticket_by_message_ids((*msg.in_reply_to, *msg.references[::-1]))
     named = list(dict.fromkeys(t for t in (*tagged, threaded) if t is not None))
     if not named:
         return None
-    employee = await directory.employee_is_active(inb.sender)
     notes: list[str] = []
     ticket = named[0]
     if len(named) > 1:
-        ticket, why = await _one_of(inb, named, tagged, threaded, employee, directory)
+        ticket, why = _one_of(named, facts)
         listed = ", ".join(f"#{t[1]}" for t in named)
         notes.append(f"tickets {listed} named: filed on #{ticket[1]}, {why}")
     inb.hit.append("ticket_tag" if ticket in tagged else "in_reply_to")
@@ -556,33 +555,27 @@ async def stage_ticket_reply(inb: Inbound, ctx: Context, directory: Directory) -
     )
 
 
-async def _one_of(
-    inb: Inbound,
-    named: Sequence[TicketRef],
-    tagged: Sequence[TicketRef],
-    threaded: TicketRef | None,
-    employee: bool,
-    directory: Directory,
-) -> tuple[TicketRef, str]:
+def _one_of(named: Sequence[TicketRef], facts: Facts) -> tuple[TicketRef, str]:
     """The ticket a reply naming several (by tags, or a tag and its threading headers) is filed
     on, and why: the one both a tag and the thread name; else the first of the sender's own
     account (a customer's help desk numbering as "[Ticket #N]" too named another customer's
     ticket first); else, unless an employee sent it, the thread's; else the first tag (a tag
     names its ticket whoever sends it)."""
+    tagged, threaded = facts.tickets, facts.threaded
     if threaded is not None and threaded in tagged:
         return threaded, "the ticket its tag and its threading headers both name"
-    match, _ = await _sender_account(inb, directory)
+    match, _ = _account_by_sender(facts)
     for ticket in named:
         if match.account is not None and ticket[2] == match.account:
             return ticket, "the ticket of the sender's account"
-    if threaded is not None and not employee:
+    if threaded is not None and not facts.employee:
         # Our own Message-ID is surer than a tag, which may be another help desk's number (a
         # technician retagging a reply on purpose is an employee: the tag wins there).
         return threaded, "the ticket its threading headers name"
     return tagged[0], "the first tag"
 
 
-async def stage_auto_reply(inb: Inbound, ctx: Context, _: Directory) -> Decision | None:
+def stage_auto_reply(inb: Inbound, ctx: Context, _: Facts) -> Decision | None:
     if not regular.is_auto_reply(inb.msg, inb.mail_from):
         return None
     return Decision(
@@ -595,9 +588,9 @@ async def stage_auto_reply(inb: Inbound, ctx: Context, _: Directory) -> Decision
     )
 
 
-async def stage_known_sender(inb: Inbound, ctx: Context, directory: Directory) -> Decision | None:
+def stage_known_sender(inb: Inbound, ctx: Context, facts: Facts) -> Decision | None:
     msg, settings = inb.msg, ctx.settings
-    match, note = await _sender_account(inb, directory)
+    match, note = _account_by_sender(facts)
     if match.account is None:
         if note:  # spec 2.1.3: an ambiguous sender is unknown, and the outcome says why
             inb.notes.append(note)
@@ -644,7 +637,7 @@ async def stage_known_sender(inb: Inbound, ctx: Context, directory: Directory) -
     )
 
 
-async def stage_unknown_sender(inb: Inbound, ctx: Context, _: Directory) -> Decision | None:
+def stage_unknown_sender(inb: Inbound, ctx: Context, _: Facts) -> Decision | None:
     return Decision(
         Path.REGULAR,
         Action.FORWARDED,
@@ -701,15 +694,52 @@ def fingerprint(message_id: str | None, msg: ParsedMessage) -> str | None:
     return f"fp:{id_hash}:{hashlib.sha256(seen).hexdigest()[:32]}"
 
 
+def needs(inb: Inbound, ctx: Context) -> Needs:
+    """Every lookup a stage may need for this message (pure): an alert's account rules (a
+    detection rule catches it and no skip rule does), the sender's account (a new ticket,
+    account-by-sender, a reply naming several tickets: not for an alert the automated stage
+    decides by its rules alone), the subject's ticket tags, the threading headers' tickets
+    and, where a ticket may be named, the sender's employee standing. Asking a little more
+    than the deciding stage uses costs less than a second round trip."""
+    msg, rules = inb.msg, ctx.rules
+    alert = (
+        ctx.settings.automated_enabled
+        and not _answers_mail(msg)
+        and inb.caught(rules).detected is not None
+    )
+    by_rule: tuple[Lookup, ...] = ()
+    if alert and inb.caught(rules).skip is None:
+        by_rule = tuple(
+            (rule.search, tuple(automated.candidates(rule, msg.subject))) for rule in rules.account
+        )
+    numbers = tuple(dict.fromkeys(regular.tagged_numbers(rules.ticket_tag, msg.subject)[:MAX_TAGS]))
+    message_ids = (*msg.in_reply_to, *msg.references[::-1])
+    ticket_named = bool(numbers or message_ids or _encloses_message(msg))
+    by_sender_needed = not alert or rules.account_by_sender or ticket_named
+    return Needs(
+        by_rule=by_rule,
+        by_sender=_sender_lookups(inb) if by_sender_needed else (),
+        employee=inb.sender if ticket_named else "",
+        ticket_numbers=numbers,
+        message_ids=message_ids,
+    )
+
+
 async def decide(
     raw: bytes, mail_from: str, msg: ParsedMessage, ctx: Context, directory: Directory
 ) -> Decision:
-    """Run the precedence over one message; the last stage always decides."""
+    """Look up what the message needs (one round trip), then run the precedence over it."""
     inb = Inbound(raw, mail_from, msg)
+    return precedence(inb, ctx, await directory.look_up(needs(inb, ctx)))
+
+
+def precedence(inb: Inbound, ctx: Context, facts: Facts) -> Decision:
+    """The stages in order over one message and its facts (pure); the last always decides."""
+    msg = inb.msg
     for stage in STAGES:
         if not stage.enabled(ctx.settings):
             continue
-        decision = await stage.run(inb, ctx, directory)
+        decision = stage.run(inb, ctx, facts)
         if decision is not None:
             decision.rules_hit = inb.hit + decision.rules_hit
             decision.rules_missed = inb.missed + decision.rules_missed

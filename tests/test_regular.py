@@ -25,15 +25,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from smtpgate import outbound
+from smtpgate import outbound, pipeline
 from smtpgate.app import Gateway
 from smtpgate.cli import read_rows
+from smtpgate.config import parse_rules
 from smtpgate.mail import parse_message
-from smtpgate.model import MailKind, OutboundMail, has_bare_line_end
+from smtpgate.model import Facts, MailKind, Needs, OutboundMail, has_bare_line_end
 from smtpgate.pipeline import Context, decide, fingerprint
 from smtpgate.rules import regular
 from smtpgate.store import ACK_BURST, CONTENT_DUPLICATE_SECONDS
@@ -42,6 +44,7 @@ from tests.conftest import (
     GatewayFactory,
     Received,
     RecordingRelay,
+    make_settings,
     send,
     simple_message,
     wait_processed,
@@ -2612,3 +2615,89 @@ async def test_an_exchange_out_of_office_in_any_language_opens_no_ticket(
     )
     row = await deliver(world.gw, data, "jane@acme.example")
     assert (row["outcome"]["action"], row["outcome"]["reason"]) == ("forwarded", "auto_reply")
+
+
+# --- the precedence is pure over the facts it is given; one lookup a message -----------------
+
+ACME_TICKET = ("TKTACME0000000000007", 7, ACME)
+OTHER_TICKET = ("TKTGLOB0000000000009", 9, GLOBEX)
+REPLY = "Re: [Ticket #7] Printer jammed"
+
+
+def acme_by_sender(needs: Needs) -> tuple[dict[str, list[tuple[str, str | None]]], ...]:
+    """What the directory finds for the sender searches when jane@acme.example is Acme's."""
+    return tuple(
+        {v: [(ACME_TICKET[2], None)] for v in values if v.endswith("acme.example")}
+        for _, values in needs.by_sender
+    )
+
+
+def facts_for(needs: Needs, kind: str) -> Facts:
+    if kind == "nothing known":
+        return Facts(needs, tuple({} for _ in needs.by_rule), tuple({} for _ in needs.by_sender))
+    known = acme_by_sender(needs)
+    by_rule: tuple[dict[str, list[tuple[str, str | None]]], ...] = tuple({} for _ in needs.by_rule)
+    if kind == "known sender":
+        return Facts(needs, by_rule, known)
+    if kind == "tagged ticket":
+        return Facts(needs, by_rule, known, tickets=(ACME_TICKET,))
+    if kind == "tagged ticket, employee":
+        return Facts(needs, by_rule, known, employee=True, tickets=(ACME_TICKET,))
+    assert kind == "tag and thread disagree"
+    return Facts(needs, by_rule, known, tickets=(OTHER_TICKET,), threaded=ACME_TICKET)
+
+
+@pytest.mark.parametrize(
+    ("kind", "action", "reason", "ticket"),
+    [
+        ("nothing known", "forwarded", "unknown_sender", None),
+        ("known sender", "ticket_created", None, None),
+        ("tagged ticket", "ticket_reply", None, 7),
+        ("tagged ticket, employee", "ticket_reply", "employee", 7),
+        # the sender's own account's ticket wins over another customer's tag
+        ("tag and thread disagree", "ticket_reply", None, 7),
+    ],
+)
+def test_the_precedence_decides_from_the_message_and_its_facts_alone(
+    tmp_path: Path, kind: str, action: str, reason: str | None, ticket: int | None
+) -> None:
+    """design.md: decide purely. The stages see no store: the same message with other facts
+    (as a store would find them) is decided otherwise, with no I/O at all."""
+    raw = mail(REPLY, headers={"In-Reply-To": "<ours@gateway.test>"})
+    ctx = Context(make_settings(tmp_path, 25), parse_rules(RULES))
+    inb = pipeline.Inbound(raw, "jane@acme.example", parse_message(raw))
+    needs = pipeline.needs(inb, ctx)
+    assert needs.ticket_numbers == (7,)
+    assert needs.message_ids == ("<ours@gateway.test>",)
+    assert needs.employee == "jane@acme.example"  # a ticket may be named: its sender's standing
+    decision = pipeline.precedence(inb, ctx, facts_for(needs, kind))
+    assert (str(decision.action), decision.reason) == (action, reason)
+    assert (decision.reply.ticket_number if decision.reply else None) == ticket
+
+
+async def test_a_decision_looks_its_facts_up_in_one_round_trip(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply naming two tickets (a tag and its thread) from a customer: the tag, the thread,
+    the sender's employee standing and the sender's account were four or five lookups, each a
+    pass through the store's read path. Now one."""
+    world = await start_world(gateway_factory, relay)
+    other = await deliver(world.gw, mail("Scanner offline"), "jane@acme.example")
+    assert other["outcome"]["ticket"] == 2
+    raw = mail("Re: [Ticket #2] Scanner offline", headers={"In-Reply-To": world.first_id})
+    calls: list[object] = []
+    real = world.store._lookup
+
+    async def counted(fn: Any) -> Any:
+        calls.append(fn)
+        return await real(fn)
+
+    monkeypatch.setattr(world.store, "_lookup", counted)
+    ctx = Context(world.gw.settings, world.gw.rules)
+    decision = await decide(raw, "jane@acme.example", parse_message(raw), ctx, world.store)
+    assert len(calls) == 1
+    assert decision.reply is not None
+    # Both are Jane's (Acme's) tickets: the one its tag and its thread both name is not there,
+    # the sender's own account's first is the tag's.
+    assert decision.reply.ticket_number == 2
+    assert any("tickets #2, #1 named" in n for n in decision.notes), decision.notes

@@ -22,6 +22,7 @@ from smtpgate.model import (
     Decision,
     Envelope,
     MailKind,
+    Needs,
     NewTicket,
     OutboundMail,
     normalize_key,
@@ -303,8 +304,8 @@ async def test_migration_5_composes_decomposed_account_keys(tmp_path: Path) -> N
         db.execute("ALTER TABLE history DROP COLUMN updated_by")  # migration 6 undone
     store = await Store.open(tmp_path / "smtpgate.db")
     try:
-        [found] = await store.find_accounts([("file_as", [normalize_key("Café Müller")])])
-        assert found == {"café müller": [("CRDCAFE0000000000001", None)]}
+        facts = await store.look_up(Needs(by_rule=(("file_as", (normalize_key("Café Müller"),)),)))
+        assert facts.by_rule[0] == {"café müller": [("CRDCAFE0000000000001", None)]}
     finally:
         await store.close()
     with contextlib.closing(sqlite3.connect(tmp_path / "smtpgate.db")) as db:

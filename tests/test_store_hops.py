@@ -35,6 +35,7 @@ from smtpgate.model import (
     Decision,
     Envelope,
     MailKind,
+    Needs,
     NewTicket,
     OutboundMail,
     Outcome,
@@ -321,19 +322,26 @@ async def test_decision_lookups_run_in_the_loops_thread_and_see_the_latest_commi
     job = await one_job(store)
     hops = Hops(store, monkeypatch)
     with hops.measure() as seen:
-        assert await store.ticket_by_message_ids(["<a1@x>"]) is None
+        assert (await store.look_up(Needs(message_ids=("<a1@x>",)))).threaded is None
         assert await complete_ticket(store, job)
         # The ticket committed a moment ago on the writer is visible to every lookup.
-        ticket = await store.ticket_by_message_ids(["<x@y>", "<a1@x>", "<f@x>"])
-        assert ticket == await store.ticket_by_number(1)
-        assert ticket is not None
-        assert ticket[1:] == (1, ACME)
-        found = await store.find_accounts(  # 3 chunks of values, and a second lookup
-            [("file_as", [f"v{i}" for i in range(450)]), ("domain", ["acme.example"])]
+        facts = await store.look_up(
+            Needs(
+                # 3 chunks of values, and a second search
+                by_rule=(("file_as", tuple(f"v{i}" for i in range(450))),),
+                by_sender=(("email", ()), ("domain", ("acme.example",))),
+                employee="nobody@example.org",
+                ticket_numbers=(1, 2),
+                message_ids=("<x@y>", "<a1@x>", "<f@x>"),
+            )
         )
-        assert found[0] == {}
-        assert {a for matches in found[1].values() for a, _ in matches} == {ACME}
-        assert not await store.employee_is_active("nobody@example.org")
+        assert facts.threaded is not None
+        assert facts.threaded[1:] == (1, ACME)
+        assert facts.tickets == (facts.threaded,)  # ticket 2 does not exist
+        assert facts.by_rule == ({},)
+        assert facts.by_sender[0] == {}
+        assert {a for matches in facts.by_sender[1].values() for a, _ in matches} == {ACME}
+        assert not facts.employee
     assert (seen["total"], seen["inline"]) == (0, 1)  # the completion only, in the loop
 
 
@@ -357,14 +365,14 @@ async def test_a_busy_lookup_waits_on_the_readers_thread(
     busy = Busy("SQLITE_BUSY")
     monkeypatch.setattr(store, "_lookups", busy)
     with hops.measure() as seen:
-        found = await store.find_accounts([("domain", ["acme.example"])])
-    assert {a for matches in found[0].values() for a, _ in matches} == {ACME}
+        facts = await store.look_up(Needs(by_sender=(("domain", ("acme.example",)),)))
+    assert {a for matches in facts.by_sender[0].values() for a, _ in matches} == {ACME}
     assert (busy.calls, seen["reader"]) == (1, 1)
 
     broken = Busy("SQLITE_CORRUPT")  # anything but busy is the store's error, raised as it is
     monkeypatch.setattr(store, "_lookups", broken)
     with hops.measure() as seen, pytest.raises(sqlite3.OperationalError):
-        await store.ticket_by_number(1)
+        await store.look_up(Needs(ticket_numbers=(1,)))
     assert (broken.calls, seen["total"]) == (1, 0)
 
 

@@ -32,7 +32,7 @@ from smtpgate.app import Gateway
 from smtpgate.cli import read_rows
 from smtpgate.config import ConfigError, Rules, load_settings
 from smtpgate.mail import parse_message
-from smtpgate.model import Applied
+from smtpgate.model import Applied, Facts
 from smtpgate.xmlapi import Transaction, find_transaction
 from tests.conftest import FIXTURES, GatewayFactory, Received, RecordingRelay, make_settings
 from tests.test_regular import RULES, deliver, settled
@@ -1094,7 +1094,7 @@ async def test_a_long_return_transaction_id_is_echoed_in_the_xml_not_the_subject
         tmp_path, 25, api_enabled=True, api_password="s3cret", api_response_bcc=None
     )
     inb = pipeline.Inbound(raw, ENVELOPE, parse_message(raw))
-    decision = await pipeline.stage_xml(inb, pipeline.Context(settings, Rules()), None)  # type: ignore[arg-type]
+    decision = pipeline.stage_xml(inb, pipeline.Context(settings, Rules()), Facts())
     assert decision is not None
     assert decision.transaction is not None
     (mail,) = decision.mails(Applied(record_kind="TICKET", record_id="TKT" + "A" * 17))

@@ -46,11 +46,16 @@ from smtpgate.model import (
     Applied,
     Decision,
     Envelope,
+    Facts,
+    Found,
     JobState,
     LineBudget,
+    Lookup,
     MailKind,
+    Needs,
     OutboundMail,
     Outcome,
+    TicketRef,
     address_key,
     domain_spellings,
     is_account_email,
@@ -1852,72 +1857,39 @@ class Store:
                 raise
         return await _in_thread(self._reader, fn)
 
-    async def find_accounts(
-        self, lookups: Sequence[tuple[str, Sequence[str]]]
-    ) -> list[dict[str, list[tuple[str, str | None]]]]:
-        """For each (field, values): normalized value → [(account, contact)]; one round trip."""
+    async def look_up(self, needs: Needs) -> Facts:
+        """Everything a decision may need (`Needs`), in one round trip: the accounts each
+        search finds, the sender's employee standing, the tagged tickets and the threaded one.
+        Nothing asked, no trip."""
+        if not (
+            any(values for _, values in (*needs.by_rule, *needs.by_sender))
+            or needs.employee
+            or needs.ticket_numbers
+            or needs.message_ids
+        ):
+            return Facts(
+                needs, tuple({} for _ in needs.by_rule), tuple({} for _ in needs.by_sender)
+            )
 
-        def find(db: sqlite3.Connection) -> list[dict[str, list[tuple[str, str | None]]]]:
-            results: list[dict[str, list[tuple[str, str | None]]]] = []
-            for field, values in lookups:
-                found: dict[str, list[tuple[str, str | None]]] = {}
-                for chunk_start in range(0, len(values), 200):
-                    chunk = list(values[chunk_start : chunk_start + 200])
-                    marks = ", ".join("?" for _ in chunk)
-                    for value, account, contact in db.execute(
-                        f"SELECT value, account, contact FROM account_keys"
-                        f" WHERE field = ? AND value IN ({marks})",
-                        (field, *chunk),
-                    ):
-                        found.setdefault(value, []).append((account, contact))
-                results.append(found)
-            return results
+        def look(db: sqlite3.Connection) -> Facts:
+            tickets = (_ticket(db, _TICKET_BY_NUMBER, n) for n in needs.ticket_numbers)
+            return Facts(
+                needs,
+                by_rule=tuple(_accounts_found(db, lookup) for lookup in needs.by_rule),
+                by_sender=tuple(_accounts_found(db, lookup) for lookup in needs.by_sender),
+                employee=bool(needs.employee) and _is_active_employee(db, needs.employee),
+                tickets=tuple(t for t in tickets if t is not None),
+                threaded=next(
+                    (
+                        t
+                        for mid in needs.message_ids
+                        if (t := _ticket(db, _TICKET_BY_MESSAGE_ID, mid)) is not None
+                    ),
+                    None,
+                ),
+            )
 
-        if not any(values for _, values in lookups):
-            return [{} for _ in lookups]
-        return await self._lookup(find)
-
-    async def employee_is_active(self, address: str) -> bool:
-        """Whether an active employee has this address, its domain in either IDNA spelling."""
-        local, at, domain = address.lower().rpartition("@")
-        spellings = [f"{local}@{d}" for d in domain_spellings(domain)] if at else [domain]
-        marks = ", ".join("?" for _ in spellings)
-
-        def active(db: sqlite3.Connection) -> bool:
-            row = db.execute(
-                f"SELECT 1 FROM employees WHERE active = 1"
-                f" AND (email1 IN ({marks}) OR email2 IN ({marks})) LIMIT 1",
-                (*spellings, *spellings),
-            ).fetchone()
-            return row is not None
-
-        return await self._lookup(active)
-
-    async def ticket_by_number(self, number: int) -> tuple[str, int, str] | None:
-        return await self._lookup(
-            lambda db: _ticket(
-                db, "SELECT rec_id, number, account FROM tickets WHERE number = ?", number
-            ),
-        )
-
-    async def ticket_by_message_ids(
-        self, message_ids: Sequence[str]
-    ) -> tuple[str, int, str] | None:
-        def find(db: sqlite3.Connection) -> tuple[str, int, str] | None:
-            for mid in message_ids:
-                ticket = _ticket(
-                    db,
-                    "SELECT t.rec_id, t.number, t.account FROM message_links m"
-                    " JOIN tickets t ON t.rec_id = m.ticket WHERE m.message_id = ?",
-                    mid,
-                )
-                if ticket is not None:
-                    return ticket
-            return None
-
-        if not message_ids:
-            return None
-        return await self._lookup(find)
+        return await self._lookup(look)
 
     # --- operator views ----------------------------------------------------------------------
 
@@ -2341,9 +2313,45 @@ def _cannot_open(path: Path, exc: sqlite3.Error, busy_timeout: float) -> ConfigE
     return ConfigError(f"SMTPGATE_DATA_DIR: cannot open the store {path}: {exc}")
 
 
-def _ticket(db: sqlite3.Connection, sql: str, param: object) -> tuple[str, int, str] | None:
+_TICKET_BY_NUMBER = "SELECT rec_id, number, account FROM tickets WHERE number = ?"
+_TICKET_BY_MESSAGE_ID = (
+    "SELECT t.rec_id, t.number, t.account FROM message_links m"
+    " JOIN tickets t ON t.rec_id = m.ticket WHERE m.message_id = ?"
+)
+
+
+def _ticket(db: sqlite3.Connection, sql: str, param: object) -> TicketRef | None:
     row = db.execute(sql, (param,)).fetchone()
     return (row[0], row[1], row[2]) if row else None
+
+
+def _accounts_found(db: sqlite3.Connection, lookup: Lookup) -> Found:
+    """normalized value → [(account, contact)] for one search, in chunks of 200 values."""
+    field, values = lookup
+    found: Found = {}
+    for chunk_start in range(0, len(values), 200):
+        chunk = values[chunk_start : chunk_start + 200]
+        marks = ", ".join("?" for _ in chunk)
+        for value, account, contact in db.execute(
+            f"SELECT value, account, contact FROM account_keys"
+            f" WHERE field = ? AND value IN ({marks})",
+            (field, *chunk),
+        ):
+            found.setdefault(value, []).append((account, contact))
+    return found
+
+
+def _is_active_employee(db: sqlite3.Connection, address: str) -> bool:
+    """Whether an active employee has this address, its domain in either IDNA spelling."""
+    local, at, domain = address.lower().rpartition("@")
+    spellings = [f"{local}@{d}" for d in domain_spellings(domain)] if at else [domain]
+    marks = ", ".join("?" for _ in spellings)
+    row = db.execute(
+        f"SELECT 1 FROM employees WHERE active = 1"
+        f" AND (email1 IN ({marks}) OR email2 IN ({marks})) LIMIT 1",
+        (*spellings, *spellings),
+    ).fetchone()
+    return row is not None
 
 
 def _connect_lookups(path: Path) -> sqlite3.Connection:
