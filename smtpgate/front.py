@@ -189,7 +189,7 @@ class Handler:
     ) -> str:
         connector = self.settings.connector_keys.get(address_key(address))
         if connector is None:
-            return NOT_RELAY.format(address)
+            return NOT_RELAY.format(_echoed(address))
         if connector in envelope.rcpt_tos:  # stored as configured, whatever the spelling
             return OK_RCPT
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
@@ -204,7 +204,7 @@ class Handler:
         accepts; aiosmtpd promised it for any address, and relay scanners read that as open."""
         if address_key(address) in self.settings.connector_keys:
             return "252 Cannot VRFY user, but will accept message and attempt delivery"
-        return NOT_RELAY.format(address)
+        return NOT_RELAY.format(_echoed(address))
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         data: bytes = envelope.original_content or b""
@@ -299,6 +299,12 @@ def _address_literal(peer: str) -> str:
 def _utf8(value: str) -> str:
     """aiosmtpd decodes arguments with surrogateescape; SQLite takes only valid UTF-8."""
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _echoed(address: str) -> str:
+    """An address as a reply quotes it: a byte that was not UTF-8 (aiosmtpd's surrogate escape)
+    as "?", for the reply must be encoded, and a log line holds valid text only."""
+    return address.encode("utf-8", "replace").decode("utf-8")
 
 
 def _clean(value: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import sqlite3
 import time
@@ -429,6 +430,33 @@ async def test_non_utf8_envelope_gets_a_clear_answer_and_others_are_not_hurt(
         await wait_until(
             lambda: _done(gw, str(reply.queue_id)), what="the odd-envelope message processed"
         )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [b"RCPT TO:<ren\xe9@victim.example>", b"VRFY ren\xe9@victim.example"],
+    ids=["rcpt", "vrfy"],
+)
+async def test_a_latin1_recipient_is_refused_cleanly_and_logged_as_utf8(
+    gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture, command: bytes
+) -> None:
+    """The refusal echoed the address as aiosmtpd decoded it (a lone surrogate for the byte):
+    the reply could not be encoded, so the client got "500 Error: (UnicodeEncodeError) …" and
+    the log an ERROR traceback per command, past every refusal-line cap; the INFO line held a
+    lone surrogate, which JSON logs carried as "\\udce9" (strict parsers drop the line)."""
+    caplog.set_level(logging.INFO)
+    gw = await gateway_factory()
+    session = await RawSession.open(gw.smtp_port)
+    assert (await session.command(b"MAIL FROM:<a@example.org>")).code == 250
+    reply = await session.command(command)
+    await session.close()
+    assert (reply.code, "Error" in reply.text) == (550, False), reply
+    assert "<ren?@victim.example>" in reply.text, reply
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    lines = [r.getMessage() for r in caplog.records if r.name == "smtpgate.front"]
+    assert any("ren?@victim.example" in line for line in lines), lines
+    for line in lines:
+        line.encode("utf-8")  # no lone surrogate
 
 
 async def _done(gw: Gateway, queue_id: str) -> bool:
