@@ -127,7 +127,21 @@ def setup_logging(settings: Settings) -> None:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+    """JSON for a terminal: non-ASCII kept readable, but what `_shown` escapes in the text
+    views (C1 controls such as CSI, bidi overrides, other invisible characters a sender
+    chose) as JSON's own \\u escapes; the parsed values are the same."""
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    if not text.replace("\n", "").isprintable():  # (the only newlines are the layout's)
+        text = "".join(c if c.isprintable() or c == "\n" else _json_escaped(c) for c in text)
+    print(text)
+
+
+def _json_escaped(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # (a surrogate pair, as JSON spells a character beyond the BMP)
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def _one_more(args: argparse.Namespace) -> int:
@@ -634,8 +648,16 @@ async def cmd_backup(settings: Settings, _: Rules | None, args: argparse.Namespa
 
 def _outbox_id(text: str) -> str:
     """argparse type: outbox ids are numbers (a mistyped one is a usage error, not a crash)."""
-    if not text.isascii() or not text.isdigit():
+    if not text.isascii() or not text.isdigit() or int(text) >= 2**63:
         raise argparse.ArgumentTypeError(f"not an outbox id (a number): {text!r}")
+    return text
+
+
+def _queue_id(text: str) -> str:
+    """argparse type: a queue id is printable text (a byte that is not UTF-8, as a shell
+    passes it, is a usage error; SQLite could not even take it)."""
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError(f"not a queue id: {_shown(text)!r}")
     return text
 
 
@@ -676,12 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=_positive, default=50)
     s.add_argument("--json", action="store_true")
     s = q.add_parser("show")
-    s.add_argument("id")
+    s.add_argument("id", type=_queue_id)
     s.add_argument("--json", action="store_true", help="(always JSON)")
     s.add_argument("--raw", action="store_true", help="print the stored message bytes")
     s = q.add_parser("retry", help="dead → queued")
     one = s.add_mutually_exclusive_group()
-    one.add_argument("id", nargs="?")
+    one.add_argument("id", nargs="?", type=_queue_id)
     one.add_argument("--dead", action="store_true", help="every dead message")
     for a in q.choices.values():
         a.set_defaults(fn=cmd_queue)

@@ -360,6 +360,56 @@ async def test_text_output_does_not_print_control_characters_a_sender_chose(
     assert "left.[2J\n\tsecond\\x9b1m line" in shown, shown  # (the parser drops C0 controls)
 
 
+async def test_json_output_escapes_the_controls_a_sender_chose(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, tmp_path: Path
+) -> None:
+    """`queue show` is always JSON and read on a terminal: a C1 control (U+009B, CSI) and a
+    bidi override (U+202E) in an SMTPUTF8 sender reached it raw (JSON escapes only C0). Every
+    JSON view now escapes what the text views do; the parsed values are unchanged."""
+    data = tmp_path / "data"
+    gw = await gateway_factory()
+    raw = crlf(b"From: a@b.example\nTo: connector@localhost\nSubject: hi\n\nbody\n")
+    sender = '"\u009b2J\u202emoc.elgoog\u00a0\U0001f600"@x.example'
+    session = await RawSession.open(gw.smtp_port)
+    reply = await session.send_message(raw, mail_from=sender)
+    await session.close()
+    assert reply.code == 250, reply
+    await wait_processed(gw, 1)
+    for verb in (("queue", "show", str(reply.queue_id)), ("queue", "list", "--json")):
+        result = await asyncio.to_thread(run, data, *verb)
+        assert result.returncode == 0, result.stderr
+        assert not any(c in result.stdout for c in "\u009b\u202e\u00a0"), (verb, result.stdout)
+        assert "\\u009b2J\\u202emoc" in result.stdout, result.stdout
+        assert "\U0001f600" in result.stdout  # printable non-ASCII stays readable
+        parsed = json.loads(result.stdout)
+        row = parsed if verb[1] == "show" else parsed[0]
+        assert row["mail_from"].startswith("\u009b2J\u202emoc.elgoog\u00a0\U0001f600")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("queue", "show", "MWZ\udce9"),  # a byte that is not UTF-8, as the shell passes it
+        ("queue", "retry", "MWZ\udce9"),
+        ("outbox", "retry", str(2**64)),
+    ],
+    ids=["show-non-utf8", "retry-non-utf8", "outbox-id-too-big"],
+)
+def test_an_id_no_row_can_have_is_a_usage_error_not_a_traceback(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """A queue id that is not UTF-8 reached SQLite (UnicodeEncodeError), an outbox id past
+    SQLite's integers too (OverflowError): tracebacks, where other unknown ids get one line."""
+    data = tmp_path / "var"
+    csv = tmp_path / "a.csv"
+    csv.write_text("rec_id,file_as\nA1,Acme\n", encoding="utf-8")
+    assert run(data, "accounts", "import", str(csv)).returncode == 0  # makes the store
+    result = run(data, *args)
+    assert "Traceback" not in result.stderr, result.stderr[-400:]
+    assert result.returncode == 2, result.stderr
+    assert "not a queue id" in result.stderr or "not an outbox id" in result.stderr
+
+
 def test_explain_json_writes_nothing_and_matches_the_spec_table(tmp_path: Path) -> None:
     data = tmp_path / "var"
     for kind in ("accounts", "employees"):
