@@ -207,10 +207,11 @@ _TARGET = re.compile(rb"(?:/|(?i:https?://))[\x21-\x7e]*")
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """After an answer given before the request was read whole: closing with unread bytes
-    would reset the connection, and the client could lose the answer with it. Our side ends
-    first (the client reads the answer, then EOF); what it still sends is read and dropped,
-    for a second at most."""
+    """After every answer (a lingering close): the request may not have been read whole (a
+    body, which no route reads; the rest of a refused head), and closing with unread bytes
+    would reset the connection: the client could lose the answer with it. Our side ends first
+    (the client reads the answer, then EOF); what it still sends is read and dropped, for a
+    second and 4 MiB at most."""
     writer.write_eof()
     with contextlib.suppress(TimeoutError, ConnectionError, ValueError):
         async with asyncio.timeout(1.0):
@@ -286,7 +287,7 @@ class StatusServer:
                 return
             writer.write(head if method == "HEAD" else head + body)
             await writer.drain()
-            if code in (400, 431, 503) and writer.can_write_eof():
+            if writer.can_write_eof():  # whatever the request still sends (a body, a 431's rest)
                 await _linger(reader, writer)
         except (TimeoutError, asyncio.IncompleteReadError):
             pass

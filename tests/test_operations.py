@@ -415,6 +415,37 @@ async def test_a_client_that_resets_after_its_request_leaves_no_traceback(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+@pytest.mark.parametrize(("method", "expected"), [("POST", b"405"), ("GET", b"200")])
+async def test_a_request_with_a_body_still_gets_its_answer(
+    gateway_factory: GatewayFactory, method: str, expected: bytes
+) -> None:
+    """A monitoring tool's POST (or a GET with a body) got a reset instead of its answer: the
+    server closed with the body unread, and the kernel resets such a connection."""
+    gw = await gateway_factory()
+    body = b"x" * (256 * 1024)
+    head = (
+        f"{method} /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
+
+    async def upload() -> None:
+        with contextlib.suppress(ConnectionError):
+            writer.write(head + body)
+            await writer.drain()
+
+    sending = asyncio.create_task(upload())
+    try:
+        async with asyncio.timeout(15):
+            answer = await reader.read()
+    except ConnectionError as exc:
+        answer = repr(exc).encode()
+    finally:
+        await sending
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 " + expected), answer[:120]
+
+
 @pytest.mark.parametrize("size", [20_000, 100_000])
 async def test_request_headers_over_16_kib_get_431(
     gateway_factory: GatewayFactory, size: int
