@@ -23,7 +23,7 @@ from smtpgate.config import ConfigError, Rules, Settings, load_rules, make_data_
 from smtpgate.http import Metrics, StatusServer
 from smtpgate.intake import IntakeProcesses
 from smtpgate.mail import ParsedMessage, parse_message
-from smtpgate.model import Outcome
+from smtpgate.model import Outcome, host_port
 from smtpgate.pipeline import FORWARD_BOUNCED, Context, decide, fingerprint
 from smtpgate.relay import DeliveryError, Mail, RelayClient, relay_tls_context
 from smtpgate.store import Delivery, Job, Store, is_transient_error
@@ -241,12 +241,10 @@ class Gateway:
             asyncio.create_task(self._retention(), name="retention"),
         ]
         log.info(
-            "smtpgate %s listening on %s:%d (SMTP) and %s:%d (HTTP); connectors: %s",
+            "smtpgate %s listening on %s (SMTP) and %s (HTTP); connectors: %s",
             __version__,
-            s.smtp_host,
-            self.smtp_port,
-            s.http_host,
-            self.http_port,
+            host_port(s.smtp_host, self.smtp_port),
+            host_port(s.http_host, self.http_port),
             ", ".join(s.connector_addresses),
         )
         self._serving = True

@@ -259,6 +259,7 @@ async def cmd_serve(settings: Settings, rules: Rules, _: argparse.Namespace) -> 
     import signal
 
     from smtpgate.app import Gateway
+    from smtpgate.model import host_port
 
     # SIGHUP (`systemctl reload`) kills by default: one while the gateway starts (a migration
     # may take a while) is kept, and the rules are read again once it is up.
@@ -275,8 +276,8 @@ async def cmd_serve(settings: Settings, rules: Rules, _: argparse.Namespace) -> 
     if reload_asked:
         gateway.reload_rules()
     ready = (
-        f"smtpgate: SMTP on {settings.smtp_host}:{gateway.smtp_port}, "
-        f"HTTP on http://{settings.http_host}:{gateway.http_port}/"
+        f"smtpgate: SMTP on {host_port(settings.smtp_host, gateway.smtp_port)}, "
+        f"HTTP on http://{host_port(settings.http_host, gateway.http_port)}/"
     )
     if settings.log_format == "json":
         log.info("%s", ready)  # SMTPGATE_LOG_FORMAT=json: every stderr line is JSON

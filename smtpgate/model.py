@@ -72,6 +72,11 @@ def domain_spellings(domain: str) -> list[str]:
     return [domain, other] if other != domain else [domain]
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port` as URLs and logs write it: an IPv6 address in brackets (RFC 3986 3.2.2)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def ascii_domain(address: str) -> str:
     """An address that needs no SMTPUTF8 if its local part is ASCII: support@bücher.example
     becomes support@xn--bcher-kva.example, which every relay, client and header accepts.

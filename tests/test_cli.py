@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -1352,3 +1353,53 @@ def test_an_import_takes_one_bare_address_as_the_parser_gives_a_sender(
     if one:  # what the parser gives as the sender of mail from that address matches it
         msg = parse_message(f"From: {value}\r\nSubject: x\r\n\r\nhi\r\n".encode())
         assert msg.from_address == value
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+def test_the_ready_line_gives_a_usable_url_for_an_ipv6_host(tmp_path: Path) -> None:
+    """`HTTP on http://::1:PORT/` is no URL (RFC 3986 3.2.2 brackets an IPv6 address): pasted
+    into a browser or curl it failed. The listening log line wrote it the same way."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        SMTPGATE_DATA_DIR=str(tmp_path),
+        SMTPGATE_SMTP_HOST="::1",
+        SMTPGATE_HTTP_HOST="::1",
+        SMTPGATE_HTTP_PORT="0",
+        SMTPGATE_SMTP_PORT="0",
+        SMTPGATE_INTAKE_PROCESSES="0",
+    )
+    lines: list[str] = []
+    with subprocess.Popen(
+        [sys.executable, "-m", "smtpgate", "serve"],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            for _ in range(50):  # the start-up lines, up to the ready line
+                lines.append(proc.stderr.readline())
+                if "HTTP on" in lines[-1] or not lines[-1]:
+                    break
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    ready = lines[-1]
+    url = ready.split("HTTP on ", 1)[1].split()[0]
+    parts = urllib.parse.urlsplit(url)
+    assert (parts.hostname, parts.port is not None) == ("::1", True), ready
+    assert re.search(r"SMTP on \[::1\]:\d+,", ready), ready
+    listening = next(line for line in lines if "listening on" in line)
+    assert re.search(r"listening on \[::1\]:\d+ \(SMTP\) and \[::1\]:\d+ \(HTTP\)", listening)
