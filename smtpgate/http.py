@@ -31,9 +31,16 @@ from prometheus_client import (
 
 from smtpgate import __version__
 from smtpgate.mail import BIDI_CONTROLS
+from smtpgate.model import MailKind
 from smtpgate.store import Store
 
 log = logging.getLogger(__name__)
+
+# The reply codes the SMTP front sends (its own and aiosmtpd's), counted from 0.
+SMTP_CODES = (
+    "220", "221", "250", "252", "354", "421", "451", "452", "500", "501", "502", "503", "504",
+    "550", "552", "554", "555",
+)  # fmt: skip
 
 
 class Metrics:
@@ -93,6 +100,15 @@ class Metrics:
         self.oldest_queued = Gauge(
             "smtpgate_oldest_queued_age_seconds", "Age of the oldest queued message", registry=r
         )
+        # The known label values from 0: a series first seen at N > 0 has no earlier sample,
+        # and increase() over it is 0 (docs/operations.md's alerts: a short burst of 451s
+        # between two scrapes after a start would go unseen).
+        for kind in MailKind:
+            self.deliveries.labels(kind)
+        for failure in ("transient", "permanent"):
+            self.delivery_failures.labels(failure)
+        for code in SMTP_CODES:
+            self.smtp_replies.labels(code)
 
     def observe_status(self, status: dict[str, Any]) -> None:
         for queue in ("inbound", "outbox"):

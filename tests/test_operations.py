@@ -584,7 +584,29 @@ async def test_relay_failures_are_counted_by_kind(
     _, _, body = await http_get(gw.http_port, "/metrics")
     m = metric_samples(body.decode())
     assert m[("smtpgate_queue_depth", (("queue", "outbox"), ("state", "dead")))] == 1
-    assert ("smtpgate_relay_deliveries_total", (("kind", "forward"),)) not in m
+    assert m[("smtpgate_relay_deliveries_total", (("kind", "forward"),))] == 0
+
+
+async def test_the_series_the_documented_alerts_read_exist_at_zero_from_the_start(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """docs/operations.md's alerts take increase() of labelled counters, whose series did not
+    exist before their first event: a series first scraped at N > 0 has no earlier sample, and
+    increase() counts it as 0. A short store failure whose 451s all fell between two scrapes
+    never fired SmtpgateStoreFailures. The known label values start at 0 (prometheus_client's
+    advice)."""
+    gw = await gateway_factory()
+    _, _, body = await http_get(gw.http_port, "/metrics")
+    m = metric_samples(body.decode())
+    for series in (
+        ("smtpgate_smtp_replies_total", (("code", "451"),)),
+        ("smtpgate_smtp_replies_total", (("code", "550"),)),
+        ("smtpgate_relay_failures_total", (("failure", "transient"),)),
+        ("smtpgate_relay_failures_total", (("failure", "permanent"),)),
+        ("smtpgate_relay_deliveries_total", (("kind", "forward"),)),
+        ("smtpgate_relay_deliveries_total", (("kind", "response"),)),
+    ):
+        assert m.get(series) == 0, series
 
 
 # --- TLS: the listener and the relay -------------------------------------------------------------
