@@ -510,6 +510,12 @@ def read_rows(path: Path, kind: str) -> list[tuple[int, dict[str, Any]]]:
                 raise ValueError(
                     f"line {line} (item {i + 1}): unknown field(s) {', '.join(unknown)}"
                 )
+            nested = sorted(k for k, v in item.items() if isinstance(v, dict | list))
+            if nested:
+                raise ValueError(
+                    f"line {line} (item {i + 1}): {', '.join(nested)} must be one value"
+                    " (text, a number, true/false or null), not a list or an object"
+                )
             rows.append((line, {k: (None if v is None else str(v)) for k, v in item.items()}))
         return rows
     reader = csv.DictReader(io.StringIO(text))
@@ -562,11 +568,13 @@ async def cmd_import(settings: Settings, _: Rules | None, args: argparse.Namespa
             "employees": store.import_employees,
         }[kind]
         try:
-            n = await importer(rows)
+            imported = await importer(rows)
         except ValueError as exc:
             print(f"smtpgate: {args.file}: {exc}; nothing imported", file=sys.stderr)
             return 1
-        print(f"imported {n} {kind}")
+        for warning in imported.warnings:
+            print(f"smtpgate: {args.file}: warning: {_shown(warning)}", file=sys.stderr)
+        print(f"imported {imported.rows} {kind}")
         return 0
 
     return await _with_store(settings, run, create=True)  # the directory may come first

@@ -49,7 +49,7 @@ async def load(store: Store, folder: Path, kinds: tuple[str, ...]) -> None:
             "contacts": store.import_contacts,
             "employees": store.import_employees,
         }[kind]
-        assert await importer(rows) == len(rows)
+        assert (await importer(rows)).rows == len(rows)
 
 
 def envelope_sender(raw: bytes) -> str:

@@ -26,6 +26,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import tempfile
@@ -60,6 +61,7 @@ from smtpgate.model import (
     domain_spellings,
     is_account_email,
     is_bare_address,
+    normalize_key,
 )
 from smtpgate.status import query_status, read_only_uri
 from smtpgate.store import crm
@@ -2067,12 +2069,15 @@ class Store:
 
     # --- imports (operators) -----------------------------------------------------------------
 
-    async def import_accounts(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> int:
+    async def import_accounts(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> Imported:
         """Upsert accounts in one transaction; rows are (line, values); ValueError names it."""
+        warnings: list[str] = []
 
         def upsert(db: sqlite3.Connection) -> None:
+            seen: dict[str, int] = {}
             for line, values in rows:
                 v = _clean(values)
+                _check_rec_id(line, v, ACCOUNT_ID)
                 for field in ("email1", "email2"):
                     value = str(v.get(field) or "")
                     if value and not is_account_email(value):
@@ -2085,25 +2090,39 @@ class Store:
                     v.pop("file_as", None)
                     if not v.get("rec_id") or not crm.account_exists(db, str(v["rec_id"])):
                         raise ValueError(f"line {line}: file_as is required")
+                if v.get("rec_id") and v.get("file_as"):
+                    named = crm.account_named(db, str(v["file_as"]))
+                    if named is not None and named != v["rec_id"]:
+                        new = not crm.account_exists(db, str(v["rec_id"]))
+                        warnings.append(
+                            f"line {line}: {'a new' if new else 'the'} account {v['rec_id']}"
+                            f" has the name of account {named} ({v['file_as']!r}): alerts"
+                            " naming it find both (ambiguous)"
+                            + (
+                                " — imported before without its rec_id? import without the"
+                                " rec_id column to update that account instead"
+                                if new
+                                else ""
+                            )
+                        )
                 try:
-                    crm.save_account(db, v, actor="import")
+                    rec_id = crm.save_account(db, v, actor="import")
                 except sqlite3.IntegrityError as exc:
                     raise ValueError(f"line {line}: {exc}") from None
+                _once(seen, rec_id, line, "account")
 
         await self._write(upsert)
-        return len(rows)
+        return Imported(len(rows), warnings)
 
-    async def import_contacts(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> int:
+    async def import_contacts(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> Imported:
         def upsert(db: sqlite3.Connection) -> None:
+            seen: dict[str, int] = {}
             for line, values in rows:
                 v = _clean(values)
+                _check_rec_id(line, v, RECORD_ID)
                 account = v.get("account_rec_id")
                 if not account and v.get("account_file_as"):
-                    found = db.execute(
-                        "SELECT rec_id FROM accounts WHERE file_as = ? COLLATE NOCASE",
-                        (v["account_file_as"],),
-                    ).fetchone()
-                    account = found[0] if found else None
+                    account = crm.account_named(db, str(v["account_file_as"]))
                 if not account or not crm.account_exists(db, str(account)):
                     raise ValueError(f"line {line}: the contact's account does not exist")
                 email = str(v.get("email") or "").strip().lower() or None
@@ -2123,6 +2142,7 @@ class Store:
                     ).fetchone()
                     rec_id = found[0] if found else None
                 rec_id = rec_id or crm.new_rec_id("CON")
+                _once(seen, rec_id, line, "contact")
                 # A contact re-imported under another account (same rec_id) leaves the keys of
                 # the account it was on: its address named both accounts (ambiguous).
                 before = db.execute(
@@ -2141,12 +2161,21 @@ class Store:
                     crm.refresh_account_keys(db, str(before[0]))
 
         await self._write(upsert)
-        return len(rows)
+        return Imported(len(rows), [])
 
-    async def import_employees(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> int:
+    async def import_employees(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> Imported:
         def upsert(db: sqlite3.Connection) -> None:
+            seen: dict[str, int] = {}
+            # Matched on rec_id, else on the name as names are compared (`normalize_key`).
+            by_name = {
+                normalize_key(name): rec_id
+                for rec_id, name in db.execute(
+                    "SELECT rec_id, name FROM employees ORDER BY rowid DESC"
+                ).fetchall()
+            }
             for line, values in rows:
                 v = _clean(values)
+                _check_rec_id(line, v, RECORD_ID)
                 name = str(v.get("name") or "").strip()
                 if not name:
                     raise ValueError(f"line {line}: name is required")
@@ -2157,12 +2186,10 @@ class Store:
                 active = _flag(v.get("active", "Y"))
                 if active is None:
                     raise ValueError(f"line {line}: active must be Y/N, true/false or 1/0")
-                rec_id = v.get("rec_id")
-                if not rec_id:
-                    found = db.execute(
-                        "SELECT rec_id FROM employees WHERE name = ? COLLATE NOCASE", (name,)
-                    ).fetchone()
-                    rec_id = found[0] if found else crm.new_rec_id("EMP")
+                rec_id = v.get("rec_id") or by_name.get(normalize_key(name))
+                rec_id = rec_id or crm.new_rec_id("EMP")
+                _once(seen, rec_id, line, "employee")
+                by_name[normalize_key(name)] = rec_id
                 now = crm.now_iso()
                 db.execute(
                     "INSERT INTO employees (rec_id, name, email1, email2, active, created_at,"
@@ -2173,7 +2200,7 @@ class Store:
                 )
 
         await self._write(upsert)
-        return len(rows)
+        return Imported(len(rows), [])
 
     # --- retention ---------------------------------------------------------------------------
 
@@ -2388,6 +2415,39 @@ async def _connect(
         await db.close()  # its thread would keep the process alive
         raise
     return db
+
+
+class Imported(NamedTuple):
+    """What an import did: rows imported, and what the operator should hear of."""
+
+    rows: int
+    warnings: list[str]
+
+
+# spec 3: RangerMSP's record ids, 20 characters: a 3-letter prefix per kind (CRD for
+# accounts; contacts and employees as the CRM that exported them names them) and 17 more.
+ACCOUNT_ID = re.compile(r"CRD[0-9A-Z]{17}")
+RECORD_ID = re.compile(r"[A-Z]{3}[0-9A-Z]{17}")
+
+
+def _check_rec_id(line: int, values: Mapping[str, Any], shape: re.Pattern[str]) -> None:
+    rec_id = values.get("rec_id")
+    if rec_id is not None and not shape.fullmatch(str(rec_id)):
+        raise ValueError(
+            f"line {line}: rec_id {str(rec_id)!r} is not a record id (20 characters: "
+            f"{'CRD' if shape is ACCOUNT_ID else 'a 3-letter prefix'} and 17 upper-case"
+            " letters or digits; leave it empty to match on the name)"
+        )
+
+
+def _once(seen: dict[str, int], rec_id: str, line: int, kind: str) -> None:
+    """Two rows of one file for one record: the second would overwrite the first unseen."""
+    if rec_id in seen:
+        raise ValueError(
+            f"line {line}: the same {kind} as line {seen[rec_id]} (rows are matched on"
+            " rec_id, else on the name): one row a record"
+        )
+    seen[rec_id] = line
 
 
 def _not_one_address(value: str) -> str:

@@ -94,15 +94,23 @@ def refresh_account_keys(db: sqlite3.Connection, rec_id: str) -> None:
     )
 
 
+def account_named(db: sqlite3.Connection, file_as: str) -> str | None:
+    """The (first) account whose file_as is this name as account detection compares names
+    (spec 2.1.3: case-insensitive, white space collapsed, Unicode composed)."""
+    found = db.execute(
+        "SELECT account FROM account_keys WHERE field = 'file_as' AND value = ?"
+        " ORDER BY rowid LIMIT 1",
+        (normalize_key(file_as),),
+    ).fetchone()
+    return str(found[0]) if found else None
+
+
 def save_account(db: sqlite3.Connection, values: Mapping[str, Any], actor: str) -> str:
-    """Insert or update an account matched on rec_id, else file_as (case-insensitive)."""
+    """Insert or update an account matched on rec_id, else file_as (as `account_named`)."""
     values = {k: v for k, v in values.items() if k in ACCOUNT_COLUMNS}
     rec_id: str | None = values.get("rec_id") or None
     if rec_id is None and values.get("file_as"):
-        found = db.execute(
-            "SELECT rec_id FROM accounts WHERE file_as = ? COLLATE NOCASE", (values["file_as"],)
-        ).fetchone()
-        rec_id = str(found[0]) if found else None
+        rec_id = account_named(db, str(values["file_as"]))
     now = now_iso()
     if rec_id and account_exists(db, rec_id):
         cols = [c for c in values if c != "rec_id"]
