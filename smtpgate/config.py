@@ -6,6 +6,7 @@ either returns a frozen snapshot or raises `ConfigError` naming the variable, ru
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import ipaddress
@@ -53,10 +54,13 @@ def _split_csv(value: Any) -> Any:
 
 
 def _check_address(value: str) -> str:
+    """An address setting as the gateway compares it: lower case, and without the DNS root's
+    dot a zone-file habit may add ("helpdesk@example.com.": RCPT never names it so)."""
     value = value.strip().lower()
     if not _ADDRESS.match(value):
         raise ValueError(f"{value!r} is not an e-mail address")
-    return value
+    local, _, domain = value.rpartition("@")
+    return f"{local}@{domain[:-1]}" if domain.endswith(".") and domain != "." else value
 
 
 # A host name as the gateway writes it into EHLO and Received: lines, and as it takes it for the
@@ -243,11 +247,22 @@ class Settings(BaseSettings):
         # Empty, a listener bound every interface (asyncio's host ""), the relay was unreachable.
         if not value.strip():
             raise ValueError("is empty: give a host name or address (0.0.0.0: every interface)")
+        host = value.strip()
         # host:port (one colon: an IPv6 address has several) failed only when first used.
-        if _HOST_WITH_PORT.fullmatch(value.strip()):
+        if _HOST_WITH_PORT.fullmatch(host):
             port = f"{ENV_PREFIX}{str(info.field_name).removesuffix('_host').upper()}_PORT"
             raise ValueError(f"has a port: give the host alone and the port in {port}")
-        return value.strip()
+        # [::1], as URLs (and the ready line) write an IPv6 address: the resolver wants ::1.
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(host)
+            return host
+        if "://" in host:
+            raise ValueError(f"{value!r} is a URL: give the host name alone")
+        if not re.fullmatch(r"[^\s/@:,;\[\]]+", host):
+            raise ValueError(f"{value!r} is not one host name or address")
+        return host
 
     @field_validator(
         "relay_username", "relay_password", "rules_file", "tls_cert_file", "tls_key_file",

@@ -725,6 +725,12 @@ def test_rule_names_are_unique_and_a_bom_is_no_error(
         # host:port, the commonest relay mistake: it failed at the first delivery, not here.
         ("SMTPGATE_RELAY_HOST", "smtp.example.com:587"),
         ("SMTPGATE_RELAY_HOST", "192.0.2.1:25"),
+        # A URL or two hosts failed at every delivery, for SMTPGATE_RETRY_MAX_AGE.
+        ("SMTPGATE_RELAY_HOST", "smtp://mail.example.com"),
+        ("SMTPGATE_RELAY_HOST", "mail.example.com smtp2.example.com"),
+        ("SMTPGATE_RELAY_HOST", "mail.example.com,smtp2.example.com"),
+        # (A connector address with the DNS root's dot is taken without it: not refused.)
+        ("SMTPGATE_INTERNAL_SUPPORT_ADDRESS", "connector@localhost."),
         # A misspelled setting was ignored (here: the gateway refused all mail).
         ("SMTPGATE_CONNECTOR_ADDRESS", "tickets@msp.example"),
     ],
@@ -739,6 +745,27 @@ def test_invalid_setting_names_the_variable_and_exits_2(
     assert code == 2
     assert out == ""
     assert variable in err
+
+
+def test_hosts_and_addresses_written_with_brackets_or_the_roots_dot_are_taken_plain(
+    tmp_path: Path,
+) -> None:
+    """`[::1]` as a relay host (the way the ready line writes an IPv6 address) went to the
+    resolver with its brackets: every delivery failed, after start-up had called it loopback.
+    A connector address ending in the DNS root's dot started, and then every RCPT to it was
+    refused 550."""
+    settings = load_settings(
+        _env_file=None,
+        data_dir=tmp_path,
+        relay_host="[::1]",
+        smtp_host="[::1]",
+        connector_addresses="Helpdesk@Example.com.",
+        internal_support_address="support@msp.example.",
+    )
+    assert (settings.relay_host, settings.smtp_host) == ("::1", "::1")
+    assert settings.connector_addresses == ("helpdesk@example.com",)
+    assert settings.is_connector("helpdesk@example.com")
+    assert settings.internal_support_address == "support@msp.example"
 
 
 def test_an_api_password_with_outer_white_space_stops_start_up_when_the_api_is_on(
