@@ -473,9 +473,13 @@ class _Lines:
 
 
 class _Data:
-    """The (still dot-stuffed) data of one DATA command as it arrives, and its verdict."""
+    """The (still dot-stuffed) data of one DATA command as it arrives, and its verdict.
 
-    __slots__ = ("keep", "lines", "parts", "size", "size_limit")
+    `size` counts the message as RFC 1870 does (and SIZE= declares it): without the dot the
+    client added to each line starting with one (RFC 5321 4.5.2; the listener removes it). A
+    log whose lines start with "." was refused 552 a few bytes under the limit."""
+
+    __slots__ = ("_edge", "_wire", "keep", "lines", "over", "parts", "size", "size_limit")
 
     def __init__(self, size_limit: int | None, line_limit: int) -> None:
         self.parts: list[bytes] = []
@@ -483,12 +487,23 @@ class _Data:
         self.size_limit = size_limit or 0
         self.lines = _Lines(line_limit)
         self.keep = True
+        self.over = -1  # where on the wire the message passed the size limit (-1: it has not)
+        self._wire = 0  # bytes fed so far
+        self._edge = b"\r\n"  # the last two bytes fed (the data begins at a line start)
 
     def feed(self, data: bytes) -> None:
-        self.size += len(data)
+        # A line-start dot is "\r\n." on the wire; one may straddle two pieces (the edge).
+        edge = self._edge + data[:2]
+        dots = edge.count(_LINE_DOT) + data.count(_LINE_DOT)
+        size = self.size + len(data) - dots
+        if self.size_limit and self.size <= self.size_limit < size:
+            self.over = self._wire + _content_byte(data, edge, self.size_limit + 1 - self.size)
+        self.size = size
+        self._wire += len(data)
+        self._edge = data[-2:] if len(data) >= 2 else (self._edge + data)[-2:]
         self.lines.feed(data)
         if self.keep:
-            if (self.size_limit and self.size > self.size_limit) or self.lines.start >= 0:
+            if self.over >= 0 or self.lines.start >= 0:
                 self.keep = False  # refused in any case: drop what we have, keep nothing more
                 self.parts.clear()
             else:
@@ -499,12 +514,30 @@ class _Data:
         over the limit, or the line that takes the size over its limit. If that is one line: 552
         if it was read whole (at most limit + 2 bytes, counted before its length is checked),
         500 if it overran the reader (longer)."""
-        start, end, limit = self.lines.start, self.lines.end, self.size_limit
+        start, end, over = self.lines.start, self.lines.end, self.over
         if start < 0:
-            return _TOO_MUCH if limit and self.size > limit else _NOMINAL
-        if limit and (limit < start or (limit < end and end - start <= self.lines.limit + 2)):
+            return _TOO_MUCH if over >= 0 else _NOMINAL
+        if over >= 0 and (over < start or (over < end and end - start <= self.lines.limit + 2)):
             return _TOO_MUCH
         return _TOO_LONG
+
+
+_LINE_DOT = b"\r\n."
+
+
+def _content_byte(data: bytes, edge: bytes, n: int) -> int:
+    """The offset in `data` of its n-th byte of message content (1-based), line-start dots
+    not counted; `edge` is the two bytes before `data` and its first two."""
+    dots = [i for i in range(2) if edge[i : i + 3] == _LINE_DOT]  # a dot at data[0] or [1]
+    j = n - 1
+    for d in dots:
+        if d <= j:
+            j += 1
+    r = data.find(_LINE_DOT)
+    while r >= 0 and r + 2 <= j:
+        j += 1
+        r = data.find(_LINE_DOT, r + 3)
+    return j
 
 
 class DataBudget:

@@ -272,21 +272,35 @@ def lines_of(total: int, width: int = 100) -> bytes:
     return data
 
 
-async def test_size_limit_counts_the_stuffed_bytes_exactly(
-    gateway_factory: GatewayFactory,
+@pytest.mark.parametrize("split", [False, True], ids=["one-write", "split"])
+async def test_size_limit_counts_the_message_without_its_stuffed_dots(
+    gateway_factory: GatewayFactory, split: bool
 ) -> None:
+    """RFC 1870: a message's size counts neither the terminating dot nor the doubled quoting
+    dots. The stuffed bytes were counted: a log whose lines start with "." was refused 552
+    under the limit its SIZE= had been accepted for."""
     limit = 4096
+
+    def message(size: int) -> bytes:
+        """`size` bytes up to and including the CRLF before the end of data; 102 lines start
+        with "." (the first one too: its dot is doubled before the data's first CRLF)."""
+        head = b".first\r\nSubject: edge\r\n\r\n.\r\n" + b".aaaaaaa\r\n" * 100
+        return head + lines_of(size - len(head))
+
     gw = await gateway_factory(max_message_bytes=limit)
     session = await RawSession.open(gw.smtp_port)
     nodelay(session)
-    # Exactly the limit (the stuffed bytes up to and including the CRLF before the dot): taken.
-    head = b"Subject: edge\r\n\r\n..\r\n"  # a stuffed line counts with its extra dot
-    wire = head + lines_of(limit - len(head))
+    # Exactly the limit: taken, the doubled dots (cut between pieces, too) not counted.
+    wire = dot_stuff(message(limit))
+    assert len(wire) == limit + 102
     await session.start_data("lean@example.org")
-    await session.send_raw(wire + EOD)
-    assert await stored(gw, await session.reply()) == wire.replace(b"\r\n..", b"\r\n.")
+    if split:
+        await send_pieces(session, wire + EOD, [1, 2, 3, 5, 7], 0.0002)
+    else:
+        await session.send_raw(wire + EOD)
+    assert await stored(gw, await session.reply()) == message(limit)
     # One byte more: 552 5.3.4, and the session goes on.
-    wire = head + lines_of(limit + 1 - len(head))
+    wire = dot_stuff(message(limit + 1))
     await session.start_data("over@example.org")
     await session.send_raw(wire + EOD)
     reply = await session.reply()
@@ -1054,12 +1068,13 @@ def test_data_reader_answers_and_stores_as_aiosmtpd(
 def _aiosmtpd_verdict(stream: bytes, line_limit: int, size_limit: int) -> int:
     """What aiosmtpd's DATA loop decides, line by line: a line longer than limit + 2 overruns
     its reader (500 before it is counted); shorter ones are counted (552 if the size passes
-    the limit), then checked for length (500)."""
+    the limit), then checked for length (500). Counted as RFC 1870 counts a message: a line
+    starting with a dot without that dot (aiosmtpd counted it)."""
     count = 0
     for line in re.findall(rb".*?\r\n", stream, re.DOTALL):
         if len(line) > line_limit + 2:
             return front._TOO_LONG
-        count += len(line)
+        count += len(line) - line.startswith(b".")
         if size_limit and count > size_limit:
             return front._TOO_MUCH
         if len(line) > line_limit:
@@ -1086,7 +1101,7 @@ def test_data_verdict_matches_aiosmtpd_line_by_line(
         k += 1
     verdict = data.verdict()
     assert verdict == _aiosmtpd_verdict(stream, line_limit, size_limit)
-    assert data.size == len(stream)
+    assert data.size == len(stream) - len(re.findall(rb"(?:^|\r\n)\.", stream))
     if verdict == front._NOMINAL:
         assert b"".join(data.parts) == stream
     else:
