@@ -127,7 +127,9 @@ class RelayClient:
                 try:
                     await smtp.ehlo()
                 except aiosmtplib.SMTPHeloError:
-                    await smtp.helo()
+                    if not smtp.is_connected:  # a 421, or a refusal and a hang-up: say why
+                        raise
+                    await smtp.helo()  # a relay that does not know EHLO
         except BaseException:
             smtp.close()
             raise

@@ -887,3 +887,38 @@ async def test_a_stray_reply_glued_to_354_does_not_answer_the_next_mail(tmp_path
             await c.close()
     assert relay.queued == 3
     assert all("queued" in reply for reply in replies)
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        b"421 4.7.0 too many connections from 127.0.0.1\r\n",
+        b"554 5.7.1 client host rejected: access denied\r\n",
+    ],
+    ids=["421", "554-then-close"],
+)
+async def test_the_relays_reason_for_refusing_ehlo_is_what_is_recorded(
+    tmp_path: Path, refusal: bytes
+) -> None:
+    """A relay that refuses EHLO and hangs up (a 421, or a 5xx for an EHLO name it does not
+    like): HELO was tried on the closed connection, and its "Server not connected" replaced
+    the relay's reason in the outbox and the log. HELO follows only while still connected."""
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 relay.test ESMTP\r\n")
+        await reader.readline()  # EHLO
+        writer.write(refusal)
+        await writer.drain()
+        writer.close()
+
+    async with listening(session) as port:
+        c = RelayClient(make_settings(tmp_path, port, relay_timeout=3))
+        try:
+            with pytest.raises(DeliveryError) as caught:
+                await c.send("gw@localhost", ("a@msp.example",), BODY)
+        finally:
+            await c.close()
+    reason = refusal.decode().split(" ", 2)[2].strip()
+    assert reason in str(caught.value)
+    assert caught.value.connection  # about the connection: retried with a back-off
+    assert caught.value.permanent is False
