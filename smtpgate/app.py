@@ -532,7 +532,10 @@ class Gateway:
         assert self.store is not None
         for n, item in enumerate(batch):
             if self._stopping.is_set():
-                return False  # the rest go back to the queue when their lease ends or at start
+                # Given back untried, as a lapsed claim's are: left active, they counted an
+                # attempt (a later step of the retry schedule at their first real failure).
+                await self._unclaim(batch[n:], "stopping")
+                return False
             while len(unrecorded) >= RELAYED_UNRECORDED:
                 await unrecorded.popleft()  # usually recorded already, during the last send
             if time.time() >= item.lease_until:

@@ -776,3 +776,52 @@ async def test_messages_a_crash_left_are_processed_even_if_one_cannot_be_claimed
     await wait_processed(gw, 2)
     assert len(failed) == 2
     await relay.wait_for(2)
+
+
+async def _five_mails_in_the_outbox(settings_path: Path) -> None:
+    store = await Store.open(settings_path)
+    env = Envelope("127.0.0.1", "test", "someone@elsewhere.example", ("connector@localhost",))
+    for i in range(5):
+        await store.enqueue(env, simple_message(subject=f"s{i}"), f"<s{i}@x>", new_queue_id())
+    for job in await store.claim(5, 300):
+
+        def forward(_: Applied, raw: bytes = job.raw) -> list[OutboundMail]:
+            return [OutboundMail(MailKind.FORWARD, "c@localhost", ("s@msp.example",), raw)]
+
+        decision = Decision(Branch.REGULAR, Action.FORWARDED, mails=forward)
+        assert await store.complete(job, decision, dedupe_key=None, auto_mail_hourly_limit=20)
+    await store.close()
+
+
+async def test_a_stop_does_not_charge_an_attempt_to_mails_never_tried(
+    tmp_path: Path, relay: RecordingRelay
+) -> None:
+    """A graceful stop left the rest of a sender's claim active, its attempt counted: each
+    restart while a backlog drained added an attempt to up to 16 mails a connection (a later
+    step of the retry schedule at their first real failure). They are given back untried."""
+    settings = make_settings(tmp_path, relay.port, relay_connections=1)
+    await _five_mails_in_the_outbox(settings.db_path)
+    relay.delay = 0.5  # a slow relay: the sender is on its first mail when the stop comes
+    gw = Gateway(settings, Rules())
+    await gw.start()
+    try:
+
+        async def first_at_relay() -> bool:
+            return relay.attempts >= 1
+
+        await wait_until(first_at_relay, what="the first mail at the relay")
+    finally:
+        await gw.stop(grace=2)
+    assert relay.attempts == 1  # the other four were never tried
+
+    relay.delay = 0.0
+    gw = Gateway(settings, Rules())
+    await gw.start()
+    try:
+        assert gw.store is not None
+        await wait_outbox(gw.store, "done", 5, "all delivered after the restart")
+        rows = sorted(await gw.store.list_outbox(), key=lambda r: r["id"])
+    finally:
+        await gw.stop(grace=2)
+    assert relay.attempts == 5  # each mail tried once
+    assert [r["attempts"] for r in rows] == [1] * 5
