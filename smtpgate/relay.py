@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import socket
@@ -60,6 +61,31 @@ class DeliveryError(Exception):
         self.permanent = permanent
         self.code = code
         self.connection = connection
+
+
+# What a forward adds to the message it forwards (Received:, Resent-*, X-Smtpgate-*,
+# Auto-Submitted: ~0.5 KB), with room to spare.
+FORWARD_HEADROOM = 2048
+
+
+def _check_size(advertised: str, limit: int) -> None:
+    """RFC 1870: the relay's SIZE (0: none). Below what the gateway accepts and a forward's
+    headers, the forwards of the largest mail accepted (its sender told 250) go dead."""
+    if advertised.isdigit() and 0 < int(advertised) < limit + FORWARD_HEADROOM:
+        _warn_small_relay(int(advertised), limit)
+
+
+@functools.cache
+def _warn_small_relay(size: int, limit: int) -> None:
+    """Once a process, not once a connection."""
+    log.warning(
+        "the relay takes mail up to %d bytes (SIZE) and SMTPGATE_MAX_MESSAGE_BYTES is %d: a"
+        " forward of the largest messages accepted (~0.5 KB of headers added) will be refused"
+        " and go dead; raise the relay's limit, or set SMTPGATE_MAX_MESSAGE_BYTES to %d or less",
+        size,
+        limit,
+        size - FORWARD_HEADROOM,
+    )
 
 
 class Mail(NamedTuple):
@@ -130,6 +156,7 @@ class RelayClient:
                     if not smtp.is_connected:  # a 421, or a refusal and a hang-up: say why
                         raise
                     await smtp.helo()  # a relay that does not know EHLO
+            _check_size(smtp.esmtp_extensions.get("size", ""), s.max_message_bytes)
         except BaseException:
             smtp.close()
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -922,3 +923,50 @@ async def test_the_relays_reason_for_refusing_ehlo_is_what_is_recorded(
     assert reason in str(caught.value)
     assert caught.value.connection  # about the connection: retried with a back-off
     assert caught.value.permanent is False
+
+
+async def test_a_relay_taking_less_than_the_gateway_accepts_is_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forward is the message and ~0.5 KB of headers: a relay whose SIZE is below
+    SMTPGATE_MAX_MESSAGE_BYTES and that headroom refuses the forwards of the largest mail the
+    gateway accepts (their senders were told 250), and they go dead. Said once, up front."""
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 relay.test ESMTP\r\n")
+        while (line := await reader.readline()) and not line.upper().startswith(b"QUIT"):
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-relay.test\r\n250 SIZE 20000\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go on\r\n")
+                await writer.drain()
+                await reader.readuntil(b"\r\n.\r\n")
+                writer.write(b"250 queued\r\n")
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.write(b"221 bye\r\n")
+        writer.close()
+
+    caplog.set_level(logging.WARNING, logger="smtpgate.relay")
+    async with listening(session) as port:
+        for limit, warned in ((20_000, True), (16_000, False)):
+            caplog.clear()
+            clients = [
+                RelayClient(make_settings(tmp_path, port, max_message_bytes=limit))
+                for _ in range(2)
+            ]
+            try:
+                for c in clients:
+                    for _ in range(2):
+                        await c.send("gw@localhost", ("a@msp.example",), BODY)
+                        await c.close()  # a new connection: its EHLO again
+            finally:
+                for c in clients:
+                    await c.close()
+            lines = [r.getMessage() for r in caplog.records]
+            assert len(lines) == (1 if warned else 0), lines
+            if warned:
+                assert "SMTPGATE_MAX_MESSAGE_BYTES" in lines[0]
+                assert "20000" in lines[0]
