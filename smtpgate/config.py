@@ -566,9 +566,9 @@ class _RuleError(ValueError):
     """A problem of the rule `kind`[`index`]'s name found across rules: parse_rules names its
     line (a whole-model check has no location of its own)."""
 
-    def __init__(self, kind: str, index: int, message: str) -> None:
+    def __init__(self, kind: str, index: int, message: str, key: str | None = "name") -> None:
         super().__init__(message)
-        self.loc = (kind, index, "name")
+        self.loc: tuple[str | int, ...] = (kind, index) if key is None else (kind, index, key)
 
 
 class Rules(BaseModel):
@@ -590,7 +590,9 @@ class Rules(BaseModel):
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"quote_patterns[{i}] is not a valid regex: {exc}") from None
+                raise _RuleError(
+                    "quote_patterns", i, f"quote_patterns[{i}] is not a valid regex: {exc}", None
+                ) from None
         return value
 
     @model_validator(mode="after")
@@ -705,8 +707,18 @@ def _line_of(text: str, loc: Sequence[int | str]) -> int | None:
                         len(lines),
                     )
                     break
-        else:
-            return None
+        else:  # no [[kind]] tables: an array written inline (kind = [ {…}, {…} ])
+            element = _array_element(lines, loc[0], loc[1])
+            if element is None:
+                return None
+            start, end = element[0], element[1] + 1
+            key = loc[2] if len(loc) > 2 and isinstance(loc[2], str) else None
+            if key:
+                pattern = re.compile(rf"(?:^|[{{,])\s*{re.escape(key)}\s*=")
+                for i in range(start, end):
+                    if pattern.search(lines[i]):
+                        return i + 1
+            return start + 1
         key = loc[2] if len(loc) > 2 and isinstance(loc[2], str) else None
     else:
         key = loc[0] if loc and isinstance(loc[0], str) else None
@@ -721,4 +733,56 @@ def _line_of(text: str, loc: Sequence[int | str]) -> int | None:
         for i in range(start, end):
             if pattern.match(lines[i]):
                 return i + 1
+        if len(loc) >= 2:  # a sub-table of the rule, [kind.key], among the rule's own tables
+            sub = re.compile(rf"^\s*\[\s*{re.escape(str(loc[0]))}\s*\.\s*{re.escape(key)}\s*\]")
+            for i in range(end, len(lines)):
+                if sub.match(lines[i]):
+                    return i + 1
+                if lines[i].lstrip().startswith("[["):  # the next rule
+                    break
     return start + 1 if len(loc) >= 2 else None
+
+
+def _array_element(lines: Sequence[str], key: str, index: int) -> tuple[int, int] | None:
+    """The first and last line (0-based) of element `index` of the top-level array
+    `key = [ … ]`, however it is spread over lines (strings, inline tables, comments)."""
+    opening = re.compile(rf"^\s*{re.escape(key)}\s*=\s*\[")
+    first = next((i for i, line in enumerate(lines) if opening.match(line)), None)
+    if first is None:
+        return None
+    text = "\n".join(lines[first:])
+    i, depth, n, line, begun, start = text.index("[") + 1, 1, -1, first, False, -1
+    while i < len(text):
+        c = text[i]
+        if c == "\n":
+            line += 1
+        elif c == "#":  # a comment: to the end of its line
+            i = text.find("\n", i)
+            if i < 0:
+                break
+            continue
+        elif not c.isspace():
+            if depth == 1 and c in ",]":
+                if start >= 0:
+                    return start, line
+                begun = False
+            elif depth == 1 and not begun:
+                begun, n = True, n + 1
+                if n == index:
+                    start = line
+            if c in "\"'":
+                quote = c * 3 if text.startswith(c * 3, i) else c
+                j = i + len(quote)
+                while j < len(text) and not text.startswith(quote, j):
+                    j += 2 if text[j] == "\\" and c == '"' else 1
+                line += text.count("\n", i, j)
+                i = j + len(quote)
+                continue
+            if c in "[{":
+                depth += 1
+            elif c in "]}":
+                depth -= 1
+                if depth == 0:
+                    break
+        i += 1
+    return (start, line) if start >= 0 else None

@@ -642,6 +642,13 @@ RULE_ERRORS = [
      'name = "a"\n', 6, ("skip[1]", "'a'", "more than once")),
     ("built-in-step-name", '[[account]]\nsearch = "file_as"\nname = "known_sender"\n'
      'after = "Site"\n', 3, ("account[1]", "'known_sender'", "built-in step")),
+    # Named the array's first line, the rule's first line, or no line at all:
+    ("bad-regex-one-a-line", 'account_by_sender = true\n\nquote_patterns = [\n  "^On .+ wrote:$",'
+     '  # a comment, "x"\n  \'^-----Original\',\n  "(bad",\n]\n', 6, ("quote_patterns[3]",)),
+    ("sub-table-of-a-rule", '[[account]]\nsearch = "file_as"\nafter = "x"\n[account.extra]\n'
+     'foo = 1\n', 4, ("account[1]", "extra")),
+    ("inline-table-rules", 'detection = [\n  { subject = "a" },\n'
+     '  { subject = "b", sender = "bad" },\n]\n', 3, ("detection[2]", "sender")),
 ]  # fmt: skip
 
 
