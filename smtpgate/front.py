@@ -701,7 +701,8 @@ class Listener(SMTP):
         self._data_heard = 0.0  # when data last came after a bare-LF end (loop time)
         self._data_tail = b""  # the last bytes of this DATA seen (`_watch_bare_lf`)
         self._held_back = False  # reading paused by the DataBudget
-        self._data_size = 0  # bytes received in this DATA
+        self._data_size = 0  # bytes received in this DATA, as `_Data.size` counts them
+        self._data_edge = b"\r\n"  # the last two of them
         self._budget = budget or DataBudget(DATA_BUDGET_BYTES)
         self._in_message = False  # from the end of DATA's 354 to the message's answer
         self._closing = False  # shut_down(): 421 once the message in hand is answered
@@ -880,6 +881,7 @@ class Listener(SMTP):
         assert self.envelope is not None
         self._data_progress = 0
         self._data_size = 0
+        self._data_edge = b"\r\n"
         self._data_serial += 1
         try:
             data = await self._read_data()
@@ -1174,7 +1176,9 @@ class Listener(SMTP):
             return
         if self._data_progress >= 0:
             self._watch_bare_lf(data)
-            self._data_size += len(data)
+            edge = self._data_edge + data[:2]  # (line-start dots are no message bytes)
+            self._data_edge = data[-2:] if len(data) >= 2 else edge[-2:]
+            self._data_size += len(data) - edge.count(_LINE_DOT) - data.count(_LINE_DOT)
             if self.data_size_limit and self._data_size > self.data_size_limit:
                 # Refused whatever follows (552): the rest is read only to be thrown away, so
                 # it holds no budget and is no progress; a sender streaming on past the limit

@@ -310,6 +310,32 @@ async def test_size_limit_counts_the_message_without_its_stuffed_dots(
     assert "over@example.org" not in await queued_senders(gw)
 
 
+async def test_a_dotted_message_under_the_limit_sent_steadily_is_not_timed_out(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """The listener counted the wire's bytes for its idle timer and data budget: past the limit
+    there (a third more for a log of "." lines), the rest of a message under the limit was
+    taken for refused data, and a sender sending 64 KiB well within the timeout got 421."""
+    limit, piece = 200_000, 64 * 1024
+    gw = await gateway_factory(max_message_bytes=limit, smtp_timeout=1.0)
+    head = b"Subject: dotted log\r\n\r\n"
+    content = head + b".\r\n" * ((limit - len(head)) // 3)  # "..\r\n" on the wire
+    wire = dot_stuff(content) + EOD
+    assert len(wire) > limit + 3 * piece // 4
+    session = await RawSession.open(gw.smtp_port)
+    nodelay(session)
+    try:
+        await session.start_data("log@example.org")
+        for i in range(0, len(wire), piece):  # 64 KiB every 0.6 s: within the 1 s timeout
+            await session.send_raw(wire[i : i + piece])
+            await asyncio.sleep(0.6)
+        reply = await session.reply(timeout=5)
+    finally:
+        await session.close()
+    assert reply.code == 250, reply
+    assert await stored(gw, reply) == content
+
+
 @pytest.mark.parametrize("size", [10_000, 5_000_000])
 async def test_oversize_gets_552_the_rest_is_discarded_and_the_session_goes_on(
     gateway_factory: GatewayFactory, size: int
