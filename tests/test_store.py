@@ -540,3 +540,58 @@ async def test_a_store_is_read_as_immutable_only_on_a_read_only_file_system(
         status_module.read_only_uri(db)
     with pytest.raises(ConfigError, match="its -shm file is missing"):
         await Store.open_read_only(db)
+
+
+SAME_NAME_A = "CRDAAAA0000000000001"
+SAME_NAME_B = "CRDBBBB0000000000002"
+
+
+async def _two_accounts_of_one_name(tmp_path: Path) -> Store:
+    store = await Store.open(tmp_path / "smtpgate.db")
+    imported = await store.import_accounts(
+        [
+            (2, {"rec_id": SAME_NAME_A, "file_as": "Acme Corp"}),
+            (3, {"rec_id": SAME_NAME_B, "file_as": "Acme Corp"}),
+        ]
+    )
+    assert imported.warnings  # allowed, with a warning
+    return store
+
+
+async def test_contacts_of_one_file_naming_one_account_land_on_one_account(
+    tmp_path: Path,
+) -> None:
+    """Two accounts of one name (allowed, with a warning): "the first" was the first row of
+    account_keys, rewritten by every refresh of an account's keys, so the contacts of one file
+    were spread over both, and each re-import by name updated the other account."""
+    store = await _two_accounts_of_one_name(tmp_path)
+    try:
+        await store.import_contacts(
+            [
+                (2, {"account_file_as": "Acme Corp", "email": "one@acme.example"}),
+                (3, {"account_file_as": "Acme Corp", "email": "two@acme.example"}),
+                (4, {"account_file_as": "Acme Corp", "email": "three@acme.example"}),
+            ]
+        )
+        async with store._reader.execute("SELECT email, account FROM contacts") as cur:
+            placed = {row[0]: row[1] for row in await cur.fetchall()}
+    finally:
+        await store.close()
+    assert set(placed.values()) == {SAME_NAME_A}, placed  # the older of the two
+
+
+async def test_reimporting_an_accounts_file_by_name_updates_the_same_account(
+    tmp_path: Path,
+) -> None:
+    store = await _two_accounts_of_one_name(tmp_path)
+    updated = []
+    try:
+        for phone in ("111", "222"):
+            await store.import_accounts([(2, {"file_as": "Acme Corp", "phone": phone})])
+            async with store._reader.execute(
+                "SELECT rec_id FROM accounts WHERE phone = ?", (phone,)
+            ) as cur:
+                updated.append((await cur.fetchone())[0])
+    finally:
+        await store.close()
+    assert updated == [SAME_NAME_A, SAME_NAME_A]

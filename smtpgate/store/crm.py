@@ -95,11 +95,12 @@ def refresh_account_keys(db: sqlite3.Connection, rec_id: str) -> None:
 
 
 def account_named(db: sqlite3.Connection, file_as: str) -> str | None:
-    """The (first) account whose file_as is this name as account detection compares names
-    (spec 2.1.3: case-insensitive, white space collapsed, Unicode composed)."""
+    """The account whose file_as is this name as account detection compares names (spec
+    2.1.3: case-insensitive, white space collapsed, Unicode composed); of several, the oldest
+    (the keys' own rows are written anew whenever an account's keys are refreshed)."""
     found = db.execute(
-        "SELECT account FROM account_keys WHERE field = 'file_as' AND value = ?"
-        " ORDER BY rowid LIMIT 1",
+        "SELECT k.account FROM account_keys k JOIN accounts a ON a.rec_id = k.account"
+        " WHERE k.field = 'file_as' AND k.value = ? ORDER BY a.rowid LIMIT 1",
         (normalize_key(file_as),),
     ).fetchone()
     return str(found[0]) if found else None
