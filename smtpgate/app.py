@@ -528,65 +528,74 @@ class Gateway:
         batch: Sequence[Delivery],
         unrecorded: collections.deque[asyncio.Future[None]],
     ) -> bool:
-        """Send a claim's mails in turn; True if the connection to the relay failed."""
+        """Send a claim's mails in turn; True if the connection to the relay failed. Cancelled
+        (a stop whose grace ended while the relay was slow), the mails not tried yet go back
+        to the queue untried, as they do when the stop comes between two mails."""
         assert self.store is not None
-        for n, item in enumerate(batch):
-            if self._stopping.is_set():
-                # Given back untried, as a lapsed claim's are: left active, they counted an
-                # attempt (a later step of the retry schedule at their first real failure).
-                await self._unclaim(batch[n:], "stopping")
-                return False
-            while len(unrecorded) >= RELAYED_UNRECORDED:
-                await unrecorded.popleft()  # usually recorded already, during the last send
-            if time.time() >= item.lease_until:
-                # The claim lapsed while the mails before were sent (a slow relay): the sweeper
-                # may have given these to another sender already. Not sent here.
-                await self._unclaim(batch[n:], "their claim lapsed before their turn")
-                return False
-            self._sending.add(item.id)  # from here on the sweeper leaves it alone
-            try:
-                # The next mail's commands go with this one's data (one write a mail).
-                then = batch[n + 1] if n + 1 < len(batch) else None
-                reply = await client.send(
-                    item.mail_from,
-                    item.recipients,
-                    item.data,
-                    then=Mail(then.mail_from, then.recipients, then.data) if then else None,
-                )
-            except DeliveryError as exc:
-                await self._delivery_failed(item, exc)
-                if not exc.connection:
+        untried = 0  # the claim's first mail not tried yet
+        try:
+            for n, item in enumerate(batch):
+                if self._stopping.is_set():
+                    # Given back untried, as a lapsed claim's are: left active, they counted an
+                    # attempt (a later step of the retry schedule at their first real failure).
+                    await self._unclaim(batch[n:], "stopping")
+                    return False
+                while len(unrecorded) >= RELAYED_UNRECORDED:
+                    await unrecorded.popleft()  # usually recorded already, during the last send
+                if time.time() >= item.lease_until:
+                    # The claim lapsed while the mails before were sent (a slow relay): the sweeper
+                    # may have given these to another sender already. Not sent here.
+                    await self._unclaim(batch[n:], "their claim lapsed before their turn")
+                    return False
+                self._sending.add(item.id)  # from here on the sweeper leaves it alone
+                untried = n + 1
+                try:
+                    # The next mail's commands go with this one's data (one write a mail).
+                    then = batch[n + 1] if n + 1 < len(batch) else None
+                    reply = await client.send(
+                        item.mail_from,
+                        item.recipients,
+                        item.data,
+                        then=Mail(then.mail_from, then.recipients, then.data) if then else None,
+                    )
+                except DeliveryError as exc:
+                    await self._delivery_failed(item, exc)
+                    if not exc.connection:
+                        continue
+                    # Trying the claim's other mails would only fail the same way, and with a
+                    # wrong password each try is a failed login (Microsoft 365 locks the account,
+                    # fail2ban bans the gateway): they go back to the queue unsent, and so do the
+                    # mails claimed for the senders as they were queued (Store.hand_over).
+                    rest = [*batch[n + 1 :], *self.store.pause_mail_hand_over()]
+                    if rest:
+                        await self._unclaim(rest, "the relay connection failed")
+                    await self._expire_undelivered(exc)
+                    return True
+                except Exception as exc:  # a bug: fail this delivery, keep the sender alive
+                    log.exception("relay send of outbox %d crashed", item.id)
+                    await client.close()
+                    await self._delivery_failed(
+                        item, DeliveryError(f"{type(exc).__name__}: {exc}", permanent=False)
+                    )
                     continue
-                # Trying the claim's other mails would only fail the same way, and with a
-                # wrong password each try is a failed login (Microsoft 365 locks the account,
-                # fail2ban bans the gateway): they go back to the queue unsent, and so do the
-                # mails claimed for the senders as they were queued (Store.hand_over).
-                rest = [*batch[n + 1 :], *self.store.pause_mail_hand_over()]
-                if rest:
-                    await self._unclaim(rest, "the relay connection failed")
-                await self._expire_undelivered(exc)
-                return True
-            except Exception as exc:  # a bug: fail this delivery, keep the sender alive
-                log.exception("relay send of outbox %d crashed", item.id)
-                await client.close()
-                await self._delivery_failed(
-                    item, DeliveryError(f"{type(exc).__name__}: {exc}", permanent=False)
+                recorded = asyncio.get_running_loop().create_future()
+                self._relayed.append((item.id, item.kind, recorded))
+                unrecorded.append(recorded)
+                self._relayed_wake.set()
+                log.info(
+                    "delivered outbox %d (%s) of %s to %s: %s",
+                    item.id,
+                    item.kind,
+                    item.inbound_id or "-",
+                    ",".join(item.recipients),
+                    reply,
+                    extra={"outbox_id": item.id, "queue_id": item.inbound_id},
                 )
-                continue
-            recorded = asyncio.get_running_loop().create_future()
-            self._relayed.append((item.id, item.kind, recorded))
-            unrecorded.append(recorded)
-            self._relayed_wake.set()
-            log.info(
-                "delivered outbox %d (%s) of %s to %s: %s",
-                item.id,
-                item.kind,
-                item.inbound_id or "-",
-                ",".join(item.recipients),
-                reply,
-                extra={"outbox_id": item.id, "queue_id": item.inbound_id},
-            )
-        return False
+            return False
+        except asyncio.CancelledError:
+            if untried < len(batch):
+                await self._unclaim(batch[untried:], "stopping")
+            raise
 
     async def _expire_undelivered(self, exc: DeliveryError) -> None:
         """While the relay cannot be reached, mails are not tried, so none fails for its age:

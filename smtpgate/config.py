@@ -590,9 +590,7 @@ class Rules(BaseModel):
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise _RuleError(
-                    "quote_patterns", i, f"quote_patterns[{i}] is not a valid regex: {exc}", None
-                ) from None
+                raise _RuleError("quote_patterns", i, f"not a valid regex: {exc}", None) from None
         return value
 
     @model_validator(mode="after")

@@ -63,15 +63,21 @@ class DeliveryError(Exception):
         self.connection = connection
 
 
-# What a forward adds to the message it forwards (Received:, Resent-*, X-Smtpgate-*,
-# Auto-Submitted: ~0.5 KB), with room to spare.
+# What a forward adds to the message it forwards: its headers (Received:, Resent-*,
+# X-Smtpgate-*, Auto-Submitted: ~0.5 KB, with room to spare) and, for lines over 998 octets,
+# the line breaks `outbound.break_long_lines` puts in (~0.3 %; 1/256 of the message allowed).
 FORWARD_HEADROOM = 2048
 
 
+def forward_size(size: int) -> int:
+    """The most a forward of a message of `size` bytes can take."""
+    return size + size // 256 + FORWARD_HEADROOM
+
+
 def _check_size(advertised: str, limit: int) -> None:
-    """RFC 1870: the relay's SIZE (0: none). Below what the gateway accepts and a forward's
-    headers, the forwards of the largest mail accepted (its sender told 250) go dead."""
-    if advertised.isdigit() and 0 < int(advertised) < limit + FORWARD_HEADROOM:
+    """RFC 1870: the relay's SIZE (0: none). Below a forward of the largest mail accepted, such
+    forwards (their senders told 250) go dead."""
+    if advertised.isdigit() and 0 < int(advertised) < forward_size(limit):
         _warn_small_relay(int(advertised), limit)
 
 
@@ -80,11 +86,12 @@ def _warn_small_relay(size: int, limit: int) -> None:
     """Once a process, not once a connection."""
     log.warning(
         "the relay takes mail up to %d bytes (SIZE) and SMTPGATE_MAX_MESSAGE_BYTES is %d: a"
-        " forward of the largest messages accepted (~0.5 KB of headers added) will be refused"
-        " and go dead; raise the relay's limit, or set SMTPGATE_MAX_MESSAGE_BYTES to %d or less",
+        " forward of the largest messages accepted (headers added, long lines broken: up to %d"
+        " bytes) will be refused and go dead; raise the relay's limit, or lower"
+        " SMTPGATE_MAX_MESSAGE_BYTES",
         size,
         limit,
-        size - FORWARD_HEADROOM,
+        forward_size(limit),
     )
 
 

@@ -627,7 +627,7 @@ RULE_ERRORS = [
     ("account-no-location", '[[account]]\nsearch = "rec_id"\n', 1,
      ("account[1]", "after", "before")),
     ("bad-sender", '[[detection]]\nsender = ["not an address"]\n', 2, ("detection[1]", "sender")),
-    ("bad-regex", 'quote_patterns = ["(unclosed"]\n', 1, ("quote_patterns",)),
+    ("bad-regex", 'quote_patterns = ["(unclosed"]\n', 1, ("quote_patterns[1]: not a valid regex",)),
     ("unknown-top-level", 'account_by_sender = true\nacount_by_sender = true\n', 2,
      ("acount_by_sender",)),
     ("unknown-table", '[[detection]]\nsubject = "A"\n\n[[acount]]\nsearch = "file_as"\n', 4,
@@ -644,7 +644,8 @@ RULE_ERRORS = [
      'after = "Site"\n', 3, ("account[1]", "'known_sender'", "built-in step")),
     # Named the array's first line, the rule's first line, or no line at all:
     ("bad-regex-one-a-line", 'account_by_sender = true\n\nquote_patterns = [\n  "^On .+ wrote:$",'
-     '  # a comment, "x"\n  \'^-----Original\',\n  "(bad",\n]\n', 6, ("quote_patterns[3]",)),
+     '  # a comment, "x"\n  \'^-----Original\',\n  "(bad",\n]\n', 6,
+     ("quote_patterns[3]: not a valid regex",)),
     ("sub-table-of-a-rule", '[[account]]\nsearch = "file_as"\nafter = "x"\n[account.extra]\n'
      'foo = 1\n', 4, ("account[1]", "extra")),
     ("inline-table-rules", 'detection = [\n  { subject = "a" },\n'

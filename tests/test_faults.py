@@ -825,3 +825,55 @@ async def test_a_stop_does_not_charge_an_attempt_to_mails_never_tried(
         await gw.stop(grace=2)
     assert relay.attempts == 5  # each mail tried once
     assert [r["attempts"] for r in rows] == [1] * 5
+
+
+class SlowRcptRelay(RecordingRelay):
+    """Answers RCPT only after `rcpt_delay` seconds (a greylisting or slow policy check)."""
+
+    rcpt_delay: float = 0.0
+    rcpts: int = 0
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        self.rcpts += 1
+        if self.rcpt_delay:
+            await asyncio.sleep(self.rcpt_delay)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+async def test_a_stop_that_cancels_a_waiting_sender_gives_back_the_rest_of_its_claim(
+    tmp_path: Path,
+) -> None:
+    """The give-back at a stop ran only between two mails: a sender still waiting on a slow
+    relay when the grace ended was cancelled, and the rest of its claim kept an attempt."""
+    relay = SlowRcptRelay()
+    async with serving(relay, hostname="relay.test") as port:
+        relay.port = port
+        settings = make_settings(tmp_path, port, relay_connections=1)
+        await _five_mails_in_the_outbox(settings.db_path)
+        relay.rcpt_delay = 5.0  # the sender waits on its first mail's RCPT when the stop comes
+        gw = Gateway(settings, Rules())
+        await gw.start()
+        try:
+
+            async def first_at_relay() -> bool:
+                return relay.rcpts >= 1
+
+            await wait_until(first_at_relay, what="the first mail at the relay")
+        finally:
+            await gw.stop(grace=0.5)
+        assert not relay.messages  # nothing was delivered before the stop
+        relay.rcpt_delay = 0.0
+        gw = Gateway(settings, Rules())
+        await gw.start()
+        try:
+            assert gw.store is not None
+            await wait_outbox(gw.store, "done", 5, "all delivered after the restart")
+            rows = sorted(await gw.store.list_outbox(), key=lambda r: r["id"])
+        finally:
+            await gw.stop(grace=2)
+    # The first was being tried when the stop cut it off (2 attempts is fair); the other four
+    # were not tried before the restart: one attempt each.
+    assert [r["attempts"] for r in rows[1:]] == [1] * 4
