@@ -847,7 +847,7 @@ class _Stock(SMTP):
 OWN_STATE = {
     "_sessions", "_limit", "_on_reply", "_counted", "_refused", "_data_progress", "_data_size",
     "_budget", "_in_message", "_closing", "_turn", "_lost", "_idle_deadline", "_data_serial",
-    "_bare_lf_timer", "_data_heard", "_data_tail", "_held_back", "_refusals",
+    "_bare_lf_timer", "_data_heard", "_data_tail", "_held_back", "_refusals", "_data_edge",
     "command_size_limits",  # one set a session (front._CommandLimits), not one for all
 }  # fmt: skip
 
