@@ -563,8 +563,9 @@ class AccountRule(_Rule):
 
 
 class _RuleError(ValueError):
-    """A problem of the rule `kind`[`index`]'s name found across rules: parse_rules names its
-    line (a whole-model check has no location of its own)."""
+    """A problem of `kind`[`index`] (its `key`: by default the name, which checks across rules
+    find) raised with the location pydantic would not give it: parse_rules names its line (a
+    whole-model check has none of its own, a list's check names only the list)."""
 
     def __init__(self, kind: str, index: int, message: str, key: str | None = "name") -> None:
         super().__init__(message)

@@ -2075,6 +2075,7 @@ class Store:
 
         def upsert(db: sqlite3.Connection) -> None:
             seen: dict[str, int] = {}
+            warnings.clear()  # (a transaction written again says them again)
             for line, values in rows:
                 v = _clean(values)
                 _check_rec_id(line, v, ACCOUNT_ID)
