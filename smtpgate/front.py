@@ -523,6 +523,9 @@ class _Data:
 
 
 _LINE_DOT = b"\r\n."
+# What a session's count of its DATA may hold beyond the message: the end-of-data line and the
+# commands a client pipelines behind it (RFC 2920).
+_PAST_DATA = 4096
 
 
 def _content_byte(data: bytes, edge: bytes, n: int) -> int:
@@ -689,7 +692,9 @@ class Listener(SMTP):
             self._lean_init(handler, **kwargs)
         else:
             super().__init__(handler, **kwargs)
-        self._auth_methods = {}  # no AUTH: an AUTH command gets 504 (see handle_EHLO)
+        # No AUTH: an AUTH command gets 538 (aiosmtpd: encryption required) before STARTTLS,
+        # 504 after it (see handle_EHLO).
+        self._auth_methods = {}
         self._sessions = sessions
         self._limit = limit
         self._on_reply = on_reply
@@ -1179,7 +1184,9 @@ class Listener(SMTP):
             edge = self._data_edge + data[:2]  # (line-start dots are no message bytes)
             self._data_edge = data[-2:] if len(data) >= 2 else edge[-2:]
             self._data_size += len(data) - edge.count(_LINE_DOT) - data.count(_LINE_DOT)
-            if self.data_size_limit and self._data_size > self.data_size_limit:
+            # (The count takes in the end-of-data line and commands pipelined behind it: a
+            # message at the limit keeps its budget until it is answered.)
+            if self.data_size_limit and self._data_size > self.data_size_limit + _PAST_DATA:
                 # Refused whatever follows (552): the rest is read only to be thrown away, so
                 # it holds no budget and is no progress; a sender streaming on past the limit
                 # is cut off by the idle timeout.

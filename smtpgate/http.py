@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # The reply codes the SMTP front sends (its own and aiosmtpd's), counted from 0.
 SMTP_CODES = (
     "214", "220", "221", "250", "252", "354", "421", "451", "452", "454", "500", "501", "502",
-    "503", "504", "550", "552", "553", "554", "555",
+    "503", "504", "538", "550", "552", "553", "554", "555",
 )  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from typing import cast
 
 import pytest
@@ -130,3 +131,46 @@ async def test_a_session_lost_in_the_middle_of_data_gives_its_bytes_back(
     await wait_until(given_back, what="the bytes given back")
     code, _ = await send(gw.smtp_port, simple_message("after"))
     assert code == 250
+
+
+@pytest.mark.parametrize("pipelined", [b"", b"QUIT\r\n"], ids=["alone", "quit-behind-it"])
+async def test_a_message_at_the_limit_keeps_its_budget_until_answered(
+    gateway_factory: GatewayFactory, pipelined: bytes
+) -> None:
+    """The listener's count of a DATA took in the end-of-data line and commands pipelined
+    behind it: a message at the limit was taken for refused data, and its bytes left the
+    budget while it was still held for its commit (the sessions paused could go on)."""
+    limit = 100_000
+    gw = await gateway_factory(max_message_bytes=limit)
+    assert gw.store is not None
+    store = gw.store
+    head = b"Subject: at the limit\r\n\r\n"
+    line = b"x" * 98 + b"\r\n"
+    content = head + line * ((limit - len(head)) // len(line))
+    content += b"y" * (limit - len(content) - 2) + b"\r\n"
+    assert len(content) == limit  # accepted: the limit counts it so
+    session = await RawSession.open(gw.smtp_port)
+    blocker = sqlite3.connect(gw.settings.db_path, timeout=0)
+    try:
+        await session.start_data("edge@example.org")
+        await session.send_raw(content)
+
+        async def all_held() -> bool:
+            return gw.data_budget.held >= limit
+
+        await wait_until(all_held, what="the message's bytes in the budget")
+        blocker.execute("BEGIN IMMEDIATE")  # the commit waits: the message is still held
+        await session.send_raw(b".\r\n" + pipelined)
+
+        async def committing() -> bool:
+            return store._committing is not None
+
+        await wait_until(committing, what="the message's commit begun")
+        held_during_commit = gw.data_budget.held
+        blocker.rollback()
+        reply = await session.reply(timeout=20)
+    finally:
+        blocker.close()
+        await session.close()
+    assert reply.code == 250, reply
+    assert held_during_commit >= limit

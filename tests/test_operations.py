@@ -604,6 +604,7 @@ async def test_the_series_the_documented_alerts_read_exist_at_zero_from_the_star
         ("smtpgate_smtp_replies_total", (("code", "214"),)),  # HELP
         ("smtpgate_smtp_replies_total", (("code", "454"),)),  # STARTTLS without TLS
         ("smtpgate_smtp_replies_total", (("code", "553"),)),  # a malformed address
+        ("smtpgate_smtp_replies_total", (("code", "538"),)),  # AUTH before STARTTLS
         ("smtpgate_relay_failures_total", (("failure", "transient"),)),
         ("smtpgate_relay_failures_total", (("failure", "permanent"),)),
         ("smtpgate_relay_deliveries_total", (("kind", "forward"),)),

@@ -971,3 +971,27 @@ async def test_a_relay_taking_less_than_the_gateway_accepts_is_warned_about_once
             if warned:
                 assert "SMTPGATE_MAX_MESSAGE_BYTES" in lines[0]
                 assert "22048" in lines[0]
+
+
+def test_a_forward_of_long_lines_fits_in_forward_size() -> None:
+    """The SIZE warning's bound: a forward is its headers and the message with its lines over
+    998 octets broken, at worst a break before a space and one after a 998-octet word in turn
+    (1/200 of the message; 1/256 was allowed). Here 4 MB of such lines (the listener takes
+    lines up to 1 MiB)."""
+    size = 4_000_000
+    head = b"From: probe@site.example\r\nTo: support@msp.example\r\nSubject: log\r\n\r\n"
+    line = (b"y " + b"x" * 998) * 100 + b"\r\n"
+    raw = head + (line * (size // len(line) + 1))[: size - len(head) - 2] + b"\r\n"
+    assert len(raw) == size
+    mail = outbound.forward_untouched(
+        raw,
+        target="support@msp.example",
+        sender="gateway@msp.example",
+        connector="connector@msp.example",
+        action="forwarded",
+        rule=None,
+        hostname="gw.msp.example",
+        has_auto_submitted=False,
+        long_lines=True,
+    )
+    assert size + size // 256 < len(mail.data) <= relay_module.forward_size(size)
