@@ -8,7 +8,6 @@ import asyncio
 import collections
 import contextlib
 import fcntl
-import hashlib
 import itertools
 import logging
 import os
@@ -24,7 +23,7 @@ from smtpgate.http import Metrics, StatusServer
 from smtpgate.intake import IntakeProcesses
 from smtpgate.mail import ParsedMessage, parse_message
 from smtpgate.model import Outcome, host_port
-from smtpgate.pipeline import FORWARD_BOUNCED, Context, decide, fingerprint
+from smtpgate.pipeline import FORWARD_BOUNCED, Context, decide, dedupe_key, fingerprint
 from smtpgate.relay import DeliveryError, Mail, RelayClient, relay_tls_context
 from smtpgate.store import Delivery, Job, Store, is_transient_error
 from smtpgate.worker import WorkerPool, backoff, scheduled_delay
@@ -63,27 +62,9 @@ WORKER_POLL_SECONDS = 1.0
 ANSWERED_WAIT_SECONDS = 60.0
 
 
-def dedupe_key(message_id: str | None, job: Job) -> str:
-    """spec 2.4: the Message-ID, or without one a hash of the content as the sender sent it."""
-    if message_id:
-        return message_id
-    raw = job.raw
-    # Skip our own Received: header (it holds the queue id, which differs per copy).
-    end = 0
-    while True:
-        nl = raw.find(b"\r\n", end)
-        if nl < 0 or raw[nl + 2 : nl + 3] not in (b" ", b"\t"):
-            break
-        end = nl + 2
-    body = raw[nl + 2 :] if nl >= 0 else raw
-    # The content only, not the envelope: an MTA delivers one message to two connector
-    # addresses of different domains in two transactions, and it is still one message.
-    return "sha256:" + hashlib.sha256(body).hexdigest()
-
-
 def _dedupe_keys(msg: ParsedMessage, job: Job) -> tuple[str, str | None]:
     """The duplicate key and the content fingerprint under it (Store.complete)."""
-    return dedupe_key(msg.message_id, job), fingerprint(msg.message_id, msg)
+    return dedupe_key(msg.message_id, job.raw), fingerprint(msg.message_id, msg)
 
 
 @dataclass(slots=True)

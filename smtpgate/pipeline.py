@@ -36,6 +36,7 @@ from smtpgate.model import (
     Path,
     TicketRef,
     ascii_domain,
+    has_bare_line_end,
     no_mail,
 )
 from smtpgate.rules import automated, regular
@@ -675,6 +676,39 @@ STAGES: tuple[Stage, ...] = (
     # spec 2.3.4: everything else goes to a human.
     Stage("unknown_sender", "forwarded to internal support", _always, stage_unknown_sender),
 )
+
+
+# Header fields servers put on top of a message in transit (RFC 5321 4.4's trace fields and
+# their kin: delivery, authentication and filter results), which are not the content its
+# sender sent: a copy that came again by another route (a backup MX) has more of them.
+_TRANSIT_FIELD = re.compile(
+    rb"(?:received|return-path|delivered-to|x-original-to|x-received|received-spf"
+    rb"|authentication-results|arc-[\w-]+|x-spam-[\w-]+|x-virus-[\w-]+|x-envelope-[\w-]+)"
+    rb"[ \t]*:",
+    re.IGNORECASE,
+)
+
+
+def dedupe_key(message_id: str | None, raw: bytes) -> str:
+    """spec 2.4: the Message-ID, or without one a hash of the content as the sender sent it:
+    the message without the fields servers put on top of it (ours, with the queue id, which
+    differs per copy; a backup MX's). Not the envelope either: an MTA delivers one message to
+    two connector addresses of different domains in two transactions, and it is one message.
+    A file with bare LF line ends (`explain` of a saved message) is read as it came in SMTP."""
+    if message_id:
+        return message_id
+    if has_bare_line_end(raw):
+        raw = _LINE_END.sub(b"\r\n", raw)
+    start = 0
+    while _TRANSIT_FIELD.match(raw, start):
+        end = raw.find(b"\r\n", start)  # the field's last line: folded lines go with it
+        while end >= 0 and raw[end + 2 : end + 3] in (b" ", b"\t"):
+            end = raw.find(b"\r\n", end + 2)
+        start = len(raw) if end < 0 else end + 2
+    return "sha256:" + hashlib.sha256(memoryview(raw)[start:]).hexdigest()
+
+
+_LINE_END = re.compile(rb"\r?\n")
 
 
 def fingerprint(message_id: str | None, msg: ParsedMessage) -> str | None:

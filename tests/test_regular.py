@@ -1173,6 +1173,52 @@ async def test_duplicate_message_id_opens_one_ticket_and_sends_one_ack(
     assert (await world.store.status())["tickets"] == 2
 
 
+async def test_a_copy_without_a_message_id_by_another_route_is_a_duplicate(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, tmp_path: Path
+) -> None:
+    """spec 2.4: without a Message-ID, a hash of the content. The hash took in every header
+    field after our Received: line, so a copy that came again through a backup MX (its
+    Received: and a spam filter's fields on top) opened a second ticket; and `explain` did not
+    say that a copy of such a message would be a duplicate."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    raw = (
+        b"Received: from mta.acme.example by mx1.acme.example; Thu, 26 Nov 2026 10:00:00 +0000\r\n"
+        b"From: joe@acme.example\r\nTo: connector@localhost\r\nSubject: UPS on battery\r\n"
+        b"Date: Thu, 26 Nov 2026 10:00:00 +0000\r\n\r\nOn battery since 09:59.\r\n"
+    )
+    by_backup_mx = (
+        b"Received: from mx1.acme.example by backup-mx.msp.example; Thu, 26 Nov 2026 10:05:00"
+        b" +0000\r\nX-Spam-Status: No, score=0.1\r\nReceived-SPF: pass\r\n" + raw
+    )
+    first = await deliver(world.gw, raw, "joe@acme.example")
+    again = await deliver(world.gw, by_backup_mx, "joe@acme.example")
+    assert first["outcome"]["action"] == "ticket_created"
+    assert (again["outcome"]["action"], again["outcome"]["reason"]) == ("duplicate", "content_hash")
+    assert (await world.store.status())["tickets"] == 1
+    # The same alert an hour later (another Date): a new one.
+    later = raw.replace(b"10:00:00", b"11:00:00")
+    assert (await deliver(world.gw, later, "joe@acme.example"))["outcome"]["action"] == (
+        "ticket_created"
+    )
+    # explain of the message as a mail client saved it (its own trace fields on top, LF line
+    # ends) says a copy would be a duplicate.
+    saved = tmp_path / "saved.eml"
+    saved.write_bytes(
+        b"Return-Path: <joe@acme.example>\nDelivered-To: support@msp.example\n"
+        + by_backup_mx.replace(b"\r\n", b"\n")
+    )
+    msg = parse_message(saved.read_bytes())
+    ctx = Context(world.gw.settings, world.gw.rules)
+    decision = await decide(saved.read_bytes(), "joe@acme.example", msg, ctx, world.store)
+    outcome = await world.store.simulate(
+        decision,
+        None,
+        content_key=pipeline.dedupe_key(None, saved.read_bytes()),
+        hourly_limit=20,
+    )
+    assert any(f"already processed as {first['id']}" in n for n in outcome.notes), outcome.notes
+
+
 async def test_a_forward_with_lines_over_998_octets_reaches_a_relay_that_enforces_them(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:

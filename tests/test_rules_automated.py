@@ -15,11 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smtpgate.app import dedupe_key
 from smtpgate.config import AccountRule, DetectionRule, Rules, SkipRule, load_settings, parse_rules
 from smtpgate.mail import parse_message
 from smtpgate.model import Action, Decision, Envelope, Outcome, normalize_key
-from smtpgate.pipeline import Context, decide
+from smtpgate.pipeline import Context, decide, dedupe_key
 from smtpgate.rules import automated
 from smtpgate.rules.automated import (
     MAX_CANDIDATES,
@@ -744,7 +743,7 @@ async def process(
     (job,) = await store.claim(1, 60)
     decision = await decide(job.raw, mail_from, msg, ctx, store)
     return decision, await store.complete(
-        job, decision, dedupe_key=dedupe_key(msg.message_id, job), auto_mail_hourly_limit=20
+        job, decision, dedupe_key=dedupe_key(msg.message_id, job.raw), auto_mail_hourly_limit=20
     )
 
 

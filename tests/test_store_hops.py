@@ -26,7 +26,6 @@ import aiosqlite
 import pytest
 
 import smtpgate.store as store_module
-from smtpgate.app import dedupe_key
 from smtpgate.config import load_rules, load_settings
 from smtpgate.mail import parse_message
 from smtpgate.model import (
@@ -41,7 +40,7 @@ from smtpgate.model import (
     Outcome,
 )
 from smtpgate.model import Path as Branch
-from smtpgate.pipeline import Context, decide
+from smtpgate.pipeline import Context, decide, dedupe_key
 from smtpgate.store import Job, Store, new_queue_id
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -232,7 +231,7 @@ async def test_a_processed_alert_costs_one_hop_per_transaction(
         decision = await decide(job.raw, job.envelope.mail_from, msg, ctx, store)
     with hops.measure() as completed:
         outcome = await store.complete(
-            job, decision, dedupe_key=dedupe_key(msg.message_id, job), auto_mail_hourly_limit=20
+            job, decision, dedupe_key=dedupe_key(msg.message_id, job.raw), auto_mail_hourly_limit=20
         )
     with hops.measure() as outbox:
         deliveries = await store.claim_deliveries(16, 300)

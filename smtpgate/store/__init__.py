@@ -97,7 +97,7 @@ GROUP_MAX_BYTES = 1024 * 1024
 # Message-ID and no Date sends the same bytes for the same event every time; the next day's is
 # new mail. A Message-ID is an identity and never expires.
 CONTENT_DUPLICATE_SECONDS = 24 * 3600
-_CONTENT_KEYS = "key >= 'sha256:' AND key < 'sha256;'"  # app.dedupe_key's hashes, by index
+_CONTENT_KEYS = "key >= 'sha256:' AND key < 'sha256;'"  # pipeline.dedupe_key's hashes, by index
 # pipeline.fingerprint's rows, "fp:<the Message-ID's hash>:<fingerprint>": kept like the
 # Message-ID they belong to
 _REMEMBER = "INSERT OR IGNORE INTO seen_messages (key, inbound_id, seen_at) VALUES (?, ?, ?)"
@@ -1461,11 +1461,13 @@ class Store:
         message_id: str | None,
         fingerprint: str | None = None,
         *,
+        content_key: str | None = None,
         hourly_limit: int,
     ) -> Outcome:
         """What `complete` would do, inside a transaction that is rolled back (explain): the
         mails the caps on automatic mail (`hourly_limit`, the acknowledgement brake) would
-        hold back are noted, not said to be sent."""
+        hold back are noted, not said to be sent. `content_key`: a message without a
+        Message-ID is a duplicate of content processed within CONTENT_DUPLICATE_SECONDS."""
         job = Job("explain", "", b"", Envelope("", "", "", ()), time.time(), 0, message_id)
 
         def explain(db: sqlite3.Connection) -> tuple[Applied, list[OutboundMail], list[str]]:
@@ -1492,6 +1494,17 @@ class Store:
                     )
                 elif seen:
                     notes.append(f"already processed as {seen[0]}: a new copy would be a duplicate")
+            elif content_key:
+                seen = db.execute(
+                    "SELECT inbound_id FROM seen_messages WHERE key = ? AND seen_at >= ?",
+                    (content_key, time.time() - CONTENT_DUPLICATE_SECONDS),
+                ).fetchone()
+                if seen:
+                    notes.append(
+                        f"already processed as {seen[0]}: a new copy within"
+                        f" {CONTENT_DUPLICATE_SECONDS // 3600} hours would be a duplicate"
+                        " (content_hash)"
+                    )
             return applied, mails, notes
 
         async with self._write_lock.hold():
