@@ -514,6 +514,7 @@ class Gateway:
         to the queue untried, as they do when the stop comes between two mails."""
         assert self.store is not None
         untried = 0  # the claim's first mail not tried yet
+        handed: list[Delivery] = []  # mails claimed for the senders, taken back at a failure
         try:
             for n, item in enumerate(batch):
                 if self._stopping.is_set():
@@ -547,7 +548,8 @@ class Gateway:
                     # wrong password each try is a failed login (Microsoft 365 locks the account,
                     # fail2ban bans the gateway): they go back to the queue unsent, and so do the
                     # mails claimed for the senders as they were queued (Store.hand_over).
-                    rest = [*batch[n + 1 :], *self.store.pause_mail_hand_over()]
+                    handed = self.store.pause_mail_hand_over()
+                    rest = [*batch[n + 1 :], *handed]
                     if rest:
                         await self._unclaim(rest, "the relay connection failed")
                     await self._expire_undelivered(exc)
@@ -574,8 +576,10 @@ class Gateway:
                 )
             return False
         except asyncio.CancelledError:
-            if untried < len(batch):
-                await self._unclaim(batch[untried:], "stopping")
+            # (Given back twice is given back once: a mail requeued meanwhile is left alone.)
+            rest = [*batch[untried:], *handed]
+            if rest:
+                await self._unclaim(rest, "stopping")
             raise
 
     async def _expire_undelivered(self, exc: DeliveryError) -> None:
