@@ -678,37 +678,47 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-# Header fields servers put on top of a message in transit (RFC 5321 4.4's trace fields and
-# their kin: delivery, authentication and filter results), which are not the content its
-# sender sent: a copy that came again by another route (a backup MX) has more of them.
+# Header fields put on top of a message on its way: by servers in transit (RFC 5321 4.4's
+# trace fields and their kin: delivery, authentication and filter results), and by the mailbox
+# or client a message was saved from (`explain` of such a file). A copy that came again by
+# another route (a backup MX) has other ones.
 _TRANSIT_FIELD = re.compile(
-    rb"(?:received|return-path|delivered-to|x-original-to|x-received|received-spf"
-    rb"|authentication-results|arc-[\w-]+|x-spam-[\w-]+|x-virus-[\w-]+|x-envelope-[\w-]+)"
-    rb"[ \t]*:",
+    rb"(?:(received)|return-path|delivered-to|x-original-to|x-received|received-spf"
+    rb"|authentication-results|arc-[\w-]+|x-spam-[\w-]+|x-virus-[\w-]+|x-envelope-[\w-]+"
+    rb"|x-mozilla-[\w-]+|x-account-key|x-uidl|status|x-status)[ \t]*:",
     re.IGNORECASE,
 )
+_OURS = b" (smtpgate) with "  # in the `by` clause of our own Received: (front.Handler)
+_LINE_END = re.compile(rb"\r?\n")
 
 
 def dedupe_key(message_id: str | None, raw: bytes) -> str:
     """spec 2.4: the Message-ID, or without one a hash of the content as the sender sent it:
-    the message without the fields servers put on top of it (ours, with the queue id, which
-    differs per copy; a backup MX's). Not the envelope either: an MTA delivers one message to
-    two connector addresses of different domains in two transactions, and it is one message.
-    A file with bare LF line ends (`explain` of a saved message) is read as it came in SMTP."""
+    from its first hop's Received: field on (the oldest of those on top, ours left out), or,
+    when it has none, from below the fields on top. A copy by another route (a backup MX: more
+    fields above the first hop's) is the same content; the same alert sent again through the
+    customer's relay (its Received: with another time and queue id, no Message-ID nor Date
+    added) is not. Not the envelope either: an MTA delivers one message to two connector
+    addresses of different domains in two transactions, and it is one message. A saved file
+    (`explain`) is read as SMTP carried it: CRLF line ends, no mbox "From " line."""
     if message_id:
         return message_id
     if has_bare_line_end(raw):
         raw = _LINE_END.sub(b"\r\n", raw)
-    start = 0
-    while _TRANSIT_FIELD.match(raw, start):
+    if raw and not raw.endswith(b"\r\n"):
+        raw += b"\r\n"
+    start = raw.find(b"\r\n") + 2 if raw.startswith(b"From ") else 0
+    origin = -1
+    while (field := _TRANSIT_FIELD.match(raw, start)) is not None:
         end = raw.find(b"\r\n", start)  # the field's last line: folded lines go with it
         while end >= 0 and raw[end + 2 : end + 3] in (b" ", b"\t"):
             end = raw.find(b"\r\n", end + 2)
-        start = len(raw) if end < 0 else end + 2
-    return "sha256:" + hashlib.sha256(memoryview(raw)[start:]).hexdigest()
-
-
-_LINE_END = re.compile(rb"\r?\n")
+        end = len(raw) if end < 0 else end + 2
+        if field.group(1) and raw.find(_OURS, start, end) < 0:
+            origin = start
+        start = end
+    content = memoryview(raw)[origin if origin >= 0 else start :]
+    return "sha256:" + hashlib.sha256(content).hexdigest()
 
 
 def fingerprint(message_id: str | None, msg: ParsedMessage) -> str | None:

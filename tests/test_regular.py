@@ -1219,6 +1219,94 @@ async def test_a_copy_without_a_message_id_by_another_route_is_a_duplicate(
     assert any(f"already processed as {first['id']}" in n for n in outcome.notes), outcome.notes
 
 
+UPS_ALERT = (
+    b"From: ups@acme.example\r\nTo: connector@localhost\r\nSubject: UPS on battery\r\n"
+    b"\r\nUPS-1 is on battery power.\r\n"
+)
+
+
+def through_the_customers_relay(queue_id: str, when: str) -> bytes:
+    """UPS_ALERT as the customer's Postfix passes it on: its Received:, and no Message-ID nor
+    Date added for a LAN client (Postfix >= 2.6, local_header_rewrite_clients)."""
+    return (
+        f"Received: from ups1.lan (ups1.lan [10.0.0.9])\r\n\tby mx1.acme.example (Postfix)"
+        f" with ESMTP id {queue_id}\r\n\tfor <connector@localhost>; Thu, 26 Nov 2026 {when}"
+        f" +0000 (UTC)\r\n"
+    ).encode() + UPS_ALERT
+
+
+async def test_the_same_alert_again_through_the_customers_relay_is_a_new_one(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """Two power failures an hour apart, relayed: the copies differ only in the relay's
+    Received: (time, queue id). Dropping every Received: from the hash made the second a
+    `duplicate` no one heard of; the first hop's Received: is the message's own."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    first = through_the_customers_relay("4Qx1A2B3C4", "10:00:00")
+    again = through_the_customers_relay("4Qx9Z8Y7X6", "11:00:00")
+    assert (await deliver(world.gw, first, "ups@acme.example"))["outcome"]["action"] == (
+        "ticket_created"
+    )
+    outcome = (await deliver(world.gw, again, "ups@acme.example"))["outcome"]
+    assert outcome["action"] == "ticket_created", outcome
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        # an mbox's "From " line (Thunderbird, mutt, formail), LF line ends
+        b"From - Thu Nov 26 10:00:05 2026\nReturn-Path: <ups@acme.example>\n"
+        + UPS_ALERT.replace(b"\r\n", b"\n"),
+        # Thunderbird's own fields on top
+        b"X-Mozilla-Status: 0001\r\nX-Mozilla-Status2: 00000000\r\nX-Mozilla-Keys: \r\n"
+        b"Return-Path: <ups@acme.example>\r\nDelivered-To: alerts@msp.example\r\n" + UPS_ALERT,
+        # written without its last line end
+        UPS_ALERT.replace(b"\r\n", b"\n").rstrip(b"\n"),
+    ],
+    ids=["mbox-from-line", "thunderbird-fields", "no-final-line-end"],
+)
+async def test_explain_of_a_saved_copy_says_it_would_be_a_duplicate(
+    gateway_factory: GatewayFactory, relay: RecordingRelay, saved: bytes
+) -> None:
+    """What a mailbox or a client adds to a message saved from it (an mbox line, its own fields,
+    LF line ends, no last newline) is not the content SMTP carried: explain said nothing of the
+    duplicate the gateway would make of the copy."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    first = await deliver(world.gw, UPS_ALERT, "ups@acme.example")
+    assert first["outcome"]["action"] == "ticket_created"
+    msg = parse_message(saved)
+    ctx = Context(world.gw.settings, world.gw.rules)
+    decision = await decide(saved, "ups@acme.example", msg, ctx, world.store)
+    outcome = await world.store.simulate(
+        decision, None, content_key=pipeline.dedupe_key(None, saved), hourly_limit=20
+    )
+    assert any(f"already processed as {first['id']}" in n for n in outcome.notes), outcome.notes
+
+
+async def test_explain_says_until_when_a_copy_is_a_duplicate(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """The window runs from the copy that was processed, not from now: 23 hours after it,
+    explain still said "a new copy within 24 hours would be a duplicate"."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    first = await deliver(world.gw, UPS_ALERT, "ups@acme.example")
+    processed_at = datetime.now(UTC).timestamp() - 23 * 3600
+    with contextlib.closing(sqlite3.connect(world.gw.settings.db_path)) as db, db:
+        db.execute(
+            "UPDATE seen_messages SET seen_at = ? WHERE key = ?",
+            (processed_at, pipeline.dedupe_key(None, UPS_ALERT)),
+        )
+    msg = parse_message(UPS_ALERT)
+    ctx = Context(world.gw.settings, world.gw.rules)
+    decision = await decide(UPS_ALERT, "ups@acme.example", msg, ctx, world.store)
+    outcome = await world.store.simulate(
+        decision, None, content_key=pipeline.dedupe_key(None, UPS_ALERT), hourly_limit=20
+    )
+    until = datetime.fromtimestamp(processed_at + 24 * 3600, UTC).strftime("%Y-%m-%d %H:%M")
+    notes = [n for n in outcome.notes if first["id"] in n]
+    assert any(f"until {until} UTC" in n for n in notes), notes
+
+
 async def test_a_forward_with_lines_over_998_octets_reaches_a_relay_that_enforces_them(
     gateway_factory: GatewayFactory, relay: RecordingRelay
 ) -> None:

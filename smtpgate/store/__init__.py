@@ -1496,14 +1496,14 @@ class Store:
                     notes.append(f"already processed as {seen[0]}: a new copy would be a duplicate")
             elif content_key:
                 seen = db.execute(
-                    "SELECT inbound_id FROM seen_messages WHERE key = ? AND seen_at >= ?",
+                    "SELECT inbound_id, seen_at FROM seen_messages WHERE key = ? AND seen_at >= ?",
                     (content_key, time.time() - CONTENT_DUPLICATE_SECONDS),
                 ).fetchone()
-                if seen:
+                if seen:  # (the window runs from the copy processed: copies do not extend it)
+                    until = datetime.fromtimestamp(seen[1] + CONTENT_DUPLICATE_SECONDS, UTC)
                     notes.append(
-                        f"already processed as {seen[0]}: a new copy within"
-                        f" {CONTENT_DUPLICATE_SECONDS // 3600} hours would be a duplicate"
-                        " (content_hash)"
+                        f"already processed as {seen[0]}: a new copy would be a duplicate"
+                        f" until {until:%Y-%m-%d %H:%M} UTC (content_hash)"
                     )
             return applied, mails, notes
 
