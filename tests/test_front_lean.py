@@ -1079,6 +1079,10 @@ _DATA_TOKENS = st.sampled_from(
 def test_data_reader_answers_and_stores_as_aiosmtpd(
     data: bytes, cuts: list[int], size_limit: int
 ) -> None:
+    if size_limit:
+        # aiosmtpd counts the dots doubled at line starts into the size; the limit does not
+        # (RFC 1870; test_data_verdict_matches_aiosmtpd_line_by_line checks that count).
+        data = re.sub(rb"(?:^|(?<=\r\n))\.", b"z", data)
     wire = data + b"\r\n.\r\n"
     # One DATA command: no end of data before the last (the e2e tests above cover the rest).
     assume((b"\r\n" + wire).find(b"\r\n.\r\n") == len(data) + 2)
