@@ -23,7 +23,7 @@ from smtpgate.http import Metrics, StatusServer
 from smtpgate.intake import IntakeProcesses
 from smtpgate.mail import ParsedMessage, parse_message
 from smtpgate.model import Outcome, host_port
-from smtpgate.pipeline import FORWARD_BOUNCED, Context, content_keys, decide, fingerprint
+from smtpgate.pipeline import FORWARD_BOUNCED, Context, decide, dedupe_key, fingerprint
 from smtpgate.relay import DeliveryError, Mail, RelayClient, relay_tls_context
 from smtpgate.store import Delivery, Job, Store, is_transient_error
 from smtpgate.worker import WorkerPool, backoff, scheduled_delay
@@ -62,13 +62,9 @@ WORKER_POLL_SECONDS = 1.0
 ANSWERED_WAIT_SECONDS = 60.0
 
 
-def _dedupe_keys(msg: ParsedMessage, job: Job) -> tuple[str, tuple[str, ...], str | None]:
-    """The duplicate key, the other keys a copy may have been recorded under, and the content
-    fingerprint under the key (Store.complete)."""
-    if msg.message_id:
-        return msg.message_id, (), fingerprint(msg.message_id, msg)
-    key, *others = content_keys(job.raw)
-    return key, tuple(others), None
+def _dedupe_keys(msg: ParsedMessage, job: Job) -> tuple[str, str | None]:
+    """The duplicate key and the content fingerprint under it (Store.complete)."""
+    return dedupe_key(msg.message_id, job.raw), fingerprint(msg.message_id, msg)
 
 
 @dataclass(slots=True)
@@ -378,14 +374,13 @@ class Gateway:
             ctx = Context(self.settings, self.rules)
             decision = await decide(job.raw, job.envelope.mail_from, msg, ctx, self.store)
             if len(job.raw) > PARSE_IN_THREAD_BYTES:  # hashing 25 MB would hold the loop
-                key, also, seen = await asyncio.to_thread(_dedupe_keys, msg, job)
+                key, seen = await asyncio.to_thread(_dedupe_keys, msg, job)
             else:
-                key, also, seen = _dedupe_keys(msg, job)
+                key, seen = _dedupe_keys(msg, job)
             outcome = await self.store.complete(
                 job,
                 decision,
                 dedupe_key=key,
-                also_seen_as=also,
                 fingerprint=seen,
                 auto_mail_hourly_limit=self.settings.auto_mail_hourly_limit,
             )

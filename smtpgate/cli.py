@@ -302,7 +302,7 @@ async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace
     import asyncio
 
     from smtpgate.mail import parse_message
-    from smtpgate.pipeline import Context, content_keys, decide, fingerprint
+    from smtpgate.pipeline import Context, decide, dedupe_key, fingerprint
 
     try:
         raw = await asyncio.to_thread(Path(args.file).read_bytes)
@@ -320,7 +320,7 @@ async def cmd_explain(settings: Settings, rules: Rules, args: argparse.Namespace
             decision,
             msg.message_id,
             fingerprint(msg.message_id, msg),
-            content_keys=() if msg.message_id else content_keys(raw),
+            content_key=None if msg.message_id else dedupe_key(None, raw),
             hourly_limit=settings.auto_mail_hourly_limit,
         )
         result = outcome.to_json()

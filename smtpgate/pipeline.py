@@ -692,50 +692,33 @@ _OURS = b" (smtpgate) with "  # in the `by` clause of our own Received: (front.H
 _LINE_END = re.compile(rb"\r?\n")
 
 
-# Candidates looked at for a content duplicate at most (a hostile message can bring thousands
-# of Received: fields; copies differ in the few on top).
-MAX_CONTENT_KEYS = 8
-
-
 def dedupe_key(message_id: str | None, raw: bytes) -> str:
-    """spec 2.4: the Message-ID, or without one `content_keys(raw)[0]`."""
-    return message_id or content_keys(raw)[0]
-
-
-def content_keys(raw: bytes) -> tuple[str, ...]:
-    """spec 2.4's "hash of its content" for a message without a Message-ID: the content as its
-    sender sent it, from its first hop's Received: on (the oldest of the trace fields on top,
-    ours left out), or, with none, from below those fields. The first key is the one recorded;
-    a copy is a duplicate if any of its keys was recorded: where it took more hops (a backup
-    MX's Received: and a filter's fields on top) the content may start at any of them. The same
-    alert sent again through the customer's relay (its Received: with another time and queue
-    id, no Message-ID nor Date added) has none of the keys recorded, and is a new one.
-
-    Not the envelope: an MTA delivers one message to two connector addresses of different
-    domains in two transactions, and it is one message. A saved file (`explain`) is read as
-    SMTP carried it: CRLF line ends, the last one too, no mbox "From " line."""
+    """spec 2.4: the Message-ID, or without one a hash of the content as the sender sent it:
+    from its first hop's Received: field on (the oldest of those on top, ours left out), or,
+    when it has none, from below the fields on top. A copy by another route (a backup MX: more
+    fields above the first hop's) is the same content; the same alert sent again through the
+    customer's relay (its Received: with another time and queue id, no Message-ID nor Date
+    added) is not. Not the envelope either: an MTA delivers one message to two connector
+    addresses of different domains in two transactions, and it is one message. A saved file
+    (`explain`) is read as SMTP carried it: CRLF line ends, no mbox "From " line."""
+    if message_id:
+        return message_id
     if has_bare_line_end(raw):
         raw = _LINE_END.sub(b"\r\n", raw)
     if raw and not raw.endswith(b"\r\n"):
         raw += b"\r\n"
     start = raw.find(b"\r\n") + 2 if raw.startswith(b"From ") else 0
-    hops: list[int] = []  # where each Received: on top begins (ours left out), newest first
+    origin = -1
     while (field := _TRANSIT_FIELD.match(raw, start)) is not None:
         end = raw.find(b"\r\n", start)  # the field's last line: folded lines go with it
         while end >= 0 and raw[end + 2 : end + 3] in (b" ", b"\t"):
             end = raw.find(b"\r\n", end + 2)
         end = len(raw) if end < 0 else end + 2
         if field.group(1) and raw.find(_OURS, start, end) < 0:
-            hops.append(start)
+            origin = start
         start = end
-    starts = [*hops[::-1], start] if hops else [start]  # the first hop's first, then below
-    if len(starts) > 1:  # (below the fields on top last but one: where no hop was in common)
-        starts[1:] = [starts[-1], *starts[1:-1]]
-    view = memoryview(raw)
-    return tuple(
-        "sha256:" + hashlib.sha256(view[at:]).hexdigest()
-        for at in dict.fromkeys(starts[:MAX_CONTENT_KEYS])
-    )
+    content = memoryview(raw)[origin if origin >= 0 else start :]
+    return "sha256:" + hashlib.sha256(content).hexdigest()
 
 
 def fingerprint(message_id: str | None, msg: ParsedMessage) -> str | None:

@@ -396,7 +396,6 @@ class _Completion:
     job: Job
     decision: Decision
     dedupe_key: str | None
-    also_seen_as: tuple[str, ...]
     fingerprint: str | None
     hourly_limit: int
     future: asyncio.Future[Outcome | None]
@@ -1233,7 +1232,6 @@ class Store:
         decision: Decision,
         *,
         dedupe_key: str | None,
-        also_seen_as: tuple[str, ...] = (),
         fingerprint: str | None = None,
         auto_mail_hourly_limit: int,
     ) -> Outcome | None:
@@ -1248,9 +1246,6 @@ class Store:
         shared pages (the queue's, the indexes') are written once. One decision's failure rolls
         back its savepoint only; when the whole transaction fails, nothing of it is kept and
         its decisions are written again one by one (`_complete_group`).
-
-        `also_seen_as`: the other content keys of a message without a Message-ID
-        (`pipeline.content_keys`): it is a duplicate if any was recorded within the window.
         """
         if len(job.raw) > INLINE_MAX_BYTES:  # alone, in the writer's thread
             try:
@@ -1260,7 +1255,6 @@ class Store:
                         job=job,
                         decision=decision,
                         dedupe_key=dedupe_key,
-                        also_seen_as=also_seen_as,
                         fingerprint=fingerprint,
                         hourly_limit=auto_mail_hourly_limit,
                     ),
@@ -1270,9 +1264,7 @@ class Store:
                 return None
         future: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
         self._completions.append(
-            _Completion(
-                job, decision, dedupe_key, also_seen_as, fingerprint, auto_mail_hourly_limit, future
-            )
+            _Completion(job, decision, dedupe_key, fingerprint, auto_mail_hourly_limit, future)
         )
         if self._completer is None or self._completer.done():
             self._completer = asyncio.create_task(self._complete_loop(), name="group-complete")
@@ -1369,7 +1361,6 @@ class Store:
                     item.dedupe_key,
                     item.hourly_limit,
                     item.fingerprint,
-                    item.also_seen_as,
                 )
             except Exception as exc:
                 if not db.in_transaction:
@@ -1395,30 +1386,24 @@ class Store:
         dedupe_key: str | None,
         hourly_limit: int,
         fingerprint: str | None = None,
-        also_seen_as: tuple[str, ...] = (),
     ) -> Outcome:
         """One decision's part of a transaction (see `complete`)."""
         # The lease is checked by the final UPDATE (_finish): a lost lease raises _LeaseLost
         # there and rolls everything back.
         if dedupe_key is not None and decision.action != Action.IGNORED:
             now = time.time()
-            first: tuple[str | None] | None = (
-                _seen_within(db, also_seen_as, now) if also_seen_as else None
+            cur = db.execute(
+                "INSERT INTO seen_messages (key, inbound_id, seen_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET inbound_id = excluded.inbound_id,"
+                f" seen_at = excluded.seen_at WHERE {_CONTENT_KEYS} AND seen_at < ?",
+                (dedupe_key, job.id, now, now - CONTENT_DUPLICATE_SECONDS),
             )
-            if first is None:
-                cur = db.execute(
-                    "INSERT INTO seen_messages (key, inbound_id, seen_at) VALUES (?, ?, ?)"
-                    " ON CONFLICT (key) DO UPDATE SET inbound_id = excluded.inbound_id,"
-                    f" seen_at = excluded.seen_at WHERE {_CONTENT_KEYS} AND seen_at < ?",
-                    (dedupe_key, job.id, now, now - CONTENT_DUPLICATE_SECONDS),
-                )
-                if cur.rowcount == 0:
-                    first = db.execute(
-                        "SELECT inbound_id FROM seen_messages WHERE key = ?", (dedupe_key,)
-                    ).fetchone() or (None,)
-            if first is not None:
+            if cur.rowcount == 0:
                 # spec 2.4: already processed → no ticket, no transaction, no mail.
-                first_id = first[0]
+                first = db.execute(
+                    "SELECT inbound_id FROM seen_messages WHERE key = ?", (dedupe_key,)
+                ).fetchone()
+                first_id = first[0] if first else None
                 notes = [f"first processed as {first_id}" if first_id else "seen before"]
                 reason = "message_id" if dedupe_key.startswith("<") else "content_hash"
                 sent: list[dict[str, Any]] = []
@@ -1476,14 +1461,13 @@ class Store:
         message_id: str | None,
         fingerprint: str | None = None,
         *,
-        content_keys: tuple[str, ...] = (),
+        content_key: str | None = None,
         hourly_limit: int,
     ) -> Outcome:
         """What `complete` would do, inside a transaction that is rolled back (explain): the
         mails the caps on automatic mail (`hourly_limit`, the acknowledgement brake) would
-        hold back are noted, not said to be sent. `content_keys` (`pipeline.content_keys`): a
-        message without a Message-ID is a duplicate of content processed within
-        CONTENT_DUPLICATE_SECONDS under any of them."""
+        hold back are noted, not said to be sent. `content_key`: a message without a
+        Message-ID is a duplicate of content processed within CONTENT_DUPLICATE_SECONDS."""
         job = Job("explain", "", b"", Envelope("", "", "", ()), time.time(), 0, message_id)
 
         def explain(db: sqlite3.Connection) -> tuple[Applied, list[OutboundMail], list[str]]:
@@ -1510,12 +1494,10 @@ class Store:
                     )
                 elif seen:
                     notes.append(f"already processed as {seen[0]}: a new copy would be a duplicate")
-            elif content_keys:
-                marks = ", ".join("?" for _ in content_keys)
+            elif content_key:
                 seen = db.execute(
-                    f"SELECT inbound_id, seen_at FROM seen_messages WHERE key IN ({marks})"
-                    " AND seen_at >= ? ORDER BY seen_at LIMIT 1",
-                    (*content_keys, time.time() - CONTENT_DUPLICATE_SECONDS),
+                    "SELECT inbound_id, seen_at FROM seen_messages WHERE key = ? AND seen_at >= ?",
+                    (content_key, time.time() - CONTENT_DUPLICATE_SECONDS),
                 ).fetchone()
                 if seen:  # (the window runs from the copy processed: copies do not extend it)
                     until = datetime.fromtimestamp(seen[1] + CONTENT_DUPLICATE_SECONDS, UTC)
@@ -2377,17 +2359,6 @@ _TICKET_BY_MESSAGE_ID = (
     "SELECT t.rec_id, t.number, t.account FROM message_links m"
     " JOIN tickets t ON t.rec_id = m.ticket WHERE m.message_id = ?"
 )
-
-
-def _seen_within(db: sqlite3.Connection, keys: Sequence[str], now: float) -> tuple[str] | None:
-    """The message first processed under one of these content keys within the window."""
-    marks = ", ".join("?" for _ in keys)
-    row = db.execute(
-        f"SELECT inbound_id FROM seen_messages WHERE key IN ({marks}) AND seen_at >= ?"
-        " ORDER BY seen_at LIMIT 1",
-        (*keys, now - CONTENT_DUPLICATE_SECONDS),
-    ).fetchone()
-    return None if row is None else (row[0],)
 
 
 def _ticket(db: sqlite3.Connection, sql: str, param: object) -> TicketRef | None:
