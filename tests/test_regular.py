@@ -1251,6 +1251,23 @@ async def test_the_same_alert_again_through_the_customers_relay_is_a_new_one(
     assert outcome["action"] == "ticket_created", outcome
 
 
+async def test_a_relayed_alert_after_the_same_one_straight_to_the_mx_is_a_new_one(
+    gateway_factory: GatewayFactory, relay: RecordingRelay
+) -> None:
+    """The UPS's relay was down at 10:00, so it sent "on battery" straight to the MX; at 14:00
+    the next power failure went through the relay. Matching a copy's content from below the
+    fields on top as well (to catch a device's copy through the backup MX) made this second
+    outage a `duplicate` no one heard of: the two look alike, and a missed alert is worse
+    than a second ticket."""
+    world = await start_world(gateway_factory, relay, open_ticket=False)
+    assert (await deliver(world.gw, UPS_ALERT, "ups@acme.example"))["outcome"]["action"] == (
+        "ticket_created"
+    )
+    later = through_the_customers_relay("4Qx9Z8Y7X6", "14:00:00")
+    outcome = (await deliver(world.gw, later, "ups@acme.example"))["outcome"]
+    assert outcome["action"] == "ticket_created", outcome
+
+
 @pytest.mark.parametrize(
     "saved",
     [
