@@ -492,15 +492,14 @@ class _Data:
         self._edge = b"\r\n"  # the last two bytes fed (the data begins at a line start)
 
     def feed(self, data: bytes) -> None:
-        # A line-start dot is "\r\n." on the wire; one may straddle two pieces (the edge).
-        edge = self._edge + data[:2]
-        dots = edge.count(_LINE_DOT) + data.count(_LINE_DOT)
-        size = self.size + len(data) - dots
+        content, edge = _content_bytes(self._edge, data)
+        size = self.size + content
         if self.size_limit and self.size <= self.size_limit < size:
-            self.over = self._wire + _content_byte(data, edge, self.size_limit + 1 - self.size)
+            at = _content_byte(data, self._edge, self.size_limit + 1 - self.size)
+            self.over = self._wire + at
         self.size = size
         self._wire += len(data)
-        self._edge = data[-2:] if len(data) >= 2 else (self._edge + data)[-2:]
+        self._edge = edge
         self.lines.feed(data)
         if self.keep:
             if self.over >= 0 or self.lines.start >= 0:
@@ -528,10 +527,21 @@ _LINE_DOT = b"\r\n."
 _PAST_DATA = 4096
 
 
+def _content_bytes(edge: bytes, data: bytes) -> tuple[int, bytes]:
+    """How many bytes of a piece of DATA are message content (a line-start dot, "\r\n." on the
+    wire, is not: RFC 5321 4.5.2), and the edge to pass with the next piece; `edge` is the
+    last two bytes before `data` (the data begins at a line start: "\r\n"), for a dot whose
+    line end is in the piece before."""
+    head = edge + data[:2]
+    dots = head.count(_LINE_DOT) + data.count(_LINE_DOT)
+    return len(data) - dots, (data[-2:] if len(data) >= 2 else head[-2:])
+
+
 def _content_byte(data: bytes, edge: bytes, n: int) -> int:
     """The offset in `data` of its n-th byte of message content (1-based), line-start dots
-    not counted; `edge` is the two bytes before `data` and its first two."""
-    dots = [i for i in range(2) if edge[i : i + 3] == _LINE_DOT]  # a dot at data[0] or [1]
+    not counted; `edge` is the two bytes before `data` (as `_content_bytes` takes it)."""
+    head = edge + data[:2]
+    dots = [i for i in range(2) if head[i : i + 3] == _LINE_DOT]  # a dot at data[0] or [1]
     j = n - 1
     for d in dots:
         if d <= j:
@@ -1181,9 +1191,8 @@ class Listener(SMTP):
             return
         if self._data_progress >= 0:
             self._watch_bare_lf(data)
-            edge = self._data_edge + data[:2]  # (line-start dots are no message bytes)
-            self._data_edge = data[-2:] if len(data) >= 2 else edge[-2:]
-            self._data_size += len(data) - edge.count(_LINE_DOT) - data.count(_LINE_DOT)
+            content, self._data_edge = _content_bytes(self._data_edge, data)
+            self._data_size += content
             # (The count takes in the end-of-data line and commands pipelined behind it: a
             # message at the limit keeps its budget until it is answered.)
             if self.data_size_limit and self._data_size > self.data_size_limit + _PAST_DATA:
